@@ -326,8 +326,8 @@ class CGMapping:
                 f"{what} have shape {tuple(x.shape)}; the mapping expects (..., {self.n_aa}, 3)"
             )
         if not np.all(np.isfinite(x)):
-            frame = np.argwhere(~np.isfinite(x))[0]
-            raise ValueError(f"{what} contain NaN or infinite values (first at index {tuple(frame)})")
+            frame = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
+            raise ValueError(f"{what} contain NaN or infinite values (first at index {frame})")
 
     # ------------------------------------------------------------------ projection
     def project(self, x):

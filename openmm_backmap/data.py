@@ -1,0 +1,322 @@
+"""All-atom data: trajectories to (x, X) pairs, and reference MD for the built-in systems.
+
+Positions are nm throughout. Splits are made of contiguous blocks of frames, because frames close
+in time are correlated and a random split would leak the validation set into training.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import mdtraj as md
+import numpy as np
+
+from openmm_backmap.mapping import CGMapping, as_mdtraj_topology
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+BUILTIN_SYSTEMS = ("ala2", "chignolin")
+
+# Backbone dihedral quadruples and the basins every analysis uses (degrees).
+BASINS = {
+    # phi in (-180, 0) and psi in (120, 180) U (-180, -150): extended / C7eq region
+    "C7eq": ((-180.0, 0.0), ((120.0, 180.0), (-180.0, -150.0))),
+    # phi in (-180, 0) and psi in (-150, 120): right-handed helix region
+    "alpha_R": ((-180.0, 0.0), ((-150.0, 120.0),)),
+    # phi in (0, 180): left-handed region (alpha_L and C7ax)
+    "alpha_L": ((0.0, 180.0), ((-180.0, 180.0),)),
+}
+
+
+# ---------------------------------------------------------------------------- trajectories
+def load_trajectory(
+    trajectory: str | Path | md.Trajectory,
+    topology: str | Path | Any | None = None,
+    stride: int = 1,
+) -> md.Trajectory:
+    """Load any trajectory mdtraj reads and check it.
+
+    Raises
+    ------
+    ValueError
+        If the trajectory and topology disagree on the atom count, if it has no frame, or if any
+        coordinate is NaN or infinite (naming the first bad frame).
+    """
+    if isinstance(trajectory, md.Trajectory):
+        traj = trajectory[::stride]
+    else:
+        path = Path(trajectory)
+        if not path.exists():
+            raise FileNotFoundError(f"trajectory {path} does not exist")
+        kwargs = {}
+        if topology is not None:
+            top = topology if isinstance(topology, (str, Path)) else as_mdtraj_topology(topology)
+            if isinstance(top, (str, Path)):
+                top = md.load_topology(str(top))
+            kwargs["top"] = top
+        try:
+            traj = md.load(str(path), stride=stride, **kwargs)
+        except ValueError as err:
+            raise ValueError(f"cannot read {path} with the given topology: {err}") from err
+    if topology is not None and not isinstance(topology, (str, Path)):
+        n_top = as_mdtraj_topology(topology).n_atoms
+        if traj.n_atoms != n_top:
+            raise ValueError(f"the trajectory has {traj.n_atoms} atoms but the topology has {n_top}")
+    if traj.n_frames == 0:
+        raise ValueError("the trajectory has no frames")
+    bad = ~np.isfinite(traj.xyz).all(axis=(1, 2))
+    if bad.any():
+        raise ValueError(
+            f"the trajectory has NaN or infinite coordinates in {int(bad.sum())} frame(s), "
+            f"first in frame {int(np.flatnonzero(bad)[0])}"
+        )
+    return traj
+
+
+def block_split(
+    n_frames: int,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    n_blocks: int = 10,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Split frame indices into train / validation / test sets made of contiguous time blocks.
+
+    The trajectory is cut into ``n_blocks`` equal contiguous blocks; whole blocks are assigned to
+    the splits in the given proportions (at least one block each for a non-zero fraction), in an
+    order shuffled by ``seed``. Indices within each split stay in time order.
+    """
+    if n_frames < 1:
+        raise ValueError("no frames to split")
+    fractions = np.asarray(fractions, dtype=float)
+    if fractions.shape != (3,) or np.any(fractions < 0) or abs(fractions.sum() - 1) > 1e-6:
+        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
+    n_blocks = int(min(n_blocks, n_frames))
+    wanted = int((fractions > 0).sum())
+    if n_blocks < wanted:
+        raise ValueError(f"{n_frames} frames cannot be split into {wanted} non-empty blocks")
+    counts = np.floor(fractions * n_blocks).astype(int)
+    counts[(fractions > 0) & (counts == 0)] = 1
+    while counts.sum() > n_blocks:
+        counts[int(np.argmax(counts))] -= 1
+    counts[0] += n_blocks - counts.sum()
+    edges = np.linspace(0, n_frames, n_blocks + 1).round().astype(int)
+    order = np.random.default_rng(seed).permutation(n_blocks)
+    out, start = {}, 0
+    for name, count in zip(("train", "val", "test"), counts):
+        blocks = np.sort(order[start : start + count])
+        start += count
+        idx = [np.arange(edges[b], edges[b + 1]) for b in blocks]
+        out[name] = np.concatenate(idx) if idx else np.zeros(0, dtype=int)
+    return out
+
+
+@dataclass
+class PairDataset:
+    """(x, X) pairs: AA positions ``x`` (N, n_aa, 3) and their CG projections ``X`` (N, n_cg, 3), nm.
+
+    ``frames`` are the indices of the frames in the source trajectory (time order kept), so that
+    temporal models can find each frame's predecessor (``previous`` is -1 where the predecessor is
+    not in this set).
+    """
+
+    x: np.ndarray
+    X: np.ndarray
+    frames: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    @property
+    def previous(self) -> np.ndarray:
+        """Index (into this dataset) of each frame's predecessor in time, or -1."""
+        pos = {int(f): i for i, f in enumerate(self.frames)}
+        return np.array([pos.get(int(f) - 1, -1) for f in self.frames], dtype=np.int64)
+
+    def tensors(self, dtype=None):
+        """The pairs as torch tensors (float32 by default)."""
+        import torch
+
+        dtype = dtype or torch.float32
+        return torch.as_tensor(self.x, dtype=dtype), torch.as_tensor(self.X, dtype=dtype)
+
+
+def make_pairs(
+    traj: md.Trajectory,
+    mapping: CGMapping,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    n_blocks: int = 10,
+    seed: int = 0,
+) -> dict[str, PairDataset]:
+    """Build train / val / test :class:`PairDataset` s from a trajectory and a mapping."""
+    if traj.n_atoms != mapping.n_aa:
+        raise ValueError(
+            f"the trajectory has {traj.n_atoms} atoms but the mapping expects {mapping.n_aa}"
+        )
+    x = traj.xyz.astype(np.float64)
+    mapping.check_positions(x, "trajectory coordinates")
+    X = mapping.project(x)
+    return {
+        name: PairDataset(x[idx], X[idx], idx)
+        for name, idx in block_split(traj.n_frames, fractions, n_blocks, seed).items()
+    }
+
+
+# ---------------------------------------------------------------------------- reference MD
+def constraints_from_system(system) -> list[tuple[int, int, float]]:
+    """The System's distance constraints as (i, j, length in nm)."""
+    from openmm import unit
+
+    out = []
+    for k in range(system.getNumConstraints()):
+        i, j, d = system.getConstraintParameters(k)
+        out.append((int(i), int(j), float(d.value_in_unit(unit.nanometer))))
+    return out
+
+
+def builtin_system(name: str):
+    """(openmm.app.Topology, openmm.System, positions) for a built-in system.
+
+    ``ala2``: alanine dipeptide in vacuum (openmmtools' ``AlanineDipeptideVacuum``, amber99sb-ildn
+    style parameters, X-H bonds constrained). ``chignolin``: the 10-residue peptide GYDPETGTWG,
+    built extended and shipped in ``data/chignolin.pdb``, amber14 with GBn2 implicit solvent, X-H
+    bonds constrained.
+    """
+    from openmm import app
+
+    if name == "ala2":
+        from openmm_backmap._compat import import_openmmtools
+
+        ts = import_openmmtools().testsystems.AlanineDipeptideVacuum(constraints=app.HBonds)
+        return ts.topology, ts.system, ts.positions
+    if name == "chignolin":
+        pdb = app.PDBFile(str(DATA_DIR / "chignolin.pdb"))
+        ff = app.ForceField("amber14-all.xml", "implicit/gbn2.xml")
+        system = ff.createSystem(pdb.topology, nonbondedMethod=app.NoCutoff, constraints=app.HBonds)
+        return pdb.topology, system, pdb.positions
+    raise ValueError(f"unknown built-in system {name!r}; choose one of {', '.join(BUILTIN_SYSTEMS)}")
+
+
+def generate_reference(
+    name: str,
+    ns: float,
+    out_dir: str | Path,
+    seed: int = 1,
+    temperature: float = 300.0,
+    timestep_fs: float = 2.0,
+    friction_per_ps: float = 1.0,
+    save_every_ps: float = 1.0,
+    equilibrate_ps: float = 20.0,
+    platform: str = "Reference",
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Run Langevin MD of a built-in system and write ``<name>.pdb``, ``<name>.dcd``,
+    ``<name>_system.xml`` (the AA System) and ``<name>.json`` (run metadata, constraints).
+
+    Parameters
+    ----------
+    ns
+        Production length in nanoseconds (after ``equilibrate_ps`` of equilibration).
+    seed
+        Seeds the initial velocities and the Langevin integrator, so a run is reproducible on the
+        same platform.
+    save_every_ps
+        Frame interval in ps.
+
+    Returns
+    -------
+    dict
+        Paths of the written files under the keys ``pdb``, ``dcd``, ``system``, ``json``.
+    """
+    import openmm
+    from openmm import app, unit
+    from tqdm.auto import tqdm
+
+    if ns <= 0:
+        raise ValueError(f"--ns must be positive, got {ns}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    topology, system, positions = builtin_system(name)
+    dt = timestep_fs * unit.femtoseconds
+    integrator = openmm.LangevinMiddleIntegrator(
+        temperature * unit.kelvin, friction_per_ps / unit.picosecond, dt
+    )
+    integrator.setRandomNumberSeed(int(seed))
+    sim = app.Simulation(topology, system, integrator, openmm.Platform.getPlatformByName(platform))
+    sim.context.setPositions(positions)
+    sim.minimizeEnergy()
+    sim.context.setVelocitiesToTemperature(temperature * unit.kelvin, int(seed))
+    steps_per_frame = max(1, int(round(save_every_ps * 1000.0 / timestep_fs)))
+    n_frames = max(1, int(round(ns * 1000.0 / save_every_ps)))
+    sim.step(int(round(equilibrate_ps * 1000.0 / timestep_fs)))
+
+    paths = {
+        "pdb": out / f"{name}.pdb",
+        "dcd": out / f"{name}.dcd",
+        "system": out / f"{name}_system.xml",
+        "json": out / f"{name}.json",
+    }
+    state = sim.context.getState(getPositions=True)
+    with open(paths["pdb"], "w") as fh:
+        app.PDBFile.writeFile(topology, state.getPositions(), fh, keepIds=True)
+    paths["system"].write_text(openmm.XmlSerializer.serialize(system))
+    energies = np.empty(n_frames)
+    start = time.perf_counter()
+    with open(paths["dcd"], "wb") as fh:
+        dcd = app.DCDFile(fh, topology, dt, firstStep=0, interval=steps_per_frame)
+        bar = tqdm(range(n_frames), desc=f"reference {name}", unit="ps", disable=not progress)
+        for k in bar:
+            sim.step(steps_per_frame)
+            state = sim.context.getState(getPositions=True, getEnergy=True)
+            energies[k] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+            if not np.isfinite(energies[k]):
+                raise RuntimeError(f"reference MD of {name} blew up at frame {k} (energy {energies[k]})")
+            dcd.writeModel(state.getPositions())
+    wall = time.perf_counter() - start
+    meta = {
+        "system": name,
+        "ns": ns,
+        "seed": seed,
+        "temperature_K": temperature,
+        "timestep_fs": timestep_fs,
+        "friction_per_ps": friction_per_ps,
+        "save_every_ps": save_every_ps,
+        "equilibrate_ps": equilibrate_ps,
+        "platform": platform,
+        "n_frames": n_frames,
+        "n_atoms": topology.getNumAtoms(),
+        "mean_potential_kjmol": float(energies.mean()),
+        "wall_seconds": wall,
+        "openmm_version": openmm.__version__,
+        "constraints": [list(c) for c in constraints_from_system(system)],
+    }
+    paths["json"].write_text(json.dumps(meta, indent=1) + "\n")
+    return paths
+
+
+# ---------------------------------------------------------------------------- analysis helpers
+def backbone_dihedrals(traj: md.Trajectory) -> tuple[np.ndarray, np.ndarray]:
+    """(phi, psi) in degrees, shape (n_frames, n_residues_with_both), for any peptide trajectory."""
+    phi_idx, phi = md.compute_phi(traj)
+    psi_idx, psi = md.compute_psi(traj)
+    # pair phi and psi of the same residue: phi's CA is atom 2, psi's CA is atom 1
+    psi_by_ca = {int(q[1]): k for k, q in enumerate(psi_idx)}
+    pairs = [(k, psi_by_ca[int(q[2])]) for k, q in enumerate(phi_idx) if int(q[2]) in psi_by_ca]
+    if not pairs:
+        raise ValueError("the topology has no residue with both a phi and a psi dihedral")
+    a, b = zip(*pairs)
+    return np.degrees(phi[:, list(a)]), np.degrees(psi[:, list(b)])
+
+
+def basin_indicators(phi: np.ndarray, psi: np.ndarray) -> dict[str, np.ndarray]:
+    """Boolean indicators of the :data:`BASINS` for (phi, psi) arrays in degrees."""
+    out = {}
+    for name, ((p0, p1), psi_ranges) in BASINS.items():
+        in_phi = (phi >= p0) & (phi < p1)
+        in_psi = np.zeros_like(in_phi)
+        for q0, q1 in psi_ranges:
+            in_psi |= (psi >= q0) & (psi < q1)
+        out[name] = in_phi & in_psi
+    return out
