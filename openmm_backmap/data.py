@@ -59,7 +59,13 @@ def load_trajectory(
             kwargs["top"] = top
         try:
             traj = md.load(str(path), stride=stride, **kwargs)
-        except ValueError as err:
+        except (ValueError, OSError, IndexError) as err:
+            n_file = _file_atom_count(path)
+            if n_file is not None and "top" in kwargs and n_file != kwargs["top"].n_atoms:
+                raise ValueError(
+                    f"the trajectory {path} has {n_file} atoms but the topology has "
+                    f"{kwargs['top'].n_atoms}"
+                ) from err
             raise ValueError(f"cannot read {path} with the given topology: {err}") from err
     if topology is not None and not isinstance(topology, (str, Path)):
         n_top = as_mdtraj_topology(topology).n_atoms
@@ -74,6 +80,15 @@ def load_trajectory(
             f"first in frame {int(np.flatnonzero(bad)[0])}"
         )
     return traj
+
+
+def _file_atom_count(path: Path) -> int | None:
+    """The atom count stored in a trajectory file, or None when the format does not tell."""
+    try:
+        with md.open(str(path)) as fh:
+            return int(np.asarray(fh.read(n_frames=1)[0]).shape[1])
+    except Exception:  # noqa: BLE001 - any failure means "unknown", the caller reports the error
+        return None
 
 
 def block_split(

@@ -1,0 +1,125 @@
+"""Data: trajectory loading, block splits, (x, X) pairs and reference MD."""
+
+import json
+
+import mdtraj as md
+import numpy as np
+import pytest
+
+from openmm_backmap.cli import main
+from openmm_backmap.data import (
+    backbone_dihedrals,
+    basin_indicators,
+    block_split,
+    load_trajectory,
+    make_pairs,
+)
+from openmm_backmap.mapping import CGMapping
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """0.2 ns of alanine dipeptide made through the CLI, as a user would."""
+    out = tmp_path_factory.mktemp("ref")
+    assert main(["reference", "ala2", "--ns", "0.2", "--seed", "3", "--out", str(out)]) == 0
+    return out
+
+
+def test_reference_files_read_with_mdtraj(reference):
+    traj = md.load(str(reference / "ala2.dcd"), top=str(reference / "ala2.pdb"))
+    assert traj.n_frames == 200 and traj.n_atoms == 22
+    meta = json.loads((reference / "ala2.json").read_text())
+    assert meta["n_frames"] == 200 and meta["seed"] == 3 and meta["temperature_K"] == 300.0
+    # frames 1 ps apart
+    np.testing.assert_allclose(np.diff(traj.time), 1.0, rtol=1e-4)
+
+
+def test_reference_energies_finite_and_thermal(reference):
+    import openmm
+    from openmm import unit
+
+    traj = md.load(str(reference / "ala2.dcd"), top=str(reference / "ala2.pdb"))
+    system = openmm.XmlSerializer.deserialize((reference / "ala2_system.xml").read_text())
+    ctx = openmm.Context(
+        system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference")
+    )
+    energies = []
+    for xyz in traj.xyz[::10]:
+        ctx.setPositions(xyz.astype(np.float64))
+        energies.append(
+            ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+        )
+    energies = np.array(energies)
+    assert np.all(np.isfinite(energies))
+    # amber ALA2 in vacuum at 300 K fluctuates around -50 kJ/mol with sd ~ 10 kJ/mol:
+    # the equipartition share of 22 atoms' 54 unconstrained DOF alone is ~ 67 kJ/mol above minimum.
+    minimum = -130.0
+    assert minimum < energies.mean() < 10.0
+    assert energies.std() > 2.0
+
+
+def test_reference_holds_constraints(reference):
+    traj = md.load(str(reference / "ala2.dcd"), top=str(reference / "ala2.pdb"))
+    meta = json.loads((reference / "ala2.json").read_text())
+    constraints = meta["constraints"]
+    assert len(constraints) == 12  # all X-H bonds of alanine dipeptide
+    pairs = np.array([[i, j] for i, j, _ in constraints])
+    lengths = md.compute_distances(traj, pairs)
+    target = np.broadcast_to(np.array([d for *_, d in constraints]), lengths.shape)
+    np.testing.assert_allclose(lengths, target, atol=2e-5)
+
+
+def test_reference_populates_c7eq(reference):
+    traj = md.load(str(reference / "ala2.dcd"), top=str(reference / "ala2.pdb"))
+    phi, psi = backbone_dihedrals(traj)
+    assert phi.shape == (200, 1)
+    basins = basin_indicators(phi[:, 0], psi[:, 0])
+    # C7eq (with the extended region) holds most of the vacuum population at 300 K
+    assert basins["C7eq"].mean() > 0.4
+    total = sum(b.astype(int) for b in basins.values())
+    np.testing.assert_array_equal(total, 1)  # the basins partition the plane
+
+
+def test_block_split_is_contiguous_and_disjoint():
+    split = block_split(1000, (0.8, 0.1, 0.1), n_blocks=10, seed=4)
+    assert [len(split[k]) for k in ("train", "val", "test")] == [800, 100, 100]
+    every = np.concatenate(list(split.values()))
+    np.testing.assert_array_equal(np.sort(every), np.arange(1000))
+    for name in ("val", "test"):
+        assert np.all(np.diff(split[name]) == 1)  # a single block of 100 consecutive frames
+    assert block_split(1000, seed=4)["val"][0] == split["val"][0]  # seeded
+    with pytest.raises(ValueError, match="summing to 1"):
+        block_split(100, (0.5, 0.1, 0.1))
+
+
+def test_make_pairs_projects_and_tracks_frames(reference):
+    traj = load_trajectory(reference / "ala2.dcd", reference / "ala2.pdb")
+    mapping = CGMapping.from_preset(traj.topology, "heavy-backbone")
+    pairs = make_pairs(traj, mapping, n_blocks=10, seed=0)
+    assert sum(len(p) for p in pairs.values()) == traj.n_frames
+    train = pairs["train"]
+    np.testing.assert_allclose(train.X, train.x[:, mapping.bead_atoms], atol=1e-12)
+    np.testing.assert_allclose(train.x[0], traj.xyz[train.frames[0]], atol=1e-7)
+    prev = train.previous
+    k = int(np.flatnonzero(prev >= 0)[0])
+    assert train.frames[prev[k]] == train.frames[k] - 1
+    assert (prev == -1).sum() >= 1  # block starts have no predecessor in the set
+    x, X = train.tensors()
+    assert tuple(x.shape) == (len(train), 22, 3) and tuple(X.shape) == (len(train), 5, 3)
+
+
+def test_load_trajectory_errors(tmp_path, reference):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_trajectory(tmp_path / "missing.dcd", reference / "ala2.pdb")
+    traj = md.load(str(reference / "ala2.dcd"), top=str(reference / "ala2.pdb"))
+    traj.xyz[7, 3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite coordinates in 1 frame.*first in frame 7"):
+        load_trajectory(traj)
+    other = md.load(str(reference / "ala2.pdb")).atom_slice(range(20)).topology
+    with pytest.raises(ValueError, match="22 atoms but the topology has 20"):
+        load_trajectory(reference / "ala2.dcd", other)
+
+
+def test_reference_cli_rejects_bad_length(tmp_path, capsys):
+    assert main(["reference", "ala2", "--ns", "0", "--out", str(tmp_path)]) == 2
+    assert "--ns must be positive" in capsys.readouterr().err
