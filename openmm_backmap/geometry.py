@@ -1,0 +1,402 @@
+"""Internal coordinates: Z-matrices built from the bond graph, NeRF placement and their Jacobians.
+
+Every atom that is not an *anchor* is placed from three already-placed reference atoms ``(j, k, l)``
+by a bond length ``r = |x_i - x_j|``, a bond angle ``theta = angle(x_i, x_j, x_k)`` and a dihedral
+``phi = dihedral(x_i, x_j, x_k, x_l)``. Anchors are the atoms whose positions are given (CG beads of
+a slice mapping, or the pivot atoms of centre-of-mass beads). With no anchors the first three atoms
+define the frame (a0 at the origin, a1 on the x axis, a2 in the xy plane) and only the 3n - 6
+internal degrees of freedom remain.
+
+Volume elements (Cartesian nm^3 per placed atom): ``dx_i = r^2 sin(theta) dr dtheta dphi``. A bond
+held at a constraint length keeps ``r^2 sin(theta) dtheta dphi`` (the surface measure of the sphere
+of radius r), so the same log-Jacobian ``2 log r + log sin theta`` is used for constrained and free
+bonds; only the density factor over ``r`` is dropped.
+
+This module never imports OpenMM; its torch functions are TorchScript-compatible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ZMatrix",
+    "build_zmatrix",
+    "bond_graph",
+    "distances",
+    "angles",
+    "dihedrals",
+    "nerf",
+    "ic_log_jacobian",
+    "wrap_angle",
+]
+
+
+# ----------------------------------------------------------------------------- torch geometry
+def _norm(v: Tensor) -> Tensor:
+    return torch.sqrt(torch.sum(v * v, dim=-1))
+
+
+def distances(xi: Tensor, xj: Tensor) -> Tensor:
+    """|xi - xj| over the last axis (nm)."""
+    return _norm(xi - xj)
+
+
+def angles(xi: Tensor, xj: Tensor, xk: Tensor) -> Tensor:
+    """The angle at ``xj`` between ``xi`` and ``xk`` (radians, in [0, pi])."""
+    u = xi - xj
+    v = xk - xj
+    # atan2 form: accurate near 0 and pi, unlike acos of the cosine
+    cross = torch.linalg.cross(u, v, dim=-1)
+    return torch.atan2(_norm(cross), torch.sum(u * v, dim=-1))
+
+
+def dihedrals(xi: Tensor, xj: Tensor, xk: Tensor, xl: Tensor) -> Tensor:
+    """Dihedral of the chain ``l - k - j - i`` (radians, in (-pi, pi]), IUPAC sign convention.
+
+    Equal to the usual dihedral(l, k, j, i) = dihedral(i, j, k, l).
+    """
+    b1 = xk - xl
+    b2 = xj - xk
+    b3 = xi - xj
+    n1 = torch.linalg.cross(b1, b2, dim=-1)
+    n2 = torch.linalg.cross(b2, b3, dim=-1)
+    y = _norm(b2) * torch.sum(b1 * n2, dim=-1)
+    return torch.atan2(y, torch.sum(n1 * n2, dim=-1))
+
+
+def nerf(xj: Tensor, xk: Tensor, xl: Tensor, r: Tensor, theta: Tensor, phi: Tensor) -> Tensor:
+    """Place atom i from references (j, k, l) and (r, theta, phi) (Natural Extension Reference Frame).
+
+    Inverse of (:func:`distances`, :func:`angles`, :func:`dihedrals`): the result has
+    ``|x_i - x_j| = r``, ``angle(i, j, k) = theta`` and ``dihedral(i, j, k, l) = phi``.
+    """
+    bc = xj - xk
+    bc = bc / _norm(bc).unsqueeze(-1)
+    n = torch.linalg.cross(xk - xl, bc, dim=-1)
+    n = n / _norm(n).unsqueeze(-1)
+    m = torch.linalg.cross(n, bc, dim=-1)
+    a = -r * torch.cos(theta)
+    b = r * torch.sin(theta) * torch.cos(phi)
+    c = r * torch.sin(theta) * torch.sin(phi)
+    return xj + a.unsqueeze(-1) * bc + b.unsqueeze(-1) * m + c.unsqueeze(-1) * n
+
+
+def ic_log_jacobian(r: Tensor, theta: Tensor) -> Tensor:
+    """log |det d x_i / d(r, theta, phi)| = 2 log r + log sin theta, summed over the last axis."""
+    return torch.sum(2.0 * torch.log(r) + torch.log(torch.sin(theta)), dim=-1)
+
+
+def wrap_angle(phi: Tensor) -> Tensor:
+    """Wrap angles to [-pi, pi)."""
+    return torch.remainder(phi + math.pi, 2.0 * math.pi) - math.pi
+
+
+# ----------------------------------------------------------------------------- Z-matrix
+def bond_graph(topology) -> list[list[int]]:
+    """Adjacency lists of an mdtraj topology's bond graph."""
+    nbrs: list[list[int]] = [[] for _ in range(topology.n_atoms)]
+    for a, b in topology.bonds:
+        nbrs[a.index].append(b.index)
+        nbrs[b.index].append(a.index)
+    return nbrs
+
+
+@dataclass
+class ZMatrix:
+    """A placement plan: anchors, then rows ``(i, j, k, l)`` in an order where refs come first.
+
+    Attributes
+    ----------
+    n_atoms
+        Atoms in the molecule.
+    anchors
+        Atom indices whose positions are given (may be empty: then ``root`` defines the frame).
+    root
+        With no anchors, the three frame atoms ``(a0, a1, a2)``: a0 at the origin, a1 on +x bonded
+        to a0, a2 in the xy plane bonded to ``root_ref`` (a0 or a1); else empty.
+    rows
+        (n_rows, 4) int array ``i, j, k, l``; atom i is placed from j (bond), k (angle), l (dihedral).
+    levels
+        Row indices grouped so that every row's references are anchors, root atoms or atoms of an
+        earlier level: rows of one level are placed together.
+    fixed_bond
+        (n_rows,) bool: the bond i-j is held at a constraint length (``fixed_length``, nm).
+    """
+
+    n_atoms: int
+    anchors: np.ndarray
+    rows: np.ndarray
+    levels: list[np.ndarray]
+    fixed_bond: np.ndarray
+    fixed_length: np.ndarray
+    root: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    root_ref: int = -1
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.rows.shape[0])
+
+    def describe(self, names: Sequence[str] | None = None) -> str:
+        lab = (lambda i: names[i]) if names is not None else str
+        out = [f"anchors: {[lab(int(a)) for a in self.anchors]}"]
+        if self.root.size:
+            out.append(f"root: {[lab(int(a)) for a in self.root]}")
+        for row, fixed in zip(self.rows, self.fixed_bond):
+            i, j, k, l = (int(v) for v in row)
+            out.append(f"{lab(i)} <- {lab(j)} {lab(k)} {lab(l)}" + (" (fixed bond)" if fixed else ""))
+        return "\n".join(out)
+
+
+def build_zmatrix(
+    neighbours: Sequence[Sequence[int]],
+    anchors: Sequence[int],
+    heavy: Sequence[bool] | None = None,
+    constraints: Sequence[tuple[int, int, float]] | None = None,
+) -> ZMatrix:
+    """Build a Z-matrix from a bond graph, anchored on ``anchors``.
+
+    Heavy atoms are placed first (breadth first from the anchors), hydrogens after, so that a
+    hydrogen's angle and dihedral references are heavy atoms on its own centre where possible:
+    the dihedral reference ``l`` is another placed neighbour of ``j`` (an improper-like torsion,
+    narrow) when one exists, else a neighbour of ``k`` (a proper torsion), else the nearest placed
+    atom in the graph. Components of the graph without an anchor are attached to the nearest placed
+    atom by index distance (no bond term then describes a real bond, but the map stays a bijection).
+
+    Parameters
+    ----------
+    neighbours
+        Adjacency lists of the bond graph.
+    anchors
+        Atoms with given positions. Either none or at least three.
+    heavy
+        Per-atom flag (non-hydrogen); default all heavy.
+    constraints
+        ``(i, j, length_nm)`` of constrained pairs; a row whose bond is constrained is marked fixed.
+    """
+    n = len(neighbours)
+    anchors = [int(a) for a in anchors]
+    if len(set(anchors)) != len(anchors):
+        raise ValueError("anchors contain a repeated atom")
+    if 0 < len(anchors) < 3:
+        raise ValueError(
+            f"a Z-matrix needs no anchors or at least 3 (got {len(anchors)}): with 1 or 2 CG beads "
+            "the orientation of the atoms is not defined by the beads"
+        )
+    if n - len(anchors) > 0 and n < 3:
+        raise ValueError("a molecule needs at least 3 atoms")
+    heavy = [True] * n if heavy is None else [bool(h) for h in heavy]
+    cons = {}
+    for i, j, length in constraints or ():
+        cons[(int(i), int(j))] = float(length)
+        cons[(int(j), int(i))] = float(length)
+
+    placed_order: dict[int, int] = {}  # atom -> placement rank
+    for a in anchors:
+        placed_order[a] = len(placed_order)
+
+    root: list[int] = []
+    root_ref = -1
+    if not anchors:
+        # frame atoms: a0 a heavy atom of highest degree, a1 its neighbour, a2 a neighbour of either
+        a0 = max(range(n), key=lambda a: (heavy[a], len(neighbours[a]), -a))
+        cand = sorted(neighbours[a0], key=lambda a: (not heavy[a], a)) or [a for a in range(n) if a != a0]
+        a1 = cand[0]
+        cand2 = [a for a in neighbours[a1] if a != a0] + [a for a in neighbours[a0] if a != a1]
+        cand2 = sorted(set(cand2), key=lambda a: (not heavy[a], a))
+        if not cand2:
+            cand2 = [a for a in range(n) if a not in (a0, a1)]
+        a2 = cand2[0]
+        root_ref = a1 if a2 in neighbours[a1] else a0
+        root = [a0, a1, a2]
+        for a in root:
+            placed_order[a] = len(placed_order)
+
+    def graph_dist_from(src: int) -> dict[int, int]:
+        dist = {src: 0}
+        q = deque([src])
+        while q:
+            u = q.popleft()
+            for v in neighbours[u]:
+                if v not in dist:
+                    dist[v] = dist[u] + 1
+                    q.append(v)
+        return dist
+
+    rows: list[tuple[int, int, int, int]] = []
+
+    def choose_refs(i: int, j: int) -> tuple[int, int]:
+        def key(a: int) -> tuple:
+            return (not heavy[a], placed_order[a])
+
+        nj = sorted((a for a in neighbours[j] if a in placed_order and a != i), key=key)
+        dist = graph_dist_from(j)
+        far = sorted(
+            (a for a in placed_order if a not in (i, j)),
+            key=lambda a: (dist.get(a, n + abs(a - j)), key(a)),
+        )
+        k = nj[0] if nj else far[0]
+        others_j = [a for a in nj if a != k]
+        if others_j:
+            return k, others_j[0]
+        nk = sorted((a for a in neighbours[k] if a in placed_order and a not in (i, j)), key=key)
+        if nk:
+            return k, nk[0]
+        rest = [a for a in far if a != k]
+        return k, rest[0]
+
+    for phase in ("heavy", "all"):
+        while True:
+            frontier = [
+                (i, j)
+                for j in sorted(placed_order, key=placed_order.get)
+                for i in neighbours[j]
+                if i not in placed_order and (phase == "all" or heavy[i])
+            ]
+            if not frontier:
+                break
+            i, j = frontier[0]
+            k, l = choose_refs(i, j)
+            rows.append((i, j, k, l))
+            placed_order[i] = len(placed_order)
+    # disconnected leftovers: attach to the nearest placed atom by index
+    for i in range(n):
+        if i in placed_order:
+            continue
+        j = min(placed_order, key=lambda a: (abs(a - i), a))
+        k, l = choose_refs(i, j)
+        rows.append((i, j, k, l))
+        placed_order[i] = len(placed_order)
+        # its own neighbours follow through the graph
+        q = deque([i])
+        while q:
+            u = q.popleft()
+            for v in sorted(neighbours[u], key=lambda a: (not heavy[a], a)):
+                if v not in placed_order:
+                    kk, ll = choose_refs(v, u)
+                    rows.append((v, u, kk, ll))
+                    placed_order[v] = len(placed_order)
+                    q.append(v)
+
+    level = {a: 0 for a in anchors}
+    for a in root:
+        level[a] = 0
+    row_level = []
+    for i, j, k, l in rows:
+        lv = 1 + max(level[j], level[k], level[l])
+        level[i] = lv
+        row_level.append(lv)
+    row_level = np.array(row_level, dtype=np.int64)
+    levels = [np.flatnonzero(row_level == lv) for lv in sorted(set(row_level.tolist()))]
+    rows_arr = np.array(rows, dtype=np.int64).reshape(-1, 4)
+    fixed = np.array([(int(i), int(j)) in cons for i, j, _, _ in rows], dtype=bool)
+    length = np.array([cons.get((int(i), int(j)), 0.0) for i, j, _, _ in rows], dtype=np.float64)
+    return ZMatrix(
+        n_atoms=n,
+        anchors=np.array(anchors, dtype=np.int64),
+        rows=rows_arr,
+        levels=levels,
+        fixed_bond=fixed,
+        fixed_length=length,
+        root=np.array(root, dtype=np.int64),
+        root_ref=root_ref,
+    )
+
+
+def zmatrix_from_topology(
+    topology,
+    anchors: Sequence[int],
+    constraints: Sequence[tuple[int, int, float]] | None = None,
+) -> ZMatrix:
+    """:func:`build_zmatrix` on an mdtraj topology (hydrogens recognised by element)."""
+    heavy = [a.element is None or a.element.symbol != "H" for a in topology.atoms]
+    return build_zmatrix(bond_graph(topology), anchors, heavy, constraints)
+
+
+# ----------------------------------------------------------------------------- torch module
+class InternalCoordinates(torch.nn.Module):
+    """Cartesian <-> internal coordinates for a fixed :class:`ZMatrix` (TorchScript-able).
+
+    ``to_internal(x)`` returns ``(r, theta, phi)`` each (B, n_rows) and, with no anchors, the root
+    coordinates ``(r01, r2, theta2)`` (B, 3); ``to_cartesian(anchor_xyz, r, theta, phi, root)``
+    places the atoms. ``log_jacobian(r, theta, root)`` is log |det dx / d(ic)| over the placed atoms
+    (nm^3 per atom), excluding rigid-body motion when there are no anchors.
+    """
+
+    def __init__(self, zmatrix: ZMatrix) -> None:
+        super().__init__()
+        z = zmatrix
+        self.n_atoms = int(z.n_atoms)
+        self.n_rows = int(z.n_rows)
+        self.has_root = bool(z.root.size > 0)
+        self.register_buffer("anchors", torch.as_tensor(z.anchors, dtype=torch.long))
+        self.register_buffer("rows", torch.as_tensor(z.rows, dtype=torch.long).reshape(-1, 4))
+        root = z.root if z.root.size else np.zeros(3, dtype=np.int64)
+        self.register_buffer("root", torch.as_tensor(root, dtype=torch.long))
+        self.root_ref = int(z.root_ref)
+        order = np.concatenate(z.levels) if z.levels else np.zeros(0, dtype=np.int64)
+        self.register_buffer("level_order", torch.as_tensor(order, dtype=torch.long))
+        bounds = [0]
+        for lv in z.levels:
+            bounds.append(bounds[-1] + int(lv.size))
+        self.level_bounds: list[int] = bounds
+
+    def to_internal(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        xi = x[:, self.rows[:, 0]]
+        xj = x[:, self.rows[:, 1]]
+        xk = x[:, self.rows[:, 2]]
+        xl = x[:, self.rows[:, 3]]
+        r = distances(xi, xj)
+        theta = angles(xi, xj, xk)
+        phi = dihedrals(xi, xj, xk, xl)
+        if self.has_root:
+            a0 = x[:, self.root[0]]
+            a1 = x[:, self.root[1]]
+            a2 = x[:, self.root[2]]
+            ref = a1 if self.root_ref == int(self.root[1]) else a0
+            other = a0 if self.root_ref == int(self.root[1]) else a1
+            root = torch.stack([distances(a1, a0), distances(a2, ref), angles(a2, ref, other)], dim=-1)
+        else:
+            root = torch.zeros(x.shape[0], 3, dtype=x.dtype, device=x.device)
+        return r, theta, phi, root
+
+    def to_cartesian(self, anchor_xyz: Tensor, r: Tensor, theta: Tensor, phi: Tensor, root: Tensor) -> Tensor:
+        batch = r.shape[0]
+        x = torch.zeros(batch, self.n_atoms, 3, dtype=r.dtype, device=r.device)
+        if self.has_root:
+            zero = torch.zeros_like(root[:, 0])
+            a0 = torch.stack([zero, zero, zero], dim=-1)
+            a1 = torch.stack([root[:, 0], zero, zero], dim=-1)
+            if self.root_ref == int(self.root[1]):
+                # a2 bonded to a1, angle a2-a1-a0 = theta2, measured from a1 towards -x
+                a2 = torch.stack(
+                    [root[:, 0] - root[:, 1] * torch.cos(root[:, 2]), root[:, 1] * torch.sin(root[:, 2]), zero],
+                    dim=-1,
+                )
+            else:
+                a2 = torch.stack(
+                    [root[:, 1] * torch.cos(root[:, 2]), root[:, 1] * torch.sin(root[:, 2]), zero], dim=-1
+                )
+            x = x.index_copy(1, self.root, torch.stack([a0, a1, a2], dim=1))
+        else:
+            x = x.index_copy(1, self.anchors, anchor_xyz)
+        for n in range(len(self.level_bounds) - 1):
+            lv = self.level_order[self.level_bounds[n] : self.level_bounds[n + 1]]
+            rw = self.rows[lv]
+            xi = nerf(x[:, rw[:, 1]], x[:, rw[:, 2]], x[:, rw[:, 3]], r[:, lv], theta[:, lv], phi[:, lv])
+            x = x.index_copy(1, rw[:, 0], xi)
+        return x
+
+    def log_jacobian(self, r: Tensor, theta: Tensor, root: Tensor) -> Tensor:
+        out = ic_log_jacobian(r, theta)
+        if self.has_root:
+            # a1: r01^2 (its direction is rotation); a2: r^2 sin(theta) (its azimuth is rotation)
+            out = out + 2.0 * torch.log(root[:, 0]) + 2.0 * torch.log(root[:, 1]) + torch.log(torch.sin(root[:, 2]))
+        return out
