@@ -20,13 +20,14 @@ from openmm_backmap.mapping import CGMapping, as_mdtraj_topology
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUILTIN_SYSTEMS = ("ala2", "chignolin")
 
-# Backbone dihedral quadruples and the basins every analysis uses (degrees).
+# (phi, psi) basins of alanine-like residues, in degrees, with boundaries on the density minima of
+# alanine dipeptide in vacuum at 300 K (psi histogram at phi < 0 is empty between about -110 and 0).
 BASINS = {
-    # phi in (-180, 0) and psi in (120, 180) U (-180, -150): extended / C7eq region
-    "C7eq": ((-180.0, 0.0), ((120.0, 180.0), (-180.0, -150.0))),
-    # phi in (-180, 0) and psi in (-150, 120): right-handed helix region
-    "alpha_R": ((-180.0, 0.0), ((-150.0, 120.0),)),
-    # phi in (0, 180): left-handed region (alpha_L and C7ax)
+    # phi < 0 and psi in [0, 180) or [-180, -120): C7eq with the extended C5 region
+    "C7eq": ((-180.0, 0.0), ((0.0, 180.0), (-180.0, -120.0))),
+    # phi < 0 and psi in [-120, 0): the right-handed helix region
+    "alpha_R": ((-180.0, 0.0), ((-120.0, 0.0),)),
+    # phi >= 0: alpha_L and C7ax
     "alpha_L": ((0.0, 180.0), ((-180.0, 180.0),)),
 }
 
@@ -329,9 +330,9 @@ def basin_indicators(phi: np.ndarray, psi: np.ndarray) -> dict[str, np.ndarray]:
     """Boolean indicators of the :data:`BASINS` for (phi, psi) arrays in degrees."""
     out = {}
     for name, ((p0, p1), psi_ranges) in BASINS.items():
-        in_phi = (phi >= p0) & (phi < p1)
+        in_phi = (phi >= p0) & ((phi < p1) | (p1 == 180.0))
         in_psi = np.zeros_like(in_phi)
         for q0, q1 in psi_ranges:
-            in_psi |= (psi >= q0) & (psi < q1)
+            in_psi |= (psi >= q0) & ((psi < q1) | (q1 == 180.0))
         out[name] = in_phi & in_psi
     return out
