@@ -1,0 +1,157 @@
+"""Hybrid sampler: exactness on a Gaussian toy whose moments are known in closed form.
+
+AA: two particles in 3D with U = k1/2 |x1|^2 + k2/2 |x2 - x1|^2. CG: their centre X = (x1 + x2)/2.
+The backmapper places d = x2 - x1 ~ N(0, s^2) around X (deliberately the wrong width), and the CG
+kernels use deliberately wrong CG densities: the chain must still sample the AA Boltzmann
+distribution exactly, because the acceptance test corrects both.
+"""
+
+import math
+
+import numpy as np
+import openmm
+import pytest
+import torch
+from openmm import unit
+
+from openmm_backmap._compat import import_openmmtools
+from openmm_backmap.energies import kT
+from openmm_backmap.hybrid import CGFlowKernel, CGHamiltonianKernel, ResolutionMove
+
+import_openmmtools()
+from openmmtools import cache, mcmc, states  # noqa: E402
+
+K1, K2, T, MASS = 50.0, 200.0, 300.0, 12.0
+BETA = 1.0 / kT(T)
+# per-dimension covariance of (x1, x2): inverse of beta [[k1 + k2, -k2], [-k2, k2]]
+COV = np.linalg.inv(BETA * np.array([[K1 + K2, -K2], [-K2, K2]]))
+VAR_X1 = COV[0, 0]
+VAR_D = COV[0, 0] + COV[1, 1] - 2 * COV[0, 1]
+VAR_CENTRE = (COV[0, 0] + COV[1, 1] + 2 * COV[0, 1]) / 4
+
+
+class ToyBackmapper:
+    """q(x | X): x1 = X - d/2, x2 = X + d/2 with d ~ N(0, s^2 I); the map (X, d) -> x has unit
+    Jacobian, so log q(x | X) = log N(d; 0, s^2 I)."""
+
+    def __init__(self, s: float) -> None:
+        self.s = s
+
+    def _log_normal(self, d):
+        return (-0.5 * (d / self.s) ** 2 - math.log(self.s) - 0.5 * math.log(2 * math.pi)).sum((-1, -2))
+
+    def sample(self, cg, n: int):
+        X = cg.repeat_interleave(n, 0)  # (B*n, 1, 3)
+        d = torch.randn_like(X) * self.s
+        aa = torch.cat([X - d / 2, X + d / 2], dim=1)
+        return aa, self._log_normal(d)
+
+    def log_prob(self, aa, cg):
+        return self._log_normal(aa[:, 1:2] - aa[:, 0:1])
+
+
+class ToyCGFlow:
+    """An isotropic Gaussian over the single bead, standing in for a CG flow."""
+
+    def __init__(self, sigma: float) -> None:
+        self.sigma = sigma
+
+    def log_prob(self, X):
+        return (-0.5 * (X / self.sigma) ** 2 - math.log(self.sigma) - 0.5 * math.log(2 * math.pi)).sum((-1, -2))
+
+    def sample(self, n: int):
+        X = torch.randn(n, 1, 3, dtype=torch.float64) * self.sigma
+        return X, self.log_prob(X)
+
+
+def _aa_system():
+    system = openmm.System()
+    for _ in range(2):
+        system.addParticle(MASS)
+    well = openmm.CustomExternalForce("0.5*k1*(x^2+y^2+z^2)")
+    well.addGlobalParameter("k1", K1)
+    well.addParticle(0, [])
+    system.addForce(well)
+    bond = openmm.HarmonicBondForce()
+    bond.addBond(0, 1, 0.0, K2)
+    system.addForce(bond)
+    return system
+
+
+def _cg_system(k_cg: float):
+    system = openmm.System()
+    system.addParticle(2 * MASS)
+    well = openmm.CustomExternalForce("0.5*kcg*(x^2+y^2+z^2)")
+    well.addGlobalParameter("kcg", k_cg)
+    well.addParticle(0, [])
+    system.addForce(well)
+    return system
+
+
+def _run(move, n_iter, seed=0):
+    thermo = states.ThermodynamicState(_aa_system(), temperature=T * unit.kelvin)
+    rng = np.random.default_rng(seed)
+    sampler = states.SamplerState(rng.normal(scale=0.1, size=(2, 3)) * unit.nanometer)
+    context_cache = cache.ContextCache(platform=openmm.Platform.getPlatformByName("Reference"))
+    xs = np.empty((n_iter, 2, 3))
+    for i in range(n_iter):
+        move.apply(thermo, sampler, context_cache)
+        xs[i] = sampler.positions.value_in_unit(unit.nanometer)
+    return xs
+
+
+def _check_moments(xs, n_blocks=20, n_sigma=4.0):
+    """Second moments per dimension against the closed form, error bars by block averaging."""
+    d = xs[:, 1] - xs[:, 0]
+    centre = xs.mean(1)
+    for values, exact in ((xs[:, 0] ** 2, VAR_X1), (d**2, VAR_D), (centre**2, VAR_CENTRE)):
+        per_iter = values.mean(-1)
+        blocks = per_iter[: len(per_iter) // n_blocks * n_blocks].reshape(n_blocks, -1).mean(1)
+        mean, err = blocks.mean(), blocks.std(ddof=1) / np.sqrt(n_blocks)
+        assert abs(mean - exact) < n_sigma * err + 1e-12, (mean, exact, err)
+        assert err < 0.1 * exact  # the error bar is tight enough for the check to mean something
+
+
+def test_independent_cg_flow_kernel_is_exact():
+    torch.manual_seed(0)
+    kernel = CGFlowKernel(ToyCGFlow(sigma=0.35), rigid=False)
+    move = ResolutionMove(ToyBackmapper(s=0.15), np.array([[0.5, 0.5]]), kernel, n_attempts=1, seed=1,
+                          dtype=torch.float64)
+    xs = _run(move, 4000)
+    assert 0.05 < move.stats.acceptance_rate < 0.95
+    _check_moments(xs)
+
+
+def test_hamiltonian_cg_kernel_is_exact():
+    torch.manual_seed(1)
+    # the true CG stiffness is 1 / (beta var(X)) ~ 47 kJ/mol/nm^2: use a wrong one on purpose
+    kernel = CGHamiltonianKernel(_cg_system(k_cg=25.0), timestep=0.05, n_steps=15, seed=2)
+    move = ResolutionMove(ToyBackmapper(s=0.15), np.array([[0.5, 0.5]]), kernel, n_attempts=1, seed=3,
+                          dtype=torch.float64)
+    xs = _run(move, 4000)
+    assert kernel.n_accepted / kernel.n_proposed > 0.5
+    _check_moments(xs)
+
+
+def test_composes_with_langevin_and_records_acceptance():
+    torch.manual_seed(2)
+    resolution = ResolutionMove(ToyBackmapper(s=0.112), np.array([[0.5, 0.5]]),
+                                CGFlowKernel(ToyCGFlow(sigma=0.23), rigid=False), n_attempts=2, seed=4,
+                                dtype=torch.float64)
+    langevin = mcmc.LangevinDynamicsMove(timestep=2.0 * unit.femtoseconds, n_steps=20)
+    sequence = mcmc.SequenceMove([langevin, resolution])
+    xs = _run(sequence, 50)
+    assert resolution.stats.n_proposed == 100
+    assert len(resolution.stats.log_acceptance) == 100
+    assert np.all(np.isfinite(xs))
+    # near-exact backmapper and CG density: most proposals are accepted
+    assert resolution.stats.acceptance_rate > 0.5
+
+
+def test_wrong_atom_count_is_refused():
+    move = ResolutionMove(ToyBackmapper(s=0.1), np.array([[1 / 3, 1 / 3, 1 / 3]]),
+                          CGFlowKernel(ToyCGFlow(0.2), rigid=False))
+    with pytest.raises(ValueError, match="sampler state has 2 atoms; the mapping expects 3"):
+        _run(move, 1)
+    with pytest.raises(ValueError, match="rows sum to 1"):
+        ResolutionMove(ToyBackmapper(s=0.1), np.array([[0.5, 0.6]]), CGFlowKernel(ToyCGFlow(0.2)))
