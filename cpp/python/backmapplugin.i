@@ -74,6 +74,7 @@ import openmm
 #define OPENMM_EXPORT_BACKMAP
 %ignore BackmapPlugin::BackmapTorchForce::GlobalParameterInfo;
 %rename(_setModuleBytes) BackmapPlugin::BackmapTorchForce::setModuleBytes;
+%rename(_cast) BackmapPlugin::BackmapTorchForce::cast;
 %include "BackmapTorchForce.h"
 
 %extend BackmapPlugin::BackmapTorchForce {
@@ -89,7 +90,7 @@ import openmm
         return force;
     }
 
-    /** Cast an openmm.Force (e.g. from System.getForce()) to a BackmapTorchForce. */
+    /* Returns a reference into the argument; the Python cast() below keeps the argument alive. */
     static BackmapPlugin::BackmapTorchForce& cast(OpenMM::Force& force) {
         BackmapPlugin::BackmapTorchForce* result = dynamic_cast<BackmapPlugin::BackmapTorchForce*>(&force);
         if (result == NULL)
@@ -101,4 +102,13 @@ import openmm
     static bool isinstance(OpenMM::Force& force) {
         return (dynamic_cast<BackmapPlugin::BackmapTorchForce*>(&force) != NULL);
     }
+
+    %pythoncode %{
+    @staticmethod
+    def cast(force):
+        """Cast an openmm.Force (e.g. from System.getForce() or XmlSerializer) to a BackmapTorchForce."""
+        result = BackmapTorchForce._cast(force)
+        result._castFrom = force  # the result points into force: keep it alive
+        return result
+    %}
 }

@@ -1,0 +1,440 @@
+"""Bind a TorchScript CG potential into an OpenMM System as a force.
+
+The model is any TorchScript module with openmm-torch's signature::
+
+    forward(positions: Tensor[n, 3] (nm)[, box: Tensor[3, 3] (nm)][, p_1: Tensor[], ...]) -> energy (kJ/mol)
+
+where the box vectors (rows) are passed only when the force is periodic and ``p_i`` are the global
+parameters, as 0-d tensors, in the order of ``globalParameters``.  Forces are -dE/dx by autograd,
+and dE/dp for the parameters named in ``energyParameterDerivatives``.
+
+Three backends run the same file with the same energies and forces:
+
+``"native"``
+    This package's own plugin (``cpp/``, built at install against the installed torch and OpenMM):
+    ``openmm_backmap._plugin.backmapplugin.BackmapTorchForce``, evaluated by libtorch inside the
+    Context (Reference and CPU platforms; CUDA where it was built with CUDA).
+``"openmm-torch"``
+    ``openmmtorch.TorchForce``, when ``import openmmtorch`` works (optional; its PyPI wheel does not
+    import with CPU-only torch).
+``"python"``
+    ``openmm.PythonForce`` calling the module from Python: always available, slower per step, and
+    it cannot report energy parameter derivatives.
+
+Inputs are given in the module's dtype: that of its first floating-point parameter or buffer, or
+float64 when it has none (an analytic model).  A float32 network therefore runs in float32 in every
+backend and a float64 one keeps full precision.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openmm
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "create_cg_system",
+    "create_force",
+    "load_model_bytes",
+    "load_native_plugin",
+    "native_plugin_status",
+]
+
+BACKENDS = ("native", "openmm-torch", "python")
+
+PLUGIN_DIR = Path(__file__).resolve().parent / "_plugin"
+_KERNEL_LIBRARIES = ("libBackmapPluginReference.so", "libBackmapPluginCUDA.so")
+
+# (module or None, reason it is unavailable); filled by the first load_native_plugin() call.
+_native_state: tuple[Any, str] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: availability
+# ---------------------------------------------------------------------------------------------
+
+
+def load_native_plugin() -> Any:
+    """Load the native plugin once and return its Python module (``backmapplugin``), or None.
+
+    Loads the kernel libraries with ``openmm.Platform.loadPluginLibrary`` (after torch, so libtorch
+    is resolvable), then imports the SWIG module.  When it fails, :func:`native_plugin_status` says
+    why (including the reason recorded at build time in ``_plugin/BUILD_FAILED``).  Setting
+    ``OPENMM_BACKMAP_DISABLE_NATIVE=1`` makes it report the plugin as unavailable.
+    """
+    global _native_state
+    if _native_state is not None:
+        return _native_state[0]
+    if os.environ.get("OPENMM_BACKMAP_DISABLE_NATIVE") == "1":
+        _native_state = (None, "disabled by OPENMM_BACKMAP_DISABLE_NATIVE=1")
+        return None
+    failed = PLUGIN_DIR / "BUILD_FAILED"
+    reference = PLUGIN_DIR / _KERNEL_LIBRARIES[0]
+    if not reference.exists():
+        if failed.exists():
+            reason = "the build failed: " + failed.read_text().strip()
+        else:
+            reason = (f"not built ({reference} is missing): reinstall with `pip install --no-build-isolation .` "
+                      "or run `python cpp/build_plugin.py` in a source checkout")
+        _native_state = (None, reason)
+        return None
+    try:
+        openmm.Platform.loadPluginLibrary(str(reference))
+        from openmm_backmap._plugin import backmapplugin
+    except Exception as error:  # noqa: BLE001 - a broken library must not break the other backends
+        _native_state = (None, f"built but could not be loaded from {PLUGIN_DIR}: {error}")
+        return None
+    cuda = PLUGIN_DIR / _KERNEL_LIBRARIES[1]
+    note = "loaded"
+    if cuda.exists():
+        try:
+            openmm.Platform.loadPluginLibrary(str(cuda))
+            note = "loaded (with CUDA kernels)"
+        except Exception as error:  # noqa: BLE001 - no driver/GPU: the CPU kernels still work
+            note = f"loaded; its CUDA kernels could not be loaded: {error}"
+    _native_state = (backmapplugin, note)
+    return backmapplugin
+
+
+def native_plugin_status() -> tuple[bool, str]:
+    """Whether the native plugin is usable, and why not (or what was loaded)."""
+    module = load_native_plugin()
+    assert _native_state is not None
+    return module is not None, _native_state[1]
+
+
+def _import_openmmtorch() -> tuple[Any, str]:
+    try:
+        import openmmtorch
+    except Exception as error:  # noqa: BLE001 - ImportError, or OSError from a libtorch mismatch
+        return None, f"`import openmmtorch` failed ({type(error).__name__}: {error}); install openmm-torch built for this torch"
+    return openmmtorch, "importable"
+
+
+def available_backends() -> list[str]:
+    """The backends that work in this environment, in the order ``backend="auto"`` tries them."""
+    backends = []
+    if load_native_plugin() is not None:
+        backends.append("native")
+    if _import_openmmtorch()[0] is not None:
+        backends.append("openmm-torch")
+    backends.append("python")
+    return backends
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+def load_model_bytes(model: str | os.PathLike | bytes | bytearray | torch.nn.Module) -> bytes:
+    """The TorchScript file content for ``model``, checked to load.
+
+    Parameters
+    ----------
+    model
+        Path of a ``.pt`` file written by ``torch.jit.save``, its bytes, a ``torch.jit.ScriptModule``,
+        or an ``nn.Module`` that ``torch.jit.script`` can compile.
+
+    Raises
+    ------
+    FileNotFoundError
+        The path does not exist.
+    ValueError
+        The content is not a TorchScript module (corrupt or truncated file).
+    TypeError
+        ``model`` is none of the accepted kinds, or an ``nn.Module`` that does not script.
+    """
+    origin = "the model bytes"
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"TorchScript model file not found: {path}")
+        data = path.read_bytes()
+        origin = str(path)
+    elif isinstance(model, (bytes, bytearray, memoryview)):
+        data = bytes(model)
+    elif isinstance(model, torch.jit.ScriptModule):
+        buffer = io.BytesIO()
+        torch.jit.save(model, buffer)
+        return buffer.getvalue()
+    elif isinstance(model, torch.nn.Module):
+        try:
+            scripted = torch.jit.script(model)
+        except Exception as error:
+            raise TypeError(f"{type(model).__name__} cannot be compiled by torch.jit.script: {error}") from error
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer)
+        return buffer.getvalue()
+    else:
+        raise TypeError(f"model must be a path, bytes or a torch module, not {type(model).__name__}")
+    _load_module(data, origin)
+    return data
+
+
+def _load_module(data: bytes, origin: str = "the model bytes") -> torch.jit.ScriptModule:
+    try:
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{origin} is not a TorchScript module (corrupt or truncated file?): {first_line}") from error
+    return module.eval()
+
+
+def _module_dtype(module: torch.jit.ScriptModule) -> torch.dtype:
+    """The input dtype: the first floating-point parameter or buffer's, float64 if none (as the plugin)."""
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float64
+
+
+def _check_model(module: torch.jit.ScriptModule, numParticles: int, periodic: bool,
+                 parameters: Mapping[str, float]) -> None:
+    """Run forward on a test input of ``numParticles`` atoms; raise ValueError with the reason if it fails."""
+    dtype = _module_dtype(module)
+    generator = torch.Generator().manual_seed(0)
+    positions = torch.rand(numParticles, 3, generator=generator, dtype=torch.float64).to(dtype) * 2.0
+    inputs = [positions]
+    if periodic:
+        inputs.append(torch.eye(3, dtype=dtype) * 10.0)
+    inputs.extend(torch.tensor(float(v), dtype=dtype) for v in parameters.values())
+    try:
+        energy = module(*inputs)
+    except Exception as error:
+        lines = [line for line in str(error).strip().splitlines() if line.strip()]
+        raise ValueError(f"the model's forward() fails on a test input of {numParticles} particles"
+                         f"{' with box vectors' if periodic else ''}"
+                         f"{' and ' + str(len(parameters)) + ' global parameter(s)' if parameters else ''}: "
+                         f"{lines[-1] if lines else type(error).__name__}") from error
+    if not isinstance(energy, torch.Tensor) or energy.numel() != 1:
+        raise ValueError("the model's forward() must return one energy value (kJ/mol) as a tensor, "
+                         f"got {type(energy).__name__}{tuple(energy.shape) if isinstance(energy, torch.Tensor) else ''}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The PythonForce backend
+# ---------------------------------------------------------------------------------------------
+
+
+class TorchComputation:
+    """The callback of the ``"python"`` backend: energy and forces of a TorchScript module for a State.
+
+    Picklable (it pickles the module bytes), so a System holding its PythonForce can be written
+    with ``XmlSerializer``.  The per-step path allocates the position buffer once and reads the
+    State's positions into it without units.
+    """
+
+    def __init__(self, moduleBytes: bytes, periodic: bool, parameterNames: Sequence[str]):
+        self._setup(moduleBytes, periodic, tuple(parameterNames))
+
+    def _setup(self, moduleBytes: bytes, periodic: bool, parameterNames: tuple[str, ...]) -> None:
+        self.moduleBytes = moduleBytes
+        self.periodic = periodic
+        self.parameterNames = parameterNames
+        self.module = _load_module(moduleBytes)
+        self.dtype = _module_dtype(self.module)
+        self._buffer: np.ndarray | None = None
+        self._fast_positions = hasattr(openmm.State, "_getVectorAsNumpy")
+
+    def __getstate__(self) -> dict:
+        return {"moduleBytes": self.moduleBytes, "periodic": self.periodic, "parameterNames": self.parameterNames}
+
+    def __setstate__(self, state: dict) -> None:
+        self._setup(state["moduleBytes"], state["periodic"], tuple(state["parameterNames"]))
+
+    def _positions(self, state: openmm.State) -> np.ndarray:
+        if self._fast_positions:
+            n = state._getNumParticles()
+            if self._buffer is None or self._buffer.shape[0] != n:
+                self._buffer = np.empty((n, 3), dtype=np.float64)
+            state._getVectorAsNumpy(openmm.State.Positions, self._buffer)
+            return self._buffer
+        return state.getPositions(asNumpy=True).value_in_unit(openmm.unit.nanometer)
+
+    def __call__(self, state: openmm.State) -> tuple[float, np.ndarray]:
+        positions = torch.from_numpy(self._positions(state))
+        if self.dtype != torch.float64:
+            positions = positions.to(self.dtype)
+        positions = positions.detach().requires_grad_(True)
+        inputs = [positions]
+        if self.periodic:
+            box = state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(openmm.unit.nanometer)
+            inputs.append(torch.as_tensor(np.asarray(box), dtype=self.dtype))
+        if self.parameterNames:
+            values = state.getParameters()
+            inputs.extend(torch.tensor(values[name], dtype=self.dtype) for name in self.parameterNames)
+        energy = self.module(*inputs)
+        (grad,) = torch.autograd.grad(energy, positions, allow_unused=True) if energy.requires_grad else (None,)
+        if grad is None:
+            forces = np.zeros((positions.shape[0], 3))
+        else:
+            forces = -grad.detach().to(torch.float64).numpy()
+        return float(energy.detach()), forces
+
+
+# ---------------------------------------------------------------------------------------------
+# create_force / create_cg_system
+# ---------------------------------------------------------------------------------------------
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend == "auto":
+        return available_backends()[0]
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose 'auto' or one of {', '.join(BACKENDS)}")
+    if backend == "native":
+        ok, reason = native_plugin_status()
+        if not ok:
+            raise RuntimeError(f"the native backend is not available: {reason}")
+    elif backend == "openmm-torch":
+        module, reason = _import_openmmtorch()
+        if module is None:
+            raise RuntimeError(f"the openmm-torch backend is not available: {reason}")
+    return backend
+
+
+def create_force(
+    model: str | os.PathLike | bytes | torch.nn.Module,
+    backend: str = "auto",
+    usesPeriodicBoundaryConditions: bool = False,
+    globalParameters: Mapping[str, float] | None = None,
+    forceGroup: int = 0,
+    energyParameterDerivatives: Iterable[str] = (),
+    numParticles: int | None = None,
+    name: str | None = None,
+) -> openmm.Force:
+    """Create an OpenMM force whose energy (kJ/mol) is the TorchScript ``model`` of positions (nm).
+
+    Parameters
+    ----------
+    model
+        Path of a TorchScript ``.pt`` file, its bytes, a ``torch.jit.ScriptModule`` or a scriptable
+        ``nn.Module`` (scripted here).
+    backend
+        ``"auto"`` (native if the plugin loaded, else openmm-torch if it imports, else python),
+        ``"native"``, ``"openmm-torch"`` or ``"python"``.
+    usesPeriodicBoundaryConditions
+        Pass the box vectors (3, 3) in nm to forward() after the positions.
+    globalParameters
+        Context parameters passed to forward() as 0-d tensors, in this order; values are defaults.
+    forceGroup
+        The force group.
+    energyParameterDerivatives
+        Names of global parameters whose dE/dp is reported by ``State.getEnergyParameterDerivatives()``
+        (native and openmm-torch only).
+    numParticles
+        If given, forward() is run once on a test input of this many particles and a failure is
+        raised here, not in the middle of a simulation.
+    name
+        The force's name (``Force.setName``).
+
+    Returns
+    -------
+    openmm.Force
+        ``BackmapTorchForce``, ``openmmtorch.TorchForce`` or ``openmm.PythonForce``.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError, TypeError
+        As :func:`load_model_bytes`; ValueError also for an unknown backend, derivatives of unknown
+        parameters, derivatives with the python backend, or a forward() that fails on the test input.
+    RuntimeError
+        The requested backend is not available (the message says what to install or build).
+    """
+    parameters = dict(globalParameters or {})
+    derivatives = list(dict.fromkeys(energyParameterDerivatives))
+    unknown = [d for d in derivatives if d not in parameters]
+    if unknown:
+        raise ValueError(f"energy parameter derivatives requested for {unknown}, which are not in globalParameters")
+    chosen = _resolve_backend(backend)
+    data = load_model_bytes(model)
+    if numParticles is not None:
+        _check_model(_load_module(data), int(numParticles), usesPeriodicBoundaryConditions, parameters)
+
+    if chosen == "native":
+        plugin = load_native_plugin()
+        force = plugin.BackmapTorchForce.fromBytes(data)
+    elif chosen == "openmm-torch":
+        openmmtorch, _ = _import_openmmtorch()
+        force = openmmtorch.TorchForce(_load_module(data))
+    else:
+        if derivatives:
+            raise ValueError("the python backend (openmm.PythonForce) cannot report energy parameter derivatives; "
+                             "use backend='native' or 'openmm-torch'")
+        computation = TorchComputation(data, usesPeriodicBoundaryConditions, list(parameters))
+        force = openmm.PythonForce(computation, parameters)
+    if chosen != "python":
+        for key, value in parameters.items():
+            force.addGlobalParameter(key, float(value))
+        for key in derivatives:
+            force.addEnergyParameterDerivative(key)
+    force.setUsesPeriodicBoundaryConditions(bool(usesPeriodicBoundaryConditions))
+    force.setForceGroup(int(forceGroup))
+    if name is not None:
+        force.setName(name)
+    return force
+
+
+def create_cg_system(
+    masses: Any,
+    model: str | os.PathLike | bytes | torch.nn.Module,
+    backend: str = "auto",
+    extraForces: Iterable[openmm.Force] = (),
+    usesPeriodicBoundaryConditions: bool = False,
+    boxVectors: Sequence[Any] | None = None,
+    globalParameters: Mapping[str, float] | None = None,
+    energyParameterDerivatives: Iterable[str] = (),
+    forceGroup: int = 0,
+    checkModel: bool = True,
+) -> openmm.System:
+    """A CG System: one particle per bead with the given masses, the model's force, and extra forces.
+
+    Parameters
+    ----------
+    masses
+        Bead masses in daltons (array-like), or an object with a ``masses()`` method such as
+        :class:`openmm_backmap.mapping.CGMapping`.
+    model, backend, usesPeriodicBoundaryConditions, globalParameters, energyParameterDerivatives, forceGroup
+        As :func:`create_force`.
+    extraForces
+        Further OpenMM forces (e.g. harmonic bonds, a CMMotionRemover) added after the model's force.
+    boxVectors
+        Default periodic box vectors (three Vec3 in nm, or a 3x3 array); required when periodic.
+    checkModel
+        Run forward() once on a test input with the number of beads (see ``numParticles`` in
+        :func:`create_force`).
+    """
+    if hasattr(masses, "masses") and callable(masses.masses):
+        masses = masses.masses()
+    masses = np.asarray(masses, dtype=np.float64).reshape(-1)
+    if masses.size == 0 or not np.all(np.isfinite(masses)) or np.any(masses < 0):
+        raise ValueError("masses must be a non-empty array of finite, non-negative values (daltons)")
+    if usesPeriodicBoundaryConditions and boxVectors is None:
+        raise ValueError("a periodic CG system needs boxVectors")
+    system = openmm.System()
+    for mass in masses:
+        system.addParticle(float(mass))
+    if boxVectors is not None:
+        if openmm.unit.is_quantity(boxVectors):
+            boxVectors = boxVectors.value_in_unit(openmm.unit.nanometer)
+        box = np.asarray([v.value_in_unit(openmm.unit.nanometer) if openmm.unit.is_quantity(v) else v
+                          for v in boxVectors], dtype=np.float64)
+        if box.shape != (3, 3):
+            raise ValueError(f"boxVectors must be three 3-vectors (nm), got shape {box.shape}")
+        system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*row) for row in box))
+    force = create_force(model, backend=backend, usesPeriodicBoundaryConditions=usesPeriodicBoundaryConditions,
+                         globalParameters=globalParameters, energyParameterDerivatives=energyParameterDerivatives,
+                         forceGroup=forceGroup, numParticles=len(masses) if checkModel else None)
+    system.addForce(force)
+    for extra in extraForces:
+        system.addForce(extra)
+    return system
