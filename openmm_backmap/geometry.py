@@ -346,7 +346,7 @@ class InternalCoordinates(torch.nn.Module):
         bounds = [0]
         for lv in z.levels:
             bounds.append(bounds[-1] + int(lv.size))
-        self.level_bounds: list[int] = bounds
+        self.level_bounds = bounds
 
     def to_internal(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         xi = x[:, self.rows[:, 0]]

@@ -31,11 +31,9 @@ from openmm_backmap.flows.internal import ICLayer
 from openmm_backmap.flows.transforms import CouplingFlow
 from openmm_backmap.geometry import (
     InternalCoordinates,
-    angles,
     bond_graph,
     build_zmatrix,
     distances,
-    zmatrix_from_topology,
 )
 
 MAX_PAIR_BEADS = 40  # all bead-pair distances are features up to this many beads
@@ -130,7 +128,7 @@ class Backmapper(nn.Module):
     Call :meth:`fit_statistics` on training positions before training.
     """
 
-    __jit_ignored_attributes__ = ["spec", "zmatrix"]
+    __jit_ignored_attributes__ = ["spec", "zmatrix", "mapping"]
 
     def __init__(
         self,
@@ -143,8 +141,17 @@ class Backmapper(nn.Module):
         n_bins: int = 8,
         seed: int = 0,
         circular: Sequence[bool] | None = None,
+        bonds: Sequence[tuple[int, int]] | None = None,
+        cg_bonds: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         super().__init__()
+        self.mapping = mapping
+        if bonds is None:
+            bonds = [(a.index, b.index) for a, b in mapping.topology.bonds]
+        if cg_bonds is None:
+            cg_bonds = mapping.cg_bonds()
+        bonds = sorted((min(int(i), int(j)), max(int(i), int(j))) for i, j in bonds)
+        cg_bonds = sorted((min(int(i), int(j)), max(int(i), int(j))) for i, j in cg_bonds)
         groups = [set(int(i) for i in g) for g in mapping.groups]
         seen: set[int] = set()
         for g in groups:
@@ -160,6 +167,8 @@ class Backmapper(nn.Module):
             n_bins=int(n_bins),
             seed=int(seed),
             circular=None if circular is None else [bool(c) for c in circular],
+            bonds=[list(b) for b in bonds],
+            cg_bonds=[list(b) for b in cg_bonds],
         )
         self.n_aa = int(mapping.n_aa)
         self.n_cg = int(mapping.n_cg)
@@ -170,10 +179,15 @@ class Backmapper(nn.Module):
         M = torch.as_tensor(mapping.matrix, dtype=torch.get_default_dtype())
         self.register_buffer("M", M)
         self.register_buffer("S", (M > 0).to(M.dtype))
-        self.zmatrix = zmatrix_from_topology(mapping.topology, pivots, constraints)
+        nbrs: list[list[int]] = [[] for _ in range(self.n_aa)]
+        for i, j in bonds:
+            nbrs[i].append(j)
+            nbrs[j].append(i)
+        heavy = [a.element is None or a.element.symbol != "H" for a in mapping.topology.atoms]
+        self.zmatrix = build_zmatrix(nbrs, pivots, heavy, constraints)
         self.ic = ICLayer(self.zmatrix)
         cg_nbrs: list[list[int]] = [[] for _ in range(self.n_cg)]
-        for i, j in mapping.cg_bonds():
+        for i, j in cg_bonds:
             cg_nbrs[i].append(j)
             cg_nbrs[j].append(i)
         self.cg_features = CGFeatures(cg_nbrs)
@@ -197,8 +211,8 @@ class Backmapper(nn.Module):
         """Build a backmapper whose standardisation and circular dihedrals are fitted on positions
         x (N, n_aa, 3) nm (a numpy array or tensor); keyword arguments as the constructor."""
         x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
-        probe = cls(mapping, **kwargs)
-        probe.ic.double().fit(x)
+        probe = cls(mapping, **kwargs).double()
+        probe.ic.fit(probe._to_pivot_frame(x, probe.project(x)))
         kwargs["circular"] = probe.ic.circular.tolist()
         model = cls(mapping, **kwargs)
         model.fit_statistics(x)
@@ -214,10 +228,14 @@ class Backmapper(nn.Module):
         x = torch.as_tensor(x, dtype=torch.float64)
         circ = self.ic.circular.clone()
         ic = ICLayer(self.zmatrix).double()
-        ic.fit(x)
+        M, S = self.M.double(), self.S.double()
+        X = torch.matmul(M, x)
+        # statistics of the coordinates the flow sees: pivots on the beads (split-flows frame)
+        y = x if self.is_slice else x - torch.matmul(S.t(), x[:, self.pivots] - X)
+        ic.fit(y)
         self.ic.shift.copy_(ic.shift)
         self.ic.scale.copy_(torch.where(circ, torch.ones_like(ic.scale), ic.scale))
-        self.cg_features.fit(torch.matmul(self.M.to(x.dtype), x))
+        self.cg_features.fit(X)
 
     # ------------------------------------------------------------------ helpers
     def project(self, x: Tensor) -> Tensor:

@@ -1,0 +1,59 @@
+"""Shared fixtures data for the backmapper tests: a short ALA2 reference run and its mapping."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+import tempfile
+
+import numpy as np
+
+# C(ACE), N, CA, C, N(NME), CB: the six-atom mapping of the issue's quality bars
+ALA2_SIX = [[4], [6], [8], [14], [16], [10]]
+
+
+@lru_cache(maxsize=1)
+def ala2_reference() -> dict:
+    """A 0.2 ns ALA2 run saved every 0.2 ps (1000 frames), generated once per test process."""
+    from openmm_backmap.data import generate_reference
+
+    out = Path(tempfile.mkdtemp(prefix="bm_ala2_"))
+    paths = generate_reference("ala2", 0.2, out, seed=3, save_every_ps=0.2, equilibrate_ps=5.0, progress=False)
+    return {k: Path(v) for k, v in paths.items()}
+
+
+def ala2_traj():
+    import mdtraj as md
+
+    p = ala2_reference()
+    return md.load(str(p["dcd"]), top=str(p["pdb"]))
+
+
+def ala2_constraints() -> list:
+    from openmm_backmap.data import constraints_from_system
+    from openmm_backmap.energies import load_system
+
+    return constraints_from_system(load_system(ala2_reference()["system"]))
+
+
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models run fastest on one thread, and a shared 2-core machine makes two threads spin:
+    pin torch to one thread for each test, restoring the setting after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,125 @@
+"""Internal coordinates: NeRF inverses, Jacobians vs autograd, Z-matrix construction."""
+
+import math
+
+import mdtraj as md
+import numpy as np
+import pytest
+import torch
+
+from openmm_backmap.geometry import (
+    InternalCoordinates,
+    angles,
+    build_zmatrix,
+    dihedrals,
+    distances,
+    nerf,
+    zmatrix_from_topology,
+)
+from tests._backmap_helpers import ALA2_SIX, ala2_traj, one_thread  # noqa: F401
+
+torch.set_default_dtype(torch.float32)
+
+
+def test_nerf_inverts_internal_coordinates():
+    g = torch.Generator().manual_seed(0)
+    i, j, k, l = torch.randn(4, 100, 3, generator=g, dtype=torch.float64)
+    r, th, ph = distances(i, j), angles(i, j, k), dihedrals(i, j, k, l)
+    assert torch.allclose(nerf(j, k, l, r, th, ph), i, atol=1e-12)
+    assert th.min() >= 0 and th.max() <= math.pi
+
+
+def test_dihedral_sign_matches_mdtraj():
+    g = torch.Generator().manual_seed(1)
+    p = torch.randn(4, 20, 3, generator=g, dtype=torch.float64)
+    ours = dihedrals(p[0], p[1], p[2], p[3]).numpy()
+    traj = md.Trajectory(p.permute(1, 0, 2).numpy().astype(np.float32), None)
+    theirs = md.compute_dihedrals(traj, [[0, 1, 2, 3]])[:, 0]
+    assert np.allclose(ours, theirs, atol=1e-5)
+
+
+def _chain(n):
+    return [[j for j in (i - 1, i + 1) if 0 <= j < n] for i in range(n)]
+
+
+def test_zmatrix_refs_are_placed_before_use():
+    traj = ala2_traj()
+    anchors = [g[0] for g in ALA2_SIX]
+    z = zmatrix_from_topology(traj.topology, anchors)
+    placed = set(anchors)
+    order = np.concatenate(z.levels)
+    for row in z.rows[order]:
+        assert set(row[1:].tolist()) <= placed
+        placed.add(int(row[0]))
+    assert placed == set(range(traj.n_atoms))
+    # improper references: every hydrogen on a centre with two placed heavy neighbours uses them
+    names = [a.name for a in traj.topology.atoms]
+    row_of = {int(r[0]): r for r in z.rows}
+    ha = row_of[names.index("HA")]
+    assert {names[int(a)] for a in ha[1:]} == {"CA", "N", "C"}
+
+
+def test_ic_round_trip_with_anchors_and_without():
+    traj = ala2_traj()
+    x = torch.tensor(traj.xyz[:50], dtype=torch.float64)
+    anchors = [g[0] for g in ALA2_SIX]
+    ic = InternalCoordinates(zmatrix_from_topology(traj.topology, anchors)).double()
+    r, th, ph, root = ic.to_internal(x)
+    assert torch.allclose(ic.to_cartesian(x[:, anchors], r, th, ph, root), x, atol=1e-10)
+    ic0 = InternalCoordinates(zmatrix_from_topology(traj.topology, [])).double()
+    r, th, ph, root = ic0.to_internal(x)
+    y = ic0.to_cartesian(x[:, :0], r, th, ph, root)
+    assert torch.allclose(torch.cdist(y, y), torch.cdist(x, x), atol=1e-10)
+    # handedness is kept: an improper dihedral has the same sign
+    n, ca, c, cb = 6, 8, 14, 10
+    assert torch.allclose(dihedrals(y[:, cb], y[:, ca], y[:, n], y[:, c]), dihedrals(x[:, cb], x[:, ca], x[:, n], x[:, c]))
+
+
+def test_log_jacobian_matches_autograd():
+    traj = ala2_traj()
+    x = torch.tensor(traj.xyz[0:1], dtype=torch.float64)
+    anchors = [g[0] for g in ALA2_SIX]
+    ic = InternalCoordinates(zmatrix_from_topology(traj.topology, anchors)).double()
+    r, th, ph, root = ic.to_internal(x)
+    free = ic.rows[:, 0]
+    flat = torch.cat([r, th, ph], dim=-1)[0]
+    n = r.shape[1]
+
+    def f(v):
+        out = ic.to_cartesian(x[:, anchors], v[None, :n], v[None, n : 2 * n], v[None, 2 * n :], root)
+        return out[0, free].reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(f, flat)
+    sign, logdet = torch.linalg.slogdet(jac)
+    assert sign != 0
+    assert torch.allclose(logdet, ic.log_jacobian(r, th, root)[0], atol=1e-9)
+
+
+def test_zero_anchor_root_jacobian_matches_autograd():
+    # 3 atoms: (t, rotation, r01, r2, theta) -> x; volume element r01^2 r2^2 sin(theta) dt dR
+    neighbours = _chain(3)
+    z = build_zmatrix(neighbours, [])
+    ic = InternalCoordinates(z).double()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 3, 3, generator=g, dtype=torch.float64)
+    r, th, ph, root = ic.to_internal(x)
+
+    def place(p):
+        # p = (tx, ty, tz, a, b, c, r01, r2, theta); rotation from exp of a skew matrix
+        w = p[3:6]
+        k = torch.zeros(3, 3, dtype=p.dtype)
+        k[0, 1], k[0, 2], k[1, 2] = -w[2], w[1], -w[0]
+        k = k - k.T
+        rot = torch.linalg.matrix_exp(k)
+        y = ic.to_cartesian(x[:, :0], r, th, ph, p[None, 6:9])[0]
+        return (y @ rot.T + p[:3]).reshape(-1)
+
+    p0 = torch.cat([torch.zeros(6, dtype=torch.float64), root[0]])
+    sign, logdet = torch.linalg.slogdet(torch.autograd.functional.jacobian(place, p0))
+    # at w = 0 the Haar density of the exponential coordinates is 1
+    assert torch.allclose(logdet, ic.log_jacobian(r, th, root)[0], atol=1e-9)
+
+
+def test_zmatrix_rejects_one_or_two_anchors():
+    with pytest.raises(ValueError, match="at least 3"):
+        build_zmatrix(_chain(5), [0, 1])
