@@ -28,8 +28,15 @@ class BuildWithPlugin(build_py):
             return
         from build_plugin import build_plugin  # cpp/build_plugin.py
 
-        target = Path(self.build_lib) / "openmm_backmap" / "_plugin"
-        build_plugin(ROOT / "cpp", Path(self.build_temp) / "cpp", target)
+        if getattr(self, "editable_mode", False):
+            # Editable installs import the source tree, so the plugin goes there (git-ignored),
+            # built incrementally in build/cpp.
+            target = ROOT / "openmm_backmap" / "_plugin"
+            build_dir = ROOT / "build" / "cpp"
+        else:
+            target = Path(self.build_lib) / "openmm_backmap" / "_plugin"
+            build_dir = Path(self.get_finalized_command("build").build_temp) / "cpp"
+        build_plugin(ROOT / "cpp", build_dir, target)
 
 
 setup(
@@ -49,6 +56,7 @@ setup(
         "numpy>=1.24",
         "scipy>=1.10",
         "tqdm>=4.60",
+        "tables>=3.8",
         "matplotlib>=3.7",
     ],
     extras_require={"test": ["pytest>=7", "pdbfixer>=1.9"]},

@@ -94,7 +94,7 @@ def build_plugin(src_dir: Path | str, build_dir: Path | str, target_dir: Path | 
     jobs
         Parallel compile jobs (default: ``OPENMM_BACKMAP_BUILD_JOBS`` or 2).
     run_tests
-        Run ctest after building (a failure is reported like a build failure).
+        Build the C++ tests and run ctest (a failure is reported like a build failure).
 
     Returns
     -------
@@ -125,8 +125,9 @@ def build_plugin(src_dir: Path | str, build_dir: Path | str, target_dir: Path | 
                   f"-DOPENMM_DIR={openmm_dir}",
                   f"-DPython3_EXECUTABLE={sys.executable}",
                   f"-DSWIG_EXECUTABLE={swig}",
-                  f"-DBACKMAP_BUILD_TESTS={'ON' if run_tests else 'OFF'}",
-                  f"-D_BACKMAP_TORCH_CXX11_ABI={int(cxx11_abi)}"], build_dir, log)
+                  f"-D_BACKMAP_TORCH_CXX11_ABI={int(cxx11_abi)}",
+                  # Tests are built once asked for and then kept (CMake cache); installs skip them.
+                  *(["-DBACKMAP_BUILD_TESTS=ON"] if run_tests else [])], build_dir, log)
             _run([cmake, "--build", str(build_dir), "--parallel", str(jobs)], build_dir, log)
             if run_tests:
                 _run([_find_tool("ctest"), "--output-on-failure"], build_dir, log)
