@@ -158,7 +158,7 @@ class Backmapper(nn.Module):
             if seen & g:
                 raise ValueError("CG groups overlap; a backmapper needs disjoint groups")
             seen |= g
-        self.spec: dict[str, Any] = dict(
+        self.spec = dict(
             constraints=[[int(i), int(j), float(d)] for i, j, d in (constraints or [])],
             temporal=bool(temporal),
             n_layers=int(n_layers),

@@ -252,8 +252,12 @@ def train_ml(
     history: list[dict] = []
     best = {"val_nll": math.inf, "epoch": -1, "state": copy.deepcopy(model.state_dict())}
     start_epoch = 0
+    ckpt = None
     if resume and checkpoint is not None and Path(checkpoint).is_file():
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if "optimizer" not in ckpt:  # a finished run: nothing to resume
+            ckpt = None
+    if ckpt is not None:
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -309,7 +313,7 @@ def train_ml(
         "history": history,
         "best_val_nll": best["val_nll"],
         "best_epoch": best["epoch"],
-        "n_atoms_free": int(model.dim),
+        "n_free_dof": int(model.dim),
         "seconds": time.time() - t0,
     }
     spec["training"]["ml"] = {k: v for k, v in summary.items() if k != "history"}
@@ -427,7 +431,7 @@ def refine_energy(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             opt.step()
-        rec = {"step": step, "T": T, "kl": float(kl), "nll": float(nll), "u_mean": float(u.mean())}
+        rec = {"step": step, "T": T, "kl": float(kl.detach()), "nll": float(nll.detach()), "u_mean": float(u.detach().mean())}
         if X_val is not None and step >= n_anneal and (step % eval_every == 0 or step == steps - 1):
             model.eval()
             rec["val_kl"] = val_kl()
@@ -436,7 +440,7 @@ def refine_energy(
                 best = {"val_kl": rec["val_kl"], "step": step, "state": copy.deepcopy(model.state_dict())}
         history.append(rec)
         bar.update(1)
-        bar.set_postfix(T=f"{T:.0f}", kl=f"{float(kl):.2f}", nll=f"{float(nll):.2f}")
+        bar.set_postfix(T=f"{T:.0f}", kl=f"{rec['kl']:.2f}", nll=f"{rec['nll']:.2f}")
         if time_limit is not None and time.time() - t0 > time_limit:
             break
     bar.close()
@@ -454,4 +458,118 @@ def refine_energy(
     if checkpoint is not None:
         save_checkpoint(checkpoint, model, spec, history=history, stage="energy-done")
     summary["history"] = history
+    return summary
+
+
+# ----------------------------------------------------------------------------- from files (CLI)
+def detect_constraints(traj, tol: float = 1e-4) -> list[tuple[int, int, float]]:
+    """Bonds whose length varies by less than ``tol`` nm (std) over a trajectory: constrained."""
+    pairs = np.array([(a.index, b.index) for a, b in traj.topology.bonds], dtype=np.int64).reshape(-1, 2)
+    if pairs.size == 0:
+        return []
+    d = np.linalg.norm(traj.xyz[:, pairs[:, 0]] - traj.xyz[:, pairs[:, 1]], axis=-1).astype(np.float64)
+    std, mean = d.std(0), d.mean(0)
+    return [(int(i), int(j), float(m)) for (i, j), s, m in zip(pairs, std, mean) if s < tol]
+
+
+def _previous_index(frames: np.ndarray) -> np.ndarray:
+    pos = {int(f): i for i, f in enumerate(frames)}
+    return np.array([pos.get(int(f) - 1, -1) for f in frames], dtype=np.int64)
+
+
+def train_from_files(
+    topology: str,
+    trajectory: str,
+    mapping: str,
+    out: str | Path,
+    epochs: int = 30,
+    aa_system: str | None = None,
+    temporal: bool = False,
+    temperature: float = 300.0,
+    energy_steps: int = 2000,
+    batch_size: int = 256,
+    lr: float = 2e-3,
+    hidden: int = 128,
+    layers: int = 6,
+    bins: int = 8,
+    val_fraction: float = 0.1,
+    stride: int = 1,
+    seed: int = 0,
+    resume: bool = False,
+    ml_weight: float = 0.3,
+    energy_lr: float = 3e-4,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """What ``openmm-backmap train`` does: load, split, fit, ML-train, energy-refine, checkpoint.
+
+    Validation frames are contiguous time blocks (``data.block_split``); constraints come from the
+    AA System when given, else from bonds whose length does not vary in the trajectory. Energy
+    refinement runs when ``aa_system`` is given and ``energy_steps > 0``.
+    """
+    from openmm_backmap.data import block_split, load_trajectory
+    from openmm_backmap.mapping import CGMapping
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    traj = load_trajectory(trajectory, topology)
+    if stride > 1:
+        traj = traj[::stride]
+    cg_map = CGMapping.from_spec(mapping, traj.topology)
+    system_xml = None
+    if aa_system is not None:
+        from openmm_backmap.data import constraints_from_system
+        from openmm_backmap.energies import load_system
+
+        system = load_system(aa_system)
+        if system.getNumParticles() != traj.n_atoms:
+            raise ValueError(
+                f"the AA System has {system.getNumParticles()} particles but the topology has {traj.n_atoms} atoms"
+            )
+        constraints = constraints_from_system(system)
+        system_xml = Path(aa_system).read_text()
+    else:
+        constraints = detect_constraints(traj)
+    split = block_split(traj.n_frames, (1.0 - val_fraction, val_fraction, 0.0), n_blocks=10, seed=seed)
+    x = traj.xyz.astype(np.float64)
+    X = cg_map.project(x)
+    tr, va = split["train"], split["val"]
+    log(
+        f"{traj.n_frames} frames ({len(tr)} train, {len(va)} validation), {cg_map.n_aa} atoms -> "
+        f"{cg_map.n_cg} beads, {len(constraints)} constraints"
+    )
+    model = Backmapper.from_data(
+        cg_map, x[tr], constraints=constraints, temporal=temporal, hidden=hidden, n_layers=layers, n_bins=bins, seed=seed
+    )
+    spec = make_spec(model, temperature, x[0], system_xml)
+    log(f"model: {model.dim} internal DOF, {sum(p.numel() for p in model.parameters())} parameters")
+    train_set = (x[tr], X[tr], _previous_index(tr)) if temporal else (x[tr], X[tr])
+    val_set = (x[va], X[va], _previous_index(va)) if temporal else (x[va], X[va])
+    ml = train_ml(
+        model, spec, train_set, val_set, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+        checkpoint=out, resume=resume, progress=progress,
+    )
+    log(f"ML: best validation NLL {ml['best_val_nll']:.3f} nats/frame at epoch {ml['best_epoch']}")
+    summary = {"ml": {k: v for k, v in ml.items() if k != "history"}}
+    if aa_system is not None and energy_steps > 0:
+        from openmm_backmap.energies import aa_energy
+
+        energy = aa_energy(system)
+        en = refine_energy(
+            model, spec, energy, X[tr], temperature, steps=energy_steps, ml_data=(x[tr], X[tr]),
+            ml_weight=ml_weight, lr=energy_lr, seed=seed, val_frames=X[va][:: max(1, len(va) // 100)],
+            progress=progress,
+        )
+        log(f"energy refinement: {en['steps']} steps, best validation reverse KL {en['best_val_kl']:.3f}")
+        summary["energy"] = {k: v for k, v in en.items() if k != "history"}
+    spec["training"]["data"] = {
+        "trajectory": str(trajectory), "n_frames": int(traj.n_frames), "stride": int(stride),
+        "n_train": int(len(tr)), "n_val": int(len(va)), "seed": int(seed),
+    }
+    with torch.no_grad():
+        val_nll = mean_nll(model, torch.as_tensor(x[va], dtype=model.M.dtype), torch.as_tensor(X[va], dtype=model.M.dtype))
+    spec["training"]["final_val_nll"] = val_nll
+    save_checkpoint(out, model, spec, stage="done")
+    log(f"final validation NLL {val_nll:.3f} nats/frame; checkpoint written to {out}")
+    summary["final_val_nll"] = val_nll
     return summary
