@@ -4,4 +4,22 @@ __version__ = "0.1.0"
 
 from openmm_backmap.mapping import CGMapping  # noqa: E402
 
-__all__ = ["CGMapping", "__version__"]
+_LAZY = {
+    "BackmapReporter": "openmm_backmap.reporter",
+    "load_model": "openmm_backmap.export",
+    "create_force": "openmm_backmap.forces",
+    "create_cg_system": "openmm_backmap.forces",
+    "ResolutionMove": "openmm_backmap.hybrid",
+    "reweight": "openmm_backmap.analysis",
+}
+
+__all__ = ["CGMapping", "__version__", *_LAZY]
+
+
+def __getattr__(name):
+    # the OpenMM-facing pieces import torch and OpenMM: load them on first use
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'openmm_backmap' has no attribute {name!r}")
