@@ -6,38 +6,23 @@ import mdtraj as md
 import numpy as np
 import openmm
 import pytest
-import torch
 from openmm import app, unit
 
 from openmm_backmap.analysis import read_energy_file, reweight
-from openmm_backmap.data import generate_reference, load_trajectory
-from openmm_backmap.demo import ala2_six_bead_mapping
 from openmm_backmap.energies import kT, load_system
-from openmm_backmap.export import export_model, load_model
-from openmm_backmap.models import Backmapper
+from openmm_backmap.export import load_model
 from openmm_backmap.reporter import BackmapReporter, make_whole
-from openmm_backmap.train import make_spec
 
 T = 300.0
 INTERVAL = 50
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A small backmapper for ALA2 (six-bead mapping) fitted to 0.1 ns of reference data, exported
-    with the AA System, and a CG System of harmonic bonds between the beads."""
-    out = tmp_path_factory.mktemp("reporter")
-    paths = generate_reference("ala2", 0.1, out, seed=4, save_every_ps=0.5, equilibrate_ps=5.0, progress=False)
-    traj = load_trajectory(paths["dcd"], paths["pdb"])
-    mapping = ala2_six_bead_mapping(traj.topology)
-    system_xml = paths["system"].read_text()
-    from openmm_backmap.data import constraints_from_system
-
-    torch.manual_seed(0)
-    model = Backmapper.from_data(mapping, traj.xyz.astype(np.float64), constraints=constraints_from_system(load_system(system_xml)),
-                                 n_layers=2, hidden=16, n_hidden=1)
-    spec = make_spec(model, T, reference_xyz=traj.xyz[0], system_xml=system_xml)
-    model_path = export_model(model, spec, out / "model.pt")
+def setup(tiny_ala2):
+    """The shared small ALA2 backmapper, and a CG System of harmonic bonds and angles between the
+    beads fitted to the reference data."""
+    traj, mapping, system_xml, out = tiny_ala2["traj"], tiny_ala2["mapping"], tiny_ala2["system_xml"], tiny_ala2["dir"]
+    model_path = tiny_ala2["model"]
     X = mapping.project(traj.xyz.astype(np.float64))
     cg = openmm.System()
     for m in mapping.masses():

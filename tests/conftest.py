@@ -1,0 +1,33 @@
+"""Shared fixtures: a short alanine-dipeptide reference run and a small exported backmapper."""
+
+import numpy as np
+import pytest
+import torch
+
+T = 300.0
+
+
+@pytest.fixture(scope="session")
+def tiny_ala2(tmp_path_factory):
+    """0.1 ns of ALA2 (0.5 ps frames) and a small six-bead backmapper fitted to its statistics
+    (untrained: the tests that use it check plumbing and bookkeeping against independent
+    recomputation, not reconstruction quality), exported with the AA System embedded."""
+    from openmm_backmap.data import constraints_from_system, generate_reference, load_trajectory
+    from openmm_backmap.demo import ala2_six_bead_mapping
+    from openmm_backmap.energies import load_system
+    from openmm_backmap.export import export_model
+    from openmm_backmap.models import Backmapper
+    from openmm_backmap.train import make_spec
+
+    out = tmp_path_factory.mktemp("tiny_ala2")
+    paths = generate_reference("ala2", 0.1, out, seed=4, save_every_ps=0.5, equilibrate_ps=5.0, progress=False)
+    traj = load_trajectory(paths["dcd"], paths["pdb"])
+    mapping = ala2_six_bead_mapping(traj.topology)
+    system_xml = paths["system"].read_text()
+    torch.manual_seed(0)
+    model = Backmapper.from_data(mapping, traj.xyz.astype(np.float64),
+                                 constraints=constraints_from_system(load_system(system_xml)),
+                                 n_layers=2, hidden=16, n_hidden=1)
+    spec = make_spec(model, T, reference_xyz=traj.xyz[0], system_xml=system_xml)
+    model_path = export_model(model, spec, out / "model.pt")
+    return {"paths": paths, "traj": traj, "mapping": mapping, "model": model_path, "system_xml": system_xml, "dir": out}
