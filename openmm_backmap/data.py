@@ -20,16 +20,11 @@ from openmm_backmap.mapping import CGMapping, as_mdtraj_topology
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUILTIN_SYSTEMS = ("ala2", "chignolin")
 
-# (phi, psi) basins of alanine-like residues, in degrees, with boundaries on the density minima of
-# alanine dipeptide in vacuum at 300 K (psi histogram at phi < 0 is empty between about -110 and 0).
-BASINS = {
-    # phi < 0 and psi in [0, 180) or [-180, -120): C7eq with the extended C5 region
-    "C7eq": ((-180.0, 0.0), ((0.0, 180.0), (-180.0, -120.0))),
-    # phi < 0 and psi in [-120, 0): the right-handed helix region
-    "alpha_R": ((-180.0, 0.0), ((-120.0, 0.0),)),
-    # phi >= 0: alpha_L and C7ax
-    "alpha_L": ((0.0, 180.0), ((-180.0, 180.0),)),
-}
+# (phi, psi) basins of alanine-like residues, with boundaries on the density minima of alanine
+# dipeptide in vacuum at 300 K: at phi < 0 the psi histogram is empty between about -110 and 0
+# (alpha_R is rare in vacuum), and the two gas-phase minima C7eq (-83, 74) and C5 (-155, 165) meet
+# at a shallow saddle near phi = -115. Angles in degrees.
+BASINS = ("C7eq", "C5", "alpha_R", "alpha_L")
 
 
 # ---------------------------------------------------------------------------- trajectories
@@ -327,12 +322,17 @@ def backbone_dihedrals(traj: md.Trajectory) -> tuple[np.ndarray, np.ndarray]:
 
 
 def basin_indicators(phi: np.ndarray, psi: np.ndarray) -> dict[str, np.ndarray]:
-    """Boolean indicators of the :data:`BASINS` for (phi, psi) arrays in degrees."""
-    out = {}
-    for name, ((p0, p1), psi_ranges) in BASINS.items():
-        in_phi = (phi >= p0) & ((phi < p1) | (p1 == 180.0))
-        in_psi = np.zeros_like(in_phi)
-        for q0, q1 in psi_ranges:
-            in_psi |= (psi >= q0) & ((psi < q1) | (q1 == 180.0))
-        out[name] = in_phi & in_psi
-    return out
+    """Boolean indicators of the :data:`BASINS` for (phi, psi) arrays in degrees; they partition
+    the plane.
+
+    * alpha_L: phi >= 0 (alpha_L and C7ax);
+    * alpha_R: phi < 0 and -120 <= psi < 0;
+    * C5: phi < 0 and psi < -120, or phi < -115 and psi >= 100 (the extended region);
+    * C7eq: the rest of phi < 0 (psi >= 0).
+    """
+    phi = np.asarray(phi)
+    psi = np.asarray(psi)
+    left = phi < 0.0
+    c5 = left & ((psi < -120.0) | ((phi < -115.0) & (psi >= 100.0)))
+    alpha_r = left & (psi >= -120.0) & (psi < 0.0)
+    return {"C7eq": left & ~c5 & ~alpha_r, "C5": c5, "alpha_R": alpha_r, "alpha_L": ~left}
