@@ -208,3 +208,160 @@ class ResolutionMove(mcmc.MCMCMove):
             if accept:
                 x, u_x = xn, u_xn
         sampler_state.positions = x * unit.nanometer
+
+
+# ---------------------------------------------------------------------------- a whole run
+def block_average(values: np.ndarray, n_blocks: int = 10) -> tuple[float, float]:
+    """Mean of a time series and its standard error from ``n_blocks`` contiguous block means."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values) // n_blocks * n_blocks
+    if n < n_blocks:
+        return float(values.mean()) if len(values) else float("nan"), float("nan")
+    blocks = values[:n].reshape(n_blocks, -1).mean(1)
+    return float(values.mean()), float(blocks.std(ddof=1) / np.sqrt(n_blocks))
+
+
+def basin_populations(traj, n_blocks: int = 10) -> dict[str, dict[str, float]]:
+    """Basin populations (:data:`openmm_backmap.data.BASINS`) of a peptide trajectory with
+    block-averaged standard errors, pooled over the residues that have both phi and psi."""
+    from openmm_backmap.data import backbone_dihedrals, basin_indicators
+
+    phi, psi = backbone_dihedrals(traj)
+    out = {}
+    for name, ind in basin_indicators(phi, psi).items():
+        mean, err = block_average(ind.mean(1), n_blocks)
+        out[name] = {"population": mean, "error": err}
+    return out
+
+
+def run_hybrid(
+    model: Any,
+    cg_model: str,
+    start: str,
+    iterations: int,
+    out_dir: str,
+    aa_system: Any = None,
+    kernel: str = "flow",
+    langevin_steps: int = 250,
+    timestep_fs: float = 2.0,
+    collision_rate: float = 1.0,
+    attempts: int = 1,
+    hmc_steps: int = 20,
+    hmc_timestep_fs: float = 2.0,
+    temperature: float | None = None,
+    seed: int = 0,
+    platform: str = "Reference",
+    progress: bool = True,
+) -> dict:
+    """Run the hybrid chain: per iteration ``langevin_steps`` of AA Langevin dynamics, then
+    ``attempts`` resolution moves. Writes ``trajectory.dcd`` (one AA frame per iteration),
+    ``acceptance.csv`` (one row per resolution attempt) and ``summary.json``; returns the summary.
+
+    Parameters
+    ----------
+    model
+        Backmapper model file (or a loaded :class:`~openmm_backmap.export.BackmapModel`).
+    cg_model
+        CG potential model file (``openmm-backmap train-cg`` + ``export``).
+    start
+        PDB file with the starting AA structure.
+    kernel
+        ``flow`` (independent draws from the CG flow) or ``hmc`` (Hamiltonian Monte Carlo on the
+        CG System with the CG potential as a force).
+    aa_system
+        AA System (object or XML path); by default the one embedded in the model file.
+    """
+    import csv
+    import json
+    import time
+    from pathlib import Path
+
+    import mdtraj as md
+    import openmm
+    from openmm import app
+    from tqdm.auto import tqdm
+
+    from openmm_backmap.energies import load_system
+    from openmm_backmap.export import load_model
+    from openmm_backmap.potentials import load_cg_potential
+
+    from openmmtools import cache, states
+
+    if iterations < 1:
+        raise ValueError(f"iterations must be positive, got {iterations}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bm = model if hasattr(model, "sample") else load_model(model, device="cpu")
+    system_src = aa_system if aa_system is not None else bm.system_xml
+    if system_src is None:
+        raise ValueError("the hybrid sampler needs the AA System: the model file embeds none, pass --aa-system")
+    system = load_system(system_src)
+    if system.getNumParticles() != bm.n_aa:
+        raise ValueError(f"the AA System has {system.getNumParticles()} particles but the model has {bm.n_aa} atoms")
+    pdb = app.PDBFile(str(start))
+    bm.check_topology(pdb.topology)
+    x0 = np.asarray(pdb.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+    cg_module, cg_meta = load_cg_potential(cg_model)
+    if int(cg_meta["n_beads"]) != bm.n_cg:
+        raise ValueError(f"the CG model has {cg_meta['n_beads']} beads but the backmapper expects {bm.n_cg}")
+    temperature = float(temperature if temperature is not None else bm.temperature)
+    rng_seed = int(seed)
+    if kernel == "flow":
+        cg_kernel = CGFlowKernel(cg_module, rigid=not system.usesPeriodicBoundaryConditions())
+    elif kernel == "hmc":
+        from openmm_backmap.forces import create_cg_system
+
+        masses = cg_meta.get("masses") or bm.mapping.masses()
+        cg_system = create_cg_system(np.asarray(masses, dtype=float), str(cg_model))
+        cg_kernel = CGHamiltonianKernel(cg_system, timestep=hmc_timestep_fs / 1000.0, n_steps=hmc_steps,
+                                        platform=platform, seed=rng_seed)
+    else:
+        raise ValueError(f"unknown CG kernel {kernel!r}; choose 'flow' or 'hmc'")
+    resolution = ResolutionMove(bm, bm.mapping, cg_kernel, n_attempts=attempts, seed=rng_seed)
+    moves = [resolution]
+    if langevin_steps > 0:
+        langevin = mcmc.LangevinDynamicsMove(timestep=timestep_fs * unit.femtoseconds,
+                                             collision_rate=collision_rate / unit.picosecond, n_steps=langevin_steps)
+        moves.insert(0, langevin)
+    move = mcmc.SequenceMove(moves)
+    thermo = states.ThermodynamicState(system, temperature=temperature * unit.kelvin)
+    sampler = states.SamplerState(x0 * unit.nanometer)
+    context_cache = cache.ContextCache(platform=openmm.Platform.getPlatformByName(platform))
+    torch.manual_seed(rng_seed)
+
+    start_time = time.perf_counter()
+    with open(out / "trajectory.dcd", "wb") as dcd_fh, open(out / "acceptance.csv", "w", newline="") as acc_fh:
+        dcd = app.DCDFile(dcd_fh, pdb.topology, timestep_fs * unit.femtoseconds, 0, max(langevin_steps, 1))
+        writer = csv.writer(acc_fh)
+        writer.writerow(["iteration", "attempt", "log_acceptance", "accepted"])
+        for it in tqdm(range(iterations), desc="hybrid", unit="it", disable=not progress):
+            before = resolution.stats.n_proposed
+            move.apply(thermo, sampler, context_cache)
+            x = sampler.positions.value_in_unit(unit.nanometer)
+            if not np.all(np.isfinite(x)):
+                raise RuntimeError(f"the hybrid chain produced non-finite positions at iteration {it}")
+            dcd.writeModel(np.asarray(x) * unit.nanometer)
+            for a in range(before, resolution.stats.n_proposed):
+                writer.writerow([it, a - before, f"{resolution.stats.log_acceptance[a]:.6g}",
+                                 int(resolution.stats.accepted[a])])
+            dcd_fh.flush()
+            acc_fh.flush()
+    wall = time.perf_counter() - start_time
+    traj = md.load(str(out / "trajectory.dcd"), top=md.Topology.from_openmm(pdb.topology))
+    summary: dict[str, Any] = {
+        "iterations": int(iterations),
+        "kernel": kernel,
+        "langevin_steps_per_iteration": int(langevin_steps),
+        "resolution_attempts_per_iteration": int(attempts),
+        "acceptance_rate": resolution.stats.acceptance_rate,
+        "temperature_K": temperature,
+        "wall_seconds": wall,
+    }
+    if isinstance(cg_kernel, CGHamiltonianKernel):
+        summary["cg_hmc_acceptance_rate"] = cg_kernel.n_accepted / max(cg_kernel.n_proposed, 1)
+    try:
+        summary["basins"] = basin_populations(traj)
+    except ValueError:
+        pass  # not a peptide: no (phi, psi)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary

@@ -31,3 +31,20 @@ def tiny_ala2(tmp_path_factory):
     spec = make_spec(model, T, reference_xyz=traj.xyz[0], system_xml=system_xml)
     model_path = export_model(model, spec, out / "model.pt")
     return {"paths": paths, "traj": traj, "mapping": mapping, "model": model_path, "system_xml": system_xml, "dir": out}
+
+
+@pytest.fixture(scope="session")
+def tiny_cg(tiny_ala2):
+    """A small CG flow potential over the six beads of :func:`tiny_ala2`, fitted to its statistics
+    and trained for a few epochs, exported as a model file."""
+    from openmm_backmap.potentials import CGFlowPotential, export_cg, make_cg_spec, train_cg
+
+    mapping, traj = tiny_ala2["mapping"], tiny_ala2["traj"]
+    X = mapping.project(traj.xyz.astype(np.float64))
+    torch.manual_seed(0)
+    model = CGFlowPotential.from_data(X, mapping.cg_bonds(), temperature=T, n_layers=2, hidden=16, n_hidden=1)
+    spec = make_cg_spec(model, mapping, reference_xyz=traj.xyz[0])
+    train_cg(model, spec, X[:160], X[160:], epochs=3, progress=False)
+    path = tiny_ala2["dir"] / "cg.pt"
+    export_cg(model, spec, path)
+    return path

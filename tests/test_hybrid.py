@@ -155,3 +155,40 @@ def test_wrong_atom_count_is_refused():
         _run(move, 1)
     with pytest.raises(ValueError, match="rows sum to 1"):
         ResolutionMove(ToyBackmapper(s=0.1), np.array([[0.5, 0.6]]), CGFlowKernel(ToyCGFlow(0.2)))
+
+
+# ---------------------------------------------------------------------------- whole runs
+@pytest.mark.parametrize("kernel", ["flow", "hmc"])
+def test_run_hybrid_writes_trajectory_log_and_summary(tiny_ala2, tiny_cg, tmp_path, kernel):
+    import json
+
+    import mdtraj as md
+
+    from openmm_backmap.cli import main
+
+    out = tmp_path / kernel
+    code = main(["hybrid", "--model", str(tiny_ala2["model"]), "--cg-model", str(tiny_cg), "--start",
+                 str(tiny_ala2["paths"]["pdb"]), "--iterations", "6", "--out", str(out), "--kernel", kernel,
+                 "--langevin-steps", "20", "--attempts", "2", "--seed", "3"])
+    assert code == 0
+    traj = md.load(str(out / "trajectory.dcd"), top=str(tiny_ala2["paths"]["pdb"]))
+    assert traj.n_frames == 6 and np.all(np.isfinite(traj.xyz))
+    rows = (out / "acceptance.csv").read_text().splitlines()
+    assert rows[0] == "iteration,attempt,log_acceptance,accepted" and len(rows) == 1 + 12
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 6 and 0.0 <= summary["acceptance_rate"] <= 1.0
+    pops = [v["population"] for v in summary["basins"].values()]
+    assert abs(sum(pops) - 1.0) < 1e-9
+
+
+def test_run_hybrid_refuses_mismatched_inputs(tiny_ala2, tiny_cg, tmp_path):
+    from openmm_backmap.hybrid import run_hybrid
+
+    other = tmp_path / "other.pdb"
+    tiny_ala2["traj"][0].atom_slice(range(20)).save_pdb(str(other))
+    with pytest.raises(ValueError, match="another molecule"):
+        run_hybrid(tiny_ala2["model"], tiny_cg, other, 1, tmp_path / "r")
+    with pytest.raises(ValueError, match="unknown CG kernel 'gibbs'"):
+        run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], 1, tmp_path / "r", kernel="gibbs")
+    with pytest.raises(ValueError, match="not a CG-potential model file"):
+        run_hybrid(tiny_ala2["model"], tiny_ala2["model"], tiny_ala2["paths"]["pdb"], 1, tmp_path / "r")
