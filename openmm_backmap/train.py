@@ -258,7 +258,7 @@ def train_ml(
         if "optimizer" not in ckpt:  # a finished run: nothing to resume
             ckpt = None
     if ckpt is not None:
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(ckpt.get("last_state_dict", ckpt["state_dict"]))
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         gen.set_state(ckpt["generator"])
@@ -308,6 +308,8 @@ def train_ml(
         if time_limit is not None and time.time() - t0 > time_limit:
             break
     bar.close()
+    last_state = copy.deepcopy(model.state_dict())
+    last_epoch = history[-1]["epoch"] if history else -1
     model.load_state_dict(best["state"])
     summary = {
         "history": history,
@@ -318,7 +320,12 @@ def train_ml(
     }
     spec["training"]["ml"] = {k: v for k, v in summary.items() if k != "history"}
     if checkpoint is not None:
-        save_checkpoint(checkpoint, model, spec, history=history, best=best, epoch=epochs - 1, stage="ml-done")
+        # the best parameters for use, the last ones (and the optimiser) to resume from
+        save_checkpoint(
+            checkpoint, model, spec, last_state_dict=last_state, optimizer=opt.state_dict(),
+            scheduler=sched.state_dict(), generator=gen.get_state(), history=history, best=best,
+            epoch=last_epoch, stage="ml",
+        )
     return summary
 
 
@@ -553,6 +560,11 @@ def train_from_files(
     summary = {"ml": {k: v for k, v in ml.items() if k != "history"}}
     if aa_system is not None and energy_steps > 0:
         from openmm_backmap.energies import aa_energy
+
+        # keep the maximum-likelihood model beside the refined one, for comparison
+        ml_path = Path(out).with_suffix(".ml" + (Path(out).suffix or ".ckpt"))
+        save_checkpoint(ml_path, model, copy.deepcopy(spec), stage="ml-done")
+        log(f"maximum-likelihood model written to {ml_path}")
 
         energy = aa_energy(system)
         en = refine_energy(

@@ -7,7 +7,8 @@ are first rotated by their circular mean and wrapped to [-pi, pi). Dihedrals tha
 (rotors) are *circular* variables and keep scale 1, so a circular spline can act on them; narrow
 ones are scaled like line variables.
 
-``forward`` returns the log |det| of Cartesian -> standardised coordinates on the manifold of
+Lengths enter as log r and angles as logit(theta / pi) (exact bijections onto the real line), so
+samples stay in the domain. ``forward`` returns the log |det| of Cartesian -> standardised coordinates on the manifold of
 constrained bond lengths (the Cartesian measure of a placed atom is r^2 sin(theta) dr dtheta dphi;
 for a constrained bond the surface measure r^2 sin(theta) dtheta dphi), ``inverse`` its negative.
 """
@@ -18,6 +19,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from openmm_backmap.geometry import InternalCoordinates, ZMatrix, wrap_angle
@@ -44,6 +46,11 @@ class ICLayer(nn.Module):
         self.has_root = bool(zmatrix.root.size > 0)
         self.dim = self.n_free + 2 * self.n_rows + (3 if self.has_root else 0)
         self.dih_start = self.n_free + self.n_rows
+        # 0: length (log), 1: angle in (0, pi) (logit of theta / pi), 2: dihedral (wrapped)
+        kind = [0] * self.n_free + [1] * self.n_rows + [2] * self.n_rows
+        if self.has_root:
+            kind += [0, 0, 1]
+        self.register_buffer("kind", torch.as_tensor(kind, dtype=torch.long))
         self.register_buffer("shift", torch.zeros(self.dim))
         self.register_buffer("scale", torch.ones(self.dim))
         self.register_buffer("circular", torch.zeros(self.dim, dtype=torch.bool))
@@ -76,7 +83,29 @@ class ICLayer(nn.Module):
         parts = [r[:, self.free_bond], theta, phi]
         if self.has_root:
             parts.append(root)
-        return torch.cat(parts, dim=-1)
+        return self._unbound(torch.cat(parts, dim=-1))[0]
+
+    def _unbound(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Lengths -> log, angles -> logit(theta / pi): exact bijections onto the real line, so a
+        sample can never leave (0, inf) or (0, pi). Returns values and the summed log |det|."""
+        length = self.kind == 0
+        angle = self.kind == 1
+        safe = torch.where(self.kind == 2, torch.ones_like(v), v)
+        log_v = torch.log(safe)
+        log_rest = torch.log(torch.where(angle, math.pi - safe, torch.ones_like(safe)))
+        u = torch.where(length, log_v, torch.where(angle, log_v - log_rest, v))
+        ladj = torch.where(length, -log_v, torch.where(angle, math.log(math.pi) - log_v - log_rest, torch.zeros_like(v)))
+        return u, torch.sum(ladj, dim=-1)
+
+    def _bound(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Inverse of :meth:`_unbound`, with the log |det| of this direction."""
+        length = self.kind == 0
+        angle = self.kind == 1
+        safe = torch.where(self.kind == 2, torch.zeros_like(u), u)
+        v = torch.where(length, torch.exp(safe), torch.where(angle, math.pi * torch.sigmoid(safe), u))
+        lsig = F.logsigmoid(safe) + F.logsigmoid(-safe) + math.log(math.pi)
+        ladj = torch.where(length, safe, torch.where(angle, lsig, torch.zeros_like(u)))
+        return v, torch.sum(ladj, dim=-1)
 
     # ------------------------------------------------------------------ transforms
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,14 +114,14 @@ class ICLayer(nn.Module):
         parts = [r[:, self.free_bond], theta, phi]
         if self.has_root:
             parts.append(root)
-        v = torch.cat(parts, dim=-1)
+        v, ladj_unbound = self._unbound(torch.cat(parts, dim=-1))
         d0, d1 = self.dih_start, self.dih_start + self.n_rows
         shift = self.shift.to(x.dtype)
         scale = self.scale.to(x.dtype)
         v = torch.cat([v[:, :d0] - shift[:d0], wrap_angle(v[:, d0:d1] - shift[d0:d1]), v[:, d1:] - shift[d1:]], dim=-1)
         z = v / scale
         r_used = torch.where(self.fixed_mask, self.fixed_length.to(x.dtype), r)
-        ladj = -self.ic.log_jacobian(r_used, theta, root) - torch.sum(torch.log(scale))
+        ladj = -self.ic.log_jacobian(r_used, theta, root) + ladj_unbound - torch.sum(torch.log(scale))
         return z, ladj
 
     @torch.jit.export
@@ -100,7 +129,7 @@ class ICLayer(nn.Module):
         """Standardised (B, dim) -> Cartesian (B, n_atoms, 3) and log |det| (B,)."""
         scale = self.scale.to(z.dtype)
         shift = self.shift.to(z.dtype)
-        v = z * scale + shift
+        v, ladj_bound = self._bound(z * scale + shift)
         d0, d1 = self.dih_start, self.dih_start + self.n_rows
         r = self.fixed_length.to(z.dtype).unsqueeze(0).repeat(z.shape[0], 1)
         r = r.index_copy(1, self.free_bond, v[:, : self.n_free])
@@ -111,7 +140,7 @@ class ICLayer(nn.Module):
         else:
             root = torch.zeros(z.shape[0], 3, dtype=z.dtype, device=z.device)
         x = self.ic.to_cartesian(anchor_xyz, r, theta, phi, root)
-        ladj = self.ic.log_jacobian(r, theta, root) + torch.sum(torch.log(scale))
+        ladj = self.ic.log_jacobian(r, theta, root) + ladj_bound + torch.sum(torch.log(scale))
         return x, ladj
 
     @torch.jit.export
