@@ -64,6 +64,192 @@ def _cmd_demo(args) -> int:
     return run_demo(Path(args.out), quick=args.quick, seed=args.seed)
 
 
+# ---------------------------------------------------------------------------- train (backmapper)
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a backmapper q(x | X) on an all-atom trajectory (ML, then energy refinement)",
+        description="Maximum likelihood of a conditional flow of AA coordinates given CG beads on the "
+        "frames of an AA trajectory (contiguous validation blocks, model selection on validation NLL), "
+        "then, with --aa-system, reverse-KL refinement on the AA energy with tempering. Writes a "
+        "checkpoint after every epoch (--resume continues from it); `openmm-backmap export` turns it "
+        "into a TorchScript model file.",
+    )
+    p.add_argument("--topology", required=True, help="all-atom topology (PDB)")
+    p.add_argument("--trajectory", required=True, help="all-atom trajectory (DCD, HDF5, ...)")
+    p.add_argument("--mapping", required=True,
+                   help="ca | backbone | heavy-backbone | residue-com, or a groups JSON file")
+    p.add_argument("--out", required=True, help="checkpoint to write (e.g. model.ckpt)")
+    p.add_argument("--epochs", type=int, default=15, help="ML epochs (default 15)")
+    p.add_argument("--aa-system", help="AA OpenMM System XML: constraints, energy refinement, embedded")
+    p.add_argument("--temporal", action="store_true", help="also condition on the previous AA frame")
+    p.add_argument("--energy-steps", type=int, default=2500,
+                   help="energy-refinement steps with --aa-system (default 2500; 0 = ML only)")
+    p.add_argument("--temperature", type=float, default=300.0, help="kelvin (default 300)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--stride", type=int, default=1, help="use every STRIDE-th frame")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3, help="ML learning rate (default 2e-3)")
+    p.add_argument("--energy-lr", type=float, default=3e-4, help="refinement learning rate (default 3e-4)")
+    p.add_argument("--ml-weight", type=float, default=0.3,
+                   help="weight of the data NLL kept during energy refinement (default 0.3)")
+    p.add_argument("--layers", type=int, default=6, help="coupling layers (default 6)")
+    p.add_argument("--hidden", type=int, default=128, help="hidden units per layer (default 128)")
+    p.add_argument("--bins", type=int, default=8, help="spline bins (default 8)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="validation fraction (default 0.1)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--resume", action="store_true", help="continue the ML stage from --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    import torch
+
+    from openmm_backmap.train import train_from_files
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    train_from_files(
+        args.topology, args.trajectory, args.mapping, args.out, epochs=args.epochs,
+        aa_system=args.aa_system, temporal=args.temporal, temperature=args.temperature,
+        energy_steps=args.energy_steps, batch_size=args.batch_size, lr=args.lr, hidden=args.hidden,
+        layers=args.layers, bins=args.bins, val_fraction=args.val_fraction, stride=args.stride,
+        seed=args.seed, resume=args.resume, ml_weight=args.ml_weight, energy_lr=args.energy_lr,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------- info
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="print the metadata of an exported model file")
+    p.add_argument("model", help="model file (.pt)")
+    p.add_argument("--json", action="store_true", help="print metadata.json as it is")
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(args) -> int:
+    import json
+
+    from openmm_backmap.export import load_model, read_extra_files
+
+    _, files = read_extra_files(args.model)
+    meta = json.loads(files["metadata.json"])
+    if args.json:
+        print(json.dumps(meta, indent=1))
+    elif meta.get("kind") == "backmapper":
+        print(load_model(args.model, device="cpu").summary())
+    else:
+        for key, value in meta.items():
+            print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- backmap
+def _add_backmap(sub) -> None:
+    p = sub.add_parser(
+        "backmap",
+        help="reconstruct all-atom frames of a CG trajectory with a backmapper model file",
+    )
+    p.add_argument("--model", required=True, help="backmapper model file (.pt)")
+    p.add_argument("--cg", required=True, help="CG trajectory (any format mdtraj reads)")
+    p.add_argument("--cg-topology", required=True, help="CG topology (PDB) of the beads")
+    p.add_argument("--out", required=True, help="AA trajectory to write (DCD, HDF5, NetCDF, PDB)")
+    p.add_argument("--samples", type=int, default=1, help="reconstructions per CG frame (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--energies", help="CSV of frame, sample, log_q (and U_AA when the model has a System)")
+    p.add_argument("--batch-size", type=int, default=1024, help="samples per batch (default 1024)")
+    p.add_argument("--device", help="torch device (default cuda when available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_backmap)
+
+
+def _cmd_backmap(args) -> int:
+    from openmm_backmap.export import backmap_trajectory
+
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    res = backmap_trajectory(
+        args.model, args.cg, args.cg_topology, args.out, samples=args.samples, seed=args.seed,
+        energies=args.energies, batch_size=args.batch_size, device=args.device,
+        progress=not args.no_progress,
+    )
+    print(f"{res['n_frames']} CG frames -> {res['n_samples']} AA frames: {res['out']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- evaluate
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score a backmapper on reference AA frames: metrics JSON and PNG plots",
+        description="Backmaps the CG projections of reference frames and writes metrics.json (bond score, "
+        "clash score, chirality errors, energy W1, Ramachandran JS, RMSD, diversity, NLL per atom, "
+        "conditional ESS) and plots (ramachandran.png, energies.png, geometry.png) to --out.",
+    )
+    p.add_argument("--model", required=True, help="backmapper model file (.pt)")
+    p.add_argument("--reference", required=True, help="AA reference trajectory (independent of training)")
+    p.add_argument("--topology", required=True, help="AA topology (PDB) of the reference")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--frames", type=int, default=200, help="reference frames backmapped (default 200)")
+    p.add_argument("--samples", type=int, default=64, help="samples per frame (default 64)")
+    p.add_argument("--aa-system", help="AA System XML for energies (default: the one in the model file)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args) -> int:
+    import json
+
+    from openmm_backmap.data import load_trajectory
+    from openmm_backmap.evaluate import evaluate_model
+
+    reference = load_trajectory(args.reference, args.topology)
+    metrics = evaluate_model(args.model, reference, args.out, n_frames=args.frames, samples=args.samples,
+                             aa_system=args.aa_system, seed=args.seed)
+    print(json.dumps(metrics, indent=1))
+    print(f"report written to {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- hybrid
+def _add_hybrid(sub) -> None:
+    p = sub.add_parser(
+        "hybrid",
+        help="hybrid CG-to-AA sampling: exact AA Boltzmann samples from CG moves and flow reconstructions",
+        description="A Markov chain on AA coordinates alternating AA Langevin dynamics with resolution moves "
+        "(down to CG, a CG move, back up through the backmapper, Metropolis-Hastings). Writes "
+        "trajectory.dcd, acceptance.csv and summary.json (basin populations with block-averaged errors).",
+    )
+    p.add_argument("--model", required=True, help="backmapper model file (.pt)")
+    p.add_argument("--cg-model", required=True, help="CG potential model file (.pt)")
+    p.add_argument("--aa-system", help="AA System XML (default: the one embedded in the model file)")
+    p.add_argument("--start", required=True, help="PDB with the starting AA structure")
+    p.add_argument("--iterations", type=int, required=True, help="chain iterations")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--kernel", choices=["flow", "hmc"], default="flow",
+                   help="CG move: independent draws from the CG flow, or HMC on the CG System (default flow)")
+    p.add_argument("--langevin-steps", type=int, default=250, help="AA Langevin steps per iteration (default 250)")
+    p.add_argument("--attempts", type=int, default=1, help="resolution moves per iteration (default 1)")
+    p.add_argument("--temperature", type=float, help="kelvin (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--platform", default="Reference", help="OpenMM platform (default Reference)")
+    p.set_defaults(func=_cmd_hybrid)
+
+
+def _cmd_hybrid(args) -> int:
+    import json
+
+    from openmm_backmap.hybrid import run_hybrid
+
+    summary = run_hybrid(args.model, args.cg_model, args.start, args.iterations, args.out, aa_system=args.aa_system,
+                         kernel=args.kernel, langevin_steps=args.langevin_steps, attempts=args.attempts,
+                         temperature=args.temperature, seed=args.seed, platform=args.platform)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from openmm_backmap import __version__
@@ -79,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [_add_reference, _add_demo]
+_COMMANDS = [_add_reference, _add_demo, _add_train, _add_info, _add_backmap]
 
 
 def main(argv: list[str] | None = None) -> int:

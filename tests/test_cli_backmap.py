@@ -1,0 +1,125 @@
+"""CLI: train, export, info, backmap on tiny inputs, and their error messages."""
+
+import csv
+import json
+from pathlib import Path
+
+import mdtraj as md
+import numpy as np
+import pytest
+
+from openmm_backmap.cli import main
+from openmm_backmap.mapping import CGMapping
+from tests._backmap_helpers import ala2_reference, one_thread  # noqa: F401
+
+# residue order kept monotonic (C(ACE), N, CA, CB, C, N(NME)) so the CG topology writes as PDB
+GROUPS = [[4], [6], [8], [10], [14], [16]]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    ref = ala2_reference()
+    d = tmp_path_factory.mktemp("cli")
+    (d / "groups.json").write_text(json.dumps({"groups": GROUPS}))
+    ckpt = d / "model.ckpt"
+    rc = main([
+        "train", "--topology", str(ref["pdb"]), "--trajectory", str(ref["dcd"]), "--mapping",
+        str(d / "groups.json"), "--epochs", "1", "--aa-system", str(ref["system"]), "--energy-steps", "3",
+        "--stride", "5", "--hidden", "16", "--layers", "2", "--out", str(ckpt), "--no-progress",
+    ])
+    assert rc == 0
+    assert main(["export", str(ckpt), "-o", str(d / "model.pt")]) == 0
+    traj = md.load(str(ref["dcd"]), top=str(ref["pdb"]))[:12]
+    mapping = CGMapping(traj.topology, GROUPS)
+    cg = mapping.cg_trajectory(traj)
+    cg[0].save_pdb(str(d / "cg.pdb"))
+    cg.save_dcd(str(d / "cg.dcd"))
+    return d
+
+
+def test_train_writes_checkpoints(workdir):
+    assert (workdir / "model.ckpt").is_file() and (workdir / "model.ml.ckpt").is_file()
+
+
+def test_info_prints_metadata(workdir, capsys):
+    assert main(["info", str(workdir / "model.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "beads 6" in out and "atoms 22" in out and "ACE1 ALA2 NME3" in out and "training ml" in out
+    assert main(["info", "--json", str(workdir / "model.pt")]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["format"] == "openmm-backmap-model" and meta["has_system"] is True
+
+
+def test_backmap_writes_frames_and_energies(workdir):
+    out, energies = workdir / "aa.dcd", workdir / "e.csv"
+    rc = main([
+        "backmap", "--model", str(workdir / "model.pt"), "--cg", str(workdir / "cg.dcd"), "--cg-topology",
+        str(workdir / "cg.pdb"), "--samples", "3", "--seed", "1", "--out", str(out), "--energies",
+        str(energies), "--batch-size", "8", "--no-progress",
+    ])
+    assert rc == 0
+    ref = ala2_reference()
+    aa = md.load(str(out), top=str(ref["pdb"]))
+    assert aa.n_frames == 36
+    cg = md.load(str(workdir / "cg.dcd"), top=str(workdir / "cg.pdb"))
+    # the beads of every reconstruction sit on the CG frame it came from
+    idx = [g[0] for g in GROUPS]
+    assert np.allclose(aa.xyz[:, idx], np.repeat(cg.xyz, 3, 0), atol=1e-5)
+    rows = list(csv.DictReader(open(energies)))
+    assert len(rows) == 36 and rows[4]["frame"] == "1" and rows[4]["sample"] == "1"
+    assert all(np.isfinite(float(r["U_AA_kJ_per_mol"])) and np.isfinite(float(r["log_q"])) for r in rows)
+    # same seed, same frames
+    main([
+        "backmap", "--model", str(workdir / "model.pt"), "--cg", str(workdir / "cg.dcd"), "--cg-topology",
+        str(workdir / "cg.pdb"), "--samples", "3", "--seed", "1", "--out", str(workdir / "aa2.dcd"),
+        "--batch-size", "8", "--no-progress",
+    ])
+    assert np.array_equal(md.load(str(workdir / "aa2.dcd"), top=str(ref["pdb"])).xyz, aa.xyz)
+
+
+def test_backmap_rejects_wrong_bead_count(workdir, capsys):
+    ref = ala2_reference()
+    traj = md.load(str(ref["dcd"]), top=str(ref["pdb"]))[:3]
+    five = CGMapping(traj.topology, GROUPS[:5]).cg_trajectory(traj)
+    five[0].save_pdb(str(workdir / "cg5.pdb"))
+    five.save_dcd(str(workdir / "cg5.dcd"))
+    rc = main(["backmap", "--model", str(workdir / "model.pt"), "--cg", str(workdir / "cg5.dcd"),
+               "--cg-topology", str(workdir / "cg5.pdb"), "--out", str(workdir / "x.dcd"), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "5 beads" in err and "expects 6" in err
+
+
+def test_backmap_rejects_nan_coordinates(workdir, capsys):
+    cg = md.load(str(workdir / "cg.dcd"), top=str(workdir / "cg.pdb"))
+    cg.xyz[2, 1, 0] = np.nan
+    cg.save_dcd(str(workdir / "cg_nan.dcd"))
+    rc = main(["backmap", "--model", str(workdir / "model.pt"), "--cg", str(workdir / "cg_nan.dcd"),
+               "--cg-topology", str(workdir / "cg.pdb"), "--out", str(workdir / "x.dcd"), "--no-progress"])
+    assert rc == 2
+    assert "NaN" in capsys.readouterr().err
+
+
+def test_truncated_model_file_is_a_clear_error(workdir, capsys):
+    data = (workdir / "model.pt").read_bytes()
+    (workdir / "cut.pt").write_bytes(data[:1000])
+    assert main(["info", str(workdir / "cut.pt")]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+    rc = main(["backmap", "--model", str(workdir / "cut.pt"), "--cg", str(workdir / "cg.dcd"),
+               "--cg-topology", str(workdir / "cg.pdb"), "--out", str(workdir / "x.dcd"), "--no-progress"])
+    assert rc == 2
+
+
+def test_train_rejects_a_system_for_another_molecule(workdir, capsys, tmp_path):
+    ref = ala2_reference()
+    import openmm
+
+    other = openmm.System()
+    for _ in range(5):
+        other.addParticle(1.0)
+    (tmp_path / "other.xml").write_text(openmm.XmlSerializer.serialize(other))
+    rc = main(["train", "--topology", str(ref["pdb"]), "--trajectory", str(ref["dcd"]), "--mapping",
+               "backbone", "--aa-system", str(tmp_path / "other.xml"), "--out", str(tmp_path / "m.ckpt"),
+               "--no-progress"])
+    assert rc == 2
+    assert "5 particles" in capsys.readouterr().err
