@@ -64,6 +64,104 @@ def _cmd_demo(args) -> int:
     return run_demo(Path(args.out), quick=args.quick, seed=args.seed)
 
 
+# ---------------------------------------------------------------------------- train-cg
+def _add_train_cg(sub) -> None:
+    p = sub.add_parser(
+        "train-cg",
+        help="train a CG potential U_CG(X) = -kT log q(X) (a flow over CG coordinates) on AA data",
+        description="Maximum likelihood of a normalizing flow over the internal coordinates of the CG "
+        "projection of an all-atom trajectory (train/validation/test blocks), with prior walls on "
+        "bonds, angles and non-bonded bead pairs; writes a checkpoint that `openmm-backmap export` "
+        "turns into a TorchScript force model.",
+    )
+    p.add_argument("--topology", required=True, help="all-atom topology (PDB)")
+    p.add_argument("--trajectory", required=True, help="all-atom trajectory (DCD, XTC, HDF5, ...)")
+    p.add_argument("--mapping", required=True,
+                   help="ca | backbone | heavy-backbone | residue-com, or a groups JSON file")
+    p.add_argument("--out", required=True, help="checkpoint to write (e.g. cg.ckpt)")
+    p.add_argument("--epochs", type=int, default=150, help="training epochs (default 150)")
+    p.add_argument("--temperature", type=float, default=300.0, help="kelvin (default 300)")
+    p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    p.add_argument("--stride", type=int, default=1, help="use every STRIDE-th frame")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
+    p.add_argument("--layers", type=int, default=6, help="coupling layers (default 6)")
+    p.add_argument("--hidden", type=int, default=64, help="hidden units per layer (default 64)")
+    p.add_argument("--bins", type=int, default=8, help="spline bins (default 8)")
+    p.add_argument("--time-limit", type=float, help="stop training after this many seconds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train_cg)
+
+
+def _cmd_train_cg(args) -> int:
+    import torch
+
+    from openmm_backmap.data import load_trajectory, make_pairs
+    from openmm_backmap.mapping import CGMapping
+    from openmm_backmap.potentials import CGFlowPotential, make_cg_spec, mean_nll, train_cg
+
+    traj = load_trajectory(args.trajectory, args.topology, stride=args.stride)
+    mapping = CGMapping.from_spec(args.mapping, traj.topology)
+    pairs = make_pairs(traj, mapping, seed=args.seed)
+    model = CGFlowPotential.from_data(
+        pairs["train"].X, mapping.cg_bonds(), temperature=args.temperature, n_layers=args.layers,
+        hidden=args.hidden, n_bins=args.bins, seed=args.seed,
+    )
+    spec = make_cg_spec(model, mapping, traj.xyz[0])
+    summary = train_cg(
+        model, spec, pairs["train"].X, pairs["val"].X, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed, checkpoint=args.out, progress=not args.no_progress,
+        time_limit=args.time_limit,
+    )
+    test_nll = mean_nll(model, torch.as_tensor(pairs["test"].X, dtype=torch.float32))
+    print(f"{mapping.n_cg} beads, {model.dim} internal coordinates; best validation NLL "
+          f"{summary['best_val_nll']:.3f} nats (epoch {summary['best_epoch']}), test NLL {test_nll:.3f}")
+    print(f"checkpoint: {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- export
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a trained checkpoint as one TorchScript model file with its metadata",
+    )
+    p.add_argument("checkpoint", help="checkpoint written by train-cg (or train)")
+    p.add_argument("-o", "--output", required=True, help="model file to write (e.g. model.pt)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _checkpoint_kind(path: str) -> str:
+    """The ``kind`` in a checkpoint's spec ("cg-potential"; "backmapper" when it has none)."""
+    import torch
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for corrupt files
+        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+    spec = ckpt.get("spec") if isinstance(ckpt, dict) else None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path} is not an openmm-backmap checkpoint")
+    return str(spec.get("kind", "backmapper"))
+
+
+def _cmd_export(args) -> int:
+    kind = _checkpoint_kind(args.checkpoint)
+    if kind == "cg-potential":
+        from openmm_backmap.potentials import export_cg, load_cg_checkpoint
+
+        model, ckpt = load_cg_checkpoint(args.checkpoint)
+        export_cg(model, ckpt["spec"], args.output)
+    else:
+        from openmm_backmap.export import export_checkpoint
+
+        export_checkpoint(args.checkpoint, args.output)
+    print(f"{kind} model: {args.output}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- train (backmapper)
 def _add_train(sub) -> None:
     p = sub.add_parser(
@@ -265,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [_add_reference, _add_demo, _add_train, _add_info, _add_backmap]
+_COMMANDS = [_add_reference, _add_demo, _add_train_cg, _add_export, _add_train, _add_info, _add_backmap]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,18 +28,18 @@ def test_rq_spline_inverse_and_derivative(circular):
     else:
         left, right = torch.full((m,), -3.0, dtype=torch.float64), torch.full((m,), 3.0, dtype=torch.float64)
         x = torch.randn(m, generator=g, dtype=torch.float64) * 3  # some in the identity tails
-    y, ladj = rq_spline(x, w, h, d, left, right, inverse=False)
-    x2, ladj2 = rq_spline(y, w, h, d, left, right, inverse=True)
+    y, ladj = rq_spline(x, torch.stack([w, h], -2), d, left, right, inverse=False)
+    x2, ladj2 = rq_spline(y, torch.stack([w, h], -2), d, left, right, inverse=True)
     assert torch.allclose(x2, x, atol=1e-10)
     assert torch.allclose(ladj + ladj2, torch.zeros_like(ladj), atol=1e-10)
     xg = x.clone().requires_grad_(True)
-    yg, _ = rq_spline(xg, w, h, d, left, right, inverse=False)
+    yg, _ = rq_spline(xg, torch.stack([w, h], -2), d, left, right, inverse=False)
     (grad,) = torch.autograd.grad(yg.sum(), xg)
     assert torch.allclose(torch.log(grad), ladj, atol=1e-8)
     # monotone and onto the interval
     assert torch.all(grad > 0)
-    lo, _ = rq_spline(left, w, h, d, left, right, inverse=False)
-    hi, _ = rq_spline(right, w, h, d, left, right, inverse=False)
+    lo, _ = rq_spline(left, torch.stack([w, h], -2), d, left, right, inverse=False)
+    hi, _ = rq_spline(right, torch.stack([w, h], -2), d, left, right, inverse=False)
     assert torch.allclose(lo, left) and torch.allclose(hi, right)
 
 

@@ -24,8 +24,7 @@ _SOFTPLUS_ONE = math.log(math.e - 1.0)
 
 def rq_spline(
     x: Tensor,
-    w: Tensor,
-    h: Tensor,
+    wh: Tensor,
     d: Tensor,
     left: Tensor,
     right: Tensor,
@@ -38,8 +37,9 @@ def rq_spline(
     ----------
     x
         (..., m) inputs.
-    w, h
-        (..., m, K) unnormalised bin widths and heights (softmax-normalised here).
+    wh
+        (..., m, 2, K) unnormalised bin widths ([..., 0, :]) and heights ([..., 1, :]),
+        softmax-normalised here.
     d
         (..., m, K + 1) positive knot derivatives (boundary derivatives included).
     left, right
@@ -52,20 +52,13 @@ def rq_spline(
     y, ladj
         Outputs (..., m) and elementwise log |dy/dx| (..., m) (of the inverse when ``inverse``).
     """
-    n_bins = w.shape[-1]
-    span = (right - left).unsqueeze(-1)
-    widths = F.softmax(w, dim=-1)
-    widths = min_bin + (1.0 - min_bin * n_bins) * widths
-    heights = F.softmax(h, dim=-1)
-    heights = min_bin + (1.0 - min_bin * n_bins) * heights
-    cw = torch.cumsum(widths, dim=-1)
-    ch = torch.cumsum(heights, dim=-1)
-    zero = torch.zeros_like(cw[..., :1])
-    cw = torch.cat([zero, cw], dim=-1) * span + left.unsqueeze(-1)
-    ch = torch.cat([zero, ch], dim=-1) * span + left.unsqueeze(-1)
-    # pin the last knot exactly on the boundary (cumsum rounding)
-    cw = torch.cat([cw[..., :-1], right.expand_as(cw[..., -1]).unsqueeze(-1)], dim=-1)
-    ch = torch.cat([ch[..., :-1], right.expand_as(ch[..., -1]).unsqueeze(-1)], dim=-1)
+    n_bins = wh.shape[-1]
+    span = (right - left).unsqueeze(-1).unsqueeze(-1)
+    bins = min_bin + (1.0 - min_bin * n_bins) * F.softmax(wh, dim=-1)
+    # knots (..., m, 2, K + 1): x knots in [..., 0, :], y knots in [..., 1, :]
+    knots_xy = F.pad(torch.cumsum(bins, dim=-1), (1, 0)) * span + left.unsqueeze(-1).unsqueeze(-1)
+    cw = knots_xy[..., 0, :]
+    ch = knots_xy[..., 1, :]
 
     inside = (x >= left) & (x <= right)
     xc = torch.minimum(torch.maximum(x, left), right)
@@ -148,33 +141,38 @@ class CouplingLayer(nn.Module):
         self.register_buffer("left", torch.where(tr_circ, -math.pi, -bound).to(torch.get_default_dtype()))
         self.register_buffer("right", torch.where(tr_circ, math.pi, bound).to(torch.get_default_dtype()))
         self.n_bins = int(n_bins)
+        k = int(n_bins)
+        # knot j takes derivative output knot_map[j]: the boundary output (k - 1) at both ends
+        self.register_buffer("knot_map", torch.as_tensor([k - 1] + list(range(k - 1)) + [k - 1], dtype=torch.long))
+        last = torch.zeros(tr.numel(), k, dtype=torch.bool)
+        last[:, k - 1] = ~tr_circ
+        self.register_buffer("edge_is_one", last, persistent=False)
         self.n_tr = int(tr.numel())
         self.bound = float(bound)
         n_in = int(self.id_line.numel()) + 2 * int(self.id_circ.numel()) + int(context_dim)
         self.net = MLP(max(n_in, 1), self.n_tr * 3 * self.n_bins, hidden, n_hidden)
         self.has_input = n_in > 0
 
-    def _params(self, z: Tensor, context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _params(self, z: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
         line = torch.clamp(z[:, self.id_line], -3.0 * self.bound, 3.0 * self.bound)
         circ = z[:, self.id_circ]
         feats = torch.cat([line, torch.cos(circ), torch.sin(circ), context], dim=-1)
         if not self.has_input:
             feats = torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)
-        p = self.net(feats).reshape(z.shape[0], self.n_tr, 3 * self.n_bins)
-        k = self.n_bins
-        w = p[..., :k]
-        h = p[..., k : 2 * k]
-        dd = F.softplus(p[..., 2 * k :] + 0.5413248546129181) + 1e-3  # (.., K): K - 1 inner + 1 boundary
-        inner = dd[..., : k - 1]
-        edge = torch.where(self.tr_circ.unsqueeze(-1), dd[..., k - 1 :], torch.ones_like(dd[..., k - 1 :]))
-        d = torch.cat([edge, inner, edge], dim=-1)
-        return w, h, d
+        p = self.net(feats).reshape(z.shape[0], self.n_tr, 3, self.n_bins)
+        wh = p[:, :, :2, :]
+        # K derivative outputs: K - 1 inner knots, then the boundary slope (used by circular
+        # splines at both ends; line splines have slope 1 there, matching their identity tails)
+        dd = F.softplus(p[:, :, 2, :] + 0.5413248546129181) + 1e-3
+        dd = torch.where(self.edge_is_one, torch.ones_like(dd), dd)
+        d = dd.index_select(-1, self.knot_map)
+        return wh, d
 
     def call_and_ladj(self, z: Tensor, context: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        w, h, d = self._params(z, context)
+        wh, d = self._params(z, context)
         left = self.left.to(z.dtype)
         right = self.right.to(z.dtype)
-        y, ladj = rq_spline(z[:, self.tr_idx], w, h, d, left, right, inverse)
+        y, ladj = rq_spline(z[:, self.tr_idx], wh, d, left, right, inverse)
         out = z.index_copy(1, self.tr_idx, y)
         return out, torch.sum(ladj, dim=-1)
 

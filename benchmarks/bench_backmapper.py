@@ -1,0 +1,90 @@
+"""Speed of backmappers: samples per second of ``sample`` and ``log_prob``.
+
+ALA2 (six-atom mapping C(ACE), N, CA, CB, C, N(NME)) and the 10-residue peptide chignolin (``ca``
+mapping), batch 1 and 1024, eager and TorchScript, float32, no gradients. Speed does not depend on
+the trained weights, so the models are built (default architecture: 6 coupling layers, 128 hidden
+units, 8 bins) with statistics from jittered copies of the built-in structures.
+
+Usage::
+
+    python benchmarks/bench_backmapper.py [--threads 1] [--hidden 128] [--layers 6] [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import mdtraj as md
+import numpy as np
+import torch
+
+from openmm_backmap.data import builtin_system, constraints_from_system
+from openmm_backmap.mapping import CGMapping
+from openmm_backmap.models import Backmapper
+
+ALA2_SIX = [[4], [6], [8], [10], [14], [16]]
+
+
+def build(name: str, hidden: int, layers: int) -> tuple[Backmapper, torch.Tensor]:
+    top, system, positions = builtin_system(name)
+    mtop = md.Topology.from_openmm(top)
+    from openmm import unit
+
+    x0 = np.asarray(positions.value_in_unit(unit.nanometer), dtype=np.float64)
+    rng = np.random.default_rng(0)
+    x = x0[None] + 0.005 * rng.normal(size=(256,) + x0.shape)
+    mapping = CGMapping(mtop, ALA2_SIX) if name == "ala2" else CGMapping.from_preset(mtop, "ca")
+    torch.manual_seed(0)
+    model = Backmapper.from_data(
+        mapping, x, constraints=constraints_from_system(system), hidden=hidden, n_layers=layers
+    ).eval()
+    return model, torch.as_tensor(x, dtype=torch.float32)
+
+
+def rate(fn, n_items: int, seconds: float) -> float:
+    fn()  # warm-up (TorchScript profiles the first calls)
+    fn()
+    count, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        count += 1
+        dt = time.perf_counter() - t0
+        if dt > seconds and count >= 3:
+            return count * n_items / dt
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--seconds", type=float, default=3.0, help="timing window per measurement")
+    p.add_argument("--systems", default="ala2,chignolin")
+    args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}")
+    print("| system | atoms | beads | DOF | params | batch | mode | sample/s | log_prob/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.systems.split(","):
+        model, x = build(name, args.hidden, args.layers)
+        scripted = torch.jit.script(model)
+        n_params = sum(q.numel() for q in model.parameters())
+        for batch in (1, 1024):
+            xb = x[torch.arange(batch) % x.shape[0]]
+            X = model.project(xb)
+            for mode, m in (("eager", model), ("TorchScript", scripted)):
+                with torch.no_grad():
+                    s = rate(lambda: m.sample(X, 1), batch, args.seconds)
+                    lp = rate(lambda: m.log_prob(xb, X), batch, args.seconds)
+                print(f"| {name} | {model.n_aa} | {model.n_cg} | {model.dim} | {n_params} | {batch} | {mode} "
+                      f"| {s:,.0f} | {lp:,.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
