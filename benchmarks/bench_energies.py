@@ -60,7 +60,8 @@ def main() -> None:
     loop = _rate(lambda: bridge.evaluate(x), args.batch, max(1, args.repeats // 2))
     rates["OpenMM Reference Context loop, energies + forces"] = loop
 
-    print(f"# {args.system}, batch {args.batch}, torch threads {args.threads}, {platform.processor() or platform.machine()}")
+    cpu = platform.processor() or platform.machine()
+    print(f"# {args.system}, batch {args.batch}, torch threads {args.threads}, {cpu}")
     print(f"{'method':<52} {'samples/s':>12} {'vs loop':>8}")
     for name, rate in rates.items():
         print(f"{name:<52} {rate:12.0f} {rate / loop:8.1f}x")

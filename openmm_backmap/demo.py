@@ -1,13 +1,23 @@
 """The main job, ``openmm-backmap demo``: from nothing to a report, in one output directory.
 
-Stages: all-atom reference MD of alanine dipeptide, the CG mapping and (x, X) pairs, and a summary
-table. Each stage writes into ``out/`` and prints its wall time.
+1. all-atom reference MD of alanine dipeptide in vacuum (300 K);
+2. the six-bead CG mapping C(ACE), N, CA, C, N(NME), CB, written as a groups JSON;
+3. the backmapper trained with the CLI (maximum likelihood, then energy-based refinement);
+4. the CG potential U_CG = -kT log q(X) trained with the CLI;
+5. both exported as TorchScript model files;
+6. a CG OpenMM simulation with the CG potential as a force and a BackmapReporter attached;
+7. the report: backmapper metrics on the reference, and the reporter's run reweighted to the AA
+   ensemble (basin populations against the reference, ESS, Ramachandran surfaces).
+
+Each stage prints its wall time; a summary table closes the run. The CLI stages run the very
+commands a user would type (``openmm-backmap train ...``), through :func:`openmm_backmap.cli.main`.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 # The six-bead alanine dipeptide mapping of the quality benchmarks: C(ACE), N, CA, C, N(NME), CB.
@@ -26,6 +36,29 @@ def ala2_six_bead_mapping(topology):
     return CGMapping(topology, groups, names=["C1", "N", "CA", "C", "N2", "CB"])
 
 
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of the demo's stages; ``full`` fits in about 15 minutes on 2 CPU cores, ``quick`` in 3."""
+
+    reference_ns: float
+    epochs: int
+    energy_steps: int
+    cg_epochs: int
+    cg_time_limit: float
+    cg_steps: int
+    report_interval: int
+    samples_per_frame: int
+    eval_frames: int
+
+    @classmethod
+    def full(cls) -> "DemoSettings":
+        return cls(10.0, 12, 1500, 60, 120.0, 200_000, 1000, 4, 200)
+
+    @classmethod
+    def quick(cls) -> "DemoSettings":
+        return cls(1.0, 3, 150, 10, 20.0, 20_000, 500, 4, 50)
+
+
 class _Stages:
     """Runs named stages, timing each, and collects a summary table."""
 
@@ -37,53 +70,147 @@ class _Stages:
         start = time.perf_counter()
         result, note = fn()
         self.rows.append((name, time.perf_counter() - start, note))
+        print(f"   {note} ({self.rows[-1][1]:.0f} s)", flush=True)
         return result
 
     def table(self) -> str:
         width = max(len(r[0]) for r in self.rows)
-        lines = [f"{'stage':<{width}}  {'seconds':>8}  result", "-" * (width + 40)]
+        lines = [f"{'stage':<{width}}  {'seconds':>8}  result", "-" * (width + 50)]
         lines += [f"{n:<{width}}  {s:8.1f}  {note}" for n, s, note in self.rows]
+        lines.append(f"{'total':<{width}}  {sum(r[1] for r in self.rows):8.1f}")
         return "\n".join(lines)
+
+
+def _cli(*argv: str) -> None:
+    from openmm_backmap.cli import main
+
+    print("   $ openmm-backmap " + " ".join(argv), flush=True)
+    code = main(list(argv))
+    if code != 0:
+        raise RuntimeError(f"`openmm-backmap {argv[0]}` failed with exit code {code}")
+
+
+def run_cg_simulation(cg_model: Path, model: Path, mapping, start_xyz, out: Path, steps: int, interval: int,
+                      samples: int, seed: int, temperature: float = 300.0, timestep_fs: float = 2.0):
+    """A plain OpenMM CG simulation with the CG potential as a force and a BackmapReporter."""
+    import openmm
+    from openmm import app, unit
+    from tqdm.auto import tqdm
+
+    from openmm_backmap.forces import create_cg_system
+    from openmm_backmap.reporter import BackmapReporter
+
+    out.mkdir(parents=True, exist_ok=True)
+    system = create_cg_system(mapping.masses(), str(cg_model))
+    integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, 1.0 / unit.picosecond,
+                                                 timestep_fs * unit.femtoseconds)
+    integrator.setRandomNumberSeed(seed)
+    simulation = app.Simulation(mapping.cg_topology.to_openmm(), system, integrator,
+                                openmm.Platform.getPlatformByName("Reference"))
+    simulation.context.setPositions(start_xyz)
+    simulation.context.setVelocitiesToTemperature(temperature * unit.kelvin, seed)
+    simulation.reporters.append(app.DCDReporter(str(out / "cg.dcd"), interval))
+    simulation.reporters.append(app.StateDataReporter(str(out / "cg_log.csv"), interval, step=True,
+                                                      potentialEnergy=True, temperature=True, speed=True))
+    reporter = BackmapReporter(out / "aa.dcd", interval, model=str(model), samplesPerFrame=samples,
+                               energyFile=out / "weights.csv", seed=seed)
+    simulation.reporters.append(reporter)
+    chunk = max(interval, steps // 100)
+    start = time.perf_counter()
+    with reporter, tqdm(total=steps, desc="CG simulation", unit="step", unit_scale=True) as bar:
+        done = 0
+        while done < steps:
+            n = min(chunk, steps - done)
+            simulation.step(n)
+            done += n
+            bar.update(n)
+    return time.perf_counter() - start, reporter.frames_written
 
 
 def run_demo(out: Path, quick: bool = False, seed: int = 1) -> int:
     """Run every stage of the demo into ``out``; returns the process exit code."""
-    from openmm_backmap.data import (
-        backbone_dihedrals,
-        basin_indicators,
-        generate_reference,
-        load_trajectory,
-        make_pairs,
-    )
+    import numpy as np
 
+    from openmm_backmap.data import generate_reference, load_trajectory
+    from openmm_backmap.evaluate import evaluate_model, evaluate_run
+
+    settings = DemoSettings.quick() if quick else DemoSettings.full()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ns = 1.0 if quick else 10.0
+    models = out / "models"
+    models.mkdir(exist_ok=True)
+    report = out / "report"
     stages = _Stages()
 
     def reference():
-        paths = generate_reference("ala2", ns, out / "reference", seed=seed)
-        return paths, f"{ns:g} ns of alanine dipeptide at 300 K -> {paths['dcd']}"
+        p = generate_reference("ala2", settings.reference_ns, out / "reference", seed=seed)
+        return p, f"{settings.reference_ns:g} ns of alanine dipeptide at 300 K -> {p['dcd']}"
 
-    paths = stages.run("all-atom reference MD", reference)
+    paths = stages.run("1. all-atom reference MD", reference)
+    traj = load_trajectory(paths["dcd"], paths["pdb"])
 
-    def pairs():
-        traj = load_trajectory(paths["dcd"], paths["pdb"])
+    def mapping_stage():
         mapping = ala2_six_bead_mapping(traj.topology)
         mapping.to_json(out / "mapping.json")
-        mapping.cg_trajectory(traj).save_dcd(str(out / "reference" / "ala2_cg.dcd"))
-        mapping.cg_trajectory(traj[0]).save_pdb(str(out / "reference" / "ala2_cg.pdb"))
-        data = make_pairs(traj, mapping, seed=seed)
-        phi, psi = backbone_dihedrals(traj)
-        pops = {k: float(v.mean()) for k, v in basin_indicators(phi[:, 0], psi[:, 0]).items()}
-        (out / "reference" / "basins.json").write_text(json.dumps(pops, indent=1) + "\n")
-        sizes = ", ".join(f"{k} {len(v)}" for k, v in data.items())
-        pop = ", ".join(f"{k} {v:.2f}" for k, v in pops.items())
-        return data, f"{mapping.n_cg} beads; pairs: {sizes}; basins: {pop}"
+        return mapping, f"{mapping.n_cg} beads ({', '.join(mapping.names)}) -> {out / 'mapping.json'}"
 
-    stages.run("mapping and (x, X) pairs", pairs)
+    mapping = stages.run("2. CG mapping", mapping_stage)
+    common = ["--topology", str(paths["pdb"]), "--trajectory", str(paths["dcd"]),
+              "--mapping", str(out / "mapping.json")]
+
+    def train_backmapper():
+        _cli("train", *common, "--aa-system", str(paths["system"]), "--epochs", str(settings.epochs),
+             "--energy-steps", str(settings.energy_steps), "--seed", str(seed),
+             "--out", str(models / "backmapper.ckpt"))
+        return None, f"checkpoint {models / 'backmapper.ckpt'}"
+
+    stages.run("3. train the backmapper (ML + energy refinement)", train_backmapper)
+
+    def train_cg():
+        _cli("train-cg", *common, "--epochs", str(settings.cg_epochs), "--time-limit", str(settings.cg_time_limit),
+             "--seed", str(seed), "--out", str(models / "cg.ckpt"))
+        return None, f"checkpoint {models / 'cg.ckpt'}"
+
+    stages.run("4. train the CG potential", train_cg)
+
+    def export():
+        _cli("export", str(models / "backmapper.ckpt"), "-o", str(models / "backmapper.pt"))
+        _cli("export", str(models / "cg.ckpt"), "-o", str(models / "cg.pt"))
+        return None, f"{models / 'backmapper.pt'}, {models / 'cg.pt'}"
+
+    stages.run("5. export TorchScript model files", export)
+
+    def simulate():
+        start_xyz = mapping.project(traj.xyz[0].astype(np.float64))
+        wall, frames = run_cg_simulation(models / "cg.pt", models / "backmapper.pt", mapping, start_xyz,
+                                         out / "cg_run", settings.cg_steps, settings.report_interval,
+                                         settings.samples_per_frame, seed)
+        us = 1e6 * wall / settings.cg_steps
+        return None, f"{settings.cg_steps} CG steps ({us:.0f} us/step with the reporter), {frames} AA frames"
+
+    stages.run("6. CG simulation with the BackmapReporter", simulate)
+
+    def evaluate():
+        metrics = evaluate_model(models / "backmapper.pt", traj, report / "backmapper", n_frames=settings.eval_frames)
+        run = evaluate_run(out / "cg_run" / "aa.dcd", out / "cg_run" / "weights.csv", traj.topology, traj, report)
+        summary = {"backmapper": metrics, "reweighting": run}
+        (report / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        pops = "; ".join(f"{k} {v['reference']:.3f}/{v['raw']:.3f}/{v['reweighted']:.3f}"
+                         for k, v in run["basins"].items())
+        w1 = metrics.get("energy_w1_kjmol", float("nan"))
+        ess = metrics.get("conditional_ess", float("nan"))
+        note = (f"bond score {metrics['bond_score']:.4f}, W1 {w1:.2f} kJ/mol, conditional ESS {ess:.2f}; "
+                f"run ESS/N {run['ess_fraction']:.2f}; basins reference/raw/reweighted: {pops}")
+        return summary, note
+
+    summary = stages.run("7. report", evaluate)
     table = stages.table()
-    (out / "summary.txt").write_text(table + "\n")
-    print("\n" + table)
-    print(f"\noutputs in {out.resolve()}")
+    lines = [table, "", "basin populations (AA reference | raw reconstructions | reweighted +- error | dF in kT)"]
+    for name, b in summary["reweighting"]["basins"].items():
+        lines.append(f"  {name:<8} {b['reference']:.4f} | {b['raw']:.4f} | {b['reweighted']:.4f} +- "
+                     f"{b['reweighted_error']:.4f} | {b['delta_f_kT']:+.2f}")
+    text = "\n".join(lines)
+    (out / "summary.txt").write_text(text + "\n")
+    print("\n" + text)
+    print(f"\noutputs in {out.resolve()} (report in {report.resolve()})")
     return 0

@@ -111,12 +111,12 @@ def _angles(xt: torch.Tensor, i: torch.Tensor, j: torch.Tensor, k: torch.Tensor)
     return torch.atan2(torch.sqrt(_dot(c, c)), _dot(a, b))
 
 
-def _dihedrals(xt: torch.Tensor, i: torch.Tensor, j: torch.Tensor, k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+def _dihedrals(xt: torch.Tensor, i: torch.Tensor, j: torch.Tensor, k: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     # IUPAC sign convention, as OpenMM: phi = atan2(|b2| b1.(b2 x b3), (b1 x b2).(b2 x b3))
     p1, p2 = _pick(xt, j), _pick(xt, k)
     b1 = p1 - _pick(xt, i)
     b2 = p2 - p1
-    b3 = _pick(xt, l) - p2
+    b3 = _pick(xt, m) - p2
     n1 = _cross(b1, b2)
     n2 = _cross(b2, b3)
     y = torch.sqrt(_dot(b2, b2)) * _dot(b1, n2)

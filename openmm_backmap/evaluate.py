@@ -104,7 +104,8 @@ def evaluate_model(
 
 
 # ---------------------------------------------------------------------------- plots
-def free_energy_surface(phi: np.ndarray, psi: np.ndarray, weights: np.ndarray | None = None, bins: int = 60) -> np.ndarray:
+def free_energy_surface(phi: np.ndarray, psi: np.ndarray, weights: np.ndarray | None = None,
+                        bins: int = 60) -> np.ndarray:
     """-log p of a (phi, psi) histogram in kT, shifted to a minimum of 0 (NaN where empty)."""
     h = analysis.ramachandran_histogram(phi, psi, bins=bins, weights=weights)
     with np.errstate(divide="ignore"):
@@ -167,4 +168,93 @@ def _plot_report(out: Path, top, ref, flat, sample_traj, u_aa, u_ref) -> None:
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(out / "geometry.png", dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- reporter output
+def evaluate_run(
+    aa_trajectory: str | Path,
+    energy_file: str | Path,
+    topology: Any,
+    reference: md.Trajectory,
+    out_dir: str | Path | None = None,
+    n_blocks: int = 10,
+) -> dict:
+    """Reweight a BackmapReporter run to the AA ensemble and compare it with a reference.
+
+    Reads the reporter's AA trajectory and energy file, computes the self-normalised weights, the
+    ESS, and the basin populations (:data:`openmm_backmap.data.BASINS`) of the reference, of the raw
+    reconstructions and reweighted, with their free-energy differences in kT and block-averaged
+    standard errors of the reweighted estimate. With ``out_dir``: ``reweighting.json`` and plots of
+    the Ramachandran free-energy surfaces (reference, raw, reweighted), the energy histograms and
+    the ESS over the run.
+    """
+    from openmm_backmap.data import basin_indicators
+
+    traj = md.load(str(aa_trajectory), top=topology)
+    cols = analysis.read_energy_file(energy_file)
+    if len(cols["log_w"]) != traj.n_frames:
+        raise ValueError(f"{energy_file} has {len(cols['log_w'])} rows but {aa_trajectory} has {traj.n_frames} frames")
+    rw = analysis.Reweighted(cols["log_w"])
+    phi, psi = backbone_dihedrals(traj)
+    phi_r, psi_r = backbone_dihedrals(reference)
+    basins = basin_indicators(phi[:, 0], psi[:, 0])
+    ref_basins = basin_indicators(phi_r[:, 0], psi_r[:, 0])
+    report: dict[str, Any] = {"n_samples": int(traj.n_frames), "ess": rw.ess, "ess_fraction": rw.ess_fraction,
+                              "finite_weight_fraction": float(np.isfinite(cols["log_w"]).mean()), "basins": {}}
+    n = traj.n_frames // n_blocks * n_blocks
+    for name, ind in basins.items():
+        p_ref = float(ref_basins[name].mean())
+        p_raw = float(ind.mean())
+        p_rw = rw.average(ind.astype(float))
+        # block estimates of the reweighted population (self-normalised within each block)
+        blocks = []
+        for b in np.array_split(np.arange(n), n_blocks) if n >= n_blocks else []:
+            w = analysis.normalized_weights(cols["log_w"][b])
+            blocks.append(float((w * ind[b]).sum()))
+        err = float(np.std(blocks, ddof=1) / np.sqrt(len(blocks))) if len(blocks) > 1 else float("nan")
+        with np.errstate(divide="ignore"):
+            df = float(-np.log(p_rw / p_ref)) if p_ref > 0 and p_rw > 0 else float("nan")
+        report["basins"][name] = {"reference": p_ref, "raw": p_raw, "reweighted": p_rw, "reweighted_error": err,
+                                  "delta_f_kT": df}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "reweighting.json").write_text(json.dumps(report, indent=1) + "\n")
+        _plot_run(out, phi, psi, phi_r, psi_r, rw, cols)
+    return report
+
+
+def _plot_run(out: Path, phi, psi, phi_r, psi_r, rw, cols) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    weights = np.repeat(rw.weights[:, None], phi.shape[1], 1)
+    plot_ramachandran(axes, {"AA reference": free_energy_surface(phi_r, psi_r),
+                             "reconstructions (raw)": free_energy_surface(phi, psi),
+                             "reconstructions (reweighted)": free_energy_surface(phi, psi, weights)})
+    fig.savefig(out / "ramachandran_reweighted.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    u = cols["u_aa_kjmol"]
+    finite = np.isfinite(u)
+    if finite.any():
+        lo, hi = np.percentile(u[finite], [0.5, 99.5])
+        axes[0].hist(u[finite], bins=60, range=(lo, hi), density=True, alpha=0.6, label="raw")
+        axes[0].hist(u[finite], bins=60, range=(lo, hi), density=True, weights=rw.weights[finite] + 1e-300,
+                     alpha=0.6, label="reweighted")
+    axes[0].set_xlabel("U_AA (kJ/mol)")
+    axes[0].legend()
+    steps = np.unique(cols["step"])
+    ess = [analysis.kish_ess(cols["log_w"][cols["step"] <= s]) / max((cols["step"] <= s).sum(), 1) for s in steps]
+    axes[1].plot(steps, ess)
+    axes[1].set_xlabel("CG step")
+    axes[1].set_ylabel("ESS / N so far")
+    axes[1].set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(out / "reweighting.png", dpi=110)
     plt.close(fig)

@@ -29,8 +29,9 @@ import io
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,8 +45,8 @@ from openmm_backmap.geometry import angles, build_zmatrix, distances
 
 __all__ = [
     "CG_KIND",
-    "CGFlowPotential",
     "DEFAULT_PRIORS",
+    "CGFlowPotential",
     "build_cg_from_spec",
     "export_cg",
     "load_cg_checkpoint",
@@ -131,7 +132,7 @@ class CGFlowPotential(nn.Module):
     standardisation and the prior bounds on data.
     """
 
-    __jit_ignored_attributes__ = ["spec", "zmatrix"]
+    __jit_ignored_attributes__ = ["spec", "zmatrix"]  # noqa: RUF012 - TorchScript reads this list
 
     def __init__(
         self,
@@ -156,18 +157,18 @@ class CGFlowPotential(nn.Module):
                 raise ValueError(f"unknown prior setting {key!r}; known: {', '.join(DEFAULT_PRIORS)}")
             pri[key] = float(value)
         nbrs, bonds, angle_idx, pairs = _graph(n_cg, cg_bonds)
-        self.spec: dict[str, Any] = dict(
-            n_cg=n_cg,
-            cg_bonds=[[int(i), int(j)] for i, j in bonds],
-            temperature=float(temperature),
-            circular=None if circular is None else [bool(c) for c in circular],
-            n_layers=int(n_layers),
-            hidden=int(hidden),
-            n_hidden=int(n_hidden),
-            n_bins=int(n_bins),
-            seed=int(seed),
-            priors=pri,
-        )
+        self.spec: dict[str, Any] = {
+            "n_cg": n_cg,
+            "cg_bonds": [[int(i), int(j)] for i, j in bonds],
+            "temperature": float(temperature),
+            "circular": None if circular is None else [bool(c) for c in circular],
+            "n_layers": int(n_layers),
+            "hidden": int(hidden),
+            "n_hidden": int(n_hidden),
+            "n_bins": int(n_bins),
+            "seed": int(seed),
+            "priors": pri,
+        }
         self.n_cg = n_cg
         self.temperature = float(temperature)
         self.kT = float(thermal_energy(temperature))
@@ -198,7 +199,7 @@ class CGFlowPotential(nn.Module):
 
     # ------------------------------------------------------------------ set-up
     @classmethod
-    def from_data(cls, X, cg_bonds: Sequence[Sequence[int]], **kwargs) -> "CGFlowPotential":
+    def from_data(cls, X, cg_bonds: Sequence[Sequence[int]], **kwargs) -> CGFlowPotential:
         """A potential whose circular flags, standardisation and prior bounds are fitted on CG
         positions X (N, n_cg, 3) nm (numpy array or tensor); keyword arguments as the constructor."""
         X = torch.as_tensor(np.asarray(X), dtype=torch.float64)
@@ -435,7 +436,7 @@ def load_cg_checkpoint(path: str | Path) -> tuple[CGFlowPotential, dict]:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - torch raises many kinds for corrupt files
+    except Exception as err:
         raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("spec"), dict) or ckpt["spec"].get("kind") != CG_KIND:
         raise ValueError(f"{path} is not an openmm-backmap CG-potential checkpoint")

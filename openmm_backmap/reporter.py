@@ -311,8 +311,8 @@ class BackmapReporter:
 
     def _reconcile(self, step: int) -> np.ndarray | None:
         """On append (called at the first report, at ``step``), drop the rows and frames the
-        interrupted run wrote at ``step`` or later (they are about to be written again), pick up the previous reconstruction for temporal models, and return the
-        frames kept (nm)."""
+        interrupted run wrote at ``step`` or later (they are about to be written again), pick up
+        the previous reconstruction for temporal models, and return the frames kept (nm)."""
         if not self._path.exists() or self._path.stat().st_size == 0:
             return None
         traj = md.load(str(self._path), top=self.model.topology)

@@ -88,7 +88,8 @@ def test_energy_rows_recomputed_independently(setup, tmp_path):
     finite = np.isfinite(cols["u_aa_kjmol"])
     np.testing.assert_allclose(cols["u_aa_kjmol"][finite], np.array(u_aa)[finite], rtol=1e-4, atol=0.05)
     # U_CG from a CG Context on the CG frames
-    cctx = openmm.Context(setup["cg_system"], openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    cctx = openmm.Context(setup["cg_system"], openmm.VerletIntegrator(0.001),
+                          openmm.Platform.getPlatformByName("Reference"))
     u_cg = []
     for xyz in cg.xyz:
         cctx.setPositions(xyz.astype(np.float64))
