@@ -37,7 +37,7 @@ def bead_dihedrals_deg(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     from openmm_backmap.geometry import dihedrals
 
     x = torch.as_tensor(np.asarray(X, dtype=np.float64))
-    out = [np.degrees(dihedrals(x[:, i], x[:, j], x[:, k], x[:, l]).numpy()) for i, j, k, l in PHI_PSI_BEADS]
+    out = [np.degrees(dihedrals(*(x[:, b] for b in beads)).numpy()) for beads in PHI_PSI_BEADS]
     return out[0], out[1]
 
 
