@@ -143,7 +143,9 @@ class CouplingLayer(nn.Module):
         self.n_bins = int(n_bins)
         k = int(n_bins)
         # knot j takes derivative output knot_map[j]: the boundary output (k - 1) at both ends
-        self.register_buffer("knot_map", torch.as_tensor([k - 1] + list(range(k - 1)) + [k - 1], dtype=torch.long))
+        self.register_buffer(
+            "knot_map", torch.as_tensor([k - 1] + list(range(k - 1)) + [k - 1], dtype=torch.long), persistent=False
+        )
         last = torch.zeros(tr.numel(), k, dtype=torch.bool)
         last[:, k - 1] = ~tr_circ
         self.register_buffer("edge_is_one", last, persistent=False)
