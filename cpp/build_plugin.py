@@ -57,13 +57,16 @@ def _openmm_dir() -> Path:
     return root
 
 
-def _torch_cmake_prefix() -> tuple[str, bool]:
+def _torch_dir() -> tuple[Path, bool]:
+    """The torch package directory (include/, lib/) and whether it uses the C++11 ABI."""
     try:
         import torch
-        import torch.utils
     except ImportError as error:
         raise PluginBuildError(f"torch is not importable ({error}): pip install torch") from error
-    return torch.utils.cmake_prefix_path, bool(torch._C._GLIBCXX_USE_CXX11_ABI)
+    root = Path(torch.__file__).resolve().parent
+    if not (root / "include" / "torch" / "script.h").is_file():
+        raise PluginBuildError(f"torch's C++ headers not found under {root / 'include'}")
+    return root, bool(torch._C._GLIBCXX_USE_CXX11_ABI)
 
 
 def _run(command: list[str], cwd: Path, log) -> None:
@@ -116,12 +119,12 @@ def build_plugin(src_dir: Path | str, build_dir: Path | str, target_dir: Path | 
         if shutil.which(os.environ.get("CXX", "c++")) is None:
             raise PluginBuildError("no C++ compiler found (install g++ or set CXX)")
         openmm_dir = _openmm_dir()
-        torch_prefix, cxx11_abi = _torch_cmake_prefix()
+        torch_dir, cxx11_abi = _torch_dir()
         with open(log_path, "w") as log:
             _run([cmake, "-S", str(src_dir), "-B", str(build_dir),
                   "-DCMAKE_BUILD_TYPE=Release",
                   f"-DCMAKE_INSTALL_PREFIX={target_dir}",
-                  f"-DCMAKE_PREFIX_PATH={torch_prefix}",
+                  f"-DBACKMAP_TORCH_DIR={torch_dir}",
                   f"-DOPENMM_DIR={openmm_dir}",
                   f"-DPython3_EXECUTABLE={sys.executable}",
                   f"-DSWIG_EXECUTABLE={swig}",
