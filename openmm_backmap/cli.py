@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [_add_reference, _add_demo, _add_train_cg, _add_export, _add_train, _add_info, _add_backmap]
+_COMMANDS = [_add_reference, _add_demo, _add_train_cg, _add_export, _add_train, _add_info, _add_backmap,
+             _add_evaluate, _add_hybrid]
 
 
 def main(argv: list[str] | None = None) -> int:
