@@ -93,8 +93,21 @@ def evaluate_temporal(model_path, traj, n_frames=1000, seed=0) -> dict:
     beads = set(int(g["atoms"][0]) for g in model.metadata["mapping"]["groups"] if len(g["atoms"]) == 1)
     free = np.array([i for i in range(model.n_aa) if i not in beads])
 
+    bead_idx = np.array(sorted(beads))
+
     def rms_step(x):
-        d = np.linalg.norm(x[1:, free] - x[:-1, free], axis=-1)
+        # displacements after superposing each frame's beads on the previous frame's: the rigid
+        # motion of the molecule (given by the beads) is removed, the atoms' own motion remains
+        steps = []
+        for t in range(1, len(x)):
+            a, b = x[t, bead_idx], x[t - 1, bead_idx]
+            ca, cb = a.mean(0), b.mean(0)
+            u, _, vt = np.linalg.svd((a - ca).T @ (b - cb))
+            s = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
+            rot = u @ s @ vt
+            moved = (x[t, free] - ca) @ rot + cb
+            steps.append(np.linalg.norm(moved - x[t - 1, free], axis=-1))
+        d = np.array(steps)
         return float(np.sqrt((d**2).mean())), d.mean(0)
 
     ref, ref_atoms = rms_step(seg)

@@ -181,8 +181,8 @@ def _add_train(sub) -> None:
     p.add_argument("--epochs", type=int, default=15, help="ML epochs (default 15)")
     p.add_argument("--aa-system", help="AA OpenMM System XML: constraints, energy refinement, embedded")
     p.add_argument("--temporal", action="store_true", help="also condition on the previous AA frame")
-    p.add_argument("--energy-steps", type=int, default=2500,
-                   help="energy-refinement steps with --aa-system (default 2500; 0 = ML only)")
+    p.add_argument("--energy-steps", type=int, default=2000,
+                   help="energy-refinement steps with --aa-system (default 2000; 0 = ML only)")
     p.add_argument("--temperature", type=float, default=300.0, help="kelvin (default 300)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--stride", type=int, default=1, help="use every STRIDE-th frame")

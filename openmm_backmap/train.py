@@ -275,11 +275,17 @@ def train_ml(
         run = 0.0
         for b in range(steps_per_epoch):
             idx = order[b * batch_size : (b + 1) * batch_size]
+            state = gen.get_state()
             xb = permute_methyls(x_tr[idx], methyls, gen)
             Xb = X_tr[idx]
             if model.temporal:
+                # the same relabelling of the methyl hydrogens in a frame and its predecessor
+                after = gen.get_state()
+                gen.set_state(state)
+                pb = permute_methyls(prev_tr[idx], methyls, gen)
+                gen.set_state(after)
                 keep = (torch.rand(idx.shape[0], generator=gen) < keep_previous).to(dtype) * has_tr[idx]
-                lp = model.log_prob_train(xb, Xb, permute_methyls(prev_tr[idx], methyls, gen), keep)
+                lp = model.log_prob_train(xb, Xb, pb, keep)
             else:
                 lp = model.log_prob(xb, Xb)
             loss = -lp.mean()
