@@ -66,8 +66,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}"
+    )
     print("| system | atoms | beads | DOF | params | batch | mode | sample/s | log_prob/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.systems.split(","):
@@ -81,8 +83,11 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     s = rate(lambda: m.sample(X, 1), batch, args.seconds)
                     lp = rate(lambda: m.log_prob(xb, X), batch, args.seconds)
-                print(f"| {name} | {model.n_aa} | {model.n_cg} | {model.dim} | {n_params} | {batch} | {mode} "
-                      f"| {s:,.0f} | {lp:,.0f} |", flush=True)
+                print(
+                    f"| {name} | {model.n_aa} | {model.n_cg} | {model.dim} | {n_params} | {batch} | {mode} "
+                    f"| {s:,.0f} | {lp:,.0f} |",
+                    flush=True,
+                )
     return 0
 
 

@@ -38,7 +38,9 @@ def evaluate(model_path, traj, energy, n_frames=2000, ess_frames=200, k=64, seed
     aa, lq = model.sample(X.astype(np.float32), 1, seed=seed)
     t_sample = time.time() - t0
     with torch.no_grad():
-        u_ref = np.concatenate([energy(torch.as_tensor(x_ref[s : s + 1024])).numpy() for s in range(0, len(x_ref), 1024)])
+        u_ref = np.concatenate(
+            [energy(torch.as_tensor(x_ref[s : s + 1024])).numpy() for s in range(0, len(x_ref), 1024)]
+        )
         u_s = np.concatenate(
             [energy(torch.as_tensor(aa[s : s + 1024], dtype=torch.float64)).numpy() for s in range(0, len(aa), 1024)]
         )
@@ -64,7 +66,10 @@ def evaluate(model_path, traj, energy, n_frames=2000, ess_frames=200, k=64, seed
     aa_k, lq_k = model.sample(X[sel].astype(np.float32), k, seed=seed + 1)
     with torch.no_grad():
         u_k = np.concatenate(
-            [energy(torch.as_tensor(aa_k[s : s + 2048], dtype=torch.float64)).numpy() for s in range(0, len(aa_k), 2048)]
+            [
+                energy(torch.as_tensor(aa_k[s : s + 2048], dtype=torch.float64)).numpy()
+                for s in range(0, len(aa_k), 2048)
+            ]
         )
     out["conditional_ess"] = analysis.conditional_ess(
         u_k.reshape(len(sel), k), lq_k.reshape(len(sel), k).astype(np.float64), model.temperature

@@ -50,11 +50,15 @@ def _metadata(model, spec: dict) -> dict:
         "mapping": spec["mapping"],
         "atom_names": [a.name for a in atoms],
         "elements": [a.element.symbol if a.element is not None else "" for a in atoms],
-        "residues": [{"name": r.name, "resSeq": int(r.resSeq), "atoms": [a.index for a in r.atoms]} for r in top.residues],
+        "residues": [
+            {"name": r.name, "resSeq": int(r.resSeq), "atoms": [a.index for a in r.atoms]} for r in top.residues
+        ],
         "bead_names": [g["name"] for g in spec["mapping"]["groups"]],
         "constraints": spec["model"].get("constraints") or [],
         "has_system": spec.get("system_xml") is not None,
-        "architecture": {k: v for k, v in spec["model"].items() if k not in ("bonds", "cg_bonds", "constraints", "circular")},
+        "architecture": {
+            k: v for k, v in spec["model"].items() if k not in ("bonds", "cg_bonds", "constraints", "circular")
+        },
         "training": spec.get("training", {}),
     }
 
@@ -373,8 +377,10 @@ def backmap_trajectory(
             for s in range(0, len(aa), 1024):
                 u_all.append(energy(torch.as_tensor(aa[s : s + 1024], dtype=torch.float64)).numpy())
     if Path(out).suffix.lower() == ".xtc":
-        print("warning: XTC rounds coordinates to 1e-3 nm, enough to shift AA energies by ~1 kT; "
-              "prefer DCD, HDF5 or NetCDF for reweighting")
+        print(
+            "warning: XTC rounds coordinates to 1e-3 nm, enough to shift AA energies by ~1 kT; "
+            "prefer DCD, HDF5 or NetCDF for reweighting"
+        )
     md.Trajectory(aa, model.topology).save(str(out))
     n = int(samples)
     if energies is not None:

@@ -150,8 +150,8 @@ class ZMatrix:
         if self.root.size:
             out.append(f"root: {[lab(int(a)) for a in self.root]}")
         for row, fixed in zip(self.rows, self.fixed_bond):
-            i, j, k, l = (int(v) for v in row)
-            out.append(f"{lab(i)} <- {lab(j)} {lab(k)} {lab(l)}" + (" (fixed bond)" if fixed else ""))
+            i, j, k, m = (int(v) for v in row)
+            out.append(f"{lab(i)} <- {lab(j)} {lab(k)} {lab(m)}" + (" (fixed bond)" if fixed else ""))
         return "\n".join(out)
 
 
@@ -263,16 +263,16 @@ def build_zmatrix(
             if not frontier:
                 break
             i, j = frontier[0]
-            k, l = choose_refs(i, j)
-            rows.append((i, j, k, l))
+            k, m = choose_refs(i, j)
+            rows.append((i, j, k, m))
             placed_order[i] = len(placed_order)
     # disconnected leftovers: attach to the nearest placed atom by index
     for i in range(n):
         if i in placed_order:
             continue
         j = min(placed_order, key=lambda a: (abs(a - i), a))
-        k, l = choose_refs(i, j)
-        rows.append((i, j, k, l))
+        k, m = choose_refs(i, j)
+        rows.append((i, j, k, m))
         placed_order[i] = len(placed_order)
         # its own neighbours follow through the graph
         q = deque([i])
@@ -289,8 +289,8 @@ def build_zmatrix(
     for a in root:
         level[a] = 0
     row_level = []
-    for i, j, k, l in rows:
-        lv = 1 + max(level[j], level[k], level[l])
+    for i, j, k, m in rows:
+        lv = 1 + max(level[j], level[k], level[m])
         level[i] = lv
         row_level.append(lv)
     row_level = np.array(row_level, dtype=np.int64)
@@ -381,9 +381,7 @@ class InternalCoordinates(torch.nn.Module):
                     dim=-1,
                 )
             else:
-                a2 = torch.stack(
-                    [root[:, 1] * torch.cos(root[:, 2]), root[:, 1] * torch.sin(root[:, 2]), zero], dim=-1
-                )
+                a2 = torch.stack([root[:, 1] * torch.cos(root[:, 2]), root[:, 1] * torch.sin(root[:, 2]), zero], dim=-1)
             x = x.index_copy(1, self.root, torch.stack([a0, a1, a2], dim=1))
         else:
             x = x.index_copy(1, self.anchors, anchor_xyz)

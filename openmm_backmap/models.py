@@ -20,7 +20,7 @@ No OpenMM here: the module scripts with ``torch.jit.script``.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

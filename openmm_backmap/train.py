@@ -17,7 +17,6 @@ the model without the training data.
 from __future__ import annotations
 
 import copy
-import io
 import math
 import tempfile
 import time
@@ -308,8 +307,16 @@ def train_ml(
         if checkpoint is not None:
             spec["training"]["ml"] = {"epochs": epoch + 1, "best_val_nll": best["val_nll"], "best_epoch": best["epoch"]}
             save_checkpoint(
-                checkpoint, model, spec, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                generator=gen.get_state(), history=history, best=best, epoch=epoch, stage="ml",
+                checkpoint,
+                model,
+                spec,
+                optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(),
+                generator=gen.get_state(),
+                history=history,
+                best=best,
+                epoch=epoch,
+                stage="ml",
             )
         if time_limit is not None and time.time() - t0 > time_limit:
             break
@@ -328,9 +335,17 @@ def train_ml(
     if checkpoint is not None:
         # the best parameters for use, the last ones (and the optimiser) to resume from
         save_checkpoint(
-            checkpoint, model, spec, last_state_dict=last_state, optimizer=opt.state_dict(),
-            scheduler=sched.state_dict(), generator=gen.get_state(), history=history, best=best,
-            epoch=last_epoch, stage="ml",
+            checkpoint,
+            model,
+            spec,
+            last_state_dict=last_state,
+            optimizer=opt.state_dict(),
+            scheduler=sched.state_dict(),
+            generator=gen.get_state(),
+            history=history,
+            best=best,
+            epoch=last_epoch,
+            stage="ml",
         )
     return summary
 
@@ -444,7 +459,13 @@ def refine_energy(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             opt.step()
-        rec = {"step": step, "T": T, "kl": float(kl.detach()), "nll": float(nll.detach()), "u_mean": float(u.detach().mean())}
+        rec = {
+            "step": step,
+            "T": T,
+            "kl": float(kl.detach()),
+            "nll": float(nll.detach()),
+            "u_mean": float(u.detach().mean()),
+        }
         if X_val is not None and step >= n_anneal and (step % eval_every == 0 or step == steps - 1):
             model.eval()
             rec["val_kl"] = val_kl()
@@ -552,15 +573,31 @@ def train_from_files(
         f"{cg_map.n_cg} beads, {len(constraints)} constraints"
     )
     model = Backmapper.from_data(
-        cg_map, x[tr], constraints=constraints, temporal=temporal, hidden=hidden, n_layers=layers, n_bins=bins, seed=seed
+        cg_map,
+        x[tr],
+        constraints=constraints,
+        temporal=temporal,
+        hidden=hidden,
+        n_layers=layers,
+        n_bins=bins,
+        seed=seed,
     )
     spec = make_spec(model, temperature, x[0], system_xml)
     log(f"model: {model.dim} internal DOF, {sum(p.numel() for p in model.parameters())} parameters")
     train_set = (x[tr], X[tr], _previous_index(tr)) if temporal else (x[tr], X[tr])
     val_set = (x[va], X[va], _previous_index(va)) if temporal else (x[va], X[va])
     ml = train_ml(
-        model, spec, train_set, val_set, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-        checkpoint=out, resume=resume, progress=progress,
+        model,
+        spec,
+        train_set,
+        val_set,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        checkpoint=out,
+        resume=resume,
+        progress=progress,
     )
     log(f"ML: best validation NLL {ml['best_val_nll']:.3f} nats/frame at epoch {ml['best_epoch']}")
     summary = {"ml": {k: v for k, v in ml.items() if k != "history"}}
@@ -574,18 +611,33 @@ def train_from_files(
 
         energy = aa_energy(system)
         en = refine_energy(
-            model, spec, energy, X[tr], temperature, steps=energy_steps, ml_data=(x[tr], X[tr]),
-            ml_weight=ml_weight, lr=energy_lr, seed=seed, val_frames=X[va][:: max(1, len(va) // 100)],
+            model,
+            spec,
+            energy,
+            X[tr],
+            temperature,
+            steps=energy_steps,
+            ml_data=(x[tr], X[tr]),
+            ml_weight=ml_weight,
+            lr=energy_lr,
+            seed=seed,
+            val_frames=X[va][:: max(1, len(va) // 100)],
             progress=progress,
         )
         log(f"energy refinement: {en['steps']} steps, best validation reverse KL {en['best_val_kl']:.3f}")
         summary["energy"] = {k: v for k, v in en.items() if k != "history"}
     spec["training"]["data"] = {
-        "trajectory": str(trajectory), "n_frames": int(traj.n_frames), "stride": int(stride),
-        "n_train": int(len(tr)), "n_val": int(len(va)), "seed": int(seed),
+        "trajectory": str(trajectory),
+        "n_frames": int(traj.n_frames),
+        "stride": int(stride),
+        "n_train": int(len(tr)),
+        "n_val": int(len(va)),
+        "seed": int(seed),
     }
     with torch.no_grad():
-        val_nll = mean_nll(model, torch.as_tensor(x[va], dtype=model.M.dtype), torch.as_tensor(X[va], dtype=model.M.dtype))
+        val_nll = mean_nll(
+            model, torch.as_tensor(x[va], dtype=model.M.dtype), torch.as_tensor(X[va], dtype=model.M.dtype)
+        )
     spec["training"]["final_val_nll"] = val_nll
     save_checkpoint(out, model, spec, stage="done")
     log(f"final validation NLL {val_nll:.3f} nats/frame; checkpoint written to {out}")

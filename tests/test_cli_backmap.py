@@ -2,7 +2,6 @@
 
 import csv
 import json
-from pathlib import Path
 
 import mdtraj as md
 import numpy as np
@@ -22,11 +21,32 @@ def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     (d / "groups.json").write_text(json.dumps({"groups": GROUPS}))
     ckpt = d / "model.ckpt"
-    rc = main([
-        "train", "--topology", str(ref["pdb"]), "--trajectory", str(ref["dcd"]), "--mapping",
-        str(d / "groups.json"), "--epochs", "1", "--aa-system", str(ref["system"]), "--energy-steps", "3",
-        "--stride", "5", "--hidden", "16", "--layers", "2", "--out", str(ckpt), "--no-progress",
-    ])
+    rc = main(
+        [
+            "train",
+            "--topology",
+            str(ref["pdb"]),
+            "--trajectory",
+            str(ref["dcd"]),
+            "--mapping",
+            str(d / "groups.json"),
+            "--epochs",
+            "1",
+            "--aa-system",
+            str(ref["system"]),
+            "--energy-steps",
+            "3",
+            "--stride",
+            "5",
+            "--hidden",
+            "16",
+            "--layers",
+            "2",
+            "--out",
+            str(ckpt),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert main(["export", str(ckpt), "-o", str(d / "model.pt")]) == 0
     traj = md.load(str(ref["dcd"]), top=str(ref["pdb"]))[:12]
@@ -52,11 +72,28 @@ def test_info_prints_metadata(workdir, capsys):
 
 def test_backmap_writes_frames_and_energies(workdir):
     out, energies = workdir / "aa.dcd", workdir / "e.csv"
-    rc = main([
-        "backmap", "--model", str(workdir / "model.pt"), "--cg", str(workdir / "cg.dcd"), "--cg-topology",
-        str(workdir / "cg.pdb"), "--samples", "3", "--seed", "1", "--out", str(out), "--energies",
-        str(energies), "--batch-size", "8", "--no-progress",
-    ])
+    rc = main(
+        [
+            "backmap",
+            "--model",
+            str(workdir / "model.pt"),
+            "--cg",
+            str(workdir / "cg.dcd"),
+            "--cg-topology",
+            str(workdir / "cg.pdb"),
+            "--samples",
+            "3",
+            "--seed",
+            "1",
+            "--out",
+            str(out),
+            "--energies",
+            str(energies),
+            "--batch-size",
+            "8",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     ref = ala2_reference()
     aa = md.load(str(out), top=str(ref["pdb"]))
@@ -69,11 +106,26 @@ def test_backmap_writes_frames_and_energies(workdir):
     assert len(rows) == 36 and rows[4]["frame"] == "1" and rows[4]["sample"] == "1"
     assert all(np.isfinite(float(r["U_AA_kJ_per_mol"])) and np.isfinite(float(r["log_q"])) for r in rows)
     # same seed, same frames
-    main([
-        "backmap", "--model", str(workdir / "model.pt"), "--cg", str(workdir / "cg.dcd"), "--cg-topology",
-        str(workdir / "cg.pdb"), "--samples", "3", "--seed", "1", "--out", str(workdir / "aa2.dcd"),
-        "--batch-size", "8", "--no-progress",
-    ])
+    main(
+        [
+            "backmap",
+            "--model",
+            str(workdir / "model.pt"),
+            "--cg",
+            str(workdir / "cg.dcd"),
+            "--cg-topology",
+            str(workdir / "cg.pdb"),
+            "--samples",
+            "3",
+            "--seed",
+            "1",
+            "--out",
+            str(workdir / "aa2.dcd"),
+            "--batch-size",
+            "8",
+            "--no-progress",
+        ]
+    )
     assert np.array_equal(md.load(str(workdir / "aa2.dcd"), top=str(ref["pdb"])).xyz, aa.xyz)
 
 
@@ -83,8 +135,20 @@ def test_backmap_rejects_wrong_bead_count(workdir, capsys):
     five = CGMapping(traj.topology, GROUPS[:5]).cg_trajectory(traj)
     five[0].save_pdb(str(workdir / "cg5.pdb"))
     five.save_dcd(str(workdir / "cg5.dcd"))
-    rc = main(["backmap", "--model", str(workdir / "model.pt"), "--cg", str(workdir / "cg5.dcd"),
-               "--cg-topology", str(workdir / "cg5.pdb"), "--out", str(workdir / "x.dcd"), "--no-progress"])
+    rc = main(
+        [
+            "backmap",
+            "--model",
+            str(workdir / "model.pt"),
+            "--cg",
+            str(workdir / "cg5.dcd"),
+            "--cg-topology",
+            str(workdir / "cg5.pdb"),
+            "--out",
+            str(workdir / "x.dcd"),
+            "--no-progress",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "5 beads" in err and "expects 6" in err
@@ -94,8 +158,20 @@ def test_backmap_rejects_nan_coordinates(workdir, capsys):
     cg = md.load(str(workdir / "cg.dcd"), top=str(workdir / "cg.pdb"))
     cg.xyz[2, 1, 0] = np.nan
     cg.save_dcd(str(workdir / "cg_nan.dcd"))
-    rc = main(["backmap", "--model", str(workdir / "model.pt"), "--cg", str(workdir / "cg_nan.dcd"),
-               "--cg-topology", str(workdir / "cg.pdb"), "--out", str(workdir / "x.dcd"), "--no-progress"])
+    rc = main(
+        [
+            "backmap",
+            "--model",
+            str(workdir / "model.pt"),
+            "--cg",
+            str(workdir / "cg_nan.dcd"),
+            "--cg-topology",
+            str(workdir / "cg.pdb"),
+            "--out",
+            str(workdir / "x.dcd"),
+            "--no-progress",
+        ]
+    )
     assert rc == 2
     assert "NaN" in capsys.readouterr().err
 
@@ -105,8 +181,20 @@ def test_truncated_model_file_is_a_clear_error(workdir, capsys):
     (workdir / "cut.pt").write_bytes(data[:1000])
     assert main(["info", str(workdir / "cut.pt")]) == 2
     assert "truncated or corrupt" in capsys.readouterr().err
-    rc = main(["backmap", "--model", str(workdir / "cut.pt"), "--cg", str(workdir / "cg.dcd"),
-               "--cg-topology", str(workdir / "cg.pdb"), "--out", str(workdir / "x.dcd"), "--no-progress"])
+    rc = main(
+        [
+            "backmap",
+            "--model",
+            str(workdir / "cut.pt"),
+            "--cg",
+            str(workdir / "cg.dcd"),
+            "--cg-topology",
+            str(workdir / "cg.pdb"),
+            "--out",
+            str(workdir / "x.dcd"),
+            "--no-progress",
+        ]
+    )
     assert rc == 2
 
 
@@ -118,8 +206,21 @@ def test_train_rejects_a_system_for_another_molecule(workdir, capsys, tmp_path):
     for _ in range(5):
         other.addParticle(1.0)
     (tmp_path / "other.xml").write_text(openmm.XmlSerializer.serialize(other))
-    rc = main(["train", "--topology", str(ref["pdb"]), "--trajectory", str(ref["dcd"]), "--mapping",
-               "backbone", "--aa-system", str(tmp_path / "other.xml"), "--out", str(tmp_path / "m.ckpt"),
-               "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "--topology",
+            str(ref["pdb"]),
+            "--trajectory",
+            str(ref["dcd"]),
+            "--mapping",
+            "backbone",
+            "--aa-system",
+            str(tmp_path / "other.xml"),
+            "--out",
+            str(tmp_path / "m.ckpt"),
+            "--no-progress",
+        ]
+    )
     assert rc == 2
     assert "5 particles" in capsys.readouterr().err

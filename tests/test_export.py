@@ -73,7 +73,9 @@ assert not any(k.startswith("openmm_backmap") for k in sys.modules)
 print("ok", meta["format"], meta["n_cg"])
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     assert "ok openmm-backmap-model 6" in res.stdout
 
@@ -82,8 +84,18 @@ def test_metadata_contents(exported):
     _, path, _ = exported
     _, files = read_extra_files(path)
     meta = json.loads(files["metadata.json"])
-    for key in ("format_version", "package_version", "temperature", "mapping", "atom_names", "bead_names",
-                "elements", "residues", "constraints", "training"):
+    for key in (
+        "format_version",
+        "package_version",
+        "temperature",
+        "mapping",
+        "atom_names",
+        "bead_names",
+        "elements",
+        "residues",
+        "constraints",
+        "training",
+    ):
         assert key in meta, key
     assert meta["n_aa"] == 22 and meta["n_cg"] == 6 and len(meta["constraints"]) == 12
     assert meta["elements"][:2] == ["H", "C"] and [r["name"] for r in meta["residues"]] == ["ACE", "ALA", "NME"]

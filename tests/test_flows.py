@@ -120,7 +120,11 @@ def test_flow_density_integrates_to_one():
     n = 200_000
     s = 4.0
     z = torch.stack(
-        [torch.randn(n, generator=g, dtype=torch.float64) * s, (torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1) * math.pi], 1
+        [
+            torch.randn(n, generator=g, dtype=torch.float64) * s,
+            (torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1) * math.pi,
+        ],
+        1,
     )
     log_r = -0.5 * (z[:, 0] / s) ** 2 - math.log(s * math.sqrt(2 * math.pi)) - math.log(2 * math.pi)
     with torch.no_grad():
@@ -137,5 +141,7 @@ def test_mixed_base_samples_in_range_and_normalised():
     u = base.sample(1000, torch.float64, torch.device("cpu"))
     assert u[:, circ].abs().max() <= math.pi
     x = torch.tensor([[0.0, 0.0, 0.0]], dtype=torch.float64)
-    assert torch.allclose(base.log_prob(x), torch.tensor([-2 * math.log(2 * math.pi) - 0.5 * math.log(2 * math.pi)], dtype=torch.float64))
+    assert torch.allclose(
+        base.log_prob(x), torch.tensor([-2 * math.log(2 * math.pi) - 0.5 * math.log(2 * math.pi)], dtype=torch.float64)
+    )
     assert torch.isinf(base.log_prob(torch.tensor([[4.0, 0.0, 0.0]], dtype=torch.float64))).all()

@@ -23,9 +23,9 @@ torch.set_default_dtype(torch.float32)
 
 def test_nerf_inverts_internal_coordinates():
     g = torch.Generator().manual_seed(0)
-    i, j, k, l = torch.randn(4, 100, 3, generator=g, dtype=torch.float64)
-    r, th, ph = distances(i, j), angles(i, j, k), dihedrals(i, j, k, l)
-    assert torch.allclose(nerf(j, k, l, r, th, ph), i, atol=1e-12)
+    i, j, k, m = torch.randn(4, 100, 3, generator=g, dtype=torch.float64)
+    r, th, ph = distances(i, j), angles(i, j, k), dihedrals(i, j, k, m)
+    assert torch.allclose(nerf(j, k, m, r, th, ph), i, atol=1e-12)
     assert th.min() >= 0 and th.max() <= math.pi
 
 
@@ -72,7 +72,9 @@ def test_ic_round_trip_with_anchors_and_without():
     assert torch.allclose(torch.cdist(y, y), torch.cdist(x, x), atol=1e-10)
     # handedness is kept: an improper dihedral has the same sign
     n, ca, c, cb = 6, 8, 14, 10
-    assert torch.allclose(dihedrals(y[:, cb], y[:, ca], y[:, n], y[:, c]), dihedrals(x[:, cb], x[:, ca], x[:, n], x[:, c]))
+    assert torch.allclose(
+        dihedrals(y[:, cb], y[:, ca], y[:, n], y[:, c]), dihedrals(x[:, cb], x[:, ca], x[:, n], x[:, c])
+    )
 
 
 def test_log_jacobian_matches_autograd():

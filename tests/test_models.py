@@ -17,9 +17,7 @@ from tests._backmap_helpers import ALA2_SIX, ala2_constraints, ala2_traj, one_th
 def _toy_topology(n_atoms, bonds, elements=None):
     top = md.Topology()
     res = top.add_residue("TOY", top.add_chain())
-    atoms = [
-        top.add_atom(f"A{i}", (elements or [md.element.carbon] * n_atoms)[i], res) for i in range(n_atoms)
-    ]
+    atoms = [top.add_atom(f"A{i}", (elements or [md.element.carbon] * n_atoms)[i], res) for i in range(n_atoms)]
     for i, j in bonds:
         top.add_bond(atoms[i], atoms[j])
     return top
@@ -60,7 +58,16 @@ def test_toy_log_q_matches_closed_form_density():
     x_tr, x_va, x_te = draw(3000), draw(500), draw(1000)
     model = Backmapper.from_data(mapping, x_tr, hidden=32, n_layers=4).double()
     spec = make_spec(model, 300.0)
-    train_ml(model, spec, (x_tr, mapping.project(x_tr)), (x_va, mapping.project(x_va)), epochs=20, lr=3e-3, progress=False, augment=False)
+    train_ml(
+        model,
+        spec,
+        (x_tr, mapping.project(x_tr)),
+        (x_va, mapping.project(x_va)),
+        epochs=20,
+        lr=3e-3,
+        progress=False,
+        augment=False,
+    )
     x = torch.tensor(x_te)
     with torch.no_grad():
         lq = model.log_prob(x, model.project(x)).numpy()
@@ -100,7 +107,9 @@ def test_density_integrates_to_one_two_free_atoms():
     top = _toy_topology(5, [(0, 1), (1, 2), (0, 3), (3, 4)])
     mapping = CGMapping(top, [[0], [1], [2]])
     off = np.array([-0.05, -0.14, 0.03])
-    data = _toy_frames(rng, 2000, np.stack([off + 0.02 * rng.normal(size=(2000, 3)), 2 * off + 0.03 * rng.normal(size=(2000, 3))], 1))
+    data = _toy_frames(
+        rng, 2000, np.stack([off + 0.02 * rng.normal(size=(2000, 3)), 2 * off + 0.03 * rng.normal(size=(2000, 3))], 1)
+    )
     model = Backmapper.from_data(mapping, data, hidden=16, n_layers=4).double()
     _perturb(model, 0.1, 0)
     x0 = torch.tensor(data[0])
@@ -239,7 +248,9 @@ def test_temporal_model_conditions_on_previous_frame():
     traj = ala2_traj()
     mapping = CGMapping(traj.topology, ALA2_SIX)
     torch.manual_seed(0)
-    model = Backmapper.from_data(mapping, traj.xyz, constraints=ala2_constraints(), hidden=16, n_layers=2, temporal=True).double()
+    model = Backmapper.from_data(
+        mapping, traj.xyz, constraints=ala2_constraints(), hidden=16, n_layers=2, temporal=True
+    ).double()
     _perturb(model, 0.05, 3)
     x = torch.tensor(traj.xyz[:6], dtype=torch.float64)
     X = model.project(x[1:])

@@ -120,8 +120,18 @@ def test_energy_refinement_lowers_reverse_kl():
 
     before = reverse_kl()
     summary = refine_energy(
-        model, make_spec(model, 300.0), energy, X, 300.0, steps=150, batch_size=64, lr=3e-3,
-        t_start=600.0, val_frames=X[:32], eval_every=10, progress=False,
+        model,
+        make_spec(model, 300.0),
+        energy,
+        X,
+        300.0,
+        steps=150,
+        batch_size=64,
+        lr=3e-3,
+        t_start=600.0,
+        val_frames=X[:32],
+        eval_every=10,
+        progress=False,
     )
     after = reverse_kl()
     assert after < before - 0.5, (before, after)

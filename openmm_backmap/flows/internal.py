@@ -8,9 +8,10 @@ are first rotated by their circular mean and wrapped to [-pi, pi). Dihedrals tha
 ones are scaled like line variables.
 
 Lengths enter as log r and angles as logit(theta / pi) (exact bijections onto the real line), so
-samples stay in the domain. ``forward`` returns the log |det| of Cartesian -> standardised coordinates on the manifold of
-constrained bond lengths (the Cartesian measure of a placed atom is r^2 sin(theta) dr dtheta dphi;
-for a constrained bond the surface measure r^2 sin(theta) dtheta dphi), ``inverse`` its negative.
+samples stay in the domain. ``forward`` returns the log |det| of Cartesian -> standardised
+coordinates on the manifold of constrained bond lengths (the Cartesian measure of a placed atom
+is r^2 sin(theta) dr dtheta dphi; for a constrained bond the surface measure
+r^2 sin(theta) dtheta dphi), ``inverse`` its negative.
 """
 
 from __future__ import annotations
@@ -94,7 +95,9 @@ class ICLayer(nn.Module):
         log_v = torch.log(safe)
         log_rest = torch.log(torch.where(angle, math.pi - safe, torch.ones_like(safe)))
         u = torch.where(length, log_v, torch.where(angle, log_v - log_rest, v))
-        ladj = torch.where(length, -log_v, torch.where(angle, math.log(math.pi) - log_v - log_rest, torch.zeros_like(v)))
+        ladj = torch.where(
+            length, -log_v, torch.where(angle, math.log(math.pi) - log_v - log_rest, torch.zeros_like(v))
+        )
         return u, torch.sum(ladj, dim=-1)
 
     def _bound(self, u: Tensor) -> tuple[Tensor, Tensor]:

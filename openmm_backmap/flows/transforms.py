@@ -215,9 +215,7 @@ class CouplingFlow(nn.Module):
             if dim == 1:
                 half = np.array([0])
             layers.append(
-                CouplingLayer(
-                    circular, torch.as_tensor(np.sort(half)), context_dim, n_bins, hidden, n_hidden, bound
-                )
+                CouplingLayer(circular, torch.as_tensor(np.sort(half)), context_dim, n_bins, hidden, n_hidden, bound)
             )
         self.layers = nn.ModuleList(layers)
         self.dim = dim
@@ -225,14 +223,14 @@ class CouplingFlow(nn.Module):
     def forward(self, z: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
         ladj = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
         for layer in self.layers:
-            z, l = layer.call_and_ladj(z, context, False)
-            ladj = ladj + l
+            z, step = layer.call_and_ladj(z, context, False)
+            ladj = ladj + step
         return z, ladj
 
     @torch.jit.export
     def inverse(self, u: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
         ladj = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
         for layer in self.layers[::-1]:
-            u, l = layer.call_and_ladj(u, context, True)
-            ladj = ladj + l
+            u, step = layer.call_and_ladj(u, context, True)
+            ladj = ladj + step
         return u, ladj
