@@ -137,8 +137,9 @@ def build_plugin(src_dir: Path | str, build_dir: Path | str, target_dir: Path | 
             _run([cmake, "--install", str(build_dir)], build_dir, log)
         init = target_dir / "__init__.py"
         if not init.exists():
-            init.write_text('"""Native OpenMM plugin of openmm-backmap (built from cpp/; see openmm_backmap.forces)."""\n')
-        missing = [name for name in (CORE_LIBRARY, KERNEL_LIBRARIES[0], "backmapplugin.py") if not (target_dir / name).exists()]
+            init.write_text('"""Native OpenMM plugin of openmm-backmap (built from cpp/; see forces.py)."""\n')
+        expected = (CORE_LIBRARY, KERNEL_LIBRARIES[0], "backmapplugin.py")
+        missing = [name for name in expected if not (target_dir / name).exists()]
         if missing:
             raise PluginBuildError(f"the build finished but did not install {', '.join(missing)}")
         if verbose:

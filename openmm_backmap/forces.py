@@ -69,6 +69,9 @@ def load_native_plugin() -> Any:
     is resolvable), then imports the SWIG module.  When it fails, :func:`native_plugin_status` says
     why (including the reason recorded at build time in ``_plugin/BUILD_FAILED``).  Setting
     ``OPENMM_BACKMAP_DISABLE_NATIVE=1`` makes it report the plugin as unavailable.
+
+    Importing this module calls it, so that ``XmlSerializer.deserialize`` can read Systems holding a
+    ``BackmapTorchForce`` (the plugin registers its serialization proxy when it loads).
     """
     global _native_state
     if _native_state is not None:
@@ -115,7 +118,8 @@ def _import_openmmtorch() -> tuple[Any, str]:
     try:
         import openmmtorch
     except Exception as error:  # noqa: BLE001 - ImportError, or OSError from a libtorch mismatch
-        return None, f"`import openmmtorch` failed ({type(error).__name__}: {error}); install openmm-torch built for this torch"
+        reason = f"`import openmmtorch` failed ({type(error).__name__}: {error})"
+        return None, reason + "; install openmm-torch built for this torch"
     return openmmtorch, "importable"
 
 
@@ -216,8 +220,9 @@ def _check_model(module: torch.jit.ScriptModule, numParticles: int, periodic: bo
                          f"{' and ' + str(len(parameters)) + ' global parameter(s)' if parameters else ''}: "
                          f"{lines[-1] if lines else type(error).__name__}") from error
     if not isinstance(energy, torch.Tensor) or energy.numel() != 1:
+        shape = tuple(energy.shape) if isinstance(energy, torch.Tensor) else ""
         raise ValueError("the model's forward() must return one energy value (kJ/mol) as a tensor, "
-                         f"got {type(energy).__name__}{tuple(energy.shape) if isinstance(energy, torch.Tensor) else ''}")
+                         f"got {type(energy).__name__}{shape}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,3 +443,7 @@ def create_cg_system(
     for extra in extraForces:
         system.addForce(extra)
     return system
+
+
+# Load (or note why not) at import: registers the kernels and the XML proxy.  Never raises.
+load_native_plugin()

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import openmm
@@ -295,6 +299,33 @@ def test_native_force_keeps_module_bytes_and_settings():
     assert copy.getName() == "cg potential"
     assert (copy.getGlobalParameterName(0), copy.getGlobalParameterDefaultValue(0)) == ("k", 2.0)
     assert copy.getEnergyParameterDerivativeName(0) == "k"
+
+
+@pytest.mark.skipif(not NATIVE_OK, reason=f"native plugin unavailable: {NATIVE_REASON}")
+def test_saved_system_deserializes_in_a_fresh_process(tmp_path):
+    """Importing openmm_backmap.forces is enough to read a System with a BackmapTorchForce."""
+    n = 5
+    positions = _positions(n, seed=13)
+    system = forces.create_cg_system(np.full(n, 12.0), DistanceMLP(n), backend="native")
+    expected, _ = _energy_forces(_context(system, "Reference"), positions)
+    (tmp_path / "system.xml").write_text(openmm.XmlSerializer.serialize(system))
+    np.save(tmp_path / "positions.npy", positions)
+    script = (
+        "import sys, numpy as np, openmm\n"
+        "import openmm_backmap.forces\n"
+        "d = sys.argv[1]\n"
+        "system = openmm.XmlSerializer.deserialize(open(d + '/system.xml').read())\n"
+        "platform = openmm.Platform.getPlatformByName('Reference')\n"
+        "context = openmm.Context(system, openmm.VerletIntegrator(0.001), platform)\n"
+        "context.setPositions(np.load(d + '/positions.npy'))\n"
+        "print(repr(context.getState(getEnergy=True).getPotentialEnergy()._value))\n"
+    )
+    root = Path(forces.__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, check=False, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.strip().splitlines()[-1]) == expected
 
 
 class _Beads:
