@@ -98,7 +98,8 @@ double CudaCalcBackmapTorchForceKernel::execute(ContextImpl& context, bool inclu
     copyArgs.push_back(&numAtoms);
     cu.executeKernel(copyInputsKernel, copyArgs.data(), numAtoms);
 
-    torch::Tensor positions = positionBuffer.detach().clone();  // a fresh leaf for autograd, device to device
+    // A new leaf sharing the buffer's memory: no copy, and the previous step's graph is gone.
+    torch::Tensor positions = positionBuffer.detach();
     if (includeForces)
         positions.requires_grad_(true);
     inputs.clear();
