@@ -28,6 +28,7 @@ backend and a float64 one keeps full precision.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -114,7 +115,9 @@ def native_plugin_status() -> tuple[bool, str]:
     return module is not None, _native_state[1]
 
 
+@functools.lru_cache(maxsize=1)
 def _import_openmmtorch() -> tuple[Any, str]:
+    """openmmtorch or None and why; cached, since a failed import is retried by Python every time."""
     try:
         import openmmtorch
     except Exception as error:  # noqa: BLE001 - ImportError, or OSError from a libtorch mismatch
