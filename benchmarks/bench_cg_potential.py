@@ -77,7 +77,8 @@ def train_model(mapping, pairs, reference_xyz, out: Path, epochs: int, seed: int
 
 
 def simulate(model_path: Path, masses, X0: np.ndarray, steps: int, timestep_fs: float, friction: float,
-             temperature: float, backend: str, platform_name: str, every: int, seed: int) -> dict:
+             temperature: float, backend: str, platform_name: str, every: int, seed: int,
+             progress: bool = False) -> dict:
     """Langevin dynamics of the CG System; positions every ``every`` steps."""
     import openmm
     import openmm.unit as u
@@ -92,12 +93,18 @@ def simulate(model_path: Path, masses, X0: np.ndarray, steps: int, timestep_fs: 
     context.setPositions(X0)
     context.setVelocitiesToTemperature(temperature * u.kelvin, seed)
     frames, energies = [], []
+    n_chunks = steps // every
     t0 = time.perf_counter()
-    for _ in range(steps // every):
+    for chunk in range(n_chunks):
         integrator.step(every)
         state = context.getState(getPositions=True, getEnergy=True)
         frames.append(state.getPositions(asNumpy=True).value_in_unit(u.nanometer))
         energies.append(state.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole))
+        if progress and (chunk + 1) % max(1, n_chunks // 20) == 0:
+            done = (chunk + 1) * every
+            rate = (time.perf_counter() - t0) / done * 1e6
+            print(f"  step {done}/{steps}: {rate:.0f} us/step, U = {energies[-1]:.1f} kJ/mol", file=sys.stderr,
+                  flush=True)
     wall = time.perf_counter() - t0
     X = np.asarray(frames)
     E = np.asarray(energies)
@@ -156,7 +163,7 @@ def main(argv=None) -> int:
     result["js_flow_samples"] = phi_psi_js(Xs.double().numpy(), X_ref)
     X0 = pairs["test"].X[0]
     run = simulate(model_path, meta["masses"], X0, args.steps, args.timestep_fs, args.friction, args.temperature,
-                   args.backend, args.platform, args.every, args.seed)
+                   args.backend, args.platform, args.every, args.seed, progress=not args.no_progress)
     X_run = run.pop("X")
     run.pop("energies")
     result.update({f"md_{k}": v for k, v in run.items()})
