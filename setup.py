@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Distribution, find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -39,6 +39,13 @@ class BuildWithPlugin(build_py):
         build_plugin(ROOT / "cpp", build_dir, target)
 
 
+class BinaryDistribution(Distribution):
+    """The package ships compiled plugin libraries: wheels are platform-specific."""
+
+    def has_ext_modules(self):
+        return True
+
+
 setup(
     name="openmm-backmap",
     version="0.1.0",
@@ -62,5 +69,6 @@ setup(
     extras_require={"test": ["pytest>=7", "pdbfixer>=1.9"]},
     entry_points={"console_scripts": ["openmm-backmap=openmm_backmap.cli:main"]},
     cmdclass={"build_py": BuildWithPlugin},
+    distclass=BinaryDistribution,
     zip_safe=False,
 )
