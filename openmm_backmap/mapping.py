@@ -395,19 +395,21 @@ class CGMapping:
         atoms = list(self.topology.atoms)
         cg = md.Topology()
         chains: dict[int, Any] = {}
-        residues: dict[int, Any] = {}
         beads = []
+        last_res, cg_res = None, None
         for name, idx in zip(self.names, self.groups):
             first = atoms[idx[0]]
             res = first.residue
             if res.chain.index not in chains:
                 chains[res.chain.index] = cg.add_chain()
-            if res.index not in residues:
-                residues[res.index] = cg.add_residue(
-                    res.name, chains[res.chain.index], resSeq=res.resSeq
-                )
+            # bead i is atom i of the CG topology, so a residue whose beads are not consecutive
+            # (e.g. CB listed after the next residue's beads) is split into consecutive pieces,
+            # which file writers need
+            if res.index != last_res:
+                cg_res = cg.add_residue(res.name, chains[res.chain.index], resSeq=res.resSeq)
+                last_res = res.index
             element = first.element if idx.size == 1 else md.element.virtual
-            beads.append(cg.add_atom(name, element, residues[res.index]))
+            beads.append(cg.add_atom(name, element, cg_res))
         for i, j in self.cg_bonds():
             cg.add_bond(beads[i], beads[j])
         self._cg_topology = cg

@@ -137,6 +137,21 @@ def test_com_cg_topology_writes_and_reads(tmp_path, ala2):
     np.testing.assert_allclose(back.xyz, cg.xyz, atol=1e-3)  # PDB keeps 3 decimals in Angstrom
 
 
+def test_cg_topology_writes_when_a_residue_is_split(tmp_path, ala2):
+    # CB listed after the next residue's bead: the CG topology splits ALA2 into two pieces so that
+    # bead i stays atom i and PDB writers (which need contiguous residues) still work
+    lab = _labels(ala2.topology)
+    mapping = CGMapping(ala2.topology, [[lab[name]] for name in ALA2_SIX], names=["C1", "N", "CA", "C", "N2", "CB"])
+    top = mapping.cg_topology
+    assert [a.name for a in top.atoms] == mapping.names
+    assert [r.name for r in top.residues] == ["ACE", "ALA", "NME", "ALA"]
+    cg = mapping.cg_trajectory(ala2)
+    cg.save_pdb(str(tmp_path / "cg.pdb"))
+    back = md.load(str(tmp_path / "cg.pdb"))
+    np.testing.assert_allclose(back.xyz, cg.xyz, atol=1e-3)
+    assert [a.name for a in back.topology.atoms] == mapping.names
+
+
 def test_groups_json_round_trip(tmp_path, ala2):
     top = ala2.topology
     lab = _labels(top)

@@ -32,7 +32,12 @@ def setup(tiny_ala2):
         bonds.addBond(i, j, float(np.linalg.norm(X[:, i] - X[:, j], axis=-1).mean()), 5.0e4)
     cg.addForce(bonds)
     angles = openmm.HarmonicAngleForce()
-    for i, j, k in ((0, 1, 2), (1, 2, 3), (2, 3, 4), (1, 2, 5), (3, 2, 5)):
+    neighbours = {b: [] for b in range(mapping.n_cg)}
+    for i, j in mapping.cg_bonds():
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+    triples = [(i, j, k) for j in range(mapping.n_cg) for i in neighbours[j] for k in neighbours[j] if i < k]
+    for i, j, k in triples:
         a = md.compute_angles(mapping.cg_trajectory(traj), [[i, j, k]]).mean()
         angles.addAngle(i, j, k, float(a), 400.0)
     cg.addForce(angles)
