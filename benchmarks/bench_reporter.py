@@ -74,7 +74,8 @@ def main() -> None:
 
     state = sim.context.getState(getPositions=True, getEnergy=True)
     for n in (1, 16, 256):
-        rep = BackmapReporter(tmp / f"aa{n}.dcd", 1000, model=args.model, samplesPerFrame=n, energyFile=tmp / f"w{n}.csv")
+        rep = BackmapReporter(tmp / f"aa{n}.dcd", 1000, model=args.model, samplesPerFrame=n,
+                              energyFile=tmp / f"w{n}.csv")
         rep.report(sim, state)  # opens the files
         reps = max(3, 256 // n)
         start = time.process_time()
