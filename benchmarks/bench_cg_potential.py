@@ -78,8 +78,9 @@ def train_model(mapping, pairs, reference_xyz, out: Path, epochs: int, seed: int
 
 def simulate(model_path: Path, masses, X0: np.ndarray, steps: int, timestep_fs: float, friction: float,
              temperature: float, backend: str, platform_name: str, every: int, seed: int,
-             progress: bool = False) -> dict:
-    """Langevin dynamics of the CG System; positions every ``every`` steps."""
+             progress: bool = False, partial: Path | None = None) -> dict:
+    """Langevin dynamics of the CG System; positions every ``every`` steps (written to ``partial``
+    at every progress line when given)."""
     import openmm
     import openmm.unit as u
 
@@ -105,6 +106,8 @@ def simulate(model_path: Path, masses, X0: np.ndarray, steps: int, timestep_fs: 
             rate = (time.perf_counter() - t0) / done * 1e6
             print(f"  step {done}/{steps}: {rate:.0f} us/step, U = {energies[-1]:.1f} kJ/mol", file=sys.stderr,
                   flush=True)
+            if partial is not None:
+                np.save(partial, np.asarray(frames, dtype=np.float32))
     wall = time.perf_counter() - t0
     X = np.asarray(frames)
     E = np.asarray(energies)
@@ -128,7 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--bins", type=int, default=8)
     p.add_argument("--steps", type=int, default=100_000)
-    p.add_argument("--timestep-fs", type=float, default=2.0)
+    p.add_argument("--timestep-fs", type=float, default=1.0, help="2 fs heats the learned potential up")
     p.add_argument("--friction", type=float, default=1.0, help="1/ps")
     p.add_argument("--temperature", type=float, default=300.0)
     p.add_argument("--every", type=int, default=10, help="save a frame every this many steps")
@@ -163,7 +166,8 @@ def main(argv=None) -> int:
     result["js_flow_samples"] = phi_psi_js(Xs.double().numpy(), X_ref)
     X0 = pairs["test"].X[0]
     run = simulate(model_path, meta["masses"], X0, args.steps, args.timestep_fs, args.friction, args.temperature,
-                   args.backend, args.platform, args.every, args.seed, progress=not args.no_progress)
+                   args.backend, args.platform, args.every, args.seed, progress=not args.no_progress,
+                   partial=args.out / "cg_run_positions_partial.npy")
     X_run = run.pop("X")
     run.pop("energies")
     result.update({f"md_{k}": v for k, v in run.items()})

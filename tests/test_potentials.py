@@ -438,8 +438,10 @@ REFERENCE = Path("/work/refdata/seed1")
 
 @pytest.mark.slow
 def test_ala2_cg_simulation_matches_projected_reference(tmp_path):
-    """Six-bead CG ALA2 trained on the 20 ns reference; 100,000 Langevin steps (2 fs, 1/ps, 300 K)
-    with no NaN and a (phi, psi) JS divergence <= 0.05 against the projected reference."""
+    """Six-bead CG ALA2 trained on the 20 ns reference; 100,000 Langevin steps (1 fs, 1/ps, 300 K)
+    with no NaN, bonds that stay in the data range (2 fs heats the learned potential up: the run
+    stays finite but flies apart) and a (phi, psi) JS divergence <= 0.05 against the projected
+    reference."""
     if not (REFERENCE / "ala2.dcd").is_file():
         pytest.skip(f"no 20 ns ALA2 reference in {REFERENCE} (openmm-backmap reference ala2 --out ...)")
     import sys
@@ -450,9 +452,12 @@ def test_ala2_cg_simulation_matches_projected_reference(tmp_path):
     mapping, X_ref, pairs, xyz0 = bench.load_reference(REFERENCE)
     bench.train_model(mapping, pairs, xyz0, tmp_path, epochs=150, seed=1, progress=False)
     _, meta = load_cg_potential(tmp_path / "cg.pt")
-    run = bench.simulate(tmp_path / "cg.pt", meta["masses"], pairs["test"].X[0], steps=100_000, timestep_fs=2.0,
+    run = bench.simulate(tmp_path / "cg.pt", meta["masses"], pairs["test"].X[0], steps=100_000, timestep_fs=1.0,
                          friction=1.0, temperature=300.0, backend="auto", platform_name="CPU", every=10, seed=1)
     assert run["finite"]
-    js = bench.phi_psi_js(run["X"], X_ref)
+    X = run["X"]
+    bonds = np.linalg.norm(X[:, [0, 1, 2, 2, 3]] - X[:, [1, 2, 3, 5, 4]], axis=-1)
+    assert bonds.min() > 0.10 and bonds.max() < 0.20, (bonds.min(), bonds.max())
+    js = bench.phi_psi_js(X, X_ref)
     print(f"CG ALA2 (phi, psi) JS = {js:.4f}, {run['us_per_step']:.0f} us/step")
     assert js <= 0.05
