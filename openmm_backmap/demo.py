@@ -61,7 +61,7 @@ class DemoSettings:
 
     @classmethod
     def full(cls) -> "DemoSettings":
-        return cls(5.0, 8, 500, 6, 128, 60, 90.0, 4, 32, 30_000, 250, 4, 200)
+        return cls(5.0, 8, 500, 6, 128, 60, 90.0, 4, 32, 40_000, 200, 4, 200)
 
     @classmethod
     def quick(cls) -> "DemoSettings":
@@ -100,8 +100,12 @@ def _cli(*argv: str) -> None:
 
 
 def run_cg_simulation(cg_model: Path, model: Path, mapping, start_xyz, out: Path, steps: int, interval: int,
-                      samples: int, seed: int, temperature: float = 300.0, timestep_fs: float = 2.0):
-    """A plain OpenMM CG simulation with the CG potential as a force and a BackmapReporter."""
+                      samples: int, seed: int, temperature: float = 300.0, timestep_fs: float = 1.0):
+    """A plain OpenMM CG simulation with the CG potential as a force and a BackmapReporter.
+
+    1 fs steps: the learned CG bonds are as stiff as the covalent bonds they stand for, and at 2 fs
+    Langevin dynamics slowly heats the learned potential until the molecule comes apart.
+    """
     import openmm
     from openmm import app, unit
     from tqdm.auto import tqdm

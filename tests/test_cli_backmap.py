@@ -9,7 +9,7 @@ import pytest
 
 from openmm_backmap.cli import main
 from openmm_backmap.mapping import CGMapping
-from tests._backmap_helpers import ala2_reference, one_thread  # noqa: F401
+from _backmap_helpers import ala2_reference, one_thread  # noqa: F401
 
 # residue order kept monotonic (C(ACE), N, CA, CB, C, N(NME)) so the CG topology writes as PDB
 GROUPS = [[4], [6], [8], [10], [14], [16]]

@@ -16,7 +16,7 @@ from openmm_backmap.export import export_model, load_model, read_extra_files
 from openmm_backmap.mapping import CGMapping
 from openmm_backmap.models import Backmapper
 from openmm_backmap.train import make_spec
-from tests._backmap_helpers import ALA2_SIX, ala2_constraints, ala2_reference, ala2_traj, one_thread  # noqa: F401
+from _backmap_helpers import ALA2_SIX, ala2_constraints, ala2_reference, ala2_traj, one_thread  # noqa: F401
 
 
 @pytest.fixture(scope="module")

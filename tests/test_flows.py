@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from openmm_backmap.flows import CouplingFlow, MixedBase, rq_spline
-from tests._backmap_helpers import one_thread  # noqa: F401
+from _backmap_helpers import one_thread  # noqa: F401
 
 
 def _spline_params(g, m, k, dtype=torch.float64):

@@ -16,7 +16,7 @@ from openmm_backmap.geometry import (
     nerf,
     zmatrix_from_topology,
 )
-from tests._backmap_helpers import ALA2_SIX, ala2_traj, one_thread  # noqa: F401
+from _backmap_helpers import ALA2_SIX, ala2_traj, one_thread  # noqa: F401
 
 torch.set_default_dtype(torch.float32)
 

@@ -11,7 +11,7 @@ import torch
 from openmm_backmap.mapping import CGMapping
 from openmm_backmap.models import Backmapper
 from openmm_backmap.train import make_spec, train_ml
-from tests._backmap_helpers import ALA2_SIX, ala2_constraints, ala2_traj, one_thread, random_rotation  # noqa: F401
+from _backmap_helpers import ALA2_SIX, ala2_constraints, ala2_traj, one_thread, random_rotation  # noqa: F401
 
 
 def _toy_topology(n_atoms, bonds, elements=None):

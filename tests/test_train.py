@@ -17,7 +17,7 @@ from openmm_backmap.train import (
     refine_energy,
     train_ml,
 )
-from tests._backmap_helpers import ALA2_SIX, ala2_constraints, ala2_reference, ala2_traj, one_thread  # noqa: F401
+from _backmap_helpers import ALA2_SIX, ala2_constraints, ala2_reference, ala2_traj, one_thread  # noqa: F401
 
 
 def _sets():
