@@ -133,18 +133,9 @@ def _add_export(sub) -> None:
 
 def _checkpoint_kind(path: str) -> str:
     """The ``kind`` in a checkpoint's spec ("cg-potential"; "backmapper" when it has none)."""
-    import torch
+    from openmm_backmap.train import read_checkpoint
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - torch raises many kinds for corrupt files
-        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
-    spec = ckpt.get("spec") if isinstance(ckpt, dict) else None
-    if not isinstance(spec, dict):
-        raise ValueError(f"{path} is not an openmm-backmap checkpoint")
-    return str(spec.get("kind", "backmapper"))
+    return str(read_checkpoint(path)["spec"].get("kind", "backmapper"))
 
 
 def _cmd_export(args) -> int:

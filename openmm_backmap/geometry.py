@@ -36,6 +36,7 @@ __all__ = [
     "nerf",
     "ic_log_jacobian",
     "wrap_angle",
+    "random_rotation",
 ]
 
 
@@ -100,6 +101,15 @@ def wrap_angle(phi: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- Z-matrix
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A rotation matrix drawn uniformly from SO(3) (QR of a Gaussian matrix, signs fixed)."""
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
 def bond_graph(topology) -> list[list[int]]:
     """Adjacency lists of an mdtraj topology's bond graph."""
     nbrs: list[list[int]] = [[] for _ in range(topology.n_atoms)]

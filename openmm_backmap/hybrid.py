@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from openmm_backmap._compat import import_openmmtools
+from openmm_backmap.geometry import random_rotation
 
 import_openmmtools()
 from openmmtools import mcmc  # noqa: E402
@@ -42,15 +43,6 @@ def _matrix(mapping: Any) -> np.ndarray:
     if m.ndim != 2 or not np.allclose(m.sum(1), 1.0):
         raise ValueError("the mapping must be an (n_cg, n_aa) matrix whose rows sum to 1")
     return m
-
-
-def random_rotation(rng: np.random.Generator) -> np.ndarray:
-    """A rotation matrix drawn uniformly from SO(3)."""
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
 
 
 # ---------------------------------------------------------------------------- CG kernels

@@ -42,6 +42,7 @@ from openmm_backmap.flows.distributions import MixedBase
 from openmm_backmap.flows.internal import ICLayer
 from openmm_backmap.flows.transforms import CouplingFlow
 from openmm_backmap.geometry import angles, build_zmatrix, distances
+from openmm_backmap.train import save_checkpoint
 
 __all__ = [
     "CG_KIND",
@@ -52,7 +53,6 @@ __all__ = [
     "load_cg_checkpoint",
     "load_cg_potential",
     "make_cg_spec",
-    "save_cg_checkpoint",
     "train_cg",
 ]
 
@@ -412,15 +412,6 @@ def build_cg_from_spec(spec: dict) -> CGFlowPotential:
     return CGFlowPotential(kw.pop("n_cg"), kw.pop("cg_bonds"), **kw)
 
 
-def save_cg_checkpoint(path: str | Path, model: CGFlowPotential, spec: dict, **state: Any) -> None:
-    """Write a checkpoint atomically (temporary file, then rename)."""
-    path = Path(path)
-    payload = {"spec": spec, "state_dict": model.state_dict(), **state}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-
-
 def load_cg_checkpoint(path: str | Path) -> tuple[CGFlowPotential, dict]:
     """(model with the checkpoint's parameters, the checkpoint dict).
 
@@ -431,14 +422,10 @@ def load_cg_checkpoint(path: str | Path) -> tuple[CGFlowPotential, dict]:
     ValueError
         The file is not a readable CG-potential checkpoint.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("spec"), dict) or ckpt["spec"].get("kind") != CG_KIND:
+    from openmm_backmap.train import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    if ckpt["spec"].get("kind") != CG_KIND:
         raise ValueError(f"{path} is not an openmm-backmap CG-potential checkpoint")
     model = build_cg_from_spec(ckpt["spec"])
     state = ckpt["state_dict"]
@@ -543,7 +530,7 @@ def train_cg(
             spec["training"] = {"epochs": epoch + 1, "best_val_nll": best["val_nll"], "best_epoch": best["epoch"]}
             state = model.state_dict()
             model.load_state_dict(best["state"])
-            save_cg_checkpoint(checkpoint, model, spec, history=history)
+            save_checkpoint(checkpoint, model, spec, history=history)
             model.load_state_dict(state)
         if time_limit is not None and time.time() - t0 > time_limit:
             break
@@ -561,7 +548,7 @@ def train_cg(
     }
     spec["training"] = {k: v for k, v in summary.items() if k != "history"}
     if checkpoint is not None:
-        save_cg_checkpoint(checkpoint, model, spec, history=history)
+        save_checkpoint(checkpoint, model, spec, history=history)
     return summary
 
 

@@ -121,8 +121,8 @@ def build_from_spec(spec: dict) -> Backmapper:
     return Backmapper(mapping, **kw)
 
 
-def save_checkpoint(path: str | Path, model: Backmapper, spec: dict, **state: Any) -> None:
-    """Write a checkpoint atomically (temporary file, then rename)."""
+def save_checkpoint(path: str | Path, model: torch.nn.Module, spec: dict, **state: Any) -> None:
+    """Write a checkpoint (backmapper or CG potential) atomically: temporary file, then rename."""
     path = Path(path)
     payload = {"spec": spec, "state_dict": model.state_dict(), **state}
     tmp = path.with_name(path.name + ".tmp")
@@ -130,13 +130,16 @@ def save_checkpoint(path: str | Path, model: Backmapper, spec: dict, **state: An
     tmp.replace(path)
 
 
-def load_checkpoint(path: str | Path) -> tuple[Backmapper, dict]:
-    """(model with the checkpoint's parameters, the checkpoint dict).
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict of any openmm-backmap checkpoint; its ``spec["kind"]`` says what it holds
+    (``"cg-potential"``, or a backmapper when absent).
 
     Raises
     ------
+    FileNotFoundError
+        The file does not exist.
     ValueError
-        If the file is not a readable openmm-backmap checkpoint.
+        The file is not a readable openmm-backmap checkpoint (corrupt, truncated, or another file).
     """
     path = Path(path)
     if not path.is_file():
@@ -145,8 +148,17 @@ def load_checkpoint(path: str | Path) -> tuple[Backmapper, dict]:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for corrupt files
         raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(ckpt, dict) or ckpt.get("spec", {}).get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("spec"), dict) \
+            or ckpt["spec"].get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an openmm-backmap checkpoint")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path) -> tuple[Backmapper, dict]:
+    """(backmapper with the checkpoint's parameters, the checkpoint dict); see :func:`read_checkpoint`."""
+    ckpt = read_checkpoint(path)
+    if ckpt["spec"].get("kind", "backmapper") != "backmapper":
+        raise ValueError(f"{path} holds a {ckpt['spec']['kind']} checkpoint, not a backmapper")
     model = build_from_spec(ckpt["spec"])
     model.load_state_dict(ckpt["state_dict"])
     return model, ckpt

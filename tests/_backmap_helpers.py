@@ -6,7 +6,6 @@ from functools import lru_cache
 from pathlib import Path
 import tempfile
 
-import numpy as np
 
 # C(ACE), N, CA, C, N(NME), CB: the six-atom mapping of the quality bars
 ALA2_SIX = [[4], [6], [8], [14], [16], [10]]
@@ -36,12 +35,7 @@ def ala2_constraints() -> list:
     return constraints_from_system(load_system(ala2_reference()["system"]))
 
 
-def random_rotation(rng: np.random.Generator) -> np.ndarray:
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
+from openmm_backmap.geometry import random_rotation  # noqa: E402,F401 - re-exported for the tests
 
 
 import pytest  # noqa: E402

@@ -23,17 +23,12 @@ from openmm_backmap.analysis import (
 )
 from openmm_backmap.data import DATA_DIR
 from openmm_backmap.energies import kT
+from openmm_backmap.geometry import random_rotation
 
 
 @pytest.fixture(scope="module")
 def peptide():
     return md.load(str(DATA_DIR / "chignolin.pdb"))
-
-
-def _random_rotation(rng):
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q *= np.sign(np.diag(r))
-    return q if np.linalg.det(q) > 0 else -q
 
 
 def test_kish_ess_limits():
@@ -72,7 +67,7 @@ def test_importance_weights_recover_target_mean():
 def test_kabsch_rmsd_invariant_and_exact():
     rng = np.random.default_rng(2)
     a = rng.normal(size=(3, 10, 3))
-    rot = np.stack([_random_rotation(rng) for _ in range(3)])
+    rot = np.stack([random_rotation(rng) for _ in range(3)])
     b = np.einsum("sij,snj->sni", rot, a) + rng.normal(size=(3, 1, 3))
     np.testing.assert_allclose(kabsch_rmsd(a, b), 0.0, atol=1e-7)
     c = a.copy()

@@ -41,12 +41,7 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-def random_rotation(rng: np.random.Generator) -> np.ndarray:
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
+from openmm_backmap.geometry import random_rotation  # noqa: E402,F401 - re-exported for the tests
 
 
 def synthetic_chain(n_frames: int, bonds, seed: int = 0, bond_std: float = 0.01, angle_std: float = 0.15) -> np.ndarray:
@@ -339,7 +334,7 @@ def test_training_lowers_nll_and_checkpoint_round_trips(tmp_path, chain_data):
     rebuilt = build_cg_from_spec(json.loads(json.dumps(ckpt["spec"])))  # the spec is plain JSON
     assert rebuilt.dim == model.dim
     with pytest.raises(ValueError, match="not an openmm-backmap CG"):
-        torch.save({"spec": {"kind": "backmapper"}}, tmp_path / "other.ckpt")
+        torch.save({"spec": {"format": "openmm-backmap-checkpoint", "kind": "backmapper"}}, tmp_path / "other.ckpt")
         load_cg_checkpoint(tmp_path / "other.ckpt")
 
 
