@@ -26,8 +26,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# CG phi and psi of the six-bead mapping (C1, N, CA, C, N2, CB): C1-N-CA-C and N-CA-C-N2
-PHI_PSI_BEADS = [[0, 1, 2, 3], [1, 2, 3, 4]]
+# CG phi and psi of the six-bead mapping, by bead name: C1-N-CA-C and N-CA-C-N2
+PHI_PSI_NAMES = [["C1", "N", "CA", "C"], ["N", "CA", "C", "N2"]]
+
+
+def phi_psi_beads() -> list[list[int]]:
+    """Bead indices of the CG phi and psi of :func:`openmm_backmap.demo.ala2_six_bead_mapping`."""
+    from openmm_backmap.demo import ALA2_SIX_NAMES
+
+    return [[ALA2_SIX_NAMES.index(n) for n in quad] for quad in PHI_PSI_NAMES]
 
 
 def bead_dihedrals_deg(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -37,7 +44,7 @@ def bead_dihedrals_deg(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     from openmm_backmap.geometry import dihedrals
 
     x = torch.as_tensor(np.asarray(X, dtype=np.float64))
-    out = [np.degrees(dihedrals(*(x[:, b] for b in beads)).numpy()) for beads in PHI_PSI_BEADS]
+    out = [np.degrees(dihedrals(*(x[:, b] for b in beads)).numpy()) for beads in phi_psi_beads()]
     return out[0], out[1]
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 # The six-bead alanine dipeptide mapping of the quality benchmarks: C(ACE), N, CA, CB, C, N(NME)
 # (in residue order, so the CG topology's residues are contiguous).
 ALA2_SIX_BEADS = ("ACE1-C", "ALA2-N", "ALA2-CA", "ALA2-CB", "ALA2-C", "NME3-N")
+ALA2_SIX_NAMES = ("C1", "N", "CA", "CB", "C", "N2")
 
 
 def ala2_six_bead_mapping(topology):
@@ -34,7 +35,7 @@ def ala2_six_bead_mapping(topology):
     if missing:
         raise ValueError(f"the topology lacks the atoms {missing} of the six-bead ALA2 mapping")
     groups = [[by_label[lab]] for lab in ALA2_SIX_BEADS]
-    return CGMapping(topology, groups, names=["C1", "N", "CA", "CB", "C", "N2"])
+    return CGMapping(topology, groups, names=list(ALA2_SIX_NAMES))
 
 
 @dataclass(frozen=True)

@@ -428,30 +428,37 @@ def test_cli_train_cg_and_export(tmp_path):
 
 
 # ----------------------------------------------------------------------------- ALA2 (slow)
-REFERENCE = Path("/work/refdata/seed1")
-
-
 @pytest.mark.slow
 def test_ala2_cg_simulation_matches_projected_reference(tmp_path):
-    """Six-bead CG ALA2 trained on the 20 ns reference; 100,000 Langevin steps (1 fs, 1/ps, 300 K)
-    with no NaN, bonds that stay in the data range (2 fs heats the learned potential up: the run
-    stays finite but flies apart) and a (phi, psi) JS divergence <= 0.05 against the projected
-    reference."""
-    if not (REFERENCE / "ala2.dcd").is_file():
-        pytest.skip(f"no 20 ns ALA2 reference in {REFERENCE} (openmm-backmap reference ala2 --out ...)")
+    """Six-bead CG ALA2 trained on 20 ns of reference MD; 100,000 Langevin steps (1 fs, 10/ps,
+    300 K) with no NaN, bonds that stay in the data range, and a (phi, psi) JS divergence <= 0.05
+    against the projected reference. At 2 fs, or 1 fs with 1/ps, the learned surface heats up: the
+    run stays finite but the molecule comes apart (benchmarks/RESULTS.md); 10/ps keeps it thermal.
+
+    The reference is OPENMM_BACKMAP_ALA2_REFERENCE (a directory written by `openmm-backmap
+    reference ala2 --ns 20`) or, without it, generated here (about 4 minutes)."""
+    import os
     import sys
 
+    from openmm_backmap.data import generate_reference
+
+    reference = os.environ.get("OPENMM_BACKMAP_ALA2_REFERENCE")
+    if reference is None:
+        reference = tmp_path / "reference"
+        generate_reference("ala2", 20.0, reference, seed=1, progress=False)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_cg_potential as bench
 
-    mapping, X_ref, pairs, xyz0 = bench.load_reference(REFERENCE)
+    mapping, X_ref, pairs, xyz0 = bench.load_reference(Path(reference))
     bench.train_model(mapping, pairs, xyz0, tmp_path, epochs=150, seed=1, progress=False)
     _, meta = load_cg_potential(tmp_path / "cg.pt")
     run = bench.simulate(tmp_path / "cg.pt", meta["masses"], pairs["test"].X[0], steps=100_000, timestep_fs=1.0,
-                         friction=1.0, temperature=300.0, backend="auto", platform_name="CPU", every=10, seed=1)
+                         friction=10.0, temperature=300.0, backend="auto", platform_name="Reference", every=10,
+                         seed=1)
     assert run["finite"]
     X = run["X"]
-    bonds = np.linalg.norm(X[:, [0, 1, 2, 2, 3]] - X[:, [1, 2, 3, 5, 4]], axis=-1)
+    pairs_idx = np.array(mapping.cg_bonds())
+    bonds = np.linalg.norm(X[:, pairs_idx[:, 0]] - X[:, pairs_idx[:, 1]], axis=-1)
     assert bonds.min() > 0.10 and bonds.max() < 0.20, (bonds.min(), bonds.max())
     js = bench.phi_psi_js(X, X_ref)
     print(f"CG ALA2 (phi, psi) JS = {js:.4f}, {run['us_per_step']:.0f} us/step")
