@@ -6,6 +6,7 @@ import mdtraj as md
 import numpy as np
 import openmm
 import pytest
+import torch
 from openmm import app, unit
 
 from openmm_backmap.analysis import read_energy_file, reweight
@@ -212,3 +213,37 @@ def test_make_whole_restores_bonds_across_the_box():
     assert np.linalg.norm(whole[0] - whole[1]) == pytest.approx(0.15)
     assert np.linalg.norm(whole[1] - whole[2]) == pytest.approx(np.linalg.norm([0.15, 0.9, 0.95]))
     np.testing.assert_allclose((whole - X) / 2.0, np.round((whole - X) / 2.0), atol=1e-12)  # moved by box vectors
+
+
+def test_temporal_reporter_conditions_on_previous_reconstruction(tiny_ala2, setup, tmp_path):
+    """temporal=True: each frame's log q is that of the temporal model given the previous frame."""
+    from openmm_backmap.export import export_model
+    from openmm_backmap.models import Backmapper
+    from openmm_backmap.train import make_spec
+
+    traj, mapping = tiny_ala2["traj"], tiny_ala2["mapping"]
+    torch.manual_seed(1)
+    model = Backmapper.from_data(mapping, traj.xyz.astype(np.float64), temporal=True, n_layers=2, hidden=16, n_hidden=1)
+    path = export_model(model, make_spec(model, T, reference_xyz=traj.xyz[0], system_xml=tiny_ala2["system_xml"]),
+                        tmp_path / "temporal.pt")
+    with pytest.raises(ValueError, match="temporal=True needs a model trained with --temporal"):
+        BackmapReporter(tmp_path / "x.dcd", INTERVAL, model=setup["model"], temporal=True)
+    sim = _simulation(setup)
+    n = 2
+    with BackmapReporter(tmp_path / "aa.dcd", INTERVAL, model=path, samplesPerFrame=n, energyFile=tmp_path / "w.csv",
+                         temporal=True, seed=2) as reporter:
+        sim.reporters.append(reporter)
+        sim.reporters.append(app.DCDReporter(str(tmp_path / "cg.dcd"), INTERVAL))
+        sim.step(4 * INTERVAL)
+    loaded = load_model(path, device="cpu")
+    aa = md.load(str(tmp_path / "aa.dcd"), top=loaded.topology).xyz
+    cg = md.load(str(tmp_path / "cg.dcd"), top=setup["cg_top"]).xyz
+    cols = read_energy_file(tmp_path / "w.csv")
+    assert aa.shape[0] == 4 * n
+    # frames after the first: chain s of frame t is conditioned on chain s of frame t - 1
+    cur = torch.as_tensor(aa[n:])
+    prev = torch.as_tensor(aa[:-n])
+    X = torch.as_tensor(np.repeat(cg[1:], n, axis=0))
+    with torch.no_grad():
+        expected = loaded.module.log_prob_next(cur, X, prev).numpy()
+    np.testing.assert_allclose(cols["log_q"][n:], expected, rtol=1e-4, atol=1e-3)
