@@ -25,7 +25,7 @@ traj = md.load(args.trajectory, top=args.topology)
 rw = reweight(args.weights)
 print(f"{rw.n} samples, ESS {rw.ess:.1f} ({rw.ess_fraction:.1%})")
 
-# an observable per sample: the CA-CB... here the end-to-end distance C(ACE) - N(NME), in nm
+# an observable per sample: the end-to-end distance C(ACE) - N(NME), in nm
 ends = [[a.index for a in traj.topology.atoms if a.residue.index == 0 and a.name == "C"][0],
         [a.index for a in traj.topology.atoms if a.residue.index == traj.topology.n_residues - 1 and a.name == "N"][0]]
 distance = md.compute_distances(traj, [ends])[:, 0]
