@@ -388,7 +388,7 @@ def backmap_trajectory(
 
         with open(energies, "w", newline="") as fh:
             w = csv.writer(fh)
-            header = ["frame", "sample", "log_q"] + (["U_AA_kJ_per_mol"] if u_all else [])
+            header = ["frame", "sample", "log_q"] + (["u_aa_kjmol"] if u_all else [])  # names as in the reporter
             w.writerow(header)
             u = np.concatenate(u_all) if u_all else None
             for k in range(len(aa)):

@@ -185,20 +185,21 @@ class ResolutionMove(mcmc.MCMCMove):
         if x.shape[0] != self.matrix.shape[1]:
             raise ValueError(f"the sampler state has {x.shape[0]} atoms; the mapping expects {self.matrix.shape[1]}")
         u_x = self._reduced_potential(context, thermodynamic_state, x)
+        # the current state's log q(x | M x): computed once, then taken from the accepted proposal
+        log_q_x = self._log_q(x, self.matrix @ x)
         for _ in range(self.n_attempts):
             X = self.matrix @ x
             Xn, c_old, c_new = self.cg_kernel.propose(X, beta, self.rng)
             with torch.no_grad():
                 xn_t, log_q_new = self.backmapper.sample(torch.as_tensor(Xn[None], dtype=self.dtype), 1)
             xn = xn_t[0].double().numpy()
-            log_q_old = self._log_q(x, X)
             u_xn = self._reduced_potential(context, thermodynamic_state, xn)
-            log_a = (-u_xn - float(log_q_new[0]) + c_new) - (-u_x - log_q_old + c_old)
+            log_a = (-u_xn - float(log_q_new[0]) + c_new) - (-u_x - log_q_x + c_old)
             accept = bool(np.isfinite(log_a) and math.log(self.rng.uniform()) < min(0.0, log_a))
             self.stats.log_acceptance.append(float(log_a) if np.isfinite(log_a) else -math.inf)
             self.stats.accepted.append(accept)
             if accept:
-                x, u_x = xn, u_xn
+                x, u_x, log_q_x = xn, u_xn, float(log_q_new[0])
         sampler_state.positions = x * unit.nanometer
 
 

@@ -70,31 +70,16 @@ def test_info_prints_metadata(workdir, capsys):
     assert meta["format"] == "openmm-backmap-model" and meta["has_system"] is True
 
 
+def _backmap(workdir, out, *extra):
+    """`openmm-backmap backmap` on the test's CG trajectory: 3 samples per frame, seed 1."""
+    return main(["backmap", "--model", str(workdir / "model.pt"), "--cg", str(workdir / "cg.dcd"),
+                 "--cg-topology", str(workdir / "cg.pdb"), "--samples", "3", "--seed", "1", "--out", str(out),
+                 "--batch-size", "8", "--no-progress", *extra])
+
+
 def test_backmap_writes_frames_and_energies(workdir):
     out, energies = workdir / "aa.dcd", workdir / "e.csv"
-    rc = main(
-        [
-            "backmap",
-            "--model",
-            str(workdir / "model.pt"),
-            "--cg",
-            str(workdir / "cg.dcd"),
-            "--cg-topology",
-            str(workdir / "cg.pdb"),
-            "--samples",
-            "3",
-            "--seed",
-            "1",
-            "--out",
-            str(out),
-            "--energies",
-            str(energies),
-            "--batch-size",
-            "8",
-            "--no-progress",
-        ]
-    )
-    assert rc == 0
+    assert _backmap(workdir, out, "--energies", str(energies)) == 0
     ref = ala2_reference()
     aa = md.load(str(out), top=str(ref["pdb"]))
     assert aa.n_frames == 36
@@ -104,28 +89,9 @@ def test_backmap_writes_frames_and_energies(workdir):
     assert np.allclose(aa.xyz[:, idx], np.repeat(cg.xyz, 3, 0), atol=1e-5)
     rows = list(csv.DictReader(open(energies)))
     assert len(rows) == 36 and rows[4]["frame"] == "1" and rows[4]["sample"] == "1"
-    assert all(np.isfinite(float(r["U_AA_kJ_per_mol"])) and np.isfinite(float(r["log_q"])) for r in rows)
+    assert all(np.isfinite(float(r["u_aa_kjmol"])) and np.isfinite(float(r["log_q"])) for r in rows)
     # same seed, same frames
-    main(
-        [
-            "backmap",
-            "--model",
-            str(workdir / "model.pt"),
-            "--cg",
-            str(workdir / "cg.dcd"),
-            "--cg-topology",
-            str(workdir / "cg.pdb"),
-            "--samples",
-            "3",
-            "--seed",
-            "1",
-            "--out",
-            str(workdir / "aa2.dcd"),
-            "--batch-size",
-            "8",
-            "--no-progress",
-        ]
-    )
+    assert _backmap(workdir, workdir / "aa2.dcd") == 0
     assert np.array_equal(md.load(str(workdir / "aa2.dcd"), top=str(ref["pdb"])).xyz, aa.xyz)
 
 
