@@ -564,7 +564,10 @@ def export_cg(model: CGFlowPotential, spec: dict, path: str | Path | None = None
 
     model = model.eval()
     scripted = torch.jit.script(model)
+    from openmm_backmap.export import MODEL_FORMAT
+
     meta = {
+        "format": MODEL_FORMAT,
         "kind": CG_KIND,
         "format_version": CG_FORMAT_VERSION,
         "package_version": __version__,

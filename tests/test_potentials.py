@@ -402,7 +402,7 @@ def test_short_cg_simulation_stays_finite(tmp_path, chain_data):
 
 
 # ----------------------------------------------------------------------------- CLI
-def test_cli_train_cg_and_export(tmp_path):
+def test_cli_train_cg_and_export(tmp_path, capsys):
     from openmm_backmap.cli import main
     from openmm_backmap.data import generate_reference
 
@@ -425,6 +425,10 @@ def test_cli_train_cg_and_export(tmp_path):
     with pytest.raises(torch.jit.Error, match="n_cg"):  # a loaded module re-raises ValueError as this
         module(torch.zeros(meta["n_beads"] + 1, 3))
     assert module(x + torch.randn(x.shape)).dim() == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "cg.pt")]) == 0  # info reads CG model files too
+    printed = capsys.readouterr().out
+    assert f"kind: {CG_KIND}" in printed and f"n_beads: {meta['n_beads']}" in printed
 
 
 # ----------------------------------------------------------------------------- ALA2 (slow)
