@@ -26,6 +26,9 @@ def _add_reference(sub) -> None:
     p.add_argument("--temperature", type=float, default=300.0, help="kelvin (default 300)")
     p.add_argument("--save-every-ps", type=float, default=1.0, help="frame interval in ps")
     p.add_argument("--platform", default="Reference", help="OpenMM platform (default Reference)")
+    p.add_argument("--restrain", choices=["C7eq", "C5", "alpha_R", "alpha_L"],
+                   help="hold (phi, psi) in this basin (backmapper training data for a rare basin; "
+                   "not a reference ensemble)")
     p.set_defaults(func=_cmd_reference)
 
 
@@ -40,6 +43,7 @@ def _cmd_reference(args) -> int:
         temperature=args.temperature,
         save_every_ps=args.save_every_ps,
         platform=args.platform,
+        restrain=args.restrain,
     )
     for key, path in paths.items():
         print(f"{key:>7}: {path}")
@@ -96,10 +100,11 @@ def _add_train_cg(sub) -> None:
 def _cmd_train_cg(args) -> int:
     import torch
 
-    from openmm_backmap.data import load_trajectory, make_pairs
+    from openmm_backmap.data import load_trajectory, make_pairs, require_unrestrained
     from openmm_backmap.mapping import CGMapping
     from openmm_backmap.potentials import CGFlowPotential, make_cg_spec, mean_nll, train_cg
 
+    require_unrestrained(args.trajectory, "as training data for a CG potential, which learns p(X)")
     traj = load_trajectory(args.trajectory, args.topology, stride=args.stride)
     mapping = CGMapping.from_spec(args.mapping, traj.topology)
     pairs = make_pairs(traj, mapping, seed=args.seed)
@@ -165,7 +170,9 @@ def _add_train(sub) -> None:
         "into a TorchScript model file.",
     )
     p.add_argument("--topology", required=True, help="all-atom topology (PDB)")
-    p.add_argument("--trajectory", required=True, help="all-atom trajectory (DCD, HDF5, ...)")
+    p.add_argument("--trajectory", required=True, nargs="+",
+                   help="all-atom trajectories (DCD, HDF5, ...) of the topology; restrained runs from "
+                   "`reference --restrain` only when the restrained atoms are beads")
     p.add_argument("--mapping", required=True,
                    help="ca | backbone | heavy-backbone | residue-com, or a groups JSON file")
     p.add_argument("--out", required=True, help="checkpoint to write (e.g. model.ckpt)")
@@ -291,9 +298,10 @@ def _add_evaluate(sub) -> None:
 def _cmd_evaluate(args) -> int:
     import json
 
-    from openmm_backmap.data import load_trajectory
+    from openmm_backmap.data import load_trajectory, require_unrestrained
     from openmm_backmap.evaluate import evaluate_model
 
+    require_unrestrained(args.reference, "as a reference ensemble")
     reference = load_trajectory(args.reference, args.topology)
     metrics = evaluate_model(args.model, reference, args.out, n_frames=args.frames, samples=args.samples,
                              aa_system=args.aa_system, seed=args.seed)

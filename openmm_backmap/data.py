@@ -26,6 +26,17 @@ BUILTIN_SYSTEMS = ("ala2", "chignolin")
 # at a shallow saddle near phi = -115. Angles in degrees.
 BASINS = ("C7eq", "C5", "alpha_R", "alpha_L")
 
+# Windows for restrained reference runs, per basin: ((phi centre, half-width), (psi centre,
+# half-width)) in degrees. Each sits inside its basin of :func:`basin_indicators`, with margins
+# of 10 degrees or more for thermal excursions past the walls; the alpha_L window
+# spans psi from -90 to 70, so it holds both alpha_L and C7ax.
+BASIN_WINDOWS = {
+    "C7eq": ((-80.0, 30.0), (70.0, 40.0)),
+    "C5": ((-150.0, 25.0), (165.0, 30.0)),
+    "alpha_R": ((-80.0, 40.0), (-50.0, 35.0)),
+    "alpha_L": ((65.0, 35.0), (-10.0, 80.0)),
+}
+
 
 # ---------------------------------------------------------------------------- trajectories
 def load_trajectory(
@@ -210,6 +221,95 @@ def builtin_system(name: str):
     raise ValueError(f"unknown built-in system {name!r}; choose one of {', '.join(BUILTIN_SYSTEMS)}")
 
 
+def backbone_torsions(topology: Any) -> list[list[int]]:
+    """Atom indices of the (phi, psi) pair of every residue that has both, as
+    ``[phi_0, psi_0, phi_1, psi_1, ...]`` (4 atoms each)."""
+    top = as_mdtraj_topology(topology)
+    probe = md.Trajectory(np.zeros((1, top.n_atoms, 3), dtype=np.float32), top)
+    phi_idx, psi_idx = md.compute_phi(probe)[0], md.compute_psi(probe)[0]
+    psi_by_ca = {int(q[1]): q for q in psi_idx}
+    out = []
+    for q in phi_idx:
+        if int(q[2]) in psi_by_ca:
+            out += [[int(a) for a in q], [int(a) for a in psi_by_ca[int(q[2])]]]
+    if not out:
+        raise ValueError("the topology has no residue with both a phi and a psi dihedral")
+    return out
+
+
+def basin_restraint(topology: Any, basin: str, k_kjmol_rad2: float = 500.0):
+    """A flat-bottom restraint holding every residue's (phi, psi) in ``BASIN_WINDOWS[basin]``.
+
+    Zero inside the window, ``k (d - w)^2`` outside, with d the periodic distance to the window's
+    centre and w its half-width. Returns the OpenMM ``CustomTorsionForce`` and a description of it
+    (the JSON written beside a restrained run).
+
+    A restraint that depends only on atoms that are CG beads by themselves is a function of the CG
+    coordinates X, so it changes p(X) but leaves p(x | X) exact: such a run is valid training data
+    for a backmapper of that mapping (e.g. to cover a basin that unbiased MD rarely visits), but not
+    for a CG potential, nor as a reference ensemble.
+    """
+    import openmm
+
+    if basin not in BASIN_WINDOWS:
+        raise ValueError(f"unknown basin {basin!r}; choose one of {', '.join(BASIN_WINDOWS)}")
+    torsions = backbone_torsions(topology)
+    force = openmm.CustomTorsionForce("k*step(d-w)*(d-w)^2; d=abs(atan2(sin(theta-theta0), cos(theta-theta0)))")
+    for name in ("k", "theta0", "w"):
+        force.addPerTorsionParameter(name)
+    for t, atoms in enumerate(torsions):
+        centre, half = BASIN_WINDOWS[basin][t % 2]
+        force.addTorsion(*atoms, [k_kjmol_rad2, np.radians(centre), np.radians(half)])
+    info = {
+        "basin": basin,
+        "windows_deg": {"phi": list(BASIN_WINDOWS[basin][0]), "psi": list(BASIN_WINDOWS[basin][1])},
+        "k_kjmol_rad2": float(k_kjmol_rad2),
+        "torsions": torsions,
+        "atoms": sorted({a for q in torsions for a in q}),
+    }
+    return force, info
+
+
+def reference_restraint(trajectory: str | Path) -> dict | None:
+    """The restraint a trajectory written by :func:`generate_reference` was run with (from the JSON
+    beside it), or None for an unrestrained run or a trajectory without that JSON."""
+    meta_path = Path(trajectory).with_suffix(".json")
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return meta.get("restraint") if isinstance(meta, dict) else None
+
+
+def require_unrestrained(trajectory: str | Path, purpose: str) -> None:
+    """Raise when ``trajectory`` comes from a restrained run: its p(X) is biased."""
+    restraint = reference_restraint(trajectory)
+    if restraint is not None:
+        raise ValueError(
+            f"{trajectory} was run with a {restraint.get('basin')} restraint on (phi, psi), which biases the "
+            f"ensemble; it cannot serve {purpose}. Use an unrestrained run (restrained runs are training data "
+            "for backmappers only)"
+        )
+
+
+def check_restraint_for_mapping(trajectory: str | Path, mapping: CGMapping) -> None:
+    """Raise unless every atom the trajectory's restraint (if any) acts on is a CG bead by itself,
+    the condition under which the restrained run's p(x | X) is unbiased."""
+    restraint = reference_restraint(trajectory)
+    if restraint is None:
+        return
+    beads = {int(g[0]) for g in mapping.groups if g.size == 1}
+    missing = [a for a in restraint.get("atoms", []) if int(a) not in beads]
+    if missing:
+        raise ValueError(
+            f"{trajectory} was run with a {restraint.get('basin')} restraint on atoms {missing} that are not CG "
+            "beads by themselves in this mapping, so its x|X statistics are biased; train this mapping on "
+            "unrestrained data only"
+        )
+
+
 def generate_reference(
     name: str,
     ns: float,
@@ -222,6 +322,7 @@ def generate_reference(
     equilibrate_ps: float = 20.0,
     platform: str = "Reference",
     progress: bool = True,
+    restrain: str | None = None,
 ) -> dict[str, Path]:
     """Run Langevin MD of a built-in system and write ``<name>.pdb``, ``<name>.dcd``,
     ``<name>_system.xml`` (the AA System) and ``<name>.json`` (run metadata, constraints).
@@ -235,6 +336,10 @@ def generate_reference(
         same platform.
     save_every_ps
         Frame interval in ps.
+    restrain
+        A basin name of :data:`BASIN_WINDOWS`: hold every residue's (phi, psi) in that basin with
+        :func:`basin_restraint` (backmapper training data for rare basins). The written System XML
+        is the unrestrained one; the JSON records the restraint.
 
     Returns
     -------
@@ -250,6 +355,14 @@ def generate_reference(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     topology, system, positions = builtin_system(name)
+    system_xml = openmm.XmlSerializer.serialize(system)
+    restraint = None
+    if restrain is not None:
+        force, restraint = basin_restraint(topology, restrain)
+        force.setForceGroup(31)  # left out of the recorded potential energies
+        system = openmm.XmlSerializer.deserialize(system_xml)
+        system.addForce(force)
+    energy_groups = set(range(31)) if restrain is not None else -1
     dt = timestep_fs * unit.femtoseconds
     integrator = openmm.LangevinMiddleIntegrator(
         temperature * unit.kelvin, friction_per_ps / unit.picosecond, dt
@@ -272,7 +385,7 @@ def generate_reference(
     state = sim.context.getState(getPositions=True)
     with open(paths["pdb"], "w") as fh:
         app.PDBFile.writeFile(topology, state.getPositions(), fh, keepIds=True)
-    paths["system"].write_text(openmm.XmlSerializer.serialize(system))
+    paths["system"].write_text(system_xml)
     energies = np.empty(n_frames)
     start = time.perf_counter()
     with open(paths["dcd"], "wb") as fh:
@@ -280,7 +393,7 @@ def generate_reference(
         bar = tqdm(range(n_frames), desc=f"reference {name}", unit="ps", disable=not progress)
         for k in bar:
             sim.step(steps_per_frame)
-            state = sim.context.getState(getPositions=True, getEnergy=True)
+            state = sim.context.getState(getPositions=True, getEnergy=True, groups=energy_groups)
             energies[k] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
             if not np.isfinite(energies[k]):
                 raise RuntimeError(f"reference MD of {name} blew up at frame {k} (energy {energies[k]})")
@@ -302,6 +415,7 @@ def generate_reference(
         "wall_seconds": wall,
         "openmm_version": openmm.__version__,
         "constraints": [list(c) for c in constraints_from_system(system)],
+        "restraint": restraint,
     }
     paths["json"].write_text(json.dumps(meta, indent=1) + "\n")
     return paths

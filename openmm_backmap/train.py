@@ -21,7 +21,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -518,14 +518,18 @@ def detect_constraints(traj, tol: float = 1e-4) -> list[tuple[int, int, float]]:
     return [(int(i), int(j), float(m)) for (i, j), s, m in zip(pairs, std, mean) if s < tol]
 
 
-def _previous_index(frames: np.ndarray) -> np.ndarray:
+def _previous_index(frames: np.ndarray, first: np.ndarray | None = None) -> np.ndarray:
+    """Position in ``frames`` of each frame's predecessor (-1 when it is not in ``frames``, or when
+    ``first[f]`` marks frame f as the first of its trajectory)."""
     pos = {int(f): i for i, f in enumerate(frames)}
-    return np.array([pos.get(int(f) - 1, -1) for f in frames], dtype=np.int64)
+    return np.array(
+        [-1 if first is not None and first[int(f)] else pos.get(int(f) - 1, -1) for f in frames], dtype=np.int64
+    )
 
 
 def train_from_files(
     topology: str,
-    trajectory: str,
+    trajectory: str | Sequence[str],
     mapping: str,
     out: str | Path,
     epochs: int = 30,
@@ -549,19 +553,28 @@ def train_from_files(
 ) -> dict:
     """What ``openmm-backmap train`` does: load, split, fit, ML-train, energy-refine, checkpoint.
 
-    Validation frames are contiguous time blocks (``data.block_split``); constraints come from the
-    AA System when given, else from bonds whose length does not vary in the trajectory. Energy
-    refinement runs when ``aa_system`` is given and ``energy_steps > 0``.
+    ``trajectory`` may be several files of the same topology (e.g. an unrestrained run plus runs
+    restrained to rare basins by ``openmm-backmap reference --restrain``); a restrained run is
+    accepted only when every restrained atom is a CG bead by itself, so that p(x | X) is unbiased.
+    Validation frames are contiguous time blocks of each file (``data.block_split``); constraints
+    come from the AA System when given, else from bonds whose length does not vary in the data.
+    Energy refinement runs when ``aa_system`` is given and ``energy_steps > 0``.
     """
-    from openmm_backmap.data import block_split, load_trajectory
+    from openmm_backmap.data import block_split, check_restraint_for_mapping, load_trajectory
     from openmm_backmap.mapping import CGMapping
 
     torch.manual_seed(seed)
     np.random.seed(seed)
-    traj = load_trajectory(trajectory, topology)
-    if stride > 1:
-        traj = traj[::stride]
-    cg_map = CGMapping.from_spec(mapping, traj.topology)
+    files = [trajectory] if isinstance(trajectory, (str, Path)) else list(trajectory)
+    if not files:
+        raise ValueError("no trajectory given")
+    parts = [load_trajectory(f, topology, stride=stride) for f in files]
+    cg_map = CGMapping.from_spec(mapping, parts[0].topology)
+    for f in files:
+        check_restraint_for_mapping(f, cg_map)
+    traj = parts[0].join(parts[1:], check_topology=True) if len(parts) > 1 else parts[0]
+    first = np.zeros(traj.n_frames, dtype=bool)
+    first[np.cumsum([0] + [p.n_frames for p in parts[:-1]])] = True
     system_xml = None
     if aa_system is not None:
         from openmm_backmap.data import constraints_from_system
@@ -576,7 +589,14 @@ def train_from_files(
         system_xml = Path(aa_system).read_text()
     else:
         constraints = detect_constraints(traj)
-    split = block_split(traj.n_frames, (1.0 - val_fraction, val_fraction, 0.0), n_blocks=10, seed=seed)
+    split = {"train": [], "val": []}
+    offset = 0
+    for part in parts:
+        one = block_split(part.n_frames, (1.0 - val_fraction, val_fraction, 0.0), n_blocks=10, seed=seed)
+        for key in split:
+            split[key].append(one[key] + offset)
+        offset += part.n_frames
+    split = {key: np.concatenate(v) for key, v in split.items()}
     x = traj.xyz.astype(np.float64)
     X = cg_map.project(x)
     tr, va = split["train"], split["val"]
@@ -596,8 +616,8 @@ def train_from_files(
     )
     spec = make_spec(model, temperature, x[0], system_xml)
     log(f"model: {model.dim} internal DOF, {sum(p.numel() for p in model.parameters())} parameters")
-    train_set = (x[tr], X[tr], _previous_index(tr)) if temporal else (x[tr], X[tr])
-    val_set = (x[va], X[va], _previous_index(va)) if temporal else (x[va], X[va])
+    train_set = (x[tr], X[tr], _previous_index(tr, first)) if temporal else (x[tr], X[tr])
+    val_set = (x[va], X[va], _previous_index(va, first)) if temporal else (x[va], X[va])
     ml = train_ml(
         model,
         spec,
@@ -639,7 +659,7 @@ def train_from_files(
         log(f"energy refinement: {en['steps']} steps, best validation reverse KL {en['best_val_kl']:.3f}")
         summary["energy"] = {k: v for k, v in en.items() if k != "history"}
     spec["training"]["data"] = {
-        "trajectory": str(trajectory),
+        "trajectory": str(files[0]) if len(files) == 1 else [str(f) for f in files],
         "n_frames": int(traj.n_frames),
         "stride": int(stride),
         "n_train": int(len(tr)),

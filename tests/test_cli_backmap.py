@@ -190,3 +190,26 @@ def test_train_rejects_a_system_for_another_molecule(workdir, capsys, tmp_path):
     )
     assert rc == 2
     assert "5 particles" in capsys.readouterr().err
+
+
+def test_train_on_several_trajectories_with_a_restrained_run(tmp_path, capsys):
+    from openmm_backmap.data import generate_reference
+    from openmm_backmap.train import _previous_index, read_checkpoint
+
+    ref = ala2_reference()
+    rest = generate_reference("ala2", 0.02, tmp_path / "aR", seed=5, save_every_ps=0.2, equilibrate_ps=2.0,
+                              progress=False, restrain="alpha_R")
+    (tmp_path / "groups.json").write_text(json.dumps({"groups": GROUPS}))
+    common = ["train", "--topology", str(ref["pdb"]), "--trajectory", str(ref["dcd"]), str(rest["dcd"]),
+              "--epochs", "1", "--stride", "5", "--hidden", "16", "--layers", "2", "--no-progress", "--temporal"]
+    rc = main(common + ["--mapping", str(tmp_path / "groups.json"), "--out", str(tmp_path / "m.ckpt")])
+    assert rc == 0
+    data = read_checkpoint(tmp_path / "m.ckpt")["spec"]["training"]["data"]
+    assert data["trajectory"] == [str(ref["dcd"]), str(rest["dcd"])] and data["n_frames"] == 200 + 20
+    # the residue centres of mass do not fix phi and psi: the restrained run would bias x|X
+    rc = main(common + ["--mapping", "residue-com", "--out", str(tmp_path / "bad.ckpt")])
+    assert rc == 2 and "not CG beads by themselves" in capsys.readouterr().err
+    assert not (tmp_path / "bad.ckpt").exists()
+    # the temporal model's predecessors never cross from one file into the next
+    first = np.array([True, False, False, True, False])
+    assert _previous_index(np.array([0, 1, 2, 3, 4]), first).tolist() == [-1, 0, 1, -1, 3]

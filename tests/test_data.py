@@ -8,11 +8,17 @@ import pytest
 
 from openmm_backmap.cli import main
 from openmm_backmap.data import (
+    BASIN_WINDOWS,
     backbone_dihedrals,
     basin_indicators,
+    basin_restraint,
     block_split,
+    check_restraint_for_mapping,
+    generate_reference,
     load_trajectory,
     make_pairs,
+    reference_restraint,
+    require_unrestrained,
 )
 from openmm_backmap.mapping import CGMapping
 
@@ -125,3 +131,79 @@ def test_load_trajectory_errors(tmp_path, reference):
 def test_reference_cli_rejects_bad_length(tmp_path, capsys):
     assert main(["reference", "ala2", "--ns", "0", "--out", str(tmp_path)]) == 2
     assert "--ns must be positive" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- restrained runs
+@pytest.fixture(scope="module")
+def restrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("restrained")
+    return generate_reference("ala2", 0.02, out, seed=4, save_every_ps=0.1, equilibrate_ps=2.0, progress=False,
+                              restrain="alpha_R")
+
+
+def test_basin_restraint_is_flat_inside_and_harmonic_outside(restrained):
+    import openmm
+    from openmm import app
+
+    ref_top = app.PDBFile(str(restrained["pdb"])).topology
+    force, info = basin_restraint(ref_top, "alpha_R", k_kjmol_rad2=100.0)
+    assert info["torsions"] == [[4, 6, 8, 14], [6, 8, 14, 16]] and info["atoms"] == [4, 6, 8, 14, 16]
+    # evaluate the expression on a 4-particle system with a chosen dihedral
+    system = openmm.System()
+    for _ in range(4):
+        system.addParticle(1.0)
+    one = openmm.CustomTorsionForce(force.getEnergyFunction())
+    for name in ("k", "theta0", "w"):
+        one.addPerTorsionParameter(name)
+    centre, half = BASIN_WINDOWS["alpha_R"][0]
+    one.addTorsion(0, 1, 2, 3, [100.0, np.radians(centre), np.radians(half)])
+    system.addForce(one)
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+
+    def energy(deg):
+        t = np.radians(deg)
+        ctx.setPositions([[1, 0, 0], [0, 0, 0], [0, 0, 1], [np.cos(t), np.sin(t), 1.0]])
+        return ctx.getState(getEnergy=True).getPotentialEnergy()._value
+
+    for inside in (centre, centre + half - 1, centre - half + 1):
+        assert energy(inside) == pytest.approx(0.0, abs=1e-9)
+    for outside in (centre + half + 20, centre - half - 20, centre + 180):  # periodic distance
+        d = min(abs(outside - centre), 360 - abs(outside - centre))
+        expected = 100.0 * np.radians(d - half) ** 2
+        assert abs(energy(outside)) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="unknown basin"):
+        basin_restraint(ref_top, "beta")
+
+
+def test_restrained_reference_stays_in_basin_and_records_it(restrained):
+    traj = md.load(str(restrained["dcd"]), top=str(restrained["pdb"]))
+    phi, psi = backbone_dihedrals(traj)
+    assert basin_indicators(phi[:, 0], psi[:, 0])["alpha_R"].all()
+    meta = json.loads(restrained["json"].read_text())
+    assert meta["restraint"]["basin"] == "alpha_R" and reference_restraint(restrained["dcd"]) == meta["restraint"]
+    # the System written is the unrestrained one (it defines U_AA for training and reweighting)
+    assert "CustomTorsionForce" not in restrained["system"].read_text()
+    with pytest.raises(ValueError, match="alpha_R restraint"):
+        require_unrestrained(restrained["dcd"], "as a reference ensemble")
+
+
+def test_restrained_run_accepted_only_when_restrained_atoms_are_beads(restrained):
+    top = md.load_topology(str(restrained["pdb"]))
+    six = CGMapping(top, [[4], [6], [8], [10], [14], [16]])
+    check_restraint_for_mapping(restrained["dcd"], six)
+    missing_psi_n = CGMapping(top, [[4], [6], [8], [10], [14]])
+    with pytest.raises(ValueError, match=r"atoms \[16\] that are not CG beads"):
+        check_restraint_for_mapping(restrained["dcd"], missing_psi_n)
+    coms = CGMapping.from_preset(top, "residue-com")
+    with pytest.raises(ValueError, match="not CG beads by themselves"):
+        check_restraint_for_mapping(restrained["dcd"], coms)
+
+
+def test_reference_cli_restrain_and_train_cg_refuses_it(tmp_path, restrained, capsys):
+    rc = main(["reference", "ala2", "--ns", "0.002", "--restrain", "alpha_L", "--out", str(tmp_path / "l"),
+               "--save-every-ps", "0.5"])
+    assert rc == 0
+    assert json.loads((tmp_path / "l" / "ala2.json").read_text())["restraint"]["basin"] == "alpha_L"
+    rc = main(["train-cg", "--topology", str(restrained["pdb"]), "--trajectory", str(restrained["dcd"]),
+               "--mapping", "backbone", "--epochs", "1", "--out", str(tmp_path / "cg.ckpt"), "--no-progress"])
+    assert rc == 2 and "biases the ensemble" in capsys.readouterr().err
