@@ -332,6 +332,12 @@ def _add_hybrid(sub) -> None:
     p.add_argument("--temperature", type=float, help="kelvin (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--platform", default="Reference", help="OpenMM platform (default Reference)")
+    p.add_argument("--chains", type=int, default=1,
+                   help="independent chains advanced together with batched model and energy calls (flow kernel; "
+                   "default 1)")
+    p.add_argument("--save-every", type=int, default=1, help="write frames every N iterations (default 1)")
+    p.add_argument("--burn-in", type=float, default=0.1,
+                   help="fraction of iterations left out of the summary with --chains > 1 (default 0.1)")
     p.set_defaults(func=_cmd_hybrid)
 
 
@@ -342,7 +348,8 @@ def _cmd_hybrid(args) -> int:
 
     summary = run_hybrid(args.model, args.cg_model, args.start, args.iterations, args.out, aa_system=args.aa_system,
                          kernel=args.kernel, langevin_steps=args.langevin_steps, attempts=args.attempts,
-                         temperature=args.temperature, seed=args.seed, platform=args.platform)
+                         temperature=args.temperature, seed=args.seed, platform=args.platform, chains=args.chains,
+                         save_every=args.save_every, burn_in=args.burn_in)
     print(json.dumps(summary, indent=1))
     return 0
 

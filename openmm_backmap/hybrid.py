@@ -203,6 +203,162 @@ class ResolutionMove(mcmc.MCMCMove):
         sampler_state.positions = x * unit.nanometer
 
 
+# ---------------------------------------------------------------------------- many chains at once
+def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` rotation matrices (n, 3, 3) drawn uniformly from SO(3) (unit quaternions from normal
+    four-vectors)."""
+    q = rng.normal(size=(n, 4))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    w, x, y, z = q.T
+    return np.stack([
+        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
+        np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
+        np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
+    ], 1)
+
+
+class BatchedHybridSampler:
+    """``n_chains`` independent hybrid chains advanced together, so that every model and energy
+    call is one batch instead of ``n_chains`` batch-1 calls.
+
+    Each :meth:`step` is, for every chain, optional AA Langevin dynamics (``langevin_steps``, fresh
+    Maxwell-Boltzmann velocities, one OpenMM Context reused across chains) followed by one
+    resolution move with the CG-flow kernel: X' ~ q_CG (rotated uniformly and placed on the chain's
+    centroid when ``rigid``), x' ~ q(. | X'), accepted with
+
+        log a = [-u(x') - log q(x'|X') - log q_CG(X')] - [-u(x) - log q(x|X) - log q_CG(X)].
+
+    Every chain is a valid Markov chain for exp(-u) on its own: the batch changes the cost, not the
+    statistics. u is beta U_AA from ``energy`` (a batched module such as
+    :func:`openmm_backmap.energies.aa_energy`, float64), so the AA System needs no OpenMM round
+    trip per sample.
+
+    Parameters
+    ----------
+    backmapper
+        The model file's interface: ``sample(cg, n)`` and ``log_prob(aa, cg)`` on torch tensors.
+    cg_model
+        A CG flow with ``sample(n) -> (X, log_q)`` and ``log_prob(X)`` (a CG potential model file).
+    mapping
+        The CG mapping or its (n_cg, n_aa) matrix.
+    energy
+        U_AA(x[B, n_aa, 3] nm) -> [B] kJ/mol.
+    x0
+        Starting AA positions (n_aa, 3) nm, shared by all chains, or (n_chains, n_aa, 3).
+    system
+        The AA openmm.System, needed only when ``langevin_steps > 0``.
+    """
+
+    def __init__(self, backmapper: Any, cg_model: Any, mapping: Any, energy: Any, x0: np.ndarray, n_chains: int,
+                 temperature: float, rigid: bool = True, langevin_steps: int = 0, system: Any = None,
+                 timestep_fs: float = 2.0, collision_rate: float = 1.0, platform: str = "Reference",
+                 seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+        from openmm_backmap.energies import kT
+
+        if n_chains < 1:
+            raise ValueError(f"n_chains must be positive, got {n_chains}")
+        self.backmapper = backmapper
+        self.cg_model = cg_model
+        self.matrix = _matrix(mapping)
+        self.energy = energy
+        self.n_chains = int(n_chains)
+        self.beta = 1.0 / kT(temperature)
+        self.temperature = float(temperature)
+        self.rigid = bool(rigid)
+        self.dtype = dtype
+        self.rng = np.random.default_rng(seed)
+        torch.manual_seed(seed)
+        x0 = np.asarray(x0, dtype=np.float64)
+        if x0.ndim == 2:
+            x0 = np.repeat(x0[None], self.n_chains, axis=0)
+        if x0.shape != (self.n_chains, self.matrix.shape[1], 3):
+            raise ValueError(f"starting positions have shape {x0.shape}; expected ({self.n_chains}, "
+                             f"{self.matrix.shape[1]}, 3) or ({self.matrix.shape[1]}, 3)")
+        if not np.all(np.isfinite(x0)):
+            raise ValueError("the starting positions contain NaN or infinite values")
+        self.langevin_steps = int(langevin_steps)
+        self._context = None
+        if self.langevin_steps > 0:
+            import openmm
+
+            if system is None:
+                raise ValueError("langevin_steps > 0 needs the AA System")
+            integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, collision_rate / unit.picosecond,
+                                                         timestep_fs * unit.femtoseconds)
+            integrator.setRandomNumberSeed(int(self.rng.integers(1, 2**30)))
+            self._context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName(platform))
+        self.x = x0
+        self.n_proposed = 0
+        self.n_accepted = 0
+        self._refresh()
+
+    def _u(self, x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.beta * self.energy(torch.as_tensor(x, dtype=torch.float64)).double().numpy()
+
+    def _refresh(self) -> None:
+        """Reduced energies and log densities of the current states."""
+        X = np.einsum("ca,naj->ncj", self.matrix, self.x)
+        with torch.no_grad():
+            self.log_q = self.backmapper.log_prob(torch.as_tensor(self.x, dtype=self.dtype),
+                                                  torch.as_tensor(X, dtype=self.dtype)).double().numpy()
+            self.log_q_cg = self.cg_model.log_prob(torch.as_tensor(X)).double().numpy()
+        self.u = self._u(self.x)
+
+    def _langevin(self) -> None:
+        ctx = self._context
+        for c in range(self.n_chains):
+            ctx.setPositions(self.x[c])
+            ctx.setVelocitiesToTemperature(self.temperature * unit.kelvin, int(self.rng.integers(1, 2**30)))
+            ctx.getIntegrator().step(self.langevin_steps)
+            pos = ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+            self.x[c] = np.asarray(pos)
+        if not np.all(np.isfinite(self.x)):
+            raise RuntimeError("AA Langevin dynamics produced non-finite positions")
+
+    def step(self, attempts: int = 1) -> np.ndarray:
+        """One iteration of every chain: Langevin dynamics (when configured), then ``attempts``
+        resolution moves; returns how many resolution moves each chain accepted."""
+        if self._context is not None:
+            self._langevin()
+            self._refresh()
+        accepted = np.zeros(self.n_chains, dtype=np.int64)
+        for _ in range(int(attempts)):
+            accepted += self._resolution()
+        return accepted
+
+    def _resolution(self) -> np.ndarray:
+        n = self.n_chains
+        with torch.no_grad():
+            Xn, log_q_cg_new = self.cg_model.sample(n)
+        Xn = Xn.double().numpy()
+        if self.rigid:
+            centroid = np.einsum("ca,naj->nj", self.matrix, self.x) / self.matrix.shape[0]
+            Xn = np.einsum("nij,ncj->nci", random_rotations(n, self.rng), Xn - Xn.mean(1, keepdims=True))
+            Xn += centroid[:, None, :]
+        with torch.no_grad():
+            xn_t, log_q_new = self.backmapper.sample(torch.as_tensor(Xn, dtype=self.dtype), 1)
+        xn = xn_t.double().numpy()
+        log_q_new = log_q_new.double().numpy()
+        log_q_cg_new = log_q_cg_new.double().numpy()
+        u_new = self._u(xn)
+        with np.errstate(invalid="ignore"):  # inf - inf: both states impossible, refused below
+            log_a = (-u_new - log_q_new - log_q_cg_new) - (-self.u - self.log_q - self.log_q_cg)
+        log_a = np.where(np.isnan(log_a), -np.inf, log_a)
+        accept = np.log(self.rng.uniform(size=n)) < np.minimum(log_a, 0.0)
+        self.x[accept] = xn[accept]
+        self.u[accept] = u_new[accept]
+        self.log_q[accept] = log_q_new[accept]
+        self.log_q_cg[accept] = log_q_cg_new[accept]
+        self.n_proposed += n
+        self.n_accepted += int(accept.sum())
+        return accept
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.n_accepted / max(self.n_proposed, 1)
+
+
 # ---------------------------------------------------------------------------- a whole run
 def block_average(values: np.ndarray, n_blocks: int = 10) -> tuple[float, float]:
     """Mean of a time series and its standard error from ``n_blocks`` contiguous block means."""
@@ -245,10 +401,19 @@ def run_hybrid(
     seed: int = 0,
     platform: str = "Reference",
     progress: bool = True,
+    chains: int = 1,
+    save_every: int = 1,
+    burn_in: float = 0.1,
 ) -> dict:
     """Run the hybrid chain: per iteration ``langevin_steps`` of AA Langevin dynamics, then
     ``attempts`` resolution moves. Writes ``trajectory.dcd`` (one AA frame per iteration),
     ``acceptance.csv`` (one row per resolution attempt) and ``summary.json``; returns the summary.
+
+    With ``chains > 1`` (CG-flow kernel only) that many chains run together in a
+    :class:`BatchedHybridSampler`: ``trajectory.dcd`` holds every chain's frame (chain-major within
+    an iteration) every ``save_every`` iterations, ``acceptance.csv`` one row per iteration, and
+    ``basins.csv`` the fraction of chains in each basin per iteration; the summary's populations
+    leave out the first ``burn_in`` fraction of iterations (all chains start from ``start``).
 
     Parameters
     ----------
@@ -299,6 +464,12 @@ def run_hybrid(
         raise ValueError(f"the CG model has {cg_meta['n_beads']} beads but the backmapper expects {bm.n_cg}")
     temperature = float(temperature if temperature is not None else bm.temperature)
     rng_seed = int(seed)
+    if chains > 1:
+        if kernel != "flow":
+            raise ValueError(f"chains > 1 runs the CG-flow kernel only (the {kernel!r} kernel is one chain at a time)")
+        return _run_batched(bm, system, pdb.topology, x0, cg_module, out, iterations, chains, attempts,
+                            langevin_steps, timestep_fs, collision_rate, temperature, rng_seed, platform, progress,
+                            save_every, burn_in)
     if kernel == "flow":
         cg_kernel = CGFlowKernel(cg_module, rigid=not system.usesPeriodicBoundaryConditions())
     elif kernel == "hmc":
@@ -356,5 +527,77 @@ def run_hybrid(
         summary["basins"] = basin_populations(traj)
     except ValueError:
         pass  # not a peptide: no (phi, psi)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _run_batched(bm, system, topology, x0, cg_module, out, iterations, chains, attempts, langevin_steps, timestep_fs,
+                 collision_rate, temperature, seed, platform, progress, save_every, burn_in) -> dict:
+    """run_hybrid with ``chains`` chains in a :class:`BatchedHybridSampler`."""
+    import csv
+    import json
+    import time
+
+    import mdtraj as md
+    from openmm import app
+    from tqdm.auto import tqdm
+
+    from openmm_backmap.data import BASINS, backbone_torsions, basin_indicators
+    from openmm_backmap.energies import aa_energy
+
+    if save_every < 1:
+        raise ValueError(f"save_every must be positive, got {save_every}")
+    if not 0.0 <= burn_in < 1.0:
+        raise ValueError(f"burn_in must be a fraction in [0, 1), got {burn_in}")
+    sampler = BatchedHybridSampler(bm, cg_module, bm.mapping, aa_energy(system), x0, chains, temperature,
+                                   rigid=not system.usesPeriodicBoundaryConditions(), langevin_steps=langevin_steps,
+                                   system=system, timestep_fs=timestep_fs, collision_rate=collision_rate,
+                                   platform=platform, seed=seed)
+    try:
+        torsions = np.asarray(backbone_torsions(topology), dtype=np.int64)
+    except ValueError:
+        torsions = None  # not a peptide: no basins
+    md_top = md.Topology.from_openmm(topology)
+    fractions = np.zeros((iterations, len(BASINS)))
+    start_time = time.perf_counter()
+    with (open(out / "trajectory.dcd", "wb") as dcd_fh, open(out / "acceptance.csv", "w", newline="") as acc_fh,
+          open(out / "basins.csv", "w", newline="") as basin_fh):
+        dcd = app.DCDFile(dcd_fh, topology, timestep_fs * unit.femtoseconds, 0, max(langevin_steps, 1) * save_every)
+        acc = csv.writer(acc_fh)
+        acc.writerow(["iteration", "chains", "attempts", "accepted"])
+        basins = csv.writer(basin_fh)
+        basins.writerow(["iteration", *BASINS])
+        for it in tqdm(range(iterations), desc=f"hybrid x{chains}", unit="it", disable=not progress):
+            accepted = sampler.step(attempts)
+            acc.writerow([it, chains, attempts, int(accepted.sum())])
+            if torsions is not None:
+                ang = np.degrees(md.compute_dihedrals(md.Trajectory(sampler.x.astype(np.float32), md_top), torsions))
+                ind = basin_indicators(ang[:, 0::2], ang[:, 1::2])
+                fractions[it] = [ind[b].mean() for b in BASINS]
+                basins.writerow([it, *(f"{v:.6g}" for v in fractions[it])])
+            if it % save_every == 0:
+                for c in range(chains):
+                    dcd.writeModel(sampler.x[c] * unit.nanometer)
+                dcd_fh.flush()
+            acc_fh.flush()
+    wall = time.perf_counter() - start_time
+    first = int(round(burn_in * iterations))
+    summary: dict[str, Any] = {
+        "iterations": int(iterations),
+        "chains": int(chains),
+        "kernel": "flow",
+        "langevin_steps_per_iteration": int(langevin_steps),
+        "resolution_attempts_per_iteration": int(attempts),
+        "acceptance_rate": sampler.acceptance_rate,
+        "temperature_K": float(temperature),
+        "wall_seconds": wall,
+        "burn_in_iterations": first,
+        "samples": int((iterations - first) * chains),
+    }
+    if torsions is not None:
+        summary["basins"] = {}
+        for k, name in enumerate(BASINS):
+            mean, err = block_average(fractions[first:, k], 10)
+            summary["basins"][name] = {"population": mean, "error": err}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

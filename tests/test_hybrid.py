@@ -16,7 +16,13 @@ from openmm import unit
 
 from openmm_backmap._compat import import_openmmtools
 from openmm_backmap.energies import kT
-from openmm_backmap.hybrid import CGFlowKernel, CGHamiltonianKernel, ResolutionMove
+from openmm_backmap.hybrid import (
+    BatchedHybridSampler,
+    CGFlowKernel,
+    CGHamiltonianKernel,
+    ResolutionMove,
+    random_rotations,
+)
 
 import_openmmtools()
 from openmmtools import cache, mcmc, states  # noqa: E402
@@ -157,6 +163,58 @@ def test_wrong_atom_count_is_refused():
         ResolutionMove(ToyBackmapper(s=0.1), np.array([[0.5, 0.6]]), CGFlowKernel(ToyCGFlow(0.2)))
 
 
+# ---------------------------------------------------------------------------- many chains at once
+def _toy_energy(x):
+    """U(x) of :func:`_aa_system` for a batch (B, 2, 3), kJ/mol."""
+    return 0.5 * K1 * (x[:, 0] ** 2).sum(-1) + 0.5 * K2 * ((x[:, 1] - x[:, 0]) ** 2).sum(-1)
+
+
+def test_toy_energy_matches_the_openmm_system():
+    x = np.random.default_rng(0).normal(scale=0.2, size=(2, 3))
+    ctx = openmm.Context(_aa_system(), openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    ctx.setPositions(x)
+    expected = ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    assert float(_toy_energy(torch.as_tensor(x[None]))[0]) == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("langevin_steps", [0, 5])
+def test_batched_chains_are_exact(langevin_steps):
+    n_chains, n_iter, burn = 64, 300, 20
+    sampler = BatchedHybridSampler(ToyBackmapper(s=0.15), ToyCGFlow(sigma=0.35), np.array([[0.5, 0.5]]),
+                                   _toy_energy, np.zeros((2, 3)) + 0.05, n_chains, T, rigid=False,
+                                   langevin_steps=langevin_steps, system=_aa_system(), timestep_fs=5.0,
+                                   seed=5, dtype=torch.float64)
+    xs = np.empty((n_iter, n_chains, 2, 3))
+    for i in range(n_iter):
+        sampler.step()
+        xs[i] = sampler.x
+    assert sampler.n_proposed == n_iter * n_chains and 0.05 < sampler.acceptance_rate < 0.95
+    _check_moments(xs[burn:].reshape(-1, 2, 3))
+
+
+def test_batched_chains_keep_their_own_state():
+    # a proposal that is always refused (infinite energy) leaves every chain where it was
+    x0 = np.random.default_rng(1).normal(scale=0.1, size=(8, 2, 3))
+    sampler = BatchedHybridSampler(ToyBackmapper(s=0.15), ToyCGFlow(sigma=0.35), np.array([[0.5, 0.5]]),
+                                   lambda x: torch.full((x.shape[0],), math.inf, dtype=x.dtype), x0, 8, T,
+                                   rigid=False, dtype=torch.float64)
+    assert not sampler.step().any() and np.array_equal(sampler.x, x0)
+    with pytest.raises(ValueError, match="starting positions have shape"):
+        BatchedHybridSampler(ToyBackmapper(s=0.15), ToyCGFlow(0.3), np.array([[0.5, 0.5]]), _toy_energy,
+                             np.zeros((3, 3)), 4, T)
+    with pytest.raises(ValueError, match="langevin_steps > 0 needs the AA System"):
+        BatchedHybridSampler(ToyBackmapper(s=0.15), ToyCGFlow(0.3), np.array([[0.5, 0.5]]), _toy_energy,
+                             np.zeros((2, 3)), 4, T, langevin_steps=3)
+
+
+def test_random_rotations_are_uniform_rotations():
+    r = random_rotations(20000, np.random.default_rng(2))
+    assert np.allclose(r @ r.transpose(0, 2, 1), np.eye(3), atol=1e-12)
+    assert np.allclose(np.linalg.det(r), 1.0)
+    # Haar measure: E[R] = 0 and E[R_ij^2] = 1/3
+    assert np.abs(r.mean(0)).max() < 0.02 and np.abs((r**2).mean(0) - 1 / 3).max() < 0.01
+
+
 # ---------------------------------------------------------------------------- whole runs
 @pytest.mark.parametrize("kernel", ["flow", "hmc"])
 def test_run_hybrid_writes_trajectory_log_and_summary(tiny_ala2, tiny_cg, tmp_path, kernel):
@@ -192,3 +250,37 @@ def test_run_hybrid_refuses_mismatched_inputs(tiny_ala2, tiny_cg, tmp_path):
         run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], 1, tmp_path / "r", kernel="gibbs")
     with pytest.raises(ValueError, match="not a CG-potential model file"):
         run_hybrid(tiny_ala2["model"], tiny_ala2["model"], tiny_ala2["paths"]["pdb"], 1, tmp_path / "r")
+
+
+def test_run_hybrid_with_batched_chains(tiny_ala2, tiny_cg, tmp_path):
+    import json
+
+    import mdtraj as md
+
+    from openmm_backmap.cli import main
+    from openmm_backmap.data import BASINS, backbone_dihedrals, basin_indicators
+
+    out = tmp_path / "batched"
+    code = main(["hybrid", "--model", str(tiny_ala2["model"]), "--cg-model", str(tiny_cg), "--start",
+                 str(tiny_ala2["paths"]["pdb"]), "--iterations", "6", "--out", str(out), "--chains", "5",
+                 "--langevin-steps", "4", "--attempts", "2", "--save-every", "2", "--burn-in", "0.5"])
+    assert code == 0
+    traj = md.load(str(out / "trajectory.dcd"), top=str(tiny_ala2["paths"]["pdb"]))
+    assert traj.n_frames == 3 * 5 and np.all(np.isfinite(traj.xyz))
+    acc = np.loadtxt(out / "acceptance.csv", delimiter=",", skiprows=1)
+    assert acc.shape == (6, 4) and np.all(acc[:, 1] == 5) and np.all((0 <= acc[:, 3]) & (acc[:, 3] <= 10))
+    fractions = np.loadtxt(out / "basins.csv", delimiter=",", skiprows=1)
+    assert np.allclose(fractions[:, 1:].sum(1), 1.0)
+    # the basin log agrees with the frames written at iterations 0, 2, 4
+    phi, psi = backbone_dihedrals(traj)
+    ind = basin_indicators(phi[:, 0], psi[:, 0])
+    for k, name in enumerate(BASINS):
+        assert np.allclose(ind[name].reshape(3, 5).mean(1), fractions[0::2, 1 + k], atol=1e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["chains"] == 5 and summary["burn_in_iterations"] == 3 and summary["samples"] == 15
+    assert summary["acceptance_rate"] == pytest.approx(acc[:, 3].sum() / 60)
+    assert abs(sum(v["population"] for v in summary["basins"].values()) - 1.0) < 1e-9
+    with pytest.raises(ValueError, match="CG-flow kernel only"):
+        from openmm_backmap.hybrid import run_hybrid
+
+        run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], 1, tmp_path / "h", kernel="hmc", chains=2)
