@@ -65,12 +65,13 @@ def rq_spline(
     knots = ch if inverse else cw
     idx = torch.sum((xc.unsqueeze(-1) >= knots[..., 1:n_bins]).to(torch.long), dim=-1, keepdim=True)
 
-    x_k = torch.gather(cw, -1, idx).squeeze(-1)
-    x_k1 = torch.gather(cw, -1, idx + 1).squeeze(-1)
-    y_k = torch.gather(ch, -1, idx).squeeze(-1)
-    y_k1 = torch.gather(ch, -1, idx + 1).squeeze(-1)
-    d_k = torch.gather(d, -1, idx).squeeze(-1)
-    d_k1 = torch.gather(d, -1, idx + 1).squeeze(-1)
+    # one gather of the bin's left and right knots (x, y, derivative) for every input
+    table = torch.cat([knots_xy, d.unsqueeze(-2)], dim=-2)  # (..., m, 3, K + 1)
+    pick = torch.cat([idx, idx + 1], dim=-1).unsqueeze(-2).expand(table.shape[:-1] + (2,))
+    ends = torch.gather(table, -1, pick)  # (..., m, 3, 2)
+    x_k, x_k1 = ends[..., 0, 0], ends[..., 0, 1]
+    y_k, y_k1 = ends[..., 1, 0], ends[..., 1, 1]
+    d_k, d_k1 = ends[..., 2, 0], ends[..., 2, 1]
     wk = x_k1 - x_k
     hk = y_k1 - y_k
     s = hk / wk
