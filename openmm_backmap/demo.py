@@ -44,9 +44,13 @@ class DemoSettings:
 
     The CG potential is a small flow (4 coupling layers of 32 hidden units) because every CG step
     evaluates it and its gradient once: its cost per step, not the reporter, sets the CG run's speed.
+    ``rare_basin_ns`` of MD restrained to alpha_R and to alpha_L join the backmapper's training data
+    (not the CG potential's): unbiased vacuum MD visits those basins a few times in 10,000, and the
+    reweighting of a CG run through them is only as good as the backmapper there.
     """
 
     reference_ns: float
+    rare_basin_ns: float
     epochs: int
     energy_steps: int
     layers: int
@@ -62,11 +66,11 @@ class DemoSettings:
 
     @classmethod
     def full(cls) -> "DemoSettings":
-        return cls(5.0, 8, 500, 6, 128, 60, 90.0, 4, 32, 40_000, 200, 4, 200)
+        return cls(5.0, 0.5, 8, 500, 6, 128, 60, 90.0, 4, 32, 40_000, 200, 4, 200)
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(1.0, 2, 60, 4, 64, 10, 20.0, 4, 32, 2_000, 100, 4, 40)
+        return cls(1.0, 0.05, 2, 60, 4, 64, 10, 20.0, 4, 32, 2_000, 100, 4, 40)
 
 
 class _Stages:
@@ -168,9 +172,12 @@ def run_demo(out: Path, quick: bool = False, seed: int = 1) -> int:
 
     def reference():
         p = generate_reference("ala2", settings.reference_ns, out / "reference", seed=seed)
-        return p, f"{settings.reference_ns:g} ns of alanine dipeptide at 300 K -> {p['dcd']}"
+        rare = [generate_reference("ala2", settings.rare_basin_ns, out / f"reference_{basin}", seed=seed,
+                                   restrain=basin, equilibrate_ps=5.0)["dcd"] for basin in ("alpha_R", "alpha_L")]
+        return (p, rare), (f"{settings.reference_ns:g} ns of alanine dipeptide at 300 K -> {p['dcd']}; "
+                           f"{settings.rare_basin_ns:g} ns restrained to each of alpha_R, alpha_L")
 
-    paths = stages.run("1. all-atom reference MD", reference)
+    paths, rare_dcds = stages.run("1. all-atom reference MD", reference)
     traj = load_trajectory(paths["dcd"], paths["pdb"])
 
     def mapping_stage():
@@ -179,11 +186,13 @@ def run_demo(out: Path, quick: bool = False, seed: int = 1) -> int:
         return mapping, f"{mapping.n_cg} beads ({', '.join(mapping.names)}) -> {out / 'mapping.json'}"
 
     mapping = stages.run("2. CG mapping", mapping_stage)
-    common = ["--topology", str(paths["pdb"]), "--trajectory", str(paths["dcd"]),
-              "--mapping", str(out / "mapping.json")]
+    # --trajectory last: the backmapper's training adds the restrained runs after it
+    common = ["--topology", str(paths["pdb"]), "--mapping", str(out / "mapping.json"),
+              "--trajectory", str(paths["dcd"])]
 
     def train_backmapper():
-        _cli("train", *common, "--aa-system", str(paths["system"]), "--epochs", str(settings.epochs),
+        _cli("train", *common, *map(str, rare_dcds), "--aa-system", str(paths["system"]),
+             "--epochs", str(settings.epochs),
              "--energy-steps", str(settings.energy_steps), "--layers", str(settings.layers),
              "--hidden", str(settings.hidden), "--seed", str(seed), "--out", str(models / "backmapper.ckpt"))
         return None, f"checkpoint {models / 'backmapper.ckpt'}"
