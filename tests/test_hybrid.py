@@ -7,6 +7,7 @@ distribution exactly, because the acceptance test corrects both.
 """
 
 import math
+from pathlib import Path
 
 import numpy as np
 import openmm
@@ -284,3 +285,46 @@ def test_run_hybrid_with_batched_chains(tiny_ala2, tiny_cg, tmp_path):
         from openmm_backmap.hybrid import run_hybrid
 
         run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], 1, tmp_path / "h", kernel="hmc", chains=2)
+
+
+# ---------------------------------------------------------------------------- ALA2 (slow)
+@pytest.mark.slow
+def test_ala2_hybrid_basin_populations_match_long_reference(tmp_path):
+    """256 batched hybrid chains (CG-flow kernel, resolution moves only) on alanine dipeptide in
+    vacuum: the C7eq, alpha_R and alpha_L populations agree with long AA MD within 0.3 kT.
+
+    Models: OPENMM_BACKMAP_DEMO (an `openmm-backmap demo` output directory) or the full demo run
+    here (about 11 minutes). Reference: OPENMM_BACKMAP_ALA2_REFERENCE, one or more directories
+    written by `openmm-backmap reference ala2` (os.pathsep-separated, pooled), or 100 ns generated
+    here (about 17 minutes). alpha_R and alpha_L each hold ~5e-4 of the population, so the
+    reference must be long: a 20 ns run has about ten frames in each and its own error is ~0.3 kT."""
+    import os
+
+    import mdtraj as md
+
+    from openmm_backmap.data import BASINS, generate_reference
+    from openmm_backmap.demo import run_demo
+    from openmm_backmap.hybrid import basin_populations, run_hybrid
+
+    demo = os.environ.get("OPENMM_BACKMAP_DEMO")
+    if demo is None:
+        demo = tmp_path / "demo"
+        assert run_demo(demo) == 0
+    demo = Path(demo)
+    refs = os.environ.get("OPENMM_BACKMAP_ALA2_REFERENCE")
+    if refs is None:
+        generate_reference("ala2", 100.0, tmp_path / "reference", seed=7, progress=False)
+        refs = str(tmp_path / "reference")
+    frames = [md.load(str(Path(d) / "ala2.dcd"), top=str(Path(d) / "ala2.pdb")) for d in refs.split(os.pathsep)]
+    reference = basin_populations(md.join(frames))
+    summary = run_hybrid(demo / "models" / "backmapper.pt", demo / "models" / "cg.pt",
+                         demo / "reference" / "ala2.pdb", 6000, tmp_path / "hybrid", langevin_steps=0, chains=256,
+                         save_every=6000, seed=21, progress=False)
+    assert 0.2 < summary["acceptance_rate"] < 1.0
+    for basin in BASINS:
+        ref, hyb = reference[basin]["population"], summary["basins"][basin]["population"]
+        print(f"{basin}: reference {ref:.5f}, hybrid {hyb:.5f} +- {summary['basins'][basin]['error']:.5f}, "
+              f"dF {np.log(ref / hyb):+.3f} kT")
+    for basin in ("C7eq", "alpha_R", "alpha_L"):
+        ref, hyb = reference[basin]["population"], summary["basins"][basin]["population"]
+        assert hyb > 0 and abs(np.log(hyb / ref)) <= 0.3, (basin, hyb, ref)
