@@ -65,13 +65,13 @@ def rq_spline(
     knots = ch if inverse else cw
     idx = torch.sum((xc.unsqueeze(-1) >= knots[..., 1:n_bins]).to(torch.long), dim=-1, keepdim=True)
 
-    # one gather of the bin's left and right knots (x, y, derivative) for every input
-    table = torch.cat([knots_xy, d.unsqueeze(-2)], dim=-2)  # (..., m, 3, K + 1)
-    pick = torch.cat([idx, idx + 1], dim=-1).unsqueeze(-2).expand(table.shape[:-1] + (2,))
-    ends = torch.gather(table, -1, pick)  # (..., m, 3, 2)
+    # the bin's left and right knots (x and y in one gather) and slopes for every input
+    pick = torch.cat([idx, idx + 1], dim=-1)  # (..., m, 2)
+    ends = torch.gather(knots_xy, -1, pick.unsqueeze(-2).expand(knots_xy.shape[:-1] + (2,)))  # (..., m, 2, 2)
+    slopes = torch.gather(d, -1, pick)
     x_k, x_k1 = ends[..., 0, 0], ends[..., 0, 1]
     y_k, y_k1 = ends[..., 1, 0], ends[..., 1, 1]
-    d_k, d_k1 = ends[..., 2, 0], ends[..., 2, 1]
+    d_k, d_k1 = slopes[..., 0], slopes[..., 1]
     wk = x_k1 - x_k
     hk = y_k1 - y_k
     s = hk / wk
