@@ -79,7 +79,10 @@ def _add_train_cg(sub) -> None:
         "turns into a TorchScript force model.",
     )
     p.add_argument("--topology", required=True, help="all-atom topology (PDB)")
-    p.add_argument("--trajectory", required=True, help="all-atom trajectory (DCD, XTC, HDF5, ...)")
+    p.add_argument("--trajectory", required=True, nargs="+", help="all-atom trajectories (DCD, XTC, HDF5, ...)")
+    p.add_argument("--allow-restrained", action="store_true",
+                   help="accept runs from `reference --restrain`: the potential then samples a broadened X "
+                   "distribution, a proposal for reweighting and hybrid sampling rather than the PMF")
     p.add_argument("--mapping", required=True,
                    help="ca | backbone | heavy-backbone | residue-com, or a groups JSON file")
     p.add_argument("--out", required=True, help="checkpoint to write (e.g. cg.ckpt)")
@@ -98,27 +101,36 @@ def _add_train_cg(sub) -> None:
 
 
 def _cmd_train_cg(args) -> int:
+    import numpy as np
     import torch
 
-    from openmm_backmap.data import load_trajectory, make_pairs, require_unrestrained
+    from openmm_backmap.data import load_trajectory, make_pairs, reference_restraint, require_unrestrained
     from openmm_backmap.mapping import CGMapping
     from openmm_backmap.potentials import CGFlowPotential, make_cg_spec, mean_nll, train_cg
 
-    require_unrestrained(args.trajectory, "as training data for a CG potential, which learns p(X)")
-    traj = load_trajectory(args.trajectory, args.topology, stride=args.stride)
-    mapping = CGMapping.from_spec(args.mapping, traj.topology)
-    pairs = make_pairs(traj, mapping, seed=args.seed)
+    if not args.allow_restrained:
+        for path in args.trajectory:
+            require_unrestrained(path, "as training data for a CG potential of mean force, which learns p(X) "
+                                 "(--allow-restrained trains a broadened proposal instead)")
+    parts = [load_trajectory(path, args.topology, stride=args.stride) for path in args.trajectory]
+    mapping = CGMapping.from_spec(args.mapping, parts[0].topology)
+    # train / validation / test blocks of each file, pooled
+    split = [make_pairs(part, mapping, seed=args.seed) for part in parts]
+    pairs = {name: np.concatenate([s[name].X for s in split]) for name in ("train", "val", "test")}
     model = CGFlowPotential.from_data(
-        pairs["train"].X, mapping.cg_bonds(), temperature=args.temperature, n_layers=args.layers,
+        pairs["train"], mapping.cg_bonds(), temperature=args.temperature, n_layers=args.layers,
         hidden=args.hidden, n_bins=args.bins, seed=args.seed,
     )
-    spec = make_cg_spec(model, mapping, traj.xyz[0])
+    spec = make_cg_spec(model, mapping, parts[0].xyz[0])
+    restrained = [r["basin"] for r in map(reference_restraint, args.trajectory) if r is not None]
+    spec["data"] = {"trajectories": [str(p) for p in args.trajectory], "restrained_basins": restrained,
+                    "potential_of_mean_force": not restrained}
     summary = train_cg(
-        model, spec, pairs["train"].X, pairs["val"].X, epochs=args.epochs, batch_size=args.batch_size,
+        model, spec, pairs["train"], pairs["val"], epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, checkpoint=args.out, progress=not args.no_progress,
         time_limit=args.time_limit,
     )
-    test_nll = mean_nll(model, torch.as_tensor(pairs["test"].X, dtype=torch.float32))
+    test_nll = mean_nll(model, torch.as_tensor(pairs["test"], dtype=torch.float32))
     print(f"{mapping.n_cg} beads, {model.dim} internal coordinates; best validation NLL "
           f"{summary['best_val_nll']:.3f} nats (epoch {summary['best_epoch']}), test NLL {test_nll:.3f}")
     print(f"checkpoint: {args.out}")

@@ -589,6 +589,7 @@ def export_cg(model: CGFlowPotential, spec: dict, path: str | Path | None = None
         },
         "model": {k: v for k, v in model.spec.items() if k != "priors"},
         "training": spec.get("training", {}),
+        "data": spec.get("data"),
         "priors": model.prior_parameters(),
     }
     extra = {"metadata.json": json.dumps(meta, indent=1), "cg_topology.pdb": spec.get("cg_topology_pdb") or ""}

@@ -207,3 +207,13 @@ def test_reference_cli_restrain_and_train_cg_refuses_it(tmp_path, restrained, ca
     rc = main(["train-cg", "--topology", str(restrained["pdb"]), "--trajectory", str(restrained["dcd"]),
                "--mapping", "backbone", "--epochs", "1", "--out", str(tmp_path / "cg.ckpt"), "--no-progress"])
     assert rc == 2 and "biases the ensemble" in capsys.readouterr().err
+    # explicitly allowed, it trains a broadened proposal and says so in the model file
+    rc = main(["train-cg", "--topology", str(restrained["pdb"]), "--trajectory", str(restrained["dcd"]),
+               str(tmp_path / "l" / "ala2.dcd"), "--mapping", "backbone", "--epochs", "1", "--layers", "2",
+               "--hidden", "8", "--allow-restrained", "--out", str(tmp_path / "cg.ckpt"), "--no-progress"])
+    assert rc == 0
+    assert main(["export", str(tmp_path / "cg.ckpt"), "-o", str(tmp_path / "cg.pt")]) == 0
+    from openmm_backmap.potentials import load_cg_potential
+
+    data = load_cg_potential(tmp_path / "cg.pt")[1]["data"]
+    assert data["restrained_basins"] == ["alpha_R", "alpha_L"] and data["potential_of_mean_force"] is False
