@@ -44,9 +44,11 @@ class DemoSettings:
 
     The CG potential is a small flow (4 coupling layers of 32 hidden units) because every CG step
     evaluates it and its gradient once: its cost per step, not the reporter, sets the CG run's speed.
-    ``rare_basin_ns`` of MD restrained to alpha_R and to alpha_L join the backmapper's training data
-    (not the CG potential's): unbiased vacuum MD visits those basins a few times in 10,000, and the
-    reweighting of a CG run through them is only as good as the backmapper there.
+    ``rare_basin_ns`` of MD restrained to alpha_R and to alpha_L join the training data of both
+    models: unbiased vacuum MD visits those basins a few times in 10,000. The backmapper's p(x | X) is
+    unbiased by them (the restrained atoms are beads). The CG potential becomes a broadened proposal
+    that visits the rare basins: the reweighting is exact for any CG potential, and its estimate of
+    a basin's population is only as good as the CG run's visits there.
     """
 
     reference_ns: float
@@ -200,7 +202,8 @@ def run_demo(out: Path, quick: bool = False, seed: int = 1) -> int:
     stages.run("3. train the backmapper (ML + energy refinement)", train_backmapper)
 
     def train_cg():
-        _cli("train-cg", *common, "--epochs", str(settings.cg_epochs), "--time-limit", str(settings.cg_time_limit),
+        _cli("train-cg", *common, *map(str, rare_dcds), "--allow-restrained", "--epochs", str(settings.cg_epochs),
+             "--time-limit", str(settings.cg_time_limit),
              "--layers", str(settings.cg_layers), "--hidden", str(settings.cg_hidden), "--seed", str(seed),
              "--out", str(models / "cg.ckpt"))
         return None, f"checkpoint {models / 'cg.ckpt'}"
