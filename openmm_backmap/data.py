@@ -435,17 +435,24 @@ def backbone_dihedrals(traj: md.Trajectory) -> tuple[np.ndarray, np.ndarray]:
     return np.degrees(phi[:, list(a)]), np.degrees(psi[:, list(b)])
 
 
+#: phi (degrees) above which a configuration belongs to the extended region across phi = 180
+PHI_WRAP = 130.0
+
+
 def basin_indicators(phi: np.ndarray, psi: np.ndarray) -> dict[str, np.ndarray]:
     """Boolean indicators of the :data:`BASINS` for (phi, psi) arrays in degrees; they partition
-    the plane.
+    the plane. phi >= :data:`PHI_WRAP` is first wrapped to phi - 360: the extended (C5) region
+    continues across phi = 180, and vacuum MD at 300 K visits phi = 165..180 often while it
+    practically never crosses phi = 0 into C7ax.
 
-    * alpha_L: phi >= 0 (alpha_L and C7ax);
+    * alpha_L: 0 <= phi < 130 (alpha_L and C7ax);
     * alpha_R: phi < 0 and -120 <= psi < 0;
     * C5: phi < 0 and psi < -120, or phi < -115 and psi >= 100 (the extended region);
     * C7eq: the rest of phi < 0 (psi >= 0).
     """
     phi = np.asarray(phi)
     psi = np.asarray(psi)
+    phi = np.where(phi >= PHI_WRAP, phi - 360.0, phi)
     left = phi < 0.0
     c5 = left & ((psi < -120.0) | ((phi < -115.0) & (psi >= 100.0)))
     alpha_r = left & (psi >= -120.0) & (psi < 0.0)

@@ -88,6 +88,14 @@ def test_reference_populates_c7eq(reference):
     np.testing.assert_array_equal(total, 1)  # the basins partition the plane
 
 
+def test_basins_wrap_the_extended_region_across_phi_180():
+    phi = np.array([-80.0, -150.0, 175.0, 179.0, -80.0, 70.0, 60.0, 120.0])
+    psi = np.array([70.0, 160.0, 170.0, -175.0, -40.0, -70.0, 40.0, -60.0])
+    b = basin_indicators(phi, psi)
+    names = [next(k for k, v in b.items() if v[i]) for i in range(len(phi))]
+    assert names == ["C7eq", "C5", "C5", "C5", "alpha_R", "alpha_L", "alpha_L", "alpha_L"]
+
+
 def test_block_split_is_contiguous_and_disjoint():
     split = block_split(1000, (0.8, 0.1, 0.1), n_blocks=10, seed=4)
     assert [len(split[k]) for k in ("train", "val", "test")] == [800, 100, 100]
