@@ -225,3 +225,26 @@ def test_reference_cli_restrain_and_train_cg_refuses_it(tmp_path, restrained, ca
 
     data = load_cg_potential(tmp_path / "cg.pt")[1]["data"]
     assert data["restrained_basins"] == ["alpha_R", "alpha_L"] and data["potential_of_mean_force"] is False
+
+
+def test_mbar_recovers_free_energies_of_biased_gaussians():
+    from openmm_backmap.data import mbar_free_energies
+
+    rng = np.random.default_rng(3)
+    kappa, centres, n = 4.0, np.array([-2.0, -1.0, 0.0, 1.0, 2.0]), 4000
+    # state k: u_k(x) = x^2/2 + kappa/2 (x - c_k)^2, a Gaussian of precision 1 + kappa
+    x = np.concatenate([rng.normal(kappa * c / (1 + kappa), 1 / np.sqrt(1 + kappa), n) for c in centres])
+    u_kn = 0.5 * x[None, :] ** 2 + 0.5 * kappa * (x[None, :] - centres[:, None]) ** 2
+    f = mbar_free_energies(u_kn, np.full(len(centres), n))
+    exact = kappa * centres**2 / (2 * (1 + kappa))
+    np.testing.assert_allclose(f, exact - exact[0], atol=0.05)
+
+
+def test_umbrella_populations_run_and_partition():
+    from openmm_backmap.data import umbrella_basin_populations
+
+    result = umbrella_basin_populations("ala2", n_windows=8, ps_per_window=4.0, equilibrate_ps=1.0, k_kjmol_rad2=15.0,
+                                        save_every_ps=0.5, progress=False)
+    pops = [v["population"] for v in result["basins"].values()]
+    assert abs(sum(pops) - 1.0) < 1e-9 and all(p >= 0 for p in pops)
+    assert len(result["phi_profile"]["phi_deg"]) == 72
