@@ -37,6 +37,7 @@ __all__ = [
     "ic_log_jacobian",
     "wrap_angle",
     "random_rotation",
+    "random_rotations",
 ]
 
 
@@ -101,13 +102,22 @@ def wrap_angle(phi: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- Z-matrix
+def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` rotation matrices (n, 3, 3) drawn uniformly from SO(3) (unit quaternions from normal
+    four-vectors)."""
+    q = rng.normal(size=(n, 4))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    w, x, y, z = q.T
+    return np.stack([
+        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
+        np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
+        np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
+    ], 1)
+
+
 def random_rotation(rng: np.random.Generator) -> np.ndarray:
-    """A rotation matrix drawn uniformly from SO(3) (QR of a Gaussian matrix, signs fixed)."""
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
+    """One rotation matrix drawn uniformly from SO(3) (see :func:`random_rotations`)."""
+    return random_rotations(1, rng)[0]
 
 
 def bond_graph(topology) -> list[list[int]]:

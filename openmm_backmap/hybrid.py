@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from openmm_backmap._compat import import_openmmtools
-from openmm_backmap.geometry import random_rotation
+from openmm_backmap.geometry import random_rotation, random_rotations
 
 import_openmmtools()
 from openmmtools import mcmc  # noqa: E402
@@ -204,19 +204,6 @@ class ResolutionMove(mcmc.MCMCMove):
 
 
 # ---------------------------------------------------------------------------- many chains at once
-def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` rotation matrices (n, 3, 3) drawn uniformly from SO(3) (unit quaternions from normal
-    four-vectors)."""
-    q = rng.normal(size=(n, 4))
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    w, x, y, z = q.T
-    return np.stack([
-        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
-        np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
-        np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
-    ], 1)
-
-
 class BatchedHybridSampler:
     """``n_chains`` independent hybrid chains advanced together, so that every model and energy
     call is one batch instead of ``n_chains`` batch-1 calls.

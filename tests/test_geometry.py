@@ -125,3 +125,14 @@ def test_zero_anchor_root_jacobian_matches_autograd():
 def test_zmatrix_rejects_one_or_two_anchors():
     with pytest.raises(ValueError, match="at least 3"):
         build_zmatrix(_chain(5), [0, 1])
+
+
+def test_random_rotations_are_uniform_rotations():
+    from openmm_backmap.geometry import random_rotation, random_rotations
+
+    r = random_rotations(20000, np.random.default_rng(2))
+    assert np.allclose(r @ r.transpose(0, 2, 1), np.eye(3), atol=1e-12)
+    assert np.allclose(np.linalg.det(r), 1.0)
+    # Haar measure: E[R] = 0 and E[R_ij^2] = 1/3
+    assert np.abs(r.mean(0)).max() < 0.02 and np.abs((r**2).mean(0) - 1 / 3).max() < 0.01
+    assert np.allclose(np.linalg.det(random_rotation(np.random.default_rng(0))), 1.0)

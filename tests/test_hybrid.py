@@ -22,7 +22,6 @@ from openmm_backmap.hybrid import (
     CGFlowKernel,
     CGHamiltonianKernel,
     ResolutionMove,
-    random_rotations,
 )
 
 import_openmmtools()
@@ -206,14 +205,6 @@ def test_batched_chains_keep_their_own_state():
     with pytest.raises(ValueError, match="langevin_steps > 0 needs the AA System"):
         BatchedHybridSampler(ToyBackmapper(s=0.15), ToyCGFlow(0.3), np.array([[0.5, 0.5]]), _toy_energy,
                              np.zeros((2, 3)), 4, T, langevin_steps=3)
-
-
-def test_random_rotations_are_uniform_rotations():
-    r = random_rotations(20000, np.random.default_rng(2))
-    assert np.allclose(r @ r.transpose(0, 2, 1), np.eye(3), atol=1e-12)
-    assert np.allclose(np.linalg.det(r), 1.0)
-    # Haar measure: E[R] = 0 and E[R_ij^2] = 1/3
-    assert np.abs(r.mean(0)).max() < 0.02 and np.abs((r**2).mean(0) - 1 / 3).max() < 0.01
 
 
 # ---------------------------------------------------------------------------- whole runs
