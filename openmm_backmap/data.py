@@ -311,6 +311,23 @@ def check_restraint_for_mapping(trajectory: str | Path, mapping: CGMapping) -> N
         )
 
 
+def _langevin_context(system, positions, temperature: float, friction_per_ps: float, timestep_fs: float, seed: int,
+                      platform: str):
+    """(Context, LangevinMiddleIntegrator) seeded with ``seed``, energy-minimised from ``positions``,
+    with Maxwell-Boltzmann velocities at ``temperature``."""
+    import openmm
+    from openmm import unit
+
+    integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, friction_per_ps / unit.picosecond,
+                                                 timestep_fs * unit.femtoseconds)
+    integrator.setRandomNumberSeed(int(seed))
+    context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName(platform))
+    context.setPositions(positions)
+    openmm.LocalEnergyMinimizer.minimize(context)
+    context.setVelocitiesToTemperature(temperature * unit.kelvin, int(seed))
+    return context, integrator
+
+
 def generate_reference(
     name: str,
     ns: float,
@@ -356,26 +373,19 @@ def generate_reference(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     topology, system, positions = builtin_system(name)
-    system_xml = openmm.XmlSerializer.serialize(system)
+    system_xml = openmm.XmlSerializer.serialize(system)  # the unrestrained System is the one written
     restraint = None
     if restrain is not None:
         force, restraint = basin_restraint(topology, restrain)
         force.setForceGroup(31)  # left out of the recorded potential energies
-        system = openmm.XmlSerializer.deserialize(system_xml)
         system.addForce(force)
     energy_groups = set(range(31)) if restrain is not None else -1
     dt = timestep_fs * unit.femtoseconds
-    integrator = openmm.LangevinMiddleIntegrator(
-        temperature * unit.kelvin, friction_per_ps / unit.picosecond, dt
-    )
-    integrator.setRandomNumberSeed(int(seed))
-    sim = app.Simulation(topology, system, integrator, openmm.Platform.getPlatformByName(platform))
-    sim.context.setPositions(positions)
-    sim.minimizeEnergy()
-    sim.context.setVelocitiesToTemperature(temperature * unit.kelvin, int(seed))
+    context, integrator = _langevin_context(system, positions, temperature, friction_per_ps, timestep_fs, seed,
+                                            platform)
     steps_per_frame = max(1, int(round(save_every_ps * 1000.0 / timestep_fs)))
     n_frames = max(1, int(round(ns * 1000.0 / save_every_ps)))
-    sim.step(int(round(equilibrate_ps * 1000.0 / timestep_fs)))
+    integrator.step(int(round(equilibrate_ps * 1000.0 / timestep_fs)))
 
     paths = {
         "pdb": out / f"{name}.pdb",
@@ -383,7 +393,7 @@ def generate_reference(
         "system": out / f"{name}_system.xml",
         "json": out / f"{name}.json",
     }
-    state = sim.context.getState(getPositions=True)
+    state = context.getState(getPositions=True)
     with open(paths["pdb"], "w") as fh:
         app.PDBFile.writeFile(topology, state.getPositions(), fh, keepIds=True)
     paths["system"].write_text(system_xml)
@@ -393,8 +403,8 @@ def generate_reference(
         dcd = app.DCDFile(fh, topology, dt, firstStep=0, interval=steps_per_frame)
         bar = tqdm(range(n_frames), desc=f"reference {name}", unit="ps", disable=not progress)
         for k in bar:
-            sim.step(steps_per_frame)
-            state = sim.context.getState(getPositions=True, getEnergy=True, groups=energy_groups)
+            integrator.step(steps_per_frame)
+            state = context.getState(getPositions=True, getEnergy=True, groups=energy_groups)
             energies[k] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
             if not np.isfinite(energies[k]):
                 raise RuntimeError(f"reference MD of {name} blew up at frame {k} (energy {energies[k]})")
@@ -508,8 +518,10 @@ def umbrella_basin_populations(
     from openmm import unit
     from tqdm.auto import tqdm
 
+    from openmm_backmap.energies import kT
+
     topology, system, positions = builtin_system(name)
-    beta = 1.0 / (unit.MOLAR_GAS_CONSTANT_R * temperature * unit.kelvin).value_in_unit(unit.kilojoule_per_mole)
+    beta = 1.0 / kT(temperature)
     torsions = backbone_torsions(topology)
     restraint = openmm.CustomTorsionForce("0.5*k_umb*d^2; d=atan2(sin(theta-phi_umb), cos(theta-phi_umb))")
     restraint.addGlobalParameter("phi_umb", -math.pi)
@@ -517,13 +529,7 @@ def umbrella_basin_populations(
     restraint.addTorsion(*torsions[0], [])
     restraint.setForceGroup(31)
     system.addForce(restraint)
-    dt = 2.0 * unit.femtoseconds
-    integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, 1.0 / unit.picosecond, dt)
-    integrator.setRandomNumberSeed(int(seed))
-    context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName(platform))
-    context.setPositions(positions)
-    openmm.LocalEnergyMinimizer.minimize(context)
-    context.setVelocitiesToTemperature(temperature * unit.kelvin, int(seed))
+    context, integrator = _langevin_context(system, positions, temperature, 1.0, 2.0, seed, platform)
     centres = np.radians(np.linspace(-180.0, 180.0, n_windows, endpoint=False))
     steps_per_frame = max(1, int(round(save_every_ps * 500.0)))
     n_frames = max(2, int(round(ps_per_window / save_every_ps)))

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from openmm_backmap.energies import kT
 from openmm_backmap.models import Backmapper
 
 CHECKPOINT_FORMAT = "openmm-backmap-checkpoint"
 CHECKPOINT_VERSION = 1
-MOLAR_GAS_CONSTANT = 8.314462618e-3  # kJ / (mol K)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -416,7 +416,7 @@ def refine_energy(
     """
     dtype = model.M.dtype
     X_all = torch.as_tensor(np.asarray(cg_frames), dtype=dtype)
-    beta_target = 1.0 / (MOLAR_GAS_CONSTANT * temperature)
+    beta_target = 1.0 / kT(temperature)
     t_start = 4.0 * temperature if t_start is None else float(t_start)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -455,7 +455,7 @@ def refine_energy(
     model.train()
     for step in range(steps):
         T = temperature_at(step)
-        beta = 1.0 / (MOLAR_GAS_CONSTANT * T)
+        beta = 1.0 / kT(T)
         idx = torch.randint(0, X_all.shape[0], (batch_size,), generator=gen)
         aa, lq = model.sample(X_all[idx], 1)
         u = soft_clip(beta * energy(aa), energy_cap * beta / beta_target)
