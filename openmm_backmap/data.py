@@ -520,6 +520,10 @@ def umbrella_basin_populations(
 
     from openmm_backmap.energies import kT
 
+    if n_windows < 2 or ps_per_window <= 0:
+        raise ValueError(
+            f"umbrella sampling needs >= 2 windows of positive length, got {n_windows} x {ps_per_window} ps"
+        )
     topology, system, positions = builtin_system(name)
     beta = 1.0 / kT(temperature)
     torsions = backbone_torsions(topology)

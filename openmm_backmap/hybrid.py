@@ -434,6 +434,8 @@ def run_hybrid(
 
     if iterations < 1:
         raise ValueError(f"iterations must be positive, got {iterations}")
+    if chains < 1:
+        raise ValueError(f"chains must be positive, got {chains}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bm = model if hasattr(model, "sample") else load_model(model, device="cpu")

@@ -248,3 +248,5 @@ def test_umbrella_populations_run_and_partition():
     pops = [v["population"] for v in result["basins"].values()]
     assert abs(sum(pops) - 1.0) < 1e-9 and all(p >= 0 for p in pops)
     assert len(result["phi_profile"]["phi_deg"]) == 72
+    with pytest.raises(ValueError, match=">= 2 windows"):
+        umbrella_basin_populations("ala2", n_windows=1, progress=False)

@@ -276,6 +276,10 @@ def test_run_hybrid_with_batched_chains(tiny_ala2, tiny_cg, tmp_path):
         from openmm_backmap.hybrid import run_hybrid
 
         run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], 1, tmp_path / "h", kernel="hmc", chains=2)
+    with pytest.raises(ValueError, match="chains must be positive"):
+        run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], 1, tmp_path / "h", chains=0)
+    with pytest.raises(ValueError, match="burn_in must be a fraction"):
+        run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], 2, tmp_path / "h", chains=2, burn_in=1.5)
 
 
 # ---------------------------------------------------------------------------- ALA2 (slow)
