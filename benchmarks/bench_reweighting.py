@@ -4,7 +4,8 @@
         --steps 200000 --interval 1000 --samples 4 --out reweighting/
 
 Uses the models and mapping of an ``openmm-backmap demo`` output directory; the reference should be
-an AA run independent of the demo's training data (e.g. ``openmm-backmap reference ala2 --ns 20 --seed 2``).
+AA runs independent of the demo's training data (e.g. ``openmm-backmap reference ala2 --ns 200 --seed 3``;
+several files are pooled).
 Prints the basin populations (reference, raw, reweighted with block errors, dF in kT) and the ESS.
 """
 
@@ -21,7 +22,7 @@ from openmm_backmap.mapping import CGMapping
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--demo", required=True, help="output directory of openmm-backmap demo")
-parser.add_argument("--reference", required=True)
+parser.add_argument("--reference", required=True, nargs="+", help="AA reference trajectories (pooled)")
 parser.add_argument("--topology", required=True)
 parser.add_argument("--steps", type=int, default=200_000)
 parser.add_argument("--interval", type=int, default=1000)
@@ -31,7 +32,8 @@ parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
 demo, out = Path(args.demo), Path(args.out)
-ref = load_trajectory(args.reference, args.topology)
+parts = [load_trajectory(path, args.topology) for path in args.reference]
+ref = parts[0].join(parts[1:]) if len(parts) > 1 else parts[0]
 mapping = CGMapping.from_json(demo / "mapping.json", ref.topology)
 start = mapping.project(ref.xyz[0].astype(np.float64))
 wall, frames = run_cg_simulation(demo / "models" / "cg.pt", demo / "models" / "backmapper.pt", mapping, start,
