@@ -248,5 +248,11 @@ def test_umbrella_populations_run_and_partition():
     pops = [v["population"] for v in result["basins"].values()]
     assert abs(sum(pops) - 1.0) < 1e-9 and all(p >= 0 for p in pops)
     assert len(result["phi_profile"]["phi_deg"]) == 72
+    # the unbiased profile has its minimum in the phi < 0 basins and a barrier of several kT at phi = 0
+    phi = np.array(result["phi_profile"]["phi_deg"])
+    f = np.array(result["phi_profile"]["free_energy_kT"])
+    assert phi[np.argmin(f)] < 0 and f.min() == 0.0
+    assert f[np.abs(phi) < 10].min() > 3.0
+    assert result["basins"]["C7eq"]["population"] + result["basins"]["C5"]["population"] > 0.9
     with pytest.raises(ValueError, match=">= 2 windows"):
         umbrella_basin_populations("ala2", n_windows=1, progress=False)
