@@ -103,16 +103,13 @@ def wrap_angle(phi: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- Z-matrix
 def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` rotation matrices (n, 3, 3) drawn uniformly from SO(3) (unit quaternions from normal
-    four-vectors)."""
-    q = rng.normal(size=(n, 4))
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    w, x, y, z = q.T
-    return np.stack([
-        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
-        np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
-        np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
-    ], 1)
+    """``n`` rotation matrices (n, 3, 3) drawn uniformly from SO(3): QR of Gaussian matrices with
+    the signs fixed so that R has positive diagonal in the QR factor and det(R) = +1."""
+    q, r = np.linalg.qr(rng.normal(size=(n, 3, 3)))
+    q = q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]
+    flip = np.linalg.det(q) < 0
+    q[flip, :, 0] = -q[flip, :, 0]
+    return q
 
 
 def random_rotation(rng: np.random.Generator) -> np.ndarray:
