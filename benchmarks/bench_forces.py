@@ -9,6 +9,10 @@ rerun on a real CG potential::
     python benchmarks/bench_forces.py                         # stand-in MLPs, all backends
     python benchmarks/bench_forces.py --model cg.pt --systems ala2
     python benchmarks/bench_forces.py --torch-threads 1 --steps 5000
+    python benchmarks/bench_forces.py --model cg.pt --systems ala2 --compile   # also the .pt2 package
+
+``--compile`` adds rows for the model compiled with :func:`openmm_backmap.compiled.compile_model`
+(energy and forces fused by AOTInductor), run by the native and python backends.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import sys
 import time
 from pathlib import Path
 
+import tempfile
+
 import numpy as np
 import openmm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from openmm_backmap import forces  # noqa: E402
+from openmm_backmap.compiled import compile_model  # noqa: E402
 
 # Masses (Da) and bond lengths (nm) of the two CG systems.  ala2: CH3-C(O)-N(H)-CA-C(O)-N(H)CH3
 # lumped into 6 beads along the backbone; chain10: 10 identical beads.
@@ -113,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="stand-in model dtype")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the model compiled into a .pt2 force package (native and python backends)")
     args = parser.parse_args(argv)
 
     if args.torch_threads:
@@ -134,17 +143,25 @@ def main(argv: list[str] | None = None) -> int:
             data, count = stand_in_model(n, dtype)
             label = f"MLP {count} params {args.dtype}"
         positions = np.stack([np.arange(n) * bond, 0.05 * np.sin(np.arange(n)), np.zeros(n)], axis=1)
+        models = [(data, label, backends)]
+        if args.compile:
+            path = Path(tempfile.mkdtemp(prefix="bench-forces-")) / f"{name}.pt2"
+            meta = compile_model(data, n, path, positions=positions)
+            print(f"# {name}: compiled in {meta['compile_seconds']:.0f} s, max relative deviation from the "
+                  f"TorchScript model {meta['max_deviation']:.1e}")
+            models.append((path.read_bytes(), f"{label} compiled", [b for b in backends if b != "openmm-torch"]))
         for platform in args.platforms:
             base, base_cpu = time_steps(build_system(masses, bond, None), platform, positions, args.steps,
                                         args.repeats)
             print(f"| {name} ({n} beads) | bonds only | {platform} | - | {base:.1f} | {base_cpu:.1f} | "
                   f"{86400 / (base * 1e-6) * TIMESTEP_PS / 1000:.0f} | - |")
-            for backend in backends:
-                force = forces.create_force(data, backend=backend, numParticles=n)
-                steps = args.steps if backend != "python" else max(200, args.steps // 4)
-                us, cpu = time_steps(build_system(masses, bond, force), platform, positions, steps, args.repeats)
-                print(f"| {name} ({n} beads) | {label} | {platform} | {backend} | {us:.1f} | {cpu:.1f} | "
-                      f"{86400 / (us * 1e-6) * TIMESTEP_PS / 1000:.0f} | {us - base:.1f} |", flush=True)
+            for model_data, model_label, model_backends in models:
+                for backend in model_backends:
+                    force = forces.create_force(model_data, backend=backend, numParticles=n)
+                    steps = args.steps if backend != "python" else max(200, args.steps // 4)
+                    us, cpu = time_steps(build_system(masses, bond, force), platform, positions, steps, args.repeats)
+                    print(f"| {name} ({n} beads) | {model_label} | {platform} | {backend} | {us:.1f} | {cpu:.1f} | "
+                          f"{86400 / (us * 1e-6) * TIMESTEP_PS / 1000:.0f} | {us - base:.1f} |", flush=True)
     return 0
 
 

@@ -171,6 +171,45 @@ def _cmd_export(args) -> int:
 
 
 # ---------------------------------------------------------------------------- train (backmapper)
+def _add_compile(sub) -> None:
+    p = sub.add_parser(
+        "compile",
+        help="compile a TorchScript CG potential into a .pt2 force package (energy and forces fused, "
+             "many times faster per MD step; Reference/CPU platforms)",
+    )
+    p.add_argument("model", help="TorchScript model file (.pt), e.g. from `export` of a train-cg checkpoint")
+    p.add_argument("-o", "--output", required=True, help="package to write (e.g. cg.pt2)")
+    p.add_argument("--particles", type=int, default=None,
+                   help="number of particles (default: the CG model's n_beads)")
+    p.add_argument("--periodic", action="store_true", help="the model takes box vectors after the positions")
+    p.add_argument("--global-parameter", action="append", default=[], metavar="NAME=VALUE",
+                   help="a global parameter passed after the positions (repeat, in forward()'s order)")
+    p.set_defaults(func=_cmd_compile)
+
+
+def _cmd_compile(args) -> int:
+    from openmm_backmap.compiled import _torchscript_metadata, compile_model
+    from openmm_backmap.forces import load_model_bytes
+
+    data = load_model_bytes(args.model)
+    n = args.particles
+    if n is None:
+        n = _torchscript_metadata(data).get("n_beads")
+        if n is None:
+            raise SystemExit(f"error: {args.model} does not say how many particles it takes: give --particles")
+    parameters = {}
+    for item in args.global_parameter:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"error: --global-parameter takes NAME=VALUE, got {item!r}")
+        parameters[name] = float(value)
+    meta = compile_model(data, int(n), args.output, usesPeriodicBoundaryConditions=args.periodic,
+                         globalParameters=parameters)
+    print(f"compiled force ({meta['num_particles']} particles) in {meta['compile_seconds']:.0f} s, "
+          f"largest relative deviation from the model {meta['max_deviation']:.1e}: {args.output}")
+    return 0
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -232,7 +271,7 @@ def _cmd_train(args) -> int:
 # ---------------------------------------------------------------------------- info
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="print the metadata of an exported model file")
-    p.add_argument("model", help="model file (.pt)")
+    p.add_argument("model", help="model file (.pt) or compiled force package (.pt2)")
     p.add_argument("--json", action="store_true", help="print metadata.json as it is")
     p.set_defaults(func=_cmd_info)
 
@@ -240,8 +279,22 @@ def _add_info(sub) -> None:
 def _cmd_info(args) -> int:
     import json
 
+    from pathlib import Path
+
+    from openmm_backmap.compiled import is_compiled_package, read_compiled_metadata
     from openmm_backmap.export import load_model, read_extra_files
 
+    if Path(args.model).is_file() and is_compiled_package(Path(args.model).read_bytes()):
+        meta = read_compiled_metadata(args.model)
+        if args.json:
+            print(json.dumps(meta, indent=1))
+            return 0
+        for key, value in meta.items():
+            if key != "model_metadata":
+                print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+        for key, value in meta["model_metadata"].items():
+            print(f"model.{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+        return 0
     _, files = read_extra_files(args.model)
     meta = json.loads(files["metadata.json"])
     if args.json:
@@ -381,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [_add_reference, _add_demo, _add_train_cg, _add_export, _add_train, _add_info, _add_backmap,
+_COMMANDS = [_add_reference, _add_demo, _add_train_cg, _add_export, _add_compile, _add_train, _add_info, _add_backmap,
              _add_evaluate, _add_hybrid]
 
 

@@ -24,6 +24,11 @@ Three backends run the same file with the same energies and forces:
 Inputs are given in the module's dtype: that of its first floating-point parameter or buffer, or
 float64 when it has none (an analytic model).  A float32 network therefore runs in float32 in every
 backend and a float64 one keeps full precision.
+
+The model may also be a compiled force package (``.pt2``, :mod:`openmm_backmap.compiled`,
+``openmm-backmap compile``): the same energy with its forces fused into one C++ library, many times
+faster per step for small systems.  The native and python backends run it (openmm-torch needs
+TorchScript), on the Reference and CPU platforms.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from typing import Any
 import numpy as np
 import openmm
 import torch
+
+from openmm_backmap.compiled import CompiledModel, is_compiled_package, read_compiled_metadata
 
 __all__ = [
     "BACKENDS",
@@ -143,13 +150,14 @@ def available_backends() -> list[str]:
 
 
 def load_model_bytes(model: str | os.PathLike | bytes | bytearray | torch.nn.Module) -> bytes:
-    """The TorchScript file content for ``model``, checked to load.
+    """The TorchScript file content for ``model``, checked to load (or a compiled package's bytes).
 
     Parameters
     ----------
     model
         Path of a ``.pt`` file written by ``torch.jit.save``, its bytes, a ``torch.jit.ScriptModule``,
-        or an ``nn.Module`` that ``torch.jit.script`` can compile.
+        or an ``nn.Module`` that ``torch.jit.script`` can compile; or a compiled force package
+        (``.pt2``) or its bytes, returned as they are.
 
     Raises
     ------
@@ -183,6 +191,8 @@ def load_model_bytes(model: str | os.PathLike | bytes | bytearray | torch.nn.Mod
         return buffer.getvalue()
     else:
         raise TypeError(f"model must be a path, bytes or a torch module, not {type(model).__name__}")
+    if is_compiled_package(data):
+        return data
     _load_module(data, origin)
     return data
 
@@ -289,6 +299,43 @@ class TorchComputation:
         return float(energy.detach()), forces
 
 
+class CompiledComputation(TorchComputation):
+    """The ``"python"`` backend's callback for a compiled package: one library call per State."""
+
+    def _setup(self, moduleBytes: bytes, periodic: bool, parameterNames: tuple[str, ...]) -> None:
+        self.moduleBytes = moduleBytes
+        self.periodic = periodic
+        self.parameterNames = parameterNames
+        self.model = CompiledModel(moduleBytes)
+        self._buffer = None
+        self._fast_positions = hasattr(openmm.State, "_getVectorAsNumpy")
+
+    def __call__(self, state: openmm.State) -> tuple[float, np.ndarray]:
+        inputs = [torch.from_numpy(self._positions(state))]
+        if self.periodic:
+            box = state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(openmm.unit.nanometer)
+            inputs.append(torch.as_tensor(np.asarray(box), dtype=torch.float64))
+        if self.parameterNames:
+            values = state.getParameters()
+            inputs.extend(torch.tensor(values[name], dtype=torch.float64) for name in self.parameterNames)
+        outputs = self.model.run(inputs)
+        return float(outputs[0]), outputs[1].numpy()
+
+
+def _check_compiled(data: bytes, numParticles: int | None, periodic: bool, parameters: Mapping[str, float]) -> None:
+    """Compare a compiled package's metadata with the force being built; ValueError naming the mismatch."""
+    meta = read_compiled_metadata(data)
+    if numParticles is not None and meta["num_particles"] != numParticles:
+        raise ValueError(f"the compiled model was built for {meta['num_particles']} particles, "
+                         f"but the System has {numParticles}")
+    if meta["periodic"] != bool(periodic):
+        raise ValueError(f"the compiled model was built {'with' if meta['periodic'] else 'without'} periodic "
+                         f"boundary conditions, but usesPeriodicBoundaryConditions is {bool(periodic)}")
+    if list(meta["global_parameters"]) != list(parameters):
+        raise ValueError(f"the compiled model takes the global parameters {meta['global_parameters']}, "
+                         f"but globalParameters gives {list(parameters)}")
+
+
 # ---------------------------------------------------------------------------------------------
 # create_force / create_cg_system
 # ---------------------------------------------------------------------------------------------
@@ -326,10 +373,10 @@ def create_force(
     ----------
     model
         Path of a TorchScript ``.pt`` file, its bytes, a ``torch.jit.ScriptModule`` or a scriptable
-        ``nn.Module`` (scripted here).
+        ``nn.Module`` (scripted here); or a compiled force package (``.pt2``) or its bytes.
     backend
-        ``"auto"`` (native if the plugin loaded, else openmm-torch if it imports, else python),
-        ``"native"``, ``"openmm-torch"`` or ``"python"``.
+        ``"auto"`` (native if the plugin loaded, else openmm-torch if it imports, else python; a
+        compiled package skips openmm-torch), ``"native"``, ``"openmm-torch"`` or ``"python"``.
     usesPeriodicBoundaryConditions
         Pass the box vectors (3, 3) in nm to forward() after the positions.
     globalParameters
@@ -341,7 +388,8 @@ def create_force(
         (native and openmm-torch only).
     numParticles
         If given, forward() is run once on a test input of this many particles and a failure is
-        raised here, not in the middle of a simulation.
+        raised here, not in the middle of a simulation (for a compiled package: its particle count
+        is checked).
     name
         The force's name (``Force.setName``).
 
@@ -363,9 +411,19 @@ def create_force(
     unknown = [d for d in derivatives if d not in parameters]
     if unknown:
         raise ValueError(f"energy parameter derivatives requested for {unknown}, which are not in globalParameters")
-    chosen = _resolve_backend(backend)
     data = load_model_bytes(model)
-    if numParticles is not None:
+    compiled = is_compiled_package(data)
+    if compiled and backend == "auto":
+        chosen = "native" if native_plugin_status()[0] else "python"
+    else:
+        chosen = _resolve_backend(backend)
+    if compiled:
+        if chosen == "openmm-torch":
+            raise ValueError("openmm-torch runs TorchScript files only; give it the .pt model, or use the native or "
+                             "python backend for the compiled package")
+        _check_compiled(data, None if numParticles is None else int(numParticles), usesPeriodicBoundaryConditions,
+                        parameters)
+    elif numParticles is not None:
         _check_model(_load_module(data), int(numParticles), usesPeriodicBoundaryConditions, parameters)
 
     if chosen == "native":
@@ -378,8 +436,8 @@ def create_force(
         if derivatives:
             raise ValueError("the python backend (openmm.PythonForce) cannot report energy parameter derivatives; "
                              "use backend='native' or 'openmm-torch'")
-        computation = TorchComputation(data, usesPeriodicBoundaryConditions, list(parameters))
-        force = openmm.PythonForce(computation, parameters)
+        kind = CompiledComputation if compiled else TorchComputation
+        force = openmm.PythonForce(kind(data, usesPeriodicBoundaryConditions, list(parameters)), parameters)
     if chosen != "python":
         for key, value in parameters.items():
             force.addGlobalParameter(key, float(value))

@@ -83,7 +83,8 @@ import openmm
     }
 
     %newobject fromBytes;
-    /** Create a force from the bytes of a TorchScript file (as written by torch.jit.save). */
+    /** Create a force from the bytes of a TorchScript file (as written by torch.jit.save) or of a
+        compiled force package (.pt2, written by openmm-backmap compile). */
     static BackmapPlugin::BackmapTorchForce* fromBytes(const std::string& moduleBytes) {
         BackmapPlugin::BackmapTorchForce* force = new BackmapPlugin::BackmapTorchForce();
         force->setModuleBytes(moduleBytes);

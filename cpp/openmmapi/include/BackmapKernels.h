@@ -2,10 +2,12 @@
 #define BACKMAP_KERNELS_H_
 
 #include "BackmapTorchForce.h"
+#include "internal/BackmapCompiledModel.h"
 #include "openmm/KernelImpl.h"
 #include "openmm/Platform.h"
 #include "openmm/System.h"
 #include <torch/script.h>
+#include <memory>
 #include <string>
 
 namespace BackmapPlugin {
@@ -25,9 +27,12 @@ public:
      *
      * @param system  the System this kernel will be applied to
      * @param force   the BackmapTorchForce this kernel will be used for
-     * @param module  the loaded TorchScript module (the kernel keeps its own handle to it)
+     * @param module    the loaded TorchScript module (the kernel keeps its own handle to it); unused
+     *                  when compiled is set
+     * @param compiled  the loaded compiled package when the force holds one, else null
      */
-    virtual void initialize(const OpenMM::System& system, const BackmapTorchForce& force, torch::jit::script::Module& module) = 0;
+    virtual void initialize(const OpenMM::System& system, const BackmapTorchForce& force, torch::jit::script::Module& module,
+                            std::shared_ptr<BackmapCompiledModel> compiled) = 0;
     /**
      * Compute the energy and add the forces.
      *

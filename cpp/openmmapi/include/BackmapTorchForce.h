@@ -25,6 +25,12 @@ namespace BackmapPlugin {
  *
  * The force keeps the serialized module bytes, so it can be copied and written to XML without the
  * original file.
+ *
+ * The bytes may instead be a compiled force package (.pt2, written by openmm_backmap.compiled or
+ * `openmm-backmap compile`): an AOTInductor library that computes the energy, the forces and the
+ * energy parameter derivatives in one call, with fused loops in place of one dispatch per operator.
+ * It takes the same inputs as forward() (in float64), is specialised to its number of particles,
+ * and runs on the Reference and CPU platforms.  isCompiled() tells which kind the force holds.
  */
 class OPENMM_EXPORT_BACKMAP BackmapTorchForce : public OpenMM::Force {
 public:
@@ -46,6 +52,10 @@ public:
      * Set the serialized TorchScript module (the content of a .pt file).
      */
     void setModuleBytes(const std::string& bytes);
+    /**
+     * Whether the module bytes are a compiled force package (.pt2) rather than a TorchScript file.
+     */
+    bool isCompiled() const;
     /**
      * Get the path the module was read from (empty when it was given as bytes).
      */

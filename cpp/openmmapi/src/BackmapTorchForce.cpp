@@ -32,6 +32,13 @@ void BackmapTorchForce::setModuleBytes(const string& bytes) {
     file.clear();
 }
 
+bool BackmapTorchForce::isCompiled() const {
+    // An AOTInductor package is a zip archive whose entries live under <name>/data/aotinductor/;
+    // entry names are stored uncompressed, and a TorchScript archive never has that directory.
+    return moduleBytes.size() > 2 && moduleBytes.compare(0, 2, "PK") == 0
+            && moduleBytes.find("/data/aotinductor/") != string::npos;
+}
+
 const string& BackmapTorchForce::getFile() const {
     return file;
 }

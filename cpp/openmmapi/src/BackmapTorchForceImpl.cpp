@@ -36,6 +36,15 @@ void BackmapTorchForceImpl::initialize(ContextImpl& context) {
         if (!found)
             throw OpenMMException("BackmapTorchForce: energy parameter derivative requested for '" + name + "', which is not a global parameter of the force");
     }
+    if (force.getModuleBytes().empty())
+        throw OpenMMException("BackmapTorchForce: no TorchScript module was set");
+    if (force.isCompiled()) {
+        compiled = std::make_shared<BackmapCompiledModel>(force.getModuleBytes());
+        checkCompiled(*compiled, force, context.getSystem().getNumParticles());
+        kernel = context.getPlatform().createKernel(CalcBackmapTorchForceKernel::Name(), context);
+        kernel.getAs<CalcBackmapTorchForceKernel>().initialize(context.getSystem(), force, module, compiled);
+        return;
+    }
     module = loadModule(force.getModuleBytes());
     module.eval();
 
@@ -61,7 +70,29 @@ void BackmapTorchForceImpl::initialize(ContextImpl& context) {
         throw OpenMMException("BackmapTorchForce: the TorchScript module has no forward() method");
 
     kernel = context.getPlatform().createKernel(CalcBackmapTorchForceKernel::Name(), context);
-    kernel.getAs<CalcBackmapTorchForceKernel>().initialize(context.getSystem(), force, module);
+    kernel.getAs<CalcBackmapTorchForceKernel>().initialize(context.getSystem(), force, module, nullptr);
+}
+
+void BackmapTorchForceImpl::checkCompiled(const BackmapCompiledModel& model, const BackmapTorchForce& force, int numParticles) {
+    if (model.numParticles != numParticles)
+        throw OpenMMException("BackmapTorchForce: the compiled package was built for " + to_string(model.numParticles)
+                + " particles, but the System has " + to_string(numParticles));
+    if (model.periodic != force.usesPeriodicBoundaryConditions())
+        throw OpenMMException(string("BackmapTorchForce: the compiled package was built ")
+                + (model.periodic ? "with" : "without") + " periodic boundary conditions, but the force "
+                + (force.usesPeriodicBoundaryConditions() ? "uses" : "does not use") + " them");
+    vector<string> names;
+    for (int i = 0; i < force.getNumGlobalParameters(); i++)
+        names.push_back(force.getGlobalParameterName(i));
+    if (names != model.globalParameters) {
+        string given, built;
+        for (const string& n : names)
+            given += (given.empty() ? "" : ", ") + n;
+        for (const string& n : model.globalParameters)
+            built += (built.empty() ? "" : ", ") + n;
+        throw OpenMMException("BackmapTorchForce: the compiled package takes the global parameters [" + built
+                + "] but the force has [" + given + "]");
+    }
 }
 
 double BackmapTorchForceImpl::calcForcesAndEnergy(ContextImpl& context, bool includeForces, bool includeEnergy, int groups) {

@@ -2,10 +2,12 @@
 #define BACKMAP_TORCH_FORCE_IMPL_H_
 
 #include "BackmapTorchForce.h"
+#include "internal/BackmapCompiledModel.h"
 #include "openmm/Kernel.h"
 #include "openmm/internal/ForceImpl.h"
 #include <torch/script.h>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -32,10 +34,16 @@ public:
      * Load a TorchScript module from its serialized bytes, with an error that says what went wrong.
      */
     static torch::jit::script::Module loadModule(const std::string& bytes);
+    /**
+     * Check that a compiled package fits the force and the System (particles, periodicity,
+     * global parameters), with an error that names the mismatch.
+     */
+    static void checkCompiled(const BackmapCompiledModel& model, const BackmapTorchForce& force, int numParticles);
 private:
     const BackmapTorchForce& owner;
     OpenMM::Kernel kernel;
     torch::jit::script::Module module;
+    std::shared_ptr<BackmapCompiledModel> compiled;
 };
 
 } // namespace BackmapPlugin

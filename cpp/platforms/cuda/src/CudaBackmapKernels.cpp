@@ -50,7 +50,11 @@ extern "C" __global__ void addForces(const POS_T* __restrict__ grad, unsigned lo
 }
 )";
 
-void CudaCalcBackmapTorchForceKernel::initialize(const System& system, const BackmapTorchForce& force, torch::jit::script::Module& module) {
+void CudaCalcBackmapTorchForceKernel::initialize(const System& system, const BackmapTorchForce& force, torch::jit::script::Module& module,
+                                                 shared_ptr<BackmapCompiledModel> compiled) {
+    if (compiled)
+        throw OpenMMException("BackmapTorchForce: compiled force packages (.pt2) are built for the CPU and run on the "
+                              "Reference and CPU platforms; give the CUDA platform the TorchScript model");
     ContextSelector selector(cu);
     device = torch::Device(torch::kCUDA, cu.getDeviceIndex());
     this->module = module;

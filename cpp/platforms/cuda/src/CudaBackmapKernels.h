@@ -20,7 +20,8 @@ public:
     CudaCalcBackmapTorchForceKernel(std::string name, const OpenMM::Platform& platform, OpenMM::CudaContext& cu) :
             CalcBackmapTorchForceKernel(name, platform), cu(cu) {
     }
-    void initialize(const OpenMM::System& system, const BackmapTorchForce& force, torch::jit::script::Module& module);
+    void initialize(const OpenMM::System& system, const BackmapTorchForce& force, torch::jit::script::Module& module,
+                    std::shared_ptr<BackmapCompiledModel> compiled);
     double execute(OpenMM::ContextImpl& context, bool includeForces, bool includeEnergy);
 private:
     OpenMM::CudaContext& cu;

@@ -10,9 +10,13 @@ using namespace BackmapPlugin;
 using namespace OpenMM;
 using namespace std;
 
-void ReferenceCalcBackmapTorchForceKernel::initialize(const System& system, const BackmapTorchForce& force, torch::jit::script::Module& module) {
-    this->module = module;
-    dtype = backmapModuleDtype(module);
+void ReferenceCalcBackmapTorchForceKernel::initialize(const System& system, const BackmapTorchForce& force, torch::jit::script::Module& module,
+                                                      shared_ptr<BackmapCompiledModel> compiled) {
+    this->compiled = compiled;
+    if (!compiled) {
+        this->module = module;
+        dtype = backmapModuleDtype(module);
+    }
     periodic = force.usesPeriodicBoundaryConditions();
     for (int i = 0; i < force.getNumGlobalParameters(); i++) {
         const string& name = force.getGlobalParameterName(i);
@@ -25,7 +29,41 @@ void ReferenceCalcBackmapTorchForceKernel::initialize(const System& system, cons
     inputs.reserve(1 + (periodic ? 1 : 0) + globalNames.size());
 }
 
+double ReferenceCalcBackmapTorchForceKernel::executeCompiled(ContextImpl& context, bool includeForces, bool includeEnergy) {
+    ReferencePlatform::PlatformData* data = reinterpret_cast<ReferencePlatform::PlatformData*>(context.getPlatformData());
+    vector<Vec3>& pos = *data->positions;
+    int numParticles = pos.size();
+    torch::TensorOptions options = torch::TensorOptions().dtype(torch::kFloat64);
+    // The package reads its inputs and returns new tensors, so OpenMM's arrays can be passed in place.
+    compiledInputs.clear();
+    compiledInputs.push_back(torch::from_blob(pos.data(), {numParticles, 3}, options));
+    if (periodic)
+        compiledInputs.push_back(torch::from_blob(data->periodicBoxVectors, {3, 3}, options));
+    for (const string& name : globalNames)
+        compiledInputs.push_back(torch::scalar_tensor(context.getParameter(name), options));
+    vector<at::Tensor> outputs = compiled->run(compiledInputs);
+    compiledInputs.clear();
+    if (outputs.size() != 2 + globalNames.size())
+        throw OpenMMException("BackmapTorchForce: the compiled package returned " + to_string(outputs.size())
+                + " outputs, expected " + to_string(2 + globalNames.size()));
+    double energyValue = outputs[0].item<double>();
+    if (includeForces) {
+        at::Tensor f = outputs[1].to(torch::kFloat64).contiguous();
+        const double* forceData = f.data_ptr<double>();
+        vector<Vec3>& forces = *data->forces;
+        for (int i = 0; i < numParticles; i++)
+            forces[i] += Vec3(forceData[3*i], forceData[3*i+1], forceData[3*i+2]);
+    }
+    map<string, double>& derivatives = *data->energyParameterDerivatives;
+    for (size_t i = 0; i < globalNames.size(); i++)
+        if (globalNeedsDerivative[i])
+            derivatives[globalNames[i]] += outputs[2 + i].item<double>();
+    return includeEnergy ? energyValue : 0.0;
+}
+
 double ReferenceCalcBackmapTorchForceKernel::execute(ContextImpl& context, bool includeForces, bool includeEnergy) {
+    if (compiled)
+        return executeCompiled(context, includeForces, includeEnergy);
     ReferencePlatform::PlatformData* data = reinterpret_cast<ReferencePlatform::PlatformData*>(context.getPlatformData());
     vector<Vec3>& pos = *data->positions;
     int numParticles = pos.size();

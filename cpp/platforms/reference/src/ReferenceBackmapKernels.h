@@ -16,9 +16,13 @@ class ReferenceCalcBackmapTorchForceKernel : public CalcBackmapTorchForceKernel 
 public:
     ReferenceCalcBackmapTorchForceKernel(std::string name, const OpenMM::Platform& platform) : CalcBackmapTorchForceKernel(name, platform) {
     }
-    void initialize(const OpenMM::System& system, const BackmapTorchForce& force, torch::jit::script::Module& module);
+    void initialize(const OpenMM::System& system, const BackmapTorchForce& force, torch::jit::script::Module& module,
+                    std::shared_ptr<BackmapCompiledModel> compiled);
     double execute(OpenMM::ContextImpl& context, bool includeForces, bool includeEnergy);
 private:
+    double executeCompiled(OpenMM::ContextImpl& context, bool includeForces, bool includeEnergy);
+    std::shared_ptr<BackmapCompiledModel> compiled;
+    std::vector<at::Tensor> compiledInputs;
     torch::jit::script::Module module;
     torch::Dtype dtype;
     bool periodic;
