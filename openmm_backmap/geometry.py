@@ -358,6 +358,8 @@ class InternalCoordinates(torch.nn.Module):
         root = z.root if z.root.size else np.zeros(3, dtype=np.int64)
         self.register_buffer("root", torch.as_tensor(root, dtype=torch.long))
         self.root_ref = int(z.root_ref)
+        # whether the third root atom hangs on the second (Python bool: no tensor reads at run time)
+        self.root_ref_is_a1 = bool(z.root.size > 0 and int(z.root_ref) == int(root[1]))
         order = np.concatenate(z.levels) if z.levels else np.zeros(0, dtype=np.int64)
         self.register_buffer("level_order", torch.as_tensor(order, dtype=torch.long))
         bounds = [0]
@@ -374,11 +376,10 @@ class InternalCoordinates(torch.nn.Module):
         theta = angles(xi, xj, xk)
         phi = dihedrals(xi, xj, xk, xl)
         if self.has_root:
-            a0 = x[:, self.root[0]]
-            a1 = x[:, self.root[1]]
-            a2 = x[:, self.root[2]]
-            ref = a1 if self.root_ref == int(self.root[1]) else a0
-            other = a0 if self.root_ref == int(self.root[1]) else a1
+            a = x[:, self.root]
+            a0, a1, a2 = a[:, 0], a[:, 1], a[:, 2]
+            ref = a1 if self.root_ref_is_a1 else a0
+            other = a0 if self.root_ref_is_a1 else a1
             root = torch.stack([distances(a1, a0), distances(a2, ref), angles(a2, ref, other)], dim=-1)
         else:
             root = torch.zeros(x.shape[0], 3, dtype=x.dtype, device=x.device)
@@ -391,7 +392,7 @@ class InternalCoordinates(torch.nn.Module):
             zero = torch.zeros_like(root[:, 0])
             a0 = torch.stack([zero, zero, zero], dim=-1)
             a1 = torch.stack([root[:, 0], zero, zero], dim=-1)
-            if self.root_ref == int(self.root[1]):
+            if self.root_ref_is_a1:
                 # a2 bonded to a1, angle a2-a1-a0 = theta2, measured from a1 towards -x
                 a2 = torch.stack(
                     [root[:, 0] - root[:, 1] * torch.cos(root[:, 2]), root[:, 1] * torch.sin(root[:, 2]), zero],
