@@ -53,6 +53,15 @@ __all__ = [
 COMPILED_FORMAT = "openmm-backmap-compiled-force"
 COMPILED_VERSION = "1"
 _PACKAGE_MARKER = "data/aotinductor/"
+# Measured on the six-bead CG flow (benchmarks/RESULTS.md): weights folded in as constants, one
+# memory pool, and the tiny GEMMs of batch 1 generated as C++ micro-kernels instead of library calls
+# (about 140 -> 85 us per energy-and-forces call); freezing without the C++ GEMMs was slower.
+INDUCTOR_CONFIG = {
+    "freezing": True,
+    "memory_planning": True,
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+}
 
 
 def is_compiled_package(data: bytes) -> bool:
@@ -223,6 +232,7 @@ def compile_model(
     positions: Any = None,
     box: Any = None,
     tolerance: float = 1e-4,
+    threads: int = 1,
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Compile a TorchScript energy model (openmm-torch's signature) into a ``.pt2`` force package.
@@ -245,6 +255,11 @@ def compile_model(
     tolerance
         Largest allowed relative deviation of the package's energy and forces from the model's on
         the check configurations (relative to the largest force component / |energy| + 1).
+    threads
+        Threads the generated code may use.  1 (the default) generates serial loops, the fastest
+        for a few dozen particles: with more, inductor writes parallel loops and, for want of
+        atomic adds there, leaves the spline gradients' scatters as library calls (measured: ~80 vs
+        ~115 us per call for the six-bead CG flow).
 
     Returns
     -------
@@ -252,7 +267,6 @@ def compile_model(
         The metadata written into the package, with ``compile_seconds`` and ``max_deviation`` (the
         relative deviation found by the check).
     """
-    from torch.fx.experimental.proxy_tensor import make_fx
 
     from openmm_backmap.forces import _load_module, load_model_bytes
 
@@ -278,8 +292,26 @@ def compile_model(
     params = [torch.tensor(float(v), dtype=torch.float64) for v in parameters.values()]
     inputs.extend(params)
 
+    source_meta = _torchscript_metadata(data)
     wrapper = _EnergyAndForces(module, usesPeriodicBoundaryConditions, len(params)).eval()
     start = time.perf_counter()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        return _compile(wrapper, module, inputs, meta_inputs=(n, usesPeriodicBoundaryConditions, parameters,
+                        source_meta), x0=x0, box=box_t, params=params, out=Path(out), tolerance=tolerance,
+                        start=start, verbose=verbose)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _compile(wrapper: torch.nn.Module, module: torch.nn.Module, inputs: list[torch.Tensor], meta_inputs: tuple,
+             x0: torch.Tensor, box: torch.Tensor | None, params: list[torch.Tensor], out: Path, tolerance: float,
+             start: float, verbose: bool) -> dict[str, Any]:
+    """Trace, export, compile, check and write (see :func:`compile_model`)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    n, periodic, parameters, source_meta = meta_inputs
     try:
         graph = make_fx(wrapper, tracing_mode="real")(*inputs)
     except RuntimeError as error:
@@ -299,30 +331,28 @@ def compile_model(
         def forward(self, *args: torch.Tensor) -> Any:
             return self.gm(*args)
 
-    source_meta = _torchscript_metadata(data)
     meta: dict[str, str] = {
         "format": COMPILED_FORMAT,
         "version": COMPILED_VERSION,
         "num_particles": str(n),
-        "periodic": "1" if usesPeriodicBoundaryConditions else "0",
+        "periodic": "1" if periodic else "0",
         "global_parameters": json.dumps(list(parameters)),
         "torch_version": torch.__version__,
         "model_metadata": json.dumps(source_meta),
     }
-    out = Path(out)
     with torch.no_grad():
         exported = torch.export.export(_Graph(graph), tuple(inputs))
     with tempfile.TemporaryDirectory(prefix="openmm-backmap-compile-") as tmp:
         staged = Path(tmp) / "model.pt2"
         try:
             torch._inductor.aoti_compile_and_package(
-                exported, package_path=str(staged), inductor_configs={"aot_inductor.metadata": meta})
+                exported, package_path=str(staged), inductor_configs={"aot_inductor.metadata": meta, **INDUCTOR_CONFIG})
         except Exception as error:  # noqa: BLE001 - inductor raises many kinds; the cause is what matters
             lines = [line for line in str(error).strip().splitlines() if line.strip()]
             raise RuntimeError("AOTInductor could not compile the model (a C++ compiler is needed): "
                                f"{lines[0] if lines else type(error).__name__}") from error
         compiled = CompiledModel(staged.read_bytes(), str(staged))
-        error = _check_against_model(compiled, module, x0, box_t, params, usesPeriodicBoundaryConditions)
+        error = _check_against_model(compiled, module, x0, box, params)
         if not error <= tolerance:
             raise ValueError(f"the compiled package deviates from the model by {error:.3g} (relative), more than "
                              f"the tolerance {tolerance:g}; not written")
@@ -350,7 +380,7 @@ def _torchscript_metadata(data: bytes) -> dict[str, Any]:
 
 
 def _check_against_model(compiled: CompiledModel, module: torch.nn.Module, x0: torch.Tensor,
-                         box: torch.Tensor | None, params: Sequence[torch.Tensor], periodic: bool) -> float:
+                         box: torch.Tensor | None, params: Sequence[torch.Tensor]) -> float:
     """Largest relative deviation of the package from the model on x0 and three perturbations of it."""
     generator = torch.Generator().manual_seed(1)
     worst = 0.0
