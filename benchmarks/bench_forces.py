@@ -12,7 +12,12 @@ rerun on a real CG potential::
     python benchmarks/bench_forces.py --model cg.pt --systems ala2 --compile   # also the .pt2 package
 
 ``--compile`` adds rows for the model compiled with :func:`openmm_backmap.compiled.compile_model`
-(energy and forces fused by AOTInductor), run by the native and python backends.
+(energy and forces fused by AOTInductor), run by the native and python backends.  ``--start aa.pdb
+--mapping mapping.json`` runs a trained CG model as it is simulated: the beads' masses and the
+projected start structure, and no harmonic bonds (the "bonds only" row is then the bare integrator)::
+
+    python benchmarks/bench_forces.py --model demo/models/cg.pt --systems ala2 --compile \
+        --start demo/reference/ala2.pdb --mapping demo/mapping.json
 """
 
 from __future__ import annotations
@@ -72,13 +77,14 @@ def stand_in_model(n: int, dtype: torch.dtype) -> tuple[bytes, int]:
     return buffer.getvalue(), sum(p.numel() for p in module.parameters())
 
 
-def build_system(masses: np.ndarray, bond: float, force: openmm.Force | None) -> openmm.System:
+def build_system(masses: np.ndarray, bond: float | None, force: openmm.Force | None) -> openmm.System:
     system = openmm.System()
     for mass in masses:
         system.addParticle(float(mass))
     bonds = openmm.HarmonicBondForce()
-    for i in range(len(masses) - 1):
-        bonds.addBond(i, i + 1, bond, 5000.0)
+    if bond is not None:
+        for i in range(len(masses) - 1):
+            bonds.addBond(i, i + 1, bond, 5000.0)
     system.addForce(bonds)
     if force is not None:
         system.addForce(force)
@@ -86,13 +92,13 @@ def build_system(masses: np.ndarray, bond: float, force: openmm.Force | None) ->
 
 
 def time_steps(system: openmm.System, platform: str, positions: np.ndarray, steps: int,
-               repeats: int) -> tuple[float, float]:
+               repeats: int, timestep_ps: float = TIMESTEP_PS, friction: float = 1.0) -> tuple[float, float]:
     """Best (least disturbed) of ``repeats`` timings: wall and process-CPU microseconds per step.
 
     CPU time counts every thread of this process (OpenMM's and torch's), so it is less sensitive
     than wall time to other jobs on a shared machine, but includes threads that spin while waiting.
     """
-    integrator = openmm.LangevinMiddleIntegrator(300.0, 1.0, TIMESTEP_PS)
+    integrator = openmm.LangevinMiddleIntegrator(300.0, friction, timestep_ps)
     integrator.setRandomNumberSeed(1)
     context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName(platform))
     context.setPositions(positions)
@@ -122,7 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--compile", action="store_true",
                         help="also time the model compiled into a .pt2 force package (native and python backends)")
+    parser.add_argument("--timestep-fs", type=float, default=TIMESTEP_PS * 1000, help="default 2")
+    parser.add_argument("--friction", type=float, default=1.0, help="Langevin friction, 1/ps (default 1)")
+    parser.add_argument("--torchscript-steps", type=int, default=None,
+                        help="steps for the rows of the TorchScript model (default --steps)")
+    parser.add_argument("--start", help="all-atom PDB whose CG projection starts the runs (needs --mapping)")
+    parser.add_argument("--mapping", help="groups JSON of the CG model (with --start)")
     args = parser.parse_args(argv)
+    if bool(args.start) != bool(args.mapping) or (args.start and (len(args.systems) != 1 or not args.model)):
+        parser.error("--start and --mapping go together, with --model and one system")
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -131,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# host: {host.processor() or host.machine()}, {os.cpu_count()} cores; torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), OpenMM {openmm.__version__}; native plugin: "
           f"{forces.native_plugin_status()[1]}")
-    print(f"# {args.steps} LangevinMiddle steps of {TIMESTEP_PS * 1000:g} fs, best of {args.repeats}")
+    timestep = args.timestep_fs / 1000.0
+    print(f"# {args.steps} LangevinMiddle steps of {args.timestep_fs:g} fs, friction {args.friction:g}/ps, "
+          f"best of {args.repeats}")
     print("| system | model | platform | backend | us/step (wall) | CPU us/step | ns/day | force overhead us/step |")
     print("|---|---|---|---|---:|---:|---:|---:|")
     for name in args.systems:
@@ -143,6 +159,16 @@ def main(argv: list[str] | None = None) -> int:
             data, count = stand_in_model(n, dtype)
             label = f"MLP {count} params {args.dtype}"
         positions = np.stack([np.arange(n) * bond, 0.05 * np.sin(np.arange(n)), np.zeros(n)], axis=1)
+        if args.start:
+            import mdtraj as md
+
+            from openmm_backmap.mapping import CGMapping
+
+            aa = md.load(args.start)
+            mapping = CGMapping.from_json(args.mapping, aa.topology)
+            masses, bond, n = mapping.masses(), None, mapping.n_cg
+            positions = mapping.project(aa.xyz[0].astype(np.float64))
+            name = f"{name} as mapped"
         models = [(data, label, backends)]
         if args.compile:
             path = Path(tempfile.mkdtemp(prefix="bench-forces-")) / f"{name}.pt2"
@@ -152,16 +178,20 @@ def main(argv: list[str] | None = None) -> int:
             models.append((path.read_bytes(), f"{label} compiled", [b for b in backends if b != "openmm-torch"]))
         for platform in args.platforms:
             base, base_cpu = time_steps(build_system(masses, bond, None), platform, positions, args.steps,
-                                        args.repeats)
+                                        args.repeats, timestep, args.friction)
             print(f"| {name} ({n} beads) | bonds only | {platform} | - | {base:.1f} | {base_cpu:.1f} | "
-                  f"{86400 / (base * 1e-6) * TIMESTEP_PS / 1000:.0f} | - |")
+                  f"{86400 / (base * 1e-6) * timestep / 1000:.0f} | - |")
             for model_data, model_label, model_backends in models:
                 for backend in model_backends:
                     force = forces.create_force(model_data, backend=backend, numParticles=n)
-                    steps = args.steps if backend != "python" else max(200, args.steps // 4)
-                    us, cpu = time_steps(build_system(masses, bond, force), platform, positions, steps, args.repeats)
+                    steps = args.steps
+                    if args.torchscript_steps and model_data is data:
+                        steps = args.torchscript_steps
+                    steps = steps if backend != "python" else max(200, steps // 4)
+                    us, cpu = time_steps(build_system(masses, bond, force), platform, positions, steps, args.repeats,
+                                         timestep, args.friction)
                     print(f"| {name} ({n} beads) | {model_label} | {platform} | {backend} | {us:.1f} | {cpu:.1f} | "
-                          f"{86400 / (us * 1e-6) * TIMESTEP_PS / 1000:.0f} | {us - base:.1f} |", flush=True)
+                          f"{86400 / (us * 1e-6) * timestep / 1000:.0f} | {us - base:.1f} |", flush=True)
     return 0
 
 

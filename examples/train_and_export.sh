@@ -13,6 +13,9 @@ openmm-backmap train-cg --topology data/ala2.pdb --trajectory data/ala2.dcd --ma
 
 openmm-backmap export backmapper.ckpt -o backmapper.pt   # embeds the AA System given to train
 openmm-backmap export cg.ckpt -o cg.pt
+# optional: the CG force with energy and forces fused into one library (~2 minutes; this machine only)
+openmm-backmap compile cg.pt -o cg.pt2
+openmm-backmap info cg.pt2
 openmm-backmap info backmapper.pt
 
 # the model file opens with torch alone, no openmm_backmap needed:

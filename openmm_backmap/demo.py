@@ -45,7 +45,7 @@ class DemoSettings:
 
     The CG potential is a small flow (4 coupling layers of 32 hidden units) because every CG step
     evaluates it and its gradient once: its cost per step, not the reporter, sets the CG run's speed.
-    ``full`` compiles it (about 2 minutes), which makes a step ~50x cheaper and pays for a 5x longer
+    ``full`` compiles it (about 1.5 minutes), which makes a step ~60x cheaper and pays for a 12x longer
     CG run; ``quick`` runs the TorchScript file.
     ``rare_basin_ns`` of MD restrained to alpha_R and to alpha_L join the training data of both
     models: unbiased vacuum MD visits those basins a few times in 10,000. The backmapper's p(x | X) is
@@ -73,7 +73,7 @@ class DemoSettings:
 
     @classmethod
     def full(cls) -> "DemoSettings":
-        return cls(5.0, 0.5, 8, 500, 6, 128, 60, 90.0, 4, 32, 200_000, 40_000, True, 500, 4, 200)
+        return cls(5.0, 0.5, 8, 500, 6, 128, 60, 90.0, 4, 32, 500_000, 40_000, True, 500, 4, 200)
 
     @classmethod
     def quick(cls) -> "DemoSettings":
