@@ -55,8 +55,11 @@ def rq_spline(
     n_bins = wh.shape[-1]
     span = (right - left).unsqueeze(-1).unsqueeze(-1)
     bins = min_bin + (1.0 - min_bin * n_bins) * F.softmax(wh, dim=-1)
-    # knots (..., m, 2, K + 1): x knots in [..., 0, :], y knots in [..., 1, :]
-    knots_xy = F.pad(torch.cumsum(bins, dim=-1), (1, 0)) * span + left.unsqueeze(-1).unsqueeze(-1)
+    # knots (..., m, 2, K + 1): x knots in [..., 0, :], y knots in [..., 1, :]; knot j is the sum of
+    # bins i < j, written as a product with a constant 0/1 matrix rather than pad(cumsum): compiled
+    # (AOTInductor) it becomes generated code, where cumsum stays a library call
+    below = torch.triu(torch.ones(n_bins, n_bins + 1, dtype=bins.dtype, device=bins.device), diagonal=1)
+    knots_xy = torch.matmul(bins, below) * span + left.unsqueeze(-1).unsqueeze(-1)
     cw = knots_xy[..., 0, :]
     ch = knots_xy[..., 1, :]
 
