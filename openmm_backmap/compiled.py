@@ -61,6 +61,9 @@ INDUCTOR_CONFIG = {
     "memory_planning": True,
     "max_autotune": True,
     "max_autotune_gemm_backends": "CPP,ATEN",
+    # the GEMM autotuning would print a table per matrix product
+    "autotune_num_choices_displayed": 0,
+    "max_autotune_report_choices_stats": False,
 }
 
 
