@@ -352,7 +352,7 @@ def _compile(wrapper: torch.nn.Module, module: torch.nn.Module, inputs: list[tor
                 exported, package_path=str(staged), inductor_configs={"aot_inductor.metadata": meta, **INDUCTOR_CONFIG})
         except Exception as error:  # noqa: BLE001 - inductor raises many kinds; the cause is what matters
             lines = [line for line in str(error).strip().splitlines() if line.strip()]
-            raise RuntimeError("AOTInductor could not compile the model (a C++ compiler is needed): "
+            raise RuntimeError("AOTInductor could not compile the model (it needs a working C++ compiler): "
                                f"{lines[0] if lines else type(error).__name__}") from error
         compiled = CompiledModel(staged.read_bytes(), str(staged))
         error = _check_against_model(compiled, module, x0, box, params)
