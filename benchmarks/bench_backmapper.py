@@ -7,7 +7,11 @@ units, 8 bins) with statistics from jittered copies of the built-in structures.
 
 Usage::
 
-    python benchmarks/bench_backmapper.py [--threads 1] [--hidden 128] [--layers 6] [--seconds 3]
+    python benchmarks/bench_backmapper.py [--threads 1] [--hidden 128] [--layers 6] [--seconds 3] [--compiled]
+
+``--compiled`` adds a row at batch 1024 for the exported module compiled by inductor
+(:func:`openmm_backmap.export.compile_backmapper`, what ``BackmapModel.compile`` and
+``openmm-backmap backmap --compile`` use); compiling takes a minute or two per system.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 
 from openmm_backmap.data import builtin_system, constraints_from_system
+from openmm_backmap.export import compile_backmapper
 from openmm_backmap.mapping import CGMapping
 from openmm_backmap.models import Backmapper
 
@@ -61,6 +66,20 @@ def rate(fn, n_items: int, seconds: float) -> tuple[float, float]:
             return count * n_items / dt, count * n_items / (time.process_time() - c0)
 
 
+class _Compiled:
+    """sample / log_prob of a scripted backmapper through its compiled graphs (one noise draw, as TorchScript)."""
+
+    def __init__(self, scripted, compiled) -> None:
+        self.scripted, self.compiled = scripted, compiled
+
+    def sample(self, X, n: int):
+        cg = torch.repeat_interleave(X, n, dim=0)
+        return self.compiled["sample_with_noise"](cg, self.scripted.base.sample(cg.shape[0], cg.dtype, cg.device))
+
+    def log_prob(self, x, X):
+        return self.compiled["log_prob"](x, X)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -68,6 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--seconds", type=float, default=3.0, help="timing window per measurement")
     p.add_argument("--systems", default="ala2,chignolin")
+    p.add_argument("--compiled", action="store_true", help="also time the inductor-compiled module at batch 1024")
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -85,7 +105,11 @@ def main(argv=None) -> int:
         for batch in (1, 1024):
             xb = x[torch.arange(batch) % x.shape[0]]
             X = model.project(xb)
-            for mode, m in (("eager", model), ("TorchScript", scripted)):
+            modes = [("eager", model), ("TorchScript", scripted)]
+            if args.compiled and batch == 1024:
+                compiled = compile_backmapper(scripted, batch, model.n_cg, model.n_aa)
+                modes.append(("compiled", _Compiled(scripted, compiled)))
+            for mode, m in modes:
                 with torch.no_grad():
                     s = rate(lambda: m.sample(X, 1), batch, args.seconds)
                     lp = rate(lambda: m.log_prob(xb, X), batch, args.seconds)

@@ -323,6 +323,8 @@ def _add_backmap(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1024, help="samples per batch (default 1024)")
     p.add_argument("--device", help="torch device (default cuda when available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the model for the batch size first (a minute or two; then ~2x faster on CPU)")
     p.set_defaults(func=_cmd_backmap)
 
 
@@ -334,7 +336,7 @@ def _cmd_backmap(args) -> int:
     res = backmap_trajectory(
         args.model, args.cg, args.cg_topology, args.out, samples=args.samples, seed=args.seed,
         energies=args.energies, batch_size=args.batch_size, device=args.device,
-        progress=not args.no_progress,
+        progress=not args.no_progress, compile=args.compile,
     )
     print(f"{res['n_frames']} CG frames -> {res['n_samples']} AA frames: {res['out']}")
     return 0
