@@ -95,6 +95,18 @@ def test_backmap_writes_frames_and_energies(workdir):
     assert np.array_equal(md.load(str(workdir / "aa2.dcd"), top=str(ref["pdb"])).xyz, aa.xyz)
 
 
+def test_backmap_compile_gives_the_same_frames(workdir):
+    """--compile: 12 CG frames x 3 samples in batches of 6 (2 frames): the compiled batch for every
+    batch, the same seed's frames as TorchScript to float rounding."""
+    ref = ala2_reference()
+    assert _backmap(workdir, workdir / "plain.dcd") == 0
+    assert _backmap(workdir, workdir / "compiled.dcd", "--compile") == 0
+    plain = md.load(str(workdir / "plain.dcd"), top=str(ref["pdb"]))
+    compiled = md.load(str(workdir / "compiled.dcd"), top=str(ref["pdb"]))
+    assert compiled.n_frames == plain.n_frames == 36
+    np.testing.assert_allclose(compiled.xyz, plain.xyz, atol=1e-4)
+
+
 def test_backmap_rejects_wrong_bead_count(workdir, capsys):
     ref = ala2_reference()
     traj = md.load(str(ref["dcd"]), top=str(ref["pdb"]))[:3]
