@@ -51,3 +51,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _have_cxx() -> bool:
+    import os
+    import shutil
+
+    return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++") if c)
+
+
+# Compiled models (AOTInductor, torch.compile) need a C++ compiler at compile time.
+needs_compiler = pytest.mark.skipif(not _have_cxx(), reason="no C++ compiler: models cannot be compiled")

@@ -9,7 +9,7 @@ import pytest
 
 from openmm_backmap.cli import main
 from openmm_backmap.mapping import CGMapping
-from _backmap_helpers import ala2_reference, one_thread  # noqa: F401
+from _backmap_helpers import ala2_reference, needs_compiler, one_thread  # noqa: F401
 
 # residue order kept monotonic (C(ACE), N, CA, CB, C, N(NME)) so the CG topology writes as PDB
 GROUPS = [[4], [6], [8], [10], [14], [16]]
@@ -95,6 +95,7 @@ def test_backmap_writes_frames_and_energies(workdir):
     assert np.array_equal(md.load(str(workdir / "aa2.dcd"), top=str(ref["pdb"])).xyz, aa.xyz)
 
 
+@needs_compiler
 def test_backmap_compile_gives_the_same_frames(workdir):
     """--compile: 12 CG frames x 3 samples in batches of 6 (2 frames): the compiled batch for every
     batch, the same seed's frames as TorchScript to float rounding."""

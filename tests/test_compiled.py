@@ -22,7 +22,10 @@ from openmm_backmap import forces
 from openmm_backmap.compiled import compile_model, is_compiled_package, load_compiled, read_compiled_metadata
 from openmm_backmap.potentials import CGFlowPotential, export_cg, make_cg_spec
 
+from _backmap_helpers import needs_compiler
 from test_potentials import BRANCHED6, randomise, synthetic_chain
+
+pytestmark = needs_compiler
 
 N_HARMONIC = 5
 KJ = unit.kilojoule_per_mole

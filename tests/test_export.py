@@ -16,7 +16,7 @@ from openmm_backmap.export import export_model, load_model, read_extra_files
 from openmm_backmap.mapping import CGMapping
 from openmm_backmap.models import Backmapper
 from openmm_backmap.train import make_spec
-from _backmap_helpers import ALA2_SIX, ala2_constraints, ala2_reference, ala2_traj, one_thread  # noqa: F401
+from _backmap_helpers import ALA2_SIX, ala2_constraints, ala2_reference, ala2_traj, needs_compiler, one_thread  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +160,7 @@ def test_truncated_or_foreign_files_raise_value_error(exported, tmp_path):
         load_model(tmp_path / "missing.pt")
 
 
+@needs_compiler
 def test_compiled_sampling_equals_torchscript(exported):
     """BackmapModel.compile: inductor-compiled sample and log_prob at one batch size give the
     TorchScript results (same seed, same noise), and other batch sizes still work."""
