@@ -78,7 +78,9 @@ def is_compiled_package(data: bytes) -> bool:
         return False
 
 
-def _module_dtype(module: torch.nn.Module) -> torch.dtype:
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """A model's input dtype: its first floating-point parameter's or buffer's, float64 if none (as
+    the native plugin decides it)."""
     for tensor in list(module.parameters()) + list(module.buffers()):
         if tensor.is_floating_point():
             return tensor.dtype
@@ -93,7 +95,7 @@ class _EnergyAndForces(torch.nn.Module):
         self.module = module
         self.periodic = periodic
         self.n_parameters = n_parameters
-        self.dtype = _module_dtype(module)
+        self.dtype = module_dtype(module)
 
     def forward(self, positions: torch.Tensor, *extra: torch.Tensor) -> tuple[torch.Tensor, ...]:
         box = extra[0] if self.periodic else None
@@ -122,7 +124,7 @@ def _example_positions(n: int, seed: int = 0) -> torch.Tensor:
 def _reference(module: torch.nn.Module, positions: torch.Tensor, box: torch.Tensor | None,
                params: Sequence[torch.Tensor]) -> tuple[float, np.ndarray, list[float]]:
     """Energy, forces and dE/dp from the model itself by autograd (the check of the package)."""
-    dtype = _module_dtype(module)
+    dtype = module_dtype(module)
     x = positions.to(dtype).detach().requires_grad_(True)
     p = [v.to(dtype).detach().requires_grad_(True) for v in params]
     inputs = [x] + ([box.to(dtype)] if box is not None else []) + p

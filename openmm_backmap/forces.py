@@ -45,6 +45,7 @@ import openmm
 import torch
 
 from openmm_backmap.compiled import CompiledModel, is_compiled_package, read_compiled_metadata
+from openmm_backmap.compiled import module_dtype as _module_dtype
 
 __all__ = [
     "BACKENDS",
@@ -204,14 +205,6 @@ def _load_module(data: bytes, origin: str = "the model bytes") -> torch.jit.Scri
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{origin} is not a TorchScript module (corrupt or truncated file?): {first_line}") from error
     return module.eval()
-
-
-def _module_dtype(module: torch.jit.ScriptModule) -> torch.dtype:
-    """The input dtype: the first floating-point parameter or buffer's, float64 if none (as the plugin)."""
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float64
 
 
 def _check_model(module: torch.jit.ScriptModule, numParticles: int, periodic: bool,
