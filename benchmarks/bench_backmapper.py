@@ -10,7 +10,7 @@ Usage::
     python benchmarks/bench_backmapper.py [--threads 1] [--hidden 128] [--layers 6] [--seconds 3] [--compiled]
 
 ``--compiled`` adds a row at batch 1024 for the exported module compiled by inductor
-(:func:`openmm_backmap.export.compile_backmapper`, what ``BackmapModel.compile`` and
+(:class:`openmm_backmap.export.CompiledBackmapper`, what ``BackmapModel.compile`` and
 ``openmm-backmap backmap --compile`` use); compiling takes a minute or two per system.
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from openmm_backmap.data import builtin_system, constraints_from_system
-from openmm_backmap.export import compile_backmapper
+from openmm_backmap.export import CompiledBackmapper
 from openmm_backmap.mapping import CGMapping
 from openmm_backmap.models import Backmapper
 
@@ -66,20 +66,6 @@ def rate(fn, n_items: int, seconds: float) -> tuple[float, float]:
             return count * n_items / dt, count * n_items / (time.process_time() - c0)
 
 
-class _Compiled:
-    """sample / log_prob of a scripted backmapper through its compiled graphs (one noise draw, as TorchScript)."""
-
-    def __init__(self, scripted, compiled) -> None:
-        self.scripted, self.compiled = scripted, compiled
-
-    def sample(self, X, n: int):
-        cg = torch.repeat_interleave(X, n, dim=0)
-        return self.compiled["sample_with_noise"](cg, self.scripted.base.sample(cg.shape[0], cg.dtype, cg.device))
-
-    def log_prob(self, x, X):
-        return self.compiled["log_prob"](x, X)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -107,8 +93,7 @@ def main(argv=None) -> int:
             X = model.project(xb)
             modes = [("eager", model), ("TorchScript", scripted)]
             if args.compiled and batch == 1024:
-                compiled = compile_backmapper(scripted, batch, model.n_cg, model.n_aa)
-                modes.append(("compiled", _Compiled(scripted, compiled)))
+                modes.append(("compiled", CompiledBackmapper(scripted, batch, model.n_cg, model.n_aa)))
             for mode, m in modes:
                 with torch.no_grad():
                     s = rate(lambda: m.sample(X, 1), batch, args.seconds)

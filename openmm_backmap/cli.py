@@ -188,13 +188,13 @@ def _add_compile(sub) -> None:
 
 
 def _cmd_compile(args) -> int:
-    from openmm_backmap.compiled import _torchscript_metadata, compile_model
+    from openmm_backmap.compiled import torchscript_metadata, compile_model
     from openmm_backmap.forces import load_model_bytes
 
     data = load_model_bytes(args.model)
     n = args.particles
     if n is None:
-        n = _torchscript_metadata(data).get("n_beads")
+        n = torchscript_metadata(data).get("n_beads")
         if n is None:
             raise SystemExit(f"error: {args.model} does not say how many particles it takes: give --particles")
     parameters = {}

@@ -297,7 +297,7 @@ def compile_model(
     params = [torch.tensor(float(v), dtype=torch.float64) for v in parameters.values()]
     inputs.extend(params)
 
-    source_meta = _torchscript_metadata(data)
+    source_meta = torchscript_metadata(data)
     wrapper = _EnergyAndForces(module, usesPeriodicBoundaryConditions, len(params)).eval()
     start = time.perf_counter()
     threads_before = torch.get_num_threads()
@@ -372,7 +372,7 @@ def _compile(wrapper: torch.nn.Module, module: torch.nn.Module, inputs: list[tor
     return result
 
 
-def _torchscript_metadata(data: bytes) -> dict[str, Any]:
+def torchscript_metadata(data: bytes) -> dict[str, Any]:
     """The ``metadata.json`` extra file of an openmm-backmap TorchScript file ({} when absent)."""
     files = {"metadata.json": ""}
     try:

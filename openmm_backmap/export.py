@@ -168,7 +168,7 @@ class BackmapModel:
         self.n_aa = int(self.metadata["n_aa"])
         self.n_cg = int(self.metadata["n_cg"])
         self.temporal = bool(self.metadata.get("temporal", False))
-        self._compiled: dict[str, Any] = {}
+        self._compiled: CompiledBackmapper | None = None
         if topology is not None:
             self.check_topology(topology)
 
@@ -182,7 +182,7 @@ class BackmapModel:
         use the compiled code for that batch size and TorchScript for every other. Same random
         stream as TorchScript: with the same seed, both give the same samples to float rounding.
         """
-        self._compiled = compile_backmapper(self.module, int(batch_size), self.n_cg, self.n_aa, self.device)
+        self._compiled = CompiledBackmapper(self.module, int(batch_size), self.n_cg, self.n_aa, self.device)
 
     # ------------------------------------------------------------------ checks
     def check_topology(self, topology) -> None:
@@ -246,11 +246,8 @@ class BackmapModel:
         if seed is not None:
             torch.manual_seed(int(seed))
         with torch.no_grad():
-            if self._compiled.get("batch") == X.shape[0] * int(n):
-                # the TorchScript sample() in two steps: the same noise draw, then the compiled map
-                cg_rep = torch.repeat_interleave(X, int(n), dim=0)
-                u = self.module.base.sample(cg_rep.shape[0], cg_rep.dtype, cg_rep.device)
-                aa, lq = self._compiled["sample_with_noise"](cg_rep, u)
+            if self._compiled is not None and self._compiled.batch == X.shape[0] * int(n):
+                aa, lq = self._compiled.sample(X, int(n))
             else:
                 aa, lq = self.module.sample(X, int(n))
         return self._out(aa, is_numpy), self._out(lq, is_numpy)
@@ -265,8 +262,8 @@ class BackmapModel:
         if X.shape[0] != x.shape[0]:
             raise ValueError(f"{x.shape[0]} AA frames but {X.shape[0]} CG frames")
         with torch.no_grad():
-            if self._compiled.get("batch") == x.shape[0]:
-                lq = self._compiled["log_prob"](x, X)
+            if self._compiled is not None and self._compiled.batch == x.shape[0]:
+                lq = self._compiled.log_prob(x, X)
             else:
                 lq = self.module.log_prob(x, X)
         return self._out(lq, is_numpy)
@@ -312,34 +309,47 @@ class BackmapModel:
         return f"BackmapModel({str(self.path)!r}, n_aa={self.n_aa}, n_cg={self.n_cg}, device={self.device})"
 
 
-def compile_backmapper(module: torch.jit.ScriptModule, batch_size: int, n_cg: int, n_aa: int,
-                       device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Inductor-compiled ``sample_with_noise`` and ``log_prob`` of an exported backmapper for one batch size.
+class CompiledBackmapper:
+    """Inductor-compiled ``sample`` and ``log_prob`` of an exported backmapper for one batch size.
 
     Each TorchScript method is traced at that batch size into a graph of aten operators (values do
-    not change the graph: the model does not branch on them) and compiled by ``torch.compile``.
-    Returns ``{"batch": batch_size, "sample_with_noise": f(cg, u), "log_prob": f(aa, cg)}``.
+    not change the graph: the model does not branch on them) and compiled by ``torch.compile``;
+    construction compiles both (a minute or two). :meth:`sample` draws the base noise with the
+    module's own sampler, as its TorchScript ``sample`` does, so a seed gives the same frames.
     """
-    from torch.fx.experimental.proxy_tensor import make_fx
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    generator = torch.Generator().manual_seed(0)
-    cg = torch.randn(batch_size, n_cg, 3, generator=generator).to(device) * 0.3
-    aa = torch.randn(batch_size, n_aa, 3, generator=generator).to(device) * 0.3
-    with torch.no_grad():
-        u = module.base.sample(batch_size, cg.dtype, cg.device)
-        sample_graph = make_fx(lambda c, z: module.sample_with_noise(c, z), tracing_mode="real")(cg, u)
-        log_prob_graph = make_fx(lambda a, c: module.log_prob(a, c), tracing_mode="real")(aa, cg)
-    compiled = {
-        "batch": int(batch_size),
-        "sample_with_noise": torch.compile(sample_graph, dynamic=False),
-        "log_prob": torch.compile(log_prob_graph, dynamic=False),
-    }
-    with torch.no_grad():  # compile now, not in the middle of the first batch
-        compiled["sample_with_noise"](cg, u)
-        compiled["log_prob"](aa, cg)
-    return compiled
+    def __init__(self, module: torch.jit.ScriptModule, batch_size: int, n_cg: int, n_aa: int,
+                 device: torch.device | str = "cpu") -> None:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.module = module
+        self.batch = int(batch_size)
+        generator = torch.Generator().manual_seed(0)
+        cg = torch.randn(batch_size, n_cg, 3, generator=generator).to(device) * 0.3
+        aa = torch.randn(batch_size, n_aa, 3, generator=generator).to(device) * 0.3
+        u = torch.randn(batch_size, int(module.dim), generator=generator).to(device)
+        with torch.no_grad():
+            sample_graph = make_fx(lambda c, z: module.sample_with_noise(c, z), tracing_mode="real")(cg, u)
+            log_prob_graph = make_fx(lambda a, c: module.log_prob(a, c), tracing_mode="real")(aa, cg)
+            self._sample_with_noise = torch.compile(sample_graph, dynamic=False)
+            self._log_prob = torch.compile(log_prob_graph, dynamic=False)
+            self._sample_with_noise(cg, u)  # compile now, not in the middle of the first batch
+            self._log_prob(aa, cg)
+
+    def sample(self, cg: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As the module's ``sample``: n per frame, frame-major; cg.shape[0] * n must be the batch."""
+        cg_rep = torch.repeat_interleave(cg, int(n), dim=0)
+        if cg_rep.shape[0] != self.batch:
+            raise ValueError(f"compiled for batches of {self.batch} samples, got {cg_rep.shape[0]}")
+        u = self.module.base.sample(cg_rep.shape[0], cg_rep.dtype, cg_rep.device)
+        return self._sample_with_noise(cg_rep, u)
+
+    def log_prob(self, aa: torch.Tensor, cg: torch.Tensor) -> torch.Tensor:
+        if aa.shape[0] != self.batch:
+            raise ValueError(f"compiled for batches of {self.batch} samples, got {aa.shape[0]}")
+        return self._log_prob(aa, cg)
 
 
 def _fmt(v):

@@ -251,10 +251,13 @@ class TorchComputation:
         self.moduleBytes = moduleBytes
         self.periodic = periodic
         self.parameterNames = parameterNames
-        self.module = _load_module(moduleBytes)
-        self.dtype = _module_dtype(self.module)
         self._buffer: np.ndarray | None = None
         self._fast_positions = hasattr(openmm.State, "_getVectorAsNumpy")
+        self._load(moduleBytes)
+
+    def _load(self, moduleBytes: bytes) -> None:
+        self.module = _load_module(moduleBytes)
+        self.dtype = _module_dtype(self.module)
 
     def __getstate__(self) -> dict:
         return {"moduleBytes": self.moduleBytes, "periodic": self.periodic, "parameterNames": self.parameterNames}
@@ -271,18 +274,21 @@ class TorchComputation:
             return self._buffer
         return state.getPositions(asNumpy=True).value_in_unit(openmm.unit.nanometer)
 
-    def __call__(self, state: openmm.State) -> tuple[float, np.ndarray]:
+    def _inputs(self, state: openmm.State) -> list[torch.Tensor]:
+        """forward()'s inputs for a State, in the model's dtype: positions[, box][, parameters]."""
         positions = torch.from_numpy(self._positions(state))
-        if self.dtype != torch.float64:
-            positions = positions.to(self.dtype)
-        positions = positions.detach().requires_grad_(True)
-        inputs = [positions]
+        inputs = [positions if self.dtype == torch.float64 else positions.to(self.dtype)]
         if self.periodic:
             box = state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(openmm.unit.nanometer)
             inputs.append(torch.as_tensor(np.asarray(box), dtype=self.dtype))
         if self.parameterNames:
             values = state.getParameters()
             inputs.extend(torch.tensor(values[name], dtype=self.dtype) for name in self.parameterNames)
+        return inputs
+
+    def __call__(self, state: openmm.State) -> tuple[float, np.ndarray]:
+        inputs = self._inputs(state)
+        positions = inputs[0] = inputs[0].detach().requires_grad_(True)
         energy = self.module(*inputs)
         (grad,) = torch.autograd.grad(energy, positions, allow_unused=True) if energy.requires_grad else (None,)
         if grad is None:
@@ -295,23 +301,12 @@ class TorchComputation:
 class CompiledComputation(TorchComputation):
     """The ``"python"`` backend's callback for a compiled package: one library call per State."""
 
-    def _setup(self, moduleBytes: bytes, periodic: bool, parameterNames: tuple[str, ...]) -> None:
-        self.moduleBytes = moduleBytes
-        self.periodic = periodic
-        self.parameterNames = parameterNames
+    def _load(self, moduleBytes: bytes) -> None:
         self.model = CompiledModel(moduleBytes)
-        self._buffer = None
-        self._fast_positions = hasattr(openmm.State, "_getVectorAsNumpy")
+        self.dtype = torch.float64  # packages take and return float64
 
     def __call__(self, state: openmm.State) -> tuple[float, np.ndarray]:
-        inputs = [torch.from_numpy(self._positions(state))]
-        if self.periodic:
-            box = state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(openmm.unit.nanometer)
-            inputs.append(torch.as_tensor(np.asarray(box), dtype=torch.float64))
-        if self.parameterNames:
-            values = state.getParameters()
-            inputs.extend(torch.tensor(values[name], dtype=torch.float64) for name in self.parameterNames)
-        outputs = self.model.run(inputs)
+        outputs = self.model.run(self._inputs(state))
         return float(outputs[0]), outputs[1].numpy()
 
 
