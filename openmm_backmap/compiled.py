@@ -238,7 +238,6 @@ def compile_model(
     box: Any = None,
     tolerance: float = 1e-4,
     threads: int = 1,
-    verbose: bool = False,
 ) -> dict[str, Any]:
     """Compile a TorchScript energy model (openmm-torch's signature) into a ``.pt2`` force package.
 
@@ -279,6 +278,9 @@ def compile_model(
     if n < 1:
         raise ValueError(f"numParticles must be >= 1, got {numParticles}")
     parameters = dict(globalParameters or {})
+    bad = [name for name in parameters if not name or '"' in name or "\\" in name]
+    if bad:
+        raise ValueError(f"global parameter names must be non-empty and free of quotes and backslashes: {bad}")
     data = load_model_bytes(model)
     module = _load_module(data)
     for tensor in module.parameters():
@@ -289,34 +291,39 @@ def compile_model(
     if not torch.isfinite(x0).all():
         raise ValueError("positions contain NaN or infinite values")
     inputs = [x0]
-    box_t = None
     if usesPeriodicBoundaryConditions:
-        box_t = torch.eye(3, dtype=torch.float64) * 10.0 if box is None else \
-            torch.as_tensor(np.asarray(box, dtype=np.float64)).reshape(3, 3)
-        inputs.append(box_t)
-    params = [torch.tensor(float(v), dtype=torch.float64) for v in parameters.values()]
-    inputs.extend(params)
+        inputs.append(torch.eye(3, dtype=torch.float64) * 10.0 if box is None else
+                      torch.as_tensor(np.asarray(box, dtype=np.float64)).reshape(3, 3))
+    inputs.extend(torch.tensor(float(v), dtype=torch.float64) for v in parameters.values())
+    meta: dict[str, str] = {
+        "format": COMPILED_FORMAT,
+        "version": COMPILED_VERSION,
+        "num_particles": str(n),
+        "periodic": "1" if usesPeriodicBoundaryConditions else "0",
+        "global_parameters": json.dumps(list(parameters)),
+        "torch_version": torch.__version__,
+        "model_metadata": json.dumps(torchscript_metadata(data)),
+    }
 
-    source_meta = torchscript_metadata(data)
-    wrapper = _EnergyAndForces(module, usesPeriodicBoundaryConditions, len(params)).eval()
     start = time.perf_counter()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads)))
     try:
-        return _compile(wrapper, module, inputs, meta_inputs=(n, usesPeriodicBoundaryConditions, parameters,
-                        source_meta), x0=x0, box=box_t, params=params, out=Path(out), tolerance=tolerance,
-                        start=start, verbose=verbose)
+        error = _compile(module, inputs, usesPeriodicBoundaryConditions, meta, Path(out), tolerance)
     finally:
         torch.set_num_threads(threads_before)
+    result = _parse_metadata(meta, str(out))
+    result["compile_seconds"] = time.perf_counter() - start
+    result["max_deviation"] = error
+    return result
 
 
-def _compile(wrapper: torch.nn.Module, module: torch.nn.Module, inputs: list[torch.Tensor], meta_inputs: tuple,
-             x0: torch.Tensor, box: torch.Tensor | None, params: list[torch.Tensor], out: Path, tolerance: float,
-             start: float, verbose: bool) -> dict[str, Any]:
-    """Trace, export, compile, check and write (see :func:`compile_model`)."""
+def _compile(module: torch.nn.Module, inputs: list[torch.Tensor], periodic: bool, meta: dict[str, str], out: Path,
+             tolerance: float) -> float:
+    """Trace, export, compile, check and write (see :func:`compile_model`); the deviation found."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    n, periodic, parameters, source_meta = meta_inputs
+    wrapper = _EnergyAndForces(module, periodic, len(inputs) - 1 - int(periodic)).eval()
     try:
         graph = make_fx(wrapper, tracing_mode="real")(*inputs)
     except RuntimeError as error:
@@ -336,15 +343,6 @@ def _compile(wrapper: torch.nn.Module, module: torch.nn.Module, inputs: list[tor
         def forward(self, *args: torch.Tensor) -> Any:
             return self.gm(*args)
 
-    meta: dict[str, str] = {
-        "format": COMPILED_FORMAT,
-        "version": COMPILED_VERSION,
-        "num_particles": str(n),
-        "periodic": "1" if periodic else "0",
-        "global_parameters": json.dumps(list(parameters)),
-        "torch_version": torch.__version__,
-        "model_metadata": json.dumps(source_meta),
-    }
     with torch.no_grad():
         exported = torch.export.export(_Graph(graph), tuple(inputs))
     with tempfile.TemporaryDirectory(prefix="openmm-backmap-compile-") as tmp:
@@ -356,20 +354,13 @@ def _compile(wrapper: torch.nn.Module, module: torch.nn.Module, inputs: list[tor
             lines = [line for line in str(error).strip().splitlines() if line.strip()]
             raise RuntimeError("AOTInductor could not compile the model (it needs a working C++ compiler): "
                                f"{lines[0] if lines else type(error).__name__}") from error
-        compiled = CompiledModel(staged.read_bytes(), str(staged))
-        error = _check_against_model(compiled, module, x0, box, params)
-        if not error <= tolerance:
-            raise ValueError(f"the compiled package deviates from the model by {error:.3g} (relative), more than "
+        deviation = _check_against_model(CompiledModel(staged.read_bytes(), str(staged)), module, inputs, periodic)
+        if not deviation <= tolerance:
+            raise ValueError(f"the compiled package deviates from the model by {deviation:.3g} (relative), more than "
                              f"the tolerance {tolerance:g}; not written")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(staged.read_bytes())
-    seconds = time.perf_counter() - start
-    if verbose:
-        print(f"compiled {n}-particle force in {seconds:.0f} s, max relative deviation {error:.2e}: {out}")
-    result = _parse_metadata(meta, str(out))
-    result["compile_seconds"] = seconds
-    result["max_deviation"] = error
-    return result
+    return deviation
 
 
 def torchscript_metadata(data: bytes) -> dict[str, Any]:
@@ -384,9 +375,12 @@ def torchscript_metadata(data: bytes) -> dict[str, Any]:
         return {}
 
 
-def _check_against_model(compiled: CompiledModel, module: torch.nn.Module, x0: torch.Tensor,
-                         box: torch.Tensor | None, params: Sequence[torch.Tensor]) -> float:
-    """Largest relative deviation of the package from the model on x0 and three perturbations of it."""
+def _check_against_model(compiled: CompiledModel, module: torch.nn.Module, inputs: Sequence[torch.Tensor],
+                         periodic: bool) -> float:
+    """Largest relative deviation of the package from the model on the traced input and three
+    perturbations of its positions."""
+    x0, box = inputs[0], (inputs[1] if periodic else None)
+    params = list(inputs[1 + int(periodic):])
     generator = torch.Generator().manual_seed(1)
     worst = 0.0
     for k in range(4):

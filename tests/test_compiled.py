@@ -248,3 +248,10 @@ def test_load_model_bytes_passes_packages_through(harmonic_package):
     data = harmonic_package.read_bytes()
     assert forces.load_model_bytes(harmonic_package) == data
     assert forces.load_model_bytes(io.BytesIO(data).getvalue()) == data
+
+
+def test_parameter_names_the_plugin_cannot_read_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="free of quotes"):
+        compile_model(PeriodicHarmonic(), 2, tmp_path / "bad.pt2", usesPeriodicBoundaryConditions=True,
+                      globalParameters={'k"': 1.0})
+    assert not (tmp_path / "bad.pt2").exists()
