@@ -10,7 +10,7 @@ Usage::
     python benchmarks/bench_backmapper.py [--threads 1] [--hidden 128] [--layers 6] [--seconds 3] [--compiled]
 
 ``--compiled`` adds a row at batch 1024 for the exported module compiled by inductor
-(:class:`openmm_backmap.export.CompiledBackmapper`, what ``BackmapModel.compile`` and
+(:class:`openmm_backmap.io.model_files.CompiledBackmapper`, what ``BackmapModel.compile`` and
 ``openmm-backmap backmap --compile`` use); compiling takes a minute or two per system.
 """
 
@@ -25,10 +25,10 @@ import mdtraj as md
 import numpy as np
 import torch
 
-from openmm_backmap.data import builtin_system, constraints_from_system
-from openmm_backmap.export import CompiledBackmapper
+from openmm_backmap.systems.builtin import builtin_system, constraints_from_system
+from openmm_backmap.io.model_files import CompiledBackmapper
 from openmm_backmap.mapping import CGMapping
-from openmm_backmap.models import Backmapper
+from openmm_backmap.models.backmapper import Backmapper
 
 ALA2_SIX = [[4], [6], [8], [10], [14], [16]]
 

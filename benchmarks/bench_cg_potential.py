@@ -1,6 +1,6 @@
 """CG alanine dipeptide with a flow potential: train, export, simulate, compare (phi, psi) with the reference.
 
-Trains :class:`openmm_backmap.potentials.CGFlowPotential` on the six-bead CG projection of an ALA2
+Trains :class:`openmm_backmap.models.cg_potential.CGFlowPotential` on the six-bead CG projection of an ALA2
 reference trajectory (train/val blocks), exports it, runs Langevin dynamics of the CG System
 (``create_cg_system``) and reports the Jensen-Shannon divergence of the 36x36 (phi, psi) histograms
 of the CG run and of the flow's own samples against the whole projected reference, plus the wall
@@ -49,7 +49,7 @@ def bead_dihedrals_deg(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def phi_psi_js(X: np.ndarray, X_ref: np.ndarray) -> float:
-    from openmm_backmap.analysis import js_divergence, ramachandran_histogram
+    from openmm_backmap.analysis.metrics import js_divergence, ramachandran_histogram
 
     phi, psi = bead_dihedrals_deg(X)
     phi_r, psi_r = bead_dihedrals_deg(X_ref)
@@ -58,7 +58,7 @@ def phi_psi_js(X: np.ndarray, X_ref: np.ndarray) -> float:
 
 def load_reference(directory: Path):
     """(mapping, all projected frames (N, 6, 3), train/val/test pairs) of an ALA2 reference run."""
-    from openmm_backmap.data import load_trajectory, make_pairs
+    from openmm_backmap.systems.builtin import load_trajectory, make_pairs
     from openmm_backmap.demo import ala2_six_bead_mapping
 
     traj = load_trajectory(directory / "ala2.dcd", directory / "ala2.pdb")
@@ -68,7 +68,7 @@ def load_reference(directory: Path):
 
 
 def train_model(mapping, pairs, reference_xyz, out: Path, epochs: int, seed: int, progress: bool, **arch):
-    from openmm_backmap.potentials import (
+    from openmm_backmap.models.cg_potential import (
         CGFlowPotential,
         export_cg,
         make_cg_spec,
@@ -91,7 +91,7 @@ def simulate(model_path: Path, masses, X0: np.ndarray, steps: int, timestep_fs: 
     import openmm
     import openmm.unit as u
 
-    from openmm_backmap.forces import create_cg_system
+    from openmm_backmap.openmm.forces import create_cg_system
 
     system = create_cg_system(masses, str(model_path), backend=backend)
     integrator = openmm.LangevinMiddleIntegrator(temperature * u.kelvin, friction / u.picosecond,
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
                               temperature=args.temperature)
         result["training"] = {k: v for k, v in summary.items() if k != "history"}
         model_path = args.out / "cg.pt"
-    from openmm_backmap.potentials import load_cg_potential
+    from openmm_backmap.models.cg_potential import load_cg_potential
 
     module, meta = load_cg_potential(model_path)
     with torch.no_grad():

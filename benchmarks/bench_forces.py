@@ -11,7 +11,7 @@ rerun on a real CG potential::
     python benchmarks/bench_forces.py --torch-threads 1 --steps 5000
     python benchmarks/bench_forces.py --model cg.pt --systems ala2 --compile   # also the .pt2 package
 
-``--compile`` adds rows for the model compiled with :func:`openmm_backmap.compiled.compile_model`
+``--compile`` adds rows for the model compiled with :func:`openmm_backmap.openmm.compiled.compile_model`
 (energy and forces fused by AOTInductor), run by the native and python backends.  ``--start aa.pdb
 --mapping mapping.json`` runs a trained CG model as it is simulated: the beads' masses and the
 projected start structure, and no harmonic bonds (the "bonds only" row is then the bare integrator)::
@@ -37,8 +37,8 @@ import openmm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from openmm_backmap import forces  # noqa: E402
-from openmm_backmap.compiled import compile_model  # noqa: E402
+from openmm_backmap.openmm import forces  # noqa: E402
+from openmm_backmap.openmm.compiled import compile_model  # noqa: E402
 
 # Masses (Da) and bond lengths (nm) of the two CG systems.  ala2: CH3-C(O)-N(H)-CA-C(O)-N(H)CH3
 # lumped into 6 beads along the backbone; chain10: 10 identical beads.

@@ -30,13 +30,13 @@ import openmm
 import torch
 from openmm import app, unit
 
-from openmm_backmap.data import backbone_dihedrals, basin_indicators
-from openmm_backmap.energies import load_system
-from openmm_backmap.export import load_model
-from openmm_backmap.data import backbone_torsions
-from openmm_backmap.energies import aa_energy
-from openmm_backmap.hybrid import BatchedHybridSampler, run_hybrid
-from openmm_backmap.potentials import load_cg_potential
+from openmm_backmap.systems.builtin import backbone_dihedrals, basin_indicators
+from openmm_backmap.openmm.energies import load_system
+from openmm_backmap.io.model_files import load_model
+from openmm_backmap.systems.builtin import backbone_torsions
+from openmm_backmap.openmm.energies import aa_energy
+from openmm_backmap.sampling.hybrid import BatchedHybridSampler, run_hybrid
+from openmm_backmap.models.cg_potential import load_cg_potential
 
 
 def inefficiency(series: np.ndarray) -> float:

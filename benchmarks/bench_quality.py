@@ -4,7 +4,7 @@ For each model: backmap the CG projections of evaluation frames (one sample each
 score, clash score, chirality errors, energy W1 (kJ/mol, against the reference frames' energies),
 Ramachandran JS (when the molecule has phi/psi), held-out NLL, and the conditional ESS (K samples
 per CG frame, Kish ESS of exp(-beta U_AA - log q) / K, averaged over frames). Metric definitions
-are those of ``openmm_backmap.analysis``.
+are those of ``openmm_backmap.analysis.metrics``.
 
 Usage::
 
@@ -22,9 +22,9 @@ import mdtraj as md
 import numpy as np
 import torch
 
-from openmm_backmap import analysis
-from openmm_backmap.energies import aa_energy
-from openmm_backmap.export import load_model
+from openmm_backmap.analysis import metrics as analysis
+from openmm_backmap.openmm.energies import aa_energy
+from openmm_backmap.io.model_files import load_model
 
 
 def evaluate(model_path, traj, energy, n_frames=2000, ess_frames=200, k=64, seed=0) -> dict:

@@ -24,11 +24,11 @@ import openmm
 import torch
 from openmm import app, unit
 
-from openmm_backmap.energies import OpenMMBridgeEnergy, aa_energy
-from openmm_backmap.export import load_model
-from openmm_backmap.forces import create_cg_system
+from openmm_backmap.openmm.energies import OpenMMBridgeEnergy, aa_energy
+from openmm_backmap.io.model_files import load_model
+from openmm_backmap.openmm.forces import create_cg_system
 from openmm_backmap.mapping import CGMapping
-from openmm_backmap.reporter import BackmapReporter
+from openmm_backmap.openmm.reporter import BackmapReporter
 
 
 def _simulation(args, mapping, x0):

@@ -5,12 +5,12 @@ __version__ = "0.1.0"
 from openmm_backmap.mapping import CGMapping  # noqa: E402
 
 _LAZY = {
-    "BackmapReporter": "openmm_backmap.reporter",
-    "load_model": "openmm_backmap.export",
-    "create_force": "openmm_backmap.forces",
-    "create_cg_system": "openmm_backmap.forces",
-    "ResolutionMove": "openmm_backmap.hybrid",
-    "reweight": "openmm_backmap.analysis",
+    "BackmapReporter": "openmm_backmap.openmm.reporter",
+    "load_model": "openmm_backmap.io.model_files",
+    "create_force": "openmm_backmap.openmm.forces",
+    "create_cg_system": "openmm_backmap.openmm.forces",
+    "ResolutionMove": "openmm_backmap.sampling.hybrid",
+    "reweight": "openmm_backmap.analysis.metrics",
 }
 
 __all__ = ["CGMapping", "__version__", *_LAZY]

@@ -33,7 +33,7 @@ def _add_reference(sub) -> None:
 
 
 def _cmd_reference(args) -> int:
-    from openmm_backmap.data import generate_reference
+    from openmm_backmap.systems.builtin import generate_reference
 
     paths = generate_reference(
         args.system,
@@ -104,9 +104,9 @@ def _cmd_train_cg(args) -> int:
     import numpy as np
     import torch
 
-    from openmm_backmap.data import load_trajectory, make_pairs, reference_restraint, require_unrestrained
+    from openmm_backmap.systems.builtin import load_trajectory, make_pairs, reference_restraint, require_unrestrained
     from openmm_backmap.mapping import CGMapping
-    from openmm_backmap.potentials import CGFlowPotential, make_cg_spec, mean_nll, train_cg
+    from openmm_backmap.models.cg_potential import CGFlowPotential, make_cg_spec, mean_nll, train_cg
 
     if not args.allow_restrained:
         for path in args.trajectory:
@@ -150,7 +150,7 @@ def _add_export(sub) -> None:
 
 def _checkpoint_kind(path: str) -> str:
     """The ``kind`` in a checkpoint's spec ("cg-potential"; "backmapper" when it has none)."""
-    from openmm_backmap.train import read_checkpoint
+    from openmm_backmap.training.backmapper import read_checkpoint
 
     return str(read_checkpoint(path)["spec"].get("kind", "backmapper"))
 
@@ -158,12 +158,12 @@ def _checkpoint_kind(path: str) -> str:
 def _cmd_export(args) -> int:
     kind = _checkpoint_kind(args.checkpoint)
     if kind == "cg-potential":
-        from openmm_backmap.potentials import export_cg, load_cg_checkpoint
+        from openmm_backmap.models.cg_potential import export_cg, load_cg_checkpoint
 
         model, ckpt = load_cg_checkpoint(args.checkpoint)
         export_cg(model, ckpt["spec"], args.output)
     else:
-        from openmm_backmap.export import export_checkpoint
+        from openmm_backmap.io.model_files import export_checkpoint
 
         export_checkpoint(args.checkpoint, args.output)
     print(f"{kind} model: {args.output}")
@@ -188,8 +188,8 @@ def _add_compile(sub) -> None:
 
 
 def _cmd_compile(args) -> int:
-    from openmm_backmap.compiled import torchscript_metadata, compile_model
-    from openmm_backmap.forces import load_model_bytes
+    from openmm_backmap.openmm.compiled import torchscript_metadata, compile_model
+    from openmm_backmap.openmm.forces import load_model_bytes
 
     data = load_model_bytes(args.model)
     n = args.particles
@@ -253,7 +253,7 @@ def _add_train(sub) -> None:
 def _cmd_train(args) -> int:
     import torch
 
-    from openmm_backmap.train import train_from_files
+    from openmm_backmap.training.backmapper import train_from_files
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -281,8 +281,8 @@ def _cmd_info(args) -> int:
 
     from pathlib import Path
 
-    from openmm_backmap.compiled import is_compiled_package, read_compiled_metadata
-    from openmm_backmap.export import load_model, read_extra_files
+    from openmm_backmap.openmm.compiled import is_compiled_package, read_compiled_metadata
+    from openmm_backmap.io.model_files import load_model, read_extra_files
 
     if Path(args.model).is_file() and is_compiled_package(Path(args.model).read_bytes()):
         meta = read_compiled_metadata(args.model)
@@ -329,7 +329,7 @@ def _add_backmap(sub) -> None:
 
 
 def _cmd_backmap(args) -> int:
-    from openmm_backmap.export import backmap_trajectory
+    from openmm_backmap.io.model_files import backmap_trajectory
 
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
@@ -365,8 +365,8 @@ def _add_evaluate(sub) -> None:
 def _cmd_evaluate(args) -> int:
     import json
 
-    from openmm_backmap.data import load_trajectory, require_unrestrained
-    from openmm_backmap.evaluate import evaluate_model
+    from openmm_backmap.systems.builtin import load_trajectory, require_unrestrained
+    from openmm_backmap.analysis.evaluate import evaluate_model
 
     require_unrestrained(args.reference, "as a reference ensemble")
     reference = load_trajectory(args.reference, args.topology)
@@ -411,7 +411,7 @@ def _add_hybrid(sub) -> None:
 def _cmd_hybrid(args) -> int:
     import json
 
-    from openmm_backmap.hybrid import run_hybrid
+    from openmm_backmap.sampling.hybrid import run_hybrid
 
     summary = run_hybrid(args.model, args.cg_model, args.start, args.iterations, args.out, aa_system=args.aa_system,
                          kernel=args.kernel, langevin_steps=args.langevin_steps, attempts=args.attempts,

@@ -125,8 +125,8 @@ def run_cg_simulation(cg_model: Path, model: Path, mapping, start_xyz, out: Path
     from openmm import app, unit
     from tqdm.auto import tqdm
 
-    from openmm_backmap.forces import create_cg_system
-    from openmm_backmap.reporter import BackmapReporter
+    from openmm_backmap.openmm.forces import create_cg_system
+    from openmm_backmap.openmm.reporter import BackmapReporter
 
     import torch
 
@@ -166,8 +166,8 @@ def run_demo(out: Path, quick: bool = False, seed: int = 1) -> int:
     """Run every stage of the demo into ``out``; returns the process exit code."""
     import numpy as np
 
-    from openmm_backmap.data import generate_reference, load_trajectory
-    from openmm_backmap.evaluate import evaluate_model, evaluate_run
+    from openmm_backmap.systems.builtin import generate_reference, load_trajectory
+    from openmm_backmap.analysis.evaluate import evaluate_model, evaluate_run
 
     settings = DemoSettings.quick() if quick else DemoSettings.full()
     out = Path(out)

@@ -4,7 +4,7 @@ import mdtraj as md
 import numpy as np
 import pytest
 
-from openmm_backmap.analysis import (
+from openmm_backmap.analysis.metrics import (
     Reweighted,
     bond_score,
     chirality_errors,
@@ -21,8 +21,8 @@ from openmm_backmap.analysis import (
     reweight,
     rmsd_and_diversity,
 )
-from openmm_backmap.data import DATA_DIR
-from openmm_backmap.energies import kT
+from openmm_backmap.systems.builtin import DATA_DIR
+from openmm_backmap.openmm.energies import kT
 from openmm_backmap.geometry import random_rotation
 
 

@@ -1,4 +1,4 @@
-"""Tests of openmm_backmap.compiled: TorchScript energies compiled (AOTInductor) into .pt2 force packages.
+"""Tests of openmm_backmap.openmm.compiled: TorchScript energies compiled (AOTInductor) into .pt2 force packages.
 
 Two packages are compiled once per module (about 15 s and 1-2 minutes on 2 cores): an analytic
 periodic model with a global parameter, checked against its closed form in every backend that runs
@@ -18,9 +18,9 @@ import pytest
 import torch
 from openmm import unit
 
-from openmm_backmap import forces
-from openmm_backmap.compiled import compile_model, is_compiled_package, load_compiled, read_compiled_metadata
-from openmm_backmap.potentials import CGFlowPotential, export_cg, make_cg_spec
+from openmm_backmap.openmm import forces
+from openmm_backmap.openmm.compiled import compile_model, is_compiled_package, load_compiled, read_compiled_metadata
+from openmm_backmap.models.cg_potential import CGFlowPotential, export_cg, make_cg_spec
 
 from _backmap_helpers import needs_compiler
 from test_potentials import BRANCHED6, randomise, synthetic_chain

@@ -6,8 +6,8 @@ import pytest
 import torch
 from openmm import app, unit
 
-from openmm_backmap.data import builtin_system
-from openmm_backmap.energies import (
+from openmm_backmap.systems.builtin import builtin_system
+from openmm_backmap.openmm.energies import (
     OpenMMBridgeEnergy,
     ReducedEnergy,
     TorchSystemEnergy,

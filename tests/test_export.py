@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from openmm_backmap.export import export_model, load_model, read_extra_files
+from openmm_backmap.io.model_files import export_model, load_model, read_extra_files
 from openmm_backmap.mapping import CGMapping
-from openmm_backmap.models import Backmapper
-from openmm_backmap.train import make_spec
+from openmm_backmap.models.backmapper import Backmapper
+from openmm_backmap.training.backmapper import make_spec
 from _backmap_helpers import ALA2_SIX, ala2_constraints, ala2_reference, ala2_traj, needs_compiler, one_thread  # noqa: F401
 
 

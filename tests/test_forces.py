@@ -1,4 +1,4 @@
-"""Tests of openmm_backmap.forces: every backend gives eager torch's energies and forces.
+"""Tests of openmm_backmap.openmm.forces: every backend gives eager torch's energies and forces.
 
 Models are float64.  The native backend must be built here (``python cpp/build_plugin.py``); where
 it is not, its tests skip with the reason recorded at build time.
@@ -19,7 +19,7 @@ import openmm.app
 import pytest
 import torch
 
-from openmm_backmap import forces
+from openmm_backmap.openmm import forces
 
 PLATFORMS = ["Reference", "CPU"]
 NATIVE_OK, NATIVE_REASON = forces.native_plugin_status()
@@ -304,7 +304,7 @@ def test_native_force_keeps_module_bytes_and_settings():
 
 @pytest.mark.skipif(not NATIVE_OK, reason=f"native plugin unavailable: {NATIVE_REASON}")
 def test_saved_system_deserializes_in_a_fresh_process(tmp_path):
-    """Importing openmm_backmap.forces is enough to read a System with a BackmapTorchForce."""
+    """Importing openmm_backmap.openmm.forces is enough to read a System with a BackmapTorchForce."""
     n = 5
     positions = _positions(n, seed=13)
     system = forces.create_cg_system(np.full(n, 12.0), DistanceMLP(n), backend="native")
@@ -313,7 +313,7 @@ def test_saved_system_deserializes_in_a_fresh_process(tmp_path):
     np.save(tmp_path / "positions.npy", positions)
     script = (
         "import sys, numpy as np, openmm\n"
-        "import openmm_backmap.forces\n"
+        "import openmm_backmap.openmm.forces\n"
         "d = sys.argv[1]\n"
         "system = openmm.XmlSerializer.deserialize(open(d + '/system.xml').read())\n"
         "platform = openmm.Platform.getPlatformByName('Reference')\n"
@@ -321,7 +321,7 @@ def test_saved_system_deserializes_in_a_fresh_process(tmp_path):
         "context.setPositions(np.load(d + '/positions.npy'))\n"
         "print(repr(context.getState(getEnergy=True).getPotentialEnergy()._value))\n"
     )
-    root = Path(forces.__file__).resolve().parent.parent
+    root = Path(forces.__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
                             env=env, cwd=tmp_path, check=False, timeout=300)

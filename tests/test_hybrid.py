@@ -16,8 +16,8 @@ import torch
 from openmm import unit
 
 from openmm_backmap._compat import import_openmmtools
-from openmm_backmap.energies import kT
-from openmm_backmap.hybrid import (
+from openmm_backmap.openmm.energies import kT
+from openmm_backmap.sampling.hybrid import (
     BatchedHybridSampler,
     CGFlowKernel,
     CGHamiltonianKernel,
@@ -232,7 +232,7 @@ def test_run_hybrid_writes_trajectory_log_and_summary(tiny_ala2, tiny_cg, tmp_pa
 
 
 def test_run_hybrid_refuses_mismatched_inputs(tiny_ala2, tiny_cg, tmp_path):
-    from openmm_backmap.hybrid import run_hybrid
+    from openmm_backmap.sampling.hybrid import run_hybrid
 
     other = tmp_path / "other.pdb"
     tiny_ala2["traj"][0].atom_slice(range(20)).save_pdb(str(other))
@@ -250,7 +250,7 @@ def test_run_hybrid_with_batched_chains(tiny_ala2, tiny_cg, tmp_path):
     import mdtraj as md
 
     from openmm_backmap.cli import main
-    from openmm_backmap.data import BASINS, backbone_dihedrals, basin_indicators
+    from openmm_backmap.systems.builtin import BASINS, backbone_dihedrals, basin_indicators
 
     out = tmp_path / "batched"
     code = main(["hybrid", "--model", str(tiny_ala2["model"]), "--cg-model", str(tiny_cg), "--start",
@@ -273,7 +273,7 @@ def test_run_hybrid_with_batched_chains(tiny_ala2, tiny_cg, tmp_path):
     assert summary["acceptance_rate"] == pytest.approx(acc[:, 3].sum() / 60)
     assert abs(sum(v["population"] for v in summary["basins"].values()) - 1.0) < 1e-9
     with pytest.raises(ValueError, match="CG-flow kernel only"):
-        from openmm_backmap.hybrid import run_hybrid
+        from openmm_backmap.sampling.hybrid import run_hybrid
 
         run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], 1, tmp_path / "h", kernel="hmc", chains=2)
     with pytest.raises(ValueError, match="chains must be positive"):
@@ -304,9 +304,9 @@ def test_ala2_hybrid_basin_populations_match_long_reference(tmp_path):
 
     import mdtraj as md
 
-    from openmm_backmap.data import BASINS, generate_reference, umbrella_basin_populations
+    from openmm_backmap.systems.builtin import BASINS, generate_reference, umbrella_basin_populations
     from openmm_backmap.demo import run_demo
-    from openmm_backmap.hybrid import basin_populations, run_hybrid
+    from openmm_backmap.sampling.hybrid import basin_populations, run_hybrid
 
     demo = os.environ.get("OPENMM_BACKMAP_DEMO")
     if demo is None:

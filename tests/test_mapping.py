@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from openmm_backmap.data import DATA_DIR
+from openmm_backmap.systems.builtin import DATA_DIR
 from openmm_backmap.mapping import CGMapping
 
 ALA2_SIX = ["ACE1-C", "ALA2-N", "ALA2-CA", "ALA2-C", "NME3-N", "ALA2-CB"]
@@ -15,7 +15,7 @@ ALA2_SIX = ["ACE1-C", "ALA2-N", "ALA2-CA", "ALA2-C", "NME3-N", "ALA2-CB"]
 
 @pytest.fixture(scope="module")
 def ala2():
-    from openmm_backmap.data import builtin_system
+    from openmm_backmap.systems.builtin import builtin_system
 
     topology, _, positions = builtin_system("ala2")
     top = md.Topology.from_openmm(topology)

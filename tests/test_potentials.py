@@ -1,4 +1,4 @@
-"""Tests of openmm_backmap.potentials: the CG flow potential U_CG = -kT log q(X) + priors.
+"""Tests of openmm_backmap.models.cg_potential: the CG flow potential U_CG = -kT log q(X) + priors.
 
 Fast tests use small synthetic CG chains and models whose coupling networks get random weights
 (a zero-initialised flow would be the identity); the slow test trains the six-bead ALA2 model on
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from openmm_backmap.potentials import (
+from openmm_backmap.models.cg_potential import (
     CG_KIND,
     CGFlowPotential,
     build_cg_from_spec,
@@ -340,7 +340,7 @@ def test_training_lowers_nll_and_checkpoint_round_trips(tmp_path, chain_data):
 
 def test_export_metadata_and_forces_in_openmm(tmp_path, branched_model):
     openmm = pytest.importorskip("openmm")
-    from openmm_backmap import forces
+    from openmm_backmap.openmm import forces
 
     model, X = branched_model
     path = tmp_path / "cg.pt"
@@ -379,7 +379,7 @@ def test_short_cg_simulation_stays_finite(tmp_path, chain_data):
     openmm = pytest.importorskip("openmm")
     import openmm.unit as u
 
-    from openmm_backmap import forces
+    from openmm_backmap.openmm import forces
 
     model = CGFlowPotential.from_data(chain_data, CHAIN5, n_layers=2, hidden=16, n_bins=6, seed=0)
     spec = make_cg_spec(model)
@@ -404,7 +404,7 @@ def test_short_cg_simulation_stays_finite(tmp_path, chain_data):
 # ----------------------------------------------------------------------------- CLI
 def test_cli_train_cg_and_export(tmp_path, capsys):
     from openmm_backmap.cli import main
-    from openmm_backmap.data import generate_reference
+    from openmm_backmap.systems.builtin import generate_reference
 
     paths = generate_reference("ala2", 0.01, tmp_path / "ref", seed=2, save_every_ps=0.05, equilibrate_ps=1.0,
                                progress=False)
@@ -446,7 +446,7 @@ def test_ala2_cg_simulation_matches_projected_reference(tmp_path):
     import os
     import sys
 
-    from openmm_backmap.data import generate_reference
+    from openmm_backmap.systems.builtin import generate_reference
 
     reference = os.environ.get("OPENMM_BACKMAP_ALA2_REFERENCE")
     if reference is None:
@@ -458,7 +458,7 @@ def test_ala2_cg_simulation_matches_projected_reference(tmp_path):
     mapping, X_ref, pairs, xyz0 = bench.load_reference(Path(reference))
     bench.train_model(mapping, pairs, xyz0, tmp_path, epochs=150, seed=1, progress=False)
     module, meta = load_cg_potential(tmp_path / "cg.pt")
-    from openmm_backmap.compiled import compile_model, load_compiled
+    from openmm_backmap.openmm.compiled import compile_model, load_compiled
 
     compile_model(tmp_path / "cg.pt", 6, tmp_path / "cg.pt2", positions=pairs["test"].X[0])
     run = bench.simulate(tmp_path / "cg.pt2", meta["masses"], pairs["test"].X[0], steps=100_000, timestep_fs=1.0,

@@ -9,10 +9,10 @@ import pytest
 import torch
 from openmm import app, unit
 
-from openmm_backmap.analysis import read_energy_file, reweight
-from openmm_backmap.energies import kT, load_system
-from openmm_backmap.export import load_model
-from openmm_backmap.reporter import BackmapReporter, make_whole
+from openmm_backmap.analysis.metrics import read_energy_file, reweight
+from openmm_backmap.openmm.energies import kT, load_system
+from openmm_backmap.io.model_files import load_model
+from openmm_backmap.openmm.reporter import BackmapReporter, make_whole
 
 T = 300.0
 INTERVAL = 50
@@ -217,9 +217,9 @@ def test_make_whole_restores_bonds_across_the_box():
 
 def test_temporal_reporter_conditions_on_previous_reconstruction(tiny_ala2, setup, tmp_path):
     """temporal=True: each frame's log q is that of the temporal model given the previous frame."""
-    from openmm_backmap.export import export_model
-    from openmm_backmap.models import Backmapper
-    from openmm_backmap.train import make_spec
+    from openmm_backmap.io.model_files import export_model
+    from openmm_backmap.models.backmapper import Backmapper
+    from openmm_backmap.training.backmapper import make_spec
 
     traj, mapping = tiny_ala2["traj"], tiny_ala2["mapping"]
     torch.manual_seed(1)

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from openmm_backmap.mapping import CGMapping
-from openmm_backmap.models import Backmapper
-from openmm_backmap.train import (
+from openmm_backmap.models.backmapper import Backmapper
+from openmm_backmap.training.backmapper import (
     detect_constraints,
     load_checkpoint,
     make_spec,
@@ -71,7 +71,7 @@ def test_training_is_deterministic_and_resumes(tmp_path):
 
 
 def test_methyl_permutation_keeps_energy():
-    from openmm_backmap.energies import aa_energy
+    from openmm_backmap.openmm.energies import aa_energy
 
     traj = ala2_traj()
     methyls = methyl_groups(traj.topology, exclude=[g[0] for g in ALA2_SIX])

@@ -9,7 +9,7 @@ AOTInductor fuse it into C++ loops in a shared library.  The package computes, i
     run(positions[n, 3] (nm)[, box[3, 3] (nm)][, p_1, ..., p_m]) -> (energy, forces[n, 3][, dE/dp_1, ...])
 
 every tensor float64 (the model runs inside in its own dtype), energy in kJ/mol, forces = -dE/dx in
-kJ/mol/nm.  :func:`openmm_backmap.forces.create_force` accepts the ``.pt2`` file like a TorchScript
+kJ/mol/nm.  :func:`openmm_backmap.openmm.forces.create_force` accepts the ``.pt2`` file like a TorchScript
 one (backends ``"native"`` and ``"python"``); the TorchScript file stays the portable format.
 
 What compilation needs and fixes:
@@ -244,13 +244,13 @@ def compile_model(
     Parameters
     ----------
     model
-        A TorchScript file, its bytes, or a module (as :func:`openmm_backmap.forces.load_model_bytes`).
+        A TorchScript file, its bytes, or a module (as :func:`openmm_backmap.openmm.forces.load_model_bytes`).
     numParticles
         The number of particles the package is specialised to.
     out
         Where the package is written (only after it has passed the comparison with the model).
     usesPeriodicBoundaryConditions, globalParameters
-        As :func:`openmm_backmap.forces.create_force`; the package takes the same inputs in the
+        As :func:`openmm_backmap.openmm.forces.create_force`; the package takes the same inputs in the
         same order, and returns dE/dp for every global parameter.
     positions, box
         A configuration (nm) to trace and to check on (default: a random chain; a 10 nm cubic box).
@@ -272,7 +272,7 @@ def compile_model(
         relative deviation found by the check).
     """
 
-    from openmm_backmap.forces import _load_module, load_model_bytes
+    from openmm_backmap.openmm.forces import _load_module, load_model_bytes
 
     n = int(numParticles)
     if n < 1:

@@ -27,7 +27,7 @@ EXTRA_FILES = ("metadata.json", "topology.pdb", "system.xml")
 
 def _metadata(model, spec: dict) -> dict:
     from openmm_backmap import __version__
-    from openmm_backmap.train import topology_from_pdb
+    from openmm_backmap.training.backmapper import topology_from_pdb
 
     top = topology_from_pdb(spec["topology_pdb"])
     atoms = list(top.atoms)
@@ -64,7 +64,7 @@ def _metadata(model, spec: dict) -> dict:
 
 
 def export_model(model, spec: dict, path: str | Path) -> Path:
-    """Script ``model`` (a :class:`~openmm_backmap.models.Backmapper`) in float32 and save it with
+    """Script ``model`` (a :class:`~openmm_backmap.models.backmapper.Backmapper`) in float32 and save it with
     its metadata; returns the path."""
     import copy
 
@@ -85,7 +85,7 @@ def export_model(model, spec: dict, path: str | Path) -> Path:
 
 def export_checkpoint(checkpoint: str | Path, path: str | Path) -> Path:
     """Export a training checkpoint (``openmm-backmap train --out``) to a model file."""
-    from openmm_backmap.train import load_checkpoint
+    from openmm_backmap.training.backmapper import load_checkpoint
 
     model, ckpt = load_checkpoint(checkpoint)
     return export_model(model, ckpt["spec"], path)
@@ -151,7 +151,7 @@ class BackmapModel:
 
     def __init__(self, path: str | Path, device: str | torch.device | None = None, topology=None) -> None:
         from openmm_backmap.mapping import CGMapping
-        from openmm_backmap.train import topology_from_pdb
+        from openmm_backmap.training.backmapper import topology_from_pdb
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -284,7 +284,7 @@ class BackmapModel:
         """The embedded AA System as a batched energy module (kJ/mol), or ``None``."""
         if self.system_xml is None:
             return None
-        from openmm_backmap.energies import aa_energy
+        from openmm_backmap.openmm.energies import aa_energy
 
         return aa_energy(self.system_xml)
 

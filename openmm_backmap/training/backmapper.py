@@ -5,7 +5,7 @@
   one. Methyl hydrogens are permuted cyclically as free data augmentation (the energy is invariant
   and the rotor is circular).
 * :func:`refine_energy` minimises the reverse KL E_q[beta U_AA(x) + log q(x | X)] over CG frames,
-  with energies and forces from an AA energy module (:mod:`openmm_backmap.energies`), tempered from
+  with energies and forces from an AA energy module (:mod:`openmm_backmap.openmm.energies`), tempered from
   a high temperature down to the target, with energy soft-clipping, gradient clipping and an
   optional maximum-likelihood term that keeps the flow on the data.
 
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from openmm_backmap.energies import kT
-from openmm_backmap.models import Backmapper
+from openmm_backmap.openmm.energies import kT
+from openmm_backmap.models.backmapper import Backmapper
 
 CHECKPOINT_FORMAT = "openmm-backmap-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -397,7 +397,7 @@ def refine_energy(
     ----------
     energy
         U_AA(x) in kJ/mol for positions (B, n_aa, 3) nm, differentiable (e.g.
-        ``openmm_backmap.energies.aa_energy(system)``).
+        ``openmm_backmap.openmm.energies.aa_energy(system)``).
     cg_frames
         CG configurations (N, n_cg, 3) nm to condition on (training frames).
     temperature
@@ -560,7 +560,7 @@ def train_from_files(
     come from the AA System when given, else from bonds whose length does not vary in the data.
     Energy refinement runs when ``aa_system`` is given and ``energy_steps > 0``.
     """
-    from openmm_backmap.data import block_split, check_restraint_for_mapping, load_trajectory
+    from openmm_backmap.systems.builtin import block_split, check_restraint_for_mapping, load_trajectory
     from openmm_backmap.mapping import CGMapping
 
     torch.manual_seed(seed)
@@ -577,8 +577,8 @@ def train_from_files(
     first[np.cumsum([0] + [p.n_frames for p in parts[:-1]])] = True
     system_xml = None
     if aa_system is not None:
-        from openmm_backmap.data import constraints_from_system
-        from openmm_backmap.energies import load_system
+        from openmm_backmap.systems.builtin import constraints_from_system
+        from openmm_backmap.openmm.energies import load_system
 
         system = load_system(aa_system)
         if system.getNumParticles() != traj.n_atoms:
@@ -634,7 +634,7 @@ def train_from_files(
     log(f"ML: best validation NLL {ml['best_val_nll']:.3f} nats/frame at epoch {ml['best_epoch']}")
     summary = {"ml": {k: v for k, v in ml.items() if k != "history"}}
     if aa_system is not None and energy_steps > 0:
-        from openmm_backmap.energies import aa_energy
+        from openmm_backmap.openmm.energies import aa_energy
 
         # keep the maximum-likelihood model beside the refined one, for comparison
         ml_path = Path(out).with_suffix(".ml" + (Path(out).suffix or ".ckpt"))

@@ -18,7 +18,7 @@ they do not bias it:
   smallest distance in the data minus a margin.
 
 :class:`CGFlowPotential` scripts with ``torch.jit.script``; its ``forward(positions[n, 3]) -> energy``
-is openmm-torch's signature, so the exported file runs in :func:`openmm_backmap.forces.create_force`.
+is openmm-torch's signature, so the exported file runs in :func:`openmm_backmap.openmm.forces.create_force`.
 This module never imports OpenMM.
 """
 
@@ -37,12 +37,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from openmm_backmap.energies import kT as thermal_energy
+from openmm_backmap.openmm.energies import kT as thermal_energy
 from openmm_backmap.flows.distributions import MixedBase
 from openmm_backmap.flows.internal import ICLayer
 from openmm_backmap.flows.transforms import CouplingFlow
 from openmm_backmap.geometry import angles, build_zmatrix, distances
-from openmm_backmap.train import save_checkpoint
+from openmm_backmap.training.backmapper import save_checkpoint
 
 __all__ = [
     "CG_KIND",
@@ -422,7 +422,7 @@ def load_cg_checkpoint(path: str | Path) -> tuple[CGFlowPotential, dict]:
     ValueError
         The file is not a readable CG-potential checkpoint.
     """
-    from openmm_backmap.train import read_checkpoint
+    from openmm_backmap.training.backmapper import read_checkpoint
 
     ckpt = read_checkpoint(path)
     if ckpt["spec"].get("kind") != CG_KIND:
@@ -564,7 +564,7 @@ def export_cg(model: CGFlowPotential, spec: dict, path: str | Path | None = None
 
     model = model.eval()
     scripted = torch.jit.script(model)
-    from openmm_backmap.export import MODEL_FORMAT
+    from openmm_backmap.io.model_files import MODEL_FORMAT
 
     meta = {
         "format": MODEL_FORMAT,

@@ -46,7 +46,7 @@ def normalized_weights(log_w: np.ndarray) -> np.ndarray:
 
 def log_weights(u_aa: np.ndarray, u_cg: np.ndarray, log_q: np.ndarray, temperature: float) -> np.ndarray:
     """log w = -beta U_AA + beta U_CG - log q (DESIGN.md), energies in kJ/mol."""
-    from openmm_backmap.energies import kT
+    from openmm_backmap.openmm.energies import kT
 
     beta = 1.0 / kT(temperature)
     lw = -beta * np.asarray(u_aa) + beta * np.asarray(u_cg) - np.asarray(log_q)
@@ -58,7 +58,7 @@ def conditional_ess(u_aa: np.ndarray, log_q: np.ndarray, temperature: float) -> 
 
     ``u_aa`` and ``log_q`` have shape (n_frames, K).
     """
-    from openmm_backmap.energies import kT
+    from openmm_backmap.openmm.energies import kT
 
     u_aa, log_q = np.atleast_2d(u_aa), np.atleast_2d(log_q)
     lw = -np.asarray(u_aa) / kT(temperature) - np.asarray(log_q)
@@ -219,7 +219,7 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
 def ramachandran_js(samples_traj: md.Trajectory, reference_traj: md.Trajectory,
                     weights: np.ndarray | None = None) -> float:
     """JS divergence of the (phi, psi) histograms (36 x 36) of two trajectories (all residues)."""
-    from openmm_backmap.data import backbone_dihedrals
+    from openmm_backmap.systems.builtin import backbone_dihedrals
 
     phi_s, psi_s = backbone_dihedrals(samples_traj)
     phi_r, psi_r = backbone_dihedrals(reference_traj)

@@ -2,7 +2,7 @@
 
 For ``n_frames`` reference frames spread over the trajectory, the CG projection is backmapped with
 K samples each; every metric of DESIGN.md is computed from those samples (see
-:mod:`openmm_backmap.analysis` for the definitions) and written to ``metrics.json``, with plots of
+:mod:`openmm_backmap.analysis.metrics` for the definitions) and written to ``metrics.json``, with plots of
 the Ramachandran free-energy surfaces, energy histograms and bond-length / angle distributions.
 """
 
@@ -17,8 +17,8 @@ import mdtraj as md
 import numpy as np
 import torch
 
-from openmm_backmap import analysis
-from openmm_backmap.data import backbone_dihedrals
+from openmm_backmap.analysis import metrics as analysis
+from openmm_backmap.systems.builtin import backbone_dihedrals
 
 
 def _energies(energy, xyz: np.ndarray, batch: int = 2048) -> np.ndarray:
@@ -45,7 +45,7 @@ def evaluate_model(
     Parameters
     ----------
     model
-        A model file path or a loaded :class:`~openmm_backmap.export.BackmapModel`.
+        A model file path or a loaded :class:`~openmm_backmap.io.model_files.BackmapModel`.
     reference
         AA reference trajectory of the model's molecule (independent of the training data).
     n_frames, samples
@@ -53,8 +53,8 @@ def evaluate_model(
     aa_system
         AA System for energies; by default the one embedded in the model file.
     """
-    from openmm_backmap.energies import aa_energy
-    from openmm_backmap.export import load_model
+    from openmm_backmap.openmm.energies import aa_energy
+    from openmm_backmap.io.model_files import load_model
 
     start = time.perf_counter()
     if not hasattr(model, "sample"):
@@ -183,13 +183,13 @@ def evaluate_run(
     """Reweight a BackmapReporter run to the AA ensemble and compare it with a reference.
 
     Reads the reporter's AA trajectory and energy file, computes the self-normalised weights, the
-    ESS, and the basin populations (:data:`openmm_backmap.data.BASINS`) of the reference, of the raw
+    ESS, and the basin populations (:data:`openmm_backmap.systems.builtin.BASINS`) of the reference, of the raw
     reconstructions and reweighted, with their free-energy differences in kT and block-averaged
     standard errors of the reweighted estimate. With ``out_dir``: ``reweighting.json`` and plots of
     the Ramachandran free-energy surfaces (reference, raw, reweighted), the energy histograms and
     the ESS over the run.
     """
-    from openmm_backmap.data import basin_indicators
+    from openmm_backmap.systems.builtin import basin_indicators
 
     traj = md.load(str(aa_trajectory), top=topology)
     cols = analysis.read_energy_file(energy_file)

@@ -11,7 +11,7 @@ sample to the energy file:
     step, time_ps, sample, u_cg_kjmol, u_aa_kjmol, log_q, log_w
 
 with log w = -beta U_AA(x) + beta U_CG(X) - log q(x | X), the importance log-weight that turns the
-CG ensemble into AA Boltzmann averages (``openmm_backmap.analysis.reweight``).
+CG ensemble into AA Boltzmann averages (``openmm_backmap.analysis.metrics.reweight``).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import mdtraj as md
 import numpy as np
 import torch
 
-from openmm_backmap.analysis import ENERGY_COLUMNS, read_energy_file
-from openmm_backmap.energies import aa_energy, kT
+from openmm_backmap.analysis.metrics import ENERGY_COLUMNS, read_energy_file
+from openmm_backmap.openmm.energies import aa_energy, kT
 
 # float32-or-better formats only: XTC's fixed-point rounding moves ALA2 energies by ~0.7 kT and
 # chignolin's by ~2 kT, enough to break importance weights.
@@ -130,7 +130,7 @@ class BackmapReporter:
         Steps between reports.
     model
         A backmapper model file (``openmm-backmap export``) or a model loaded with
-        :func:`openmm_backmap.export.load_model`.
+        :func:`openmm_backmap.io.model_files.load_model`.
     samplesPerFrame
         AA samples drawn per CG frame (written as consecutive frames).
     energyFile
@@ -166,7 +166,7 @@ class BackmapReporter:
         device: str | None = None,
         batchSize: int = 1024,
     ) -> None:
-        from openmm_backmap.export import load_model
+        from openmm_backmap.io.model_files import load_model
 
         if int(reportInterval) < 1:
             raise ValueError(f"reportInterval must be a positive number of steps, got {reportInterval}")
@@ -281,7 +281,7 @@ class BackmapReporter:
     def _open(self, simulation) -> None:
         from openmm import unit
 
-        from openmm_backmap.export import load_model
+        from openmm_backmap.io.model_files import load_model
 
         platform = simulation.context.getPlatform().getName()
         if self._device_name is not None:

@@ -25,7 +25,7 @@ Inputs are given in the module's dtype: that of its first floating-point paramet
 float64 when it has none (an analytic model).  A float32 network therefore runs in float32 in every
 backend and a float64 one keeps full precision.
 
-The model may also be a compiled force package (``.pt2``, :mod:`openmm_backmap.compiled`,
+The model may also be a compiled force package (``.pt2``, :mod:`openmm_backmap.openmm.compiled`,
 ``openmm-backmap compile``): the same energy with its forces fused into one C++ library, many times
 faster per step for small systems.  The native and python backends run it (openmm-torch needs
 TorchScript), on the Reference and CPU platforms.
@@ -44,8 +44,8 @@ import numpy as np
 import openmm
 import torch
 
-from openmm_backmap.compiled import CompiledModel, is_compiled_package, read_compiled_metadata
-from openmm_backmap.compiled import module_dtype as _module_dtype
+from openmm_backmap.openmm.compiled import CompiledModel, is_compiled_package, read_compiled_metadata
+from openmm_backmap.openmm.compiled import module_dtype as _module_dtype
 
 __all__ = [
     "BACKENDS",
@@ -59,7 +59,7 @@ __all__ = [
 
 BACKENDS = ("native", "openmm-torch", "python")
 
-PLUGIN_DIR = Path(__file__).resolve().parent / "_plugin"
+PLUGIN_DIR = Path(__file__).resolve().parent.parent / "_plugin"
 _KERNEL_LIBRARIES = ("libBackmapPluginReference.so", "libBackmapPluginCUDA.so")
 
 # (module or None, reason it is unavailable); filled by the first load_native_plugin() call.

@@ -18,7 +18,7 @@ import numpy as np
 
 from openmm_backmap.mapping import CGMapping, as_mdtraj_topology
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 BUILTIN_SYSTEMS = ("ala2", "chignolin")
 
 # (phi, psi) basins of alanine-like residues, with boundaries on the density minima of alanine
@@ -518,7 +518,7 @@ def umbrella_basin_populations(
     from openmm import unit
     from tqdm.auto import tqdm
 
-    from openmm_backmap.energies import kT
+    from openmm_backmap.openmm.energies import kT
 
     if n_windows < 2 or ps_per_window <= 0:
         raise ValueError(

@@ -217,7 +217,7 @@ class BatchedHybridSampler:
 
     Every chain is a valid Markov chain for exp(-u) on its own: the batch changes the cost, not the
     statistics. u is beta U_AA from ``energy`` (a batched module such as
-    :func:`openmm_backmap.energies.aa_energy`, float64), so the AA System needs no OpenMM round
+    :func:`openmm_backmap.openmm.energies.aa_energy`, float64), so the AA System needs no OpenMM round
     trip per sample.
 
     Parameters
@@ -240,7 +240,7 @@ class BatchedHybridSampler:
                  temperature: float, rigid: bool = True, langevin_steps: int = 0, system: Any = None,
                  timestep_fs: float = 2.0, collision_rate: float = 1.0, platform: str = "Reference",
                  seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
-        from openmm_backmap.energies import kT
+        from openmm_backmap.openmm.energies import kT
 
         if n_chains < 1:
             raise ValueError(f"n_chains must be positive, got {n_chains}")
@@ -358,9 +358,9 @@ def block_average(values: np.ndarray, n_blocks: int = 10) -> tuple[float, float]
 
 
 def basin_populations(traj, n_blocks: int = 10) -> dict[str, dict[str, float]]:
-    """Basin populations (:data:`openmm_backmap.data.BASINS`) of a peptide trajectory with
+    """Basin populations (:data:`openmm_backmap.systems.builtin.BASINS`) of a peptide trajectory with
     block-averaged standard errors, pooled over the residues that have both phi and psi."""
-    from openmm_backmap.data import backbone_dihedrals, basin_indicators
+    from openmm_backmap.systems.builtin import backbone_dihedrals, basin_indicators
 
     phi, psi = backbone_dihedrals(traj)
     out = {}
@@ -405,7 +405,7 @@ def run_hybrid(
     Parameters
     ----------
     model
-        Backmapper model file (or a loaded :class:`~openmm_backmap.export.BackmapModel`).
+        Backmapper model file (or a loaded :class:`~openmm_backmap.io.model_files.BackmapModel`).
     cg_model
         CG potential model file (``openmm-backmap train-cg`` + ``export``).
     start
@@ -426,9 +426,9 @@ def run_hybrid(
     from openmm import app
     from tqdm.auto import tqdm
 
-    from openmm_backmap.energies import load_system
-    from openmm_backmap.export import load_model
-    from openmm_backmap.potentials import load_cg_potential
+    from openmm_backmap.openmm.energies import load_system
+    from openmm_backmap.io.model_files import load_model
+    from openmm_backmap.models.cg_potential import load_cg_potential
 
     from openmmtools import cache, states
 
@@ -462,7 +462,7 @@ def run_hybrid(
     if kernel == "flow":
         cg_kernel = CGFlowKernel(cg_module, rigid=not system.usesPeriodicBoundaryConditions())
     elif kernel == "hmc":
-        from openmm_backmap.forces import create_cg_system
+        from openmm_backmap.openmm.forces import create_cg_system
 
         masses = cg_meta.get("masses") or bm.mapping.masses()
         cg_system = create_cg_system(np.asarray(masses, dtype=float), str(cg_model))
@@ -531,8 +531,8 @@ def _run_batched(bm, system, topology, x0, cg_module, out, iterations, chains, a
     from openmm import app
     from tqdm.auto import tqdm
 
-    from openmm_backmap.data import BASINS, backbone_torsions, basin_indicators
-    from openmm_backmap.energies import aa_energy
+    from openmm_backmap.systems.builtin import BASINS, backbone_torsions, basin_indicators
+    from openmm_backmap.openmm.energies import aa_energy
 
     if save_every < 1:
         raise ValueError(f"save_every must be positive, got {save_every}")
