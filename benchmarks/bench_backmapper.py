@@ -25,8 +25,9 @@ import mdtraj as md
 import numpy as np
 import torch
 
-from openmm_backmap.systems.builtin import builtin_system, constraints_from_system
-from openmm_backmap.io.model_files import CompiledBackmapper
+from openmm_backmap.openmm.energies import constraints_from_system
+from openmm_backmap.systems.builtin import builtin_system
+from openmm_backmap.io.backmap_model import CompiledBackmapper
 from openmm_backmap.mapping import CGMapping
 from openmm_backmap.models.backmapper import Backmapper
 

@@ -31,8 +31,8 @@ PHI_PSI_NAMES = [["C1", "N", "CA", "C"], ["N", "CA", "C", "N2"]]
 
 
 def phi_psi_beads() -> list[list[int]]:
-    """Bead indices of the CG phi and psi of :func:`openmm_backmap.demo.ala2_six_bead_mapping`."""
-    from openmm_backmap.demo import ALA2_SIX_NAMES
+    """Bead indices of the CG phi and psi of :func:`openmm_backmap.systems.builtin.ala2_six_bead_mapping`."""
+    from openmm_backmap.systems.builtin import ALA2_SIX_NAMES
 
     return [[ALA2_SIX_NAMES.index(n) for n in quad] for quad in PHI_PSI_NAMES]
 
@@ -58,8 +58,9 @@ def phi_psi_js(X: np.ndarray, X_ref: np.ndarray) -> float:
 
 def load_reference(directory: Path):
     """(mapping, all projected frames (N, 6, 3), train/val/test pairs) of an ALA2 reference run."""
-    from openmm_backmap.systems.builtin import load_trajectory, make_pairs
-    from openmm_backmap.demo import ala2_six_bead_mapping
+    from openmm_backmap.io.trajectories import load_trajectory
+    from openmm_backmap.training.data import make_pairs
+    from openmm_backmap.systems.builtin import ala2_six_bead_mapping
 
     traj = load_trajectory(directory / "ala2.dcd", directory / "ala2.pdb")
     mapping = ala2_six_bead_mapping(traj.topology)
@@ -68,12 +69,10 @@ def load_reference(directory: Path):
 
 
 def train_model(mapping, pairs, reference_xyz, out: Path, epochs: int, seed: int, progress: bool, **arch):
-    from openmm_backmap.models.cg_potential import (
-        CGFlowPotential,
-        export_cg,
-        make_cg_spec,
-        train_cg,
-    )
+    from openmm_backmap.io.checkpoints import make_cg_spec
+    from openmm_backmap.io.model_files import export_cg
+    from openmm_backmap.models.cg_potential import CGFlowPotential
+    from openmm_backmap.training.cg_potential import train_cg
 
     model = CGFlowPotential.from_data(pairs["train"].X, mapping.cg_bonds(), seed=seed, **arch)
     spec = make_cg_spec(model, mapping, reference_xyz)
@@ -163,7 +162,7 @@ def main(argv=None) -> int:
                               temperature=args.temperature)
         result["training"] = {k: v for k, v in summary.items() if k != "history"}
         model_path = args.out / "cg.pt"
-    from openmm_backmap.models.cg_potential import load_cg_potential
+    from openmm_backmap.io.model_files import load_cg_potential
 
     module, meta = load_cg_potential(model_path)
     with torch.no_grad():

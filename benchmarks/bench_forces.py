@@ -37,7 +37,9 @@ import openmm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from openmm_backmap.io.model_files import load_model_bytes  # noqa: E402
 from openmm_backmap.openmm import forces  # noqa: E402
+from openmm_backmap.openmm.plugin import native_plugin_status  # noqa: E402
 from openmm_backmap.openmm.compiled import compile_model  # noqa: E402
 
 # Masses (Da) and bond lengths (nm) of the two CG systems.  ala2: CH3-C(O)-N(H)-CA-C(O)-N(H)CH3
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     print(f"# host: {host.processor() or host.machine()}, {os.cpu_count()} cores; torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), OpenMM {openmm.__version__}; native plugin: "
-          f"{forces.native_plugin_status()[1]}")
+          f"{native_plugin_status()[1]}")
     timestep = args.timestep_fs / 1000.0
     print(f"# {args.steps} LangevinMiddle steps of {args.timestep_fs:g} fs, friction {args.friction:g}/ps, "
           f"best of {args.repeats}")
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         masses, bond = SYSTEMS[name]
         n = len(masses)
         if args.model:
-            data, label = forces.load_model_bytes(args.model), Path(args.model).name
+            data, label = load_model_bytes(args.model), Path(args.model).name
         else:
             data, count = stand_in_model(n, dtype)
             label = f"MLP {count} params {args.dtype}"

@@ -30,13 +30,13 @@ import openmm
 import torch
 from openmm import app, unit
 
-from openmm_backmap.systems.builtin import backbone_dihedrals, basin_indicators
+from openmm_backmap.analysis.basins import backbone_dihedrals, basin_indicators
 from openmm_backmap.openmm.energies import load_system
-from openmm_backmap.io.model_files import load_model
-from openmm_backmap.systems.builtin import backbone_torsions
+from openmm_backmap.io.backmap_model import load_model
+from openmm_backmap.analysis.basins import backbone_torsions
 from openmm_backmap.openmm.energies import aa_energy
-from openmm_backmap.sampling.hybrid import BatchedHybridSampler, run_hybrid
-from openmm_backmap.models.cg_potential import load_cg_potential
+from openmm_backmap.sampling.hybrid import BatchedHybridSampler, HybridRun, run_hybrid
+from openmm_backmap.io.model_files import load_cg_potential
 
 
 def inefficiency(series: np.ndarray) -> float:
@@ -116,13 +116,13 @@ def main() -> None:
     md_traj, md_cpu = plain_md(system, pdb, args.seconds, out)
     # calibrate the hybrid's iterations to the same CPU budget with a short run
     start = time.process_time()
-    run_hybrid(model, args.cg_model, args.start, 20, out / "probe", langevin_steps=args.langevin_steps,
-               seed=2, progress=False)
+    run_hybrid(model, args.cg_model, args.start, out / "probe",
+               HybridRun(20, langevin_steps=args.langevin_steps, seed=2, progress=False))
     per_iter = (time.process_time() - start) / 20
     n_iter = max(100, int(args.seconds / per_iter))
     start = time.process_time()
-    summary = run_hybrid(model, args.cg_model, args.start, n_iter, out / "hybrid", langevin_steps=args.langevin_steps,
-                         seed=3, progress=False)
+    summary = run_hybrid(model, args.cg_model, args.start, out / "hybrid",
+                         HybridRun(n_iter, langevin_steps=args.langevin_steps, seed=3, progress=False))
     hy_cpu = time.process_time() - start
     hy_traj = md.load(str(out / "hybrid" / "trajectory.dcd"), top=md.Topology.from_openmm(pdb.topology))
 

@@ -24,7 +24,7 @@ import torch
 
 from openmm_backmap.analysis import metrics as analysis
 from openmm_backmap.openmm.energies import aa_energy
-from openmm_backmap.io.model_files import load_model
+from openmm_backmap.io.backmap_model import load_model
 
 
 def evaluate(model_path, traj, energy, n_frames=2000, ess_frames=200, k=64, seed=0) -> dict:

@@ -6,11 +6,11 @@ from openmm_backmap.mapping import CGMapping  # noqa: E402
 
 _LAZY = {
     "BackmapReporter": "openmm_backmap.openmm.reporter",
-    "load_model": "openmm_backmap.io.model_files",
+    "load_model": "openmm_backmap.io.backmap_model",
     "create_force": "openmm_backmap.openmm.forces",
     "create_cg_system": "openmm_backmap.openmm.forces",
     "ResolutionMove": "openmm_backmap.sampling.hybrid",
-    "reweight": "openmm_backmap.analysis.metrics",
+    "reweight": "openmm_backmap.analysis.reweighting",
 }
 
 __all__ = ["CGMapping", "__version__", *_LAZY]

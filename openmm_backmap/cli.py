@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from openmm_backmap.training.config import BackmapperTraining, CGPotentialTraining
+
 
 # ---------------------------------------------------------------------------- reference
 def _add_reference(sub) -> None:
@@ -33,7 +35,7 @@ def _add_reference(sub) -> None:
 
 
 def _cmd_reference(args) -> int:
-    from openmm_backmap.systems.builtin import generate_reference
+    from openmm_backmap.systems.reference import generate_reference
 
     paths = generate_reference(
         args.system,
@@ -70,6 +72,7 @@ def _cmd_demo(args) -> int:
 
 # ---------------------------------------------------------------------------- train-cg
 def _add_train_cg(sub) -> None:
+    d = CGPotentialTraining
     p = sub.add_parser(
         "train-cg",
         help="train a CG potential U_CG(X) = -kT log q(X) (a flow over CG coordinates) on AA data",
@@ -86,54 +89,28 @@ def _add_train_cg(sub) -> None:
     p.add_argument("--mapping", required=True,
                    help="ca | backbone | heavy-backbone | residue-com, or a groups JSON file")
     p.add_argument("--out", required=True, help="checkpoint to write (e.g. cg.ckpt)")
-    p.add_argument("--epochs", type=int, default=150, help="training epochs (default 150)")
-    p.add_argument("--temperature", type=float, default=300.0, help="kelvin (default 300)")
-    p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
-    p.add_argument("--stride", type=int, default=1, help="use every STRIDE-th frame")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
-    p.add_argument("--layers", type=int, default=6, help="coupling layers (default 6)")
-    p.add_argument("--hidden", type=int, default=64, help="hidden units per layer (default 64)")
-    p.add_argument("--bins", type=int, default=8, help="spline bins (default 8)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default {d.epochs})")
+    p.add_argument("--temperature", type=float, default=d.temperature, help=f"kelvin (default {d.temperature:g})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    p.add_argument("--stride", type=int, default=d.stride, help="use every STRIDE-th frame")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr:g})")
+    p.add_argument("--layers", type=int, default=d.layers, help=f"coupling layers (default {d.layers})")
+    p.add_argument("--hidden", type=int, default=d.hidden, help=f"hidden units per layer (default {d.hidden})")
+    p.add_argument("--bins", type=int, default=d.bins, help=f"spline bins (default {d.bins})")
     p.add_argument("--time-limit", type=float, help="stop training after this many seconds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train_cg)
 
 
 def _cmd_train_cg(args) -> int:
-    import numpy as np
-    import torch
+    from openmm_backmap.training.pipeline import train_cg_from_files
 
-    from openmm_backmap.systems.builtin import load_trajectory, make_pairs, reference_restraint, require_unrestrained
-    from openmm_backmap.mapping import CGMapping
-    from openmm_backmap.models.cg_potential import CGFlowPotential, make_cg_spec, mean_nll, train_cg
-
-    if not args.allow_restrained:
-        for path in args.trajectory:
-            require_unrestrained(path, "as training data for a CG potential of mean force, which learns p(X) "
-                                 "(--allow-restrained trains a broadened proposal instead)")
-    parts = [load_trajectory(path, args.topology, stride=args.stride) for path in args.trajectory]
-    mapping = CGMapping.from_spec(args.mapping, parts[0].topology)
-    # train / validation / test blocks of each file, pooled
-    split = [make_pairs(part, mapping, seed=args.seed) for part in parts]
-    pairs = {name: np.concatenate([s[name].X for s in split]) for name in ("train", "val", "test")}
-    model = CGFlowPotential.from_data(
-        pairs["train"], mapping.cg_bonds(), temperature=args.temperature, n_layers=args.layers,
-        hidden=args.hidden, n_bins=args.bins, seed=args.seed,
-    )
-    spec = make_cg_spec(model, mapping, parts[0].xyz[0])
-    restrained = [r["basin"] for r in map(reference_restraint, args.trajectory) if r is not None]
-    spec["data"] = {"trajectories": [str(p) for p in args.trajectory], "restrained_basins": restrained,
-                    "potential_of_mean_force": not restrained}
-    summary = train_cg(
-        model, spec, pairs["train"], pairs["val"], epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, checkpoint=args.out, progress=not args.no_progress,
-        time_limit=args.time_limit,
-    )
-    test_nll = mean_nll(model, torch.as_tensor(pairs["test"], dtype=torch.float32))
-    print(f"{mapping.n_cg} beads, {model.dim} internal coordinates; best validation NLL "
-          f"{summary['best_val_nll']:.3f} nats (epoch {summary['best_epoch']}), test NLL {test_nll:.3f}")
-    print(f"checkpoint: {args.out}")
+    settings = CGPotentialTraining(stride=args.stride, temperature=args.temperature, seed=args.seed, hidden=args.hidden,
+                                   layers=args.layers, bins=args.bins, epochs=args.epochs, batch_size=args.batch_size,
+                                   lr=args.lr, time_limit=args.time_limit, allow_restrained=args.allow_restrained)
+    train_cg_from_files(args.topology, args.trajectory, args.mapping, args.out, settings,
+                        progress=not args.no_progress)
     return 0
 
 
@@ -148,24 +125,10 @@ def _add_export(sub) -> None:
     p.set_defaults(func=_cmd_export)
 
 
-def _checkpoint_kind(path: str) -> str:
-    """The ``kind`` in a checkpoint's spec ("cg-potential"; "backmapper" when it has none)."""
-    from openmm_backmap.training.backmapper import read_checkpoint
-
-    return str(read_checkpoint(path)["spec"].get("kind", "backmapper"))
-
-
 def _cmd_export(args) -> int:
-    kind = _checkpoint_kind(args.checkpoint)
-    if kind == "cg-potential":
-        from openmm_backmap.models.cg_potential import export_cg, load_cg_checkpoint
+    from openmm_backmap.io.checkpoints import export_checkpoint
 
-        model, ckpt = load_cg_checkpoint(args.checkpoint)
-        export_cg(model, ckpt["spec"], args.output)
-    else:
-        from openmm_backmap.io.model_files import export_checkpoint
-
-        export_checkpoint(args.checkpoint, args.output)
+    kind = export_checkpoint(args.checkpoint, args.output)
     print(f"{kind} model: {args.output}")
     return 0
 
@@ -188,8 +151,8 @@ def _add_compile(sub) -> None:
 
 
 def _cmd_compile(args) -> int:
-    from openmm_backmap.openmm.compiled import torchscript_metadata, compile_model
-    from openmm_backmap.openmm.forces import load_model_bytes
+    from openmm_backmap.io.model_files import load_model_bytes, torchscript_metadata
+    from openmm_backmap.openmm.compiled import compile_model
 
     data = load_model_bytes(args.model)
     n = args.particles
@@ -211,6 +174,7 @@ def _cmd_compile(args) -> int:
 
 
 def _add_train(sub) -> None:
+    d = BackmapperTraining
     p = sub.add_parser(
         "train",
         help="train a backmapper q(x | X) on an all-atom trajectory (ML, then energy refinement)",
@@ -227,23 +191,25 @@ def _add_train(sub) -> None:
     p.add_argument("--mapping", required=True,
                    help="ca | backbone | heavy-backbone | residue-com, or a groups JSON file")
     p.add_argument("--out", required=True, help="checkpoint to write (e.g. model.ckpt)")
-    p.add_argument("--epochs", type=int, default=15, help="ML epochs (default 15)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"ML epochs (default {d.epochs})")
     p.add_argument("--aa-system", help="AA OpenMM System XML: constraints, energy refinement, embedded")
     p.add_argument("--temporal", action="store_true", help="also condition on the previous AA frame")
-    p.add_argument("--energy-steps", type=int, default=2000,
-                   help="energy-refinement steps with --aa-system (default 2000; 0 = ML only)")
-    p.add_argument("--temperature", type=float, default=300.0, help="kelvin (default 300)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--stride", type=int, default=1, help="use every STRIDE-th frame")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3, help="ML learning rate (default 2e-3)")
-    p.add_argument("--energy-lr", type=float, default=3e-4, help="refinement learning rate (default 3e-4)")
-    p.add_argument("--ml-weight", type=float, default=0.3,
-                   help="weight of the data NLL kept during energy refinement (default 0.3)")
-    p.add_argument("--layers", type=int, default=6, help="coupling layers (default 6)")
-    p.add_argument("--hidden", type=int, default=128, help="hidden units per layer (default 128)")
-    p.add_argument("--bins", type=int, default=8, help="spline bins (default 8)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="validation fraction (default 0.1)")
+    p.add_argument("--energy-steps", type=int, default=d.energy_steps,
+                   help=f"energy-refinement steps with --aa-system (default {d.energy_steps}; 0 = ML only)")
+    p.add_argument("--temperature", type=float, default=d.temperature, help=f"kelvin (default {d.temperature:g})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    p.add_argument("--stride", type=int, default=d.stride, help="use every STRIDE-th frame")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help=f"ML learning rate (default {d.lr:g})")
+    p.add_argument("--energy-lr", type=float, default=d.energy_lr,
+                   help=f"refinement learning rate (default {d.energy_lr:g})")
+    p.add_argument("--ml-weight", type=float, default=d.ml_weight,
+                   help=f"weight of the data NLL kept during energy refinement (default {d.ml_weight:g})")
+    p.add_argument("--layers", type=int, default=d.layers, help=f"coupling layers (default {d.layers})")
+    p.add_argument("--hidden", type=int, default=d.hidden, help=f"hidden units per layer (default {d.hidden})")
+    p.add_argument("--bins", type=int, default=d.bins, help=f"spline bins (default {d.bins})")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help=f"validation fraction (default {d.val_fraction:g})")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--resume", action="store_true", help="continue the ML stage from --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -253,18 +219,18 @@ def _add_train(sub) -> None:
 def _cmd_train(args) -> int:
     import torch
 
-    from openmm_backmap.training.backmapper import train_from_files
+    from openmm_backmap.training.pipeline import train_from_files
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    train_from_files(
-        args.topology, args.trajectory, args.mapping, args.out, epochs=args.epochs,
-        aa_system=args.aa_system, temporal=args.temporal, temperature=args.temperature,
-        energy_steps=args.energy_steps, batch_size=args.batch_size, lr=args.lr, hidden=args.hidden,
-        layers=args.layers, bins=args.bins, val_fraction=args.val_fraction, stride=args.stride,
-        seed=args.seed, resume=args.resume, ml_weight=args.ml_weight, energy_lr=args.energy_lr,
-        progress=not args.no_progress,
+    settings = BackmapperTraining(
+        stride=args.stride, val_fraction=args.val_fraction, temperature=args.temperature, seed=args.seed,
+        temporal=args.temporal, hidden=args.hidden, layers=args.layers, bins=args.bins, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, energy_steps=args.energy_steps, energy_lr=args.energy_lr,
+        ml_weight=args.ml_weight,
     )
+    train_from_files(args.topology, args.trajectory, args.mapping, args.out, settings, aa_system=args.aa_system,
+                     resume=args.resume, progress=not args.no_progress)
     return 0
 
 
@@ -281,8 +247,8 @@ def _cmd_info(args) -> int:
 
     from pathlib import Path
 
-    from openmm_backmap.openmm.compiled import is_compiled_package, read_compiled_metadata
-    from openmm_backmap.io.model_files import load_model, read_extra_files
+    from openmm_backmap.io.backmap_model import load_model
+    from openmm_backmap.io.model_files import is_compiled_package, read_compiled_metadata, read_model_file
 
     if Path(args.model).is_file() and is_compiled_package(Path(args.model).read_bytes()):
         meta = read_compiled_metadata(args.model)
@@ -295,8 +261,7 @@ def _cmd_info(args) -> int:
         for key, value in meta["model_metadata"].items():
             print(f"model.{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
         return 0
-    _, files = read_extra_files(args.model)
-    meta = json.loads(files["metadata.json"])
+    _, meta, _ = read_model_file(args.model)
     if args.json:
         print(json.dumps(meta, indent=1))
     elif meta.get("kind") == "backmapper":
@@ -329,7 +294,7 @@ def _add_backmap(sub) -> None:
 
 
 def _cmd_backmap(args) -> int:
-    from openmm_backmap.io.model_files import backmap_trajectory
+    from openmm_backmap.backmap import backmap_trajectory
 
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
@@ -365,8 +330,9 @@ def _add_evaluate(sub) -> None:
 def _cmd_evaluate(args) -> int:
     import json
 
-    from openmm_backmap.systems.builtin import load_trajectory, require_unrestrained
     from openmm_backmap.analysis.evaluate import evaluate_model
+    from openmm_backmap.io.trajectories import load_trajectory
+    from openmm_backmap.systems.reference import require_unrestrained
 
     require_unrestrained(args.reference, "as a reference ensemble")
     reference = load_trajectory(args.reference, args.topology)
@@ -411,12 +377,12 @@ def _add_hybrid(sub) -> None:
 def _cmd_hybrid(args) -> int:
     import json
 
-    from openmm_backmap.sampling.hybrid import run_hybrid
+    from openmm_backmap.sampling.hybrid import HybridRun, run_hybrid
 
-    summary = run_hybrid(args.model, args.cg_model, args.start, args.iterations, args.out, aa_system=args.aa_system,
-                         kernel=args.kernel, langevin_steps=args.langevin_steps, attempts=args.attempts,
-                         temperature=args.temperature, seed=args.seed, platform=args.platform, chains=args.chains,
-                         save_every=args.save_every, burn_in=args.burn_in)
+    settings = HybridRun(iterations=args.iterations, kernel=args.kernel, langevin_steps=args.langevin_steps,
+                         attempts=args.attempts, temperature=args.temperature, seed=args.seed, platform=args.platform,
+                         chains=args.chains, save_every=args.save_every, burn_in=args.burn_in)
+    summary = run_hybrid(args.model, args.cg_model, args.start, args.out, settings, aa_system=args.aa_system)
     print(json.dumps(summary, indent=1))
     return 0
 

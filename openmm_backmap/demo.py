@@ -2,41 +2,27 @@
 
 1. all-atom reference MD of alanine dipeptide in vacuum (300 K);
 2. the six-bead CG mapping C(ACE), N, CA, CB, C, N(NME), written as a groups JSON;
-3. the backmapper trained with the CLI (maximum likelihood, then energy-based refinement);
-4. the CG potential U_CG = -kT log q(X) trained with the CLI;
+3. the backmapper trained (maximum likelihood, then energy-based refinement);
+4. the CG potential U_CG = -kT log q(X) trained;
 5. both exported as TorchScript model files, and the CG potential compiled into a force package
-   (``openmm-backmap compile``; the TorchScript file is used if compilation is not possible here);
+   (the TorchScript file is used if compilation is not possible here);
 6. a CG OpenMM simulation with the CG potential as a force and a BackmapReporter attached;
 7. the report: backmapper metrics on the reference, and the reporter's run reweighted to the AA
    ensemble (basin populations against the reference, ESS, Ramachandran surfaces).
 
-Each stage prints its wall time; a summary table closes the run. The CLI stages run the very
-commands a user would type (``openmm-backmap train ...``), through :func:`openmm_backmap.cli.main`.
+Each stage prints its wall time; a summary table closes the run. The stages call the library
+functions the command line runs (``openmm-backmap train`` is
+:func:`~openmm_backmap.training.pipeline.train_from_files`, and so on), with the settings below.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-# The six-bead alanine dipeptide mapping of the quality benchmarks: C(ACE), N, CA, CB, C, N(NME)
-# (in residue order, so the CG topology's residues are contiguous).
-ALA2_SIX_BEADS = ("ACE1-C", "ALA2-N", "ALA2-CA", "ALA2-CB", "ALA2-C", "NME3-N")
-ALA2_SIX_NAMES = ("C1", "N", "CA", "CB", "C", "N2")
-
-
-def ala2_six_bead_mapping(topology):
-    """The six-atom slice mapping of alanine dipeptide used by the demo and the benchmarks."""
-    from openmm_backmap.mapping import CGMapping, atom_label
-
-    by_label = {atom_label(a): a.index for a in topology.atoms}
-    missing = [lab for lab in ALA2_SIX_BEADS if lab not in by_label]
-    if missing:
-        raise ValueError(f"the topology lacks the atoms {missing} of the six-bead ALA2 mapping")
-    groups = [[by_label[lab]] for lab in ALA2_SIX_BEADS]
-    return CGMapping(topology, groups, names=list(ALA2_SIX_NAMES))
+from openmm_backmap.training.config import BackmapperTraining, CGPotentialTraining
 
 
 @dataclass(frozen=True)
@@ -56,14 +42,8 @@ class DemoSettings:
 
     reference_ns: float
     rare_basin_ns: float
-    epochs: int
-    energy_steps: int
-    layers: int
-    hidden: int
-    cg_epochs: int
-    cg_time_limit: float
-    cg_layers: int
-    cg_hidden: int
+    backmapper: BackmapperTraining
+    cg: CGPotentialTraining
     cg_steps: int  # with the compiled CG force
     cg_steps_torchscript: int  # when the CG force could not be compiled (~50x slower per step)
     compile_cg: bool
@@ -73,11 +53,19 @@ class DemoSettings:
 
     @classmethod
     def full(cls) -> "DemoSettings":
-        return cls(5.0, 0.5, 8, 500, 6, 128, 60, 90.0, 4, 32, 500_000, 40_000, True, 500, 4, 200)
+        return cls(reference_ns=5.0, rare_basin_ns=0.5,
+                   backmapper=BackmapperTraining(epochs=8, energy_steps=500, layers=6, hidden=128),
+                   cg=CGPotentialTraining(epochs=60, time_limit=90.0, layers=4, hidden=32, allow_restrained=True),
+                   cg_steps=500_000, cg_steps_torchscript=40_000, compile_cg=True, report_interval=500,
+                   samples_per_frame=4, eval_frames=200)
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(1.0, 0.05, 2, 60, 4, 64, 10, 20.0, 4, 32, 2_000, 2_000, False, 100, 4, 40)
+        return cls(reference_ns=1.0, rare_basin_ns=0.05,
+                   backmapper=BackmapperTraining(epochs=2, energy_steps=60, layers=4, hidden=64),
+                   cg=CGPotentialTraining(epochs=10, time_limit=20.0, layers=4, hidden=32, allow_restrained=True),
+                   cg_steps=2_000, cg_steps_torchscript=2_000, compile_cg=False, report_interval=100,
+                   samples_per_frame=4, eval_frames=40)
 
 
 class _Stages:
@@ -100,15 +88,6 @@ class _Stages:
         lines += [f"{n:<{width}}  {s:8.1f}  {note}" for n, s, note in self.rows]
         lines.append(f"{'total':<{width}}  {sum(r[1] for r in self.rows):8.1f}")
         return "\n".join(lines)
-
-
-def _cli(*argv: str) -> None:
-    from openmm_backmap.cli import main
-
-    print("   $ openmm-backmap " + " ".join(argv), flush=True)
-    code = main(list(argv))
-    if code != 0:
-        raise RuntimeError(f"`openmm-backmap {argv[0]}` failed with exit code {code}")
 
 
 def run_cg_simulation(cg_model: Path, model: Path, mapping, start_xyz, out: Path, steps: int, interval: int,
@@ -166,8 +145,13 @@ def run_demo(out: Path, quick: bool = False, seed: int = 1) -> int:
     """Run every stage of the demo into ``out``; returns the process exit code."""
     import numpy as np
 
-    from openmm_backmap.systems.builtin import generate_reference, load_trajectory
     from openmm_backmap.analysis.evaluate import evaluate_model, evaluate_run
+    from openmm_backmap.io.checkpoints import export_checkpoint
+    from openmm_backmap.io.trajectories import load_trajectory
+    from openmm_backmap.openmm.compiled import compile_model
+    from openmm_backmap.systems.builtin import ala2_six_bead_mapping
+    from openmm_backmap.systems.reference import generate_reference
+    from openmm_backmap.training.pipeline import train_cg_from_files, train_from_files
 
     settings = DemoSettings.quick() if quick else DemoSettings.full()
     out = Path(out)
@@ -193,38 +177,35 @@ def run_demo(out: Path, quick: bool = False, seed: int = 1) -> int:
         return mapping, f"{mapping.n_cg} beads ({', '.join(mapping.names)}) -> {out / 'mapping.json'}"
 
     mapping = stages.run("2. CG mapping", mapping_stage)
-    # --trajectory last: the backmapper's training adds the restrained runs after it
-    common = ["--topology", str(paths["pdb"]), "--mapping", str(out / "mapping.json"),
-              "--trajectory", str(paths["dcd"])]
+    topology, mapping_file = str(paths["pdb"]), str(out / "mapping.json")
+    # the unrestrained run first, then the restrained ones
+    trajectories = [str(paths["dcd"]), *map(str, rare_dcds)]
 
     def train_backmapper():
-        _cli("train", *common, *map(str, rare_dcds), "--aa-system", str(paths["system"]),
-             "--epochs", str(settings.epochs),
-             "--energy-steps", str(settings.energy_steps), "--layers", str(settings.layers),
-             "--hidden", str(settings.hidden), "--seed", str(seed), "--out", str(models / "backmapper.ckpt"))
+        train_from_files(topology, trajectories, mapping_file, models / "backmapper.ckpt",
+                         replace(settings.backmapper, seed=seed), aa_system=str(paths["system"]))
         return None, f"checkpoint {models / 'backmapper.ckpt'}"
 
     stages.run("3. train the backmapper (ML + energy refinement)", train_backmapper)
 
     def train_cg():
-        _cli("train-cg", *common, *map(str, rare_dcds), "--allow-restrained", "--epochs", str(settings.cg_epochs),
-             "--time-limit", str(settings.cg_time_limit),
-             "--layers", str(settings.cg_layers), "--hidden", str(settings.cg_hidden), "--seed", str(seed),
-             "--out", str(models / "cg.ckpt"))
+        train_cg_from_files(topology, trajectories, mapping_file, models / "cg.ckpt", replace(settings.cg, seed=seed))
         return None, f"checkpoint {models / 'cg.ckpt'}"
 
     stages.run("4. train the CG potential", train_cg)
 
     def export():
-        _cli("export", str(models / "backmapper.ckpt"), "-o", str(models / "backmapper.pt"))
-        _cli("export", str(models / "cg.ckpt"), "-o", str(models / "cg.pt"))
+        export_checkpoint(models / "backmapper.ckpt", models / "backmapper.pt")
+        export_checkpoint(models / "cg.ckpt", models / "cg.pt")
         if not settings.compile_cg:
             return models / "cg.pt", f"{models / 'backmapper.pt'}, {models / 'cg.pt'}"
         try:
-            _cli("compile", str(models / "cg.pt"), "-o", str(models / "cg.pt2"))
+            meta = compile_model(models / "cg.pt", mapping.n_cg, models / "cg.pt2")
         except Exception as error:  # noqa: BLE001 - any failure: the TorchScript file still runs
             print(f"   could not compile the CG force ({error}); the CG run uses the TorchScript file", flush=True)
             return models / "cg.pt", f"{models / 'backmapper.pt'}, {models / 'cg.pt'} (not compiled)"
+        print(f"   compiled the CG force in {meta['compile_seconds']:.0f} s, largest relative deviation from the "
+              f"model {meta['max_deviation']:.1e}", flush=True)
         return models / "cg.pt2", f"{models / 'backmapper.pt'}, {models / 'cg.pt'}, compiled {models / 'cg.pt2'}"
 
     cg_force = stages.run("5. export the model files, compile the CG force", export)

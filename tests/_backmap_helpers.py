@@ -14,7 +14,7 @@ ALA2_SIX = [[4], [6], [8], [14], [16], [10]]
 @lru_cache(maxsize=1)
 def ala2_reference() -> dict:
     """A 0.2 ns ALA2 run saved every 0.2 ps (1000 frames), generated once per test process."""
-    from openmm_backmap.systems.builtin import generate_reference
+    from openmm_backmap.systems.reference import generate_reference
 
     out = Path(tempfile.mkdtemp(prefix="bm_ala2_"))
     paths = generate_reference("ala2", 0.2, out, seed=3, save_every_ps=0.2, equilibrate_ps=5.0, progress=False)
@@ -29,7 +29,7 @@ def ala2_traj():
 
 
 def ala2_constraints() -> list:
-    from openmm_backmap.systems.builtin import constraints_from_system
+    from openmm_backmap.openmm.energies import constraints_from_system
     from openmm_backmap.openmm.energies import load_system
 
     return constraints_from_system(load_system(ala2_reference()["system"]))

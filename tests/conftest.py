@@ -12,12 +12,14 @@ def tiny_ala2(tmp_path_factory):
     """0.1 ns of ALA2 (0.5 ps frames) and a small six-bead backmapper fitted to its statistics
     (untrained: the tests that use it check plumbing and bookkeeping against independent
     recomputation, not reconstruction quality), exported with the AA System embedded."""
-    from openmm_backmap.systems.builtin import constraints_from_system, generate_reference, load_trajectory
-    from openmm_backmap.demo import ala2_six_bead_mapping
+    from openmm_backmap.io.trajectories import load_trajectory
+    from openmm_backmap.openmm.energies import constraints_from_system
+    from openmm_backmap.systems.reference import generate_reference
+    from openmm_backmap.systems.builtin import ala2_six_bead_mapping
     from openmm_backmap.openmm.energies import load_system
     from openmm_backmap.io.model_files import export_model
     from openmm_backmap.models.backmapper import Backmapper
-    from openmm_backmap.training.backmapper import make_spec
+    from openmm_backmap.io.checkpoints import make_spec
 
     out = tmp_path_factory.mktemp("tiny_ala2")
     paths = generate_reference("ala2", 0.1, out, seed=4, save_every_ps=0.5, equilibrate_ps=5.0, progress=False)
@@ -37,7 +39,10 @@ def tiny_ala2(tmp_path_factory):
 def tiny_cg(tiny_ala2):
     """A small CG flow potential over the six beads of :func:`tiny_ala2`, fitted to its statistics
     and trained for a few epochs, exported as a model file."""
-    from openmm_backmap.models.cg_potential import CGFlowPotential, export_cg, make_cg_spec, train_cg
+    from openmm_backmap.io.checkpoints import make_cg_spec
+    from openmm_backmap.io.model_files import export_cg
+    from openmm_backmap.models.cg_potential import CGFlowPotential
+    from openmm_backmap.training.cg_potential import train_cg
 
     mapping, traj = tiny_ala2["mapping"], tiny_ala2["traj"]
     X = mapping.project(traj.xyz.astype(np.float64))

@@ -5,24 +5,20 @@ import numpy as np
 import pytest
 
 from openmm_backmap.analysis.metrics import (
-    Reweighted,
     bond_score,
     chirality_errors,
     chiral_centres,
     clash_score,
-    conditional_ess,
     energy_w1,
     js_divergence,
     kabsch_rmsd,
-    kish_ess,
-    log_weights,
     ramachandran_histogram,
-    read_energy_file,
-    reweight,
     rmsd_and_diversity,
 )
+from openmm_backmap.analysis.reweighting import Reweighted, conditional_ess, kish_ess, log_weights, reweight
+from openmm_backmap.io.energy_file import read_energy_file
 from openmm_backmap.systems.builtin import DATA_DIR
-from openmm_backmap.openmm.energies import kT
+from openmm_backmap.units import kT
 from openmm_backmap.geometry import random_rotation
 
 

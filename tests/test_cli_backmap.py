@@ -206,8 +206,9 @@ def test_train_rejects_a_system_for_another_molecule(workdir, capsys, tmp_path):
 
 
 def test_train_on_several_trajectories_with_a_restrained_run(tmp_path, capsys):
-    from openmm_backmap.systems.builtin import generate_reference
-    from openmm_backmap.training.backmapper import _previous_index, read_checkpoint
+    from openmm_backmap.systems.reference import generate_reference
+    from openmm_backmap.io.checkpoints import read_checkpoint
+    from openmm_backmap.training.pipeline import _previous_index
 
     ref = ala2_reference()
     rest = generate_reference("ala2", 0.02, tmp_path / "aR", seed=5, save_every_ps=0.2, equilibrate_ps=2.0,

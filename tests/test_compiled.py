@@ -18,9 +18,14 @@ import pytest
 import torch
 from openmm import unit
 
+from openmm_backmap.io.model_files import load_model_bytes
 from openmm_backmap.openmm import forces
-from openmm_backmap.openmm.compiled import compile_model, is_compiled_package, load_compiled, read_compiled_metadata
-from openmm_backmap.models.cg_potential import CGFlowPotential, export_cg, make_cg_spec
+from openmm_backmap.openmm.plugin import load_native_plugin, native_plugin_status
+from openmm_backmap.io.model_files import is_compiled_package, read_compiled_metadata
+from openmm_backmap.openmm.compiled import compile_model, load_compiled
+from openmm_backmap.io.checkpoints import make_cg_spec
+from openmm_backmap.io.model_files import export_cg
+from openmm_backmap.models.cg_potential import CGFlowPotential
 
 from _backmap_helpers import needs_compiler
 from test_potentials import BRANCHED6, randomise, synthetic_chain
@@ -123,9 +128,9 @@ def test_backends_run_package(harmonic_package, platform):
 
 
 def test_native_package_survives_xml_round_trip(harmonic_package):
-    if not forces.native_plugin_status()[0]:
+    if not native_plugin_status()[0]:
         pytest.skip("native plugin not built")
-    plugin = forces.load_native_plugin()
+    plugin = load_native_plugin()
     system = _harmonic_system(harmonic_package, "native")
     force = plugin.BackmapTorchForce.cast(system.getForce(0))
     assert force.isCompiled()
@@ -151,9 +156,9 @@ def test_mismatches_are_named(harmonic_package):
                             globalParameters={"kappa": 2.0})
     with pytest.raises(ValueError, match="with periodic boundary conditions"):
         forces.create_force(harmonic_package, backend="python", globalParameters={"k": 2.0})
-    if forces.native_plugin_status()[0]:
+    if native_plugin_status()[0]:
         # the plugin checks too, when the force is built by hand and the Context is created
-        plugin = forces.load_native_plugin()
+        plugin = load_native_plugin()
         system = openmm.System()
         for _ in range(N_HARMONIC + 1):
             system.addParticle(10.0)
@@ -246,8 +251,8 @@ def test_info_reads_package(cg_files):
 
 def test_load_model_bytes_passes_packages_through(harmonic_package):
     data = harmonic_package.read_bytes()
-    assert forces.load_model_bytes(harmonic_package) == data
-    assert forces.load_model_bytes(io.BytesIO(data).getvalue()) == data
+    assert load_model_bytes(harmonic_package) == data
+    assert load_model_bytes(io.BytesIO(data).getvalue()) == data
 
 
 def test_parameter_names_the_plugin_cannot_read_are_refused(tmp_path):

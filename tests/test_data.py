@@ -7,19 +7,16 @@ import numpy as np
 import pytest
 
 from openmm_backmap.cli import main
-from openmm_backmap.systems.builtin import (
-    BASIN_WINDOWS,
-    backbone_dihedrals,
-    basin_indicators,
-    basin_restraint,
-    block_split,
+from openmm_backmap.analysis.basins import backbone_dihedrals, basin_indicators
+from openmm_backmap.io.trajectories import load_trajectory
+from openmm_backmap.systems.builtin import BASIN_WINDOWS, basin_restraint
+from openmm_backmap.systems.reference import (
     check_restraint_for_mapping,
     generate_reference,
-    load_trajectory,
-    make_pairs,
     reference_restraint,
     require_unrestrained,
 )
+from openmm_backmap.training.data import block_split, make_pairs
 from openmm_backmap.mapping import CGMapping
 
 
@@ -221,14 +218,14 @@ def test_reference_cli_restrain_and_train_cg_refuses_it(tmp_path, restrained, ca
                "--hidden", "8", "--allow-restrained", "--out", str(tmp_path / "cg.ckpt"), "--no-progress"])
     assert rc == 0
     assert main(["export", str(tmp_path / "cg.ckpt"), "-o", str(tmp_path / "cg.pt")]) == 0
-    from openmm_backmap.models.cg_potential import load_cg_potential
+    from openmm_backmap.io.model_files import load_cg_potential
 
     data = load_cg_potential(tmp_path / "cg.pt")[1]["data"]
     assert data["restrained_basins"] == ["alpha_R", "alpha_L"] and data["potential_of_mean_force"] is False
 
 
 def test_mbar_recovers_free_energies_of_biased_gaussians():
-    from openmm_backmap.systems.builtin import mbar_free_energies
+    from openmm_backmap.systems.umbrella import mbar_free_energies
 
     rng = np.random.default_rng(3)
     kappa, centres, n = 4.0, np.array([-2.0, -1.0, 0.0, 1.0, 2.0]), 4000
@@ -241,7 +238,7 @@ def test_mbar_recovers_free_energies_of_biased_gaussians():
 
 
 def test_umbrella_populations_run_and_partition():
-    from openmm_backmap.systems.builtin import umbrella_basin_populations
+    from openmm_backmap.systems.umbrella import umbrella_basin_populations
 
     result = umbrella_basin_populations("ala2", n_windows=8, ps_per_window=4.0, equilibrate_ps=1.0, k_kjmol_rad2=15.0,
                                         save_every_ps=0.5, progress=False)

@@ -12,10 +12,10 @@ from openmm_backmap.openmm.energies import (
     ReducedEnergy,
     TorchSystemEnergy,
     aa_energy,
-    kT,
     load_system,
     unsupported_forces,
 )
+from openmm_backmap.units import kT
 
 
 @pytest.fixture(scope="module")

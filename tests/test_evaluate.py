@@ -10,8 +10,9 @@ from openmm import unit
 from openmm_backmap.analysis import metrics as analysis
 from openmm_backmap.cli import main
 from openmm_backmap.openmm.energies import load_system
-from openmm_backmap.analysis.evaluate import evaluate_model, free_energy_surface
-from openmm_backmap.io.model_files import load_model
+from openmm_backmap.analysis.evaluate import evaluate_model
+from openmm_backmap.analysis.plots import free_energy_surface
+from openmm_backmap.io.backmap_model import load_model
 
 
 def test_metrics_match_independent_recomputation(tiny_ala2, tmp_path):

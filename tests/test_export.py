@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from openmm_backmap.io.model_files import export_model, load_model, read_extra_files
+from openmm_backmap.io.backmap_model import load_model
+from openmm_backmap.io.model_files import export_model, read_model_file
+from openmm_backmap.openmm.energies import aa_energy
 from openmm_backmap.mapping import CGMapping
 from openmm_backmap.models.backmapper import Backmapper
-from openmm_backmap.training.backmapper import make_spec
+from openmm_backmap.io.checkpoints import make_spec
 from _backmap_helpers import ALA2_SIX, ala2_constraints, ala2_reference, ala2_traj, needs_compiler, one_thread  # noqa: F401
 
 
@@ -82,8 +84,8 @@ print("ok", meta["format"], meta["n_cg"])
 
 def test_metadata_contents(exported):
     _, path, _ = exported
-    _, files = read_extra_files(path)
-    meta = json.loads(files["metadata.json"])
+    _, meta, files = read_model_file(path)
+    assert json.loads(files["metadata.json"]) == meta
     for key in (
         "format_version",
         "package_version",
@@ -116,7 +118,7 @@ def test_load_model_wrapper(exported):
     assert isinstance(aa_t, torch.Tensor) and aa_t.shape == (2, 22, 3)
     assert np.allclose(bm.log_prob(aa, np.repeat(X[:2], 3, 0)), lq, atol=1e-3)
     assert np.allclose(bm.log_prob(aa), lq, atol=1e-3)  # cg from the mapping
-    energy = bm.aa_energy()
+    energy = aa_energy(bm.system_xml)
     assert torch.isfinite(energy(torch.as_tensor(aa, dtype=torch.float64))).all()
 
 

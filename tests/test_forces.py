@@ -19,10 +19,12 @@ import openmm.app
 import pytest
 import torch
 
+from openmm_backmap.io.model_files import load_model_bytes
 from openmm_backmap.openmm import forces
+from openmm_backmap.openmm.plugin import PLUGIN_DIR, load_native_plugin, native_plugin_status
 
 PLATFORMS = ["Reference", "CPU"]
-NATIVE_OK, NATIVE_REASON = forces.native_plugin_status()
+NATIVE_OK, NATIVE_REASON = native_plugin_status()
 OPENMMTORCH_OK = "openmm-torch" in forces.available_backends()
 
 
@@ -145,7 +147,7 @@ def test_python_backend_always_available():
 
 def test_native_plugin_loads_when_built():
     # A built plugin that does not load is a bug; an unbuilt one (BUILD_FAILED, or skipped) is not.
-    built = (forces.PLUGIN_DIR / "libBackmapPluginReference.so").exists()
+    built = (PLUGIN_DIR / "libBackmapPluginReference.so").exists()
     if not built or os.environ.get("OPENMM_BACKMAP_DISABLE_NATIVE") == "1":
         pytest.skip(f"native plugin not built or disabled: {NATIVE_REASON}")
     assert NATIVE_OK, NATIVE_REASON
@@ -289,11 +291,11 @@ def test_xml_round_trip(backend):
 
 @pytest.mark.skipif(not NATIVE_OK, reason=f"native plugin unavailable: {NATIVE_REASON}")
 def test_native_force_keeps_module_bytes_and_settings():
-    data = forces.load_model_bytes(HarmonicParameter())
+    data = load_model_bytes(HarmonicParameter())
     force = forces.create_force(data, backend="native", globalParameters={"k": 2.0},
                                 energyParameterDerivatives=["k"], usesPeriodicBoundaryConditions=True,
                                 name="cg potential")
-    plugin = forces.load_native_plugin()
+    plugin = load_native_plugin()
     copy = plugin.BackmapTorchForce.cast(openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(force)))
     assert copy.getModuleBytes() == data
     assert copy.usesPeriodicBoundaryConditions()
@@ -387,7 +389,7 @@ def test_corrupt_and_truncated_files_are_rejected(tmp_path):
     corrupt.write_bytes(b"this is not a TorchScript archive")
     with pytest.raises(ValueError, match="not a TorchScript module"):
         forces.create_force(corrupt, backend="python")
-    good = forces.load_model_bytes(Harmonic())
+    good = load_model_bytes(Harmonic())
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good[: len(good) // 2])
     with pytest.raises(ValueError, match="not a TorchScript module"):
@@ -460,7 +462,7 @@ def _cuda_available() -> bool:
         openmm.Platform.getPlatformByName("CUDA")
     except Exception:  # noqa: BLE001 - OpenMMException: no CUDA platform
         return False
-    return NATIVE_OK and (forces.PLUGIN_DIR / "libBackmapPluginCUDA.so").exists() and torch.cuda.is_available()
+    return NATIVE_OK and (PLUGIN_DIR / "libBackmapPluginCUDA.so").exists() and torch.cuda.is_available()
 
 
 @pytest.mark.gpu

@@ -16,7 +16,7 @@ import torch
 from openmm import unit
 
 from openmm_backmap._compat import import_openmmtools
-from openmm_backmap.openmm.energies import kT
+from openmm_backmap.units import kT
 from openmm_backmap.sampling.hybrid import (
     BatchedHybridSampler,
     CGFlowKernel,
@@ -131,7 +131,7 @@ def test_independent_cg_flow_kernel_is_exact():
 def test_hamiltonian_cg_kernel_is_exact():
     torch.manual_seed(1)
     # the true CG stiffness is 1 / (beta var(X)) ~ 47 kJ/mol/nm^2: use a wrong one on purpose
-    kernel = CGHamiltonianKernel(_cg_system(k_cg=25.0), timestep=0.05, n_steps=15, seed=2)
+    kernel = CGHamiltonianKernel(_cg_system(k_cg=25.0), timestep=0.05, n_steps=15)
     move = ResolutionMove(ToyBackmapper(s=0.15), np.array([[0.5, 0.5]]), kernel, n_attempts=1, seed=3,
                           dtype=torch.float64)
     xs = _run(move, 4000)
@@ -232,16 +232,16 @@ def test_run_hybrid_writes_trajectory_log_and_summary(tiny_ala2, tiny_cg, tmp_pa
 
 
 def test_run_hybrid_refuses_mismatched_inputs(tiny_ala2, tiny_cg, tmp_path):
-    from openmm_backmap.sampling.hybrid import run_hybrid
+    from openmm_backmap.sampling.hybrid import HybridRun, run_hybrid
 
     other = tmp_path / "other.pdb"
     tiny_ala2["traj"][0].atom_slice(range(20)).save_pdb(str(other))
     with pytest.raises(ValueError, match="another molecule"):
-        run_hybrid(tiny_ala2["model"], tiny_cg, other, 1, tmp_path / "r")
+        run_hybrid(tiny_ala2["model"], tiny_cg, other, tmp_path / "r", HybridRun(1))
     with pytest.raises(ValueError, match="unknown CG kernel 'gibbs'"):
-        run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], 1, tmp_path / "r", kernel="gibbs")
+        run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], tmp_path / "r", HybridRun(1, kernel="gibbs"))
     with pytest.raises(ValueError, match="not a CG-potential model file"):
-        run_hybrid(tiny_ala2["model"], tiny_ala2["model"], tiny_ala2["paths"]["pdb"], 1, tmp_path / "r")
+        run_hybrid(tiny_ala2["model"], tiny_ala2["model"], tiny_ala2["paths"]["pdb"], tmp_path / "r", HybridRun(1))
 
 
 def test_run_hybrid_with_batched_chains(tiny_ala2, tiny_cg, tmp_path):
@@ -250,7 +250,7 @@ def test_run_hybrid_with_batched_chains(tiny_ala2, tiny_cg, tmp_path):
     import mdtraj as md
 
     from openmm_backmap.cli import main
-    from openmm_backmap.systems.builtin import BASINS, backbone_dihedrals, basin_indicators
+    from openmm_backmap.analysis.basins import BASINS, backbone_dihedrals, basin_indicators
 
     out = tmp_path / "batched"
     code = main(["hybrid", "--model", str(tiny_ala2["model"]), "--cg-model", str(tiny_cg), "--start",
@@ -273,13 +273,15 @@ def test_run_hybrid_with_batched_chains(tiny_ala2, tiny_cg, tmp_path):
     assert summary["acceptance_rate"] == pytest.approx(acc[:, 3].sum() / 60)
     assert abs(sum(v["population"] for v in summary["basins"].values()) - 1.0) < 1e-9
     with pytest.raises(ValueError, match="CG-flow kernel only"):
-        from openmm_backmap.sampling.hybrid import run_hybrid
+        from openmm_backmap.sampling.hybrid import HybridRun, run_hybrid
 
-        run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], 1, tmp_path / "h", kernel="hmc", chains=2)
+        run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], tmp_path / "h",
+                   HybridRun(1, kernel="hmc", chains=2))
     with pytest.raises(ValueError, match="chains must be positive"):
-        run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], 1, tmp_path / "h", chains=0)
+        run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], tmp_path / "h", HybridRun(1, chains=0))
     with pytest.raises(ValueError, match="burn_in must be a fraction"):
-        run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], 2, tmp_path / "h", chains=2, burn_in=1.5)
+        run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], tmp_path / "h",
+                   HybridRun(2, chains=2, burn_in=1.5))
 
 
 # ---------------------------------------------------------------------------- ALA2 (slow)
@@ -291,7 +293,7 @@ def test_ala2_hybrid_basin_populations_match_long_reference(tmp_path):
     4,000-8,000 iterations: 0.2-0.33 kT low); the Langevin steps fix that.
 
     Plain MD at 300 K never crosses into phi > 0 (240 ns: not once), so alpha_L / C7ax needs the
-    umbrella reference (``data.umbrella_basin_populations``: 36 windows along phi, MBAR).
+    umbrella reference (``systems.umbrella.umbrella_basin_populations``: 36 windows along phi, MBAR).
 
     Models: OPENMM_BACKMAP_DEMO (an `openmm-backmap demo` output directory) or the full demo run
     here (about 11 minutes). MD reference: OPENMM_BACKMAP_ALA2_REFERENCE, one or more directories
@@ -304,9 +306,11 @@ def test_ala2_hybrid_basin_populations_match_long_reference(tmp_path):
 
     import mdtraj as md
 
-    from openmm_backmap.systems.builtin import BASINS, generate_reference, umbrella_basin_populations
+    from openmm_backmap.analysis.basins import BASINS, basin_populations
+    from openmm_backmap.systems.reference import generate_reference
+    from openmm_backmap.systems.umbrella import umbrella_basin_populations
     from openmm_backmap.demo import run_demo
-    from openmm_backmap.sampling.hybrid import basin_populations, run_hybrid
+    from openmm_backmap.sampling.hybrid import HybridRun, run_hybrid
 
     demo = os.environ.get("OPENMM_BACKMAP_DEMO")
     if demo is None:
@@ -325,8 +329,8 @@ def test_ala2_hybrid_basin_populations_match_long_reference(tmp_path):
     else:
         umbrella = json.loads(Path(umbrella_file).read_text())
     summary = run_hybrid(demo / "models" / "backmapper.pt", demo / "models" / "cg.pt",
-                         demo / "reference" / "ala2.pdb", 3000, tmp_path / "hybrid", langevin_steps=10, chains=256,
-                         save_every=3000, seed=21, progress=False)
+                         demo / "reference" / "ala2.pdb", tmp_path / "hybrid",
+                         HybridRun(3000, langevin_steps=10, chains=256, save_every=3000, seed=21, progress=False))
     assert 0.2 < summary["acceptance_rate"] < 1.0
     for basin in BASINS:
         ref, umb = reference[basin]["population"], umbrella["basins"][basin]["population"]

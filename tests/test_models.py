@@ -10,7 +10,8 @@ import torch
 
 from openmm_backmap.mapping import CGMapping
 from openmm_backmap.models.backmapper import Backmapper
-from openmm_backmap.training.backmapper import make_spec, train_ml
+from openmm_backmap.io.checkpoints import make_spec
+from openmm_backmap.training.backmapper import train_ml
 from _backmap_helpers import ALA2_SIX, ala2_constraints, ala2_traj, one_thread, random_rotation  # noqa: F401
 
 

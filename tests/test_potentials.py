@@ -15,16 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from openmm_backmap.models.cg_potential import (
-    CG_KIND,
-    CGFlowPotential,
-    build_cg_from_spec,
-    export_cg,
-    load_cg_checkpoint,
-    load_cg_potential,
-    make_cg_spec,
-    train_cg,
-)
+from openmm_backmap.io.checkpoints import build_cg_from_spec, load_cg_checkpoint, make_cg_spec
+from openmm_backmap.io.model_files import CG_KIND, export_cg, load_cg_potential
+from openmm_backmap.models.cg_potential import CGFlowPotential
+from openmm_backmap.training.cg_potential import train_cg
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAIN5 = [(0, 1), (1, 2), (2, 3), (3, 4)]
@@ -404,7 +398,7 @@ def test_short_cg_simulation_stays_finite(tmp_path, chain_data):
 # ----------------------------------------------------------------------------- CLI
 def test_cli_train_cg_and_export(tmp_path, capsys):
     from openmm_backmap.cli import main
-    from openmm_backmap.systems.builtin import generate_reference
+    from openmm_backmap.systems.reference import generate_reference
 
     paths = generate_reference("ala2", 0.01, tmp_path / "ref", seed=2, save_every_ps=0.05, equilibrate_ps=1.0,
                                progress=False)
@@ -446,7 +440,7 @@ def test_ala2_cg_simulation_matches_projected_reference(tmp_path):
     import os
     import sys
 
-    from openmm_backmap.systems.builtin import generate_reference
+    from openmm_backmap.systems.reference import generate_reference
 
     reference = os.environ.get("OPENMM_BACKMAP_ALA2_REFERENCE")
     if reference is None:

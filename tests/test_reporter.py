@@ -9,9 +9,11 @@ import pytest
 import torch
 from openmm import app, unit
 
-from openmm_backmap.analysis.metrics import read_energy_file, reweight
-from openmm_backmap.openmm.energies import kT, load_system
-from openmm_backmap.io.model_files import load_model
+from openmm_backmap.analysis.reweighting import reweight
+from openmm_backmap.io.energy_file import read_energy_file
+from openmm_backmap.openmm.energies import load_system
+from openmm_backmap.units import kT
+from openmm_backmap.io.backmap_model import load_model
 from openmm_backmap.openmm.reporter import BackmapReporter, make_whole
 
 T = 300.0
@@ -219,7 +221,7 @@ def test_temporal_reporter_conditions_on_previous_reconstruction(tiny_ala2, setu
     """temporal=True: each frame's log q is that of the temporal model given the previous frame."""
     from openmm_backmap.io.model_files import export_model
     from openmm_backmap.models.backmapper import Backmapper
-    from openmm_backmap.training.backmapper import make_spec
+    from openmm_backmap.io.checkpoints import make_spec
 
     traj, mapping = tiny_ala2["traj"], tiny_ala2["mapping"]
     torch.manual_seed(1)

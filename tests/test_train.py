@@ -7,16 +7,15 @@ import torch
 
 from openmm_backmap.mapping import CGMapping
 from openmm_backmap.models.backmapper import Backmapper
+from openmm_backmap.io.checkpoints import load_checkpoint, make_spec
 from openmm_backmap.training.backmapper import (
-    detect_constraints,
-    load_checkpoint,
-    make_spec,
     mean_nll,
     methyl_groups,
     permute_methyls,
     refine_energy,
     train_ml,
 )
+from openmm_backmap.training.pipeline import detect_constraints
 from _backmap_helpers import ALA2_SIX, ala2_constraints, ala2_reference, ala2_traj, one_thread  # noqa: F401
 
 

@@ -17,8 +17,18 @@ import mdtraj as md
 import numpy as np
 import torch
 
-from openmm_backmap.analysis import metrics as analysis
-from openmm_backmap.systems.builtin import backbone_dihedrals
+from openmm_backmap.analysis.basins import backbone_dihedrals, basin_indicators
+from openmm_backmap.analysis.metrics import (
+    bond_score,
+    chirality_errors,
+    clash_score,
+    energy_w1,
+    ramachandran_js,
+    rmsd_and_diversity,
+)
+from openmm_backmap.analysis.plots import plot_backmapper_report, plot_reweighting_report
+from openmm_backmap.analysis.reweighting import Reweighted, conditional_ess, normalized_weights
+from openmm_backmap.io.energy_file import read_energy_file
 
 
 def _energies(energy, xyz: np.ndarray, batch: int = 2048) -> np.ndarray:
@@ -71,16 +81,16 @@ def evaluate_model(
     flat = aa.reshape(-1, model.n_aa, 3)
 
     metrics: dict[str, Any] = {"n_frames": int(len(idx)), "samples_per_frame": int(samples)}
-    metrics["bond_score"] = analysis.bond_score(flat, top, reference=reference.xyz.astype(np.float64))
-    metrics["clash_score_percent"] = analysis.clash_score(flat, top)
-    metrics["chirality_errors_percent"] = analysis.chirality_errors(flat, top, reference=ref)
-    rmsd, diversity = analysis.rmsd_and_diversity(aa, ref, top)
+    metrics["bond_score"] = bond_score(flat, top, reference=reference.xyz.astype(np.float64))
+    metrics["clash_score_percent"] = clash_score(flat, top)
+    metrics["chirality_errors_percent"] = chirality_errors(flat, top, reference=ref)
+    rmsd, diversity = rmsd_and_diversity(aa, ref, top)
     metrics["rmsd_nm"], metrics["diversity"] = rmsd, diversity
     nll = -model.log_prob(ref.astype(np.float32), X.astype(np.float32)).astype(np.float64)
     metrics["nll_per_atom"] = float(np.mean(nll) / model.n_aa)
     try:
         sample_traj = md.Trajectory(flat.astype(np.float32), top)
-        metrics["ramachandran_js"] = analysis.ramachandran_js(sample_traj, md.Trajectory(ref.astype(np.float32), top))
+        metrics["ramachandran_js"] = ramachandran_js(sample_traj, md.Trajectory(ref.astype(np.float32), top))
     except ValueError:
         sample_traj = None  # no residue with both phi and psi
     system = aa_system if aa_system is not None else model.system_xml
@@ -89,9 +99,9 @@ def evaluate_model(
         energy = aa_energy(system)
         u_aa = _energies(energy, flat).reshape(len(idx), samples)
         u_ref = _energies(energy, ref)
-        metrics["energy_w1_kjmol"] = analysis.energy_w1(u_aa[:, 0], u_ref)
-        metrics["energy_w1_all_samples_kjmol"] = analysis.energy_w1(u_aa, u_ref)
-        metrics["conditional_ess"] = analysis.conditional_ess(u_aa, log_q, model.temperature)
+        metrics["energy_w1_kjmol"] = energy_w1(u_aa[:, 0], u_ref)
+        metrics["energy_w1_all_samples_kjmol"] = energy_w1(u_aa, u_ref)
+        metrics["conditional_ess"] = conditional_ess(u_aa, log_q, model.temperature)
         metrics["finite_energy_fraction"] = float(np.isfinite(u_aa).mean())
     metrics["seconds"] = time.perf_counter() - start
     if out_dir is not None:
@@ -99,76 +109,8 @@ def evaluate_model(
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         if plots:
-            _plot_report(out, top, ref, flat, sample_traj, u_aa, u_ref)
+            plot_backmapper_report(out, top, ref, flat, sample_traj, u_aa, u_ref)
     return metrics
-
-
-# ---------------------------------------------------------------------------- plots
-def free_energy_surface(phi: np.ndarray, psi: np.ndarray, weights: np.ndarray | None = None,
-                        bins: int = 60) -> np.ndarray:
-    """-log p of a (phi, psi) histogram in kT, shifted to a minimum of 0 (NaN where empty)."""
-    h = analysis.ramachandran_histogram(phi, psi, bins=bins, weights=weights)
-    with np.errstate(divide="ignore"):
-        f = -np.log(h)
-    f[~np.isfinite(f)] = np.nan
-    return f - np.nanmin(f)
-
-
-def plot_ramachandran(axes, surfaces: dict[str, np.ndarray], vmax: float = 8.0) -> None:
-    """Side-by-side free-energy surfaces (kT) on matplotlib ``axes``."""
-    for ax, (title, f) in zip(axes, surfaces.items()):
-        im = ax.imshow(f.T, origin="lower", extent=(-180, 180, -180, 180), vmin=0, vmax=vmax, cmap="viridis")
-        ax.set_title(title)
-        ax.set_xlabel("phi (deg)")
-        ax.set_ylabel("psi (deg)")
-    axes[-1].figure.colorbar(im, ax=list(axes), label="free energy (kT)", shrink=0.8)
-
-
-def _plot_report(out: Path, top, ref, flat, sample_traj, u_aa, u_ref) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if sample_traj is not None:
-        phi_r, psi_r = backbone_dihedrals(md.Trajectory(ref.astype(np.float32), top))
-        phi_s, psi_s = backbone_dihedrals(sample_traj)
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-        plot_ramachandran(axes, {"reference": free_energy_surface(phi_r, psi_r),
-                                 "reconstructions": free_energy_surface(phi_s, psi_s)})
-        fig.savefig(out / "ramachandran.png", dpi=110)
-        plt.close(fig)
-    if u_aa is not None:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        finite = u_aa[np.isfinite(u_aa)]
-        lo, hi = np.percentile(np.concatenate([u_ref, finite]), [0.5, 99.5])
-        ax.hist(u_ref, bins=60, range=(lo, hi), density=True, alpha=0.6, label="reference")
-        ax.hist(finite, bins=60, range=(lo, hi), density=True, alpha=0.6, label="reconstructions")
-        ax.set_xlabel("U_AA (kJ/mol)")
-        ax.set_ylabel("density")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "energies.png", dpi=110)
-        plt.close(fig)
-    bonds = np.array([[a.index, b.index] for a, b in top.bonds])
-    neigh: list[list[int]] = [[] for _ in range(top.n_atoms)]
-    for a, b in top.bonds:
-        neigh[a.index].append(b.index)
-        neigh[b.index].append(a.index)
-    angle_idx = [[i, j, k] for j in range(top.n_atoms) for i in neigh[j] for k in neigh[j] if i < k]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for data, label in ((ref, "reference"), (flat, "reconstructions")):
-        traj = md.Trajectory(data.astype(np.float32), top)
-        axes[0].hist(md.compute_distances(traj, bonds).ravel(), bins=100, density=True, alpha=0.6, label=label)
-        if angle_idx:
-            axes[1].hist(np.degrees(md.compute_angles(traj, np.array(angle_idx)).ravel()), bins=100, density=True,
-                         alpha=0.6, label=label)
-    axes[0].set_xlabel("bond length (nm)")
-    axes[1].set_xlabel("bond angle (deg)")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(out / "geometry.png", dpi=110)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------- reporter output
@@ -189,13 +131,11 @@ def evaluate_run(
     the Ramachandran free-energy surfaces (reference, raw, reweighted), the energy histograms and
     the ESS over the run.
     """
-    from openmm_backmap.systems.builtin import basin_indicators
-
     traj = md.load(str(aa_trajectory), top=topology)
-    cols = analysis.read_energy_file(energy_file)
+    cols = read_energy_file(energy_file)
     if len(cols["log_w"]) != traj.n_frames:
         raise ValueError(f"{energy_file} has {len(cols['log_w'])} rows but {aa_trajectory} has {traj.n_frames} frames")
-    rw = analysis.Reweighted(cols["log_w"])
+    rw = Reweighted(cols["log_w"])
     phi, psi = backbone_dihedrals(traj)
     phi_r, psi_r = backbone_dihedrals(reference)
     basins = basin_indicators(phi[:, 0], psi[:, 0])
@@ -210,7 +150,7 @@ def evaluate_run(
         # block estimates of the reweighted population (self-normalised within each block)
         blocks = []
         for b in np.array_split(np.arange(n), n_blocks) if n >= n_blocks else []:
-            w = analysis.normalized_weights(cols["log_w"][b])
+            w = normalized_weights(cols["log_w"][b])
             blocks.append(float((w * ind[b]).sum()))
         err = float(np.std(blocks, ddof=1) / np.sqrt(len(blocks))) if len(blocks) > 1 else float("nan")
         with np.errstate(divide="ignore"):
@@ -221,40 +161,5 @@ def evaluate_run(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "reweighting.json").write_text(json.dumps(report, indent=1) + "\n")
-        _plot_run(out, phi, psi, phi_r, psi_r, rw, cols)
+        plot_reweighting_report(out, phi, psi, phi_r, psi_r, rw, cols)
     return report
-
-
-def _plot_run(out: Path, phi, psi, phi_r, psi_r, rw, cols) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    weights = np.repeat(rw.weights[:, None], phi.shape[1], 1)
-    plot_ramachandran(axes, {"AA reference": free_energy_surface(phi_r, psi_r),
-                             "reconstructions (raw)": free_energy_surface(phi, psi),
-                             "reconstructions (reweighted)": free_energy_surface(phi, psi, weights)})
-    fig.savefig(out / "ramachandran_reweighted.png", dpi=110)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    u = cols["u_aa_kjmol"]
-    finite = np.isfinite(u)
-    if finite.any():
-        lo, hi = np.percentile(u[finite], [0.5, 99.5])
-        axes[0].hist(u[finite], bins=60, range=(lo, hi), density=True, alpha=0.6, label="raw")
-        axes[0].hist(u[finite], bins=60, range=(lo, hi), density=True, weights=rw.weights[finite] + 1e-300,
-                     alpha=0.6, label="reweighted")
-    axes[0].set_xlabel("U_AA (kJ/mol)")
-    axes[0].legend()
-    steps = np.unique(cols["step"])
-    ess = [analysis.kish_ess(cols["log_w"][cols["step"] <= s]) / max((cols["step"] <= s).sum(), 1) for s in steps]
-    axes[1].plot(steps, ess)
-    axes[1].set_xlabel("CG step")
-    axes[1].set_ylabel("ESS / N so far")
-    axes[1].set_ylim(0, 1)
-    fig.tight_layout()
-    fig.savefig(out / "reweighting.png", dpi=110)
-    plt.close(fig)

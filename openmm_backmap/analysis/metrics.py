@@ -1,4 +1,4 @@
-"""Metrics for reconstructions and importance weights; one definition each, used everywhere.
+"""Metrics of reconstructions; one definition each, used everywhere (weights: :mod:`.reweighting`).
 
 Positions are nm, energies kJ/mol, log densities nats. Every function takes plain numpy arrays (and
 an mdtraj Topology where the metric needs chemistry), so the same code scores a model, a reporter's
@@ -7,63 +7,19 @@ output, or a hybrid run.
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
 from typing import Callable, Sequence
 
 import mdtraj as md
 import numpy as np
-from scipy.special import logsumexp
 from scipy.stats import wasserstein_distance
+
+from openmm_backmap.analysis.basins import backbone_dihedrals
 
 CLASH_DISTANCE = 0.12  # nm: heavy-atom contacts under 1.2 Angstrom are clashes
 BOND_TOLERANCE = 0.10  # bonds within +-10% of the reference length count as good
 
 # Side-chain chiral centres of the standard amino acids: (residue, centre, its four neighbours).
 _SIDE_CHAIN_CENTRES = {"THR": ("CB", ("CA", "OG1", "CG2", "HB")), "ILE": ("CB", ("CA", "CG1", "CG2", "HB"))}
-
-
-# ---------------------------------------------------------------------------- weights
-def kish_ess(log_w: np.ndarray) -> float:
-    """Kish's effective sample size (sum w)^2 / sum w^2 from log-weights; -inf weights count as 0."""
-    log_w = np.asarray(log_w, dtype=np.float64).reshape(-1)
-    finite = np.isfinite(log_w)
-    if not finite.any():
-        return 0.0
-    lw = log_w[finite]
-    return float(np.exp(2 * logsumexp(lw) - logsumexp(2 * lw)))
-
-
-def normalized_weights(log_w: np.ndarray) -> np.ndarray:
-    """Self-normalised importance weights summing to 1 (non-finite log-weights get weight 0)."""
-    log_w = np.asarray(log_w, dtype=np.float64)
-    out = np.zeros_like(log_w)
-    finite = np.isfinite(log_w)
-    if finite.any():
-        out[finite] = np.exp(log_w[finite] - logsumexp(log_w[finite]))
-    return out
-
-
-def log_weights(u_aa: np.ndarray, u_cg: np.ndarray, log_q: np.ndarray, temperature: float) -> np.ndarray:
-    """log w = -beta U_AA + beta U_CG - log q (DESIGN.md), energies in kJ/mol."""
-    from openmm_backmap.openmm.energies import kT
-
-    beta = 1.0 / kT(temperature)
-    lw = -beta * np.asarray(u_aa) + beta * np.asarray(u_cg) - np.asarray(log_q)
-    return np.where(np.isfinite(lw), lw, -np.inf)
-
-
-def conditional_ess(u_aa: np.ndarray, log_q: np.ndarray, temperature: float) -> float:
-    """Mean over CG frames of Kish ESS / K of exp(-beta U_AA - log q) among each frame's K samples.
-
-    ``u_aa`` and ``log_q`` have shape (n_frames, K).
-    """
-    from openmm_backmap.openmm.energies import kT
-
-    u_aa, log_q = np.atleast_2d(u_aa), np.atleast_2d(log_q)
-    lw = -np.asarray(u_aa) / kT(temperature) - np.asarray(log_q)
-    lw = np.where(np.isfinite(lw), lw, -np.inf)
-    return float(np.mean([kish_ess(row) / row.size for row in lw]))
 
 
 # ---------------------------------------------------------------------------- geometry metrics
@@ -219,60 +175,10 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
 def ramachandran_js(samples_traj: md.Trajectory, reference_traj: md.Trajectory,
                     weights: np.ndarray | None = None) -> float:
     """JS divergence of the (phi, psi) histograms (36 x 36) of two trajectories (all residues)."""
-    from openmm_backmap.systems.builtin import backbone_dihedrals
-
     phi_s, psi_s = backbone_dihedrals(samples_traj)
     phi_r, psi_r = backbone_dihedrals(reference_traj)
     w = None if weights is None else np.repeat(np.asarray(weights)[:, None], phi_s.shape[1], 1)
     return js_divergence(ramachandran_histogram(phi_s, psi_s, weights=w), ramachandran_histogram(phi_r, psi_r))
-
-
-# ---------------------------------------------------------------------------- reporter output
-ENERGY_COLUMNS = ("step", "time_ps", "sample", "u_cg_kjmol", "u_aa_kjmol", "log_q", "log_w")
-
-
-def read_energy_file(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a reporter energy file (CSV with :data:`ENERGY_COLUMNS`) into column arrays."""
-    path = Path(path)
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(line for line in fh if not line.startswith("#")))
-    if not rows:
-        raise ValueError(f"{path} is empty")
-    header = [h.strip() for h in rows[0]]
-    missing = [c for c in ENERGY_COLUMNS if c not in header]
-    if missing:
-        raise ValueError(f"{path} lacks the columns {missing}; is it a BackmapReporter energy file?")
-    data = np.array([[float(v) for v in row] for row in rows[1:] if row], dtype=np.float64).reshape(-1, len(header))
-    return {name: data[:, k] for k, name in enumerate(header)}
-
-
-class Reweighted:
-    """Self-normalised importance weights of a run, with ESS and reweighted statistics."""
-
-    def __init__(self, log_w: np.ndarray) -> None:
-        self.log_w = np.asarray(log_w, dtype=np.float64)
-        self.weights = normalized_weights(self.log_w)
-        self.ess = kish_ess(self.log_w)
-        self.n = self.log_w.size
-
-    @property
-    def ess_fraction(self) -> float:
-        return self.ess / max(self.n, 1)
-
-    def average(self, observable: np.ndarray) -> float:
-        """Reweighted average of an observable with one value per sample."""
-        obs = np.asarray(observable, dtype=np.float64).reshape(self.n, -1)
-        return float((self.weights[:, None] * obs).sum(0).squeeze())
-
-    def histogram(self, observable: np.ndarray, bins=50, range=None) -> tuple[np.ndarray, np.ndarray]:
-        """Reweighted, normalised histogram (density) of a per-sample observable."""
-        return np.histogram(np.asarray(observable).reshape(-1), bins=bins, range=range,
-                            weights=self.weights, density=True)
-
-
-def reweight(energy_file: str | Path) -> Reweighted:
-    """Weights, ESS and reweighted statistics from a BackmapReporter energy file."""
-    return Reweighted(read_energy_file(energy_file)["log_w"])
 
 
 # ---------------------------------------------------------------------------- helpers

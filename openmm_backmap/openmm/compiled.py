@@ -28,12 +28,10 @@ written silently.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
 import time
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,18 +39,18 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = [
-    "COMPILED_FORMAT",
-    "CompiledModel",
-    "compile_model",
-    "is_compiled_package",
-    "load_compiled",
-    "read_compiled_metadata",
-]
+from openmm_backmap.io.model_files import (
+    COMPILED_FORMAT,
+    COMPILED_VERSION,
+    is_compiled_package,
+    load_model_bytes,
+    load_torchscript,
+    parse_compiled_metadata,
+    torchscript_metadata,
+)
 
-COMPILED_FORMAT = "openmm-backmap-compiled-force"
-COMPILED_VERSION = "1"
-_PACKAGE_MARKER = "data/aotinductor/"
+__all__ = ["CompiledModel", "compile_model", "load_compiled", "module_dtype"]
+
 # Measured on the six-bead CG flow (benchmarks/RESULTS.md): weights folded in as constants, one
 # memory pool, and the tiny GEMMs of batch 1 generated as C++ micro-kernels instead of library calls
 # (about 140 -> 85 us per energy-and-forces call); freezing without the C++ GEMMs was slower.
@@ -65,17 +63,6 @@ INDUCTOR_CONFIG = {
     "autotune_num_choices_displayed": 0,
     "max_autotune_report_choices_stats": False,
 }
-
-
-def is_compiled_package(data: bytes) -> bool:
-    """True for the bytes of an AOTInductor package (a zip with a ``data/aotinductor/`` entry)."""
-    if data[:2] != b"PK":
-        return False
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            return any(_PACKAGE_MARKER in name for name in archive.namelist())
-    except zipfile.BadZipFile:
-        return False
 
 
 def module_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -160,7 +147,7 @@ class CompiledModel:
         finally:
             os.unlink(path)
         self._loader = runner.loader
-        self.metadata = _parse_metadata(runner.get_metadata(), origin)
+        self.metadata = parse_compiled_metadata(runner.get_metadata(), origin)
         self.numParticles = int(self.metadata["num_particles"])
         self.periodic = bool(self.metadata["periodic"])
         self.globalParameters: list[str] = list(self.metadata["global_parameters"])
@@ -188,22 +175,6 @@ class CompiledModel:
         return float(out[0]), out[1].numpy(), [float(v) for v in out[2:]]
 
 
-def _parse_metadata(raw: Mapping[str, str], origin: str) -> dict[str, Any]:
-    if raw.get("format") != COMPILED_FORMAT:
-        raise ValueError(f"{origin} is an AOTInductor package but not an openmm-backmap compiled force "
-                         f"(metadata format {raw.get('format')!r})")
-    if raw.get("version") != COMPILED_VERSION:
-        raise ValueError(f"{origin} has compiled-force version {raw.get('version')!r}; this openmm-backmap "
-                         f"reads version {COMPILED_VERSION}")
-    meta: dict[str, Any] = {"format": raw["format"], "version": raw["version"]}
-    meta["num_particles"] = int(raw["num_particles"])
-    meta["periodic"] = raw["periodic"] == "1"
-    meta["global_parameters"] = json.loads(raw["global_parameters"])
-    meta["torch_version"] = raw.get("torch_version", "")
-    meta["model_metadata"] = json.loads(raw["model_metadata"]) if raw.get("model_metadata") else {}
-    return meta
-
-
 def load_compiled(model: str | os.PathLike | bytes) -> CompiledModel:
     """Load a compiled package from a path or its bytes (ValueError when it is not one)."""
     if isinstance(model, (str, os.PathLike)):
@@ -212,20 +183,6 @@ def load_compiled(model: str | os.PathLike | bytes) -> CompiledModel:
             raise FileNotFoundError(f"compiled model file not found: {path}")
         return CompiledModel(path.read_bytes(), str(path))
     return CompiledModel(bytes(model))
-
-
-def read_compiled_metadata(model: str | os.PathLike | bytes) -> dict[str, Any]:
-    """The metadata of a compiled package, read without loading its library."""
-    data = Path(model).read_bytes() if isinstance(model, (str, os.PathLike)) else bytes(model)
-    if not is_compiled_package(data):
-        raise ValueError("not a compiled force package (.pt2 written by openmm-backmap compile)")
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        names = [n for n in archive.namelist() if n.endswith("_metadata.json") and _PACKAGE_MARKER in n]
-        for name in names:
-            raw = json.loads(archive.read(name))
-            if raw.get("format") == COMPILED_FORMAT:
-                return _parse_metadata(raw, "the package")
-    raise ValueError("the package has no openmm-backmap metadata (not written by openmm-backmap compile)")
 
 
 def compile_model(
@@ -244,7 +201,7 @@ def compile_model(
     Parameters
     ----------
     model
-        A TorchScript file, its bytes, or a module (as :func:`openmm_backmap.openmm.forces.load_model_bytes`).
+        A TorchScript file, its bytes, or a module (as :func:`openmm_backmap.io.model_files.load_model_bytes`).
     numParticles
         The number of particles the package is specialised to.
     out
@@ -272,8 +229,6 @@ def compile_model(
         relative deviation found by the check).
     """
 
-    from openmm_backmap.openmm.forces import _load_module, load_model_bytes
-
     n = int(numParticles)
     if n < 1:
         raise ValueError(f"numParticles must be >= 1, got {numParticles}")
@@ -282,7 +237,7 @@ def compile_model(
     if bad:
         raise ValueError(f"global parameter names must be non-empty and free of quotes and backslashes: {bad}")
     data = load_model_bytes(model)
-    module = _load_module(data)
+    module = load_torchscript(data)
     for tensor in module.parameters():
         tensor.requires_grad_(False)
     x0 = _example_positions(n) if positions is None else torch.as_tensor(np.asarray(positions, dtype=np.float64))
@@ -312,7 +267,7 @@ def compile_model(
         error = _compile(module, inputs, usesPeriodicBoundaryConditions, meta, Path(out), tolerance)
     finally:
         torch.set_num_threads(threads_before)
-    result = _parse_metadata(meta, str(out))
+    result = parse_compiled_metadata(meta, str(out))
     result["compile_seconds"] = time.perf_counter() - start
     result["max_deviation"] = error
     return result
@@ -361,18 +316,6 @@ def _compile(module: torch.nn.Module, inputs: list[torch.Tensor], periodic: bool
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(staged.read_bytes())
     return deviation
-
-
-def torchscript_metadata(data: bytes) -> dict[str, Any]:
-    """The ``metadata.json`` extra file of an openmm-backmap TorchScript file ({} when absent)."""
-    files = {"metadata.json": ""}
-    try:
-        torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=files)
-        text = files["metadata.json"]
-        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-        return json.loads(text) if text else {}
-    except (RuntimeError, ValueError):
-        return {}
 
 
 def _check_against_model(compiled: CompiledModel, module: torch.nn.Module, inputs: Sequence[torch.Tensor],

@@ -23,15 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-MOLAR_GAS_CONSTANT = 8.314462618e-3  # kJ / (mol K), the value OpenMM uses
+from openmm_backmap.units import kT
+
 ONE_4PI_EPS0 = 138.93545764438198  # kJ nm / (mol e^2), the Coulomb constant OpenMM uses
 
 _IGNORED_FORCES = ("CMMotionRemover", "MonteCarloBarostat", "AndersenThermostat")
-
-
-def kT(temperature: float) -> float:
-    """Thermal energy in kJ/mol at ``temperature`` kelvin."""
-    return MOLAR_GAS_CONSTANT * float(temperature)
 
 
 def load_system(system: Any):
@@ -56,6 +52,17 @@ def load_system(system: Any):
         raise ValueError(f"cannot read the System XML: {err}") from err
     if not isinstance(out, openmm.System):
         raise ValueError(f"the XML holds a {type(out).__name__}, not a System")
+    return out
+
+
+def constraints_from_system(system) -> list[tuple[int, int, float]]:
+    """The System's distance constraints as (i, j, length in nm)."""
+    from openmm import unit
+
+    out = []
+    for k in range(system.getNumConstraints()):
+        i, j, d = system.getConstraintParameters(k)
+        out.append((int(i), int(j), float(d.value_in_unit(unit.nanometer))))
     return out
 
 

@@ -34,93 +34,37 @@ TorchScript), on the Reference and CPU platforms.
 from __future__ import annotations
 
 import functools
-import io
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import openmm
 import torch
 
-from openmm_backmap.openmm.compiled import CompiledModel, is_compiled_package, read_compiled_metadata
+from openmm_backmap.io.model_files import (
+    is_compiled_package,
+    load_model_bytes,
+    load_torchscript,
+    read_compiled_metadata,
+)
+from openmm_backmap.openmm.compiled import CompiledModel
 from openmm_backmap.openmm.compiled import module_dtype as _module_dtype
+from openmm_backmap.openmm.plugin import load_native_plugin, native_plugin_status
 
 __all__ = [
     "BACKENDS",
     "available_backends",
     "create_cg_system",
     "create_force",
-    "load_model_bytes",
-    "load_native_plugin",
-    "native_plugin_status",
 ]
 
 BACKENDS = ("native", "openmm-torch", "python")
-
-PLUGIN_DIR = Path(__file__).resolve().parent.parent / "_plugin"
-_KERNEL_LIBRARIES = ("libBackmapPluginReference.so", "libBackmapPluginCUDA.so")
-
-# (module or None, reason it is unavailable); filled by the first load_native_plugin() call.
-_native_state: tuple[Any, str] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
 # Backends: availability
 # ---------------------------------------------------------------------------------------------
-
-
-def load_native_plugin() -> Any:
-    """Load the native plugin once and return its Python module (``backmapplugin``), or None.
-
-    Loads the kernel libraries with ``openmm.Platform.loadPluginLibrary`` (after torch, so libtorch
-    is resolvable), then imports the SWIG module.  When it fails, :func:`native_plugin_status` says
-    why (including the reason recorded at build time in ``_plugin/BUILD_FAILED``).  Setting
-    ``OPENMM_BACKMAP_DISABLE_NATIVE=1`` makes it report the plugin as unavailable.
-
-    Importing this module calls it, so that ``XmlSerializer.deserialize`` can read Systems holding a
-    ``BackmapTorchForce`` (the plugin registers its serialization proxy when it loads).
-    """
-    global _native_state
-    if _native_state is not None:
-        return _native_state[0]
-    if os.environ.get("OPENMM_BACKMAP_DISABLE_NATIVE") == "1":
-        _native_state = (None, "disabled by OPENMM_BACKMAP_DISABLE_NATIVE=1")
-        return None
-    failed = PLUGIN_DIR / "BUILD_FAILED"
-    reference = PLUGIN_DIR / _KERNEL_LIBRARIES[0]
-    if not reference.exists():
-        if failed.exists():
-            reason = "the build failed: " + failed.read_text().strip()
-        else:
-            reason = (f"not built ({reference} is missing): reinstall with `pip install --no-build-isolation .` "
-                      "or run `python cpp/build_plugin.py` in a source checkout")
-        _native_state = (None, reason)
-        return None
-    try:
-        openmm.Platform.loadPluginLibrary(str(reference))
-        from openmm_backmap._plugin import backmapplugin
-    except Exception as error:  # noqa: BLE001 - a broken library must not break the other backends
-        _native_state = (None, f"built but could not be loaded from {PLUGIN_DIR}: {error}")
-        return None
-    cuda = PLUGIN_DIR / _KERNEL_LIBRARIES[1]
-    note = "loaded"
-    if cuda.exists():
-        try:
-            openmm.Platform.loadPluginLibrary(str(cuda))
-            note = "loaded (with CUDA kernels)"
-        except Exception as error:  # noqa: BLE001 - no driver/GPU: the CPU kernels still work
-            note = f"loaded; its CUDA kernels could not be loaded: {error}"
-    _native_state = (backmapplugin, note)
-    return backmapplugin
-
-
-def native_plugin_status() -> tuple[bool, str]:
-    """Whether the native plugin is usable, and why not (or what was loaded)."""
-    module = load_native_plugin()
-    assert _native_state is not None
-    return module is not None, _native_state[1]
 
 
 @functools.lru_cache(maxsize=1)
@@ -148,63 +92,6 @@ def available_backends() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
-
-
-def load_model_bytes(model: str | os.PathLike | bytes | bytearray | torch.nn.Module) -> bytes:
-    """The TorchScript file content for ``model``, checked to load (or a compiled package's bytes).
-
-    Parameters
-    ----------
-    model
-        Path of a ``.pt`` file written by ``torch.jit.save``, its bytes, a ``torch.jit.ScriptModule``,
-        or an ``nn.Module`` that ``torch.jit.script`` can compile; or a compiled force package
-        (``.pt2``) or its bytes, returned as they are.
-
-    Raises
-    ------
-    FileNotFoundError
-        The path does not exist.
-    ValueError
-        The content is not a TorchScript module (corrupt or truncated file).
-    TypeError
-        ``model`` is none of the accepted kinds, or an ``nn.Module`` that does not script.
-    """
-    origin = "the model bytes"
-    if isinstance(model, (str, os.PathLike)):
-        path = Path(model)
-        if not path.is_file():
-            raise FileNotFoundError(f"TorchScript model file not found: {path}")
-        data = path.read_bytes()
-        origin = str(path)
-    elif isinstance(model, (bytes, bytearray, memoryview)):
-        data = bytes(model)
-    elif isinstance(model, torch.jit.ScriptModule):
-        buffer = io.BytesIO()
-        torch.jit.save(model, buffer)
-        return buffer.getvalue()
-    elif isinstance(model, torch.nn.Module):
-        try:
-            scripted = torch.jit.script(model)
-        except Exception as error:
-            raise TypeError(f"{type(model).__name__} cannot be compiled by torch.jit.script: {error}") from error
-        buffer = io.BytesIO()
-        torch.jit.save(scripted, buffer)
-        return buffer.getvalue()
-    else:
-        raise TypeError(f"model must be a path, bytes or a torch module, not {type(model).__name__}")
-    if is_compiled_package(data):
-        return data
-    _load_module(data, origin)
-    return data
-
-
-def _load_module(data: bytes, origin: str = "the model bytes") -> torch.jit.ScriptModule:
-    try:
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
-    except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{origin} is not a TorchScript module (corrupt or truncated file?): {first_line}") from error
-    return module.eval()
 
 
 def _check_model(module: torch.jit.ScriptModule, numParticles: int, periodic: bool,
@@ -256,7 +143,7 @@ class TorchComputation:
         self._load(moduleBytes)
 
     def _load(self, moduleBytes: bytes) -> None:
-        self.module = _load_module(moduleBytes)
+        self.module = load_torchscript(moduleBytes)
         self.dtype = _module_dtype(self.module)
 
     def __getstate__(self) -> dict:
@@ -412,14 +299,14 @@ def create_force(
         _check_compiled(data, None if numParticles is None else int(numParticles), usesPeriodicBoundaryConditions,
                         parameters)
     elif numParticles is not None:
-        _check_model(_load_module(data), int(numParticles), usesPeriodicBoundaryConditions, parameters)
+        _check_model(load_torchscript(data), int(numParticles), usesPeriodicBoundaryConditions, parameters)
 
     if chosen == "native":
         plugin = load_native_plugin()
         force = plugin.BackmapTorchForce.fromBytes(data)
     elif chosen == "openmm-torch":
         openmmtorch, _ = _import_openmmtorch()
-        force = openmmtorch.TorchForce(_load_module(data))
+        force = openmmtorch.TorchForce(load_torchscript(data))
     else:
         if derivatives:
             raise ValueError("the python backend (openmm.PythonForce) cannot report energy parameter derivatives; "
@@ -493,6 +380,3 @@ def create_cg_system(
         system.addForce(extra)
     return system
 
-
-# Load (or note why not) at import: registers the kernels and the XML proxy.  Never raises.
-load_native_plugin()

@@ -16,7 +16,6 @@ CG ensemble into AA Boltzmann averages (``openmm_backmap.analysis.metrics.reweig
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,10 @@ import mdtraj as md
 import numpy as np
 import torch
 
-from openmm_backmap.analysis.metrics import ENERGY_COLUMNS, read_energy_file
-from openmm_backmap.openmm.energies import aa_energy, kT
+from openmm_backmap.io.backmap_model import load_model
+from openmm_backmap.io.energy_file import energy_rows, open_energy_file, read_energy_file, truncate_energy_file
+from openmm_backmap.openmm.energies import aa_energy
+from openmm_backmap.units import kT
 
 # float32-or-better formats only: XTC's fixed-point rounding moves ALA2 energies by ~0.7 kT and
 # chignolin's by ~2 kT, enough to break importance weights.
@@ -166,8 +167,6 @@ class BackmapReporter:
         device: str | None = None,
         batchSize: int = 1024,
     ) -> None:
-        from openmm_backmap.io.model_files import load_model
-
         if int(reportInterval) < 1:
             raise ValueError(f"reportInterval must be a positive number of steps, got {reportInterval}")
         if int(samplesPerFrame) < 1:
@@ -243,9 +242,7 @@ class BackmapReporter:
             u_aa = self._aa_energies(aa)
             log_w = -self._beta * u_aa + self._beta * u_cg - log_q
             log_w = np.where(np.isfinite(log_w), log_w, -np.inf)  # flagged, never dropped
-            for s in range(self._n):
-                self._csv.writerow([step, f"{time_ps:.6f}", s, f"{u_cg:.10g}", f"{u_aa[s]:.10g}",
-                                    f"{log_q[s]:.10g}", f"{log_w[s]:.10g}"])
+            self._csv.writerows(energy_rows(step, time_ps, u_cg, u_aa, log_q, log_w))
             self._csv_fh.flush()
 
     # ------------------------------------------------------------------ work
@@ -281,8 +278,6 @@ class BackmapReporter:
     def _open(self, simulation) -> None:
         from openmm import unit
 
-        from openmm_backmap.io.model_files import load_model
-
         platform = simulation.context.getPlatform().getName()
         if self._device_name is not None:
             self._device = torch.device(self._device_name)
@@ -304,12 +299,7 @@ class BackmapReporter:
         existing = self._reconcile(int(simulation.currentStep)) if self._append else None
         self._writer = _AATrajectoryWriter(self._path, self.model.topology, existing)
         if self._energy_path is not None:
-            exists = self._append and self._energy_path.exists() and self._energy_path.stat().st_size > 0
-            self._csv_fh = open(self._energy_path, "a" if exists else "w", newline="")
-            self._csv = csv.writer(self._csv_fh)
-            if not exists:
-                self._csv.writerow(ENERGY_COLUMNS)
-                self._csv_fh.flush()
+            self._csv_fh, self._csv = open_energy_file(self._energy_path, self._append)
 
     def _reconcile(self, step: int) -> np.ndarray | None:
         """On append (called at the first report, at ``step``), drop the rows and frames the
@@ -328,11 +318,7 @@ class BackmapReporter:
                 )
             keep = int((cols["step"] < step).sum())
             if keep < len(cols["step"]):
-                with open(self._energy_path) as fh:
-                    lines = fh.readlines()
-                tmp = self._energy_path.with_name(self._energy_path.name + ".tmp")
-                tmp.write_text("".join(lines[: keep + 1]))
-                tmp.replace(self._energy_path)
+                truncate_energy_file(self._energy_path, keep)
         if keep < traj.n_frames:
             tmp = self._path.with_name(".tmp-" + self._path.name)
             traj[:keep].save(str(tmp))

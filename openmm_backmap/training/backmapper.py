@@ -1,37 +1,34 @@
 """Training of backmappers: maximum likelihood on (x, X) pairs and energy-based refinement.
 
-* :func:`train_ml` minimises -log q(x | X) over AA frames with Adam (cosine learning rate), keeps
-  the parameters with the lowest validation NLL, writes a checkpoint every epoch and resumes from
-  one. Methyl hydrogens are permuted cyclically as free data augmentation (the energy is invariant
-  and the rotor is circular).
+* :func:`train_ml` minimises -log q(x | X) over AA frames in the shared training loop
+  (:func:`~openmm_backmap.training.loop.fit_epochs`: AdamW with a cosine learning rate, the
+  parameters with the lowest validation NLL kept, a checkpoint every epoch to resume from).
+  Methyl hydrogens are permuted cyclically as free data augmentation (the energy is invariant and
+  the rotor is circular).
 * :func:`refine_energy` minimises the reverse KL E_q[beta U_AA(x) + log q(x | X)] over CG frames,
   with energies and forces from an AA energy module (:mod:`openmm_backmap.openmm.energies`), tempered from
   a high temperature down to the target, with energy soft-clipping, gradient clipping and an
   optional maximum-likelihood term that keeps the flow on the data.
 
-Checkpoints (``torch.save`` dicts) carry the model ``spec`` (mapping, topology PDB text, model
-hyperparameters, temperature, constraints, optional System XML) so :func:`load_checkpoint` rebuilds
-the model without the training data.
+Checkpoints and the model ``spec`` they carry are :mod:`openmm_backmap.io.checkpoints`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from openmm_backmap.openmm.energies import kT
+from openmm_backmap.io.checkpoints import save_checkpoint
 from openmm_backmap.models.backmapper import Backmapper
-
-CHECKPOINT_FORMAT = "openmm-backmap-checkpoint"
-CHECKPOINT_VERSION = 1
+from openmm_backmap.training.loop import FitSettings, fit_epochs, progress_bar
+from openmm_backmap.units import kT
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -69,105 +66,6 @@ def permute_methyls(x: Tensor, methyls: list[list[int]], generator: torch.Genera
         src = idx[perm]
         x[:, idx] = torch.gather(x, 1, src.unsqueeze(-1).expand(b, 3, 3))
     return x
-
-
-def topology_to_pdb(topology, xyz: np.ndarray | None = None) -> str:
-    """PDB text of an mdtraj topology (with coordinates ``xyz`` (n, 3) nm, or zeros)."""
-    import mdtraj as md
-
-    if xyz is None:
-        xyz = np.zeros((topology.n_atoms, 3))
-    traj = md.Trajectory(np.asarray(xyz, dtype=np.float32).reshape(1, -1, 3), topology)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "top.pdb"
-        traj.save_pdb(str(path))
-        return path.read_text()
-
-
-def topology_from_pdb(text: str):
-    """mdtraj topology from PDB text."""
-    import mdtraj as md
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "top.pdb"
-        path.write_text(text)
-        return md.load_pdb(str(path)).topology
-
-
-def make_spec(model: Backmapper, temperature: float, reference_xyz=None, system_xml: str | None = None) -> dict:
-    """Everything needed to rebuild ``model`` (and to export it) without the training data."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "model": copy.deepcopy(model.spec),
-        "mapping": model.mapping.to_dict(),
-        "topology_pdb": topology_to_pdb(model.mapping.topology, reference_xyz),
-        "temperature": float(temperature),
-        "system_xml": system_xml,
-        "training": {},
-    }
-
-
-def build_from_spec(spec: dict) -> Backmapper:
-    """A Backmapper with the architecture of ``spec`` (parameters and statistics not loaded)."""
-    from openmm_backmap.mapping import CGMapping
-
-    top = topology_from_pdb(spec["topology_pdb"])
-    mapping = CGMapping.from_dict(spec["mapping"], top)
-    kw = dict(spec["model"])
-    kw["constraints"] = [tuple(c) for c in kw.get("constraints") or []]
-    kw["bonds"] = [tuple(b) for b in kw["bonds"]]
-    kw["cg_bonds"] = [tuple(b) for b in kw["cg_bonds"]]
-    return Backmapper(mapping, **kw)
-
-
-def save_checkpoint(path: str | Path, model: torch.nn.Module, spec: dict, **state: Any) -> None:
-    """Write a checkpoint (backmapper or CG potential) atomically: temporary file, then rename."""
-    path = Path(path)
-    payload = {"spec": spec, "state_dict": model.state_dict(), **state}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint dict of any openmm-backmap checkpoint; its ``spec["kind"]`` says what it holds
-    (``"cg-potential"``, or a backmapper when absent).
-
-    Raises
-    ------
-    FileNotFoundError
-        The file does not exist.
-    ValueError
-        The file is not a readable openmm-backmap checkpoint (corrupt, truncated, or another file).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - torch raises many kinds for corrupt files
-        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("spec"), dict) \
-            or ckpt["spec"].get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an openmm-backmap checkpoint")
-    return ckpt
-
-
-def load_checkpoint(path: str | Path) -> tuple[Backmapper, dict]:
-    """(backmapper with the checkpoint's parameters, the checkpoint dict); see :func:`read_checkpoint`."""
-    ckpt = read_checkpoint(path)
-    if ckpt["spec"].get("kind", "backmapper") != "backmapper":
-        raise ValueError(f"{path} holds a {ckpt['spec']['kind']} checkpoint, not a backmapper")
-    model = build_from_spec(ckpt["spec"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model, ckpt
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
 
 
 @torch.no_grad()
@@ -218,7 +116,7 @@ def train_ml(
     Parameters
     ----------
     model, spec
-        The model (statistics already fitted) and its :func:`make_spec` dict.
+        The model (statistics already fitted) and its :func:`~openmm_backmap.io.checkpoints.make_spec` dict.
     train, val
         ``(x, X)`` or ``(x, X, previous)`` with positions (N, n_aa, 3) and beads (N, n_cg, 3) in nm
         and, for temporal models, the index of each frame's predecessor (-1 for none).
@@ -227,7 +125,8 @@ def train_ml(
     seed
         Seeds shuffling, augmentation and temporal drop-out: runs are deterministic.
     checkpoint, resume
-        Write ``checkpoint`` after every epoch; with ``resume`` continue from it when it exists.
+        Write ``checkpoint`` after every epoch; with ``resume`` continue from it when it exists
+        (:mod:`openmm_backmap.training.loop`).
     augment
         Cyclic permutations of methyl hydrogens.
     keep_previous
@@ -238,8 +137,10 @@ def train_ml(
 
     Returns
     -------
-    dict with ``history`` (per-epoch train and validation NLL), ``best_val_nll``, ``best_epoch``.
-    After training the model holds the parameters of the best validation epoch.
+    dict
+        The summary of :func:`~openmm_backmap.training.loop.fit_epochs` (``history``, ``best_val_nll``,
+        ``best_epoch``, ...), also recorded in ``spec["training"]["ml"]``. After training the model
+        holds the parameters of the best validation epoch.
     """
     dtype = model.M.dtype
     x_tr = torch.as_tensor(np.asarray(train[0]), dtype=dtype)
@@ -251,115 +152,29 @@ def train_ml(
     if model.temporal:
         sel = has_va > 0
         x_va, X_va, prev_va = x_va[sel], X_va[sel], prev_va[sel]
-    n = x_tr.shape[0]
-    steps_per_epoch = max(1, math.ceil(n / batch_size))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    total_steps = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / max(total_steps, 1)))
-    )
-    gen = torch.Generator().manual_seed(seed)
     methyls = methyl_groups(model.mapping.topology, exclude=model.pivots.tolist()) if augment else []
-    history: list[dict] = []
-    best = {"val_nll": math.inf, "epoch": -1, "state": copy.deepcopy(model.state_dict())}
-    start_epoch = 0
-    ckpt = None
-    if resume and checkpoint is not None and Path(checkpoint).is_file():
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if "optimizer" not in ckpt:  # a finished run: nothing to resume
-            ckpt = None
-    if ckpt is not None:
-        model.load_state_dict(ckpt.get("last_state_dict", ckpt["state_dict"]))
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        gen.set_state(ckpt["generator"])
-        history = ckpt["history"]
-        best = ckpt["best"]
-        start_epoch = ckpt["epoch"] + 1
-    torch.manual_seed(seed + start_epoch)
-    t0 = time.time()
-    bar = _progress(total_steps, "ML", progress)
-    bar.update(start_epoch * steps_per_epoch)
-    for epoch in range(start_epoch, epochs):
-        model.train()
-        order = torch.randperm(n, generator=gen)
-        run = 0.0
-        for b in range(steps_per_epoch):
-            idx = order[b * batch_size : (b + 1) * batch_size]
-            state = gen.get_state()
-            xb = permute_methyls(x_tr[idx], methyls, gen)
-            Xb = X_tr[idx]
-            if model.temporal:
-                # the same relabelling of the methyl hydrogens in a frame and its predecessor
-                after = gen.get_state()
-                gen.set_state(state)
-                pb = permute_methyls(prev_tr[idx], methyls, gen)
-                gen.set_state(after)
-                keep = (torch.rand(idx.shape[0], generator=gen) < keep_previous).to(dtype) * has_tr[idx]
-                lp = model.log_prob_train(xb, Xb, pb, keep)
-            else:
-                lp = model.log_prob(xb, Xb)
-            loss = -lp.mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss at epoch {epoch}, step {b}")
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
-            opt.step()
-            sched.step()
-            run = 0.9 * run + 0.1 * float(loss.detach()) if b else float(loss.detach())
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{run:.2f}", val=f"{best['val_nll']:.2f}")
-        model.eval()
-        val_nll = mean_nll(model, x_va, X_va, prev=prev_va if model.temporal else None)
-        history.append({"epoch": epoch, "train_nll": run, "val_nll": val_nll})
-        if val_nll < best["val_nll"]:
-            best = {"val_nll": val_nll, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
-        bar.set_postfix(epoch=epoch, loss=f"{run:.2f}", val=f"{val_nll:.2f}")
-        if checkpoint is not None:
-            spec["training"]["ml"] = {"epochs": epoch + 1, "best_val_nll": best["val_nll"], "best_epoch": best["epoch"]}
-            save_checkpoint(
-                checkpoint,
-                model,
-                spec,
-                optimizer=opt.state_dict(),
-                scheduler=sched.state_dict(),
-                generator=gen.get_state(),
-                history=history,
-                best=best,
-                epoch=epoch,
-                stage="ml",
-            )
-        if time_limit is not None and time.time() - t0 > time_limit:
-            break
-    bar.close()
-    last_state = copy.deepcopy(model.state_dict())
-    last_epoch = history[-1]["epoch"] if history else -1
-    model.load_state_dict(best["state"])
-    summary = {
-        "history": history,
-        "best_val_nll": best["val_nll"],
-        "best_epoch": best["epoch"],
-        "n_free_dof": int(model.dim),
-        "seconds": time.time() - t0,
-    }
-    spec["training"]["ml"] = {k: v for k, v in summary.items() if k != "history"}
-    if checkpoint is not None:
-        # the best parameters for use, the last ones (and the optimiser) to resume from
-        save_checkpoint(
-            checkpoint,
-            model,
-            spec,
-            last_state_dict=last_state,
-            optimizer=opt.state_dict(),
-            scheduler=sched.state_dict(),
-            generator=gen.get_state(),
-            history=history,
-            best=best,
-            epoch=last_epoch,
-            stage="ml",
-        )
-    return summary
+
+    def batch_loss(idx: Tensor, gen: torch.Generator) -> Tensor:
+        state = gen.get_state()
+        xb = permute_methyls(x_tr[idx], methyls, gen)
+        Xb = X_tr[idx]
+        if model.temporal:
+            # the same relabelling of the methyl hydrogens in a frame and its predecessor
+            after = gen.get_state()
+            gen.set_state(state)
+            pb = permute_methyls(prev_tr[idx], methyls, gen)
+            gen.set_state(after)
+            keep = (torch.rand(idx.shape[0], generator=gen) < keep_previous).to(dtype) * has_tr[idx]
+            return -model.log_prob_train(xb, Xb, pb, keep).mean()
+        return -model.log_prob(xb, Xb).mean()
+
+    def validate() -> float:
+        return mean_nll(model, x_va, X_va, prev=prev_va if model.temporal else None)
+
+    settings = FitSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                           time_limit=time_limit, progress=progress)
+    return fit_epochs(model, int(x_tr.shape[0]), batch_loss, validate, settings, spec, spec_key="ml",
+                      checkpoint=checkpoint, resume=resume, desc="ML", stage="ml")
 
 
 # ----------------------------------------------------------------------------- energy refinement
@@ -451,7 +266,7 @@ def refine_energy(
     history: list[dict] = []
     best = {"val_kl": math.inf, "step": -1, "state": copy.deepcopy(model.state_dict())}
     t0 = time.time()
-    bar = _progress(steps, "energy", progress)
+    bar = progress_bar(steps, "energy", progress)
     model.train()
     for step in range(steps):
         T = temperature_at(step)
@@ -504,174 +319,4 @@ def refine_energy(
     if checkpoint is not None:
         save_checkpoint(checkpoint, model, spec, history=history, stage="energy-done")
     summary["history"] = history
-    return summary
-
-
-# ----------------------------------------------------------------------------- from files (CLI)
-def detect_constraints(traj, tol: float = 1e-4) -> list[tuple[int, int, float]]:
-    """Bonds whose length varies by less than ``tol`` nm (std) over a trajectory: constrained."""
-    pairs = np.array([(a.index, b.index) for a, b in traj.topology.bonds], dtype=np.int64).reshape(-1, 2)
-    if pairs.size == 0:
-        return []
-    d = np.linalg.norm(traj.xyz[:, pairs[:, 0]] - traj.xyz[:, pairs[:, 1]], axis=-1).astype(np.float64)
-    std, mean = d.std(0), d.mean(0)
-    return [(int(i), int(j), float(m)) for (i, j), s, m in zip(pairs, std, mean) if s < tol]
-
-
-def _previous_index(frames: np.ndarray, first: np.ndarray | None = None) -> np.ndarray:
-    """Position in ``frames`` of each frame's predecessor (-1 when it is not in ``frames``, or when
-    ``first[f]`` marks frame f as the first of its trajectory)."""
-    pos = {int(f): i for i, f in enumerate(frames)}
-    return np.array(
-        [-1 if first is not None and first[int(f)] else pos.get(int(f) - 1, -1) for f in frames], dtype=np.int64
-    )
-
-
-def train_from_files(
-    topology: str,
-    trajectory: str | Sequence[str],
-    mapping: str,
-    out: str | Path,
-    epochs: int = 30,
-    aa_system: str | None = None,
-    temporal: bool = False,
-    temperature: float = 300.0,
-    energy_steps: int = 2000,
-    batch_size: int = 256,
-    lr: float = 2e-3,
-    hidden: int = 128,
-    layers: int = 6,
-    bins: int = 8,
-    val_fraction: float = 0.1,
-    stride: int = 1,
-    seed: int = 0,
-    resume: bool = False,
-    ml_weight: float = 0.3,
-    energy_lr: float = 3e-4,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> dict:
-    """What ``openmm-backmap train`` does: load, split, fit, ML-train, energy-refine, checkpoint.
-
-    ``trajectory`` may be several files of the same topology (e.g. an unrestrained run plus runs
-    restrained to rare basins by ``openmm-backmap reference --restrain``); a restrained run is
-    accepted only when every restrained atom is a CG bead by itself, so that p(x | X) is unbiased.
-    Validation frames are contiguous time blocks of each file (``data.block_split``); constraints
-    come from the AA System when given, else from bonds whose length does not vary in the data.
-    Energy refinement runs when ``aa_system`` is given and ``energy_steps > 0``.
-    """
-    from openmm_backmap.systems.builtin import block_split, check_restraint_for_mapping, load_trajectory
-    from openmm_backmap.mapping import CGMapping
-
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    files = [trajectory] if isinstance(trajectory, (str, Path)) else list(trajectory)
-    if not files:
-        raise ValueError("no trajectory given")
-    parts = [load_trajectory(f, topology, stride=stride) for f in files]
-    cg_map = CGMapping.from_spec(mapping, parts[0].topology)
-    for f in files:
-        check_restraint_for_mapping(f, cg_map)
-    traj = parts[0].join(parts[1:], check_topology=True) if len(parts) > 1 else parts[0]
-    first = np.zeros(traj.n_frames, dtype=bool)
-    first[np.cumsum([0] + [p.n_frames for p in parts[:-1]])] = True
-    system_xml = None
-    if aa_system is not None:
-        from openmm_backmap.systems.builtin import constraints_from_system
-        from openmm_backmap.openmm.energies import load_system
-
-        system = load_system(aa_system)
-        if system.getNumParticles() != traj.n_atoms:
-            raise ValueError(
-                f"the AA System has {system.getNumParticles()} particles but the topology has {traj.n_atoms} atoms"
-            )
-        constraints = constraints_from_system(system)
-        system_xml = Path(aa_system).read_text()
-    else:
-        constraints = detect_constraints(traj)
-    split = {"train": [], "val": []}
-    offset = 0
-    for part in parts:
-        one = block_split(part.n_frames, (1.0 - val_fraction, val_fraction, 0.0), n_blocks=10, seed=seed)
-        for key in split:
-            split[key].append(one[key] + offset)
-        offset += part.n_frames
-    split = {key: np.concatenate(v) for key, v in split.items()}
-    x = traj.xyz.astype(np.float64)
-    X = cg_map.project(x)
-    tr, va = split["train"], split["val"]
-    log(
-        f"{traj.n_frames} frames ({len(tr)} train, {len(va)} validation), {cg_map.n_aa} atoms -> "
-        f"{cg_map.n_cg} beads, {len(constraints)} constraints"
-    )
-    model = Backmapper.from_data(
-        cg_map,
-        x[tr],
-        constraints=constraints,
-        temporal=temporal,
-        hidden=hidden,
-        n_layers=layers,
-        n_bins=bins,
-        seed=seed,
-    )
-    spec = make_spec(model, temperature, x[0], system_xml)
-    log(f"model: {model.dim} internal DOF, {sum(p.numel() for p in model.parameters())} parameters")
-    train_set = (x[tr], X[tr], _previous_index(tr, first)) if temporal else (x[tr], X[tr])
-    val_set = (x[va], X[va], _previous_index(va, first)) if temporal else (x[va], X[va])
-    ml = train_ml(
-        model,
-        spec,
-        train_set,
-        val_set,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        checkpoint=out,
-        resume=resume,
-        progress=progress,
-    )
-    log(f"ML: best validation NLL {ml['best_val_nll']:.3f} nats/frame at epoch {ml['best_epoch']}")
-    summary = {"ml": {k: v for k, v in ml.items() if k != "history"}}
-    if aa_system is not None and energy_steps > 0:
-        from openmm_backmap.openmm.energies import aa_energy
-
-        # keep the maximum-likelihood model beside the refined one, for comparison
-        ml_path = Path(out).with_suffix(".ml" + (Path(out).suffix or ".ckpt"))
-        save_checkpoint(ml_path, model, copy.deepcopy(spec), stage="ml-done")
-        log(f"maximum-likelihood model written to {ml_path}")
-
-        energy = aa_energy(system)
-        en = refine_energy(
-            model,
-            spec,
-            energy,
-            X[tr],
-            temperature,
-            steps=energy_steps,
-            ml_data=(x[tr], X[tr]),
-            ml_weight=ml_weight,
-            lr=energy_lr,
-            seed=seed,
-            val_frames=X[va][:: max(1, len(va) // 100)],
-            progress=progress,
-        )
-        log(f"energy refinement: {en['steps']} steps, best validation reverse KL {en['best_val_kl']:.3f}")
-        summary["energy"] = {k: v for k, v in en.items() if k != "history"}
-    spec["training"]["data"] = {
-        "trajectory": str(files[0]) if len(files) == 1 else [str(f) for f in files],
-        "n_frames": int(traj.n_frames),
-        "stride": int(stride),
-        "n_train": int(len(tr)),
-        "n_val": int(len(va)),
-        "seed": int(seed),
-    }
-    with torch.no_grad():
-        val_nll = mean_nll(
-            model, torch.as_tensor(x[va], dtype=model.M.dtype), torch.as_tensor(X[va], dtype=model.M.dtype)
-        )
-    spec["training"]["final_val_nll"] = val_nll
-    save_checkpoint(out, model, spec, stage="done")
-    log(f"final validation NLL {val_nll:.3f} nats/frame; checkpoint written to {out}")
-    summary["final_val_nll"] = val_nll
     return summary

@@ -1,0 +1,247 @@
+"""A backmapper model file at run time: :func:`load_model` and :class:`BackmapModel`.
+
+:class:`BackmapModel` wraps a loaded model file (:mod:`openmm_backmap.io.model_files`) with its
+metadata, AA topology, mapping and embedded AA System XML, checks inputs (shapes, atom counts,
+finite values, the molecule) and converts numpy <-> torch; :meth:`BackmapModel.compile` swaps in
+the inductor-compiled sampler (:class:`CompiledBackmapper`) for one batch size.  No OpenMM here:
+AA energies of the embedded System come from :func:`openmm_backmap.openmm.energies.aa_energy`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from openmm_backmap.io.model_files import read_model_file
+from openmm_backmap.io.pdb import topology_from_pdb
+from openmm_backmap.mapping import CGMapping, as_mdtraj_topology
+
+__all__ = ["BackmapModel", "CompiledBackmapper", "load_model"]
+
+
+class BackmapModel:
+    """A loaded backmapper model file: metadata, topology, mapping and checked sampling.
+
+    Attributes
+    ----------
+    module
+        The TorchScript module.
+    metadata
+        The parsed ``metadata.json``.
+    topology
+        The AA topology (mdtraj).
+    mapping
+        The :class:`~openmm_backmap.mapping.CGMapping`.
+    temperature
+        Kelvin.
+    system_xml
+        The embedded AA System XML, or ``None``.
+    device
+        The torch device the module runs on.
+    """
+
+    def __init__(self, path: str | Path, device: str | torch.device | None = None, topology=None) -> None:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.path = Path(path)
+        self.module, self.metadata, files = read_model_file(path, str(self.device), kind="backmapper")
+        if not files["topology.pdb"]:
+            raise ValueError(f"{path} has no topology.pdb")
+        self.topology = topology_from_pdb(files["topology.pdb"])
+        self.system_xml: str | None = files["system.xml"] or None
+        self.mapping = CGMapping.from_dict(self.metadata["mapping"], self.topology)
+        self.temperature = float(self.metadata["temperature"])
+        self.n_aa = int(self.metadata["n_aa"])
+        self.n_cg = int(self.metadata["n_cg"])
+        self.temporal = bool(self.metadata.get("temporal", False))
+        self._compiled: CompiledBackmapper | None = None
+        if topology is not None:
+            self.check_topology(topology)
+
+    # ------------------------------------------------------------------ compiled paths
+    def compile(self, batch_size: int) -> None:
+        """Compile sampling (and log q) for batches of exactly ``batch_size`` reconstructions.
+
+        The TorchScript methods are traced into aten graphs (``make_fx``) and compiled by inductor
+        into fused loops: at batch 1024 that is about twice the TorchScript speed on a CPU
+        (benchmarks/RESULTS.md). Takes a minute or two; :meth:`sample` and :meth:`log_prob` then
+        use the compiled code for that batch size and TorchScript for every other. Same random
+        stream as TorchScript: with the same seed, both give the same samples to float rounding.
+        """
+        self._compiled = CompiledBackmapper(self.module, int(batch_size), self.n_cg, self.n_aa, self.device)
+
+    # ------------------------------------------------------------------ checks
+    def check_topology(self, topology) -> None:
+        """Raise ValueError unless ``topology`` (AA, mdtraj/OpenMM/path) is the model's molecule."""
+        top = as_mdtraj_topology(topology)
+        if top.n_atoms != self.n_aa:
+            raise ValueError(
+                f"the model is for a molecule of {self.n_aa} atoms but the topology has {top.n_atoms}: "
+                "this model was trained for another molecule"
+            )
+        for a, name, el in zip(top.atoms, self.metadata["atom_names"], self.metadata["elements"]):
+            sym = a.element.symbol if a.element is not None else ""
+            if a.name != name or sym != el:
+                raise ValueError(
+                    f"atom {a.index} is {a.residue.name}{a.residue.resSeq}-{a.name} ({sym}) in the topology "
+                    f"but {name} ({el}) in the model: this model was trained for another molecule"
+                )
+
+    def check_cg_topology(self, topology) -> None:
+        """Raise ValueError unless a CG topology has the model's bead count (and bead names)."""
+        top = as_mdtraj_topology(topology)
+        if top.n_atoms != self.n_cg:
+            raise ValueError(
+                f"the CG topology has {top.n_atoms} beads but the model expects {self.n_cg} "
+                f"({', '.join(self.metadata['bead_names'])})"
+            )
+
+    def _as_tensor(self, value, shape_tail: tuple[int, int], what: str) -> tuple[torch.Tensor, bool, bool]:
+        is_numpy = not isinstance(value, torch.Tensor)
+        t = torch.as_tensor(np.asarray(value) if is_numpy else value)
+        single = t.dim() == 2
+        if single:
+            t = t.unsqueeze(0)
+        if t.dim() != 3 or tuple(t.shape[1:]) != shape_tail:
+            n = shape_tail[0]
+            unit = "beads" if what == "CG coordinates" else "atoms"
+            raise ValueError(
+                f"{what} have shape {tuple(t.shape)}; the model expects [B, {n}, 3] ({n} {unit})"
+                + (f", got {t.shape[-2]} {unit}" if t.dim() >= 2 else "")
+            )
+        if not torch.isfinite(t).all():
+            bad = torch.nonzero(~torch.isfinite(t))[0].tolist()
+            raise ValueError(f"{what} contain NaN or infinite values (first at index {tuple(bad)})")
+        return t.to(device=self.device, dtype=torch.float32), is_numpy, single
+
+    @staticmethod
+    def _out(t: torch.Tensor, is_numpy: bool):
+        return t.detach().cpu().numpy() if is_numpy else t
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, cg, n: int = 1, seed: int | None = None):
+        """``n`` reconstructions per CG frame: cg (B, n_cg, 3) or (n_cg, 3) nm -> (aa (B*n, n_aa,
+        3) nm, log_q (B*n,) nats). numpy in, numpy out; torch in, torch out."""
+        X, is_numpy, _ = self._as_tensor(cg, (self.n_cg, 3), "CG coordinates")
+        if int(n) < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        with torch.no_grad():
+            if self._compiled is not None and self._compiled.batch == X.shape[0] * int(n):
+                aa, lq = self._compiled.sample(X, int(n))
+            else:
+                aa, lq = self.module.sample(X, int(n))
+        return self._out(aa, is_numpy), self._out(lq, is_numpy)
+
+    def log_prob(self, aa, cg=None):
+        """log q(aa | cg) (nats); ``cg`` defaults to the mapping's projection of ``aa``."""
+        x, is_numpy, _ = self._as_tensor(aa, (self.n_aa, 3), "all-atom coordinates")
+        if cg is None:
+            X = torch.as_tensor(self.mapping.matrix, dtype=x.dtype, device=x.device) @ x
+        else:
+            X, _, _ = self._as_tensor(cg, (self.n_cg, 3), "CG coordinates")
+        if X.shape[0] != x.shape[0]:
+            raise ValueError(f"{x.shape[0]} AA frames but {X.shape[0]} CG frames")
+        with torch.no_grad():
+            if self._compiled is not None and self._compiled.batch == x.shape[0]:
+                lq = self._compiled.log_prob(x, X)
+            else:
+                lq = self.module.log_prob(x, X)
+        return self._out(lq, is_numpy)
+
+    def sample_next(self, cg, previous_aa, seed: int | None = None):
+        """One reconstruction per frame conditioned on the previous AA frame (temporal models)."""
+        if not self.temporal:
+            raise ValueError(f"{self.path} is not a temporal model (train with --temporal)")
+        X, is_numpy, _ = self._as_tensor(cg, (self.n_cg, 3), "CG coordinates")
+        prev, _, _ = self._as_tensor(previous_aa, (self.n_aa, 3), "previous all-atom coordinates")
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        with torch.no_grad():
+            aa, lq = self.module.sample_next(X, prev)
+        return self._out(aa, is_numpy), self._out(lq, is_numpy)
+
+    def summary(self) -> str:
+        m = self.metadata
+        lines = [
+            f"{self.path}: openmm-backmap {m['kind']} (format {m['format_version']}, package {m['package_version']})",
+            f"  atoms {m['n_aa']}, beads {m['n_cg']} ({', '.join(m['bead_names'])}), free DOF {m['n_free_dof']}",
+            f"  residues: {' '.join(r['name'] + str(r['resSeq']) for r in m['residues'])}",
+            f"  temperature {m['temperature']} K, constraints {len(m['constraints'])}, "
+            f"temporal {m['temporal']}, AA System embedded {m['has_system']}",
+            f"  methods: {', '.join(m['methods'])}",
+            f"  architecture: {json.dumps(m['architecture'])}",
+        ]
+        tr = m.get("training", {})
+        for stage, info in tr.items():
+            if isinstance(info, dict):
+                lines.append(f"  training {stage}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in info.items()))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"BackmapModel({str(self.path)!r}, n_aa={self.n_aa}, n_cg={self.n_cg}, device={self.device})"
+
+
+class CompiledBackmapper:
+    """Inductor-compiled ``sample`` and ``log_prob`` of an exported backmapper for one batch size.
+
+    Each TorchScript method is traced at that batch size into a graph of aten operators (values do
+    not change the graph: the model does not branch on them) and compiled by ``torch.compile``;
+    construction compiles both (a minute or two). :meth:`sample` draws the base noise with the
+    module's own sampler, as its TorchScript ``sample`` does, so a seed gives the same frames.
+    """
+
+    def __init__(self, module: torch.jit.ScriptModule, batch_size: int, n_cg: int, n_aa: int,
+                 device: torch.device | str = "cpu") -> None:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.module = module
+        self.batch = int(batch_size)
+        generator = torch.Generator().manual_seed(0)
+        cg = torch.randn(batch_size, n_cg, 3, generator=generator).to(device) * 0.3
+        aa = torch.randn(batch_size, n_aa, 3, generator=generator).to(device) * 0.3
+        u = torch.randn(batch_size, int(module.dim), generator=generator).to(device)
+        with torch.no_grad():
+            sample_graph = make_fx(lambda c, z: module.sample_with_noise(c, z), tracing_mode="real")(cg, u)
+            log_prob_graph = make_fx(lambda a, c: module.log_prob(a, c), tracing_mode="real")(aa, cg)
+            self._sample_with_noise = torch.compile(sample_graph, dynamic=False)
+            self._log_prob = torch.compile(log_prob_graph, dynamic=False)
+            self._sample_with_noise(cg, u)  # compile now, not in the middle of the first batch
+            self._log_prob(aa, cg)
+
+    def sample(self, cg: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As the module's ``sample``: n per frame, frame-major; cg.shape[0] * n must be the batch."""
+        cg_rep = torch.repeat_interleave(cg, int(n), dim=0)
+        if cg_rep.shape[0] != self.batch:
+            raise ValueError(f"compiled for batches of {self.batch} samples, got {cg_rep.shape[0]}")
+        u = self.module.base.sample(cg_rep.shape[0], cg_rep.dtype, cg_rep.device)
+        return self._sample_with_noise(cg_rep, u)
+
+    def log_prob(self, aa: torch.Tensor, cg: torch.Tensor) -> torch.Tensor:
+        if aa.shape[0] != self.batch:
+            raise ValueError(f"compiled for batches of {self.batch} samples, got {aa.shape[0]}")
+        return self._log_prob(aa, cg)
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None, topology=None) -> BackmapModel:
+    """Load a backmapper model file into a checked :class:`BackmapModel`.
+
+    Parameters
+    ----------
+    device
+        Torch device (default CUDA when available, else CPU).
+    topology
+        Optional AA topology to check the model against (another molecule raises ValueError).
+    """
+    return BackmapModel(path, device=device, topology=topology)

@@ -1,0 +1,177 @@
+"""Training checkpoints: the ``spec`` that rebuilds a model, and writing and reading checkpoints.
+
+A checkpoint is a ``torch.save`` dict ``{"spec", "state_dict", ...}``: the spec (format
+:data:`~openmm_backmap.io.model_files.CHECKPOINT_FORMAT`, the model's hyperparameters, mapping,
+topology PDB text, temperature and, for backmappers, constraints and the optional AA System XML)
+rebuilds the model without the training data; ``spec["kind"]`` is ``"cg-potential"`` for a CG
+potential and absent for a backmapper.  The training loop (:mod:`openmm_backmap.training.loop`)
+adds what it needs to resume.  :func:`export_checkpoint` turns either kind into a model file.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from openmm_backmap.io.model_files import (
+    CG_FORMAT_VERSION,
+    CG_KIND,
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    export_cg,
+    export_model,
+)
+from openmm_backmap.io.pdb import topology_from_pdb, topology_to_pdb
+from openmm_backmap.mapping import CGMapping
+from openmm_backmap.models.backmapper import Backmapper
+from openmm_backmap.models.cg_potential import CGFlowPotential
+
+
+def make_spec(model: Backmapper, temperature: float, reference_xyz=None, system_xml: str | None = None) -> dict:
+    """Everything needed to rebuild ``model`` (and to export it) without the training data."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model": copy.deepcopy(model.spec),
+        "mapping": model.mapping.to_dict(),
+        "topology_pdb": topology_to_pdb(model.mapping.topology, reference_xyz),
+        "temperature": float(temperature),
+        "system_xml": system_xml,
+        "training": {},
+    }
+
+
+def build_from_spec(spec: dict) -> Backmapper:
+    """A Backmapper with the architecture of ``spec`` (parameters and statistics not loaded)."""
+    top = topology_from_pdb(spec["topology_pdb"])
+    mapping = CGMapping.from_dict(spec["mapping"], top)
+    kw = dict(spec["model"])
+    kw["constraints"] = [tuple(c) for c in kw.get("constraints") or []]
+    kw["bonds"] = [tuple(b) for b in kw["bonds"]]
+    kw["cg_bonds"] = [tuple(b) for b in kw["cg_bonds"]]
+    return Backmapper(mapping, **kw)
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module | dict, spec: dict, **state: Any) -> None:
+    """Write a checkpoint (backmapper or CG potential) atomically: temporary file, then rename.
+
+    ``model`` is the model whose parameters are saved, or its state dict; ``state`` are further
+    entries (what resuming needs, the training stage).
+    """
+    path = Path(path)
+    payload = {"spec": spec, "state_dict": model if isinstance(model, dict) else model.state_dict(), **state}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict of any openmm-backmap checkpoint; its ``spec["kind"]`` says what it holds
+    (``"cg-potential"``, or a backmapper when absent).
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    ValueError
+        The file is not a readable openmm-backmap checkpoint (corrupt, truncated, or another file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for corrupt files
+        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("spec"), dict) \
+            or ckpt["spec"].get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an openmm-backmap checkpoint")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path) -> tuple[Backmapper, dict]:
+    """(backmapper with the checkpoint's parameters, the checkpoint dict); see :func:`read_checkpoint`."""
+    ckpt = read_checkpoint(path)
+    if ckpt["spec"].get("kind", "backmapper") != "backmapper":
+        raise ValueError(f"{path} holds a {ckpt['spec']['kind']} checkpoint, not a backmapper")
+    model = build_from_spec(ckpt["spec"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model, ckpt
+
+
+def make_cg_spec(model: CGFlowPotential, mapping=None, reference_xyz=None) -> dict:
+    """Everything needed to rebuild ``model`` (and to export it) without the training data.
+
+    ``mapping`` (a :class:`~openmm_backmap.mapping.CGMapping`) is carried along with its all-atom
+    topology so a model file can name its beads; ``reference_xyz`` (n_aa, 3) nm gives that topology
+    coordinates.
+    """
+    spec: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "kind": CG_KIND,
+        "version": CG_FORMAT_VERSION,
+        "model": copy.deepcopy(model.spec),
+        "temperature": float(model.temperature),
+        "mapping": None,
+        "topology_pdb": None,
+        "cg_topology_pdb": None,
+        "bead_names": [f"B{i}" for i in range(model.n_cg)],
+        "masses": None,
+        "training": {},
+    }
+    if mapping is not None:
+        if mapping.n_cg != model.n_cg:
+            raise ValueError(f"the mapping has {mapping.n_cg} beads, the model {model.n_cg}")
+        spec["mapping"] = mapping.to_dict()
+        spec["topology_pdb"] = topology_to_pdb(mapping.topology, reference_xyz)
+        cg_xyz = None if reference_xyz is None else mapping.project(np.asarray(reference_xyz, dtype=np.float64))
+        spec["cg_topology_pdb"] = topology_to_pdb(mapping.cg_topology, cg_xyz)
+        spec["bead_names"] = list(mapping.names)
+        spec["masses"] = [float(m) for m in mapping.masses()]
+    return spec
+
+
+def build_cg_from_spec(spec: dict) -> CGFlowPotential:
+    """A :class:`CGFlowPotential` with the architecture of ``spec`` (parameters not loaded)."""
+    if spec.get("kind") != CG_KIND:
+        raise ValueError(f"the spec is of kind {spec.get('kind')!r}, not {CG_KIND!r}")
+    kw = dict(spec["model"])
+    return CGFlowPotential(kw.pop("n_cg"), kw.pop("cg_bonds"), **kw)
+
+
+def load_cg_checkpoint(path: str | Path) -> tuple[CGFlowPotential, dict]:
+    """(model with the checkpoint's parameters, the checkpoint dict).
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    ValueError
+        The file is not a readable CG-potential checkpoint.
+    """
+    ckpt = read_checkpoint(path)
+    if ckpt["spec"].get("kind") != CG_KIND:
+        raise ValueError(f"{path} is not an openmm-backmap CG-potential checkpoint")
+    model = build_cg_from_spec(ckpt["spec"])
+    state = ckpt["state_dict"]
+    if any(v.is_floating_point() and v.dtype == torch.float64 for v in state.values()):
+        model = model.double()
+    model.load_state_dict(state)
+    return model.eval(), ckpt
+
+
+def export_checkpoint(checkpoint: str | Path, path: str | Path) -> str:
+    """Write a training checkpoint of either kind (``openmm-backmap train`` or ``train-cg``) as a
+    model file at ``path``; returns its kind (``"backmapper"`` or ``"cg-potential"``)."""
+    kind = str(read_checkpoint(checkpoint)["spec"].get("kind", "backmapper"))
+    if kind == CG_KIND:
+        model, ckpt = load_cg_checkpoint(checkpoint)
+        export_cg(model, ckpt["spec"], path)
+    else:
+        model, ckpt = load_checkpoint(checkpoint)
+        export_model(model, ckpt["spec"], path)
+    return kind

@@ -1,0 +1,70 @@
+"""Reading AA trajectories: any format mdtraj reads, checked (atom count, frames, finite values)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mdtraj as md
+import numpy as np
+
+from openmm_backmap.mapping import as_mdtraj_topology
+
+
+def load_trajectory(
+    trajectory: str | Path | md.Trajectory,
+    topology: str | Path | Any | None = None,
+    stride: int = 1,
+) -> md.Trajectory:
+    """Load any trajectory mdtraj reads and check it.
+
+    Raises
+    ------
+    ValueError
+        If the trajectory and topology disagree on the atom count, if it has no frame, or if any
+        coordinate is NaN or infinite (naming the first bad frame).
+    """
+    if isinstance(trajectory, md.Trajectory):
+        traj = trajectory[::stride]
+    else:
+        path = Path(trajectory)
+        if not path.exists():
+            raise FileNotFoundError(f"trajectory {path} does not exist")
+        kwargs = {}
+        if topology is not None:
+            top = topology if isinstance(topology, (str, Path)) else as_mdtraj_topology(topology)
+            if isinstance(top, (str, Path)):
+                top = md.load_topology(str(top))
+            kwargs["top"] = top
+        try:
+            traj = md.load(str(path), stride=stride, **kwargs)
+        except (ValueError, OSError, IndexError) as err:
+            n_file = _file_atom_count(path)
+            if n_file is not None and "top" in kwargs and n_file != kwargs["top"].n_atoms:
+                raise ValueError(
+                    f"the trajectory {path} has {n_file} atoms but the topology has "
+                    f"{kwargs['top'].n_atoms}"
+                ) from err
+            raise ValueError(f"cannot read {path} with the given topology: {err}") from err
+    if topology is not None and not isinstance(topology, (str, Path)):
+        n_top = as_mdtraj_topology(topology).n_atoms
+        if traj.n_atoms != n_top:
+            raise ValueError(f"the trajectory has {traj.n_atoms} atoms but the topology has {n_top}")
+    if traj.n_frames == 0:
+        raise ValueError("the trajectory has no frames")
+    bad = ~np.isfinite(traj.xyz).all(axis=(1, 2))
+    if bad.any():
+        raise ValueError(
+            f"the trajectory has NaN or infinite coordinates in {int(bad.sum())} frame(s), "
+            f"first in frame {int(np.flatnonzero(bad)[0])}"
+        )
+    return traj
+
+
+def _file_atom_count(path: Path) -> int | None:
+    """The atom count stored in a trajectory file, or None when the format does not tell."""
+    try:
+        with md.open(str(path)) as fh:
+            return int(np.asarray(fh.read(n_frames=1)[0]).shape[1])
+    except Exception:  # noqa: BLE001 - any failure means "unknown", the caller reports the error
+        return None

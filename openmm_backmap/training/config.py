@@ -1,0 +1,86 @@
+"""Settings of the file-to-model pipelines, one dataclass per model kind.
+
+The defaults are the command line's: ``openmm-backmap train`` and ``train-cg`` read their option
+defaults from these classes, so the CLI, the demo and Python callers share one set of numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["BackmapperTraining", "CGPotentialTraining"]
+
+
+@dataclass(frozen=True)
+class BackmapperTraining:
+    """Settings of :func:`~openmm_backmap.training.pipeline.train_from_files`.
+
+    Attributes
+    ----------
+    stride, val_fraction
+        Use every ``stride``-th frame; the fraction of each file held out for validation, in
+        contiguous time blocks.
+    temperature
+        Kelvin: the model's temperature and the energy refinement's target.
+    seed
+        Seeds the split, the model's initialisation, training and refinement.
+    temporal
+        Also condition on the previous AA frame.
+    hidden, layers, bins
+        Hidden units per coupling network layer, coupling layers, spline bins.
+    epochs, batch_size, lr
+        Maximum-likelihood training (:func:`~openmm_backmap.training.backmapper.train_ml`).
+    energy_steps, energy_lr, ml_weight
+        Energy refinement (:func:`~openmm_backmap.training.backmapper.refine_energy`) when an AA
+        System is given: steps (0 = none), learning rate, weight of the data NLL kept in the loss.
+    """
+
+    stride: int = 1
+    val_fraction: float = 0.1
+    temperature: float = 300.0
+    seed: int = 0
+    temporal: bool = False
+    hidden: int = 128
+    layers: int = 6
+    bins: int = 8
+    epochs: int = 15
+    batch_size: int = 256
+    lr: float = 2e-3
+    energy_steps: int = 2000
+    energy_lr: float = 3e-4
+    ml_weight: float = 0.3
+
+
+@dataclass(frozen=True)
+class CGPotentialTraining:
+    """Settings of :func:`~openmm_backmap.training.pipeline.train_cg_from_files`.
+
+    Attributes
+    ----------
+    stride
+        Use every ``stride``-th frame.
+    temperature
+        Kelvin: U_CG = -kT log q(X) at this temperature.
+    seed
+        Seeds the train / validation / test blocks, the model's initialisation and training.
+    hidden, layers, bins
+        Hidden units per coupling network layer, coupling layers, spline bins.
+    epochs, batch_size, lr, time_limit
+        Maximum-likelihood training (:func:`~openmm_backmap.training.cg_potential.train_cg`);
+        ``time_limit`` in seconds, None for none.
+    allow_restrained
+        Accept trajectories of restrained runs: the potential then samples a broadened X
+        distribution (a proposal for reweighting and hybrid sampling), not the potential of mean force.
+    """
+
+    stride: int = 1
+    temperature: float = 300.0
+    seed: int = 1
+    hidden: int = 64
+    layers: int = 6
+    bins: int = 8
+    epochs: int = 150
+    batch_size: int = 256
+    lr: float = 2e-3
+    time_limit: float | None = None
+    allow_restrained: bool = False
