@@ -1,10 +1,13 @@
-"""openmm-backmap: atoms back from coarse-grained OpenMM simulations with conditional normalizing flows."""
+"""openmm-backmap: atoms back from coarse-grained OpenMM simulations with conditional normalizing flows.
+
+The public names below load on first use, so that importing the torch-side code (``flows``,
+``models``, ``geometry``) does not import mdtraj or OpenMM.  Where everything lives: ARCHITECTURE.md.
+"""
 
 __version__ = "0.1.0"
 
-from openmm_backmap.mapping import CGMapping  # noqa: E402
-
 _LAZY = {
+    "CGMapping": "openmm_backmap.mapping",
     "BackmapReporter": "openmm_backmap.openmm.reporter",
     "load_model": "openmm_backmap.io.backmap_model",
     "create_force": "openmm_backmap.openmm.forces",
@@ -13,13 +16,16 @@ _LAZY = {
     "reweight": "openmm_backmap.analysis.reweighting",
 }
 
-__all__ = ["CGMapping", "__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name):
-    # the OpenMM-facing pieces import torch and OpenMM: load them on first use
     if name in _LAZY:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'openmm_backmap' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

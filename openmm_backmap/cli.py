@@ -244,7 +244,6 @@ def _add_info(sub) -> None:
 
 def _cmd_info(args) -> int:
     import json
-
     from pathlib import Path
 
     from openmm_backmap.io.backmap_model import load_model
@@ -289,7 +288,7 @@ def _add_backmap(sub) -> None:
     p.add_argument("--device", help="torch device (default cuda when available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compile", action="store_true",
-                   help="compile the model for the batch size first (a minute or two; then ~2x faster on CPU)")
+                   help="compile the model for the batch size first (a minute or two; then faster on CPU)")
     p.set_defaults(func=_cmd_backmap)
 
 

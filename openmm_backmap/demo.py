@@ -27,12 +27,13 @@ from openmm_backmap.training.config import BackmapperTraining, CGPotentialTraini
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the demo's stages; ``full`` fits in about 10 minutes on 2 CPU cores, ``quick`` in 3.
+    """Sizes of the demo's stages (``full``, and ``quick`` for a smoke run; their times on 2 CPU
+    cores are in benchmarks/RESULTS.md).
 
     The CG potential is a small flow (4 coupling layers of 32 hidden units) because every CG step
     evaluates it and its gradient once: its cost per step, not the reporter, sets the CG run's speed.
-    ``full`` compiles it (about 1.5 minutes), which makes a step ~60x cheaper and pays for a 12x longer
-    CG run; ``quick`` runs the TorchScript file.
+    ``full`` compiles it, which makes a step many times cheaper and pays for a longer CG run;
+    ``quick`` runs the TorchScript file.
     ``rare_basin_ns`` of MD restrained to alpha_R and to alpha_L join the training data of both
     models: unbiased vacuum MD visits those basins a few times in 10,000. The backmapper's p(x | X) is
     unbiased by them (the restrained atoms are beads). The CG potential becomes a broadened proposal
@@ -45,7 +46,7 @@ class DemoSettings:
     backmapper: BackmapperTraining
     cg: CGPotentialTraining
     cg_steps: int  # with the compiled CG force
-    cg_steps_torchscript: int  # when the CG force could not be compiled (~50x slower per step)
+    cg_steps_torchscript: int  # when the CG force could not be compiled (much slower per step)
     compile_cg: bool
     report_interval: int
     samples_per_frame: int
@@ -101,13 +102,12 @@ def run_cg_simulation(cg_model: Path, model: Path, mapping, start_xyz, out: Path
     changes the dynamics, not the sampled ensemble exp(-U_CG/kT).
     """
     import openmm
+    import torch
     from openmm import app, unit
     from tqdm.auto import tqdm
 
     from openmm_backmap.openmm.forces import create_cg_system
     from openmm_backmap.openmm.reporter import BackmapReporter
-
-    import torch
 
     out.mkdir(parents=True, exist_ok=True)
     # a CG force evaluates a small model on a few beads per step: one torch thread is fastest, and

@@ -210,118 +210,134 @@ def build_zmatrix(
     if n - len(anchors) > 0 and n < 3:
         raise ValueError("a molecule needs at least 3 atoms")
     heavy = [True] * n if heavy is None else [bool(h) for h in heavy]
-    cons = {}
-    for i, j, length in constraints or ():
-        cons[(int(i), int(j))] = float(length)
-        cons[(int(j), int(i))] = float(length)
+    plan = _Placement(neighbours, heavy)
+    root, root_ref = ([], -1) if anchors else _frame_atoms(neighbours, heavy)
+    for a in anchors + root:
+        plan.give(a)
+    plan.grow(heavy_only=True)
+    plan.grow(heavy_only=False)
+    plan.attach_leftovers()
+    return _assemble(n, anchors, root, root_ref, plan.rows, constraints)
 
-    placed_order: dict[int, int] = {}  # atom -> placement rank
-    for a in anchors:
-        placed_order[a] = len(placed_order)
 
-    root: list[int] = []
-    root_ref = -1
-    if not anchors:
-        # frame atoms: a0 a heavy atom of highest degree, a1 its neighbour, a2 a neighbour of either
-        a0 = max(range(n), key=lambda a: (heavy[a], len(neighbours[a]), -a))
-        cand = sorted(neighbours[a0], key=lambda a: (not heavy[a], a)) or [a for a in range(n) if a != a0]
-        a1 = cand[0]
-        cand2 = [a for a in neighbours[a1] if a != a0] + [a for a in neighbours[a0] if a != a1]
-        cand2 = sorted(set(cand2), key=lambda a: (not heavy[a], a))
-        if not cand2:
-            cand2 = [a for a in range(n) if a not in (a0, a1)]
-        a2 = cand2[0]
-        root_ref = a1 if a2 in neighbours[a1] else a0
-        root = [a0, a1, a2]
-        for a in root:
-            placed_order[a] = len(placed_order)
+def _frame_atoms(neighbours: Sequence[Sequence[int]], heavy: list[bool]) -> tuple[list[int], int]:
+    """With no anchors: the frame atoms (a0, a1, a2) and a2's bonded reference (a1 or a0).
 
-    def graph_dist_from(src: int) -> dict[int, int]:
+    a0 is a heavy atom of highest degree, a1 its neighbour, a2 a neighbour of either (heavy first).
+    """
+    n = len(neighbours)
+    a0 = max(range(n), key=lambda a: (heavy[a], len(neighbours[a]), -a))
+    cand = sorted(neighbours[a0], key=lambda a: (not heavy[a], a)) or [a for a in range(n) if a != a0]
+    a1 = cand[0]
+    cand2 = [a for a in neighbours[a1] if a != a0] + [a for a in neighbours[a0] if a != a1]
+    cand2 = sorted(set(cand2), key=lambda a: (not heavy[a], a))
+    if not cand2:
+        cand2 = [a for a in range(n) if a not in (a0, a1)]
+    a2 = cand2[0]
+    return [a0, a1, a2], (a1 if a2 in neighbours[a1] else a0)
+
+
+class _Placement:
+    """The placement order being built: atoms with known positions, and a row (i, j, k, l) for
+    every atom placed from them."""
+
+    def __init__(self, neighbours: Sequence[Sequence[int]], heavy: list[bool]) -> None:
+        self.neighbours = neighbours
+        self.heavy = heavy
+        self.order: dict[int, int] = {}  # atom -> placement rank
+        self.rows: list[tuple[int, int, int, int]] = []
+
+    def give(self, atom: int) -> None:
+        """An atom whose position is given (an anchor or a frame atom)."""
+        self.order[atom] = len(self.order)
+
+    def place(self, i: int, j: int) -> None:
+        """Place atom i bonded to the placed atom j, with its angle and dihedral references."""
+        k, m = self._refs(i, j)
+        self.rows.append((i, j, k, m))
+        self.order[i] = len(self.order)
+
+    def grow(self, heavy_only: bool) -> None:
+        """Breadth first through the bond graph from the placed atoms (heavy atoms only, or all)."""
+        while True:
+            frontier = [
+                (i, j)
+                for j in sorted(self.order, key=self.order.get)
+                for i in self.neighbours[j]
+                if i not in self.order and (not heavy_only or self.heavy[i])
+            ]
+            if not frontier:
+                return
+            self.place(*frontier[0])
+
+    def attach_leftovers(self) -> None:
+        """Disconnected components: attach each to the nearest placed atom by index; its own
+        neighbours follow through the graph."""
+        for i in range(len(self.neighbours)):
+            if i in self.order:
+                continue
+            self.place(i, min(self.order, key=lambda a: (abs(a - i), a)))
+            q = deque([i])
+            while q:
+                u = q.popleft()
+                for v in sorted(self.neighbours[u], key=lambda a: (not self.heavy[a], a)):
+                    if v not in self.order:
+                        self.place(v, u)
+                        q.append(v)
+
+    def _graph_distances(self, src: int) -> dict[int, int]:
         dist = {src: 0}
         q = deque([src])
         while q:
             u = q.popleft()
-            for v in neighbours[u]:
+            for v in self.neighbours[u]:
                 if v not in dist:
                     dist[v] = dist[u] + 1
                     q.append(v)
         return dist
 
-    rows: list[tuple[int, int, int, int]] = []
+    def _refs(self, i: int, j: int) -> tuple[int, int]:
+        """Angle and dihedral references (k, l) of atom i placed from j: placed neighbours of j
+        first (heavy, then early), else of k, else the placed atoms nearest in the graph."""
+        n = len(self.neighbours)
 
-    def choose_refs(i: int, j: int) -> tuple[int, int]:
         def key(a: int) -> tuple:
-            return (not heavy[a], placed_order[a])
+            return (not self.heavy[a], self.order[a])
 
-        nj = sorted((a for a in neighbours[j] if a in placed_order and a != i), key=key)
-        dist = graph_dist_from(j)
-        far = sorted(
-            (a for a in placed_order if a not in (i, j)),
-            key=lambda a: (dist.get(a, n + abs(a - j)), key(a)),
-        )
+        nj = sorted((a for a in self.neighbours[j] if a in self.order and a != i), key=key)
+        dist = self._graph_distances(j)
+        far = sorted((a for a in self.order if a not in (i, j)), key=lambda a: (dist.get(a, n + abs(a - j)), key(a)))
         k = nj[0] if nj else far[0]
         others_j = [a for a in nj if a != k]
         if others_j:
             return k, others_j[0]
-        nk = sorted((a for a in neighbours[k] if a in placed_order and a not in (i, j)), key=key)
+        nk = sorted((a for a in self.neighbours[k] if a in self.order and a not in (i, j)), key=key)
         if nk:
             return k, nk[0]
-        rest = [a for a in far if a != k]
-        return k, rest[0]
+        return k, [a for a in far if a != k][0]
 
-    for phase in ("heavy", "all"):
-        while True:
-            frontier = [
-                (i, j)
-                for j in sorted(placed_order, key=placed_order.get)
-                for i in neighbours[j]
-                if i not in placed_order and (phase == "all" or heavy[i])
-            ]
-            if not frontier:
-                break
-            i, j = frontier[0]
-            k, m = choose_refs(i, j)
-            rows.append((i, j, k, m))
-            placed_order[i] = len(placed_order)
-    # disconnected leftovers: attach to the nearest placed atom by index
-    for i in range(n):
-        if i in placed_order:
-            continue
-        j = min(placed_order, key=lambda a: (abs(a - i), a))
-        k, m = choose_refs(i, j)
-        rows.append((i, j, k, m))
-        placed_order[i] = len(placed_order)
-        # its own neighbours follow through the graph
-        q = deque([i])
-        while q:
-            u = q.popleft()
-            for v in sorted(neighbours[u], key=lambda a: (not heavy[a], a)):
-                if v not in placed_order:
-                    kk, ll = choose_refs(v, u)
-                    rows.append((v, u, kk, ll))
-                    placed_order[v] = len(placed_order)
-                    q.append(v)
 
-    level = {a: 0 for a in anchors}
-    for a in root:
-        level[a] = 0
+def _assemble(n: int, anchors: list[int], root: list[int], root_ref: int, rows: list[tuple[int, int, int, int]],
+              constraints: Sequence[tuple[int, int, float]] | None) -> ZMatrix:
+    """The :class:`ZMatrix` of placement rows: levels of rows placed together, constrained bonds."""
+    cons = {}
+    for i, j, length in constraints or ():
+        cons[(int(i), int(j))] = float(length)
+        cons[(int(j), int(i))] = float(length)
+    level = {a: 0 for a in anchors + root}
     row_level = []
     for i, j, k, m in rows:
-        lv = 1 + max(level[j], level[k], level[m])
-        level[i] = lv
-        row_level.append(lv)
+        level[i] = 1 + max(level[j], level[k], level[m])
+        row_level.append(level[i])
     row_level = np.array(row_level, dtype=np.int64)
     levels = [np.flatnonzero(row_level == lv) for lv in sorted(set(row_level.tolist()))]
-    rows_arr = np.array(rows, dtype=np.int64).reshape(-1, 4)
-    fixed = np.array([(int(i), int(j)) in cons for i, j, _, _ in rows], dtype=bool)
-    length = np.array([cons.get((int(i), int(j)), 0.0) for i, j, _, _ in rows], dtype=np.float64)
     return ZMatrix(
         n_atoms=n,
         anchors=np.array(anchors, dtype=np.int64),
-        rows=rows_arr,
+        rows=np.array(rows, dtype=np.int64).reshape(-1, 4),
         levels=levels,
-        fixed_bond=fixed,
-        fixed_length=length,
+        fixed_bond=np.array([(int(i), int(j)) in cons for i, j, _, _ in rows], dtype=bool),
+        fixed_length=np.array([cons.get((int(i), int(j)), 0.0) for i, j, _, _ in rows], dtype=np.float64),
         root=np.array(root, dtype=np.int64),
         root_ref=root_ref,
     )

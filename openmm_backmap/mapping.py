@@ -46,11 +46,7 @@ def as_mdtraj_topology(topology: Any) -> md.Topology:
         return topology.topology
     if isinstance(topology, (str, Path)):
         return md.load_topology(str(topology))
-    try:
-        from openmm import app
-    except ImportError:  # pragma: no cover - openmm is a hard dependency
-        app = None
-    if app is not None and isinstance(topology, app.Topology):
+    if type(topology).__module__.startswith("openmm"):  # an openmm.app.Topology; mdtraj converts it
         return md.Topology.from_openmm(topology)
     raise TypeError(f"expected an mdtraj or OpenMM Topology, got {type(topology).__name__}")
 

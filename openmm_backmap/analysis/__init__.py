@@ -1,1 +1,1 @@
-"""analysis"""
+"""Analysis: reconstruction metrics, importance reweighting, basins, plots and evaluation reports."""

@@ -9,7 +9,6 @@ import numpy as np
 
 from openmm_backmap.mapping import as_mdtraj_topology
 
-
 # (phi, psi) basins of alanine-like residues, with boundaries on the density minima of alanine
 # dipeptide in vacuum at 300 K: at phi < 0 the psi histogram is empty between about -110 and 0
 # (alpha_R is rare in vacuum), and the two gas-phase minima C7eq (-83, 74) and C5 (-155, 165) meet

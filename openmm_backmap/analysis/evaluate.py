@@ -1,9 +1,12 @@
-"""Evaluation report of a backmapper against reference AA frames: metrics JSON and PNG plots.
+"""Evaluation reports: a backmapper against reference AA frames, and a reporter's run reweighted.
 
-For ``n_frames`` reference frames spread over the trajectory, the CG projection is backmapped with
-K samples each; every metric of DESIGN.md is computed from those samples (see
-:mod:`openmm_backmap.analysis.metrics` for the definitions) and written to ``metrics.json``, with plots of
-the Ramachandran free-energy surfaces, energy histograms and bond-length / angle distributions.
+:func:`evaluate_model`: for ``n_frames`` reference frames spread over the trajectory, the CG
+projection is backmapped with K samples each; the metrics (bond and clash scores, chirality errors,
+RMSD and diversity, NLL, energy W1, Ramachandran JS, conditional ESS: definitions in
+:mod:`openmm_backmap.analysis.metrics` and :mod:`openmm_backmap.analysis.reweighting`) are computed
+from those samples and written to ``metrics.json``, with the plots of :mod:`openmm_backmap.analysis.plots`.
+:func:`evaluate_run`: the basin populations of a BackmapReporter run, raw and reweighted, against a
+reference.
 """
 
 from __future__ import annotations
@@ -63,8 +66,8 @@ def evaluate_model(
     aa_system
         AA System for energies; by default the one embedded in the model file.
     """
-    from openmm_backmap.openmm.energies import aa_energy
     from openmm_backmap.io.model_files import load_model
+    from openmm_backmap.openmm.energies import aa_energy
 
     start = time.perf_counter()
     if not hasattr(model, "sample"):

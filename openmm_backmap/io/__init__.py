@@ -1,1 +1,1 @@
-"""io"""
+"""Files: model files (every format version), checkpoints, energy files, trajectories, PDB text."""

@@ -67,8 +67,8 @@ class BackmapModel:
         """Compile sampling (and log q) for batches of exactly ``batch_size`` reconstructions.
 
         The TorchScript methods are traced into aten graphs (``make_fx``) and compiled by inductor
-        into fused loops: at batch 1024 that is about twice the TorchScript speed on a CPU
-        (benchmarks/RESULTS.md). Takes a minute or two; :meth:`sample` and :meth:`log_prob` then
+        into fused loops, faster than TorchScript on a CPU at large batches (benchmarks/RESULTS.md,
+        "Backmapper"). Takes a minute or two; :meth:`sample` and :meth:`log_prob` then
         use the compiled code for that batch size and TorchScript for every other. Same random
         stream as TorchScript: with the same seed, both give the same samples to float rounding.
         """
@@ -185,6 +185,16 @@ class BackmapModel:
 
     def __repr__(self) -> str:
         return f"BackmapModel({str(self.path)!r}, n_aa={self.n_aa}, n_cg={self.n_cg}, device={self.device})"
+
+    def __getstate__(self) -> dict:
+        # pickled as the file it was loaded from (a TorchScript module does not pickle)
+        return {"path": str(self.path), "device": str(self.device),
+                "compiled_batch": None if self._compiled is None else self._compiled.batch}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], device=state["device"])
+        if state["compiled_batch"] is not None:
+            self.compile(state["compiled_batch"])
 
 
 class CompiledBackmapper:

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from openmm_backmap.io.model_files import (
-    CG_FORMAT_VERSION,
     CG_KIND,
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -113,7 +112,7 @@ def make_cg_spec(model: CGFlowPotential, mapping=None, reference_xyz=None) -> di
     spec: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "kind": CG_KIND,
-        "version": CG_FORMAT_VERSION,
+        "version": CHECKPOINT_VERSION,
         "model": copy.deepcopy(model.spec),
         "temperature": float(model.temperature),
         "mapping": None,

@@ -1,1 +1,1 @@
-"""openmm"""
+"""OpenMM-facing code: forces and plugin loading, compiled force packages, batched AA energies, the reporter."""

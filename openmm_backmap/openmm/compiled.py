@@ -1,10 +1,10 @@
 """Compiled forces: a TorchScript energy model turned into one AOTInductor package (``.pt2``).
 
 A TorchScript model evaluated one configuration at a time is bound by per-operator dispatch: the CG
-flow potential of alanine dipeptide runs ~2,000 small aten operators forward and backward, about
-8 ms per MD step whatever the binding.  :func:`compile_model` traces the energy *and its gradient*
-into one graph of aten operators, specialised to the system's particle count, and has
-AOTInductor fuse it into C++ loops in a shared library.  The package computes, in one call::
+flow potential of alanine dipeptide runs ~2,000 small aten operators forward and backward, which
+set the cost of an MD step whatever the binding (benchmarks/RESULTS.md).  :func:`compile_model`
+traces the energy *and its gradient* into one graph of aten operators, specialised to the system's
+particle count, and has AOTInductor fuse it into C++ loops in a shared library.  The package computes, in one call::
 
     run(positions[n, 3] (nm)[, box[3, 3] (nm)][, p_1, ..., p_m]) -> (energy, forces[n, 3][, dE/dp_1, ...])
 
@@ -51,9 +51,9 @@ from openmm_backmap.io.model_files import (
 
 __all__ = ["CompiledModel", "compile_model", "load_compiled", "module_dtype"]
 
-# Measured on the six-bead CG flow (benchmarks/RESULTS.md): weights folded in as constants, one
-# memory pool, and the tiny GEMMs of batch 1 generated as C++ micro-kernels instead of library calls
-# (about 140 -> 85 us per energy-and-forces call); freezing without the C++ GEMMs was slower.
+# The fastest settings measured on the six-bead CG flow (benchmarks/RESULTS.md, "Forces"): weights
+# folded in as constants, one memory pool, and the tiny GEMMs of batch 1 generated as C++
+# micro-kernels instead of library calls; freezing without the C++ GEMMs was slower.
 INDUCTOR_CONFIG = {
     "freezing": True,
     "memory_planning": True,
@@ -219,8 +219,8 @@ def compile_model(
     threads
         Threads the generated code may use.  1 (the default) generates serial loops, the fastest
         for a few dozen particles: with more, inductor writes parallel loops and, for want of
-        atomic adds there, leaves the spline gradients' scatters as library calls (measured: ~80 vs
-        ~115 us per call for the six-bead CG flow).
+        atomic adds there, leaves the spline gradients' scatters as library calls, slower for the
+        six-bead CG flow (benchmarks/RESULTS.md).
 
     Returns
     -------

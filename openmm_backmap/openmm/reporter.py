@@ -268,8 +268,9 @@ class BackmapReporter:
         return aa.double().cpu().numpy(), torch.cat(logs).double().cpu().numpy()
 
     def _aa_energies(self, aa: np.ndarray) -> np.ndarray:
-        # float32: 4x faster than float64 for the batched torch energy, and within 2e-3 kJ/mol
-        # (1e-3 kT) of it for alanine dipeptide (tests/test_energies.py), far below what moves a weight
+        # float32: faster than float64 for the batched torch energy (benchmarks/RESULTS.md) and within
+        # 2e-3 kJ/mol (1e-3 kT) of it for alanine dipeptide (tests/test_energies.py), far below what
+        # moves a weight
         with torch.no_grad():
             u = self._energy(torch.as_tensor(aa, dtype=torch.float32)).double().numpy()
         return np.where(np.isfinite(u), u, np.inf)

@@ -1,1 +1,1 @@
-"""sampling"""
+"""Sampling with the models: the hybrid CG-to-AA Markov chain."""

@@ -34,8 +34,8 @@ from openmm_backmap.openmm.forces import create_cg_system
 from openmm_backmap.units import kT
 
 import_openmmtools()
-from openmmtools import mcmc  # noqa: E402
 from openmm import unit  # noqa: E402
+from openmmtools import mcmc  # noqa: E402
 
 
 class Backmapper(Protocol):
@@ -107,7 +107,8 @@ class TorchStream:
         fork.__exit__(*exc)
 
     def __getstate__(self) -> dict:
-        return {"seed": self.seed, "state": self.state, "cuda_state": self.cuda_state}
+        return {"seed": self.seed, "state": self.state.clone(),
+                "cuda_state": None if self.cuda_state is None else self.cuda_state.clone()}
 
     def __setstate__(self, state: dict) -> None:
         self.seed, self.state, self.cuda_state, self._fork = state["seed"], state["state"], state["cuda_state"], None
@@ -290,18 +291,23 @@ class ResolutionMove(mcmc.MCMCMove):
         self.stats = ResolutionStats()
 
     def __getstate__(self) -> dict:
+        stats = self.stats
         return {"backmapper": self.backmapper, "matrix": self.matrix, "cg_kernel": self.cg_kernel,
-                "n_attempts": self.n_attempts, "rng": self.rng.bit_generator.state, "torch_stream": self.torch_stream,
-                "dtype": str(self.dtype).replace("torch.", ""), "stats": self.stats}
+                "n_attempts": self.n_attempts, "dtype": str(self.dtype).replace("torch.", ""),
+                "rng": self.rng.bit_generator.state, "torch_stream": self.torch_stream.__getstate__(),
+                "statistics": self.statistics, "log_acceptance": list(stats.log_acceptance),
+                "accepted": list(stats.accepted)}
 
     def __setstate__(self, state: dict) -> None:
         self.backmapper, self.matrix, self.cg_kernel = state["backmapper"], state["matrix"], state["cg_kernel"]
         self.n_attempts = int(state["n_attempts"])
+        self.dtype = getattr(torch, state["dtype"])
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = state["rng"]
-        self.torch_stream = state["torch_stream"]
-        self.dtype = getattr(torch, state["dtype"])
-        self.stats = state["stats"]
+        self.torch_stream = TorchStream.__new__(TorchStream)
+        self.torch_stream.__setstate__(state["torch_stream"])
+        self.statistics = state["statistics"]
+        self.stats.log_acceptance, self.stats.accepted = list(state["log_acceptance"]), list(state["accepted"])
 
     def _log_q(self, x: np.ndarray, X: np.ndarray) -> float:
         with torch.no_grad():

@@ -1,1 +1,1 @@
-"""systems"""
+"""Built-in systems, their reference MD, restraints and umbrella sampling."""
