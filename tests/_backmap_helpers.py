@@ -1,14 +1,14 @@
-"""Shared fixtures data for the backmapper tests: a short ALA2 reference run and its mapping."""
+"""Shared test data: a short ALA2 reference run (made once per test process) and its six-bead mapping."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from functools import lru_cache
 from pathlib import Path
-import tempfile
 
-
-# C(ACE), N, CA, C, N(NME), CB: the six-atom mapping of the issue's quality bars
-ALA2_SIX = [[4], [6], [8], [14], [16], [10]]
+import pytest
 
 
 @lru_cache(maxsize=1)
@@ -29,34 +29,19 @@ def ala2_traj():
 
 
 def ala2_constraints() -> list:
-    from openmm_backmap.openmm.energies import constraints_from_system
-    from openmm_backmap.openmm.energies import load_system
+    from openmm_backmap.openmm.energies import constraints_from_system, load_system
 
     return constraints_from_system(load_system(ala2_reference()["system"]))
 
 
-from openmm_backmap.geometry import random_rotation  # noqa: E402,F401 - re-exported for the tests
+def ala2_six(topology):
+    """The six-bead mapping of the package (:func:`~openmm_backmap.systems.builtin.ala2_six_bead_mapping`)."""
+    from openmm_backmap.systems.builtin import ala2_six_bead_mapping
 
-
-import pytest  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run fastest on one thread, and a shared 2-core machine makes two threads spin:
-    pin torch to one thread for each test, restoring the setting after."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    return ala2_six_bead_mapping(topology)
 
 
 def _have_cxx() -> bool:
-    import os
-    import shutil
-
     return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++") if c)
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a short alanine-dipeptide reference run and a small exported backmapper."""
+"""Shared fixtures: one torch thread per test, a short alanine-dipeptide reference run and a small
+exported backmapper and CG potential."""
 
 import numpy as np
 import pytest
@@ -7,19 +8,28 @@ import torch
 T = 300.0
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models run fastest on one thread, and a shared 2-core machine makes two threads spin:
+    pin torch to one thread for each test, restoring the setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_ala2(tmp_path_factory):
     """0.1 ns of ALA2 (0.5 ps frames) and a small six-bead backmapper fitted to its statistics
     (untrained: the tests that use it check plumbing and bookkeeping against independent
     recomputation, not reconstruction quality), exported with the AA System embedded."""
-    from openmm_backmap.io.trajectories import load_trajectory
-    from openmm_backmap.openmm.energies import constraints_from_system
-    from openmm_backmap.systems.reference import generate_reference
-    from openmm_backmap.systems.builtin import ala2_six_bead_mapping
-    from openmm_backmap.openmm.energies import load_system
-    from openmm_backmap.io.model_files import export_model
-    from openmm_backmap.models.backmapper import Backmapper
     from openmm_backmap.io.checkpoints import make_spec
+    from openmm_backmap.io.model_files import export_model
+    from openmm_backmap.io.trajectories import load_trajectory
+    from openmm_backmap.models.backmapper import Backmapper
+    from openmm_backmap.openmm.energies import constraints_from_system, load_system
+    from openmm_backmap.systems.builtin import ala2_six_bead_mapping
+    from openmm_backmap.systems.reference import generate_reference
 
     out = tmp_path_factory.mktemp("tiny_ala2")
     paths = generate_reference("ala2", 0.1, out, seed=4, save_every_ps=0.5, equilibrate_ps=5.0, progress=False)

@@ -6,8 +6,8 @@ import pytest
 
 from openmm_backmap.analysis.metrics import (
     bond_score,
-    chirality_errors,
     chiral_centres,
+    chirality_errors,
     clash_score,
     energy_w1,
     js_divergence,
@@ -16,10 +16,10 @@ from openmm_backmap.analysis.metrics import (
     rmsd_and_diversity,
 )
 from openmm_backmap.analysis.reweighting import Reweighted, conditional_ess, kish_ess, log_weights, reweight
+from openmm_backmap.geometry import random_rotation
 from openmm_backmap.io.energy_file import read_energy_file
 from openmm_backmap.systems.builtin import DATA_DIR
 from openmm_backmap.units import kT
-from openmm_backmap.geometry import random_rotation
 
 
 @pytest.fixture(scope="module")

@@ -6,20 +6,22 @@ import json
 import mdtraj as md
 import numpy as np
 import pytest
+from _backmap_helpers import ala2_reference, ala2_six, needs_compiler
 
 from openmm_backmap.cli import main
 from openmm_backmap.mapping import CGMapping
-from _backmap_helpers import ala2_reference, needs_compiler, one_thread  # noqa: F401
 
-# residue order kept monotonic (C(ACE), N, CA, CB, C, N(NME)) so the CG topology writes as PDB
-GROUPS = [[4], [6], [8], [10], [14], [16]]
+
+def _groups() -> list[list[int]]:
+    """The six-bead mapping as a hand-written groups file has it: bare atom-index lists."""
+    return [[int(i)] for i in ala2_six(md.load_topology(str(ala2_reference()["pdb"]))).bead_atoms]
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     ref = ala2_reference()
     d = tmp_path_factory.mktemp("cli")
-    (d / "groups.json").write_text(json.dumps({"groups": GROUPS}))
+    (d / "groups.json").write_text(json.dumps({"groups": _groups()}))
     ckpt = d / "model.ckpt"
     rc = main(
         [
@@ -50,7 +52,7 @@ def workdir(tmp_path_factory):
     assert rc == 0
     assert main(["export", str(ckpt), "-o", str(d / "model.pt")]) == 0
     traj = md.load(str(ref["dcd"]), top=str(ref["pdb"]))[:12]
-    mapping = CGMapping(traj.topology, GROUPS)
+    mapping = CGMapping(traj.topology, _groups())
     cg = mapping.cg_trajectory(traj)
     cg[0].save_pdb(str(d / "cg.pdb"))
     cg.save_dcd(str(d / "cg.dcd"))
@@ -58,7 +60,29 @@ def workdir(tmp_path_factory):
 
 
 def test_train_writes_checkpoints(workdir):
-    assert (workdir / "model.ckpt").is_file() and (workdir / "model.ml.ckpt").is_file()
+    import torch
+
+    from openmm_backmap.io.checkpoints import load_checkpoint, read_checkpoint
+    from openmm_backmap.training.backmapper import mean_nll
+    from openmm_backmap.training.pipeline import load_frames, split_frames
+
+    final, ml = read_checkpoint(workdir / "model.ckpt"), read_checkpoint(workdir / "model.ml.ckpt")
+    assert final["stage"] == "done" and ml["stage"] == "ml-done"
+    record = final["spec"]["training"]
+    assert record["ml"]["epochs"] == 1 and record["energy"]["steps"] == 3 and "energy" not in ml["spec"]["training"]
+    assert record["data"]["n_frames"] == 200 and record["data"]["n_train"] + record["data"]["n_val"] == 200
+    # the refinement moved the parameters away from the maximum-likelihood ones
+    assert any(not torch.equal(final["state_dict"][k], ml["state_dict"][k]) for k in final["state_dict"])
+    # the recorded validation NLL is that of the saved parameters on the validation blocks
+    ref = ala2_reference()
+    frames = load_frames(str(ref["pdb"]), str(ref["dcd"]), str(workdir / "groups.json"), stride=5)
+    _, va = split_frames(frames.part_frames, 0.1, seed=0)
+    assert len(va) == record["data"]["n_val"]
+    model, _ = load_checkpoint(workdir / "model.ckpt")
+    x = torch.as_tensor(frames.traj.xyz[va], dtype=model.M.dtype)
+    nll = mean_nll(model, x, torch.as_tensor(frames.mapping.project(frames.traj.xyz[va].astype(np.float64)),
+                                             dtype=model.M.dtype))
+    assert nll == pytest.approx(record["final_val_nll"], abs=1e-4)
 
 
 def test_info_prints_metadata(workdir, capsys):
@@ -85,7 +109,7 @@ def test_backmap_writes_frames_and_energies(workdir):
     assert aa.n_frames == 36
     cg = md.load(str(workdir / "cg.dcd"), top=str(workdir / "cg.pdb"))
     # the beads of every reconstruction sit on the CG frame it came from
-    idx = [g[0] for g in GROUPS]
+    idx = [g[0] for g in _groups()]
     assert np.allclose(aa.xyz[:, idx], np.repeat(cg.xyz, 3, 0), atol=1e-5)
     rows = list(csv.DictReader(open(energies)))
     assert len(rows) == 36 and rows[4]["frame"] == "1" and rows[4]["sample"] == "1"
@@ -111,7 +135,7 @@ def test_backmap_compile_gives_the_same_frames(workdir):
 def test_backmap_rejects_wrong_bead_count(workdir, capsys):
     ref = ala2_reference()
     traj = md.load(str(ref["dcd"]), top=str(ref["pdb"]))[:3]
-    five = CGMapping(traj.topology, GROUPS[:5]).cg_trajectory(traj)
+    five = CGMapping(traj.topology, _groups()[:5]).cg_trajectory(traj)
     five[0].save_pdb(str(workdir / "cg5.pdb"))
     five.save_dcd(str(workdir / "cg5.dcd"))
     rc = main(
@@ -206,14 +230,14 @@ def test_train_rejects_a_system_for_another_molecule(workdir, capsys, tmp_path):
 
 
 def test_train_on_several_trajectories_with_a_restrained_run(tmp_path, capsys):
-    from openmm_backmap.systems.reference import generate_reference
     from openmm_backmap.io.checkpoints import read_checkpoint
+    from openmm_backmap.systems.reference import generate_reference
     from openmm_backmap.training.pipeline import _previous_index
 
     ref = ala2_reference()
     rest = generate_reference("ala2", 0.02, tmp_path / "aR", seed=5, save_every_ps=0.2, equilibrate_ps=2.0,
                               progress=False, restrain="alpha_R")
-    (tmp_path / "groups.json").write_text(json.dumps({"groups": GROUPS}))
+    (tmp_path / "groups.json").write_text(json.dumps({"groups": _groups()}))
     common = ["train", "--topology", str(ref["pdb"]), "--trajectory", str(ref["dcd"]), str(rest["dcd"]),
               "--epochs", "1", "--stride", "5", "--hidden", "16", "--layers", "2", "--no-progress", "--temporal"]
     rc = main(common + ["--mapping", str(tmp_path / "groups.json"), "--out", str(tmp_path / "m.ckpt")])

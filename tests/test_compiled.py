@@ -16,19 +16,16 @@ import numpy as np
 import openmm
 import pytest
 import torch
-from openmm import unit
-
-from openmm_backmap.io.model_files import load_model_bytes
-from openmm_backmap.openmm import forces
-from openmm_backmap.openmm.plugin import load_native_plugin, native_plugin_status
-from openmm_backmap.io.model_files import is_compiled_package, read_compiled_metadata
-from openmm_backmap.openmm.compiled import compile_model, load_compiled
-from openmm_backmap.io.checkpoints import make_cg_spec
-from openmm_backmap.io.model_files import export_cg
-from openmm_backmap.models.cg_potential import CGFlowPotential
-
 from _backmap_helpers import needs_compiler
+from openmm import unit
 from test_potentials import BRANCHED6, randomise, synthetic_chain
+
+from openmm_backmap.io.checkpoints import make_cg_spec
+from openmm_backmap.io.model_files import export_cg, is_compiled_package, load_model_bytes, read_compiled_metadata
+from openmm_backmap.models.cg_potential import CGFlowPotential
+from openmm_backmap.openmm import forces
+from openmm_backmap.openmm.compiled import compile_model, load_compiled
+from openmm_backmap.openmm.plugin import load_native_plugin, native_plugin_status
 
 pytestmark = needs_compiler
 

@@ -6,10 +6,11 @@ import mdtraj as md
 import numpy as np
 import pytest
 
-from openmm_backmap.cli import main
 from openmm_backmap.analysis.basins import backbone_dihedrals, basin_indicators
+from openmm_backmap.cli import main
 from openmm_backmap.io.trajectories import load_trajectory
-from openmm_backmap.systems.builtin import BASIN_WINDOWS, basin_restraint
+from openmm_backmap.mapping import CGMapping
+from openmm_backmap.systems.builtin import BASIN_WINDOWS, ala2_six_bead_mapping, basin_restraint
 from openmm_backmap.systems.reference import (
     check_restraint_for_mapping,
     generate_reference,
@@ -17,7 +18,6 @@ from openmm_backmap.systems.reference import (
     require_unrestrained,
 )
 from openmm_backmap.training.data import block_split, make_pairs
-from openmm_backmap.mapping import CGMapping
 
 
 @pytest.fixture(scope="module")
@@ -194,9 +194,9 @@ def test_restrained_reference_stays_in_basin_and_records_it(restrained):
 
 def test_restrained_run_accepted_only_when_restrained_atoms_are_beads(restrained):
     top = md.load_topology(str(restrained["pdb"]))
-    six = CGMapping(top, [[4], [6], [8], [10], [14], [16]])
+    six = ala2_six_bead_mapping(top)
     check_restraint_for_mapping(restrained["dcd"], six)
-    missing_psi_n = CGMapping(top, [[4], [6], [8], [10], [14]])
+    missing_psi_n = CGMapping(top, six.groups[:5])  # without N(NME), atom 16
     with pytest.raises(ValueError, match=r"atoms \[16\] that are not CG beads"):
         check_restraint_for_mapping(restrained["dcd"], missing_psi_n)
     coms = CGMapping.from_preset(top, "residue-com")

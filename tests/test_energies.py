@@ -6,7 +6,6 @@ import pytest
 import torch
 from openmm import app, unit
 
-from openmm_backmap.systems.builtin import builtin_system
 from openmm_backmap.openmm.energies import (
     OpenMMBridgeEnergy,
     ReducedEnergy,
@@ -15,6 +14,7 @@ from openmm_backmap.openmm.energies import (
     load_system,
     unsupported_forces,
 )
+from openmm_backmap.systems.builtin import builtin_system
 from openmm_backmap.units import kT
 
 

@@ -7,12 +7,13 @@ import openmm
 import torch
 from openmm import unit
 
-from openmm_backmap.analysis import metrics as analysis
-from openmm_backmap.cli import main
-from openmm_backmap.openmm.energies import load_system
 from openmm_backmap.analysis.evaluate import evaluate_model
+from openmm_backmap.analysis.metrics import energy_w1
 from openmm_backmap.analysis.plots import free_energy_surface
+from openmm_backmap.analysis.reweighting import conditional_ess
+from openmm_backmap.cli import main
 from openmm_backmap.io.backmap_model import load_model
+from openmm_backmap.openmm.energies import load_system
 
 
 def test_metrics_match_independent_recomputation(tiny_ala2, tmp_path):
@@ -37,9 +38,9 @@ def test_metrics_match_independent_recomputation(tiny_ala2, tmp_path):
     u_aa = np.array([energy(x) for x in aa]).reshape(12, 8)
     u_ref = np.array([energy(x) for x in ref])
     u_aa = np.where(np.isfinite(u_aa), u_aa, np.inf)
-    w1 = analysis.energy_w1(u_aa[:, 0], u_ref)
+    w1 = energy_w1(u_aa[:, 0], u_ref)
     assert abs(metrics["energy_w1_kjmol"] - w1) < 1e-3 * max(1.0, w1)
-    ess = analysis.conditional_ess(u_aa, log_q.reshape(12, 8), 300.0)
+    ess = conditional_ess(u_aa, log_q.reshape(12, 8), 300.0)
     assert abs(metrics["conditional_ess"] - ess) < 1e-3
     assert 1 / 8 - 1e-9 <= metrics["conditional_ess"] <= 1.0
     nll = -model.log_prob(ref.astype(np.float32)).mean() / 22

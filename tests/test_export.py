@@ -3,6 +3,7 @@ metadata; load_model checks its inputs."""
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -11,20 +12,19 @@ import mdtraj as md
 import numpy as np
 import pytest
 import torch
+from _backmap_helpers import ala2_constraints, ala2_reference, ala2_six, ala2_traj, needs_compiler
 
 from openmm_backmap.io.backmap_model import load_model
-from openmm_backmap.io.model_files import export_model, read_model_file
-from openmm_backmap.openmm.energies import aa_energy
-from openmm_backmap.mapping import CGMapping
-from openmm_backmap.models.backmapper import Backmapper
 from openmm_backmap.io.checkpoints import make_spec
-from _backmap_helpers import ALA2_SIX, ala2_constraints, ala2_reference, ala2_traj, needs_compiler, one_thread  # noqa: F401
+from openmm_backmap.io.model_files import export_model, read_model_file
+from openmm_backmap.models.backmapper import Backmapper
+from openmm_backmap.openmm.energies import aa_energy
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     traj = ala2_traj()
-    mapping = CGMapping(traj.topology, ALA2_SIX)
+    mapping = ala2_six(traj.topology)
     torch.manual_seed(0)
     model = Backmapper.from_data(mapping, traj.xyz, constraints=ala2_constraints(), hidden=32, n_layers=2)
     g = torch.Generator().manual_seed(1)
@@ -120,6 +120,9 @@ def test_load_model_wrapper(exported):
     assert np.allclose(bm.log_prob(aa), lq, atol=1e-3)  # cg from the mapping
     energy = aa_energy(bm.system_xml)
     assert torch.isfinite(energy(torch.as_tensor(aa, dtype=torch.float64))).all()
+    # pickles as its file (as a ResolutionMove's state holds it): the same samples for the same seed
+    again = pickle.loads(pickle.dumps(bm))
+    assert again.path == bm.path and np.array_equal(again.sample(X[:2], 3, seed=0)[0], aa)
 
 
 def test_load_model_input_errors(exported, tmp_path):

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from openmm_backmap.flows import CouplingFlow, MixedBase, rq_spline
-from _backmap_helpers import one_thread  # noqa: F401
 
 
 def _spline_params(g, m, k, dtype=torch.float64):

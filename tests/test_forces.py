@@ -141,8 +141,21 @@ def _assert_close(expected: float | np.ndarray, actual: float | np.ndarray, rel:
 # --------------------------------------------------------------------------------------------
 
 
-def test_python_backend_always_available():
+def test_python_backend_always_available(monkeypatch):
+    # with neither the native plugin nor openmm-torch, "auto" falls back to a PythonForce that works
     assert forces.available_backends()[-1] == "python"
+    monkeypatch.setattr(forces, "load_native_plugin", lambda: None)
+    monkeypatch.setattr(forces, "native_plugin_status", lambda: (False, "hidden by the test"))
+    monkeypatch.setattr(forces, "_import_openmmtorch", lambda: (None, "hidden by the test"))
+    assert forces.available_backends() == ["python"]
+    n, module = 5, DistanceMLP(5)
+    force = forces.create_force(module, backend="auto", numParticles=n)
+    assert isinstance(force, openmm.PythonForce)
+    positions = _positions(n, seed=14)
+    energy, f = _energy_forces(_context(_system(n, force), "Reference"), positions)
+    expected_energy, expected_forces = _eager(module, positions)
+    _assert_close(expected_energy, energy)
+    _assert_close(expected_forces, f)
 
 
 def test_native_plugin_loads_when_built():

@@ -6,6 +6,7 @@ import mdtraj as md
 import numpy as np
 import pytest
 import torch
+from _backmap_helpers import ala2_six, ala2_traj
 
 from openmm_backmap.geometry import (
     InternalCoordinates,
@@ -16,7 +17,6 @@ from openmm_backmap.geometry import (
     nerf,
     zmatrix_from_topology,
 )
-from _backmap_helpers import ALA2_SIX, ala2_traj, one_thread  # noqa: F401
 
 torch.set_default_dtype(torch.float32)
 
@@ -44,7 +44,7 @@ def _chain(n):
 
 def test_zmatrix_refs_are_placed_before_use():
     traj = ala2_traj()
-    anchors = [g[0] for g in ALA2_SIX]
+    anchors = ala2_six(traj.topology).bead_atoms.tolist()
     z = zmatrix_from_topology(traj.topology, anchors)
     placed = set(anchors)
     order = np.concatenate(z.levels)
@@ -62,7 +62,7 @@ def test_zmatrix_refs_are_placed_before_use():
 def test_ic_round_trip_with_anchors_and_without():
     traj = ala2_traj()
     x = torch.tensor(traj.xyz[:50], dtype=torch.float64)
-    anchors = [g[0] for g in ALA2_SIX]
+    anchors = ala2_six(traj.topology).bead_atoms.tolist()
     ic = InternalCoordinates(zmatrix_from_topology(traj.topology, anchors)).double()
     r, th, ph, root = ic.to_internal(x)
     assert torch.allclose(ic.to_cartesian(x[:, anchors], r, th, ph, root), x, atol=1e-10)
@@ -80,7 +80,7 @@ def test_ic_round_trip_with_anchors_and_without():
 def test_log_jacobian_matches_autograd():
     traj = ala2_traj()
     x = torch.tensor(traj.xyz[0:1], dtype=torch.float64)
-    anchors = [g[0] for g in ALA2_SIX]
+    anchors = ala2_six(traj.topology).bead_atoms.tolist()
     ic = InternalCoordinates(zmatrix_from_topology(traj.topology, anchors)).double()
     r, th, ph, root = ic.to_internal(x)
     free = ic.rows[:, 0]

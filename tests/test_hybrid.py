@@ -16,13 +16,15 @@ import torch
 from openmm import unit
 
 from openmm_backmap._compat import import_openmmtools
-from openmm_backmap.units import kT
 from openmm_backmap.sampling.hybrid import (
     BatchedHybridSampler,
     CGFlowKernel,
     CGHamiltonianKernel,
     ResolutionMove,
+    log_acceptance,
+    metropolis,
 )
+from openmm_backmap.units import kT
 
 import_openmmtools()
 from openmmtools import cache, mcmc, states  # noqa: E402
@@ -163,6 +165,50 @@ def test_wrong_atom_count_is_refused():
         ResolutionMove(ToyBackmapper(s=0.1), np.array([[0.5, 0.6]]), CGFlowKernel(ToyCGFlow(0.2)))
 
 
+def test_acceptance_is_one_rule_for_both_samplers():
+    # log a = [-u' - log q' + c'] - [-u - log q + c], impossible pairs refused, one draw per chain
+    log_a = log_acceptance([1.0, np.inf, 2.0], [0.5, 0.0, 0.0], [0.25, 0.0, 0.0],
+                           [2.0, np.inf, np.inf], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0])
+    np.testing.assert_allclose(log_a, [(-1.0 - 0.5 + 0.25) - (-2.0 - 1.0), -np.inf, np.inf])
+    rng, again = np.random.default_rng(3), np.random.default_rng(3)
+    accept = metropolis(log_a, rng)
+    u = again.uniform(size=3)
+    np.testing.assert_array_equal(accept, [np.log(u[0]) < min(log_a[0], 0.0), False, True])
+
+
+def test_resolution_move_keeps_its_own_generators_and_serialises():
+    """The openmmtools contract: statistics, __getstate__/__setstate__; torch's global generator is
+    neither seeded nor advanced by the move, and a restored move continues the same chain."""
+    import pickle
+
+    from openmmtools import utils
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    move = ResolutionMove(ToyBackmapper(s=0.15), np.array([[0.5, 0.5]]), CGFlowKernel(ToyCGFlow(0.35), rigid=False),
+                          n_attempts=3, seed=7, dtype=torch.float64)
+    _run(move, 5)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert move.statistics == {"n_accepted": move.stats.n_accepted, "n_proposed": 15}
+    assert 0 < move.stats.n_accepted < 15  # the log below means something
+    restored = pickle.loads(pickle.dumps(move))
+    np.testing.assert_array_equal(_run(restored, 5, seed=9), _run(move, 5, seed=9))
+    assert restored.statistics == move.statistics and restored.stats.accepted == move.stats.accepted
+    # openmmtools' own serialisation round trip, and its statistics setter
+    copy = utils.deserialize(utils.serialize(move))
+    assert copy.statistics == move.statistics and copy.n_attempts == 3 and copy.dtype == torch.float64
+    copy.statistics = {"n_accepted": 1, "n_proposed": 4}
+    assert copy.stats.acceptance_rate == 0.25
+    # the same seed gives the same chain whatever torch's global state
+    torch.manual_seed(999)
+    fresh = ResolutionMove(ToyBackmapper(s=0.15), np.array([[0.5, 0.5]]), CGFlowKernel(ToyCGFlow(0.35), rigid=False),
+                           n_attempts=3, seed=7, dtype=torch.float64)
+    torch.manual_seed(123)
+    other = ResolutionMove(ToyBackmapper(s=0.15), np.array([[0.5, 0.5]]), CGFlowKernel(ToyCGFlow(0.35), rigid=False),
+                           n_attempts=3, seed=7, dtype=torch.float64)
+    np.testing.assert_array_equal(_run(fresh, 4), _run(other, 4))
+
+
 # ---------------------------------------------------------------------------- many chains at once
 def _toy_energy(x):
     """U(x) of :func:`_aa_system` for a batch (B, 2, 3), kJ/mol."""
@@ -249,8 +295,8 @@ def test_run_hybrid_with_batched_chains(tiny_ala2, tiny_cg, tmp_path):
 
     import mdtraj as md
 
-    from openmm_backmap.cli import main
     from openmm_backmap.analysis.basins import BASINS, backbone_dihedrals, basin_indicators
+    from openmm_backmap.cli import main
 
     out = tmp_path / "batched"
     code = main(["hybrid", "--model", str(tiny_ala2["model"]), "--cg-model", str(tiny_cg), "--start",
@@ -307,10 +353,10 @@ def test_ala2_hybrid_basin_populations_match_long_reference(tmp_path):
     import mdtraj as md
 
     from openmm_backmap.analysis.basins import BASINS, basin_populations
-    from openmm_backmap.systems.reference import generate_reference
-    from openmm_backmap.systems.umbrella import umbrella_basin_populations
     from openmm_backmap.demo import run_demo
     from openmm_backmap.sampling.hybrid import HybridRun, run_hybrid
+    from openmm_backmap.systems.reference import generate_reference
+    from openmm_backmap.systems.umbrella import umbrella_basin_populations
 
     demo = os.environ.get("OPENMM_BACKMAP_DEMO")
     if demo is None:

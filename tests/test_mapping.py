@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from openmm_backmap.systems.builtin import DATA_DIR
 from openmm_backmap.mapping import CGMapping
+from openmm_backmap.systems.builtin import ALA2_SIX_BEADS, DATA_DIR
 
-ALA2_SIX = ["ACE1-C", "ALA2-N", "ALA2-CA", "ALA2-C", "NME3-N", "ALA2-CB"]
+# the package's six-bead mapping with CB moved last: ALA2's beads are then not consecutive
+CB_LAST = [*(b for b in ALA2_SIX_BEADS if b != "ALA2-CB"), "ALA2-CB"]
+CB_LAST_NAMES = ["C1", "N", "CA", "C", "N2", "CB"]
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +143,7 @@ def test_cg_topology_writes_when_a_residue_is_split(tmp_path, ala2):
     # CB listed after the next residue's bead: the CG topology splits ALA2 into two pieces so that
     # bead i stays atom i and PDB writers (which need contiguous residues) still work
     lab = _labels(ala2.topology)
-    mapping = CGMapping(ala2.topology, [[lab[name]] for name in ALA2_SIX], names=["C1", "N", "CA", "C", "N2", "CB"])
+    mapping = CGMapping(ala2.topology, [[lab[name]] for name in CB_LAST], names=CB_LAST_NAMES)
     top = mapping.cg_topology
     assert [a.name for a in top.atoms] == mapping.names
     assert [r.name for r in top.residues] == ["ACE", "ALA", "NME", "ALA"]
@@ -155,7 +157,7 @@ def test_cg_topology_writes_when_a_residue_is_split(tmp_path, ala2):
 def test_groups_json_round_trip(tmp_path, ala2):
     top = ala2.topology
     lab = _labels(top)
-    groups = [[lab[name]] for name in ALA2_SIX]
+    groups = [[lab[name]] for name in CB_LAST]
     groups.append([lab["ALA2-CA"], lab["ALA2-HA"]])
     mapping = CGMapping(top, groups, names=["C1", "N", "CA", "C", "N2", "CB", "CAH"])
     path = tmp_path / "groups.json"

@@ -7,12 +7,13 @@ import mdtraj as md
 import numpy as np
 import pytest
 import torch
+from _backmap_helpers import ala2_constraints, ala2_six, ala2_traj
 
+from openmm_backmap.geometry import random_rotation
+from openmm_backmap.io.checkpoints import make_spec
 from openmm_backmap.mapping import CGMapping
 from openmm_backmap.models.backmapper import Backmapper
-from openmm_backmap.io.checkpoints import make_spec
 from openmm_backmap.training.backmapper import train_ml
-from _backmap_helpers import ALA2_SIX, ala2_constraints, ala2_traj, one_thread, random_rotation  # noqa: F401
 
 
 def _toy_topology(n_atoms, bonds, elements=None):
@@ -171,7 +172,7 @@ def test_centre_of_mass_bead_is_exact_and_normalised():
 @pytest.fixture(scope="module")
 def ala2_model():
     traj = ala2_traj()
-    mapping = CGMapping(traj.topology, ALA2_SIX)
+    mapping = ala2_six(traj.topology)
     torch.manual_seed(0)
     model = Backmapper.from_data(mapping, traj.xyz, constraints=ala2_constraints(), hidden=32, n_layers=4).double()
     _perturb(model, 0.05, 2)
@@ -247,7 +248,7 @@ def test_wrong_bead_count_raises(ala2_model):
 
 def test_temporal_model_conditions_on_previous_frame():
     traj = ala2_traj()
-    mapping = CGMapping(traj.topology, ALA2_SIX)
+    mapping = ala2_six(traj.topology)
     torch.manual_seed(0)
     model = Backmapper.from_data(
         mapping, traj.xyz, constraints=ala2_constraints(), hidden=16, n_layers=2, temporal=True

@@ -1,9 +1,9 @@
 """Run the native plugin's C++ tests (cpp/tests, via ctest) from pytest.
 
 They run in the build tree build/cpp (``python cpp/build_plugin.py --tests`` makes it); when there
-is none, this test makes it first (a few minutes on 2 cores, incremental afterwards), so a fresh
-clone's test run, CI included, runs the C++ suite too. Only a machine without a compiler or CMake
-skips, with the reason.  The C++ tests check analytic energies and
+is none, this test makes it first (a few minutes on 2 cores, incremental afterwards). It is marked
+``build`` and left out of the default run: ``pytest -m build`` runs it. Only a machine without a
+compiler or CMake skips, with the reason.  The C++ tests check analytic energies and
 forces, F = -dE/dx by finite differences, global parameters and dE/dk, periodic boxes, float32
 modules and errors on the Reference and CPU platforms, and the XML round trip.
 """
@@ -47,6 +47,7 @@ def _build_with_tests(tmp_path: Path) -> str:
     return failed.read_text().strip()[:500] if failed.exists() else ""
 
 
+@pytest.mark.build
 def test_ctest_suite(tmp_path):
     ctest = _ctest()
     if ctest is None:

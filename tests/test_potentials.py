@@ -35,7 +35,7 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-from openmm_backmap.geometry import random_rotation  # noqa: E402,F401 - re-exported for the tests
+from openmm_backmap.geometry import random_rotation  # noqa: E402
 
 
 def synthetic_chain(n_frames: int, bonds, seed: int = 0, bond_std: float = 0.01, angle_std: float = 0.15) -> np.ndarray:

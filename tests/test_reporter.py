@@ -10,11 +10,11 @@ import torch
 from openmm import app, unit
 
 from openmm_backmap.analysis.reweighting import reweight
+from openmm_backmap.io.backmap_model import load_model
 from openmm_backmap.io.energy_file import read_energy_file
 from openmm_backmap.openmm.energies import load_system
-from openmm_backmap.units import kT
-from openmm_backmap.io.backmap_model import load_model
 from openmm_backmap.openmm.reporter import BackmapReporter, make_whole
+from openmm_backmap.units import kT
 
 T = 300.0
 INTERVAL = 50
@@ -219,9 +219,9 @@ def test_make_whole_restores_bonds_across_the_box():
 
 def test_temporal_reporter_conditions_on_previous_reconstruction(tiny_ala2, setup, tmp_path):
     """temporal=True: each frame's log q is that of the temporal model given the previous frame."""
+    from openmm_backmap.io.checkpoints import make_spec
     from openmm_backmap.io.model_files import export_model
     from openmm_backmap.models.backmapper import Backmapper
-    from openmm_backmap.io.checkpoints import make_spec
 
     traj, mapping = tiny_ala2["traj"], tiny_ala2["mapping"]
     torch.manual_seed(1)

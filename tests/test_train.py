@@ -4,10 +4,11 @@ energy; energy refinement lowers the reverse KL."""
 import mdtraj as md
 import numpy as np
 import torch
+from _backmap_helpers import ala2_constraints, ala2_reference, ala2_six, ala2_traj
 
+from openmm_backmap.io.checkpoints import load_checkpoint, make_spec
 from openmm_backmap.mapping import CGMapping
 from openmm_backmap.models.backmapper import Backmapper
-from openmm_backmap.io.checkpoints import load_checkpoint, make_spec
 from openmm_backmap.training.backmapper import (
     mean_nll,
     methyl_groups,
@@ -16,12 +17,11 @@ from openmm_backmap.training.backmapper import (
     train_ml,
 )
 from openmm_backmap.training.pipeline import detect_constraints
-from _backmap_helpers import ALA2_SIX, ala2_constraints, ala2_reference, ala2_traj, one_thread  # noqa: F401
 
 
 def _sets():
     traj = ala2_traj()
-    mapping = CGMapping(traj.topology, ALA2_SIX)
+    mapping = ala2_six(traj.topology)
     x = traj.xyz.astype(np.float64)
     X = mapping.project(x)
     return mapping, (x[:600], X[:600]), (x[800:], X[800:])
@@ -73,7 +73,7 @@ def test_methyl_permutation_keeps_energy():
     from openmm_backmap.openmm.energies import aa_energy
 
     traj = ala2_traj()
-    methyls = methyl_groups(traj.topology, exclude=[g[0] for g in ALA2_SIX])
+    methyls = methyl_groups(traj.topology, exclude=ala2_six(traj.topology).bead_atoms)
     assert len(methyls) == 3
     x = torch.as_tensor(traj.xyz[:20], dtype=torch.float64)
     xp = permute_methyls(x, methyls, torch.Generator().manual_seed(0))
