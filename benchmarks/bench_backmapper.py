@@ -25,13 +25,11 @@ import mdtraj as md
 import numpy as np
 import torch
 
-from openmm_backmap.openmm.energies import constraints_from_system
-from openmm_backmap.systems.builtin import builtin_system
 from openmm_backmap.io.backmap_model import CompiledBackmapper
 from openmm_backmap.mapping import CGMapping
 from openmm_backmap.models.backmapper import Backmapper
-
-ALA2_SIX = [[4], [6], [8], [10], [14], [16]]
+from openmm_backmap.openmm.energies import constraints_from_system
+from openmm_backmap.systems.builtin import ala2_six_bead_mapping, builtin_system
 
 
 def build(name: str, hidden: int, layers: int) -> tuple[Backmapper, torch.Tensor]:
@@ -42,7 +40,7 @@ def build(name: str, hidden: int, layers: int) -> tuple[Backmapper, torch.Tensor
     x0 = np.asarray(positions.value_in_unit(unit.nanometer), dtype=np.float64)
     rng = np.random.default_rng(0)
     x = x0[None] + 0.005 * rng.normal(size=(256,) + x0.shape)
-    mapping = CGMapping(mtop, ALA2_SIX) if name == "ala2" else CGMapping.from_preset(mtop, "ca")
+    mapping = ala2_six_bead_mapping(mtop) if name == "ala2" else CGMapping.from_preset(mtop, "ca")
     torch.manual_seed(0)
     model = Backmapper.from_data(
         mapping, x, constraints=constraints_from_system(system), hidden=hidden, n_layers=layers

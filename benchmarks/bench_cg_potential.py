@@ -59,8 +59,8 @@ def phi_psi_js(X: np.ndarray, X_ref: np.ndarray) -> float:
 def load_reference(directory: Path):
     """(mapping, all projected frames (N, 6, 3), train/val/test pairs) of an ALA2 reference run."""
     from openmm_backmap.io.trajectories import load_trajectory
-    from openmm_backmap.training.data import make_pairs
     from openmm_backmap.systems.builtin import ala2_six_bead_mapping
+    from openmm_backmap.training.data import make_pairs
 
     traj = load_trajectory(directory / "ala2.dcd", directory / "ala2.pdb")
     mapping = ala2_six_bead_mapping(traj.topology)

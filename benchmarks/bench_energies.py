@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-from openmm_backmap.systems.builtin import builtin_system
 from openmm_backmap.openmm.energies import OpenMMBridgeEnergy, TorchSystemEnergy
+from openmm_backmap.systems.builtin import builtin_system
 
 
 def _rate(fn, n_samples: int, repeats: int) -> float:

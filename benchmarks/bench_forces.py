@@ -27,10 +27,9 @@ import io
 import os
 import platform as host
 import sys
+import tempfile
 import time
 from pathlib import Path
-
-import tempfile
 
 import numpy as np
 import openmm
@@ -39,8 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from openmm_backmap.io.model_files import load_model_bytes  # noqa: E402
 from openmm_backmap.openmm import forces  # noqa: E402
-from openmm_backmap.openmm.plugin import native_plugin_status  # noqa: E402
 from openmm_backmap.openmm.compiled import compile_model  # noqa: E402
+from openmm_backmap.openmm.plugin import native_plugin_status  # noqa: E402
 
 # Masses (Da) and bond lengths (nm) of the two CG systems.  ala2: CH3-C(O)-N(H)-CA-C(O)-N(H)CH3
 # lumped into 6 beads along the backbone; chain10: 10 identical beads.

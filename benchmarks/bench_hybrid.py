@@ -30,13 +30,11 @@ import openmm
 import torch
 from openmm import app, unit
 
-from openmm_backmap.analysis.basins import backbone_dihedrals, basin_indicators
-from openmm_backmap.openmm.energies import load_system
+from openmm_backmap.analysis.basins import backbone_dihedrals, backbone_torsions, basin_indicators
 from openmm_backmap.io.backmap_model import load_model
-from openmm_backmap.analysis.basins import backbone_torsions
-from openmm_backmap.openmm.energies import aa_energy
-from openmm_backmap.sampling.hybrid import BatchedHybridSampler, HybridRun, run_hybrid
 from openmm_backmap.io.model_files import load_cg_potential
+from openmm_backmap.openmm.energies import aa_energy, load_system
+from openmm_backmap.sampling.hybrid import BatchedHybridSampler, HybridRun, run_hybrid
 
 
 def inefficiency(series: np.ndarray) -> float:

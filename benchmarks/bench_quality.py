@@ -22,9 +22,10 @@ import mdtraj as md
 import numpy as np
 import torch
 
-from openmm_backmap.analysis import metrics as analysis
-from openmm_backmap.openmm.energies import aa_energy
+from openmm_backmap.analysis.metrics import bond_score, chirality_errors, clash_score, energy_w1, ramachandran_js
+from openmm_backmap.analysis.reweighting import conditional_ess
 from openmm_backmap.io.backmap_model import load_model
+from openmm_backmap.openmm.energies import aa_energy
 
 
 def evaluate(model_path, traj, energy, n_frames=2000, ess_frames=200, k=64, seed=0) -> dict:
@@ -48,17 +49,17 @@ def evaluate(model_path, traj, energy, n_frames=2000, ess_frames=200, k=64, seed
     out = {
         "model": str(model_path),
         "frames": int(len(ref)),
-        "bond_score": analysis.bond_score(aa, top, reference=x_ref),
-        "clash_score_pct": analysis.clash_score(aa, top),
-        "chirality_errors_pct": analysis.chirality_errors(aa, top, x_ref),
-        "energy_w1_kjmol": analysis.energy_w1(u_s, u_ref),
+        "bond_score": bond_score(aa, top, reference=x_ref),
+        "clash_score_pct": clash_score(aa, top),
+        "chirality_errors_pct": chirality_errors(aa, top, x_ref),
+        "energy_w1_kjmol": energy_w1(u_s, u_ref),
         "mean_U_samples": float(np.mean(u_s)),
         "mean_U_reference": float(np.mean(u_ref)),
         "nll_per_frame": float(-np.mean(model.log_prob(x_ref.astype(np.float32), X.astype(np.float32)))),
         "sample_seconds": t_sample,
     }
     try:
-        out["rama_js"] = analysis.ramachandran_js(md.Trajectory(aa, top), ref)
+        out["rama_js"] = ramachandran_js(md.Trajectory(aa, top), ref)
     except Exception as err:  # noqa: BLE001 - molecules without phi/psi
         out["rama_js"] = f"n/a ({type(err).__name__})"
     # conditional ESS: K samples for each of ess_frames CG frames
@@ -71,7 +72,7 @@ def evaluate(model_path, traj, energy, n_frames=2000, ess_frames=200, k=64, seed
                 for s in range(0, len(aa_k), 2048)
             ]
         )
-    out["conditional_ess"] = analysis.conditional_ess(
+    out["conditional_ess"] = conditional_ess(
         u_k.reshape(len(sel), k), lq_k.reshape(len(sel), k).astype(np.float64), model.temperature
     )
     out["conditional_ess_K"] = k

@@ -24,10 +24,10 @@ import openmm
 import torch
 from openmm import app, unit
 
-from openmm_backmap.openmm.energies import OpenMMBridgeEnergy, aa_energy
 from openmm_backmap.io.backmap_model import load_model
-from openmm_backmap.openmm.forces import create_cg_system
 from openmm_backmap.mapping import CGMapping
+from openmm_backmap.openmm.energies import OpenMMBridgeEnergy, aa_energy
+from openmm_backmap.openmm.forces import create_cg_system
 from openmm_backmap.openmm.reporter import BackmapReporter
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from openmm_backmap.io.trajectories import load_trajectory
-from openmm_backmap.demo import run_cg_simulation
 from openmm_backmap.analysis.evaluate import evaluate_run
+from openmm_backmap.demo import run_cg_simulation
+from openmm_backmap.io.trajectories import load_trajectory
 from openmm_backmap.mapping import CGMapping
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

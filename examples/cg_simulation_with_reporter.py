@@ -4,7 +4,7 @@
         --cg-model models/cg.pt --mapping mapping.json --start reference/ala2.pdb --steps 100000
 
 The CG potential is a trained TorchScript model bound into the System as a force (give the compiled
-``models/cg.pt2`` of ``openmm-backmap compile`` for ~0.1 ms instead of ~10 ms per step); the reporter
+``models/cg.pt2`` of ``openmm-backmap compile`` for a much cheaper step: benchmarks/RESULTS.md); the reporter
 line is the only thing a CG script needs to get all-atom frames and their reweighting energies.
 """
 
@@ -30,7 +30,7 @@ mapping = CGMapping.from_spec(args.mapping, aa.topology)
 system = create_cg_system(mapping.masses(), args.cg_model)  # native plugin, openmm-torch or PythonForce
 # 1 fs and 10/ps: learned CG bonds are as stiff as covalent bonds (benchmarks/RESULTS.md, CG potential)
 integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 10 / unit.picosecond, 1 * unit.femtoseconds)
-# Reference: for a handful of particles OpenMM's CPU platform adds ~100-300 us of threading per step
+# Reference: for a handful of particles the CPU platform's threading costs more (benchmarks/RESULTS.md, Forces)
 simulation = app.Simulation(mapping.cg_topology.to_openmm(), system, integrator,
                             openmm.Platform.getPlatformByName("Reference"))
 simulation.context.setPositions(mapping.project(aa.xyz[0].astype(float)))

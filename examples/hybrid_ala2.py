@@ -12,10 +12,10 @@ import openmm
 from openmm import app, unit
 
 from openmm_backmap._compat import import_openmmtools
-from openmm_backmap.openmm.energies import load_system
 from openmm_backmap.io.backmap_model import load_model
-from openmm_backmap.sampling.hybrid import CGFlowKernel, ResolutionMove
 from openmm_backmap.io.model_files import load_cg_potential
+from openmm_backmap.openmm.energies import load_system
+from openmm_backmap.sampling.hybrid import CGFlowKernel, ResolutionMove
 
 import_openmmtools()
 from openmmtools import cache, mcmc, states  # noqa: E402

@@ -12,8 +12,8 @@ import argparse
 import mdtraj as md
 import numpy as np
 
-from openmm_backmap.analysis.reweighting import reweight
 from openmm_backmap.analysis.basins import backbone_dihedrals, basin_indicators
+from openmm_backmap.analysis.reweighting import reweight
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--trajectory", required=True)
