@@ -73,7 +73,7 @@ def _trajectory_format(path: Path) -> str:
         try:
             __import__(module)
         except ImportError:
-            raise ImportError(f"{path}: writing {kind.upper()} needs the {package} package (pip install {package})") from None
+            raise ImportError(f"{path}: writing {kind.upper()} needs {package} (pip install {package})") from None
     return kind
 
 
@@ -150,18 +150,34 @@ def _open_locked(path: Path, hold: bool = True):
 def _write_all(fh, data: bytes, offset: int) -> None:
     """Write ``data`` at ``offset`` (a short write is continued; an OS error propagates)."""
     view = memoryview(data)
+    fh.seek(offset)
     while view:
-        done = os.pwrite(fh.fileno(), view, offset)
-        view, offset = view[done:], offset + done
+        view = view[fh.write(view):]
 
 
-def _sync(fh, fsync: bool) -> None:
-    if fsync:
-        os.fsync(fh.fileno())
+class _LockedFile:
+    """An output held open, unbuffered, under an exclusive advisory lock while the reporter writes it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fh = None
+        self.created = False
+
+    def lock(self) -> None:
+        self.fh, self.created = _open_locked(self.path)
+
+    def sync(self, fsync: bool) -> None:
+        if fsync:
+            os.fsync(self.fh.fileno())
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
 
 
 # ---------------------------------------------------------------------------- trajectory files
-class _DCD:
+class _DCD(_LockedFile):
     """A DCD written by this reporter: float32 frames without unit cell, the step grid in the
     second title line. Each report's frames are written in one call before the header's frame
     count, so the frame count read back is the file size's (a crash leaves at most a cut frame)."""
@@ -169,40 +185,34 @@ class _DCD:
     header_bytes = 276
 
     def __init__(self, path: Path, n_atoms: int) -> None:
-        self.path, self.n_atoms = path, n_atoms
+        super().__init__(path)
+        self.n_atoms = n_atoms
         self.frame_bytes = 3 * (8 + 4 * n_atoms)
-        self.fh = None
-        self.created = False
         self.frames = 0
         self.dt_ps = 0.0
-
-    def lock(self) -> None:
-        self.fh, self.created = _open_locked(self.path)
 
     def inspect(self) -> tuple[_Grid | None, int]:
         size = os.fstat(self.fh.fileno()).st_size
         if size < self.header_bytes:  # empty, or cut while its header was written: no frames
             return None, 0
-        head = os.pread(self.fh.fileno(), self.header_bytes, 0)
+        self.fh.seek(0)
+        head = self.fh.read(self.header_bytes)
         if head[:8] != struct.pack("<i4s", 84, b"CORD"):
             raise ValueError(f"cannot append to {self.path}: it is not a DCD file (no CORD header)")
         title = head[100:260].decode("ascii", "replace")
         grid = _Grid.parse(title[80:]) if title.startswith("Created by openmm-backmap") else None
         if grid is None:
-            raise ValueError(
-                f"cannot append to {self.path}: it was not written by BackmapReporter (its header has no step "
-                "grid), so the steps of its frames are unknown; write a new file or pass append=False"
-            )
+            raise _not_ours(self.path, "its header has no step grid")
         n_atoms = struct.unpack_from("<i", head, 268)[0]
         if n_atoms != self.n_atoms:
-            raise ValueError(f"cannot append to {self.path}: it holds {n_atoms} atoms but the model reconstructs {self.n_atoms}")
+            raise ValueError(f"cannot append to {self.path}: it holds {n_atoms} atoms, not the model's {self.n_atoms}")
         frames = (size - self.header_bytes) // self.frame_bytes
         if frames:
-            marks = np.memmap(self.path, dtype="<i4", mode="r", offset=self.header_bytes, shape=(frames, 3, n_atoms + 2))
-            bad = np.flatnonzero(((marks[:, :, 0] != 4 * n_atoms) | (marks[:, :, -1] != 4 * n_atoms)).any(1))
+            marks = np.memmap(self.path, "<i4", "r", self.header_bytes, (frames, 3, n_atoms + 2))[:, :, [0, -1]]
+            bad = np.flatnonzero((marks != 4 * n_atoms).any((1, 2)))
             del marks
             if bad.size:
-                raise ValueError(f"{self.path}: frame {bad[0]} is damaged (its record markers are wrong); the file cannot be continued")
+                raise ValueError(f"{self.path}: frame {bad[0]} is damaged (wrong record markers); cannot continue it")
         return grid, int(frames)
 
     def begin(self, frames: int, grid: _Grid | None) -> None:
@@ -213,9 +223,9 @@ class _DCD:
             self._update_header(grid)
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        raw = os.pread(self.fh.fileno(), (stop - start) * self.frame_bytes, self.header_bytes + start * self.frame_bytes)
-        rec = np.frombuffer(raw, dtype="<f4").reshape(stop - start, 3, self.n_atoms + 2)[:, :, 1:-1]
-        return rec.transpose(0, 2, 1).astype(np.float64) / 10.0
+        self.fh.seek(self.header_bytes + start * self.frame_bytes)
+        rec = np.frombuffer(self.fh.read((stop - start) * self.frame_bytes), dtype="<f4")
+        return rec.reshape(stop - start, 3, self.n_atoms + 2)[:, :, 1:-1].transpose(0, 2, 1).astype(np.float64) / 10.0
 
     def write(self, xyz_nm: np.ndarray, time_ps: float, grid: _Grid) -> None:
         if self.frames == 0:
@@ -239,17 +249,14 @@ class _DCD:
         head += b"Created by openmm-backmap BackmapReporter".ljust(80) + grid.text().encode("ascii").ljust(80)
         return head + struct.pack("<4i", 164, 4, self.n_atoms, 4)
 
-    def sync(self, fsync: bool) -> None:
-        _sync(self.fh, fsync)
-
-    def close(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            self.fh = None
-
 
 def _int32(value: int) -> int:
     return max(min(int(value), 2**31 - 1), -(2**31))
+
+
+def _not_ours(path: Path, why: str) -> ValueError:
+    return ValueError(f"cannot append to {path}: it was not written by BackmapReporter ({why}), so the steps of "
+                      "its frames are unknown; write a new file or pass append=False")
 
 
 def _written(time_ps: float, xyz: np.ndarray) -> bool:
@@ -257,20 +264,16 @@ def _written(time_ps: float, xyz: np.ndarray) -> bool:
     return bool(np.abs(time_ps) < 1e30 and not (np.abs(xyz) > 1e30).any())
 
 
-class _NetCDF:
+class _NetCDF(_LockedFile):
     """An AMBER-convention NetCDF trajectory (Angstrom, times in ps) with the step grid in the
     global attribute ``openmm_backmap``, written through netCDF4 (mdtraj's writer cannot append).
     Cutting it rewrites the kept frames, times included, into a new file that replaces it."""
 
     def __init__(self, path: Path, n_atoms: int) -> None:
-        self.path, self.n_atoms = path, n_atoms
-        self.fh = None  # the locked file; netCDF-C opens its own descriptor
+        super().__init__(path)  # the locked file; netCDF-C opens its own descriptor
+        self.n_atoms = n_atoms
         self.ds = None
-        self.created = False
-        self.frames = 0
-
-    def lock(self) -> None:
-        self.fh, self.created = _open_locked(self.path)
+        self.frames = self.stored = 0
 
     def inspect(self) -> tuple[_Grid | None, int]:
         if os.fstat(self.fh.fileno()).st_size == 0:
@@ -278,11 +281,10 @@ class _NetCDF:
         with self._dataset(self.path, "r") as ds:
             grid = _Grid.parse(getattr(ds, _GRID_KEY, ""))
             if grid is None:
-                raise ValueError(f"cannot append to {self.path}: it was not written by BackmapReporter (no "
-                                 f"{_GRID_KEY} attribute with its step grid); write a new file or pass append=False")
+                raise _not_ours(self.path, f"no {_GRID_KEY} attribute with its step grid")
             if "atom" not in ds.dimensions or len(ds.dimensions["atom"]) != self.n_atoms:
                 raise ValueError(f"cannot append to {self.path}: it does not hold {self.n_atoms} atoms")
-            frames = len(ds.dimensions["frame"])
+            frames = self.stored = len(ds.dimensions["frame"])
             ds.set_auto_mask(False)
             # a record the header counts but whose data never reached the file reads as fill values
             while frames and not _written(ds["time"][frames - 1], ds["coordinates"][frames - 1]):
@@ -292,7 +294,7 @@ class _NetCDF:
     def begin(self, frames: int, grid: _Grid | None) -> None:
         if frames == 0:
             os.ftruncate(self.fh.fileno(), 0)
-        elif frames < self._stored():
+        elif frames < self.stored:
             tmp = self.path.with_name(f".{self.path.name}.cut")
             with self._dataset(self.path, "r") as old, self._create(tmp, grid) as new:
                 for start in range(0, frames, 1000):
@@ -307,28 +309,19 @@ class _NetCDF:
         if frames:
             self.ds = self._dataset(self.path, "a")
 
-    def _stored(self) -> int:
-        with self._dataset(self.path, "r") as ds:
-            return len(ds.dimensions["frame"])
-
     def read(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self.ds["coordinates"][start:stop], dtype=np.float64) / 10.0
 
     def write(self, xyz_nm: np.ndarray, time_ps: float, grid: _Grid) -> None:
         if self.ds is None:
             self.ds = self._create(self.path, grid)
-            self._relock()
+            if os.fstat(self.fh.fileno()).st_ino != os.stat(self.path).st_ino:  # netCDF-C made a new file
+                self.fh.close()
+                self.fh, _ = _open_locked(self.path)
         k, m = self.frames, len(xyz_nm)
         self.ds["coordinates"][k : k + m] = np.asarray(xyz_nm, dtype=np.float32) * 10.0
         self.ds["time"][k : k + m] = np.full(m, time_ps, dtype=np.float32)
         self.frames += m
-
-    def _relock(self) -> None:
-        """netCDF-C may replace the file when it creates it: lock the file now at the path."""
-        if os.fstat(self.fh.fileno()).st_ino != os.stat(self.path).st_ino:
-            fh, _ = _open_locked(self.path)
-            self.fh.close()
-            self.fh = fh
 
     def _dataset(self, path: Path, mode: str):
         import netCDF4
@@ -357,26 +350,23 @@ class _NetCDF:
 
     def sync(self, fsync: bool) -> None:
         self.ds.sync()
-        _sync(self.fh, fsync)
+        super().sync(fsync)
 
     def close(self) -> None:
         if self.ds is not None:
             self.ds.close()
             self.ds = None
-        if self.fh is not None:
-            self.fh.close()
-            self.fh = None
+        super().close()
 
 
-class _HDF5:
+class _HDF5(_LockedFile):
     """An mdtraj HDF5 trajectory (nm, times in ps) with the step grid in the root attribute
     ``openmm_backmap``. The HDF5 library locks the file while it is open; cutting it truncates
     the per-frame arrays in place."""
 
     def __init__(self, path: Path, n_atoms: int, topology: md.Topology) -> None:
-        self.path, self.n_atoms, self.topology = path, n_atoms, topology
-        self.fh = None  # the mdtraj file, once writing
-        self.created = False
+        super().__init__(path)  # fh: the mdtraj file, once open
+        self.n_atoms, self.topology = n_atoms, topology
         self.frames = 0
 
     def lock(self) -> None:
@@ -404,8 +394,7 @@ class _HDF5:
                 # mdtraj appends the coordinates, then the times: a crash can leave one longer
                 frames = int(min(len(f.root.coordinates), len(f.root.time) if "time" in f.root else 0))
         if grid is None and frames:
-            raise ValueError(f"cannot append to {self.path}: it was not written by BackmapReporter (no "
-                             f"{_GRID_KEY} attribute with its step grid); write a new file or pass append=False")
+            raise _not_ours(self.path, f"no {_GRID_KEY} attribute with its step grid")
         return grid, frames
 
     def begin(self, frames: int, grid: _Grid | None) -> None:
@@ -436,24 +425,14 @@ class _HDF5:
             with open(self.path, "rb") as fh:
                 os.fsync(fh.fileno())
 
-    def close(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            self.fh = None
 
-
-class _EnergyFile:
+class _EnergyFile(_LockedFile):
     """The CSV energy file: a header line, then one row per sample, each report's rows written in
     one call after its frames."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fh = None
-        self.created = False
+        super().__init__(path)
         self.end = 0
-
-    def lock(self) -> None:
-        self.fh, self.created = _open_locked(self.path)
 
     def inspect(self) -> EnergyRows | None:
         """The complete rows, or None for a file with no complete header line."""
@@ -478,14 +457,6 @@ class _EnergyFile:
         data = text.encode()
         _write_all(self.fh, data, self.end)
         self.end += len(data)
-
-    def sync(self, fsync: bool) -> None:
-        _sync(self.fh, fsync)
-
-    def close(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            self.fh = None
 
 
 def make_whole(X: np.ndarray, bonds: list[tuple[int, int]], box: np.ndarray | None) -> np.ndarray:
@@ -789,8 +760,7 @@ class BackmapReporter:
         grid, frames, rows = None, 0, None
         if self._append:
             grid, frames = self._traj.inspect()
-            if self._csv is not None:
-                rows = self._csv.inspect()
+            rows = self._csv.inspect() if self._csv is not None else None
         keep, self._grid, self._fill_step = self._reconcile(step, grid, frames, rows)
         self._traj.begin(keep * self._n, self._grid)
         if self._csv is not None:
@@ -800,12 +770,14 @@ class BackmapReporter:
             prev = self._traj.read((keep - 1) * self._n, keep * self._n)
             self._previous = torch.as_tensor(prev, dtype=torch.float32, device=self._device)
         if self._append and (frames or rows is not None):
-            kept = f"kept {keep} reports" + (f" (steps {self._grid.first_step}-{self._grid.step(keep - 1)})" if keep else "")
-            cut = f"cut {frames - keep * self._n} frames"
+            note = f"{self._path}: kept {keep} reports"
+            note += f" (steps {self._grid.first_step}-{self._grid.step(keep - 1)})" if keep else ""
+            note += f", cut {frames - keep * self._n} frames"
             if rows is not None:
-                cut += f" and {len(rows.data) - keep * self._n} rows" + (" plus an incomplete row" if rows.partial_line else "")
-            fill = f"; writing the report at step {step} now" if self._fill_step is not None else ""
-            self.resumed = f"{self._path}: {kept}, {cut}, at step {step}{fill}"
+                note += f" and {len(rows.data) - keep * self._n} rows"
+                note += " plus an incomplete row" if rows.partial_line else ""
+            note += f", at step {step}"
+            self.resumed = note + (f"; writing the report at step {step} now" if self._fill_step is not None else "")
 
     def _reconcile(self, step: int, grid: _Grid | None, frames: int,
                    rows: EnergyRows | None) -> tuple[int, _Grid | None, int | None]:
@@ -817,12 +789,13 @@ class BackmapReporter:
         """
         n, traj, csv = self._n, self._path, self._energy_path
         n_rows = 0 if rows is None else len(rows.data)
-        if grid is None or (frames < n and (grid.interval, grid.samples) != (self._interval, n)):
+        settings = (self._interval, n)
+        if grid is None or (frames < n and (grid.interval, grid.samples) != settings):
             if n_rows:
                 raise ValueError(f"cannot append: {csv} has {n_rows} rows but {traj} holds no complete report; "
                                  "rows are written after their frames, so these files do not belong together")
             return 0, None, None
-        if (grid.interval, grid.samples) != (self._interval, n):
+        if (grid.interval, grid.samples) != settings:
             raise ValueError(
                 f"cannot append to {traj}: it holds reports every {grid.interval} steps with {grid.samples} samples "
                 f"per frame, but this reporter has reportInterval={self._interval}, samplesPerFrame={n}"
@@ -832,21 +805,20 @@ class BackmapReporter:
             if complete and self._csv.created:
                 raise ValueError(f"cannot append: {traj} holds {complete} reports but the energy file {csv} does not "
                                  "exist; pass the energy file written with them, or energyFile=None")
-            if n_rows:
-                i = np.arange(n_rows)
-                want_step, want_sample = grid.first_step + (i // n) * grid.interval, i % n
-                col = {name: k for k, name in enumerate(ENERGY_COLUMNS)}
-                bad = np.flatnonzero((rows.data[:, col["step"]] != want_step) | (rows.data[:, col["sample"]] != want_sample))
-                if bad.size:
-                    b = bad[0]
-                    raise ValueError(
-                        f"cannot append: {csv}, line {rows.lines[b]}, is for step {rows.data[b, col['step']]:.0f} sample "
-                        f"{rows.data[b, col['sample']]:.0f}, but {traj} has step {want_step[b]} sample {want_sample[b]} "
-                        "there: the files do not belong together"
-                    )
+            k = np.arange(n_rows)
+            want = np.stack([grid.first_step + (k // n) * grid.interval, k % n], 1)
+            have = rows.data[:, [ENERGY_COLUMNS.index("step"), ENERGY_COLUMNS.index("sample")]] if n_rows else want
+            bad = np.flatnonzero((have != want).any(1))
+            if bad.size:
+                b = bad[0]
+                raise ValueError(
+                    f"cannot append: {csv}, line {rows.lines[b]}, is for step {have[b, 0]:.0f} sample "
+                    f"{have[b, 1]:.0f}, but {traj} has step {want[b, 0]} sample {want[b, 1]} there: the files do "
+                    "not belong together"
+                )
             if n_rows // n > complete:
                 raise ValueError(f"cannot append: {csv} has rows for {n_rows // n} reports but {traj} holds only "
-                                 f"{complete}; rows are written after their frames, so these files do not belong together")
+                                 f"{complete}; rows are written after their frames: the files do not belong together")
             if complete > n_rows // n + 1:
                 raise ValueError(f"cannot append: {traj} holds {complete} reports but {csv} has rows for only "
                                  f"{n_rows // n}; a crash leaves the rows at most one report behind")
@@ -863,14 +835,16 @@ class BackmapReporter:
             return 0, None, None
         if step > due:
             raise ValueError(
-                f"cannot append to {traj}: its complete reports end at step {grid.step(keep - 1)} but the simulation is "
-                f"at step {step}, so the report at step {due} is missing; continue from a checkpoint at or before "
+                f"cannot append to {traj}: its complete reports end at step {grid.step(keep - 1)} but the simulation "
+                f"is at step {step}, so the report at step {due} is missing; continue from a checkpoint at or before "
                 f"step {due}"
             )
         return keep, grid, (step if step == due else None)
 
     def close(self) -> None:
-        """Flush and close the files and free their paths for another reporter (safe to call twice)."""
+        """Flush and close the files and free their paths for another reporter (safe to call twice;
+        a closed reporter does not report again)."""
+        self._failed = self._failed or f"{self._path}: the reporter is closed"
         self._traj.close()
         if self._csv is not None:
             self._csv.close()

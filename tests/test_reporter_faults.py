@@ -276,12 +276,37 @@ def test_report_missing_at_the_checkpoint_is_written_on_restart(setup, start, tm
         sim.step(10)
     sim = _simulation(setup, start, tmp_path / "c.chk")
     assert sim.currentStep == 60
-    reporter = _reporter(start, tmp_path, suffix, append=True)
+    reporter = _reporter(start, tmp_path, suffix, append=True, fsync=True)
     sim.reporters.append(reporter)
     sim.step(40)
     reporter.close()
     assert reporter.resumed.endswith("at step 60; writing the report at step 60 now")
     _assert_reports(setup, start, tmp_path, suffix, 100)
+
+
+@pytest.mark.parametrize("suffix,writer", [(".nc", "_NetCDF"), (".h5", "_HDF5")])
+def test_library_errors_name_the_file_step_and_counts(setup, start, tmp_path, monkeypatch, suffix, writer):  # noqa: F811
+    """An error inside netCDF4 or PyTables while writing is re-raised with the path, the step and
+    what the files hold; the next reporter continues after the last complete report."""
+    sim = _simulation(setup, start)
+    reporter = _reporter(start, tmp_path, suffix)
+    sim.reporters.append(reporter)
+    sim.step(30)
+    sim.saveCheckpoint(str(tmp_path / "c.chk"))
+
+    def broken(self, xyz_nm, time_ps, grid):
+        raise RuntimeError("NetCDF: HDF error" if suffix == ".nc" else "HDF5ExtError: can't write data")
+
+    monkeypatch.setattr(getattr(reporter_module, writer), "write", broken)
+    with pytest.raises(RuntimeError, match=rf"aa{suffix}: writing the report at step 40 failed after 3 complete "
+                                           r"reports \(6 frames, 6 rows\): .*(HDF error|can't write data)"):
+        sim.step(10)
+    monkeypatch.undo()
+    sim = _simulation(setup, start, tmp_path / "c.chk")
+    with _reporter(start, tmp_path, suffix, append=True) as reporter:
+        sim.reporters.append(reporter)
+        sim.step(20)
+    _assert_reports(setup, start, tmp_path, suffix, 50)
 
 
 @pytest.mark.parametrize("suffix", [".nc", ".h5"])
@@ -372,7 +397,7 @@ def test_damaged_and_foreign_trajectories_are_refused(setup, start, written, tmp
     with open(dcd, "r+b") as fh:  # frame 1's y record marker
         fh.seek(276 + 3 * (8 + 4 * 22) + (8 + 4 * 22))
         fh.write(b"\0\0\0\0")
-    _refused(start, written, tmp_path, r"aa.dcd: frame 1 is damaged \(its record markers are wrong\)")
+    _refused(start, written, tmp_path, r"aa.dcd: frame 1 is damaged \(wrong record markers\); cannot continue it")
     dcd.unlink()
     sim = _simulation(setup, start)
     sim.reporters.append(app.DCDReporter(str(tmp_path / "openmm.dcd"), INTERVAL))
