@@ -526,6 +526,14 @@ class BackmapReporter:
     fsync
         Force every report to the disk (``os.fsync``) before the next step; survives a power
         failure as well as a crash, at a cost per report.
+
+    Attributes
+    ----------
+    frames_written
+        Frames this reporter wrote.
+    resumed
+        With ``append``, what was kept and cut at the first report (None until then), e.g.
+        ``"aa.dcd: kept 6 reports (steps 1000-6000), cut 4 frames and 2 rows, at step 6000"``.
     """
 
     def __init__(
@@ -801,6 +809,16 @@ class BackmapReporter:
                 f"per frame, but this reporter has reportInterval={self._interval}, samplesPerFrame={n}"
             )
         complete = frames // n
+        if complete and step < grid.first_step:
+            raise ValueError(
+                f"cannot append to {traj}: the simulation is at step {step}, before the file's first report at step "
+                f"{grid.first_step} (its reports run to step {grid.step(complete - 1)}); appending would discard them "
+                "all: load the checkpoint these files were written with, or pass append=False to start over"
+            )
+        # reports after the simulation's step are cut whatever else holds (a restart cut short by an
+        # error may have cut one file and not the other)
+        upto = (step - grid.first_step) // grid.interval + 1 if step >= grid.first_step else 0
+        keep = min(complete, upto)
         if csv is not None:
             if complete and self._csv.created:
                 raise ValueError(f"cannot append: {traj} holds {complete} reports but the energy file {csv} does not "
@@ -816,20 +834,15 @@ class BackmapReporter:
                     f"{have[b, 1]:.0f}, but {traj} has step {want[b, 0]} sample {want[b, 1]} there: the files do "
                     "not belong together"
                 )
-            if n_rows // n > complete:
-                raise ValueError(f"cannot append: {csv} has rows for {n_rows // n} reports but {traj} holds only "
-                                 f"{complete}; rows are written after their frames: the files do not belong together")
-            if complete > n_rows // n + 1:
-                raise ValueError(f"cannot append: {traj} holds {complete} reports but {csv} has rows for only "
-                                 f"{n_rows // n}; a crash leaves the rows at most one report behind")
-            complete = min(complete, n_rows // n)
-        if complete and step < grid.first_step:
-            raise ValueError(
-                f"cannot append to {traj}: the simulation is at step {step}, before the file's first report at step "
-                f"{grid.first_step} (its reports run to step {grid.step(complete - 1)}); appending would discard them "
-                "all: load the checkpoint these files were written with, or pass append=False to start over"
-            )
-        keep = min(complete, (step - grid.first_step) // grid.interval + 1) if step >= grid.first_step else 0
+            in_rows = min(n_rows // n, upto)
+            if in_rows > keep:
+                raise ValueError(f"cannot append: {csv} has rows for {in_rows} reports but {traj} holds only {keep} "
+                                 f"(to step {step}); rows are written after their frames: the files do not belong "
+                                 "together")
+            if keep > in_rows + 1:
+                raise ValueError(f"cannot append: {traj} holds {keep} reports but {csv} has rows for only {in_rows} "
+                                 f"(to step {step}); a crash leaves the rows at most one report behind")
+            keep = min(keep, in_rows)
         due = grid.step(keep)
         if keep == 0 and step != due:
             return 0, None, None

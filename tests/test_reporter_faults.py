@@ -284,6 +284,29 @@ def test_report_missing_at_the_checkpoint_is_written_on_restart(setup, start, tm
     _assert_reports(setup, start, tmp_path, suffix, 100)
 
 
+@pytest.mark.parametrize("cut", ["aa.dcd", "w.csv"])
+def test_restart_interrupted_between_its_two_cuts_resumes(setup, start, tmp_path, cut):  # noqa: F811
+    """A restart that cut one file back to the checkpoint and died before cutting the other: the
+    next restart cuts the other one too (reports after the simulation's step never count)."""
+    sim = _simulation(setup, start)
+    with _reporter(start, tmp_path) as reporter:
+        sim.reporters.append(reporter)
+        sim.step(60)
+        sim.saveCheckpoint(str(tmp_path / "c.chk"))
+        sim.step(40)
+    if cut == "aa.dcd":
+        with open(tmp_path / cut, "r+b") as fh:
+            fh.truncate(276 + 12 * 3 * (8 + 4 * 22))
+    else:
+        lines = (tmp_path / cut).read_text().splitlines(keepends=True)
+        (tmp_path / cut).write_text("".join(lines[:13]))
+    sim = _simulation(setup, start, tmp_path / "c.chk")
+    with _reporter(start, tmp_path, append=True) as reporter:
+        sim.reporters.append(reporter)
+        sim.step(20)
+    _assert_reports(setup, start, tmp_path, ".dcd", 80)
+
+
 @pytest.mark.parametrize("suffix,writer", [(".nc", "_NetCDF"), (".h5", "_HDF5")])
 def test_library_errors_name_the_file_step_and_counts(setup, start, tmp_path, monkeypatch, suffix, writer):  # noqa: F811
     """An error inside netCDF4 or PyTables while writing is re-raised with the path, the step and
