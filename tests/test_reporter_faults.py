@@ -33,6 +33,7 @@ N = 2  # samples per report
 T = 300.0
 FORMATS = [".dcd", ".nc", ".h5"]
 ROOT = Path(__file__).resolve().parents[1]
+posix = pytest.mark.skipif(sys.platform == "win32", reason="flock, fork and file-size limits are POSIX")
 
 
 def _simulation(setup, start, checkpoint=None):  # noqa: F811
@@ -184,6 +185,7 @@ def test_missing_directory_is_refused_before_anything_is_written(setup, start, t
     _assert_reports(setup, start, tmp_path, ".dcd", 30)
 
 
+@posix
 @pytest.mark.parametrize("suffix", FORMATS)
 def test_a_path_is_written_by_one_reporter_only(setup, start, tmp_path, suffix):  # noqa: F811
     first = _reporter(start, tmp_path, suffix)
@@ -209,6 +211,7 @@ def test_a_path_is_written_by_one_reporter_only(setup, start, tmp_path, suffix):
     _reporter(start, tmp_path, suffix, append=True).close()  # free again once closed
 
 
+@posix
 def test_lock_held_by_another_process_is_refused(setup, start, tmp_path):  # noqa: F811
     (tmp_path / "aa.dcd").touch()
     holder = subprocess.Popen(
@@ -449,6 +452,7 @@ def test_energy_file_with_a_partial_last_row_is_read_and_says_so(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the kill test
+@posix
 def test_sigkill_at_random_times_then_restart_keeps_every_report_once(setup, start, tmp_path):  # noqa: F811
     """20 runs killed with SIGKILL at random times and 2 that hit a full disk (a file-size limit),
     each continued from the last checkpoint with append=True: in the end every report from the
