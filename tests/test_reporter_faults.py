@@ -267,9 +267,13 @@ def test_full_disk_mid_report_then_restart(setup, start, tmp_path, full_disk, su
 
 
 @pytest.mark.parametrize("suffix", FORMATS)
-def test_report_missing_at_the_checkpoint_is_written_on_restart(setup, start, tmp_path, full_disk, suffix):  # noqa: F811
+def test_report_missing_at_the_checkpoint_is_written_on_restart(setup, start, tmp_path, full_disk, monkeypatch,  # noqa: F811
+                                                                 suffix):
     """A checkpoint saved before the reporter's turn at the same step, then a crash: the restart
-    writes that step's report from the restored state before stepping on."""
+    writes that step's report from the restored state before stepping on (with fsync=True: every
+    report forced to the disk, counted here rather than waited for)."""
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_ino))
     sim = _simulation(setup, start)
     reporter = _reporter(start, tmp_path, suffix)
     sim.reporters.extend([AtomicCheckpoint(tmp_path / "c.chk", 30), reporter])
@@ -284,6 +288,8 @@ def test_report_missing_at_the_checkpoint_is_written_on_restart(setup, start, tm
     sim.step(40)
     reporter.close()
     assert reporter.resumed.endswith("at step 60; writing the report at step 60 now")
+    inodes = {os.stat(tmp_path / name).st_ino for name in (f"aa{suffix}", "w.csv")}
+    assert len(synced) == 2 * 5 and set(synced) == inodes  # reports 60-100, trajectory and rows
     _assert_reports(setup, start, tmp_path, suffix, 100)
 
 
