@@ -10,11 +10,11 @@ import torch
 from openmm import app, unit
 
 from openmm_backmap.analysis.reweighting import reweight
-from openmm_backmap.io.backmap_model import load_model
 from openmm_backmap.io.energy_file import read_energy_file
 from openmm_backmap.openmm.energies import load_system
-from openmm_backmap.openmm.reporter import BackmapReporter, make_whole
 from openmm_backmap.units import kT
+from openmm_backmap.io.backmap_model import load_model
+from openmm_backmap.openmm.reporter import BackmapReporter, make_whole
 
 T = 300.0
 INTERVAL = 50
@@ -218,7 +218,8 @@ def test_make_whole_restores_bonds_across_the_box():
 
 
 def test_temporal_reporter_conditions_on_previous_reconstruction(tiny_ala2, setup, tmp_path):
-    """temporal=True: each frame's log q is that of the temporal model given the previous frame."""
+    """temporal=True: each frame's log q is that of the temporal model given the previous frame,
+    across a restart too (the previous frame then comes from the file)."""
     from openmm_backmap.io.checkpoints import make_spec
     from openmm_backmap.io.model_files import export_model
     from openmm_backmap.models.backmapper import Backmapper
@@ -237,11 +238,20 @@ def test_temporal_reporter_conditions_on_previous_reconstruction(tiny_ala2, setu
         sim.reporters.append(reporter)
         sim.reporters.append(app.DCDReporter(str(tmp_path / "cg.dcd"), INTERVAL))
         sim.step(4 * INTERVAL)
+    # a restart picks up the last reconstruction from the file
+    sim.saveCheckpoint(str(tmp_path / "state.chk"))
+    sim = _simulation(setup, seed=3)
+    sim.loadCheckpoint(str(tmp_path / "state.chk"))
+    with BackmapReporter(tmp_path / "aa.dcd", INTERVAL, model=path, samplesPerFrame=n, energyFile=tmp_path / "w.csv",
+                         temporal=True, seed=3, append=True) as reporter:
+        sim.reporters.append(reporter)
+        sim.reporters.append(app.DCDReporter(str(tmp_path / "cg.dcd"), INTERVAL, append=True))
+        sim.step(2 * INTERVAL)
     loaded = load_model(path, device="cpu")
     aa = md.load(str(tmp_path / "aa.dcd"), top=loaded.topology).xyz
     cg = md.load(str(tmp_path / "cg.dcd"), top=setup["cg_top"]).xyz
     cols = read_energy_file(tmp_path / "w.csv")
-    assert aa.shape[0] == 4 * n
+    assert aa.shape[0] == 6 * n
     # frames after the first: chain s of frame t is conditioned on chain s of frame t - 1
     cur = torch.as_tensor(aa[n:])
     prev = torch.as_tensor(aa[:-n])
