@@ -63,3 +63,34 @@ def tiny_cg(tiny_ala2):
     path = tiny_ala2["dir"] / "cg.pt"
     export_cg(model, spec, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def setup(tiny_ala2):
+    """The shared small ALA2 backmapper, and a CG System of harmonic bonds and angles between the
+    beads fitted to the reference data."""
+    import mdtraj as md
+    import openmm
+
+    traj, mapping, system_xml, out = tiny_ala2["traj"], tiny_ala2["mapping"], tiny_ala2["system_xml"], tiny_ala2["dir"]
+    model_path = tiny_ala2["model"]
+    X = mapping.project(traj.xyz.astype(np.float64))
+    cg = openmm.System()
+    for m in mapping.masses():
+        cg.addParticle(m)
+    bonds = openmm.HarmonicBondForce()
+    for i, j in mapping.cg_bonds():
+        bonds.addBond(i, j, float(np.linalg.norm(X[:, i] - X[:, j], axis=-1).mean()), 5.0e4)
+    cg.addForce(bonds)
+    angles = openmm.HarmonicAngleForce()
+    neighbours = {b: [] for b in range(mapping.n_cg)}
+    for i, j in mapping.cg_bonds():
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+    triples = [(i, j, k) for j in range(mapping.n_cg) for i in neighbours[j] for k in neighbours[j] if i < k]
+    for i, j, k in triples:
+        a = md.compute_angles(mapping.cg_trajectory(traj), [[i, j, k]]).mean()
+        angles.addAngle(i, j, k, float(a), 400.0)
+    cg.addForce(angles)
+    return {"model": model_path, "mapping": mapping, "cg_system": cg, "X0": X[0], "aa_system": system_xml,
+            "cg_top": mapping.cg_topology, "dir": out}

@@ -20,7 +20,6 @@ import pytest
 import torch
 from _reporter_worker import AtomicCheckpoint
 from openmm import app, unit
-from test_reporter import setup  # noqa: F401 - the shared CG System and backmapper
 
 import openmm_backmap.openmm.reporter as reporter_module
 from openmm_backmap.analysis.reweighting import reweight
@@ -37,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 posix = pytest.mark.skipif(sys.platform == "win32", reason="flock, fork and file-size limits are POSIX")
 
 
-def _simulation(setup, start, checkpoint=None):  # noqa: F811
+def _simulation(setup, start, checkpoint=None):
     sim = app.Simulation(setup["cg_top"].to_openmm(), setup["cg_system"], openmm.VerletIntegrator(0.001),
                          openmm.Platform.getPlatformByName("Reference"))
     if checkpoint is None:
@@ -48,7 +47,7 @@ def _simulation(setup, start, checkpoint=None):  # noqa: F811
     return sim
 
 
-def _reference(setup, start, end):  # noqa: F811
+def _reference(setup, start, end):
     """CG positions (nm) and energies (kJ/mol) of an uninterrupted run at every report step to ``end``."""
     sim = _simulation(setup, start)
     X, U = {}, {}
@@ -61,7 +60,7 @@ def _reference(setup, start, end):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def start(setup):  # noqa: F811
+def start(setup):
     sim = app.Simulation(setup["cg_top"].to_openmm(), setup["cg_system"], openmm.VerletIntegrator(0.001),
                          openmm.Platform.getPlatformByName("Reference"))
     sim.context.setPositions(setup["X0"])
@@ -82,7 +81,7 @@ def _reporter(start, tmp, suffix=".dcd", energy=True, **kwargs):
                            energyFile=(tmp / "w.csv") if energy else None, **kwargs)
 
 
-def _assert_reports(setup, start, tmp, suffix, last, energy=True, X=None, U=None):  # noqa: F811
+def _assert_reports(setup, start, tmp, suffix, last, energy=True, X=None, U=None):
     """The files hold the reports at steps INTERVAL..last, each once, frames and rows aligned."""
     X, U = X or start["X"], U or start["U"]
     steps = np.arange(INTERVAL, last + 1, INTERVAL)
@@ -128,7 +127,7 @@ def full_disk(monkeypatch):
 
 # ---------------------------------------------------------------------------- restarts
 @pytest.mark.parametrize("suffix", FORMATS)
-def test_restart_without_energy_file_keeps_each_report_once(setup, start, tmp_path, suffix):  # noqa: F811
+def test_restart_without_energy_file_keeps_each_report_once(setup, start, tmp_path, suffix):
     """The trajectory's own step record decides where to resume (no energy file to ask)."""
     sim = _simulation(setup, start)
     reporter = _reporter(start, tmp_path, suffix, energy=False)
@@ -147,7 +146,7 @@ def test_restart_without_energy_file_keeps_each_report_once(setup, start, tmp_pa
 
 
 @pytest.mark.parametrize("suffix", FORMATS)
-def test_append_before_the_data_is_refused_and_changes_nothing(setup, start, tmp_path, suffix):  # noqa: F811
+def test_append_before_the_data_is_refused_and_changes_nothing(setup, start, tmp_path, suffix):
     sim = _simulation(setup, start)
     with _reporter(start, tmp_path, suffix) as reporter:
         sim.reporters.append(reporter)
@@ -163,7 +162,7 @@ def test_append_before_the_data_is_refused_and_changes_nothing(setup, start, tmp
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
-def test_missing_directory_is_refused_before_anything_is_written(setup, start, tmp_path):  # noqa: F811
+def test_missing_directory_is_refused_before_anything_is_written(setup, start, tmp_path):
     with pytest.raises(FileNotFoundError, match="the directory of energyFile .*no/w.csv does not exist"):
         BackmapReporter(tmp_path / "aa.dcd", INTERVAL, model=start["model"], energyFile=tmp_path / "no" / "w.csv")
     assert not (tmp_path / "aa.dcd").exists()
@@ -188,7 +187,7 @@ def test_missing_directory_is_refused_before_anything_is_written(setup, start, t
 
 @posix
 @pytest.mark.parametrize("suffix", FORMATS)
-def test_a_path_is_written_by_one_reporter_only(setup, start, tmp_path, suffix):  # noqa: F811
+def test_a_path_is_written_by_one_reporter_only(setup, start, tmp_path, suffix):
     first = _reporter(start, tmp_path, suffix)
     with pytest.raises(RuntimeError, match=f"aa{suffix} is already written by another BackmapReporter"):
         _reporter(start, tmp_path, suffix, energy=False)
@@ -213,7 +212,7 @@ def test_a_path_is_written_by_one_reporter_only(setup, start, tmp_path, suffix):
 
 
 @posix
-def test_lock_held_by_another_process_is_refused(setup, start, tmp_path):  # noqa: F811
+def test_lock_held_by_another_process_is_refused(setup, start, tmp_path):
     (tmp_path / "aa.dcd").touch()
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'ab'); fcntl.flock(f, fcntl.LOCK_EX); "
@@ -236,7 +235,7 @@ CRASHES = [(".dcd", "aa.dcd", 0.0), (".dcd", "aa.dcd", 0.4), (".dcd", "w.csv", 0
 
 
 @pytest.mark.parametrize("suffix,victim,fraction", CRASHES)
-def test_full_disk_mid_report_then_restart(setup, start, tmp_path, full_disk, suffix, victim, fraction):  # noqa: F811
+def test_full_disk_mid_report_then_restart(setup, start, tmp_path, full_disk, suffix, victim, fraction):
     """The disk fills while the report at step 80 is written (its frames, or its rows after the
     frames); the error names the file, the step and the counts; a restart from the checkpoint at
     step 60 cuts the incomplete report and continues with every report once."""
@@ -268,7 +267,7 @@ def test_full_disk_mid_report_then_restart(setup, start, tmp_path, full_disk, su
 
 
 @pytest.mark.parametrize("suffix", FORMATS)
-def test_report_missing_at_the_checkpoint_is_written_on_restart(setup, start, tmp_path, full_disk, monkeypatch,  # noqa: F811
+def test_report_missing_at_the_checkpoint_is_written_on_restart(setup, start, tmp_path, full_disk, monkeypatch,
                                                                  suffix):
     """A checkpoint saved before the reporter's turn at the same step, then a crash: the restart
     writes that step's report from the restored state before stepping on (with fsync=True: every
@@ -295,7 +294,7 @@ def test_report_missing_at_the_checkpoint_is_written_on_restart(setup, start, tm
 
 
 @pytest.mark.parametrize("cut", ["aa.dcd", "w.csv"])
-def test_restart_interrupted_between_its_two_cuts_resumes(setup, start, tmp_path, cut):  # noqa: F811
+def test_restart_interrupted_between_its_two_cuts_resumes(setup, start, tmp_path, cut):
     """A restart that cut one file back to the checkpoint and died before cutting the other: the
     next restart cuts the other one too (reports after the simulation's step never count)."""
     sim = _simulation(setup, start)
@@ -318,7 +317,7 @@ def test_restart_interrupted_between_its_two_cuts_resumes(setup, start, tmp_path
 
 
 @pytest.mark.parametrize("suffix,writer", [(".nc", "_NetCDF"), (".h5", "_HDF5")])
-def test_library_errors_name_the_file_step_and_counts(setup, start, tmp_path, monkeypatch, suffix, writer):  # noqa: F811
+def test_library_errors_name_the_file_step_and_counts(setup, start, tmp_path, monkeypatch, suffix, writer):
     """An error inside netCDF4 or PyTables while writing is re-raised with the path, the step and
     what the files hold; the next reporter continues after the last complete report."""
     sim = _simulation(setup, start)
@@ -343,7 +342,7 @@ def test_library_errors_name_the_file_step_and_counts(setup, start, tmp_path, mo
 
 
 @pytest.mark.parametrize("suffix", [".nc", ".h5"])
-def test_partial_records_of_netcdf_and_hdf5_are_cut(setup, start, tmp_path, suffix):  # noqa: F811
+def test_partial_records_of_netcdf_and_hdf5_are_cut(setup, start, tmp_path, suffix):
     """A NetCDF record the header counts but whose time never arrived, an HDF5 coordinate array
     one frame longer than its times: both are incomplete frames, cut on restart."""
     sim = _simulation(setup, start)
@@ -371,7 +370,7 @@ def test_partial_records_of_netcdf_and_hdf5_are_cut(setup, start, tmp_path, suff
 
 
 # ---------------------------------------------------------------------------- refusals
-def test_restart_past_a_missing_report_is_refused(setup, start, tmp_path):  # noqa: F811
+def test_restart_past_a_missing_report_is_refused(setup, start, tmp_path):
     sim = _simulation(setup, start)
     with _reporter(start, tmp_path) as reporter:
         sim.reporters.append(reporter)
@@ -389,7 +388,7 @@ def test_restart_past_a_missing_report_is_refused(setup, start, tmp_path):  # no
 
 
 @pytest.fixture
-def written(setup, start, tmp_path):  # noqa: F811
+def written(setup, start, tmp_path):
     """Three reports (steps 10-30) in aa.dcd and w.csv, and a simulation at step 30."""
     sim = _simulation(setup, start)
     with _reporter(start, tmp_path) as reporter:
@@ -405,13 +404,13 @@ def _refused(start, sim, tmp_path, match, **kwargs):
     reporter.close()
 
 
-def test_other_settings_are_refused(start, written, tmp_path):  # noqa: F811
+def test_other_settings_are_refused(start, written, tmp_path):
     _refused(start, written, tmp_path, "aa.dcd: it holds reports every 10 steps with 2 samples per frame, but this "
              "reporter has reportInterval=20, samplesPerFrame=2", interval=20)
     _refused(start, written, tmp_path, "reportInterval=10, samplesPerFrame=3", samples=3)
 
 
-def test_files_that_do_not_belong_together_are_refused(start, written, tmp_path):  # noqa: F811
+def test_files_that_do_not_belong_together_are_refused(start, written, tmp_path):
     dcd, csv = tmp_path / "aa.dcd", tmp_path / "w.csv"
     text = csv.read_text()
     csv.write_text(text.replace("\n20,", "\n25,", 1))
@@ -425,7 +424,7 @@ def test_files_that_do_not_belong_together_are_refused(start, written, tmp_path)
     _refused(start, written, tmp_path, r"aa.dcd holds 1 reports but the energy file .*w.csv does not exist")
 
 
-def test_damaged_and_foreign_trajectories_are_refused(setup, start, written, tmp_path):  # noqa: F811
+def test_damaged_and_foreign_trajectories_are_refused(setup, start, written, tmp_path):
     dcd = tmp_path / "aa.dcd"
     with open(dcd, "r+b") as fh:  # frame 1's y record marker
         fh.seek(276 + 3 * (8 + 4 * 22) + (8 + 4 * 22))
@@ -460,7 +459,7 @@ def test_energy_file_with_a_partial_last_row_is_read_and_says_so(tmp_path):
 
 # ---------------------------------------------------------------------------- the kill test
 @posix
-def test_sigkill_at_random_times_then_restart_keeps_every_report_once(setup, start, tmp_path):  # noqa: F811
+def test_sigkill_at_random_times_then_restart_keeps_every_report_once(setup, start, tmp_path):
     """20 runs killed with SIGKILL at random times and 2 that hit a full disk (a file-size limit),
     each continued from the last checkpoint with append=True: in the end every report from the
     first to the last step is in the files exactly once, its frames and rows aligned."""
