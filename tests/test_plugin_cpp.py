@@ -166,8 +166,11 @@ def test_install_builds_plugin(tmp_path, editable):
     install = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
 
+    # A file rather than `-c`: torch.jit.script reads the model's source.
+    script = tmp_path / "check_installed.py"
+    script.write_text(_CHECK_INSTALLED)
     check = subprocess.run(
-        [str(python), "-c", _CHECK_INSTALLED], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+        [str(python), str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
     )
     assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
     report = json.loads(check.stdout.split("REPORT ", 1)[1])
