@@ -1,17 +1,18 @@
-"""Install openmm-backmap and build its native OpenMM plugin (cpp/) with CMake.
+"""Build hook of openmm-backmap: compile the native OpenMM plugin (cpp/) with CMake during build_py.
 
-The plugin is compiled against the torch and OpenMM that are already installed, so install with
-``pip install --no-build-isolation .`` after ``torch==2.13.0``, ``openmm``, ``cmake`` and ``swig``.
-If the build fails the package still installs and works with the openmm-torch or PythonForce
-backends; the reason is printed and written to ``openmm_backmap/_plugin/BUILD_FAILED``.
-Set ``OPENMM_BACKMAP_SKIP_PLUGIN=1`` to skip the native build.
+The metadata is in pyproject.toml; this file only adds the plugin build and marks wheels as
+platform-specific.  The plugin is compiled against the torch and OpenMM already installed, so
+install with ``pip install --no-build-isolation .`` (or ``-e .``) after ``torch==2.13.0``,
+``openmm``, ``cmake`` and ``swig``.  If the build fails the package still installs and works with
+the openmm-torch or PythonForce backends; the reason is printed and written to
+``openmm_backmap/_plugin/BUILD_FAILED``.  Set ``OPENMM_BACKMAP_SKIP_PLUGIN=1`` to skip the build.
 """
 
 import os
 import sys
 from pathlib import Path
 
-from setuptools import Distribution, find_packages, setup
+from setuptools import Distribution, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -28,9 +29,9 @@ class BuildWithPlugin(build_py):
             return
         from build_plugin import build_plugin  # cpp/build_plugin.py
 
-        if getattr(self, "editable_mode", False):
-            # Editable installs import the source tree, so the plugin goes there (git-ignored),
-            # built incrementally in build/cpp.
+        if self.editable_mode:
+            # Editable installs (PEP 660) import the source tree, so the plugin goes there
+            # (git-ignored), built incrementally in build/cpp.
             target = ROOT / "openmm_backmap" / "_plugin"
             build_dir = ROOT / "build" / "cpp"
         else:
@@ -46,29 +47,4 @@ class BinaryDistribution(Distribution):
         return True
 
 
-setup(
-    name="openmm-backmap",
-    version="0.1.0",
-    description="Atoms back from coarse-grained OpenMM simulations with conditional normalizing flows",
-    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=find_packages(include=["openmm_backmap", "openmm_backmap.*"]),
-    package_data={"openmm_backmap": ["data/*.pdb", "data/*.json"]},
-    install_requires=[
-        "torch>=2.4",
-        "openmm>=8.2",
-        "openmmtools>=0.23",
-        "mdtraj>=1.10",
-        "numpy>=1.24",
-        "scipy>=1.10",
-        "tqdm>=4.60",
-        "tables>=3.8",
-        "matplotlib>=3.7",
-    ],
-    extras_require={"test": ["pytest>=7", "pdbfixer>=1.9"]},
-    entry_points={"console_scripts": ["openmm-backmap=openmm_backmap.cli:main"]},
-    cmdclass={"build_py": BuildWithPlugin},
-    distclass=BinaryDistribution,
-    zip_safe=False,
-)
+setup(cmdclass={"build_py": BuildWithPlugin}, distclass=BinaryDistribution)

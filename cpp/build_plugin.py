@@ -72,8 +72,7 @@ def _torch_dir() -> tuple[Path, bool]:
 def _run(command: list[str], cwd: Path, log) -> None:
     log.write("$ " + " ".join(command) + "\n")
     log.flush()
-    process = subprocess.run(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             check=False)
+    process = subprocess.run(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
     log.write(process.stdout)
     log.flush()
     if process.returncode != 0:
@@ -81,8 +80,15 @@ def _run(command: list[str], cwd: Path, log) -> None:
         raise PluginBuildError(f"command failed ({process.returncode}): {' '.join(command)}\n{tail}")
 
 
-def build_plugin(src_dir: Path | str, build_dir: Path | str, target_dir: Path | str, *, jobs: int | None = None,
-                 run_tests: bool = False, verbose: bool = True) -> bool:
+def build_plugin(
+    src_dir: Path | str,
+    build_dir: Path | str,
+    target_dir: Path | str,
+    *,
+    jobs: int | None = None,
+    run_tests: bool = False,
+    verbose: bool = True,
+) -> bool:
     """Build the plugin in ``build_dir`` from the CMake project ``src_dir`` and install it into ``target_dir``.
 
     Parameters
@@ -121,16 +127,26 @@ def build_plugin(src_dir: Path | str, build_dir: Path | str, target_dir: Path | 
         openmm_dir = _openmm_dir()
         torch_dir, cxx11_abi = _torch_dir()
         with open(log_path, "w") as log:
-            _run([cmake, "-S", str(src_dir), "-B", str(build_dir),
-                  "-DCMAKE_BUILD_TYPE=Release",
-                  f"-DCMAKE_INSTALL_PREFIX={target_dir}",
-                  f"-DBACKMAP_TORCH_DIR={torch_dir}",
-                  f"-DOPENMM_DIR={openmm_dir}",
-                  f"-DPython3_EXECUTABLE={sys.executable}",
-                  f"-DSWIG_EXECUTABLE={swig}",
-                  f"-D_BACKMAP_TORCH_CXX11_ABI={int(cxx11_abi)}",
-                  # Tests are built once asked for and then kept (CMake cache); installs skip them.
-                  *(["-DBACKMAP_BUILD_TESTS=ON"] if run_tests else [])], build_dir, log)
+            _run(
+                [
+                    cmake,
+                    "-S",
+                    str(src_dir),
+                    "-B",
+                    str(build_dir),
+                    "-DCMAKE_BUILD_TYPE=Release",
+                    f"-DCMAKE_INSTALL_PREFIX={target_dir}",
+                    f"-DBACKMAP_TORCH_DIR={torch_dir}",
+                    f"-DOPENMM_DIR={openmm_dir}",
+                    f"-DPython3_EXECUTABLE={sys.executable}",
+                    f"-DSWIG_EXECUTABLE={swig}",
+                    f"-D_BACKMAP_TORCH_CXX11_ABI={int(cxx11_abi)}",
+                    # Tests are built once asked for and then kept (CMake cache); installs skip them.
+                    *(["-DBACKMAP_BUILD_TESTS=ON"] if run_tests else []),
+                ],
+                build_dir,
+                log,
+            )
             _run([cmake, "--build", str(build_dir), "--parallel", str(jobs)], build_dir, log)
             if run_tests:
                 _run([_find_tool("ctest"), "--output-on-failure"], build_dir, log)

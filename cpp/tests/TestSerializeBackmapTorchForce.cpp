@@ -1,6 +1,7 @@
 /*
  * XML round trip of a BackmapTorchForce: module bytes, settings, and the energy it gives on the
- * Reference platform before and after.
+ * Reference platform before and after; version-1 XML (no checksum) is still read, a newer version
+ * and a damaged module are refused.
  */
 
 #include "BackmapTestModels.h"
@@ -13,6 +14,7 @@
 #include "openmm/internal/AssertionUtilities.h"
 #include "openmm/serialization/XmlSerializer.h"
 #include <iostream>
+#include <regex>
 #include <sstream>
 
 extern "C" void registerBackmapReferenceKernelFactories();
@@ -40,6 +42,12 @@ static void testBase64() {
         thrown = true;
     }
     ASSERT(thrown);
+}
+
+static void testCrc32() {
+    // The standard check value of CRC-32 (zlib.crc32(b"123456789")), and the empty string.
+    ASSERT_EQUAL(0xCBF43926u, BackmapTorchForceProxy::crc32("123456789"));
+    ASSERT_EQUAL(0u, BackmapTorchForceProxy::crc32(""));
 }
 
 static double energyOf(System& system) {
@@ -94,11 +102,85 @@ static void testRoundTrip() {
     delete periodicCopy;
 }
 
+/** The XML of a force with a global parameter k = 1.75 and dE/dk, as this plugin writes it. */
+static string currentXml() {
+    BackmapTorchForce force;
+    force.setModuleBytes(BackmapTest::harmonicParameterModule());
+    force.addGlobalParameter("k", 1.75);
+    force.addEnergyParameterDerivative("k");
+    force.setForceGroup(1);
+    stringstream buffer;
+    XmlSerializer::serialize<Force>(&force, "Force", buffer);
+    return buffer.str();
+}
+
+static Force* readForce(const string& xml) {
+    stringstream buffer(xml);
+    return XmlSerializer::deserialize<Force>(buffer);
+}
+
+static void expectReadError(const string& xml, const string& fragment) {
+    bool thrown = false;
+    try {
+        delete readForce(xml);
+    }
+    catch (const OpenMMException& e) {
+        thrown = true;
+        if (string(e.what()).find(fragment) == string::npos)
+            throw OpenMMException("expected an error containing '" + fragment + "', got: " + e.what());
+    }
+    if (!thrown)
+        throw OpenMMException("expected an error containing '" + fragment + "'");
+}
+
+static void testVersions() {
+    string xml = currentXml();
+    ASSERT(regex_search(xml, regex("version=\"2\"")));
+    ASSERT(regex_search(xml, regex("moduleCrc32=\"[0-9a-f]{8}\"")));
+
+    // Version 1 wrote the same fields without the checksum: such files are still read, to the same
+    // force and the same energy.
+    string version1 = regex_replace(regex_replace(xml, regex(" moduleCrc32=\"[0-9a-f]{8}\""), ""),
+                                    regex("version=\"2\""), "version=\"1\"");
+    ASSERT(version1.find("moduleCrc32") == string::npos && version1.find("version=\"1\"") != string::npos);
+    Force* old = readForce(version1);
+    const BackmapTorchForce& force = dynamic_cast<const BackmapTorchForce&>(*old);
+    ASSERT(force.getModuleBytes() == BackmapTest::harmonicParameterModule());
+    ASSERT_EQUAL(1, force.getForceGroup());
+    ASSERT_EQUAL(1, force.getNumGlobalParameters());
+    ASSERT_EQUAL(string("k"), force.getGlobalParameterName(0));
+    ASSERT_EQUAL(1.75, force.getGlobalParameterDefaultValue(0));
+    ASSERT_EQUAL(string("k"), force.getEnergyParameterDerivativeName(0));
+    System system;
+    for (int i = 0; i < 4; i++)
+        system.addParticle(1.0);
+    system.addForce(old);
+    double expected = 0.0;
+    for (int i = 0; i < 4; i++) {
+        Vec3 r(0.1*i, -0.2*i+0.3, 0.05*i*i);
+        expected += 1.75*r.dot(r);
+    }
+    ASSERT_EQUAL_TOL(expected, energyOf(system), 1e-12);
+
+    // A newer version is refused with a message that says so.
+    expectReadError(regex_replace(xml, regex("version=\"2\""), "version=\"3\""), "versions up to 2");
+
+    // One changed base64 character keeps the length but not the checksum: refused in version 2.
+    size_t start = xml.find(" module=\"") + 9, end = xml.find('"', start);
+    ASSERT(start > 9 && end != string::npos && end - start > 100);
+    size_t at = (start + end)/2;
+    string damaged = xml;
+    damaged[at] = (damaged[at] == 'A' ? 'B' : 'A');
+    expectReadError(damaged, "CRC-32");
+}
+
 int main() {
     try {
         registerBackmapReferenceKernelFactories();
         testBase64();
+        testCrc32();
         testRoundTrip();
+        testVersions();
     }
     catch (const exception& e) {
         cout << "exception: " << e.what() << endl;

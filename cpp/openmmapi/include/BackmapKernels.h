@@ -2,11 +2,10 @@
 #define BACKMAP_KERNELS_H_
 
 #include "BackmapTorchForce.h"
-#include "internal/BackmapCompiledModel.h"
+#include "internal/BackmapEnergyModel.h"
 #include "openmm/KernelImpl.h"
 #include "openmm/Platform.h"
 #include "openmm/System.h"
-#include <torch/script.h>
 #include <memory>
 #include <string>
 
@@ -27,12 +26,10 @@ public:
      *
      * @param system  the System this kernel will be applied to
      * @param force   the BackmapTorchForce this kernel will be used for
-     * @param module    the loaded TorchScript module (the kernel keeps its own handle to it); unused
-     *                  when compiled is set
-     * @param compiled  the loaded compiled package when the force holds one, else null
+     * @param model   the force's model, loaded and checked (a TorchScript module or a compiled
+     *                package); the kernel moves it to its device and keeps it
      */
-    virtual void initialize(const OpenMM::System& system, const BackmapTorchForce& force, torch::jit::script::Module& module,
-                            std::shared_ptr<BackmapCompiledModel> compiled) = 0;
+    virtual void initialize(const OpenMM::System& system, const BackmapTorchForce& force, std::shared_ptr<BackmapEnergyModel> model) = 0;
     /**
      * Compute the energy and add the forces.
      *

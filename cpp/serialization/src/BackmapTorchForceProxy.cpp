@@ -2,13 +2,17 @@
 #include "BackmapTorchForce.h"
 #include "openmm/OpenMMException.h"
 #include "openmm/serialization/SerializationNode.h"
+#include <cstdio>
 #include <sstream>
 
 using namespace BackmapPlugin;
 using namespace OpenMM;
 using namespace std;
 
-static const int PROXY_VERSION = 1;
+// Version 1: module bytes (base64) and their length.  Version 2 adds their CRC-32, checked on
+// reading: torch does not check the checksums of the entries of a TorchScript archive, so without it
+// a damaged byte in the embedded weights would load as a silently different model.
+static const int PROXY_VERSION = 2;
 static const char BASE64_ALPHABET[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 BackmapTorchForceProxy::BackmapTorchForceProxy() : SerializationProxy("BackmapTorchForce") {
@@ -36,6 +40,23 @@ string BackmapTorchForceProxy::encodeBase64(const string& bytes) {
         out += '=';
     }
     return out;
+}
+
+unsigned int BackmapTorchForceProxy::crc32(const string& bytes) {
+    // CRC-32 of ISO 3309 / zlib (reflected polynomial 0xEDB88320), bit by bit: modules are read once.
+    unsigned int crc = 0xFFFFFFFFu;
+    for (char c : bytes) {
+        crc ^= (unsigned char) c;
+        for (int k = 0; k < 8; k++)
+            crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
+    }
+    return crc ^ 0xFFFFFFFFu;
+}
+
+static string hex8(unsigned int value) {
+    char text[9];
+    snprintf(text, sizeof(text), "%08x", value);
+    return text;
 }
 
 string BackmapTorchForceProxy::decodeBase64(const string& text) {
@@ -78,6 +99,7 @@ void BackmapTorchForceProxy::serialize(const void* object, SerializationNode& no
     node.setBoolProperty("usesPeriodic", force.usesPeriodicBoundaryConditions());
     node.setStringProperty("file", force.getFile());
     node.setIntProperty("moduleSize", force.getModuleBytes().size());
+    node.setStringProperty("moduleCrc32", hex8(crc32(force.getModuleBytes())));
     node.setStringProperty("module", encodeBase64(force.getModuleBytes()));
     SerializationNode& globals = node.createChildNode("GlobalParameters");
     for (int i = 0; i < force.getNumGlobalParameters(); i++)
@@ -89,14 +111,18 @@ void BackmapTorchForceProxy::serialize(const void* object, SerializationNode& no
 }
 
 void* BackmapTorchForceProxy::deserialize(const SerializationNode& node) const {
+    // Every earlier version is read; only a newer one (written by a newer plugin) is refused.
     int version = node.getIntProperty("version");
-    if (version != PROXY_VERSION)
-        throw OpenMMException("Unsupported version number for BackmapTorchForce: " + to_string(version));
+    if (version > PROXY_VERSION)
+        throw OpenMMException("Unsupported version number for BackmapTorchForce: " + to_string(version)
+                + " (this plugin reads versions up to " + to_string(PROXY_VERSION) + "; update openmm-backmap)");
     BackmapTorchForce* force = new BackmapTorchForce();
     try {
         string bytes = decodeBase64(node.getStringProperty("module"));
         if ((int) bytes.size() != node.getIntProperty("moduleSize", bytes.size()))
             throw OpenMMException("BackmapTorchForce: the embedded module has the wrong length (truncated XML?)");
+        if (version >= 2 && node.getStringProperty("moduleCrc32") != hex8(crc32(bytes)))
+            throw OpenMMException("BackmapTorchForce: the embedded module does not match its CRC-32 checksum (damaged XML?)");
         force->setModuleBytes(bytes);
         force->setForceGroup(node.getIntProperty("forceGroup", 0));
         force->setName(node.getStringProperty("name", force->getName()));

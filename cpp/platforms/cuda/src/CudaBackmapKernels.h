@@ -2,16 +2,17 @@
 #define CUDA_BACKMAP_KERNELS_H_
 
 #include "BackmapKernels.h"
+#include "internal/BackmapGlobalParameters.h"
 #include "openmm/cuda/CudaContext.h"
 #include "openmm/cuda/CudaArray.h"
+#include <memory>
 #include <string>
-#include <vector>
 
 namespace BackmapPlugin {
 
 /**
  * Evaluates a BackmapTorchForce on the CUDA platform.  Positions go from OpenMM's posq array into
- * a torch tensor on the same device, and the autograd gradient goes back into OpenMM's fixed-point
+ * a torch tensor on the same device, and the model's forces go back into OpenMM's fixed-point
  * force buffer, both with device-to-device kernels queued on OpenMM's current stream; torch runs on
  * that same stream, so no host synchronisation is needed unless the energy is requested.
  */
@@ -20,19 +21,16 @@ public:
     CudaCalcBackmapTorchForceKernel(std::string name, const OpenMM::Platform& platform, OpenMM::CudaContext& cu) :
             CalcBackmapTorchForceKernel(name, platform), cu(cu) {
     }
-    void initialize(const OpenMM::System& system, const BackmapTorchForce& force, torch::jit::script::Module& module,
-                    std::shared_ptr<BackmapCompiledModel> compiled);
+    void initialize(const OpenMM::System& system, const BackmapTorchForce& force, std::shared_ptr<BackmapEnergyModel> model);
     double execute(OpenMM::ContextImpl& context, bool includeForces, bool includeEnergy);
 private:
     OpenMM::CudaContext& cu;
-    torch::jit::script::Module module;
-    torch::Dtype dtype;
-    torch::Device device = torch::Device(torch::kCUDA, 0);
+    std::shared_ptr<BackmapEnergyModel> model;
+    c10::TensorOptions options;
+    at::ScalarType dtype;
+    BackmapGlobalParameters parameters;
     bool periodic;
-    std::vector<std::string> globalNames;
-    std::vector<bool> globalNeedsDerivative;
-    std::vector<torch::jit::IValue> inputs;
-    torch::Tensor positionBuffer;
+    at::Tensor positionBuffer;
     CUfunction copyInputsKernel, addForcesKernel;
 };
 

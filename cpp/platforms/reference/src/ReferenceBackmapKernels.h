@@ -2,9 +2,10 @@
 #define REFERENCE_BACKMAP_KERNELS_H_
 
 #include "BackmapKernels.h"
+#include "internal/BackmapGlobalParameters.h"
 #include "openmm/Platform.h"
+#include <memory>
 #include <string>
-#include <vector>
 
 namespace BackmapPlugin {
 
@@ -16,19 +17,13 @@ class ReferenceCalcBackmapTorchForceKernel : public CalcBackmapTorchForceKernel 
 public:
     ReferenceCalcBackmapTorchForceKernel(std::string name, const OpenMM::Platform& platform) : CalcBackmapTorchForceKernel(name, platform) {
     }
-    void initialize(const OpenMM::System& system, const BackmapTorchForce& force, torch::jit::script::Module& module,
-                    std::shared_ptr<BackmapCompiledModel> compiled);
+    void initialize(const OpenMM::System& system, const BackmapTorchForce& force, std::shared_ptr<BackmapEnergyModel> model);
     double execute(OpenMM::ContextImpl& context, bool includeForces, bool includeEnergy);
 private:
-    double executeCompiled(OpenMM::ContextImpl& context, bool includeForces, bool includeEnergy);
-    std::shared_ptr<BackmapCompiledModel> compiled;
-    std::vector<at::Tensor> compiledInputs;
-    torch::jit::script::Module module;
-    torch::Dtype dtype;
+    std::shared_ptr<BackmapEnergyModel> model;
+    c10::TensorOptions options;
+    BackmapGlobalParameters parameters;
     bool periodic;
-    std::vector<std::string> globalNames;
-    std::vector<bool> globalNeedsDerivative;
-    std::vector<torch::jit::IValue> inputs;
 };
 
 } // namespace BackmapPlugin
