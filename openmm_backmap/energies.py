@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from openmm_backmap.openmm.implicit_solvent import GeneralizedBornEnergy, is_gb_force, unsupported_reason
+
 MOLAR_GAS_CONSTANT = 8.314462618e-3  # kJ / (mol K), the value OpenMM uses
 ONE_4PI_EPS0 = 138.93545764438198  # kJ nm / (mol e^2), the Coulomb constant OpenMM uses
 
@@ -68,7 +70,12 @@ def unsupported_forces(system) -> list[str]:
         name = type(force).__name__
         if name in _IGNORED_FORCES or name in ("HarmonicBondForce", "HarmonicAngleForce", "PeriodicTorsionForce"):
             continue
-        if name == "NonbondedForce":
+        if is_gb_force(force):  # implicit solvent: openmm_backmap/openmm/implicit_solvent.py
+            reason = unsupported_reason(force)
+            if reason is None:
+                continue
+            name += f" ({reason})"
+        elif name == "NonbondedForce":
             ok_method = force.getNonbondedMethod() == openmm.NonbondedForce.NoCutoff
             offsets = force.getNumParticleParameterOffsets() + force.getNumExceptionParameterOffsets()
             if ok_method and offsets == 0:
@@ -144,6 +151,7 @@ class TorchSystemEnergy(torch.nn.Module):
         bonds, angles, torsions = [], [], []
         pairs: dict[tuple[int, int], tuple[float, float, float]] = {}
         charges = sigmas = epsilons = None
+        gb_forces = []
         nm, kj, rad = unit.nanometer, unit.kilojoule_per_mole, unit.radian
         for force in system.getForces():
             name = type(force).__name__
@@ -175,6 +183,8 @@ class TorchSystemEnergy(torch.nn.Module):
                         sig.value_in_unit(nm),
                         eps.value_in_unit(kj),
                     )
+            elif is_gb_force(force):
+                gb_forces.append(force)
         f64 = torch.float64
         bonds_a = np.array(bonds, dtype=float).reshape(-1, 4)
         self.register_buffer("bond_idx", torch.as_tensor(bonds_a[:, :2], dtype=torch.long))
@@ -209,6 +219,7 @@ class TorchSystemEnergy(torch.nn.Module):
         self.register_buffer("pair_qq", torch.as_tensor(pair_a[:, 2], dtype=f64))
         self.register_buffer("pair_sig", torch.as_tensor(pair_a[:, 3], dtype=f64))
         self.register_buffer("pair_4eps", torch.as_tensor(pair_a[:, 4], dtype=f64))
+        self.implicit_solvent = torch.nn.ModuleList([GeneralizedBornEnergy(f) for f in gb_forces])
         for name, idx, cols in (("bond", "bond_idx", ("i", "j")), ("angle", "angle_idx", ("i", "j", "k_idx")),
                                 ("pair", "pair_idx", ("i", "j")), ("torsion", "torsion_idx", ("i", "j", "k_idx", "l"))):
             table = getattr(self, idx)
@@ -252,6 +263,8 @@ class TorchSystemEnergy(torch.nn.Module):
             inv_r = 1.0 / r
             s6 = (p["pair_sig"] * inv_r) ** 6
             energy = energy + (p["pair_qq"] * inv_r + p["pair_4eps"] * (s6 * s6 - s6)).sum(0)
+        for gb in self.implicit_solvent:
+            energy = energy + gb(x)
         return energy[0] if squeeze else energy
 
 

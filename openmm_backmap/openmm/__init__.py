@@ -1,0 +1,1 @@
+"""OpenMM-facing pieces: Systems read into batched torch energies."""
