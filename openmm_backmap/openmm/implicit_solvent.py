@@ -50,7 +50,8 @@ ONE_4PI_EPS0 = 138.93545764438198  # kJ nm / (mol e^2), the Coulomb constant of 
 OBC_OFFSET = 0.009  # nm, GBSAOBCForce's dielectric offset
 OBC2_TANH = (1.0, 0.8, 4.85)  # alpha, beta, gamma of OBC type II
 PROBE_RADIUS = 0.14  # nm, the ACE solvent probe radius
-DEFAULT_MAX_PAIRS = 1 << 21  # frames x atom pairs evaluated at once (sets the memory per chunk)
+DEFAULT_MAX_PAIRS = 1 << 17  # frames x atom pairs evaluated at once: small chunks stay in cache
+_DAMP_CAP = 60.0  # largest r^2 / (4 B_i B_j) put through exp()
 
 # Known CustomGBForce forms, whitespace removed: main expression and non-numeric definitions.
 _OBC_INTEGRAL = "select(step(r+sr2-or1),0.5*(1/L-1/U+0.25*(r-sr2^2/r)*(1/(U^2)-1/(L^2))+0.5*log(L/U)/r),0)"
@@ -290,6 +291,28 @@ def _read_neck(force, out: GBParameters, radindex: np.ndarray, constants: dict) 
 
 
 # ---------------------------------------------------------------------------- the torch energy
+class _GBEnergyFunction(torch.autograd.Function):
+    """Energies with the analytic gradient saved in the forward pass (one pass over the pairs).
+
+    The backward pass returns the saved gradient; when a graph is requested (second derivatives),
+    it recomputes the gradient from differentiable torch operations instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: "GeneralizedBornEnergy") -> torch.Tensor:
+        energy, grad = module._evaluate_chunked(x, need_grad=ctx.needs_input_grad[0])
+        ctx.module = module
+        ctx.save_for_backward(x, grad if grad is not None else x.new_empty(0))
+        return energy
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        x, grad = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is itself differentiable
+            grad = ctx.module._evaluate_chunked(x, need_grad=True)[1]
+        return grad_output[:, None, None] * grad, None
+
+
 class GeneralizedBornEnergy(torch.nn.Module):
     """U(x) of one implicit-solvent force, for positions (B, n, 3) or (n, 3) in nm, in kJ/mol.
 
@@ -300,11 +323,12 @@ class GeneralizedBornEnergy(torch.nn.Module):
         its :class:`GBParameters`.
     max_pairs
         Frames x atom pairs evaluated at once: a batch is cut into chunks of
-        ``max(1, max_pairs // n^2)`` frames, each recomputed in the backward pass
-        (``torch.utils.checkpoint``), so memory stays ~ max_pairs x 8 bytes x a few dozen whatever B.
+        ``max(1, max_pairs // n^2)`` frames, so memory stays about ``max_pairs`` x 8 bytes x 30
+        whatever the batch size.
 
-    The parameters are float64 buffers; the output has the dtype of the input. Differentiable to
-    any order; forces are the negative autograd gradient.
+    The parameters are float64 buffers; the output has the dtype of the input. The gradient with
+    respect to the positions (minus the forces) is computed analytically in the same pass as the
+    energy when the input requires grad, and is differentiable again (``create_graph=True``).
     """
 
     def __init__(self, force: Any, max_pairs: int = DEFAULT_MAX_PAIRS) -> None:
@@ -321,19 +345,20 @@ class GeneralizedBornEnergy(torch.nn.Module):
         n = self.n_atoms
         f64 = torch.float64
         q = torch.as_tensor(p.charge, dtype=f64)
-        # polar prefactor -k/2 q_i q_j, split as (1/eps_in - exp(-kappa f)/eps_out)
+        # polar prefactors -k/2 q_i q_j / eps, so that U_polar = sum_ij (qq_in - qq_out exp(-kappa f)) / f
         self.register_buffer("qq_in", -0.5 * p.coulomb / p.solute_dielectric * q[:, None] * q[None, :])
         self.register_buffer("qq_out", -0.5 * p.coulomb / p.solvent_dielectric * q[:, None] * q[None, :])
         rho = torch.as_tensor(p.offset_radius, dtype=f64)
         sr = torch.as_tensor(p.scaled_radius, dtype=f64)
+        self.register_buffer("rho", rho)
         self.register_buffer("rho_i", rho[:, None])
-        self.register_buffer("inv_rho", 1.0 / rho)
+        self.register_buffer("inv_rho_i", 1.0 / rho[:, None])
         self.register_buffer("sr_j", sr[None, :])
         self.register_buffer("sr2_j", sr[None, :] ** 2)
         self.register_buffer("inv_tanh_radius", 1.0 / torch.as_tensor(p.tanh_radius, dtype=f64))
         for name in ("alpha", "beta", "gamma"):
             self.register_buffer(name, torch.as_tensor(getattr(p, name), dtype=f64))
-        self.register_buffer("self_pair", torch.eye(n, dtype=torch.bool))
+        self.register_buffer("other_pair", 1.0 - torch.eye(n, dtype=f64))
         self.register_buffer("eye", torch.eye(n, dtype=f64))
         if self.has_ace:
             radius = torch.as_tensor(p.ace_radius, dtype=f64)
@@ -354,59 +379,116 @@ class GeneralizedBornEnergy(torch.nn.Module):
         self._cast = {}
         return super()._apply(fn, *args, **kwargs)
 
-    def born_radii(self, x: torch.Tensor) -> torch.Tensor:
-        """Born radii B (B, n) in nm for positions (B, n, 3) in nm."""
-        p = self._params(x.dtype)
-        return self._born_radii(self._squared_distances(x), p)
+    # -- the model, for one chunk of frames
+    def _descreening(self, r: torch.Tensor, inv_r: torch.Tensor, p: dict, need_grad: bool):
+        """Pair terms of the descreening integral I_i = sum_j h_ij and, if asked, dh_ij/dr (B, n, n)."""
+        rho, sr = p["rho_i"], p["sr_j"]
+        upper = r + sr
+        r_minus_s = r - sr
+        gap = torch.abs(r_minus_s)
+        lower = torch.maximum(rho, gap)
+        inv_u, inv_l = 1.0 / upper, 1.0 / lower
+        inv_u2, inv_l2 = inv_u * inv_u, inv_l * inv_l
+        b = 0.25 * (r - p["sr2_j"] * inv_r)
+        c = inv_u2 - inv_l2
+        log_lu = torch.log(lower * inv_u)
+        h = 0.5 * (inv_l - inv_u + b * c + 0.5 * log_lu * inv_r)
+        dh = None
+        if need_grad:
+            dlower = torch.sign(r_minus_s) * (gap > rho).to(r.dtype)  # dL/dr
+            da = inv_u2 - dlower * inv_l2
+            db = 0.25 + 0.25 * p["sr2_j"] * inv_r * inv_r
+            dc = 2.0 * (dlower * inv_l2 * inv_l - inv_u2 * inv_u)
+            dd = 0.5 * inv_r * (dlower * inv_l - inv_u - log_lu * inv_r)
+            dh = 0.5 * (da + db * c + b * dc + dd)
+        if self.buried_correction:  # atom i inside j's scaled sphere: L = s_j - r there
+            buried = (rho < -r_minus_s).to(r.dtype)
+            h = h + buried * (p["inv_rho_i"] - inv_l)
+            if need_grad:
+                dh = dh - buried * inv_l2
+        # masks multiply (several times faster than masked_fill or where on CPU); every masked
+        # value is finite, the diagonal included (r = 1 there)
+        keep = (upper >= rho).to(r.dtype) * p["other_pair"]
+        h = h * keep
+        dh = dh * keep if need_grad else None
+        if self.has_neck:
+            t = r - p["neck_d0"]
+            t2 = t * t
+            den = 1.0 + 100.0 * t2 + 0.3e6 * t2 * t2 * t2
+            near = (r <= p["neck_cut"]).to(r.dtype) * p["other_pair"]
+            neck = (self.neck_scale * p["neck_m0"]) * near / den
+            h = h + neck
+            if need_grad:
+                dh = dh - neck * t * (200.0 + 1.8e6 * t2 * t2) / den
+        return h, dh
 
-    @staticmethod
-    def _squared_distances(x: torch.Tensor) -> torch.Tensor:
+    def _evaluate(self, x: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Energies (B,) and, if ``need_grad``, dU/dx (B, n, 3) for one chunk of frames."""
+        p = self._params(x.dtype)
+        x = x - x.mean(1, keepdim=True)  # small coordinates keep x_i sum_j C_ij - sum_j C_ij x_j exact
         r2 = None
         for c in range(3):
             xc = x[:, :, c]
             d = xc[:, :, None] - xc[:, None, :]
             r2 = d * d if r2 is None else r2 + d * d
-        return r2
-
-    def _born_radii(self, r2: torch.Tensor, p: dict) -> torch.Tensor:
-        r = torch.sqrt(r2 + p["eye"])  # 1 on the diagonal: finite there, masked out below
+        r = torch.sqrt(r2 + p["eye"])  # 1 on the diagonal: finite there, masked out of every pair sum
         inv_r = 1.0 / r
-        rho, sr = p["rho_i"], p["sr_j"]
-        upper = r + sr
-        lower = torch.maximum(rho, torch.abs(r - sr))
-        inv_u, inv_l = 1.0 / upper, 1.0 / lower
-        h = 0.5 * (inv_l - inv_u + 0.25 * (r - p["sr2_j"] * inv_r) * (inv_u * inv_u - inv_l * inv_l)
-                   + 0.5 * torch.log(lower * inv_u) * inv_r)
-        if self.buried_correction:
-            h = h + torch.where(rho < sr - r, p["inv_rho"][:, None] - inv_l, torch.zeros_like(h))
-        keep = (upper >= rho) & ~p["self_pair"]
-        integral = torch.where(keep, h, torch.zeros_like(h))
-        if self.has_neck:
-            t = r - p["neck_d0"]
-            t2 = t * t
-            neck = p["neck_m0"] / (1.0 + 100.0 * t2 + 0.3e6 * t2 * t2 * t2)
-            near = (r <= p["neck_cut"]) & ~p["self_pair"]
-            integral = integral + self.neck_scale * torch.where(near, neck, torch.zeros_like(neck))
-        psi = integral.sum(-1) / p["inv_rho"]
-        tanh = torch.tanh(psi * (p["alpha"] + psi * (-p["beta"] + psi * p["gamma"])))
-        return 1.0 / (p["inv_rho"] - tanh * p["inv_tanh_radius"])
-
-    def _energy(self, x: torch.Tensor) -> torch.Tensor:
-        p = self._params(x.dtype)
-        r2 = self._squared_distances(x)
-        born = self._born_radii(r2, p)
+        h, dh = self._descreening(r, inv_r, p, need_grad)
+        psi = h.sum(-1) * p["rho"]
+        poly = psi * (p["alpha"] + psi * (-p["beta"] + psi * p["gamma"]))
+        tanh = torch.tanh(poly)
+        born = 1.0 / (1.0 / p["rho"] - tanh * p["inv_tanh_radius"])
+        # polar energy over all ordered pairs, i = j included (f_ii = B_i is the self energy)
         bb = born[:, :, None] * born[:, None, :]
-        f = torch.sqrt(r2 + bb * torch.exp(-0.25 * r2 / bb))
+        ratio = 0.25 * r2 / bb
+        # exp(-60) ~ 1e-26 is already nothing next to r^2; the cap keeps far pairs out of subnormal
+        # numbers, which cost tens of times more CPU time than normal ones
+        damp = torch.exp(-torch.clamp(ratio, max=_DAMP_CAP))
+        f = torch.sqrt(r2 + bb * damp)
         inv_f = 1.0 / f
         if self.kappa > 0.0:
-            polar = (p["qq_in"] - p["qq_out"] * torch.exp(-self.kappa * f)) * inv_f
+            screened = p["qq_out"] * torch.exp(-self.kappa * f)
+            polar = (p["qq_in"] - screened) * inv_f
         else:
             polar = (p["qq_in"] - p["qq_out"]) * inv_f
         energy = polar.sum((1, 2))
         if self.has_ace:
-            inv_b3 = (1.0 / born) ** 3
-            energy = energy + (p["ace_coef"] * inv_b3 * inv_b3).sum(-1)
-        return energy
+            ace = p["ace_coef"] * (1.0 / born) ** 6
+            energy = energy + ace.sum(-1)
+        if not need_grad:
+            return energy, None
+        dpolar_df = -polar * inv_f
+        if self.kappa > 0.0:
+            dpolar_df = dpolar_df + self.kappa * screened * inv_f
+        half = 0.5 * dpolar_df * inv_f
+        dpolar_dr2 = half * (1.0 - 0.25 * damp)
+        dpolar_dbb = half * damp * (1.0 + ratio)
+        du_dborn = 2.0 * (dpolar_dbb * born[:, None, :]).sum(-1)
+        if self.has_ace:
+            du_dborn = du_dborn - 6.0 * ace / born
+        dpoly = p["alpha"] + psi * (-2.0 * p["beta"] + 3.0 * psi * p["gamma"])
+        dborn_dsum = born * born * (1.0 - tanh * tanh) * dpoly * p["rho"] * p["inv_tanh_radius"]
+        g = (du_dborn * dborn_dsum)[:, :, None] * dh  # dU/dI_i dh_ij/dr
+        coef = 4.0 * dpolar_dr2 + (g + g.transpose(1, 2)) * inv_r  # dU/dx_i = sum_j coef_ij (x_i - x_j)
+        coef = coef * p["other_pair"]
+        grad = x * coef.sum(-1, keepdim=True) - torch.bmm(coef, x)
+        return energy, grad
+
+    def _evaluate_chunked(self, x: torch.Tensor, need_grad: bool):
+        chunk = max(1, self.max_pairs // (self.n_atoms * self.n_atoms))
+        parts = [self._evaluate(xc, need_grad) for xc in torch.split(x, chunk)]
+        energy = torch.cat([e for e, _ in parts])
+        return energy, torch.cat([g for _, g in parts]) if need_grad else None
+
+    def born_radii(self, x: torch.Tensor) -> torch.Tensor:
+        """Born radii B (B, n) in nm for positions (B, n, 3) in nm (one chunk, no gradient)."""
+        p = self._params(x.dtype)
+        x = x - x.mean(1, keepdim=True)
+        r2 = ((x[:, :, None, :] - x[:, None, :, :]) ** 2).sum(-1)
+        r = torch.sqrt(r2 + p["eye"])
+        psi = self._descreening(r, 1.0 / r, p, need_grad=False)[0].sum(-1) * p["rho"]
+        tanh = torch.tanh(psi * (p["alpha"] + psi * (-p["beta"] + psi * p["gamma"])))
+        return 1.0 / (1.0 / p["rho"] - tanh * p["inv_tanh_radius"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """U(x) in kJ/mol for positions (B, n, 3) or (n, 3) in nm."""
@@ -415,18 +497,8 @@ class GeneralizedBornEnergy(torch.nn.Module):
             x = x.unsqueeze(0)
         if x.shape[1:] != (self.n_atoms, 3):
             raise ValueError(f"positions have shape {tuple(x.shape)}; the force has {self.n_atoms} atoms")
-        chunk = max(1, self.max_pairs // (self.n_atoms * self.n_atoms))
-        if x.shape[0] <= chunk:
-            energy = self._energy(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            energy = _GBEnergyFunction.apply(x, self)
         else:
-            grad = torch.is_grad_enabled() and x.requires_grad
-            parts = []
-            for xc in torch.split(x, chunk):
-                if grad:
-                    from torch.utils.checkpoint import checkpoint
-
-                    parts.append(checkpoint(self._energy, xc, use_reentrant=False))
-                else:
-                    parts.append(self._energy(xc))
-            energy = torch.cat(parts)
+            energy = self._evaluate_chunked(x, need_grad=False)[0]
         return energy[0] if squeeze else energy
