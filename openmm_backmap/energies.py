@@ -3,12 +3,13 @@
 Two implementations of U(x) for positions x (B, n, 3) in nm, returning kJ/mol (B,):
 
 * :class:`TorchSystemEnergy` re-implements the System's force terms in torch (harmonic bonds and
-  angles, periodic torsions, non-periodic Coulomb + Lennard-Jones with exceptions), so a whole batch
+  angles, periodic torsions, non-periodic Coulomb + Lennard-Jones with exceptions, generalized Born
+  implicit solvent from :mod:`openmm_backmap.openmm.implicit_solvent`), so a whole batch
   is one vectorised evaluation, forces come from autograd, and it runs on any torch device. It is
   validated against OpenMM in the tests (energies and forces).
 * :class:`OpenMMBridgeEnergy` asks OpenMM Contexts for energies and forces, one sample at a time,
-  through a torch autograd function. It works for every System OpenMM can run (implicit solvent,
-  CMAP, PME, custom forces) and is the fallback.
+  through a torch autograd function. It works for every System OpenMM can run (CMAP, PME, custom
+  forces) and is the fallback.
 
 :func:`aa_energy` picks the torch implementation when it supports every force of the System. Units
 are converted here and nowhere else: nm, kJ/mol, reduced energies u = U / kT.
