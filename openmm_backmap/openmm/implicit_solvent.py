@@ -50,7 +50,7 @@ ONE_4PI_EPS0 = 138.93545764438198  # kJ nm / (mol e^2), the Coulomb constant of 
 OBC_OFFSET = 0.009  # nm, GBSAOBCForce's dielectric offset
 OBC2_TANH = (1.0, 0.8, 4.85)  # alpha, beta, gamma of OBC type II
 PROBE_RADIUS = 0.14  # nm, the ACE solvent probe radius
-DEFAULT_MAX_PAIRS = 1 << 17  # frames x atom pairs evaluated at once: small chunks stay in cache
+DEFAULT_MAX_PAIRS = 1 << 15  # frames x atom pairs evaluated at once: small chunks stay in cache
 _DAMP_CAP = 60.0  # largest r^2 / (4 B_i B_j) put through exp()
 
 # Known CustomGBForce forms, whitespace removed: main expression and non-numeric definitions.
@@ -323,8 +323,8 @@ class GeneralizedBornEnergy(torch.nn.Module):
         its :class:`GBParameters`.
     max_pairs
         Frames x atom pairs evaluated at once: a batch is cut into chunks of
-        ``max(1, max_pairs // n^2)`` frames, so memory stays about ``max_pairs`` x 8 bytes x 30
-        whatever the batch size.
+        ``max(1, max_pairs // n^2)`` frames, so the working memory stays about
+        ``max(max_pairs, n^2)`` x 8 bytes x 30 in float64, whatever the batch size.
 
     The parameters are float64 buffers; the output has the dtype of the input. The gradient with
     respect to the positions (minus the forces) is computed analytically in the same pass as the
@@ -379,47 +379,56 @@ class GeneralizedBornEnergy(torch.nn.Module):
         self._cast = {}
         return super()._apply(fn, *args, **kwargs)
 
-    # -- the model, for one chunk of frames
+    # -- the model, for one chunk of frames. Temporaries are updated in place wherever autograd
+    # allows it (the create_graph path runs this code under autograd, whose version counters reject
+    # any in-place update of a value it saved): on CPU, each fresh (B, n, n) tensor costs about as
+    # much in page faults as the arithmetic done on it.
     def _descreening(self, r: torch.Tensor, inv_r: torch.Tensor, p: dict, need_grad: bool):
-        """Pair terms of the descreening integral I_i = sum_j h_ij and, if asked, dh_ij/dr (B, n, n)."""
+        """Pair terms h_ij of I_i = sum_j h_ij and, if asked, dh_ij/dr, both (B, n, n)."""
         rho, sr = p["rho_i"], p["sr_j"]
         upper = r + sr
         r_minus_s = r - sr
-        gap = torch.abs(r_minus_s)
+        gap = r_minus_s.abs()
         lower = torch.maximum(rho, gap)
-        inv_u, inv_l = 1.0 / upper, 1.0 / lower
-        inv_u2, inv_l2 = inv_u * inv_u, inv_l * inv_l
-        b = 0.25 * (r - p["sr2_j"] * inv_r)
+        inv_u, inv_l = upper.reciprocal(), lower.reciprocal()
+        inv_u2, inv_l2 = inv_u.square(), inv_l.square()
         c = inv_u2 - inv_l2
+        b4 = torch.addcmul(r, p["sr2_j"], inv_r, value=-1.0)  # r - s^2/r
         log_lu = torch.log(lower * inv_u)
-        h = 0.5 * (inv_l - inv_u + b * c + 0.5 * log_lu * inv_r)
+        h = inv_l - inv_u
+        h.addcmul_(b4, c, value=0.25).addcmul_(log_lu, inv_r, value=0.5).mul_(0.5)
         dh = None
         if need_grad:
-            dlower = torch.sign(r_minus_s) * (gap > rho).to(r.dtype)  # dL/dr
-            da = inv_u2 - dlower * inv_l2
-            db = 0.25 + 0.25 * p["sr2_j"] * inv_r * inv_r
-            dc = 2.0 * (dlower * inv_l2 * inv_l - inv_u2 * inv_u)
-            dd = 0.5 * inv_r * (dlower * inv_l - inv_u - log_lu * inv_r)
-            dh = 0.5 * (da + db * c + b * dc + dd)
-        if self.buried_correction:  # atom i inside j's scaled sphere: L = s_j - r there
-            buried = (rho < -r_minus_s).to(r.dtype)
-            h = h + buried * (p["inv_rho_i"] - inv_l)
+            # dh/dr = (da + db c + b dc + dd) / 2 with L' = dL/dr (0 where L = rho), da = 1/U^2 - L'/L^2,
+            # db = (1 + s^2/r^2)/4, dc = 2 (L'/L^3 - 1/U^3), dd = (L'/L - 1/U - log(L/U)/r) / (2r)
+            dl_over_l = torch.sign(r_minus_s).mul_((gap > rho).to(r.dtype)).mul_(inv_l)
+            dh = inv_u2 - dl_over_l * inv_l
+            dh.addcmul_(inv_r.square().mul_(p["sr2_j"]).add_(1.0), c, value=0.25)
+            dc = dl_over_l * inv_l2
+            dh.addcmul_(b4, dc.addcmul_(inv_u2, inv_u, value=-1.0), value=0.5)
+            dd = dl_over_l - inv_u
+            dh.addcmul_(dd.addcmul_(log_lu, inv_r, value=-1.0), inv_r, value=0.5).mul_(0.5)
+        if self.buried_correction:  # atom i inside j's scaled sphere (rho_i < s_j - r): L = s_j - r
+            buried = (r_minus_s < -rho).to(r.dtype)
+            h.addcmul_(buried, p["inv_rho_i"] - inv_l)
             if need_grad:
-                dh = dh - buried * inv_l2
+                dh.addcmul_(buried, inv_l2, value=-1.0)
         # masks multiply (several times faster than masked_fill or where on CPU); every masked
         # value is finite, the diagonal included (r = 1 there)
-        keep = (upper >= rho).to(r.dtype) * p["other_pair"]
-        h = h * keep
-        dh = dh * keep if need_grad else None
+        keep = (upper >= rho).to(r.dtype).mul_(p["other_pair"])
+        h.mul_(keep)
+        if need_grad:
+            dh.mul_(keep)
         if self.has_neck:
             t = r - p["neck_d0"]
-            t2 = t * t
-            den = 1.0 + 100.0 * t2 + 0.3e6 * t2 * t2 * t2
-            near = (r <= p["neck_cut"]).to(r.dtype) * p["other_pair"]
-            neck = (self.neck_scale * p["neck_m0"]) * near / den
-            h = h + neck
-            if need_grad:
-                dh = dh - neck * t * (200.0 + 1.8e6 * t2 * t2) / den
+            t2 = t.square()
+            den = t2.pow(3).mul_(0.3e6).add_(t2, alpha=100.0).add_(1.0)
+            near = (r <= p["neck_cut"]).to(r.dtype).mul_(p["other_pair"])
+            neck = near.mul_(p["neck_m0"]).mul_(self.neck_scale).div_(den)
+            h.add_(neck)
+            if need_grad:  # dN/dr = -N (200 t + 1.8e6 t^5) / den
+                slope = t2.square().mul_(1.8e6).add_(200.0).mul_(t).div_(den)
+                dh.addcmul_(neck, slope, value=-1.0)
         return h, dh
 
     def _evaluate(self, x: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -429,10 +438,10 @@ class GeneralizedBornEnergy(torch.nn.Module):
         r2 = None
         for c in range(3):
             xc = x[:, :, c]
-            d = xc[:, :, None] - xc[:, None, :]
-            r2 = d * d if r2 is None else r2 + d * d
-        r = torch.sqrt(r2 + p["eye"])  # 1 on the diagonal: finite there, masked out of every pair sum
-        inv_r = 1.0 / r
+            d2 = (xc[:, :, None] - xc[:, None, :]).square()
+            r2 = d2 if r2 is None else r2.add_(d2)
+        r = (r2 + p["eye"]).sqrt_()  # 1 on the diagonal: finite there, masked out of every pair sum
+        inv_r = r.reciprocal()
         h, dh = self._descreening(r, inv_r, p, need_grad)
         psi = h.sum(-1) * p["rho"]
         poly = psi * (p["alpha"] + psi * (-p["beta"] + psi * p["gamma"]))
@@ -440,12 +449,12 @@ class GeneralizedBornEnergy(torch.nn.Module):
         born = 1.0 / (1.0 / p["rho"] - tanh * p["inv_tanh_radius"])
         # polar energy over all ordered pairs, i = j included (f_ii = B_i is the self energy)
         bb = born[:, :, None] * born[:, None, :]
-        ratio = 0.25 * r2 / bb
+        ratio = (r2 / bb).mul_(0.25)
         # exp(-60) ~ 1e-26 is already nothing next to r^2; the cap keeps far pairs out of subnormal
         # numbers, which cost tens of times more CPU time than normal ones
-        damp = torch.exp(-torch.clamp(ratio, max=_DAMP_CAP))
-        f = torch.sqrt(r2 + bb * damp)
-        inv_f = 1.0 / f
+        damp = torch.clamp(ratio, max=_DAMP_CAP).neg_().exp_()
+        f = torch.addcmul(r2, bb, damp).sqrt_()
+        inv_f = f.reciprocal()
         if self.kappa > 0.0:
             screened = p["qq_out"] * torch.exp(-self.kappa * f)
             polar = (p["qq_in"] - screened) * inv_f
@@ -457,20 +466,20 @@ class GeneralizedBornEnergy(torch.nn.Module):
             energy = energy + ace.sum(-1)
         if not need_grad:
             return energy, None
-        dpolar_df = -polar * inv_f
+        dpolar_df = torch.mul(polar, inv_f).neg_()
         if self.kappa > 0.0:
-            dpolar_df = dpolar_df + self.kappa * screened * inv_f
-        half = 0.5 * dpolar_df * inv_f
-        dpolar_dr2 = half * (1.0 - 0.25 * damp)
-        dpolar_dbb = half * damp * (1.0 + ratio)
-        du_dborn = 2.0 * (dpolar_dbb * born[:, None, :]).sum(-1)
+            dpolar_df.addcmul_(screened, inv_f, value=self.kappa)
+        half = dpolar_df.mul_(inv_f).mul_(0.5)
+        dpolar_dr2 = damp.mul(-0.25).add_(1.0).mul_(half)
+        dpolar_dbb = (ratio + 1.0).mul_(damp).mul_(half)
+        du_dborn = 2.0 * torch.bmm(dpolar_dbb, born[:, :, None])[:, :, 0]
         if self.has_ace:
             du_dborn = du_dborn - 6.0 * ace / born
         dpoly = p["alpha"] + psi * (-2.0 * p["beta"] + 3.0 * psi * p["gamma"])
         dborn_dsum = born * born * (1.0 - tanh * tanh) * dpoly * p["rho"] * p["inv_tanh_radius"]
-        g = (du_dborn * dborn_dsum)[:, :, None] * dh  # dU/dI_i dh_ij/dr
-        coef = 4.0 * dpolar_dr2 + (g + g.transpose(1, 2)) * inv_r  # dU/dx_i = sum_j coef_ij (x_i - x_j)
-        coef = coef * p["other_pair"]
+        g = dh.mul_((du_dborn * dborn_dsum)[:, :, None])  # dU/dI_i dh_ij/dr
+        coef = (g + g.transpose(1, 2)).mul_(inv_r)  # dU/dx_i = sum_j coef_ij (x_i - x_j)
+        coef.add_(dpolar_dr2, alpha=4.0).mul_(p["other_pair"])
         grad = x * coef.sum(-1, keepdim=True) - torch.bmm(coef, x)
         return energy, grad
 
@@ -479,16 +488,6 @@ class GeneralizedBornEnergy(torch.nn.Module):
         parts = [self._evaluate(xc, need_grad) for xc in torch.split(x, chunk)]
         energy = torch.cat([e for e, _ in parts])
         return energy, torch.cat([g for _, g in parts]) if need_grad else None
-
-    def born_radii(self, x: torch.Tensor) -> torch.Tensor:
-        """Born radii B (B, n) in nm for positions (B, n, 3) in nm (one chunk, no gradient)."""
-        p = self._params(x.dtype)
-        x = x - x.mean(1, keepdim=True)
-        r2 = ((x[:, :, None, :] - x[:, None, :, :]) ** 2).sum(-1)
-        r = torch.sqrt(r2 + p["eye"])
-        psi = self._descreening(r, 1.0 / r, p, need_grad=False)[0].sum(-1) * p["rho"]
-        tanh = torch.tanh(psi * (p["alpha"] + psi * (-p["beta"] + psi * p["gamma"])))
-        return 1.0 / (1.0 / p["rho"] - tanh * p["inv_tanh_radius"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """U(x) in kJ/mol for positions (B, n, 3) or (n, 3) in nm."""
