@@ -28,7 +28,9 @@ rho_i, and the energy
     f_ij = sqrt(r^2 + B_i B_j exp(-r^2 / (4 B_i B_j))),
 
 where the double sum runs over all ordered pairs including i = j (f_ii = B_i gives the self term),
-so no exclusion applies anywhere, as in OpenMM.
+so no exclusion applies anywhere, as in OpenMM. k is OpenMM's Coulomb constant for GBSAOBCForce
+and the 138.935485 written into the CustomGBForce expressions for the others; A is 4 pi times the
+GBSAOBCForce's surface-area energy, or the 28.3919551 kJ/(mol nm^2) of the expressions.
 
 A ``CustomGBForce`` is accepted only when its per-particle parameters, computed values, energy
 terms and tabulated functions have exactly the OBC2 or GBn2 form: the expressions are split at
@@ -214,6 +216,10 @@ def _read_custom_gb_force(force) -> GBParameters:
         known = {k: list(v["parameters"]) for k, v in _FORMS.items()}
         raise UnsupportedGBForce(f"CustomGBForce per-particle parameters {list(params)} match no known form {known}")
     spec = _FORMS[form]
+    functions = sorted(force.getTabulatedFunctionName(i) for i in range(force.getNumTabulatedFunctions()))
+    if functions != sorted(spec["functions"]):
+        raise UnsupportedGBForce(f"{form} CustomGBForce tabulated functions {functions}, expected "
+                                 f"{sorted(spec['functions'])}")
     values = [force.getComputedValueParameters(i) for i in range(force.getNumComputedValues())]
     if [(v[0], v[2]) for v in values] != [("I", cgb.ParticlePairNoExclusions), ("B", cgb.SingleParticle)]:
         raise UnsupportedGBForce(f"{form} CustomGBForce computed values {[(v[0], v[2]) for v in values]} are not "
@@ -275,8 +281,6 @@ def _read_neck(force, out: GBParameters, radindex: np.ndarray, constants: dict) 
                                      "not a Discrete2DFunction")
         nx, ny, values = fn.getFunctionParameters()
         tables[name] = np.asarray(values, dtype=float).reshape(ny, nx)  # values[x + nx*y] = f(x, y)
-    if sorted(tables) != ["getd0", "getm0"]:
-        raise UnsupportedGBForce(f"GBn2 tabulated functions are {sorted(tables)}, expected ['getd0', 'getm0']")
     index = np.rint(radindex).astype(int)
     for name, t in tables.items():
         if index.min() < 0 or index.max() >= min(t.shape):
