@@ -3,12 +3,13 @@
 Two implementations of U(x) for positions x (B, n, 3) in nm, returning kJ/mol (B,):
 
 * :class:`TorchSystemEnergy` re-implements the System's force terms in torch (harmonic bonds and
-  angles, periodic torsions, non-periodic Coulomb + Lennard-Jones with exceptions), so a whole batch
+  angles, periodic torsions, non-periodic Coulomb + Lennard-Jones with exceptions, generalized Born
+  implicit solvent from :mod:`openmm_backmap.openmm.implicit_solvent`), so a whole batch
   is one vectorised evaluation, forces come from autograd, and it runs on any torch device. It is
   validated against OpenMM in the tests (energies and forces).
 * :class:`OpenMMBridgeEnergy` asks OpenMM Contexts for energies and forces, one sample at a time,
-  through a torch autograd function. It works for every System OpenMM can run (implicit solvent,
-  CMAP, PME, custom forces) and is the fallback.
+  through a torch autograd function. It works for every System OpenMM can run (CMAP, PME, custom
+  forces) and is the fallback.
 
 :func:`aa_energy` picks the torch implementation when it supports every force of the System. Units
 are converted here and nowhere else: nm, kJ/mol, reduced energies u = U / kT.
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from openmm_backmap.openmm.implicit_solvent import GeneralizedBornEnergy, is_gb_force, unsupported_reason
 from openmm_backmap.units import kT
 
 ONE_4PI_EPS0 = 138.93545764438198  # kJ nm / (mol e^2), the Coulomb constant OpenMM uses
@@ -75,7 +77,12 @@ def unsupported_forces(system) -> list[str]:
         name = type(force).__name__
         if name in _IGNORED_FORCES or name in ("HarmonicBondForce", "HarmonicAngleForce", "PeriodicTorsionForce"):
             continue
-        if name == "NonbondedForce":
+        if is_gb_force(force):  # implicit solvent: openmm_backmap/openmm/implicit_solvent.py
+            reason = unsupported_reason(force)
+            if reason is None:
+                continue
+            name += f" ({reason})"
+        elif name == "NonbondedForce":
             ok_method = force.getNonbondedMethod() == openmm.NonbondedForce.NoCutoff
             offsets = force.getNumParticleParameterOffsets() + force.getNumExceptionParameterOffsets()
             if ok_method and offsets == 0:
@@ -151,6 +158,7 @@ class TorchSystemEnergy(torch.nn.Module):
         bonds, angles, torsions = [], [], []
         pairs: dict[tuple[int, int], tuple[float, float, float]] = {}
         charges = sigmas = epsilons = None
+        gb_forces = []
         nm, kj, rad = unit.nanometer, unit.kilojoule_per_mole, unit.radian
         for force in system.getForces():
             name = type(force).__name__
@@ -182,6 +190,8 @@ class TorchSystemEnergy(torch.nn.Module):
                         sig.value_in_unit(nm),
                         eps.value_in_unit(kj),
                     )
+            elif is_gb_force(force):
+                gb_forces.append(force)
         f64 = torch.float64
         bonds_a = np.array(bonds, dtype=float).reshape(-1, 4)
         self.register_buffer("bond_idx", torch.as_tensor(bonds_a[:, :2], dtype=torch.long))
@@ -216,6 +226,7 @@ class TorchSystemEnergy(torch.nn.Module):
         self.register_buffer("pair_qq", torch.as_tensor(pair_a[:, 2], dtype=f64))
         self.register_buffer("pair_sig", torch.as_tensor(pair_a[:, 3], dtype=f64))
         self.register_buffer("pair_4eps", torch.as_tensor(pair_a[:, 4], dtype=f64))
+        self.implicit_solvent = torch.nn.ModuleList([GeneralizedBornEnergy(f) for f in gb_forces])
         for name, idx, cols in (("bond", "bond_idx", ("i", "j")), ("angle", "angle_idx", ("i", "j", "k_idx")),
                                 ("pair", "pair_idx", ("i", "j")), ("torsion", "torsion_idx", ("i", "j", "k_idx", "l"))):
             table = getattr(self, idx)
@@ -259,6 +270,8 @@ class TorchSystemEnergy(torch.nn.Module):
             inv_r = 1.0 / r
             s6 = (p["pair_sig"] * inv_r) ** 6
             energy = energy + (p["pair_qq"] * inv_r + p["pair_4eps"] * (s6 * s6 - s6)).sum(0)
+        for gb in self.implicit_solvent:
+            energy = energy + gb(x)
         return energy[0] if squeeze else energy
 
 
