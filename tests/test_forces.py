@@ -19,6 +19,7 @@ import openmm.app
 import pytest
 import torch
 
+import openmm_backmap.openmm.plugin as native_plugin
 from openmm_backmap.io.model_files import load_model_bytes
 from openmm_backmap.openmm import forces
 from openmm_backmap.openmm.plugin import PLUGIN_DIR, load_native_plugin, native_plugin_status
@@ -419,7 +420,7 @@ def test_unknown_backend():
 
 
 def test_unavailable_backend_says_what_to_do(monkeypatch):
-    monkeypatch.setattr(forces, "_native_state", (None, "not built (test)"))
+    monkeypatch.setattr(native_plugin, "_native_state", (None, "not built (test)"))
     with pytest.raises(RuntimeError, match="native backend is not available: not built"):
         forces.create_force(Harmonic(), backend="native")
     if not OPENMMTORCH_OK:
