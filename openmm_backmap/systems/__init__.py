@@ -1,0 +1,1 @@
+"""Built-in molecular systems: peptide builder and reference MD data generation."""
