@@ -22,6 +22,7 @@ Run ``python -m openmm_backmap.systems.peptides --out DIR`` to generate the defa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
@@ -57,7 +58,8 @@ _PRO_PHI = -65.0  # proline's ring fixes phi near -65 degrees
 
 # Signs of the triple products that define the natural stereocentres (see ``_chirality``):
 # CA of L residues: (N-CA) x (C-CA) . (CB-CA); Ile CB (3S): (CA-CB) x (CG1-CB) . (CG2-CB);
-# Thr CB (3R; OG1 takes CG1's place): (CA-CB) x (OG1-CB) . (CG2-CB). Checked against pdbfixer's ideal templates in tests.
+# Thr CB (3R; OG1 takes CG1's place): (CA-CB) x (OG1-CB) . (CG2-CB).
+# Checked against pdbfixer's ideal (CCD) templates in the tests.
 _CHIRAL_CENTRES = {
     "CA": (("N", "C", "CB"), +1.0),
     "ILE:CB": (("CA", "CG1", "CG2"), +1.0),
@@ -191,6 +193,38 @@ def _carbonyl_o_and_cb(full: list[str], atoms: list[tuple[int, str, np.ndarray]]
     return extra
 
 
+@contextlib.contextmanager
+def _proper_template_overlay():
+    """Make pdbfixer overlay residue templates by proper rotations only (no reflections).
+
+    pdbfixer's Kabsch fit (``pdbfixer.pdbfixer._overlayPoints``) omits the determinant
+    correction, so on our N, CA, C, O, CB scaffold it often returns a reflection and builds the
+    mirror image of a side chain (a Pro ring through its own C, strained Gln/Arg side chains).
+    This context swaps in the corrected fit and restores pdbfixer's afterwards.
+    """
+    import pdbfixer.pdbfixer as pdbfixer_module
+    from openmm import unit
+
+    original = pdbfixer_module._overlayPoints
+
+    def overlay(points1, points2):
+        if len(points1) < 3:
+            return original(points1, points2)
+        center1 = unit.sum(points1) / float(len(points1))
+        center2 = unit.sum(points2) / float(len(points2))
+        x = np.array([p - center1 for p in points1])
+        y = np.array([p - center2 for p in points2])
+        u, _, vt = np.linalg.svd(y.T @ x)
+        u[:, -1] *= np.sign(np.linalg.det(u @ vt))
+        return (-1 * center2, (u @ vt).T, center1)
+
+    pdbfixer_module._overlayPoints = overlay
+    try:
+        yield
+    finally:
+        pdbfixer_module._overlayPoints = original
+
+
 def _atom_positions(topology, positions) -> list[dict[str, np.ndarray]]:
     """Per residue, a dict atom name -> position (Angstrom)."""
     xyz = np.asarray(_to_angstrom(positions))
@@ -267,7 +301,7 @@ def check_geometry(topology, positions, cis_prolines: tuple[int, ...] | list[int
 
 def build_peptide(sequence: list[str] | tuple[str, ...], termini: str = "charged",
                   cis_prolines: tuple[int, ...] | list[int] = (), forcefield=None,
-                  max_attempts: int = 20):
+                  max_attempts: int = 20, relax: bool = True, seed: int = 0):
     """Build an all-atom peptide (amber14 names, hydrogens at pH 7) on an extended backbone.
 
     Parameters
@@ -282,7 +316,13 @@ def build_peptide(sequence: list[str] | tuple[str, ...], termini: str = "charged
     forcefield : openmm.app.ForceField, optional
         Used for hydrogen placement; defaults to amber14 + GBn2.
     max_attempts : int
-        Builds tried (pdbfixer seeds 0, 1, ...) before giving up on a geometry that fails the checks.
+        Builds tried (pdbfixer seeds ``seed``, ``seed + 1``, ...) before giving up on a geometry
+        that fails the checks.
+    relax : bool
+        Minimise the built peptide with amber14 + GBn2 (standard masses, CPU, one thread) and
+        check it again; the returned positions are the minimised ones.
+    seed : int
+        First pdbfixer seed.
 
     Returns
     -------
@@ -312,15 +352,17 @@ def build_peptide(sequence: list[str] | tuple[str, ...], termini: str = "charged
     pdb_text = _backbone_pdb(full, cis_full)
     variants = [name if name in ("HID", "HIE", "HIP", "CYS") else None for name in full]
     error = None
-    # pdbfixer's relaxation of added atoms is stochastic and occasionally inverts a side-chain
-    # stereocentre (Ile/Thr CB); such builds are refused by the check and rebuilt.
+    # pdbfixer's relaxation of added atoms is stochastic and can leave a clash whose minimisation
+    # inverts a stereocentre or flips a peptide bond; such builds are refused by the checks and
+    # rebuilt from the next seed.
     for attempt in range(max_attempts):
         fixer = PDBFixer(pdbfile=io.StringIO(pdb_text))
         fixer.missingResidues = {}
         fixer.findMissingAtoms()
         if termini == "capped":
             fixer.missingTerminals = {}
-        fixer.addMissingAtoms(seed=attempt)
+        with _proper_template_overlay():
+            fixer.addMissingAtoms(seed=seed + attempt)
         modeller = app.Modeller(fixer.topology, fixer.positions)
         modeller.addHydrogens(ff, pH=7.0, variants=variants)
         for res, name in zip(modeller.topology.residues(), full):
@@ -328,11 +370,29 @@ def build_peptide(sequence: list[str] | tuple[str, ...], termini: str = "charged
         positions = np.asarray(modeller.positions.value_in_unit(unit.nanometer))
         try:
             check_geometry(modeller.topology, positions, sorted(cis_full))
+            if relax:
+                positions = _relax(modeller.topology, positions, ff)
+                check_geometry(modeller.topology, positions, sorted(cis_full))
         except ValueError as exc:
             error = exc
             continue
         return modeller.topology, unit.Quantity(positions, unit.nanometer)
     raise ValueError(f"no valid build in {max_attempts} attempts: {error}")
+
+
+def _relax(topology, positions: np.ndarray, forcefield, tolerance: float = 10.0,
+           max_iterations: int = 1000) -> np.ndarray:
+    """Minimise positions (nm) with amber14 + GBn2 on one CPU thread; returns nm array."""
+    import openmm
+    from openmm import unit
+
+    system = make_gbn2_system(topology, None, forcefield)
+    platform, props = make_platform("CPU")
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), platform, props)
+    context.setPositions(positions)
+    openmm.LocalEnergyMinimizer.minimize(context, tolerance, max_iterations)
+    state = context.getState(getPositions=True)
+    return state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
 
 
 def make_forcefield():
@@ -492,8 +552,11 @@ def _write_manifest(out_dir: Path) -> list[str]:
 
 
 def generate_peptide(spec: PeptideSpec, out_dir: str | os.PathLike, config: MDConfig,
-                     forcefield=None) -> Path:
-    """Build, simulate and write one peptide to ``out_dir/<id>/`` (via a temporary directory)."""
+                     forcefield=None, build_seed: int = 0) -> Path:
+    """Build, simulate and write one peptide to ``out_dir/<id>/`` (via a temporary directory).
+
+    Raises ValueError (leaving no finished directory) when a geometry check fails.
+    """
     import openmm
     from openmm import app, unit
 
@@ -504,7 +567,8 @@ def generate_peptide(spec: PeptideSpec, out_dir: str | os.PathLike, config: MDCo
         shutil.rmtree(tmp_dir)
     tmp_dir.mkdir(parents=True)
     ff = forcefield or make_forcefield()
-    topology, positions = build_peptide(spec.sequence, spec.termini, spec.cis_prolines, ff)
+    topology, positions = build_peptide(spec.sequence, spec.termini, spec.cis_prolines, ff,
+                                        seed=build_seed)
     offset = 1 if spec.termini == "capped" else 0
     cis_topology = [i + offset for i in spec.cis_prolines]
     run_config = MDConfig(**{**asdict(config), "temperature": spec.temperature})
@@ -549,8 +613,9 @@ def generate_corpus(specs: list[PeptideSpec], out_dir: str | os.PathLike, config
     """Generate every peptide in ``specs`` not already finished in ``out_dir``; resumable.
 
     Each finished peptide is renamed into place and listed in ``out_dir/manifest.json``; a
-    restarted job skips ids whose directory holds a ``meta.json``. Progress goes to
-    ``out_dir/gen.log``. Returns the finished ids.
+    restarted job skips ids whose directory holds a ``meta.json``. A peptide whose geometry
+    checks fail is rebuilt from other pdbfixer seeds (3 tries) and then skipped with a
+    ``FAILED`` log line. Progress goes to ``out_dir/gen.log``. Returns the finished ids.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -566,7 +631,16 @@ def generate_corpus(specs: list[PeptideSpec], out_dir: str | os.PathLike, config
                 continue
             seed = config.seed + 1000 * k
             t0 = time.time()
-            generate_peptide(spec, out_dir, MDConfig(**{**asdict(config), "seed": seed}), ff)
+            for retry in range(3):
+                try:
+                    generate_peptide(spec, out_dir, MDConfig(**{**asdict(config), "seed": seed}),
+                                     ff, build_seed=100 * retry)
+                    break
+                except ValueError as exc:  # a geometry check failed: rebuild from other seeds
+                    log.info("retry %s after: %s", spec.id, exc)
+            else:
+                log.info("FAILED %s: gave up after 3 builds", spec.id)
+                continue
             done = _write_manifest(out_dir)
             meta = json.loads((out_dir / spec.id / "meta.json").read_text())
             log.info("done %s %s %s T=%.0fK atoms=%d frames=%d %.0f steps/s (%.0f per CPU s) %.0fs "
