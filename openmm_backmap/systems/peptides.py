@@ -67,6 +67,10 @@ _CHIRAL_CENTRES = {
 }
 OMEGA_TRANS_MIN = 150.0  # |omega| (degrees) required of a trans peptide bond
 OMEGA_CIS_MAX = 30.0  # |omega| (degrees) required of a requested cis X-Pro bond
+# Thermal frames fluctuate (|omega| of trans bonds dips to ~130 deg at 300 K, cis Pro reaches ~32
+# deg), so MD frames are checked only for isomerisation: trans beyond 110 deg, cis within 70 deg.
+OMEGA_TRANS_MIN_MD = 110.0
+OMEGA_CIS_MAX_MD = 70.0
 
 log = logging.getLogger("openmm_backmap.peptides")
 
@@ -245,7 +249,8 @@ def _chirality(res: dict[str, np.ndarray], centre: str, neighbours: tuple[str, s
     return float(np.dot(np.cross(a, b), d))
 
 
-def check_geometry(topology, positions, cis_prolines: tuple[int, ...] | list[int] = ()) -> dict:
+def check_geometry(topology, positions, cis_prolines: tuple[int, ...] | list[int] = (),
+                   trans_min: float = OMEGA_TRANS_MIN, cis_max: float = OMEGA_CIS_MAX) -> dict:
     """Check peptide-bond omegas and stereocentres; raise ValueError naming a bad residue.
 
     Parameters
@@ -256,8 +261,11 @@ def check_geometry(topology, positions, cis_prolines: tuple[int, ...] | list[int
         Positions (length unit, or bare nm).
     cis_prolines : sequence of int
         Residue indices (0-based, counted in the Topology, caps included) of prolines whose
-        preceding peptide bond must be cis (|omega| < 30 deg). All other bonds must be trans
-        (|omega| > 150 deg).
+        preceding peptide bond must be cis (|omega| < ``cis_max``). All other bonds must be
+        trans (|omega| > ``trans_min``).
+    trans_min, cis_max : float
+        Thresholds in degrees: 150 and 30 for built or minimised structures (the defaults);
+        ``OMEGA_TRANS_MIN_MD`` and ``OMEGA_CIS_MAX_MD`` for thermal MD frames.
 
     Returns
     -------
@@ -279,9 +287,9 @@ def check_geometry(topology, positions, cis_prolines: tuple[int, ...] | list[int
         omegas.append(omega)
         label = f"{residues[i - 1].name}{i - 1}-{residues[i].name}{i}"
         if i in cis:
-            if abs(omega) > OMEGA_CIS_MAX:
+            if abs(omega) > cis_max:
                 raise ValueError(f"peptide bond {label} should be cis but omega = {omega:.1f} deg")
-        elif abs(omega) < OMEGA_TRANS_MIN:
+        elif abs(omega) < trans_min:
             raise ValueError(f"peptide bond {label} is not trans: omega = {omega:.1f} deg")
     signs = {}
     for i, (res, pos) in enumerate(zip(residues, atoms)):
@@ -467,7 +475,8 @@ def run_peptide_md(topology, positions, config: MDConfig, dcd_path: str | os.Pat
                    cis_prolines: tuple[int, ...] | list[int] = (), forcefield=None) -> dict:
     """Minimise, equilibrate and run production MD, writing frames to a DCD file.
 
-    Geometry (trans omegas, L chirality) is checked after minimisation and on the last frame.
+    Geometry (trans omegas, L chirality) is checked after minimisation (strict thresholds) and
+    on the last frame (isomerisation thresholds, see :func:`check_geometry`).
 
     Parameters
     ----------
@@ -510,7 +519,7 @@ def run_peptide_md(topology, positions, config: MDConfig, dcd_path: str | os.Pat
     if not math.isfinite(energy):
         raise ValueError(f"non-finite potential energy {energy} at the end of the run")
     final = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-    check_geometry(topology, final, cis_prolines)
+    check_geometry(topology, final, cis_prolines, OMEGA_TRANS_MIN_MD, OMEGA_CIS_MAX_MD)
     return {"n_frames": config.n_frames, "steps_per_s": n_steps / elapsed,
             "cpu_steps_per_s": n_steps / max(cpu, 1e-9),
             "final_positions": final, "final_potential_kj_mol": energy}
