@@ -387,6 +387,27 @@ def _cmd_hybrid(args) -> int:
 
 
 # ---------------------------------------------------------------------------- main
+def _add_peptides(sub) -> None:
+    from openmm_backmap.systems.peptides import add_arguments
+
+    p = sub.add_parser(
+        "peptides",
+        help="build peptides from sequences and run amber14 + GBn2 MD: the protein training corpus",
+        description="Build capped or charged-terminus peptides from sequences (pdbfixer side chains and "
+        "hydrogens on a placed trans, L backbone), run amber14 + GBn2 implicit-solvent MD and write one "
+        "directory per peptide (topology.pdb, traj.dcd, system.xml, meta.json); resumable.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=_cmd_peptides)
+
+
+def _cmd_peptides(args) -> int:
+    from openmm_backmap.systems.peptides import run
+
+    run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from openmm_backmap import __version__
 
@@ -402,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _COMMANDS = [_add_reference, _add_demo, _add_train_cg, _add_export, _add_compile, _add_train, _add_info, _add_backmap,
-             _add_evaluate, _add_hybrid]
+             _add_evaluate, _add_hybrid, _add_peptides]
 
 
 def main(argv: list[str] | None = None) -> int:
