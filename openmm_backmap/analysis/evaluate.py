@@ -31,7 +31,9 @@ from openmm_backmap.analysis.metrics import (
 )
 from openmm_backmap.analysis.plots import plot_backmapper_report, plot_reweighting_report
 from openmm_backmap.analysis.reweighting import Reweighted, conditional_ess, normalized_weights
+from openmm_backmap.io.backmap_model import load_model
 from openmm_backmap.io.energy_file import read_energy_file
+from openmm_backmap.openmm.energies import aa_energy
 
 
 def _energies(energy, xyz: np.ndarray, batch: int = 2048) -> np.ndarray:
@@ -66,9 +68,6 @@ def evaluate_model(
     aa_system
         AA System for energies; by default the one embedded in the model file.
     """
-    from openmm_backmap.io.model_files import load_model
-    from openmm_backmap.openmm.energies import aa_energy
-
     start = time.perf_counter()
     if not hasattr(model, "sample"):
         model = load_model(model, device="cpu")
