@@ -54,7 +54,7 @@ TERMINI = ("charged", "capped")
 _BOND = {"N-CA": 1.458, "CA-C": 1.525, "C-N": 1.329}
 _ANGLE = {"N-CA-C": 111.2, "CA-C-N": 116.2, "C-N-CA": 121.7}
 _EXTENDED = (-120.0, 130.0)  # (phi, psi) of the built strand, degrees
-_PRO_PHI = -65.0  # proline's ring fixes phi near -65 degrees
+_PRO_PHI, _PRO_PSI = -65.0, 140.0  # proline's ring fixes phi near -65 degrees (PPII psi)
 
 # Signs of the triple products that define the natural stereocentres (see ``_chirality``):
 # CA of L residues: (N-CA) x (C-CA) . (CB-CA); Ile CB (3S): (CA-CB) x (CG1-CB) . (CG2-CB);
@@ -130,7 +130,7 @@ def _backbone_pdb(full: list[str], cis_bonds: set[int]) -> str:
     chain: list[np.ndarray] = []  # positions along N-CA-C-N-CA-C...
     chain_roles: list[str] = []
     for i, name in enumerate(full):
-        phi, psi = (_PRO_PHI, 140.0) if name == "PRO" else _EXTENDED
+        phi = _PRO_PHI if name == "PRO" else _EXTENDED[0]
         for atom_name, role in roles[i]:
             if not chain:
                 pos = np.zeros(3)
@@ -144,9 +144,8 @@ def _backbone_pdb(full: list[str], cis_bonds: set[int]) -> str:
             else:
                 key = f"{chain_roles[-1]}-{role}"
                 ang = _ANGLE[f"{chain_roles[-2]}-{chain_roles[-1]}-{role}"]
-                if role == "N":  # torsion N(i-1)-CA(i-1)-C(i-1)-N(i) = psi(i-1)
-                    prev = full[i - 1]
-                    torsion = 140.0 if prev == "PRO" else (_EXTENDED[1] if prev != "ACE" else 180.0)
+                if role == "N":  # psi(i-1) = N(i-1)-CA(i-1)-C(i-1)-N(i); ACE has no N
+                    torsion = _PRO_PSI if full[i - 1] == "PRO" else _EXTENDED[1]
                 elif role == "CA":  # omega CA(i-1)-C(i-1)-N(i)-CA(i)
                     torsion = 0.0 if i in cis_bonds else 180.0
                 else:  # role == "C": phi(i) = C(i-1)-N(i)-CA(i)-C(i)
