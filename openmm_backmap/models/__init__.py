@@ -1,0 +1,1 @@
+"""Backmapping models: the per-molecule backmapper and the residue-local protein backmapper."""
