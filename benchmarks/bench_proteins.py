@@ -36,8 +36,28 @@ from openmm_backmap.models.protein import ProteinBackmapper, load_pretrained
 from openmm_backmap.models.protein_train import chain_permutation, load_peptide
 
 KB = 8.314462618e-3  # kJ/(mol K)
-SPEED_SEQUENCE = ["MET", "LYS", "THR", "TRP", "ILE", "ASP", "GLY", "HIE", "SER", "PHE",
-                  "ARG", "VAL", "ASN", "LEU", "GLU", "TYR", "PRO", "CYS", "ALA", "GLN"]
+SPEED_SEQUENCE = [
+    "MET",
+    "LYS",
+    "THR",
+    "TRP",
+    "ILE",
+    "ASP",
+    "GLY",
+    "HIE",
+    "SER",
+    "PHE",
+    "ARG",
+    "VAL",
+    "ASN",
+    "LEU",
+    "GLU",
+    "TYR",
+    "PRO",
+    "CYS",
+    "ALA",
+    "GLN",
+]
 
 
 def _model(name: str) -> ProteinBackmapper:

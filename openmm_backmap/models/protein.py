@@ -76,7 +76,6 @@ LENGTH_SCALE = 0.3  # nm: positions in features are divided by this
 ATOM_NAMES = sorted({a for atoms, _ in TEMPLATES.values() for a in atoms.split()} | {"H2", "H3", "OXT"})
 
 
-
 # ----------------------------------------------------------------------------- statistics
 def _raw_values(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(r nm, theta rad, phi rad) of every row for positions x (N, n_atoms, 3): each (N, R)."""
@@ -159,8 +158,9 @@ class ProteinNet(nn.Module):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
 
-    def static(self, res_type: Tensor, atom: Tensor, key: Tensor, prev_type: Tensor, next_type: Tensor,
-               stage: Tensor) -> Tensor:
+    def static(
+        self, res_type: Tensor, atom: Tensor, key: Tensor, prev_type: Tensor, next_type: Tensor, stage: Tensor
+    ) -> Tensor:
         """Per-row static part of the first layer, (R, hidden)."""
         e = self.res_emb(res_type) + self.atom_emb(atom) + self.key_emb(key)
         s = F.one_hot(stage, 3).to(e.dtype)
@@ -208,8 +208,9 @@ class ChainBackmapper(nn.Module):
 
     __jit_ignored_attributes__ = ["chain", "atom_names", "bead_names", "residue_names", "keys", "order"]
 
-    def __init__(self, net: ProteinNet, chain: Chain, mapping: str, tables: dict, n_knn: int, n_ctx: int,
-                 knn_cutoff: float) -> None:
+    def __init__(
+        self, net: ProteinNet, chain: Chain, mapping: str, tables: dict, n_knn: int, n_ctx: int, knn_cutoff: float
+    ) -> None:
         super().__init__()
         self.net = net
         self.chain = chain
@@ -261,9 +262,7 @@ class ChainBackmapper(nn.Module):
             "s_key", torch.as_tensor([key_index.get(tree.keys[o], len(key_index)) for o in order], dtype=torch.long)
         )
         self.register_buffer("s_prev", torch.as_tensor([types[r - 1] if r > 0 else none for r in owner]))
-        self.register_buffer(
-            "s_next", torch.as_tensor([types[r + 1] if r + 1 < self.n_res else none for r in owner])
-        )
+        self.register_buffer("s_next", torch.as_tensor([types[r + 1] if r + 1 < self.n_res else none for r in owner]))
         self.register_buffer("s_stage", torch.as_tensor(tree.stage[order], dtype=torch.long))
         st = [tables["lookup"](tree.keys[o]) for o in order]
         dt = torch.get_default_dtype()
@@ -290,7 +289,9 @@ class ChainBackmapper(nn.Module):
     def _check_cg(self, cg: Tensor) -> None:
         if cg.dim() != 3 or cg.shape[1] != self.n_cg or cg.shape[2] != 3:
             raise ValueError(
-                "cg must have shape [B, n_cg, 3] with n_cg = " + str(self.n_cg) + " beads for this chain, got "
+                "cg must have shape [B, n_cg, 3] with n_cg = "
+                + str(self.n_cg)
+                + " beads for this chain, got "
                 + str(list(cg.shape))
             )
         if cg.shape[0] > 0 and self.n_res > 1:
@@ -305,7 +306,12 @@ class ChainBackmapper(nn.Module):
             if far > 0.6:
                 gap = int(torch.argmax(torch.max(d, dim=0)[0]))
                 raise ValueError(
-                    "C-alpha beads of residues " + str(gap) + " and " + str(gap + 1) + " are " + str(far)
+                    "C-alpha beads of residues "
+                    + str(gap)
+                    + " and "
+                    + str(gap + 1)
+                    + " are "
+                    + str(far)
                     + " nm apart (expected about 0.38 nm): a residue is missing from the chain"
                 )
 
@@ -317,9 +323,11 @@ class ChainBackmapper(nn.Module):
         b = a.shape[0]
         k = self.n_knn
         if k == 0:
-            return (torch.zeros(b, self.n_res, 0, 3, dtype=cg.dtype, device=cg.device),
-                    torch.zeros(b, self.n_res, 0, dtype=torch.long, device=cg.device),
-                    torch.zeros(b, self.n_res, 0, dtype=cg.dtype, device=cg.device))
+            return (
+                torch.zeros(b, self.n_res, 0, 3, dtype=cg.dtype, device=cg.device),
+                torch.zeros(b, self.n_res, 0, dtype=torch.long, device=cg.device),
+                torch.zeros(b, self.n_res, 0, dtype=cg.dtype, device=cg.device),
+            )
         d = torch.cdist(a, a)
         idx = torch.arange(self.n_res, device=cg.device)
         near = torch.abs(idx.unsqueeze(0) - idx.unsqueeze(1)) <= 2
@@ -327,7 +335,9 @@ class ChainBackmapper(nn.Module):
         kk = min(k, self.n_res)
         dist, nb = torch.topk(d, kk, dim=-1, largest=False)
         mask = (dist < self.knn_cutoff).to(cg.dtype)
-        pos = torch.gather(a.unsqueeze(1).expand(b, self.n_res, self.n_res, 3), 2, nb.unsqueeze(-1).expand(b, self.n_res, kk, 3))
+        pos = torch.gather(
+            a.unsqueeze(1).expand(b, self.n_res, self.n_res, 3), 2, nb.unsqueeze(-1).expand(b, self.n_res, kk, 3)
+        )
         types = self.res_type[nb]
         if kk < k:
             pad = k - kk
@@ -393,8 +403,11 @@ class ChainBackmapper(nn.Module):
 
     def _from_y(self, y_r: Tensor, y_t: Tensor, y_p: Tensor, s: int, e: int) -> tuple[Tensor, Tensor, Tensor]:
         dt = y_r.dtype
-        r = torch.where(self.free[s:e], torch.exp(self.mr[s:e].to(dt) + self.sr[s:e].to(dt) * y_r),
-                        self.r0[s:e].to(dt).expand_as(y_r))
+        r = torch.where(
+            self.free[s:e],
+            torch.exp(self.mr[s:e].to(dt) + self.sr[s:e].to(dt) * y_r),
+            self.r0[s:e].to(dt).expand_as(y_r),
+        )
         th = math.pi * torch.sigmoid(self.mt[s:e].to(dt) + self.st[s:e].to(dt) * y_t)
         return r, th, self._phi(y_p, s, e)
 
@@ -506,9 +519,7 @@ class ChainBackmapper(nn.Module):
             "residue_names": self.residue_names,
             "atom_names": self.atom_names,
             "elements": list(ch.elements),
-            "residues": [
-                {"name": n, "atoms": sorted(ch.residue_atoms[r].values())} for r, n in enumerate(ch.names)
-            ],
+            "residues": [{"name": n, "atoms": sorted(ch.residue_atoms[r].values())} for r, n in enumerate(ch.names)],
             "bead_names": self.bead_names,
             "bead_atoms": self.beads.tolist(),
             "bonds": [list(b) for b in ch.bonds],
@@ -588,8 +599,17 @@ class ProteinBackmapper(nn.Module):
         (at least 17), nearest anchors per residue and their cutoff (nm).
     """
 
-    def __init__(self, mapping: str = "ca", stats: dict | None = None, hidden: int = 96, n_bins: int = 8,
-                 emb: int = 16, n_ctx: int = 19, n_knn: int = 6, knn_cutoff: float = 1.0) -> None:
+    def __init__(
+        self,
+        mapping: str = "ca",
+        stats: dict | None = None,
+        hidden: int = 96,
+        n_bins: int = 8,
+        emb: int = 16,
+        n_ctx: int = 19,
+        n_knn: int = 6,
+        knn_cutoff: float = 1.0,
+    ) -> None:
         super().__init__()
         if mapping not in MAPPINGS:
             raise ValueError(f"unknown protein mapping {mapping!r}; choose one of {', '.join(MAPPINGS)}")
@@ -597,8 +617,15 @@ class ProteinBackmapper(nn.Module):
             raise ValueError("n_ctx must be at least 17 (11 fixed slots and 6 graph neighbours)")
         self.mapping = mapping
         self.stats = dict(stats or {})
-        self.config = dict(mapping=mapping, hidden=int(hidden), n_bins=int(n_bins), emb=int(emb), n_ctx=int(n_ctx),
-                           n_knn=int(n_knn), knn_cutoff=float(knn_cutoff))
+        self.config = dict(
+            mapping=mapping,
+            hidden=int(hidden),
+            n_bins=int(n_bins),
+            emb=int(emb),
+            n_ctx=int(n_ctx),
+            n_knn=int(n_knn),
+            knn_cutoff=float(knn_cutoff),
+        )
         self.keys = sorted(k for k in self.stats if not k.startswith("*:"))
         self.net = ProteinNet(len(self.keys), n_ctx, n_knn, hidden, n_bins, emb)
         self._chains: dict[tuple[str, ...], ChainBackmapper] = {}
@@ -616,7 +643,12 @@ class ProteinBackmapper(nn.Module):
         if names not in self._chains:
             tables = {"key_index": {k: i for i, k in enumerate(self.keys)}, "lookup": self.lookup}
             self._chains[names] = ChainBackmapper(
-                self.net, build_chain(names), self.mapping, tables, self.config["n_knn"], self.config["n_ctx"],
+                self.net,
+                build_chain(names),
+                self.mapping,
+                tables,
+                self.config["n_knn"],
+                self.config["n_ctx"],
                 self.config["knn_cutoff"],
             )
         return self._chains[names]
@@ -646,10 +678,18 @@ class ProteinBackmapper(nn.Module):
     def save(self, path: str | Path, extra: dict | None = None) -> Path:
         """Write weights, configuration and statistics (format ``openmm-backmap-protein``)."""
         path = Path(path)
-        state = {k: v.detach().to(torch.float32) if v.is_floating_point() else v for k, v in self.net.state_dict().items()}
+        state = {
+            k: v.detach().to(torch.float32) if v.is_floating_point() else v for k, v in self.net.state_dict().items()
+        }
         torch.save(
-            {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.config,
-             "stats": json.dumps(self.stats), "state_dict": state, "extra": extra or {}},
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "config": self.config,
+                "stats": json.dumps(self.stats),
+                "state_dict": state,
+                "extra": extra or {},
+            },
             str(path),
         )
         return path
@@ -726,9 +766,7 @@ def read_cg_pdb(text: str, mapping: str) -> tuple[list[str], np.ndarray]:
         want = list(MAPPINGS[mapping][canon])
         got = [a for a, _ in atoms]
         if got != want:
-            raise ValueError(
-                f"residue {resname}{resseq} has beads {got}, but the '{mapping}' mapping expects {want}"
-            )
+            raise ValueError(f"residue {resname}{resseq} has beads {got}, but the '{mapping}' mapping expects {want}")
         if n > 0 and residues[n - 1][1] == chain_id and resseq != residues[n - 1][2] + 1:
             raise ValueError(
                 f"residue numbers jump from {residues[n - 1][2]} to {resseq}: a residue is missing from the chain"

@@ -77,7 +77,9 @@ def chain_permutation(topology) -> tuple[list[str], np.ndarray]:
         key = (int(chain.atom_residue[i]), name)
         if key not in index:
             r = residues[key[0]]
-            raise ValueError(f"residue {r} has no atom {name} (the template expects {sorted(chain.residue_atoms[key[0]])})")
+            raise ValueError(
+                f"residue {r} has no atom {name} (the template expects {sorted(chain.residue_atoms[key[0]])})"
+            )
         perm.append(index[key])
     if len(perm) != topology.n_atoms:
         raise ValueError(f"the topology has {topology.n_atoms} atoms, its chain template {len(perm)}")
@@ -174,8 +176,11 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
     t0 = time.time()
     best = math.inf
     step = 0
-    info: dict = {"config": asdict(config), "train_ids": [ids[i] for i in train_idx],
-                  "val_ids": [ids[i] for i in val_idx]}
+    info: dict = {
+        "config": asdict(config),
+        "train_ids": [ids[i] for i in train_idx],
+        "val_ids": [ids[i] for i in val_idx],
+    }
     while True:
         elapsed = time.time() - t0
         if elapsed > config.time_limit:
@@ -206,8 +211,10 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
                 best = v
                 info.update(step=step, val_nll_per_residue=v, elapsed_s=time.time() - t0)
                 model.save(config.out, extra=info)
-            log(f"step {step} t {time.time() - t0:.0f}s train {loss_total:.3f} val {v:.3f} per residue"
-                + (" (saved)" if improved else ""))
+            log(
+                f"step {step} t {time.time() - t0:.0f}s train {loss_total:.3f} val {v:.3f} per residue"
+                + (" (saved)" if improved else "")
+            )
     v = val_nll()
     if v < best or not val_idx:
         info.update(step=step, val_nll_per_residue=v, elapsed_s=time.time() - t0)

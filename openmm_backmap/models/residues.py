@@ -13,8 +13,8 @@ The internal-coordinate tree places every atom that is not a CG bead from three 
 ``ca`` mapping the peptide planes between consecutive C-alpha beads, for ``backbone`` the carbonyl O
 and amide H), stage 1 the side chains (with H-alpha) of even residues, stage 2 those of odd ones.
 The anchor of every residue is its C-alpha (the methyl carbon for the caps: ACE CH3, NME C).
-Atoms bonded to C-alpha (HA, CB) are placed by dihedrals about CA-N relative to C, so the handedness of C-alpha follows from the
-construction.
+Atoms bonded to C-alpha (HA, CB) are placed by dihedrals about CA-N relative to C, so the
+handedness of C-alpha follows from the construction.
 
 No OpenMM here except inside :func:`openmm_topology`, which imports it when called.
 """
@@ -35,7 +35,8 @@ TEMPLATES: dict[str, tuple[str, str]] = {
     ),
     "ARG": (
         "N H CA HA CB HB2 HB3 CG HG2 HG3 CD HD2 HD3 NE HE CZ NH1 HH11 HH12 NH2 HH21 HH22 C O",
-        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-HG2 CG-HG3 CG-CD CD-HD2 CD-HD3 CD-NE NE-HE NE-CZ CZ-NH1 CZ-NH2 NH1-HH11 NH1-HH12 NH2-HH21 NH2-HH22 C-O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-HG2 CG-HG3 CG-CD CD-HD2 CD-HD3 CD-NE NE-HE NE-CZ "
+        "CZ-NH1 CZ-NH2 NH1-HH11 NH1-HH12 NH2-HH21 NH2-HH22 C-O",
     ),
     "ASN": (
         "N H CA HA CB HB2 HB3 CG OD1 ND2 HD21 HD22 C O",
@@ -63,27 +64,33 @@ TEMPLATES: dict[str, tuple[str, str]] = {
     ),
     "HID": (
         "N H CA HA CB HB2 HB3 CG ND1 HD1 CE1 HE1 NE2 CD2 HD2 C O",
-        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-ND1 CG-CD2 ND1-HD1 ND1-CE1 CE1-HE1 CE1-NE2 NE2-CD2 CD2-HD2 C-O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-ND1 CG-CD2 ND1-HD1 ND1-CE1 CE1-HE1 CE1-NE2 NE2-CD2 "
+        "CD2-HD2 C-O",
     ),
     "HIE": (
         "N H CA HA CB HB2 HB3 CG ND1 CE1 HE1 NE2 HE2 CD2 HD2 C O",
-        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-ND1 CG-CD2 ND1-CE1 CE1-HE1 CE1-NE2 NE2-HE2 NE2-CD2 CD2-HD2 C-O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-ND1 CG-CD2 ND1-CE1 CE1-HE1 CE1-NE2 NE2-HE2 NE2-CD2 "
+        "CD2-HD2 C-O",
     ),
     "HIP": (
         "N H CA HA CB HB2 HB3 CG ND1 HD1 CE1 HE1 NE2 HE2 CD2 HD2 C O",
-        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-ND1 CG-CD2 ND1-HD1 ND1-CE1 CE1-HE1 CE1-NE2 NE2-HE2 NE2-CD2 CD2-HD2 C-O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-ND1 CG-CD2 ND1-HD1 ND1-CE1 CE1-HE1 CE1-NE2 NE2-HE2 "
+        "NE2-CD2 CD2-HD2 C-O",
     ),
     "ILE": (
         "N H CA HA CB HB CG2 HG21 HG22 HG23 CG1 HG12 HG13 CD1 HD11 HD12 HD13 C O",
-        "N-H N-CA CA-HA CA-CB CA-C CB-HB CB-CG2 CB-CG1 CG2-HG21 CG2-HG22 CG2-HG23 CG1-HG12 CG1-HG13 CG1-CD1 CD1-HD11 CD1-HD12 CD1-HD13 C-O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB CB-CG2 CB-CG1 CG2-HG21 CG2-HG22 CG2-HG23 CG1-HG12 CG1-HG13 CG1-CD1 "
+        "CD1-HD11 CD1-HD12 CD1-HD13 C-O",
     ),
     "LEU": (
         "N H CA HA CB HB2 HB3 CG HG CD1 HD11 HD12 HD13 CD2 HD21 HD22 HD23 C O",
-        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-HG CG-CD1 CG-CD2 CD1-HD11 CD1-HD12 CD1-HD13 CD2-HD21 CD2-HD22 CD2-HD23 C-O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-HG CG-CD1 CG-CD2 CD1-HD11 CD1-HD12 CD1-HD13 CD2-HD21 "
+        "CD2-HD22 CD2-HD23 C-O",
     ),
     "LYS": (
         "N H CA HA CB HB2 HB3 CG HG2 HG3 CD HD2 HD3 CE HE2 HE3 NZ HZ1 HZ2 HZ3 C O",
-        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-HG2 CG-HG3 CG-CD CD-HD2 CD-HD3 CD-CE CE-HE2 CE-HE3 CE-NZ NZ-HZ1 NZ-HZ2 NZ-HZ3 C-O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-HG2 CG-HG3 CG-CD CD-HD2 CD-HD3 CD-CE CE-HE2 CE-HE3 "
+        "CE-NZ NZ-HZ1 NZ-HZ2 NZ-HZ3 C-O",
     ),
     "MET": (
         "N H CA HA CB HB2 HB3 CG HG2 HG3 SD CE HE1 HE2 HE3 C O",
@@ -91,7 +98,8 @@ TEMPLATES: dict[str, tuple[str, str]] = {
     ),
     "PHE": (
         "N H CA HA CB HB2 HB3 CG CD1 HD1 CE1 HE1 CZ HZ CE2 HE2 CD2 HD2 C O",
-        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-CD1 CG-CD2 CD1-HD1 CD1-CE1 CE1-HE1 CE1-CZ CZ-HZ CZ-CE2 CE2-HE2 CE2-CD2 CD2-HD2 C-O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-CD1 CG-CD2 CD1-HD1 CD1-CE1 CE1-HE1 CE1-CZ CZ-HZ "
+        "CZ-CE2 CE2-HE2 CE2-CD2 CD2-HD2 C-O",
     ),
     "PRO": (
         "N CD HD2 HD3 CG HG2 HG3 CB HB2 HB3 CA HA C O",
@@ -107,11 +115,13 @@ TEMPLATES: dict[str, tuple[str, str]] = {
     ),
     "TRP": (
         "N H CA HA CB HB2 HB3 CG CD1 HD1 NE1 HE1 CE2 CZ2 HZ2 CH2 HH2 CZ3 HZ3 CE3 HE3 CD2 C O",
-        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-CD1 CG-CD2 CD1-HD1 CD1-NE1 NE1-HE1 NE1-CE2 CE2-CZ2 CE2-CD2 CZ2-HZ2 CZ2-CH2 CH2-HH2 CH2-CZ3 CZ3-HZ3 CZ3-CE3 CE3-HE3 CE3-CD2 C-O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-CD1 CG-CD2 CD1-HD1 CD1-NE1 NE1-HE1 NE1-CE2 CE2-CZ2 "
+        "CE2-CD2 CZ2-HZ2 CZ2-CH2 CH2-HH2 CH2-CZ3 CZ3-HZ3 CZ3-CE3 CE3-HE3 CE3-CD2 C-O",
     ),
     "TYR": (
         "N H CA HA CB HB2 HB3 CG CD1 HD1 CE1 HE1 CZ OH HH CE2 HE2 CD2 HD2 C O",
-        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-CD1 CG-CD2 CD1-HD1 CD1-CE1 CE1-HE1 CE1-CZ CZ-OH CZ-CE2 OH-HH CE2-HE2 CE2-CD2 CD2-HD2 C-O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-CD1 CG-CD2 CD1-HD1 CD1-CE1 CE1-HE1 CE1-CZ CZ-OH "
+        "CZ-CE2 OH-HH CE2-HE2 CE2-CD2 CD2-HD2 C-O",
     ),
     "VAL": (
         "N H CA HA CB HB CG1 HG11 HG12 HG13 CG2 HG21 HG22 HG23 C O",
@@ -269,7 +279,14 @@ def build_chain(residue_names: Sequence[str]) -> Chain:
         neighbours[b].append(a)
     elements = [n[0] for n in atom_names]
     return Chain(
-        names, atom_names, elements, np.asarray(atom_residue, dtype=np.int64), per_residue, bonds, nterm, cterm,
+        names,
+        atom_names,
+        elements,
+        np.asarray(atom_residue, dtype=np.int64),
+        per_residue,
+        bonds,
+        nterm,
+        cterm,
         neighbours,
     )
 
