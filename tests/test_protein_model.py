@@ -311,3 +311,29 @@ def test_save_load_round_trip(chignolin, tmp_path):
         assert float(ch2.log_prob(xt, cg)) == pytest.approx(float(ch.log_prob(xt, cg)), rel=1e-5)
     with pytest.raises(ValueError, match="no pretrained protein model 'nope'"):
         load_pretrained("nope")
+
+
+def test_canonical_hydrogen_names_fix_swaps_and_keep_the_energy(chignolin):
+    """Swapping the names of equivalent hydrogens (HB2/HB3 ...) leaves the amber14 energy unchanged,
+    and canonical naming undoes any such swap."""
+    import openmm
+    from openmm import app, unit
+
+    names, x = chignolin
+    chain = R.build_chain(names)
+    pairs = R.equivalent_hydrogen_pairs(chain)
+    assert {(chain.atom_names[a], chain.atom_names[b]) for a, b, *_ in pairs} >= {("HB2", "HB3"), ("HA2", "HA3")}
+    canon = R.canonical_hydrogens(chain, x)
+    swapped = canon.copy()
+    rng = np.random.default_rng(0)
+    for a, b, *_ in pairs[rng.random(len(pairs)) < 0.5]:
+        swapped[:, [a, b]] = swapped[:, [b, a]]
+    assert not np.array_equal(swapped, canon)
+    assert np.array_equal(R.canonical_hydrogens(chain, swapped), canon)
+    system = app.ForceField("amber14/protein.ff14SB.xml", "implicit/gbn2.xml").createSystem(R.openmm_topology(names))
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    energies = []
+    for pos in (canon[0], swapped[0]):
+        ctx.setPositions(pos)
+        energies.append(ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+    assert energies[0] == pytest.approx(energies[1], abs=1e-6)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from openmm_backmap.models.protein import ProteinBackmapper
-from openmm_backmap.models.residues import TEMPLATES, build_chain
+from openmm_backmap.models.residues import TEMPLATES, build_chain, canonical_hydrogens
 
 
 @dataclass
@@ -88,9 +88,10 @@ def chain_permutation(topology) -> tuple[list[str], np.ndarray]:
 
 def chain_positions(topology, xyz: np.ndarray) -> tuple[list[str], np.ndarray]:
     """Residue names and positions (N, n_atoms, 3) nm in chain order of an mdtraj topology and its
-    coordinates (N, n_atoms_topology, 3); see :func:`chain_permutation`."""
+    coordinates (N, n_atoms_topology, 3) (see :func:`chain_permutation`), with equivalent hydrogens
+    named canonically (:func:`~openmm_backmap.models.residues.canonical_hydrogens`)."""
     names, perm = chain_permutation(topology)
-    return names, np.asarray(xyz)[:, perm]
+    return names, canonical_hydrogens(build_chain(names), np.asarray(xyz)[:, perm])
 
 
 def load_peptide(path: str | Path) -> tuple[list[str], np.ndarray, dict]:

@@ -502,6 +502,47 @@ def _row_key(chain: Chain, i: int, refs: Sequence[int]) -> str:
     return f"{chain.names[res]}:{chain.atom_names[i]}<" + ",".join(label(int(a)) for a in refs)
 
 
+def equivalent_hydrogen_pairs(chain: Chain) -> np.ndarray:
+    """(n, 5) rows (a, b, j, k, l): hydrogens a < b placed from the same references j, k, l
+    (methylene pairs such as HB2/HB3, the second and third hydrogen of a methyl or NH3+ group,
+    glycine's HA2/HA3). The force field treats a and b alike, so swapping their names leaves the
+    energy unchanged; :func:`canonical_hydrogens` fixes which is which."""
+    tree = build_tree(chain, "ca")
+    by_refs: dict[tuple[int, int, int], list[int]] = {}
+    for i, j, k, m in tree.rows:
+        if chain.elements[i] == "H":
+            by_refs.setdefault((int(j), int(k), int(m)), []).append(int(i))
+    out = [[a[0], a[1], *refs] for refs, a in by_refs.items() if len(a) == 2]
+    return np.asarray(out, dtype=np.int64).reshape(-1, 5)
+
+
+def canonical_hydrogens(chain: Chain, x: np.ndarray) -> np.ndarray:
+    """Positions x (N, n_atoms, 3) with the names of every pair of :func:`equivalent_hydrogen_pairs`
+    swapped where needed so that the first of the pair has the larger dihedral about j-k relative
+    to l (e.g. HB2 at about +120 degrees, HB3 at -120 relative to CG). Data whose hydrogens were
+    added without regard to their prochirality (as most builders do) then name them consistently;
+    the energy is unchanged."""
+    pairs = equivalent_hydrogen_pairs(chain)
+    if pairs.size == 0:
+        return x
+    x = np.array(x, copy=True)
+
+    def dih(a: np.ndarray) -> np.ndarray:
+        b1 = x[:, pairs[:, 3]] - x[:, pairs[:, 4]]
+        b2 = x[:, pairs[:, 2]] - x[:, pairs[:, 3]]
+        b3 = x[:, a] - x[:, pairs[:, 2]]
+        n1, n2 = np.cross(b1, b2), np.cross(b2, b3)
+        return np.arctan2(np.linalg.norm(b2, axis=-1) * (b1 * n2).sum(-1), (n1 * n2).sum(-1))
+
+    swap = dih(pairs[:, 0]) < dih(pairs[:, 1])  # (N, n_pairs)
+    f, p = np.nonzero(swap)
+    a, b = pairs[p, 0], pairs[p, 1]
+    xa = x[f, a].copy()
+    x[f, a] = x[f, b]
+    x[f, b] = xa
+    return x
+
+
 def chiral_centres(chain: Chain) -> np.ndarray:
     """(n, 4) atom indices (centre, a, b, c) of the chiral centres of the chain."""
     out = []
