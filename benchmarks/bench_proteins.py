@@ -150,7 +150,8 @@ def quality(ch, x_ref: np.ndarray, names: list[str], energy, kT: float, ess_fram
     far = np.abs(res[:, None] - res[None, :]) >= 2
     clash_res = np.zeros((aa.shape[0], chain.n_residues), dtype=bool)
     for f in range(aa.shape[0]):
-        dd = np.linalg.norm(aa[f, hv, None] - aa[f, None, hv], axis=-1)
+        xh = aa[f][hv]
+        dd = np.linalg.norm(xh[:, None] - xh[None, :], axis=-1)
         bad = (dd < 0.12) & far
         for i in np.unique(np.nonzero(bad)[0]):
             clash_res[f, res[i]] = True

@@ -527,11 +527,13 @@ class ChainBackmapper(nn.Module):
 
 
 def _context_atoms(chain: Chain, tree, beads: set[int], n_ctx: int) -> np.ndarray:
-    """(R, n_ctx) static context atoms of every row (-1 = none): the ``n_ctx - 11`` nearest atoms in
+    """(R, n_ctx) static context atoms of every row (-1 = none): the ``n_ctx - 20`` nearest atoms in
     the bond graph among those available (beads, atoms of earlier stages in residues owner-1 ..
     owner+1, earlier rows of the same stage and owner), the anchors of residues owner-2 .. owner+2,
-    and for rows of stage 2 the first three side-chain heavy atoms of residues owner-1 and owner+1."""
-    n_graph = n_ctx - 11
+    for rows of stage 2 the first three side-chain heavy atoms of residues owner-1 and owner+1, and
+    for side-chain rows the backbone N, C, O of residues owner-1 .. owner+1 (so a long side chain
+    sees its own and its neighbours' peptide groups)."""
+    n_graph = n_ctx - 20
     rows, stage, owner = tree.rows, tree.stage, tree.owner
     n_res = chain.n_residues
     stage_of = np.full(chain.n_atoms, -1, dtype=np.int64)
@@ -577,9 +579,16 @@ def _context_atoms(chain: Chain, tree, beads: set[int], n_ctx: int) -> np.ndarra
             col += 1
         if s == 2:
             for off in (-1, 1):
-                for v in first_heavy.get(o + off, []):
-                    out[n, col] = v
-                    col += 1
+                for k, v in enumerate(first_heavy.get(o + off, [])):
+                    out[n, col + 3 * (off > 0) + k] = v
+        col += 6
+        if s > 0:
+            for off in (-1, 0, 1):
+                for k, name in enumerate(("N", "C", "O")):
+                    if 0 <= o + off < n_res and name in chain.residue_atoms[o + off]:
+                        v = chain.atom(o + off, name)
+                        if v != a and (v in beads or stage_of[v] == 0):
+                            out[n, col + 3 * (off + 1) + k] = v
         same.append(a)
     return out
 
@@ -596,7 +605,10 @@ class ProteinBackmapper(nn.Module):
         Row key -> statistics (:func:`key_statistics`); fit them with :meth:`fit_statistics`.
     hidden, n_bins, emb, n_ctx, n_knn
         Width of the conditioner, spline bins, embedding size, static context atoms per row
-        (at least 17), nearest anchors per residue and their cutoff (nm).
+        (at least 24), nearest anchors per residue and their cutoff (nm).
+    keys
+        Row keys with an embedding of their own (default: the residue-specific keys of ``stats``);
+        keys added to the statistics later share the embedding of unseen keys.
     """
 
     def __init__(
@@ -606,15 +618,16 @@ class ProteinBackmapper(nn.Module):
         hidden: int = 96,
         n_bins: int = 8,
         emb: int = 16,
-        n_ctx: int = 19,
+        n_ctx: int = 26,
         n_knn: int = 6,
         knn_cutoff: float = 1.0,
+        keys: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if mapping not in MAPPINGS:
             raise ValueError(f"unknown protein mapping {mapping!r}; choose one of {', '.join(MAPPINGS)}")
-        if n_ctx < 17:
-            raise ValueError("n_ctx must be at least 17 (11 fixed slots and 6 graph neighbours)")
+        if n_ctx < 24:
+            raise ValueError("n_ctx must be at least 24 (20 fixed slots and 4 graph neighbours)")
         self.mapping = mapping
         self.stats = dict(stats or {})
         self.config = dict(
@@ -626,7 +639,8 @@ class ProteinBackmapper(nn.Module):
             n_knn=int(n_knn),
             knn_cutoff=float(knn_cutoff),
         )
-        self.keys = sorted(k for k in self.stats if not k.startswith("*:"))
+        # the row keys with their own embedding (fixed at construction; later keys share one)
+        self.keys = list(keys) if keys is not None else sorted(k for k in self.stats if not k.startswith("*:"))
         self.net = ProteinNet(len(self.keys), n_ctx, n_knn, hidden, n_bins, emb)
         self._chains: dict[tuple[str, ...], ChainBackmapper] = {}
 
@@ -687,6 +701,7 @@ class ProteinBackmapper(nn.Module):
                 "format_version": FORMAT_VERSION,
                 "config": self.config,
                 "stats": json.dumps(self.stats),
+                "keys": self.keys,
                 "state_dict": state,
                 "extra": extra or {},
             },
@@ -711,7 +726,7 @@ class ProteinBackmapper(nn.Module):
             raise ValueError(f"{path} is not an {FORMAT} file")
         if int(data.get("format_version", 0)) > FORMAT_VERSION:
             raise ValueError(f"{path}: format version {data['format_version']} is newer than this package reads")
-        model = cls(stats=json.loads(data["stats"]), **data["config"])
+        model = cls(stats=json.loads(data["stats"]), keys=data["keys"], **data["config"])
         model.net.load_state_dict(data["state_dict"])
         model.info = data.get("extra", {})
         return model
