@@ -337,3 +337,21 @@ def test_canonical_hydrogen_names_fix_swaps_and_keep_the_energy(chignolin):
         ctx.setPositions(pos)
         energies.append(ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
     assert energies[0] == pytest.approx(energies[1], abs=1e-6)
+
+
+def test_pretrained_ca_model_loads_and_reconstructs(chignolin):
+    model = load_pretrained("protein-ca")
+    path = Path(__file__).resolve().parent.parent / "openmm_backmap" / "pretrained" / "protein-ca.pt"
+    assert model.mapping == "ca" and path.stat().st_size < 20 * 2**20
+    names, x = chignolin
+    ch = model.for_sequence(names)
+    cg = torch.as_tensor(x[:, ch.beads.numpy()], dtype=torch.float32)
+    with torch.no_grad():
+        aa, lq = ch.sample(cg, 2)
+    centres = R.chiral_centres(ch.chain)
+    assert np.all(np.sign(R.signed_volumes(aa.double().numpy(), centres)) == np.sign(R.signed_volumes(x, centres)))
+    bonds = np.asarray(ch.chain.bonds)
+    lengths = torch.linalg.norm(aa[:, bonds[:, 0]] - aa[:, bonds[:, 1]], dim=-1).numpy()
+    ref = np.linalg.norm(x[:, bonds[:, 0]] - x[:, bonds[:, 1]], axis=-1)
+    assert np.mean(np.abs(lengths / ref - 1) <= 0.1) > 0.95
+    assert torch.isfinite(lq).all()
