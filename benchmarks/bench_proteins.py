@@ -1,0 +1,250 @@
+"""Speed and quality of the transferable protein backmapper.
+
+Speed: sampling (with log q) and log_prob of a 20-residue peptide at a batch of 256 CG frames, with
+1 and 2 torch threads, in residues per second (frames x residues / wall time, median of repeats).
+
+Quality (``--heldout DIR``, a directory of corpus entries: topology.pdb, traj.dcd, system.xml):
+one sample per CG frame, no minimisation, for each held-out peptide:
+
+* bond score: fraction of bonds (hydrogens included) within 10% of their length in the reference
+  frame the CG frame came from;
+* clashes: % of residues with a heavy atom closer than 0.12 nm to a heavy atom of a residue that is
+  not its sequence neighbour;
+* chirality errors: chiral centres whose handedness differs from the reference frame's;
+* cis non-proline peptide bonds: omega within 90 degrees of 0 before a non-proline residue;
+* median U_AA (amber14 + GBn2, the corpus entry's system.xml) of the reconstructions minus that of
+  the reference frames, per residue (kJ/mol);
+* conditional ESS: for ``--ess-frames`` frames, 64 samples each, Kish ESS of
+  exp(-U_AA / kT - log q) divided by 64, averaged over frames.
+
+Run: ``python benchmarks/bench_proteins.py --model protein-ca [--heldout DIR] [--frames 100]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from openmm_backmap.models import residues as R
+from openmm_backmap.models.protein import ProteinBackmapper, load_pretrained
+from openmm_backmap.models.protein_train import chain_permutation, load_peptide
+
+KB = 8.314462618e-3  # kJ/(mol K)
+SPEED_SEQUENCE = [
+    "MET",
+    "LYS",
+    "THR",
+    "TRP",
+    "ILE",
+    "ASP",
+    "GLY",
+    "HIE",
+    "SER",
+    "PHE",
+    "ARG",
+    "VAL",
+    "ASN",
+    "LEU",
+    "GLU",
+    "TYR",
+    "PRO",
+    "CYS",
+    "ALA",
+    "GLN",
+]
+
+
+def _model(name: str) -> ProteinBackmapper:
+    return ProteinBackmapper.load(name) if Path(name).is_file() else load_pretrained(name)
+
+
+def _trace(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A C-alpha trace with 0.38 nm steps and 120 degree virtual angles (nm)."""
+    x = np.zeros((n, 3))
+    d = np.array([1.0, 0.0, 0.0])
+    for i in range(1, n):
+        v = rng.normal(size=3)
+        v -= v.dot(d) * d
+        v /= np.linalg.norm(v)
+        d = math.cos(math.radians(60)) * d + math.sin(math.radians(60)) * v
+        x[i] = x[i - 1] + 0.38 * d
+    return x
+
+
+def bench_speed(model: ProteinBackmapper, batch: int = 256, repeats: int = 3) -> dict:
+    """Residues per second for sample(cg, 1) and log_prob at ``batch`` frames, 1 and 2 threads."""
+    names = SPEED_SEQUENCE
+    ch = model.for_sequence(names).float().eval()
+    rng = np.random.default_rng(0)
+    anchors = _trace(len(names), rng)
+    if model.mapping == "ca":
+        cg1 = anchors
+    else:
+        # N and C half-way towards the neighbouring C-alphas: a crude but well-formed backbone
+        cg1 = []
+        for i in range(len(names)):
+            prev = anchors[i - 1] if i > 0 else 2 * anchors[i] - anchors[i + 1]
+            nxt = anchors[i + 1] if i + 1 < len(names) else 2 * anchors[i] - anchors[i - 1]
+            cg1 += [anchors[i] + 0.38 * (prev - anchors[i]), anchors[i], anchors[i] + 0.4 * (nxt - anchors[i])]
+        cg1 = np.asarray(cg1)
+    cg = torch.as_tensor(cg1, dtype=torch.float32).unsqueeze(0).repeat(batch, 1, 1)
+    out = {"sequence_length": len(names), "batch": batch, "n_atoms": ch.n_aa}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            aa, _ = ch.sample(cg[:8], 1)
+            ch.log_prob(aa, cg[:8])
+            ts, tl = [], []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                aa, _ = ch.sample(cg, 1)
+                ts.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                ch.log_prob(aa, cg)
+                tl.append(time.perf_counter() - t)
+        res = batch * len(names)
+        out[f"sample_residues_per_s_{threads}t"] = res / float(np.median(ts))
+        out[f"log_prob_residues_per_s_{threads}t"] = res / float(np.median(tl))
+        out[f"sample_structures_per_s_{threads}t"] = batch / float(np.median(ts))
+    return out
+
+
+# ----------------------------------------------------------------------------- quality
+def _omega(x: np.ndarray, chain: R.Chain) -> tuple[np.ndarray, np.ndarray]:
+    """Omega dihedrals (rad) of every peptide bond (..., n_bonds) and whether the next residue is Pro."""
+    quads, pro = [], []
+    for r in range(chain.n_residues - 1):
+        nxt = chain.names[r + 1]
+        a = chain.anchor(r)
+        b = chain.anchor(r + 1)
+        quads.append([a, chain.atom(r, "C"), chain.atom(r + 1, "N"), b])
+        pro.append(nxt == "PRO")
+    q = np.asarray(quads)
+    t = torch.as_tensor(x)
+    from openmm_backmap.geometry import dihedrals
+
+    om = dihedrals(t[..., q[:, 3], :], t[..., q[:, 2], :], t[..., q[:, 1], :], t[..., q[:, 0], :]).numpy()
+    return om, np.asarray(pro)
+
+
+def quality(ch, x_ref: np.ndarray, names: list[str], energy, kT: float, ess_frames: int) -> dict:
+    """Metrics of one sample per frame of x_ref (N, n_atoms, 3) nm, chain order."""
+    chain = ch.chain
+    cg = torch.as_tensor(x_ref[:, ch.beads.numpy()], dtype=torch.float32)
+    with torch.no_grad():
+        aa, lq = ch.sample(cg, 1)
+    aa = aa.double().numpy()
+    bonds = np.asarray(chain.bonds)
+    d_s = np.linalg.norm(aa[:, bonds[:, 0]] - aa[:, bonds[:, 1]], axis=-1)
+    d_r = np.linalg.norm(x_ref[:, bonds[:, 0]] - x_ref[:, bonds[:, 1]], axis=-1)
+    bond_score = float(np.mean(np.abs(d_s / d_r - 1.0) <= 0.1))
+    heavy = np.asarray([e != "H" for e in chain.elements])
+    hv = np.flatnonzero(heavy)
+    res = chain.atom_residue[hv]
+    far = np.abs(res[:, None] - res[None, :]) >= 2
+    clash_res = np.zeros((aa.shape[0], chain.n_residues), dtype=bool)
+    for f in range(aa.shape[0]):
+        xh = aa[f][hv]
+        dd = np.linalg.norm(xh[:, None] - xh[None, :], axis=-1)
+        bad = (dd < 0.12) & far
+        for i in np.unique(np.nonzero(bad)[0]):
+            clash_res[f, res[i]] = True
+    centres = R.chiral_centres(chain)
+    chir = np.sign(R.signed_volumes(aa, centres)) != np.sign(R.signed_volumes(x_ref, centres))
+    om, pro = _omega(aa, chain)
+    cis = np.abs(om) < math.pi / 2
+    u_s = energy(aa)
+    u_r = energy(x_ref)
+    out = {
+        "n_frames": int(aa.shape[0]),
+        "n_residues": chain.n_residues,
+        "bond_score": bond_score,
+        "clash_percent_residues": float(100 * clash_res.mean()),
+        "chirality_errors": int(chir.sum()),
+        "cis_non_pro": int(cis[:, ~pro].sum()),
+        "median_U_sample": float(np.median(u_s)),
+        "median_U_reference": float(np.median(u_r)),
+        "median_dU_per_residue": float((np.median(u_s) - np.median(u_r)) / chain.n_residues),
+        "mean_log_q": float(lq.mean()),
+    }
+    # conditional ESS with 64 samples per frame
+    ess = []
+    pick = np.linspace(0, x_ref.shape[0] - 1, ess_frames).astype(int)
+    for f in pick:
+        with torch.no_grad():
+            s, lqs = ch.sample(cg[f : f + 1], 64)
+        logw = -energy(s.double().numpy()) / kT - lqs.double().numpy()
+        w = np.exp(logw - logw.max())
+        ess.append(w.sum() ** 2 / (w**2).sum() / 64)
+    out["conditional_ess"] = float(np.mean(ess))
+    return out
+
+
+def _energy_function(system_xml: str, perm: np.ndarray):
+    """U(x) kJ/mol for positions (N, n_atoms, 3) nm in chain order, via an OpenMM Context."""
+    import openmm
+    from openmm import unit
+
+    system = openmm.XmlSerializer.deserialize(system_xml)
+    integrator = openmm.VerletIntegrator(0.001)
+    ctx = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("CPU"), {"Threads": "1"})
+    inv = np.empty_like(perm)
+    inv[perm] = np.arange(perm.size)  # chain atom a sits at topology index perm[a]
+
+    def energy(x: np.ndarray) -> np.ndarray:
+        out = np.empty(x.shape[0])
+        for n in range(x.shape[0]):
+            ctx.setPositions(x[n][inv])
+            out[n] = ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+        return out
+
+    return energy
+
+
+def bench_quality(model: ProteinBackmapper, heldout: Path, frames: int, ess_frames: int) -> dict:
+    import mdtraj as md
+
+    torch.set_num_threads(1)
+    out = {}
+    for d in sorted(p for p in heldout.iterdir() if (p / "traj.dcd").exists()):
+        names, x, meta = load_peptide(d)
+        top = md.load_topology(str(d / "topology.pdb"))
+        _, perm = chain_permutation(top)
+        step = max(1, x.shape[0] // frames)
+        xr = x[::step][:frames].astype(np.float64)
+        ch = model.for_sequence(names).float().eval()
+        temperature = float(meta.get("temperature_K", 300.0))
+        energy = _energy_function((d / "system.xml").read_text(), perm)
+        out[d.name] = {"sequence": "-".join(names), **quality(ch, xr, names, energy, KB * temperature, ess_frames)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="protein-ca", help="pretrained name or file")
+    parser.add_argument("--heldout", default=None, help="directory of held-out corpus entries")
+    parser.add_argument("--frames", type=int, default=100)
+    parser.add_argument("--ess-frames", type=int, default=10)
+    parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    model = _model(args.model)
+    results = {"model": args.model, "mapping": model.mapping}
+    if not args.no_speed:
+        results["speed"] = bench_speed(model)
+        print(json.dumps(results["speed"], indent=1), flush=True)
+    if args.heldout:
+        results["quality"] = bench_quality(model, Path(args.heldout), args.frames, args.ess_frames)
+        print(json.dumps(results["quality"], indent=1), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

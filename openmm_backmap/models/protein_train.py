@@ -1,0 +1,246 @@
+"""Maximum-likelihood training of the transferable protein backmapper on a peptide corpus.
+
+Corpus layout: ``<data>/<id>/`` holds ``topology.pdb`` (amber14 names, hydrogens), ``traj.dcd``
+and ``meta.json``; ``<data>/manifest.json`` lists the finished ids. Each optimisation step sums the
+negative log-likelihood (per residue) of a batch of frames from each of several peptides; a few
+peptides are held out for validation, and the model with the lowest validation NLL is written to
+the output file (format of :meth:`ProteinBackmapper.save`) whenever it improves.
+
+Run ``python -m openmm_backmap.models.protein_train --data DIR --out FILE [--mapping ca]``.
+No OpenMM here: trajectories are read with mdtraj.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from openmm_backmap.models.protein import ProteinBackmapper
+from openmm_backmap.models.residues import TEMPLATES, build_chain, canonical_hydrogens
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`train` (times in s)."""
+
+    data: str
+    out: str
+    mapping: str = "ca"
+    time_limit: float = 2700.0
+    batch_frames: int = 32
+    peptides_per_step: int = 4
+    lr: float = 2e-3
+    val_every: int = 200
+    n_val: int = 4
+    seed: int = 0
+    threads: int = 1
+    hidden: int = 96
+    n_bins: int = 8
+    n_knn: int = 6
+    stats_frames: int = 60
+    refresh_every: int = 100
+
+
+def _residue_name(res) -> str:
+    """Template name of an mdtraj residue (HIS by its protons: HD1 and HE2 -> HIP, HD1 -> HID)."""
+    name = res.name
+    if name in ("HIS", "HID", "HIE", "HIP"):
+        atoms = {a.name for a in res.atoms}
+        name = "HIP" if {"HD1", "HE2"} <= atoms else "HID" if "HD1" in atoms else "HIE"
+    if name not in TEMPLATES:
+        raise ValueError(f"residue {res} has a name the protein templates do not know")
+    return name
+
+
+def chain_permutation(topology) -> tuple[list[str], np.ndarray]:
+    """Residue names of an mdtraj topology and the permutation ``perm`` with chain atom a at
+    topology index ``perm[a]`` (chain order: amber14 templates).
+
+    Raises
+    ------
+    ValueError
+        When the topology's atoms are not those of the chain built from its residue names.
+    """
+    residues = list(topology.residues)
+    names = [_residue_name(r) for r in residues]
+    chain = build_chain(names)
+    index = {(a.residue.index, a.name): a.index for a in topology.atoms}
+    perm = []
+    for i, name in enumerate(chain.atom_names):
+        key = (int(chain.atom_residue[i]), name)
+        if key not in index:
+            r = residues[key[0]]
+            raise ValueError(
+                f"residue {r} has no atom {name} (the template expects {sorted(chain.residue_atoms[key[0]])})"
+            )
+        perm.append(index[key])
+    if len(perm) != topology.n_atoms:
+        raise ValueError(f"the topology has {topology.n_atoms} atoms, its chain template {len(perm)}")
+    return names, np.asarray(perm)
+
+
+def chain_positions(topology, xyz: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Residue names and positions (N, n_atoms, 3) nm in chain order of an mdtraj topology and its
+    coordinates (N, n_atoms_topology, 3) (see :func:`chain_permutation`), with equivalent hydrogens
+    named canonically (:func:`~openmm_backmap.models.residues.canonical_hydrogens`)."""
+    names, perm = chain_permutation(topology)
+    return names, canonical_hydrogens(build_chain(names), np.asarray(xyz)[:, perm])
+
+
+def load_peptide(path: str | Path) -> tuple[list[str], np.ndarray, dict]:
+    """(residue names, positions (N, n_atoms, 3) nm in chain order, meta) of a corpus entry."""
+    import mdtraj as md
+
+    path = Path(path)
+    traj = md.load(str(path / "traj.dcd"), top=str(path / "topology.pdb"))
+    names, x = chain_positions(traj.topology, traj.xyz)
+    meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
+    return names, x.astype(np.float32), meta
+
+
+def corpus_ids(data: str | Path) -> list[str]:
+    """Finished ids of a corpus directory (its manifest.json)."""
+    manifest = Path(data) / "manifest.json"
+    if not manifest.exists():
+        raise FileNotFoundError(f"{manifest} does not exist: is {data} a peptide corpus?")
+    ids = json.loads(manifest.read_text())
+    return list(ids["finished"] if isinstance(ids, dict) else ids)
+
+
+def train(config: TrainConfig, log=print) -> ProteinBackmapper:
+    """Train a :class:`ProteinBackmapper` on the corpus ``config.data``; the best model (lowest
+    validation NLL per residue) is saved to ``config.out`` whenever it improves. Returns it."""
+    torch.set_num_threads(config.threads)
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    ids = corpus_ids(config.data)
+    peptides = [load_peptide(Path(config.data) / i) for i in ids]
+    order = rng.permutation(len(ids))
+    val_idx = sorted(order[: config.n_val].tolist()) if len(ids) > config.n_val + 1 else []
+    train_idx = [i for i in range(len(ids)) if i not in val_idx]
+    log(f"{len(ids)} peptides: {len(train_idx)} training, validation {[ids[i] for i in val_idx]}")
+    examples = []
+    for i in train_idx:
+        names, x, _ = peptides[i]
+        take = rng.choice(x.shape[0], min(config.stats_frames, x.shape[0]), replace=False)
+        examples.append((names, x[take].astype(np.float64)))
+    stats = ProteinBackmapper.fit_statistics(examples, config.mapping)
+    model = ProteinBackmapper(config.mapping, stats, hidden=config.hidden, n_bins=config.n_bins, n_knn=config.n_knn)
+    n_params = sum(p.numel() for p in model.net.parameters())
+    log(f"{len(stats)} row keys, {n_params} parameters, mapping {config.mapping}")
+    opt = torch.optim.Adam(model.net.parameters(), lr=config.lr)
+    tensors = [torch.as_tensor(p[1]) for p in peptides]
+    val_frames = {i: tensors[i][:: max(1, tensors[i].shape[0] // 64)] for i in val_idx}
+
+    def val_nll() -> float:
+        if not val_idx:
+            return float("nan")
+        tot, n = 0.0, 0
+        with torch.no_grad():
+            for i in val_idx:
+                ch = model.for_sequence(peptides[i][0])
+                x = val_frames[i]
+                lp = ch.log_prob(x, ch.project(x))
+                tot += -float(lp.sum()) / ch.n_res
+                n += x.shape[0]
+        return tot / n
+
+    def refresh() -> None:
+        """Add peptides the corpus finished since the start to the training set; statistics of row
+        keys not seen before are fitted on them (known keys keep theirs)."""
+        new = [i for i in corpus_ids(config.data) if i not in ids]
+        if not new:
+            return
+        examples = []
+        for i in new:
+            names, x, meta = load_peptide(Path(config.data) / i)
+            ids.append(i)
+            peptides.append((names, x, meta))
+            tensors.append(torch.as_tensor(x))
+            train_idx.append(len(ids) - 1)
+            take = rng.choice(x.shape[0], min(config.stats_frames, x.shape[0]), replace=False)
+            examples.append((names, x[take].astype(np.float64)))
+        fresh = ProteinBackmapper.fit_statistics(examples, config.mapping)
+        added = {k: v for k, v in fresh.items() if k not in model.stats}
+        model.stats.update(added)
+        model._chains.clear()
+        info["train_ids"] = [ids[i] for i in train_idx]
+        log(f"added peptides {new} ({len(added)} new row keys); {len(train_idx)} training peptides")
+
+    t0 = time.time()
+    best = math.inf
+    step = 0
+    info: dict = {
+        "config": asdict(config),
+        "train_ids": [ids[i] for i in train_idx],
+        "val_ids": [ids[i] for i in val_idx],
+    }
+    while True:
+        elapsed = time.time() - t0
+        if elapsed > config.time_limit:
+            break
+        for g in opt.param_groups:
+            g["lr"] = config.lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * elapsed / config.time_limit)))
+        opt.zero_grad()
+        loss_total = 0.0
+        for i in rng.choice(train_idx, config.peptides_per_step):
+            ch = model.for_sequence(peptides[i][0])
+            xt = tensors[i]
+            take = torch.as_tensor(rng.choice(xt.shape[0], min(config.batch_frames, xt.shape[0]), replace=False))
+            x = xt[take]
+            loss = -ch.log_prob(x, ch.project(x)).mean() / ch.n_res / config.peptides_per_step
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss on peptide {ids[i]} at step {step}")
+            loss.backward()
+            loss_total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(model.net.parameters(), 10.0)
+        opt.step()
+        step += 1
+        if config.refresh_every and step % config.refresh_every == 0:
+            refresh()
+        if step % config.val_every == 0:
+            v = val_nll()
+            improved = v < best or not val_idx
+            if improved:
+                best = v
+                info.update(step=step, val_nll_per_residue=v, elapsed_s=time.time() - t0)
+                model.save(config.out, extra=info)
+            log(
+                f"step {step} t {time.time() - t0:.0f}s train {loss_total:.3f} val {v:.3f} per residue"
+                + (" (saved)" if improved else "")
+            )
+    v = val_nll()
+    if v < best or not val_idx:
+        info.update(step=step, val_nll_per_residue=v, elapsed_s=time.time() - t0)
+        model.save(config.out, extra=info)
+    log(f"done: {step} steps, best validation NLL {min(best, v):.3f} nats per residue")
+    return ProteinBackmapper.load(config.out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    fields = TrainConfig.__dataclass_fields__
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", required=True)
+    for name, f in fields.items():
+        if name in ("data", "out"):
+            continue
+        parser.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default)
+    args = parser.parse_args(argv)
+    config = TrainConfig(**vars(args))
+
+    def log(msg: str) -> None:
+        print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+    train(config, log)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,584 @@
+"""Residue templates of the amber14 protein force field and the internal-coordinate trees of chains.
+
+A chain is a list of residue names: the 20 standard amino acids (histidine as HID, HIE or HIP; the
+name HIS means HIE), optionally capped by ACE (first) and NME (last). A chain without a cap has a
+charged terminus there: NH3+ (atoms H, H2, H3; H2, H3 for proline) at the N end, COO- (OXT) at the
+C end, as amber14's N- and C-terminal templates. Atoms are those of amber14's templates
+(``protein.ff14SB.xml``) in their order, named as OpenMM names them in PDB files (what
+``PDBFile``/``Modeller`` produce and amber14 matches): the NH3+ hydrogens are H, H2, H3; the caps'
+methyl hydrogens H1, H2, H3 and NME's methyl carbon C. Residues follow each other in chain order.
+
+The internal-coordinate tree places every atom that is not a CG bead from three reference atoms
+``(j, k, l)`` (bond i-j, angle i-j-k, dihedral i-j-k-l), in stages: stage 0 the backbone (for the
+``ca`` mapping the peptide planes between consecutive C-alpha beads, for ``backbone`` the carbonyl O
+and amide H), stage 1 the side chains (with H-alpha) of even residues, stage 2 those of odd ones.
+The anchor of every residue is its C-alpha (the methyl carbon for the caps: ACE CH3, NME C).
+Atoms bonded to C-alpha (HA, CB) are placed by dihedrals about CA-N relative to C, so the
+handedness of C-alpha follows from the construction.
+
+No OpenMM here except inside :func:`openmm_topology`, which imports it when called.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+# name: (atom names in amber14 order, intra-residue bonds "A-B")
+TEMPLATES: dict[str, tuple[str, str]] = {
+    "ALA": (
+        "N H CA HA CB HB1 HB2 HB3 C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB1 CB-HB2 CB-HB3 C-O",
+    ),
+    "ARG": (
+        "N H CA HA CB HB2 HB3 CG HG2 HG3 CD HD2 HD3 NE HE CZ NH1 HH11 HH12 NH2 HH21 HH22 C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-HG2 CG-HG3 CG-CD CD-HD2 CD-HD3 CD-NE NE-HE NE-CZ "
+        "CZ-NH1 CZ-NH2 NH1-HH11 NH1-HH12 NH2-HH21 NH2-HH22 C-O",
+    ),
+    "ASN": (
+        "N H CA HA CB HB2 HB3 CG OD1 ND2 HD21 HD22 C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-OD1 CG-ND2 ND2-HD21 ND2-HD22 C-O",
+    ),
+    "ASP": (
+        "N H CA HA CB HB2 HB3 CG OD1 OD2 C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-OD1 CG-OD2 C-O",
+    ),
+    "CYS": (
+        "N H CA HA CB HB2 HB3 SG HG C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-SG SG-HG C-O",
+    ),
+    "GLN": (
+        "N H CA HA CB HB2 HB3 CG HG2 HG3 CD OE1 NE2 HE21 HE22 C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-HG2 CG-HG3 CG-CD CD-OE1 CD-NE2 NE2-HE21 NE2-HE22 C-O",
+    ),
+    "GLU": (
+        "N H CA HA CB HB2 HB3 CG HG2 HG3 CD OE1 OE2 C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-HG2 CG-HG3 CG-CD CD-OE1 CD-OE2 C-O",
+    ),
+    "GLY": (
+        "N H CA HA2 HA3 C O",
+        "N-H N-CA CA-HA2 CA-HA3 CA-C C-O",
+    ),
+    "HID": (
+        "N H CA HA CB HB2 HB3 CG ND1 HD1 CE1 HE1 NE2 CD2 HD2 C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-ND1 CG-CD2 ND1-HD1 ND1-CE1 CE1-HE1 CE1-NE2 NE2-CD2 "
+        "CD2-HD2 C-O",
+    ),
+    "HIE": (
+        "N H CA HA CB HB2 HB3 CG ND1 CE1 HE1 NE2 HE2 CD2 HD2 C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-ND1 CG-CD2 ND1-CE1 CE1-HE1 CE1-NE2 NE2-HE2 NE2-CD2 "
+        "CD2-HD2 C-O",
+    ),
+    "HIP": (
+        "N H CA HA CB HB2 HB3 CG ND1 HD1 CE1 HE1 NE2 HE2 CD2 HD2 C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-ND1 CG-CD2 ND1-HD1 ND1-CE1 CE1-HE1 CE1-NE2 NE2-HE2 "
+        "NE2-CD2 CD2-HD2 C-O",
+    ),
+    "ILE": (
+        "N H CA HA CB HB CG2 HG21 HG22 HG23 CG1 HG12 HG13 CD1 HD11 HD12 HD13 C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB CB-CG2 CB-CG1 CG2-HG21 CG2-HG22 CG2-HG23 CG1-HG12 CG1-HG13 CG1-CD1 "
+        "CD1-HD11 CD1-HD12 CD1-HD13 C-O",
+    ),
+    "LEU": (
+        "N H CA HA CB HB2 HB3 CG HG CD1 HD11 HD12 HD13 CD2 HD21 HD22 HD23 C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-HG CG-CD1 CG-CD2 CD1-HD11 CD1-HD12 CD1-HD13 CD2-HD21 "
+        "CD2-HD22 CD2-HD23 C-O",
+    ),
+    "LYS": (
+        "N H CA HA CB HB2 HB3 CG HG2 HG3 CD HD2 HD3 CE HE2 HE3 NZ HZ1 HZ2 HZ3 C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-HG2 CG-HG3 CG-CD CD-HD2 CD-HD3 CD-CE CE-HE2 CE-HE3 "
+        "CE-NZ NZ-HZ1 NZ-HZ2 NZ-HZ3 C-O",
+    ),
+    "MET": (
+        "N H CA HA CB HB2 HB3 CG HG2 HG3 SD CE HE1 HE2 HE3 C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-HG2 CG-HG3 CG-SD SD-CE CE-HE1 CE-HE2 CE-HE3 C-O",
+    ),
+    "PHE": (
+        "N H CA HA CB HB2 HB3 CG CD1 HD1 CE1 HE1 CZ HZ CE2 HE2 CD2 HD2 C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-CD1 CG-CD2 CD1-HD1 CD1-CE1 CE1-HE1 CE1-CZ CZ-HZ "
+        "CZ-CE2 CE2-HE2 CE2-CD2 CD2-HD2 C-O",
+    ),
+    "PRO": (
+        "N CD HD2 HD3 CG HG2 HG3 CB HB2 HB3 CA HA C O",
+        "N-CD N-CA CD-HD2 CD-HD3 CD-CG CG-HG2 CG-HG3 CG-CB CB-HB2 CB-HB3 CB-CA CA-HA CA-C C-O",
+    ),
+    "SER": (
+        "N H CA HA CB HB2 HB3 OG HG C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-OG OG-HG C-O",
+    ),
+    "THR": (
+        "N H CA HA CB HB CG2 HG21 HG22 HG23 OG1 HG1 C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB CB-CG2 CB-OG1 CG2-HG21 CG2-HG22 CG2-HG23 OG1-HG1 C-O",
+    ),
+    "TRP": (
+        "N H CA HA CB HB2 HB3 CG CD1 HD1 NE1 HE1 CE2 CZ2 HZ2 CH2 HH2 CZ3 HZ3 CE3 HE3 CD2 C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-CD1 CG-CD2 CD1-HD1 CD1-NE1 NE1-HE1 NE1-CE2 CE2-CZ2 "
+        "CE2-CD2 CZ2-HZ2 CZ2-CH2 CH2-HH2 CH2-CZ3 CZ3-HZ3 CZ3-CE3 CE3-HE3 CE3-CD2 C-O",
+    ),
+    "TYR": (
+        "N H CA HA CB HB2 HB3 CG CD1 HD1 CE1 HE1 CZ OH HH CE2 HE2 CD2 HD2 C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB2 CB-HB3 CB-CG CG-CD1 CG-CD2 CD1-HD1 CD1-CE1 CE1-HE1 CE1-CZ CZ-OH "
+        "CZ-CE2 OH-HH CE2-HE2 CE2-CD2 CD2-HD2 C-O",
+    ),
+    "VAL": (
+        "N H CA HA CB HB CG1 HG11 HG12 HG13 CG2 HG21 HG22 HG23 C O",
+        "N-H N-CA CA-HA CA-CB CA-C CB-HB CB-CG1 CB-CG2 CG1-HG11 CG1-HG12 CG1-HG13 CG2-HG21 CG2-HG22 CG2-HG23 C-O",
+    ),
+    "ACE": (
+        "H1 CH3 H2 H3 C O",
+        "H1-CH3 CH3-H2 CH3-H3 CH3-C C-O",
+    ),
+    "NME": (
+        "N H C H1 H2 H3",
+        "N-H N-C C-H1 C-H2 C-H3",
+    ),
+}
+
+CAPS = ("ACE", "NME")
+STANDARD = tuple(sorted(name for name in TEMPLATES if name not in CAPS))
+ALIASES = {"HIS": "HIE"}
+RESIDUE_NAMES = STANDARD + CAPS  # the residue types a model knows, in a fixed order
+BACKBONE_ATOMS = frozenset(("N", "H", "H2", "H3", "CA", "C", "O", "OXT"))
+CAP_ANCHOR = {"ACE": "CH3", "NME": "C"}
+
+# beads per residue for each mapping: atom names, in bead order
+MAPPINGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "ca": {**{name: ("CA",) for name in STANDARD}, "ACE": ("CH3",), "NME": ("C",)},
+    "backbone": {**{name: ("N", "CA", "C") for name in STANDARD}, "ACE": ("CH3", "C"), "NME": ("N", "C")},
+}
+
+# chiral centres (centre, a, b, c): the sign of det[a - centre, b - centre, c - centre] is the handedness
+CHIRAL = {
+    **{name: (("CA", "N", "C", "CB"),) for name in STANDARD if name != "GLY"},
+    "ILE": (("CA", "N", "C", "CB"), ("CB", "CA", "CG1", "CG2")),
+    "THR": (("CA", "N", "C", "CB"), ("CB", "CA", "OG1", "CG2")),
+}
+
+
+def canonical_name(name: str, position: int | None = None) -> str:
+    """The template name of a residue name (``HIS`` -> ``HIE``).
+
+    Raises
+    ------
+    ValueError
+        For a name the templates do not know, naming it (and its position when given).
+    """
+    key = str(name).strip().upper()
+    key = ALIASES.get(key, key)
+    if key not in TEMPLATES:
+        where = "" if position is None else f" at position {position}"
+        raise ValueError(
+            f"unknown residue name {name!r}{where}; known: {', '.join(RESIDUE_NAMES)} (and HIS, read as HIE)"
+        )
+    return key
+
+
+def residue_atoms(name: str, nterm: bool = False, cterm: bool = False) -> list[str]:
+    """Atom names of residue ``name`` in amber14 order; ``nterm``/``cterm`` give the charged-terminus
+    variants (NH3+: H2 H3 after H, or after N for proline; COO-: OXT appended)."""
+    atoms = TEMPLATES[name][0].split()
+    if nterm:
+        h = atoms.index("N" if name == "PRO" else "H")
+        atoms = atoms[: h + 1] + ["H2", "H3"] + atoms[h + 1 :]
+    if cterm:
+        atoms = atoms + ["OXT"]
+    return atoms
+
+
+@dataclass
+class Chain:
+    """The all-atom topology of a chain, built from residue names.
+
+    Attributes
+    ----------
+    names
+        Template names of the residues (``HIS`` already read as ``HIE``).
+    atom_names, elements
+        Per atom, in chain order.
+    atom_residue
+        (n_atoms,) residue index of every atom.
+    residue_atoms
+        Per residue, atom name -> atom index.
+    bonds
+        (i, j) pairs, i < j, including peptide bonds.
+    nterm, cterm
+        Whether the chain has a charged N (C) terminus, i.e. no ACE (NME) cap.
+    """
+
+    names: list[str]
+    atom_names: list[str]
+    elements: list[str]
+    atom_residue: np.ndarray
+    residue_atoms: list[dict[str, int]]
+    bonds: list[tuple[int, int]]
+    nterm: bool
+    cterm: bool
+    neighbours: list[list[int]] = field(default_factory=list)
+
+    @property
+    def n_atoms(self) -> int:
+        return len(self.atom_names)
+
+    @property
+    def n_residues(self) -> int:
+        return len(self.names)
+
+    def anchor(self, r: int) -> int:
+        """The anchor atom of residue r: CA, or the methyl carbon of a cap."""
+        return self.residue_atoms[r][CAP_ANCHOR.get(self.names[r], "CA")]
+
+    def atom(self, r: int, name: str) -> int:
+        return self.residue_atoms[r][name]
+
+
+def build_chain(residue_names: Sequence[str]) -> Chain:
+    """The :class:`Chain` of a sequence of residue names.
+
+    Raises
+    ------
+    ValueError
+        For an unknown residue name, fewer than two residues, or a cap that is not at its end.
+    """
+    names = [canonical_name(n, i) for i, n in enumerate(residue_names)]
+    if len(names) < 2:
+        raise ValueError(f"a chain needs at least two residues, got {len(names)}")
+    for i, n in enumerate(names):
+        if n == "ACE" and i != 0:
+            raise ValueError(f"ACE at position {i}: an ACE cap can only start a chain")
+        if n == "NME" and i != len(names) - 1:
+            raise ValueError(f"NME at position {i}: an NME cap can only end a chain")
+    nterm = names[0] != "ACE"
+    cterm = names[-1] != "NME"
+    atom_names: list[str] = []
+    atom_residue: list[int] = []
+    per_residue: list[dict[str, int]] = []
+    bonds: list[tuple[int, int]] = []
+    for r, name in enumerate(names):
+        first = nterm and r == 0
+        last = cterm and r == len(names) - 1
+        atoms = residue_atoms(name, first, last)
+        index = {a: len(atom_names) + n for n, a in enumerate(atoms)}
+        per_residue.append(index)
+        atom_names.extend(atoms)
+        atom_residue.extend([r] * len(atoms))
+        pairs = [tuple(b.split("-")) for b in TEMPLATES[name][1].split()]
+        if first:
+            pairs = pairs + [("N", "H2"), ("N", "H3")]
+        if last:
+            pairs.append(("C", "OXT"))
+        bonds.extend((index[a], index[b]) for a, b in pairs)
+        if r > 0:
+            bonds.append((per_residue[r - 1]["C"], index["N"]))
+    bonds = sorted((min(a, b), max(a, b)) for a, b in bonds)
+    neighbours: list[list[int]] = [[] for _ in atom_names]
+    for a, b in bonds:
+        neighbours[a].append(b)
+        neighbours[b].append(a)
+    elements = [n[0] for n in atom_names]
+    return Chain(
+        names,
+        atom_names,
+        elements,
+        np.asarray(atom_residue, dtype=np.int64),
+        per_residue,
+        bonds,
+        nterm,
+        cterm,
+        neighbours,
+    )
+
+
+# ----------------------------------------------------------------------------- beads
+def bead_atoms(chain: Chain, mapping: str) -> tuple[list[int], list[str], list[int]]:
+    """(atom index, bead name, residue index) of every bead of ``mapping`` (``ca`` or ``backbone``),
+    in chain order; beads are single atoms (slice mapping)."""
+    if mapping not in MAPPINGS:
+        raise ValueError(f"unknown protein mapping {mapping!r}; choose one of {', '.join(MAPPINGS)}")
+    atoms, names, residues = [], [], []
+    for r, name in enumerate(chain.names):
+        for bead in MAPPINGS[mapping][name]:
+            atoms.append(chain.atom(r, bead))
+            names.append(bead)
+            residues.append(r)
+    return atoms, names, residues
+
+
+# ----------------------------------------------------------------------------- placement tree
+@dataclass
+class Tree:
+    """Placement rows of a chain: atom ``rows[n, 0]`` from references ``rows[n, 1:]`` (j, k, l).
+
+    Attributes
+    ----------
+    rows
+        (R, 4) atom indices i, j, k, l.
+    stage
+        (R,) 0 backbone, 1 side chains of even residues, 2 side chains of odd residues.
+    owner
+        (R,) the residue a row belongs to for conditioning (a peptide plane belongs to the
+        residue before it).
+    keys
+        Per row, the residue name, atom and reference pattern, e.g. ``ALA:CB<CA,N,C``; references
+        in another residue carry their offset (``-1C``).
+    fixed
+        (R,) bond i-j involves a hydrogen (held at a constraint length).
+    branch
+        (R,) the dihedral reference l is bonded to j (an improper-like, narrow dihedral).
+    chiral
+        (R,) a branch row on a chiral centre j (C-alpha, or C-beta of ILE and THR): its dihedral
+        sets the handedness of j.
+    """
+
+    rows: np.ndarray
+    stage: np.ndarray
+    owner: np.ndarray
+    keys: list[str]
+    fixed: np.ndarray
+    branch: np.ndarray
+    chiral: np.ndarray
+
+
+def generic_key(key: str) -> str:
+    """The residue-independent form of a row key (``ALA:C<...`` -> ``*:C<...``), used as fallback."""
+    return "*:" + key.split(":", 1)[1]
+
+
+def build_tree(chain: Chain, mapping: str) -> Tree:
+    """The staged placement rows of every non-bead atom of ``chain`` under ``mapping``.
+
+    Raises
+    ------
+    ValueError
+        When a C-alpha trace is too short to orient a peptide plane (fewer than three residues
+        under ``ca``).
+    """
+    beads = set(bead_atoms(chain, mapping)[0])
+    n_res = chain.n_residues
+    A = [chain.anchor(r) for r in range(n_res)]
+    rows: list[tuple[int, int, int, int, int, int]] = []
+    placed = set(beads)
+
+    def has(r: int, name: str) -> bool:
+        return name in chain.residue_atoms[r]
+
+    def at(r: int, name: str) -> int:
+        return chain.atom(r, name)
+
+    def add(i: int, j: int, k: int, m: int, stage: int, owner: int) -> None:
+        for ref in (j, k, m):
+            if ref not in placed:
+                raise AssertionError(f"reference {chain.atom_names[ref]} placed after {chain.atom_names[i]}")
+        if i in placed:
+            raise AssertionError(f"atom {chain.atom_names[i]} placed twice")
+        rows.append((i, j, k, m, stage, owner))
+        placed.add(i)
+
+    if mapping == "ca" and n_res < 3:
+        raise ValueError(f"the 'ca' mapping needs at least three C-alpha beads (caps count), got {n_res}")
+    last = n_res - 1
+    # stage 0: backbone
+    for i in range(n_res - 1):
+        c = at(i, "C")
+        if mapping == "ca":
+            ref = A[i - 1] if i > 0 else A[i + 2]
+            add(c, A[i], A[i + 1], ref, 0, i)
+            n_next = at(i + 1, "N")
+            add(n_next, c, A[i + 1], A[i], 0, i)
+            add(at(i, "O"), c, n_next, A[i], 0, i)
+        else:
+            n_next = at(i + 1, "N")
+            add(at(i, "O"), c, A[i], n_next, 0, i)
+        if has(i + 1, "H"):
+            add(at(i + 1, "H"), n_next, A[i + 1], c, 0, i)
+    if chain.cterm:
+        c = at(last, "C")
+        if mapping == "ca":
+            add(c, A[last], A[last - 1], A[last - 2], 0, last)
+            add(at(last, "O"), c, A[last], A[last - 1], 0, last)
+        else:
+            add(at(last, "O"), c, A[last], at(last, "N"), 0, last)
+        add(at(last, "OXT"), c, A[last], at(last, "O"), 0, last)
+    if chain.nterm:
+        n, c = at(0, "N"), at(0, "C")
+        if mapping == "ca":
+            add(n, A[0], c, A[1], 0, 0)
+        first_h = "H2" if chain.names[0] == "PRO" else "H"
+        add(at(0, first_h), n, A[0], c, 0, 0)
+        for h in ("H", "H2", "H3"):
+            if h != first_h and has(0, h):
+                add(at(0, h), n, A[0], at(0, first_h), 0, 0)
+    # stages 1 and 2: side chains (and cap methyl hydrogens), even residues before odd ones
+    for r in range(n_res):
+        stage = 1 + r % 2
+        _side_chain_rows(chain, r, stage, add, placed)
+
+    arr = np.asarray([row[:4] for row in rows], dtype=np.int64).reshape(-1, 4)
+    keys = [_row_key(chain, row[0], row[1:4]) for row in rows]
+    heavy = np.asarray([e != "H" for e in chain.elements])
+    fixed = ~(heavy[arr[:, 0]] & heavy[arr[:, 1]])
+    branch = np.asarray([int(m) in chain.neighbours[int(j)] for _, j, _, m in arr], dtype=bool)
+    centres = set(chiral_centres(chain)[:, 0].tolist())
+    chiral = branch & np.asarray([int(j) in centres for j in arr[:, 1]], dtype=bool)
+    return Tree(
+        arr, np.asarray([row[4] for row in rows]), np.asarray([row[5] for row in rows]), keys, fixed, branch, chiral
+    )
+
+
+def _side_chain_rows(chain: Chain, r: int, stage: int, add, placed: set[int]) -> None:
+    name = chain.names[r]
+    atoms = chain.residue_atoms[r]
+    nb = chain.neighbours
+    is_h = [e == "H" for e in chain.elements]
+    own = set(atoms.values())
+    if name in CAPS:
+        ch3 = atoms[CAP_ANCHOR[name]]
+        parent = {ch3: atoms["C"] if name == "ACE" else atoms["N"]}
+        heavy_order: list[int] = []
+    else:
+        ca, n, c = atoms["CA"], atoms["N"], atoms["C"]
+        parent = {ca: n}
+        heavy_order = []
+        cb = atoms.get("CB")
+        if cb is not None:
+            add(cb, ca, n, c, stage, r)
+            parent[cb] = ca
+            # breadth first over the side chain's heavy atoms (never back into the backbone)
+            queue = deque([cb])
+            while queue:
+                p = queue.popleft()
+                for a in sorted(nb[p]):
+                    if a in own and not is_h[a] and a not in placed and chain.atom_names[a] not in BACKBONE_ATOMS:
+                        k = parent[p]
+                        others = [x for x in sorted(nb[p]) if x in placed and not is_h[x] and x not in (k, a)]
+                        if others:
+                            m = others[0]
+                        else:
+                            m = _proper_ref(chain, k, p, placed)
+                        add(a, p, k, m, stage, r)
+                        parent[a] = p
+                        heavy_order.append(a)
+                        queue.append(a)
+    # hydrogens in template order
+    for a in sorted(own):
+        if not is_h[a] or a in placed:
+            continue
+        p = [x for x in nb[a]][0]
+        if name not in CAPS and p == atoms["CA"]:
+            add(a, p, atoms["N"], atoms["C"], stage, r)
+            continue
+        k = parent[p]
+        heavy_others = [x for x in sorted(nb[p]) if x in placed and not is_h[x] and x not in (k, a)]
+        h_others = [x for x in sorted(nb[p]) if x in placed and is_h[x] and x != a]
+        if heavy_others:
+            m = heavy_others[0]
+        elif h_others:
+            m = h_others[0]
+        else:
+            m = _proper_ref(chain, k, p, placed)
+        add(a, p, k, m, stage, r)
+
+
+def _proper_ref(chain: Chain, k: int, p: int, placed: set[int]) -> int:
+    """A placed neighbour of k other than p for a proper dihedral: heavy first, own residue first
+    (so C-alpha's reference is N), then lowest index."""
+    res = chain.atom_residue[k]
+    cand = [x for x in chain.neighbours[k] if x in placed and x != p]
+    if not cand:
+        raise AssertionError(f"no dihedral reference for {chain.atom_names[p]}")
+    cand.sort(key=lambda x: (chain.elements[x] == "H", chain.atom_residue[x] != res, x))
+    return cand[0]
+
+
+def _row_key(chain: Chain, i: int, refs: Sequence[int]) -> str:
+    res = int(chain.atom_residue[i])
+
+    def label(a: int) -> str:
+        off = int(chain.atom_residue[a]) - res
+        return chain.atom_names[a] if off == 0 else f"{off:+d}{chain.atom_names[a]}"
+
+    return f"{chain.names[res]}:{chain.atom_names[i]}<" + ",".join(label(int(a)) for a in refs)
+
+
+def equivalent_hydrogen_pairs(chain: Chain) -> np.ndarray:
+    """(n, 5) rows (a, b, j, k, l): hydrogens a < b placed from the same references j, k, l
+    (methylene pairs such as HB2/HB3, the second and third hydrogen of a methyl or NH3+ group,
+    glycine's HA2/HA3). The force field treats a and b alike, so swapping their names leaves the
+    energy unchanged; :func:`canonical_hydrogens` fixes which is which."""
+    tree = build_tree(chain, "ca")
+    by_refs: dict[tuple[int, int, int], list[int]] = {}
+    for i, j, k, m in tree.rows:
+        if chain.elements[i] == "H":
+            by_refs.setdefault((int(j), int(k), int(m)), []).append(int(i))
+    out = [[a[0], a[1], *refs] for refs, a in by_refs.items() if len(a) == 2]
+    return np.asarray(out, dtype=np.int64).reshape(-1, 5)
+
+
+def canonical_hydrogens(chain: Chain, x: np.ndarray) -> np.ndarray:
+    """Positions x (N, n_atoms, 3) with the names of every pair of :func:`equivalent_hydrogen_pairs`
+    swapped where needed so that the first of the pair has the larger dihedral about j-k relative
+    to l (e.g. HB2 at about +120 degrees, HB3 at -120 relative to CG). Data whose hydrogens were
+    added without regard to their prochirality (as most builders do) then name them consistently;
+    the energy is unchanged."""
+    pairs = equivalent_hydrogen_pairs(chain)
+    if pairs.size == 0:
+        return x
+    x = np.array(x, copy=True)
+
+    def dih(a: np.ndarray) -> np.ndarray:
+        b1 = x[:, pairs[:, 3]] - x[:, pairs[:, 4]]
+        b2 = x[:, pairs[:, 2]] - x[:, pairs[:, 3]]
+        b3 = x[:, a] - x[:, pairs[:, 2]]
+        n1, n2 = np.cross(b1, b2), np.cross(b2, b3)
+        return np.arctan2(np.linalg.norm(b2, axis=-1) * (b1 * n2).sum(-1), (n1 * n2).sum(-1))
+
+    swap = dih(pairs[:, 0]) < dih(pairs[:, 1])  # (N, n_pairs)
+    f, p = np.nonzero(swap)
+    a, b = pairs[p, 0], pairs[p, 1]
+    xa = x[f, a].copy()
+    x[f, a] = x[f, b]
+    x[f, b] = xa
+    return x
+
+
+def chiral_centres(chain: Chain) -> np.ndarray:
+    """(n, 4) atom indices (centre, a, b, c) of the chiral centres of the chain."""
+    out = []
+    for r, name in enumerate(chain.names):
+        for quad in CHIRAL.get(name, ()):
+            out.append([chain.atom(r, a) for a in quad])
+    return np.asarray(out, dtype=np.int64).reshape(-1, 4)
+
+
+def signed_volumes(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """det[a - centre, b - centre, c - centre] of every chiral centre: x (..., n_atoms, 3) ->
+    (..., n_centres) (nm^3); its sign is the handedness."""
+    c = x[..., centres[:, 0], :]
+    u = x[..., centres[:, 1], :] - c
+    v = x[..., centres[:, 2], :] - c
+    w = x[..., centres[:, 3], :] - c
+    return np.einsum("...i,...i->...", u, np.cross(v, w))
+
+
+# ----------------------------------------------------------------------------- OpenMM topology
+def openmm_topology(residue_names: Sequence[str], chain: Chain | None = None):
+    """An ``openmm.app.Topology`` of the chain (atoms, elements, residues, bonds; no positions).
+
+    Residue names are the template names (HID/HIE/HIP for histidine), which amber14's force field
+    matches directly; the termini follow from the caps as in :func:`build_chain`.
+    """
+    from openmm import app
+
+    chain = chain or build_chain(residue_names)
+    top = app.Topology()
+    omm_chain = top.addChain("A")
+    atoms = []
+    for r, name in enumerate(chain.names):
+        res = top.addResidue(name, omm_chain, id=str(r + 1))
+        for a in sorted(chain.residue_atoms[r].values()):
+            atoms.append(top.addAtom(chain.atom_names[a], app.Element.getBySymbol(chain.elements[a]), res))
+    for a, b in chain.bonds:
+        top.addBond(atoms[a], atoms[b])
+    return top

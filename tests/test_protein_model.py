@@ -1,0 +1,357 @@
+"""The residue-local protein backmapper: exact log q, locality, chirality, topologies, bad input."""
+
+import math
+from pathlib import Path
+
+import mdtraj as md
+import numpy as np
+import pytest
+import torch
+
+from openmm_backmap.models import residues as R
+from openmm_backmap.models.protein import ProteinBackmapper, load_pretrained, read_cg_pdb
+from openmm_backmap.models.protein_train import chain_positions
+
+CHIGNOLIN = Path(__file__).resolve().parent.parent / "openmm_backmap" / "data" / "chignolin.pdb"
+
+
+@pytest.fixture(scope="module")
+def chignolin():
+    traj = md.load(str(CHIGNOLIN))
+    names, x = chain_positions(traj.topology, traj.xyz)
+    return names, x.astype(np.float64)
+
+
+def _model(chignolin, mapping, noise=0.004, n_frames=40, seed=0, perturb=0.0, **kw):
+    """A model whose statistics are fitted on noisy copies of chignolin (so keys of chignolin's
+    residues are bounded or circular as data say), with network weights perturbed so that the
+    splines are not the identity."""
+    names, x = chignolin
+    rng = np.random.default_rng(seed)
+    xs = x + rng.normal(0.0, noise, (n_frames,) + x.shape[1:])
+    stats = ProteinBackmapper.fit_statistics([(names, xs)], mapping)
+    torch.manual_seed(seed)
+    model = ProteinBackmapper(mapping, stats, hidden=32, **kw).double()
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(perturb * torch.randn_like(p))
+    return model
+
+
+def _as_tensor(x):
+    return torch.as_tensor(np.asarray(x), dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- exact log q
+@pytest.mark.parametrize(
+    "mapping,names", [("ca", ["TYR", "ASP", "PRO", "GLU"]), ("backbone", ["ACE", "THR", "GLY", "NME"])]
+)
+def test_log_q_equals_autograd_log_det(chignolin, mapping, names):
+    """With every bond free, sampling is a bijection from base noise to the Cartesian positions of
+    the placed atoms: log q = log p_base(u) - log |det dx/du| (autograd, float64)."""
+    model = _model(chignolin, mapping, perturb=0.3)
+    ch = model.for_sequence(names)
+    ch.free.fill_(True)
+    torch.manual_seed(1)
+    cg = _as_tensor(chignolin[1][:, _beads_from_chignolin(chignolin, mapping)])
+    u = ch.sample_noise(1, torch.float64, torch.device("cpu"))
+    placed = ch.rows[:, 0]
+
+    def f(v):
+        x, _ = ch.sample_with_noise(cg, v.reshape(1, -1, 3))
+        return x[0, placed].reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(f, u.reshape(-1), vectorize=True)
+    _, logdet = torch.linalg.slogdet(jac)
+    x, log_q = ch.sample_with_noise(cg, u)
+    circ = ch.circ
+    base = torch.where(
+        circ, torch.full_like(u[0, :, 2], -math.log(2 * math.pi)), -0.5 * u[0, :, 2] ** 2 - 0.5 * math.log(2 * math.pi)
+    )
+    base = base.sum() + (-0.5 * u[0, :, :2] ** 2 - 0.5 * math.log(2 * math.pi)).sum()
+    assert float(log_q[0].detach()) == pytest.approx(float(base - logdet), abs=1e-6)
+    assert float(ch.log_prob(x, cg)[0].detach()) == pytest.approx(float(log_q[0].detach()), abs=1e-6)
+
+
+def _beads_from_chignolin(chignolin, mapping):
+    """Bead atoms (chignolin indices) for a 4-residue chain: C-alphas of residues 1-4 (``ca``), or
+    CA, C of residue 4 / N, CA, C of 5 and 6 / N, CA of 7 standing for ACE-THR-GLY-NME
+    (``backbone``)."""
+    ch = R.build_chain(chignolin[0])
+    if mapping == "ca":
+        return [ch.atom(r, "CA") for r in range(1, 5)]
+    spec = [(4, "CA"), (4, "C"), (5, "N"), (5, "CA"), (5, "C"), (6, "N"), (6, "CA"), (6, "C"), (7, "N"), (7, "CA")]
+    return [ch.atom(r, a) for r, a in spec]
+
+
+def test_row_densities_integrate_to_one(chignolin):
+    """Importance sampling in Cartesian space, the other atoms held fixed: the factor of a placed
+    heavy atom integrates to 1 over R^3 (Gaussian proposal fitted to draws of that atom alone), for
+    a bounded (CB) and an unbounded (CG) dihedral; the factor of a hydrogen on a constrained bond
+    with a circular dihedral integrates to 1 over its sphere (uniform proposal)."""
+    model = _model(chignolin, "ca", noise=0.01, perturb=0.2)
+    ch = model.for_sequence(["TYR", "ASP", "PRO", "GLU"])
+    cg = _as_tensor(chignolin[1][:, _beads_from_chignolin(chignolin, "ca")])
+    torch.manual_seed(0)
+    u0 = ch.sample_noise(1, torch.float64, torch.device("cpu"))
+    atoms = ch.rows[:, 0].tolist()
+    rng = np.random.default_rng(3)
+    m = 6000
+    for name in ("CB", "CG", "HB2"):
+        n = next(i for i, a in enumerate(atoms) if ch.atom_names[a] == name)
+        a = atoms[n]
+        if name == "HB2":
+            ch.circ[n] = True
+        with torch.no_grad():
+            x0, _ = ch.sample_with_noise(cg, u0)
+            # draws of this atom alone: its own noise varies, every earlier row keeps its noise
+            u = ch.sample_noise(1000, torch.float64, torch.device("cpu"))
+            uu = u0.repeat(1000, 1, 1)
+            uu[:, n] = u[:, n]
+            draws = ch.sample_with_noise(cg.repeat(1000, 1, 1), uu)[0][:, a].numpy()
+        if name == "HB2":
+            # uniform on the band of the sphere (radius r0 about j) holding every draw, in polar
+            # coordinates about the axis j -> k: surface density 1 / (r0^2 (c_hi - c_lo) 2 pi)
+            assert not bool(ch.free[n])
+            j, k = int(ch.rows[n, 1]), int(ch.rows[n, 2])
+            r0 = float(ch.r0[n])
+            xj = x0[0, j].numpy()
+            e = (x0[0, k].numpy() - xj) / np.linalg.norm(x0[0, k].numpy() - xj)
+            cos_d = (draws - xj) @ e / np.linalg.norm(draws - xj, axis=1)
+            c_lo, c_hi = np.clip(cos_d.min() - 0.1, -1, 1), np.clip(cos_d.max() + 0.1, -1, 1)
+            e1 = np.cross(e, [1.0, 0.0, 0.0])
+            e1 /= np.linalg.norm(e1)
+            e2 = np.cross(e, e1)
+            # azimuth: half uniform, half von Mises about the draws' circular mean
+            az_d = np.arctan2((draws - xj) @ e2, (draws - xj) @ e1)
+            mu = math.atan2(np.sin(az_d).mean(), np.cos(az_d).mean())
+            kappa = 4.0
+            c = rng.uniform(c_lo, c_hi, m)
+            az = np.where(rng.random(m) < 0.5, rng.uniform(-math.pi, math.pi, m), rng.vonmises(mu, kappa, m))
+            p_az = 0.5 / (2 * math.pi) + 0.5 * np.exp(kappa * np.cos(az - mu)) / (2 * math.pi * np.i0(kappa))
+            s_ = np.sqrt(1 - c**2)
+            d = c[:, None] * e + (s_ * np.cos(az))[:, None] * e1 + (s_ * np.sin(az))[:, None] * e2
+            pts = xj + r0 * d
+            log_prop = np.log(p_az) - math.log(r0**2 * (c_hi - c_lo))
+        else:
+            assert bool(ch.free[n])
+            mean = draws.mean(0)
+            cov = np.cov(draws.T) * 2.0
+            pts = rng.multivariate_normal(mean, cov, size=m)
+            dev = np.linalg.solve(np.linalg.cholesky(cov), (pts - mean).T)
+            log_prop = -0.5 * (dev**2).sum(0) - 0.5 * np.linalg.slogdet(2 * math.pi * cov)[1]
+        xs = x0.repeat(m, 1, 1)
+        xs[:, a] = _as_tensor(pts)
+        with torch.no_grad():
+            lq = ch.row_log_prob(xs, cg.repeat(m, 1, 1))[:, n].numpy()
+        w = np.exp(lq - log_prop)
+        z, err = w.mean(), w.std() / math.sqrt(m)
+        assert err < 0.05, (name, z, err)
+        assert abs(z - 1.0) < 4 * err + 0.01, (name, z, err)
+
+
+# ----------------------------------------------------------------------------- sampling
+def test_samples_exact_beads_equivariant_and_l_chirality(chignolin):
+    model = _model(chignolin, "ca")
+    names, x = chignolin
+    ch = model.for_sequence(names)
+    cg = _as_tensor(x[:, ch.beads.numpy()])
+    torch.manual_seed(2)
+    u = ch.sample_noise(3, torch.float64, torch.device("cpu"))
+    with torch.no_grad():
+        aa, lq = ch.sample_with_noise(cg.repeat(3, 1, 1), u)
+        assert torch.equal(ch.project(aa), cg.repeat(3, 1, 1))
+        assert torch.allclose(ch.log_prob(aa, cg.repeat(3, 1, 1)), lq, atol=1e-8)
+        rot = torch.as_tensor(R_ := _rotation(), dtype=torch.float64)
+        shift = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+        aa2, lq2 = ch.sample_with_noise(cg.repeat(3, 1, 1) @ rot.T + shift, u)
+    assert torch.allclose(aa2, aa @ rot.T + shift, atol=1e-9)
+    assert torch.allclose(lq2, lq, atol=1e-8)
+    assert R_.shape == (3, 3)
+    centres = R.chiral_centres(ch.chain)
+    ref = np.sign(R.signed_volumes(x, centres))
+    assert np.all(np.sign(R.signed_volumes(aa.numpy(), centres)) == ref)
+    # a mirror-image CG input still gives L residues: the C-alpha handedness comes from the construction
+    with torch.no_grad():
+        aa_m, _ = ch.sample(cg * torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64), 3)
+    ca_centres = centres[[ch.chain.atom_names[c] == "CA" for c in centres[:, 0]]]
+    assert np.all(np.sign(R.signed_volumes(aa_m.numpy(), ca_centres)) == np.sign(R.signed_volumes(x, ca_centres)))
+
+
+def _rotation():
+    q, _ = np.linalg.qr(np.random.default_rng(5).normal(size=(3, 3)))
+    return q * np.sign(np.linalg.det(q))
+
+
+def test_scripted_chain_module_keeps_the_contract(chignolin):
+    model = _model(chignolin, "backbone")
+    names, x = chignolin
+    ch = model.for_sequence(names).float()
+    scripted = torch.jit.script(ch)
+    cg = torch.as_tensor(x[:, ch.beads.numpy()], dtype=torch.float32).repeat(2, 1, 1)
+    torch.manual_seed(0)
+    aa, lq = scripted.sample(cg, 3)
+    assert aa.shape == (6, ch.n_aa, 3) and lq.shape == (6,)
+    assert torch.allclose(scripted.log_prob(aa, cg.repeat_interleave(3, 0)), lq, atol=2e-2)
+    assert torch.allclose(
+        ch.log_prob(aa, cg.repeat_interleave(3, 0)), scripted.log_prob(aa, cg.repeat_interleave(3, 0))
+    )
+
+
+def test_locality_same_environment_same_density(chignolin):
+    """The rows of a residue whose environment (sequence i-2..i+2, no other bead within the cutoff)
+    is the same have the same conditional density in a 30-mer and in the 5-mer cut from it."""
+    model = _model(chignolin, "ca", perturb=0.2)
+    seq30 = (["GLY", "TYR", "ASP", "PRO", "GLU", "THR", "TRP"] * 5)[:30]
+    lo = 10
+    seq5 = seq30[lo : lo + 5]
+    ch30 = model.for_sequence(seq30)
+    ch5 = model.for_sequence(seq5)
+    i = np.arange(30)
+    trace = np.stack([i * 0.34, (i % 2) * 0.17, 0.02 * np.sin(i)], axis=1)
+    cg30 = _as_tensor(trace[None])
+    torch.manual_seed(4)
+    with torch.no_grad():
+        aa30, _ = ch30.sample(cg30, 2)
+        # the 5-mer's own terminal atoms (H2, H3, OXT) from a sample of the 5-mer, the rest copied
+        aa5, _ = ch5.sample(cg30[:, lo : lo + 5], 2)
+        for a, name in enumerate(ch5.atom_names):
+            r = int(ch5.chain.atom_residue[a])
+            if name in ch30.chain.residue_atoms[lo + r] and name not in ("H2", "H3", "OXT"):
+                aa5[:, a] = aa30[:, ch30.chain.atom(lo + r, name)]
+        lp30 = ch30.row_log_prob(aa30, cg30.repeat(2, 1, 1))
+        lp5 = ch5.row_log_prob(aa5, cg30[:, lo : lo + 5].repeat(2, 1, 1))
+    mid = 2
+    rows5 = [n for n in range(ch5.n_rows) if int(ch5.row_res[n]) == mid]
+    atom30 = {int(ch30.rows[n, 0]): n for n in range(ch30.n_rows)}
+    for n in rows5:
+        a5 = int(ch5.rows[n, 0])
+        r5 = int(ch5.chain.atom_residue[a5])
+        a30 = ch30.chain.atom(lo + r5, ch5.atom_names[a5])
+        assert torch.allclose(lp5[:, n], lp30[:, atom30[a30]], atol=1e-9), ch5.keys[int(ch5.order[n])]
+    assert len(rows5) > 10
+
+
+# ----------------------------------------------------------------------------- topologies
+@pytest.mark.parametrize("name", R.STANDARD)
+def test_amber14_accepts_every_residue_and_terminus(name):
+    from openmm import app
+
+    ff = app.ForceField("amber14/protein.ff14SB.xml", "implicit/gbn2.xml")
+    for seq in ([name, "ALA", "ALA"], ["ALA", name, "ALA"], ["ALA", "ALA", name], ["ACE", name, "NME"]):
+        chain = R.build_chain(seq)
+        top = R.openmm_topology(seq)
+        system = ff.createSystem(top, constraints=app.HBonds)
+        assert system.getNumParticles() == chain.n_atoms
+        assert [a.name for a in top.atoms()] == chain.atom_names
+
+
+def test_histidine_protonation_from_names():
+    for name, protons in (("HIS", {"HE2"}), ("HIE", {"HE2"}), ("HID", {"HD1"}), ("HIP", {"HD1", "HE2"})):
+        chain = R.build_chain(["ACE", name, "NME"])
+        assert {a for a in chain.residue_atoms[1] if a in ("HD1", "HE2")} == protons
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_unknown_residue_name_is_named(chignolin):
+    model = _model(chignolin, "ca")
+    with pytest.raises(ValueError, match="XYZ.*position 1"):
+        model.for_sequence(["ALA", "XYZ", "GLY"])
+
+
+def _cg_pdb(beads):
+    lines = []
+    for n, (resname, resseq, name, xyz) in enumerate(beads):
+        lines.append(
+            f"ATOM  {n + 1:5d} {name:^4s} {resname:3s} A{resseq:4d}    "
+            f"{xyz[0]:8.3f}{xyz[1]:8.3f}{xyz[2]:8.3f}  1.00  0.00"
+        )
+    return "\n".join(lines) + "\nEND\n"
+
+
+def test_cg_pdb_checks_beads_and_gaps():
+    good = [("ALA", 1, "CA", (0, 0, 0)), ("GLY", 2, "CA", (3.8, 0, 0)), ("SER", 3, "CA", (7.0, 2, 0))]
+    names, xyz = read_cg_pdb(_cg_pdb(good), "ca")
+    assert names == ["ALA", "GLY", "SER"] and xyz.shape == (3, 3)
+    assert xyz[1, 0] == pytest.approx(0.38)
+    with pytest.raises(ValueError, match=r"GLY2 has beads \['CB'\].*'ca' mapping expects \['CA'\]"):
+        read_cg_pdb(_cg_pdb([good[0], ("GLY", 2, "CB", (3.8, 0, 0)), good[2]]), "ca")
+    with pytest.raises(ValueError, match="backbone"):
+        read_cg_pdb(_cg_pdb(good), "backbone")
+    with pytest.raises(ValueError, match="from 2 to 4: a residue is missing"):
+        read_cg_pdb(_cg_pdb([good[0], good[1], ("SER", 4, "CA", (7.0, 2, 0))]), "ca")
+
+
+def test_angstrom_and_gap_coordinates_are_refused(chignolin):
+    model = _model(chignolin, "ca")
+    names, x = chignolin
+    ch = model.for_sequence(names)
+    cg = _as_tensor(x[:, ch.beads.numpy()])
+    with pytest.raises(ValueError, match="Angstrom"):
+        ch.sample(cg * 10.0, 1)
+    gap = cg.clone()
+    gap[:, 5:] += torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="residues 4 and 5.*missing"):
+        ch.log_prob(torch.zeros(1, ch.n_aa, 3, dtype=torch.float64), gap)
+    with pytest.raises(ValueError, match="n_cg = 10"):
+        ch.sample(cg[:, :9], 1)
+
+
+# ----------------------------------------------------------------------------- files
+def test_save_load_round_trip(chignolin, tmp_path):
+    model = _model(chignolin, "ca", perturb=0.1)
+    names, x = chignolin
+    path = model.save(tmp_path / "m.pt")
+    loaded = ProteinBackmapper.load(path).double()
+    ch, ch2 = model.for_sequence(names), loaded.for_sequence(names)
+    cg = _as_tensor(x[:, ch.beads.numpy()])
+    xt = _as_tensor(x)
+    # weights are stored in float32
+    with torch.no_grad():
+        assert float(ch2.log_prob(xt, cg)) == pytest.approx(float(ch.log_prob(xt, cg)), rel=1e-5)
+    with pytest.raises(ValueError, match="no pretrained protein model 'nope'"):
+        load_pretrained("nope")
+
+
+def test_canonical_hydrogen_names_fix_swaps_and_keep_the_energy(chignolin):
+    """Swapping the names of equivalent hydrogens (HB2/HB3 ...) leaves the amber14 energy unchanged,
+    and canonical naming undoes any such swap."""
+    import openmm
+    from openmm import app, unit
+
+    names, x = chignolin
+    chain = R.build_chain(names)
+    pairs = R.equivalent_hydrogen_pairs(chain)
+    assert {(chain.atom_names[a], chain.atom_names[b]) for a, b, *_ in pairs} >= {("HB2", "HB3"), ("HA2", "HA3")}
+    canon = R.canonical_hydrogens(chain, x)
+    swapped = canon.copy()
+    rng = np.random.default_rng(0)
+    for a, b, *_ in pairs[rng.random(len(pairs)) < 0.5]:
+        swapped[:, [a, b]] = swapped[:, [b, a]]
+    assert not np.array_equal(swapped, canon)
+    assert np.array_equal(R.canonical_hydrogens(chain, swapped), canon)
+    system = app.ForceField("amber14/protein.ff14SB.xml", "implicit/gbn2.xml").createSystem(R.openmm_topology(names))
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    energies = []
+    for pos in (canon[0], swapped[0]):
+        ctx.setPositions(pos)
+        energies.append(ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+    assert energies[0] == pytest.approx(energies[1], abs=1e-6)
+
+
+def test_pretrained_ca_model_loads_and_reconstructs(chignolin):
+    model = load_pretrained("protein-ca")
+    path = Path(__file__).resolve().parent.parent / "openmm_backmap" / "pretrained" / "protein-ca.pt"
+    assert model.mapping == "ca" and path.stat().st_size < 20 * 2**20
+    names, x = chignolin
+    ch = model.for_sequence(names)
+    cg = torch.as_tensor(x[:, ch.beads.numpy()], dtype=torch.float32)
+    with torch.no_grad():
+        aa, lq = ch.sample(cg, 2)
+    centres = R.chiral_centres(ch.chain)
+    assert np.all(np.sign(R.signed_volumes(aa.double().numpy(), centres)) == np.sign(R.signed_volumes(x, centres)))
+    bonds = np.asarray(ch.chain.bonds)
+    lengths = torch.linalg.norm(aa[:, bonds[:, 0]] - aa[:, bonds[:, 1]], dim=-1).numpy()
+    ref = np.linalg.norm(x[:, bonds[:, 0]] - x[:, bonds[:, 1]], axis=-1)
+    assert np.mean(np.abs(lengths / ref - 1) <= 0.1) > 0.95
+    assert torch.isfinite(lq).all()
