@@ -84,6 +84,7 @@ def _beads_from_chignolin(chignolin, mapping):
     return [ch.atom(r, a) for r, a in spec]
 
 
+@pytest.mark.slow  # minutes: 6,000-point importance sums through the whole chain per atom
 def test_row_densities_integrate_to_one(chignolin):
     """Importance sampling in Cartesian space, the other atoms held fixed: the factor of a placed
     heavy atom integrates to 1 over R^3 (Gaussian proposal fitted to draws of that atom alone), for
