@@ -504,6 +504,19 @@ def plot_comparison(results: Sequence[dict], path: str | Path) -> Path:
     return path
 
 
+def report_mapping_entropy(model: Any, reference: Any, out_dir: str | Path, frames: int = 400, samples: int = 64,
+                           seed: int = 0, aa_system: Any = None) -> tuple[dict, str]:
+    """The mapping entropy of one model for a report: writes ``out_dir/entropy.json``, returns
+    (result, one summary line). ``reference`` is an mdtraj Trajectory or a path (unbiased MD; frames
+    the model was not trained on give an honest cross-entropy). 400 frames x 64 samples take seconds
+    for alanine dipeptide."""
+    result = mapping_entropy(model, reference, aa_system=aa_system, samples=samples, frames=frames, seed=seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "entropy.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result, summary_line(result)
+
+
 # ---------------------------------------------------------------------------- command line
 def add_arguments(parser) -> None:
     """Arguments of ``openmm-backmap entropy``."""
