@@ -93,12 +93,15 @@ def fibre_energy_variance(u_samples: np.ndarray, log_q_samples: np.ndarray) -> n
     return np.where(ok & (denom > 1e-12), var, np.nan)
 
 
-def cluster_energy_fluctuation(u_ref: np.ndarray, features: np.ndarray, n_clusters: int, seed: int = 0) -> float:
+def cluster_energy_fluctuation(u_ref: np.ndarray, features: np.ndarray, n_clusters: int, seed: int = 0,
+                               n_blocks: int = DEFAULT_BLOCKS) -> dict:
     """(1/2) mean within-cluster Var(beta U) of reference frames clustered by CG features (k-means).
 
     Giulini et al.'s estimator of S_map^(2) from data alone: the clusters stand in for the fibres, so
     it overestimates the fibre variance by the spread of <U>_X within a cluster, less with more
-    clusters. ``u_ref`` are reduced energies, ``features`` (n_frames, F) rotation-invariant CG features.
+    clusters. ``u_ref`` are reduced energies in time order, ``features`` (n_frames, F)
+    rotation-invariant CG features. Returns ``{"value", "error"}``; the error is the block error of
+    the per-frame terms (beta U_i - mean of its cluster)^2 n_c / (2 (n_c - 1)), whose mean is the value.
     """
     from scipy.cluster.vq import kmeans2
 
@@ -106,13 +109,13 @@ def cluster_energy_fluctuation(u_ref: np.ndarray, features: np.ndarray, n_cluste
     f = np.asarray(features, dtype=np.float64)
     f = (f - f.mean(0)) / np.maximum(f.std(0), 1e-12)
     _, labels = kmeans2(f, int(n_clusters), minit="++", seed=seed)
-    total, count = 0.0, 0
+    terms = np.full(u_ref.size, np.nan)
     for c in np.unique(labels):
-        members = u_ref[labels == c]
-        if members.size > 1:
-            total += members.var(ddof=1) * members.size
-            count += members.size
-    return 0.5 * total / max(count, 1)
+        members = labels == c
+        size = int(members.sum())
+        if size > 1:
+            terms[members] = 0.5 * (u_ref[members] - u_ref[members].mean()) ** 2 * size / (size - 1)
+    return _figure(terms[np.isfinite(terms)], n_blocks)
 
 
 def cg_distance_features(X: np.ndarray) -> np.ndarray:
@@ -406,7 +409,8 @@ def mapping_entropy(
     counts = clusters if clusters is not None else sorted({max(2, n // 100), max(2, n // 20), max(2, n // 5)})
     feats = cg_distance_features(terms["X"])
     result["energy_fluctuation_clusters"] = {
-        str(c): cluster_energy_fluctuation(terms["u_ref"], feats, int(c), seed=seed) for c in counts if c < n}
+        str(c): cluster_energy_fluctuation(terms["u_ref"], feats, int(c), seed=seed, n_blocks=n_blocks)
+        for c in counts if c < n}
     result["reference"] = {"trajectory": None if path is None else str(path), "frames_in_file": int(traj.n_frames),
                            "frame_stride": float(np.mean(np.diff(idx))) if n > 1 else 1.0}
     result["model"] = str(model.path)
@@ -438,13 +442,20 @@ def _with_units(result: dict, model: Any, volume_nm3: float) -> dict:
 
 
 # ---------------------------------------------------------------------------- reports
-_COLUMNS = ("model", "beads", "removed", "CE", "H_IS", "gap", "CE/atom", "H_IS/atom", "S2 fibre", "ESS")
+_COLUMNS = ("model", "beads", "removed", "CE", "H_IS", "gap", "CE/atom", "H_IS/atom", "S2 fibres", "S2 clusters",
+            "ESS")
 
 
 def _pm(fig: dict | None, digits: int = 2) -> str:
     if fig is None or fig.get("value") is None:
         return "n/a"
     return f"{fig['value']:.{digits}f} +- {fig['error']:.{digits}f}"
+
+
+def _finest_clusters(result: dict) -> dict | None:
+    """The data-only S_map^(2) at the largest cluster count of a result, or None."""
+    c = result.get("energy_fluctuation_clusters") or {}
+    return c[max(c, key=int)] if c else None
 
 
 def table(results: Sequence[dict]) -> str:
@@ -454,7 +465,7 @@ def table(results: Sequence[dict]) -> str:
         row = [Path(r["model"]).stem, str(r["mapping"]["beads"]), str(r["mapping"]["removed_atoms"]),
                _pm(r["cross_entropy"]), _pm(r["energy_route"]), _pm(r["gap"]),
                _pm(r["per_removed_atom"]["cross_entropy"], 3), _pm(r["per_removed_atom"]["energy_route"], 3),
-               _pm(r["energy_fluctuation"]), _pm(r["conditional_ess"])]
+               _pm(r["energy_fluctuation"]), _pm(_finest_clusters(r)), _pm(r["conditional_ess"])]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -467,7 +478,8 @@ def summary_line(result: dict) -> str:
 
 
 def plot_comparison(results: Sequence[dict], path: str | Path) -> Path:
-    """Bar chart with error bars: H(x | X) per molecule and per removed atom (both bounds), S_map^(2)."""
+    """Bar chart with error bars: H(x | X) per molecule and per removed atom (both bounds), and
+    S_map^(2) on the fibres and from the finest clustering of the reference frames."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -475,28 +487,26 @@ def plot_comparison(results: Sequence[dict], path: str | Path) -> Path:
 
     names = [f"{Path(r['model']).stem}\n({r['mapping']['beads']} beads)" for r in results]
     x = np.arange(len(results))
-    fig, axes = plt.subplots(1, 3, figsize=(5 + 2.2 * len(results), 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(6 + 2.6 * len(results), 4.6))
     panels = [
-        ("H(x|X) (nats / molecule)", lambda r: (r["cross_entropy"], r["energy_route"])),
-        ("H(x|X) per removed atom (nats)", lambda r: (r["per_removed_atom"]["cross_entropy"],
-                                                      r["per_removed_atom"]["energy_route"])),
-        ("S_map^(2) = beta^2/2 E Var(U|X)", lambda r: (r["energy_fluctuation"], None)),
+        ("H(x|X), nats per molecule", ("cross-entropy (upper)", "energy route (lower)"),
+         lambda r: (r["cross_entropy"], r["energy_route"])),
+        ("H(x|X), nats per removed atom", ("cross-entropy (upper)", "energy route (lower)"),
+         lambda r: (r["per_removed_atom"]["cross_entropy"], r["per_removed_atom"]["energy_route"])),
+        ("S_map^(2) = (beta^2/2) E Var(U|X)", ("fibres (samples of q)", "clusters of frames (finest)"),
+         lambda r: (r["energy_fluctuation"], _finest_clusters(r))),
     ]
-    for ax, (title, get) in zip(axes, panels):
-        for off, label, which in ((-0.18, "cross-entropy (upper)", 0), (0.18, "energy route (lower)", 1)):
+    for ax, (title, labels, get) in zip(axes, panels):
+        for off, label, which in ((-0.2, labels[0], 0), (0.2, labels[1], 1)):
             figs = [get(r)[which] for r in results]
-            if all(f is None for f in figs):
-                continue
             vals = [np.nan if f is None or f["value"] is None else f["value"] for f in figs]
             errs = [0.0 if f is None or f["value"] is None else f["error"] for f in figs]
-            width = 0.36 if get(results[0])[1] is not None else 0.6
-            ax.bar(x + (off if width < 0.5 else 0.0), vals, width, yerr=errs, capsize=3,
-                   label=label if width < 0.5 else "fibres (importance-weighted)")
+            ax.bar(x + off, vals, 0.4, yerr=errs, capsize=3, label=label)
         ax.set_xticks(x)
         ax.set_xticklabels(names, fontsize=8)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=9)
         ax.axhline(0.0, color="k", lw=0.5)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -224,8 +224,8 @@ def test_cluster_estimate_approaches_fibre_value_from_above():
     X = toy.mapping.project(x)
     u = toy.energy(x) / kT(T)
     feats = X.reshape(len(X), -1)  # the toy has no rotational symmetry: positions are features
-    coarse = entropy.cluster_energy_fluctuation(u, feats, 4)
-    fine = entropy.cluster_energy_fluctuation(u, feats, 60)
+    coarse = entropy.cluster_energy_fluctuation(u, feats, 4)["value"]
+    fine = entropy.cluster_energy_fluctuation(u, feats, 60)["value"]
     d = 3 * len(toy.free)
     assert coarse > fine > d / 4 * 0.9
     assert fine < coarse - 0.3
