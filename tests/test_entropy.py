@@ -249,6 +249,9 @@ def test_command_on_tiny_model(tiny_ala2, tmp_path):
     assert entropy.run(args) == 0
     doc = json.loads(out.read_text())
     assert len(doc["results"]) == 2
+    # the same model twice, same seed: identical samples, so the paired difference is exactly zero
+    (diff,) = doc["differences"]
+    assert diff["energy_route"]["value"] == 0.0 and diff["cross_entropy"]["value"] == 0.0
     r = doc["results"][0]
     assert r["n_frames"] == 24 and r["samples_per_frame"] == 4
     assert r["mapping"]["beads"] == 6 and r["mapping"]["removed_atoms"] == 16
