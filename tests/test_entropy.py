@@ -328,3 +328,12 @@ def test_bracket_on_trained_ala2_model():
     if r["conditional_ess"]["value"] >= 0.5:
         # two estimates of one number, each with its error
         assert gap["value"] < 2 * math.hypot(r["cross_entropy"]["error"], r["energy_route"]["error"]), r
+
+
+def test_report_for_the_demo(tiny_ala2, tmp_path):
+    """The demo's entry point: one model, a trajectory in memory, entropy.json and a summary line."""
+    result, line = entropy.report_mapping_entropy(tiny_ala2["model"], tiny_ala2["traj"], tmp_path, frames=8, samples=4)
+    doc = json.loads((tmp_path / "entropy.json").read_text())
+    assert doc["cross_entropy"]["value"] == pytest.approx(result["cross_entropy"]["value"])
+    assert "per_frame" not in doc and doc["n_frames"] == 8
+    assert line.startswith("H(x|X) in [") and "conditional ESS" in line
