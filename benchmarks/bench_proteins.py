@@ -33,7 +33,7 @@ import torch
 
 from openmm_backmap.models import residues as R
 from openmm_backmap.models.protein import ProteinBackmapper, load_pretrained
-from openmm_backmap.models.protein_train import chain_permutation, load_peptide
+from openmm_backmap.training.protein import chain_permutation, load_peptide
 
 KB = 8.314462618e-3  # kJ/(mol K)
 SPEED_SEQUENCE = [

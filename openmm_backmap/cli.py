@@ -331,7 +331,7 @@ def _cmd_evaluate(args) -> int:
 
     from openmm_backmap.analysis.evaluate import evaluate_model
     from openmm_backmap.io.trajectories import load_trajectory
-    from openmm_backmap.systems.reference import require_unrestrained
+    from openmm_backmap.io.trajectories import require_unrestrained
 
     require_unrestrained(args.reference, "as a reference ensemble")
     reference = load_trajectory(args.reference, args.topology)
@@ -408,6 +408,26 @@ def _cmd_peptides(args) -> int:
     return 0
 
 
+def _add_entropy(sub) -> None:
+    from openmm_backmap.analysis.entropy import add_arguments
+
+    p = sub.add_parser(
+        "entropy",
+        help="mapping entropy: H(x | X) bracketed by cross-entropy and the energy route, S_map, per model",
+        description="Conditional entropy H(x | X) of each backmapper's mapping on reference frames (cross-entropy "
+        "upper bound, energy-route lower bound from K samples) and the mapping entropy S_map; several models "
+        "give a table and a bar chart (docs/mapping_entropy.md).",
+    )
+    add_arguments(p)
+    p.set_defaults(func=_cmd_entropy)
+
+
+def _cmd_entropy(args) -> int:
+    from openmm_backmap.analysis.entropy import run
+
+    return int(run(args) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from openmm_backmap import __version__
 
@@ -423,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _COMMANDS = [_add_reference, _add_demo, _add_train_cg, _add_export, _add_compile, _add_train, _add_info, _add_backmap,
-             _add_evaluate, _add_hybrid, _add_peptides]
+             _add_evaluate, _add_hybrid, _add_peptides, _add_entropy]
 
 
 def main(argv: list[str] | None = None) -> int:

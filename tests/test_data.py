@@ -8,15 +8,15 @@ import pytest
 
 from openmm_backmap.analysis.basins import backbone_dihedrals, basin_indicators
 from openmm_backmap.cli import main
-from openmm_backmap.io.trajectories import load_trajectory
-from openmm_backmap.mapping import CGMapping
-from openmm_backmap.systems.builtin import BASIN_WINDOWS, ala2_six_bead_mapping, basin_restraint
-from openmm_backmap.systems.reference import (
+from openmm_backmap.io.trajectories import (
     check_restraint_for_mapping,
-    generate_reference,
+    load_trajectory,
     reference_restraint,
     require_unrestrained,
 )
+from openmm_backmap.mapping import CGMapping
+from openmm_backmap.systems.builtin import BASIN_WINDOWS, ala2_six_bead_mapping, basin_restraint
+from openmm_backmap.systems.reference import generate_reference
 from openmm_backmap.training.data import block_split, make_pairs
 
 

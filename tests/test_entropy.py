@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from openmm_backmap import entropy
-from openmm_backmap.energies import kT
+from openmm_backmap.analysis import entropy
+from openmm_backmap.units import kT
 
 T = 300.0
 
@@ -239,7 +239,7 @@ def _parse(argv):
 
 
 def test_command_on_tiny_model(tiny_ala2, tmp_path):
-    from openmm_backmap.export import load_model
+    from openmm_backmap.io.backmap_model import load_model
 
     paths = tiny_ala2["paths"]
     out = tmp_path / "entropy.json"

@@ -10,7 +10,8 @@ import torch
 
 from openmm_backmap.models import residues as R
 from openmm_backmap.models.protein import ProteinBackmapper, load_pretrained, read_cg_pdb
-from openmm_backmap.models.protein_train import chain_positions
+from openmm_backmap.training.protein import chain_positions
+from openmm_backmap.systems.peptides import openmm_topology
 
 CHIGNOLIN = Path(__file__).resolve().parent.parent / "openmm_backmap" / "data" / "chignolin.pdb"
 
@@ -241,7 +242,7 @@ def test_amber14_accepts_every_residue_and_terminus(name):
     ff = app.ForceField("amber14/protein.ff14SB.xml", "implicit/gbn2.xml")
     for seq in ([name, "ALA", "ALA"], ["ALA", name, "ALA"], ["ALA", "ALA", name], ["ACE", name, "NME"]):
         chain = R.build_chain(seq)
-        top = R.openmm_topology(seq)
+        top = openmm_topology(seq)
         system = ff.createSystem(top, constraints=app.HBonds)
         assert system.getNumParticles() == chain.n_atoms
         assert [a.name for a in top.atoms()] == chain.atom_names
@@ -331,7 +332,7 @@ def test_canonical_hydrogen_names_fix_swaps_and_keep_the_energy(chignolin):
         swapped[:, [a, b]] = swapped[:, [b, a]]
     assert not np.array_equal(swapped, canon)
     assert np.array_equal(R.canonical_hydrogens(chain, swapped), canon)
-    system = app.ForceField("amber14/protein.ff14SB.xml", "implicit/gbn2.xml").createSystem(R.openmm_topology(names))
+    system = app.ForceField("amber14/protein.ff14SB.xml", "implicit/gbn2.xml").createSystem(openmm_topology(names))
     ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
     energies = []
     for pos in (canon[0], swapped[0]):

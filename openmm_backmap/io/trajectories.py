@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any
 
 import mdtraj as md
 import numpy as np
 
-from openmm_backmap.mapping import as_mdtraj_topology
+from openmm_backmap.mapping import CGMapping, as_mdtraj_topology
 
 
 def load_trajectory(
@@ -68,3 +70,43 @@ def _file_atom_count(path: Path) -> int | None:
             return int(np.asarray(fh.read(n_frames=1)[0]).shape[1])
     except Exception:  # noqa: BLE001 - any failure means "unknown", the caller reports the error
         return None
+
+
+def reference_restraint(trajectory: str | Path) -> dict | None:
+    """The restraint a trajectory written by :func:`generate_reference` was run with (from the JSON
+    beside it), or None for an unrestrained run or a trajectory without that JSON."""
+    meta_path = Path(trajectory).with_suffix(".json")
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return meta.get("restraint") if isinstance(meta, dict) else None
+
+
+def require_unrestrained(trajectory: str | Path, purpose: str) -> None:
+    """Raise when ``trajectory`` comes from a restrained run: its p(X) is biased."""
+    restraint = reference_restraint(trajectory)
+    if restraint is not None:
+        raise ValueError(
+            f"{trajectory} was run with a {restraint.get('basin')} restraint on (phi, psi), which biases the "
+            f"ensemble; it cannot serve {purpose}. Use an unrestrained run (restrained runs are training data "
+            "for backmappers only)"
+        )
+
+
+def check_restraint_for_mapping(trajectory: str | Path, mapping: CGMapping) -> None:
+    """Raise unless every atom the trajectory's restraint (if any) acts on is a CG bead by itself,
+    the condition under which the restrained run's p(x | X) is unbiased."""
+    restraint = reference_restraint(trajectory)
+    if restraint is None:
+        return
+    beads = {int(g[0]) for g in mapping.groups if g.size == 1}
+    missing = [a for a in restraint.get("atoms", []) if int(a) not in beads]
+    if missing:
+        raise ValueError(
+            f"{trajectory} was run with a {restraint.get('basin')} restraint on atoms {missing} that are not CG "
+            "beads by themselves in this mapping, so its x|X statistics are biased; train this mapping on "
+            "unrestrained data only"
+        )

@@ -16,7 +16,7 @@ The anchor of every residue is its C-alpha (the methyl carbon for the caps: ACE 
 Atoms bonded to C-alpha (HA, CB) are placed by dihedrals about CA-N relative to C, so the
 handedness of C-alpha follows from the construction.
 
-No OpenMM here except inside :func:`openmm_topology`, which imports it when called.
+No OpenMM here: :func:`openmm_backmap.systems.peptides.openmm_topology` builds the OpenMM topology of a chain.
 """
 
 from __future__ import annotations
@@ -563,22 +563,3 @@ def signed_volumes(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- OpenMM topology
-def openmm_topology(residue_names: Sequence[str], chain: Chain | None = None):
-    """An ``openmm.app.Topology`` of the chain (atoms, elements, residues, bonds; no positions).
-
-    Residue names are the template names (HID/HIE/HIP for histidine), which amber14's force field
-    matches directly; the termini follow from the caps as in :func:`build_chain`.
-    """
-    from openmm import app
-
-    chain = chain or build_chain(residue_names)
-    top = app.Topology()
-    omm_chain = top.addChain("A")
-    atoms = []
-    for r, name in enumerate(chain.names):
-        res = top.addResidue(name, omm_chain, id=str(r + 1))
-        for a in sorted(chain.residue_atoms[r].values()):
-            atoms.append(top.addAtom(chain.atom_names[a], app.Element.getBySymbol(chain.elements[a]), res))
-    for a, b in chain.bonds:
-        top.addBond(atoms[a], atoms[b])
-    return top

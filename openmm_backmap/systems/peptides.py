@@ -733,6 +733,29 @@ def default_corpus_sequences(seed: int = 2024, n_peptides: int = 60) -> list[Pep
     return specs
 
 
+def openmm_topology(residue_names: list[str] | tuple[str, ...], chain=None):
+    """An ``openmm.app.Topology`` of the chain (atoms, elements, residues, bonds; no positions).
+
+    Residue names are the template names (HID/HIE/HIP for histidine), which amber14's force field
+    matches directly; the termini follow from the caps as in :func:`openmm_backmap.models.residues.build_chain`.
+    """
+    from openmm import app
+
+    from openmm_backmap.models.residues import build_chain
+
+    chain = chain or build_chain(residue_names)
+    top = app.Topology()
+    omm_chain = top.addChain("A")
+    atoms = []
+    for r, name in enumerate(chain.names):
+        res = top.addResidue(name, omm_chain, id=str(r + 1))
+        for a in sorted(chain.residue_atoms[r].values()):
+            atoms.append(top.addAtom(chain.atom_names[a], app.Element.getBySymbol(chain.elements[a]), res))
+    for a, b in chain.bonds:
+        top.addBond(atoms[a], atoms[b])
+    return top
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the ``peptides`` command (corpus generation)."""
     parser.add_argument("--out", required=True, help="output directory (train/ and heldout/)")

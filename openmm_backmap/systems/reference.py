@@ -4,7 +4,8 @@
 ``<name>.json`` (run metadata: seed, platform, constraints and the restraint, if any).  A run
 restrained to a basin (:func:`~openmm_backmap.systems.builtin.basin_restraint`) biases p(X): it is
 valid backmapper training data only when the restrained atoms are CG beads by themselves
-(:func:`check_restraint_for_mapping`) and never a reference ensemble (:func:`require_unrestrained`).
+(:func:`~openmm_backmap.io.trajectories.check_restraint_for_mapping`) and never a reference ensemble
+(:func:`~openmm_backmap.io.trajectories.require_unrestrained`).
 """
 
 from __future__ import annotations
@@ -15,49 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from openmm_backmap.mapping import CGMapping
 from openmm_backmap.openmm.energies import constraints_from_system
 from openmm_backmap.systems.builtin import basin_restraint, builtin_system
-
-
-def reference_restraint(trajectory: str | Path) -> dict | None:
-    """The restraint a trajectory written by :func:`generate_reference` was run with (from the JSON
-    beside it), or None for an unrestrained run or a trajectory without that JSON."""
-    meta_path = Path(trajectory).with_suffix(".json")
-    if not meta_path.is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return meta.get("restraint") if isinstance(meta, dict) else None
-
-
-def require_unrestrained(trajectory: str | Path, purpose: str) -> None:
-    """Raise when ``trajectory`` comes from a restrained run: its p(X) is biased."""
-    restraint = reference_restraint(trajectory)
-    if restraint is not None:
-        raise ValueError(
-            f"{trajectory} was run with a {restraint.get('basin')} restraint on (phi, psi), which biases the "
-            f"ensemble; it cannot serve {purpose}. Use an unrestrained run (restrained runs are training data "
-            "for backmappers only)"
-        )
-
-
-def check_restraint_for_mapping(trajectory: str | Path, mapping: CGMapping) -> None:
-    """Raise unless every atom the trajectory's restraint (if any) acts on is a CG bead by itself,
-    the condition under which the restrained run's p(x | X) is unbiased."""
-    restraint = reference_restraint(trajectory)
-    if restraint is None:
-        return
-    beads = {int(g[0]) for g in mapping.groups if g.size == 1}
-    missing = [a for a in restraint.get("atoms", []) if int(a) not in beads]
-    if missing:
-        raise ValueError(
-            f"{trajectory} was run with a {restraint.get('basin')} restraint on atoms {missing} that are not CG "
-            "beads by themselves in this mapping, so its x|X statistics are biased; train this mapping on "
-            "unrestrained data only"
-        )
 
 
 def langevin_context(system, positions, temperature: float, friction_per_ps: float, timestep_fs: float, seed: int,

@@ -25,7 +25,7 @@ from openmm_backmap.mapping import CGMapping
 from openmm_backmap.models.backmapper import Backmapper
 from openmm_backmap.models.cg_potential import CGFlowPotential
 from openmm_backmap.openmm.energies import aa_energy, constraints_from_system, load_system
-from openmm_backmap.systems.reference import check_restraint_for_mapping, reference_restraint, require_unrestrained
+from openmm_backmap.io.trajectories import check_restraint_for_mapping, reference_restraint, require_unrestrained
 from openmm_backmap.training import backmapper as bm_training
 from openmm_backmap.training import cg_potential as cg_training
 from openmm_backmap.training.config import BackmapperTraining, CGPotentialTraining

@@ -6,7 +6,7 @@ negative log-likelihood (per residue) of a batch of frames from each of several 
 peptides are held out for validation, and the model with the lowest validation NLL is written to
 the output file (format of :meth:`ProteinBackmapper.save`) whenever it improves.
 
-Run ``python -m openmm_backmap.models.protein_train --data DIR --out FILE [--mapping ca]``.
+Run ``python -m openmm_backmap.training.protein --data DIR --out FILE [--mapping ca]``.
 No OpenMM here: trajectories are read with mdtraj.
 """
 

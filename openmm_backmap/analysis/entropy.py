@@ -242,7 +242,7 @@ def fibre_log_volume(model: Any, volume_nm3: float = DEFAULT_VOLUME_NM3) -> dict
     value and its ingredients; ``value`` is None when the constraints the model leaves out of its
     degrees of freedom cannot be matched to the metadata.
     """
-    from openmm_backmap.models import choose_pivots
+    from openmm_backmap.models.backmapper import choose_pivots
 
     n_removed = int(model.n_aa) - int(model.n_cg)
     n_dof = int(model.metadata["n_free_dof"])
@@ -272,11 +272,11 @@ def sample_terms(
     """Per-frame terms of :func:`entropy_from_terms` for reference frames ``x_ref`` (n, n_aa, 3) nm.
 
     ``model`` has ``sample(cg, n, seed=)``, ``log_prob(aa, cg)``, ``mapping.project`` and
-    ``temperature`` (a :class:`~openmm_backmap.export.BackmapModel`, or a toy with the same
+    ``temperature`` (a :class:`~openmm_backmap.io.backmap_model.BackmapModel`, or a toy with the same
     methods); ``energy`` maps positions (B, n_aa, 3) nm to U in kJ/mol (B,). Also returns the CG
     frames ``X``.
     """
-    from openmm_backmap.energies import kT
+    from openmm_backmap.units import kT
 
     if int(samples) < 2:
         raise ValueError(f"the energy route needs K >= 2 samples per frame, got {samples}")
@@ -307,7 +307,7 @@ def torch_energy(system: Any) -> Callable[[np.ndarray], np.ndarray]:
     """U(x) in kJ/mol of an OpenMM System (object, XML path or text) as a numpy function (batched torch)."""
     import torch
 
-    from openmm_backmap.energies import aa_energy
+    from openmm_backmap.openmm.energies import aa_energy
 
     module = aa_energy(system)
 
@@ -324,8 +324,7 @@ def check_system(system: Any, model: Any) -> None:
     The constraints fix the measure of log q (a constrained bond is a sphere, not a volume), so
     the System's and the model's must be the same pairs at the same lengths.
     """
-    from openmm_backmap.data import constraints_from_system
-    from openmm_backmap.energies import load_system
+    from openmm_backmap.openmm.energies import constraints_from_system, load_system
 
     system = load_system(system)
     n = system.getNumParticles()
@@ -363,7 +362,8 @@ def _load_reference(reference: Any, topology: Any = None):
     """(trajectory, path or None) from a trajectory or a path; restrained runs are refused."""
     import mdtraj as md
 
-    from openmm_backmap.data import load_trajectory, require_unrestrained
+    from openmm_backmap.io.trajectories import load_trajectory
+    from openmm_backmap.io.trajectories import require_unrestrained
 
     if isinstance(reference, md.Trajectory):
         return reference, None
@@ -389,7 +389,7 @@ def mapping_entropy(
     Parameters
     ----------
     model
-        A backmapper model file or a loaded :class:`~openmm_backmap.export.BackmapModel`.
+        A backmapper model file or a loaded :class:`~openmm_backmap.io.backmap_model.BackmapModel`.
     reference
         AA reference trajectory (path with ``topology``, or an mdtraj Trajectory): unbiased MD of the
         model's molecule, independent of its training data.
@@ -411,7 +411,7 @@ def mapping_entropy(
         degree of freedom, the Giulini S_map bounds, S_map^(2) from the fibres and from clusters,
         the bias trend with K and the conditional ESS.
     """
-    from openmm_backmap.export import load_model
+    from openmm_backmap.io.backmap_model import load_model
 
     if int(samples) < 2:
         raise ValueError(f"--samples must be >= 2 (got {samples}): the energy route and its bias trend need K >= 2")
