@@ -62,7 +62,8 @@ class CGPotentialTraining:
     temperature
         Kelvin: U_CG = -kT log q(X) at this temperature.
     seed
-        Seeds the train / validation / test blocks, the model's initialisation and training.
+        Seeds the train / validation / test blocks, the coupling masks and training (the networks'
+        initial weights come from torch's global generator).
     hidden, layers, bins
         Hidden units per coupling network layer, coupling layers, spline bins.
     epochs, batch_size, lr, time_limit

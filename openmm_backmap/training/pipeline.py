@@ -212,7 +212,8 @@ def train_cg_from_files(
         for path in files:
             require_unrestrained(path, "as training data for a CG potential of mean force, which learns p(X) "
                                  "(--allow-restrained trains a broadened proposal instead)")
-    torch.manual_seed(s.seed)
+    # s.seed fixes the blocks and the coupling masks; the networks' initial weights come from torch's
+    # global generator as it stands (the CLI has always left it unseeded here)
     parts = [load_trajectory(path, topology, stride=s.stride) for path in files]
     cg_map = CGMapping.from_spec(mapping, parts[0].topology)
     # train / validation / test blocks of each file, pooled
