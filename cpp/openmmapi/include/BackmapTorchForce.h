@@ -26,7 +26,7 @@ namespace BackmapPlugin {
  * The force keeps the serialized module bytes, so it can be copied and written to XML without the
  * original file.
  *
- * The bytes may instead be a compiled force package (.pt2, written by openmm_backmap.compiled or
+ * The bytes may instead be a compiled force package (.pt2, written by openmm_backmap.openmm.compiled or
  * `openmm-backmap compile`): an AOTInductor library that computes the energy, the forces and the
  * energy parameter derivatives in one call, with fused loops in place of one dispatch per operator.
  * It takes the same inputs as forward() (in float64), is specialised to its number of particles,

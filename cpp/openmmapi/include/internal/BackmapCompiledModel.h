@@ -15,7 +15,7 @@ namespace BackmapPlugin {
 
 /**
  * A compiled force package (.pt2, AOTInductor) as a BackmapEnergyModel, loaded from its bytes,
- * with the openmm-backmap metadata written by openmm_backmap.compiled.compile_model:
+ * with the openmm-backmap metadata written by openmm_backmap.openmm.compiled.compile_model:
  *
  *     run(positions[n, 3][, box[3, 3]][, p_1, ..., p_m]) -> (energy, forces[n, 3][, dE/dp_1, ...])
  *
