@@ -127,8 +127,9 @@ class TorchComputation:
     """The callback of the ``"python"`` backend: energy and forces of a TorchScript module for a State.
 
     Picklable (it pickles the module bytes), so a System holding its PythonForce can be written
-    with ``XmlSerializer``.  The per-step path allocates the position buffer once and reads the
-    State's positions into it without units.
+    with ``XmlSerializer``.  Each call reads the State's positions without units into a buffer of
+    its own, so Contexts that share one System (and so this object) can be evaluated from several
+    threads at once.
     """
 
     def __init__(self, moduleBytes: bytes, periodic: bool, parameterNames: Sequence[str]):
@@ -138,7 +139,6 @@ class TorchComputation:
         self.moduleBytes = moduleBytes
         self.periodic = periodic
         self.parameterNames = parameterNames
-        self._buffer: np.ndarray | None = None
         self._fast_positions = hasattr(openmm.State, "_getVectorAsNumpy")
         self._load(moduleBytes)
 
@@ -154,11 +154,9 @@ class TorchComputation:
 
     def _positions(self, state: openmm.State) -> np.ndarray:
         if self._fast_positions:
-            n = state._getNumParticles()
-            if self._buffer is None or self._buffer.shape[0] != n:
-                self._buffer = np.empty((n, 3), dtype=np.float64)
-            state._getVectorAsNumpy(openmm.State.Positions, self._buffer)
-            return self._buffer
+            buffer = np.empty((state._getNumParticles(), 3), dtype=np.float64)
+            state._getVectorAsNumpy(openmm.State.Positions, buffer)
+            return buffer
         return state.getPositions(asNumpy=True).value_in_unit(openmm.unit.nanometer)
 
     def _inputs(self, state: openmm.State) -> list[torch.Tensor]:
