@@ -95,3 +95,102 @@ def pair_package(tmp_path_factory) -> Path:
 def test_threads_share_compiled_system(pair_package, backend):
     system = forces.create_cg_system(np.full(N_BEADS, 12.0), str(pair_package), backend=backend)
     _threaded_matches_serial(system)
+
+
+# ----------------------------------------------------------------------------- model files: kind and checksum
+@pytest.fixture(scope="module")
+def cg_file(tmp_path_factory) -> Path:
+    """A small CG flow potential over the six-bead ALA2 graph, fitted to a synthetic chain."""
+    from test_potentials import BRANCHED6, synthetic_chain
+
+    from openmm_backmap.io.checkpoints import make_cg_spec
+    from openmm_backmap.io.model_files import export_cg
+    from openmm_backmap.models.cg_potential import CGFlowPotential
+
+    X = synthetic_chain(200, BRANCHED6, seed=1)
+    model = CGFlowPotential.from_data(X, BRANCHED6, n_layers=2, hidden=8, n_bins=4, seed=2)
+    spec = make_cg_spec(model)
+    spec["masses"] = [12.0] * N_BEADS
+    path = tmp_path_factory.mktemp("faults_cg") / "cg.pt"
+    export_cg(model, spec, path)
+    return path
+
+
+def _flip_weight_byte(source: Path, target: Path) -> None:
+    """Copy ``source`` with one byte flipped in the middle of its largest tensor record."""
+    import zipfile
+
+    data = bytearray(source.read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name_len, extra_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.file_size // 2 + 1] ^= 0x40  # a high mantissa/exponent bit of one weight
+    target.write_bytes(bytes(data))
+
+
+def test_cg_file_records_checksum_and_loads(cg_file):
+    from openmm_backmap.io.model_files import load_cg_potential, payload_checksum, read_model_file
+
+    module, meta, files = read_model_file(cg_file)
+    assert meta["checksum"]["sha256"] == payload_checksum(module, files)
+    load_cg_potential(cg_file)
+
+
+def test_flipped_byte_is_refused(cg_file, tmp_path):
+    from openmm_backmap.io.model_files import load_cg_potential, load_model_bytes
+
+    bad = tmp_path / "flipped.pt"
+    _flip_weight_byte(cg_file, bad)
+    with pytest.raises(ValueError, match="corrupt.*SHA-256"):
+        load_cg_potential(bad)
+    with pytest.raises(ValueError, match="corrupt.*SHA-256"):
+        load_model_bytes(bad)
+    with pytest.raises(ValueError, match="corrupt.*SHA-256"):
+        forces.create_cg_system(np.full(N_BEADS, 12.0), str(bad), backend="python")
+
+
+def test_file_without_checksum_still_loads(cg_file, tmp_path):
+    """A file written before checksums existed (its metadata has none) loads without a check."""
+    import json
+
+    from openmm_backmap.io.model_files import EXTRA_FILES, load_cg_potential
+
+    files = {name: "" for name in EXTRA_FILES}
+    module = torch.jit.load(str(cg_file), _extra_files=files)
+    meta = json.loads(files["metadata.json"])
+    del meta["checksum"]
+    old = tmp_path / "old.pt"
+    torch.jit.save(module, str(old), _extra_files={"metadata.json": json.dumps(meta),
+                                                    "cg_topology.pdb": files["cg_topology.pdb"]})
+    _, loaded = load_cg_potential(old)
+    assert "checksum" not in loaded
+
+
+def test_cg_potential_given_as_backmapper_names_its_kind(cg_file):
+    from openmm_backmap.io.backmap_model import load_model
+
+    with pytest.raises(ValueError, match=r"cg\.pt is a CG-potential, not a backmapper"):
+        load_model(cg_file, device="cpu")
+
+
+def test_backmapper_given_as_force_names_its_kind(tiny_ala2):
+    with pytest.raises(ValueError, match=r"model\.pt is a backmapper, not a CG potential"):
+        forces.create_force(str(tiny_ala2["model"]), backend="python")
+
+
+def test_backmapper_file_records_checksum(tiny_ala2):
+    from openmm_backmap.io.model_files import payload_checksum, read_model_file
+
+    module, meta, files = read_model_file(tiny_ala2["model"])
+    assert meta["checksum"]["sha256"] == payload_checksum(module, files)
+    assert files["system.xml"]  # the embedded System is part of the checksummed payload
+
+
+@needs_compiler
+def test_package_given_as_model_file_says_what_it_is(pair_package):
+    from openmm_backmap.io.backmap_model import load_model
+
+    with pytest.raises(ValueError, match=r"pair\.pt2 is a compiled force package"):
+        load_model(pair_package, device="cpu")

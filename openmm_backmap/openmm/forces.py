@@ -47,6 +47,7 @@ from openmm_backmap.io.model_files import (
     load_model_bytes,
     load_torchscript,
     read_compiled_metadata,
+    torchscript_metadata,
 )
 from openmm_backmap.openmm.compiled import CompiledModel
 from openmm_backmap.openmm.compiled import module_dtype as _module_dtype
@@ -296,8 +297,13 @@ def create_force(
                              "python backend for the compiled package")
         _check_compiled(data, None if numParticles is None else int(numParticles), usesPeriodicBoundaryConditions,
                         parameters)
-    elif numParticles is not None:
-        _check_model(load_torchscript(data), int(numParticles), usesPeriodicBoundaryConditions, parameters)
+    else:
+        if torchscript_metadata(data).get("kind") == "backmapper":
+            origin = str(model) if isinstance(model, (str, os.PathLike)) else "the model"
+            raise ValueError(f"{origin} is a backmapper, not a CG potential: a force needs a CG potential model "
+                             f"file (openmm-backmap train-cg) or a TorchScript energy")
+        if numParticles is not None:
+            _check_model(load_torchscript(data), int(numParticles), usesPeriodicBoundaryConditions, parameters)
 
     if chosen == "native":
         plugin = load_native_plugin()
