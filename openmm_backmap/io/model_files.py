@@ -333,14 +333,13 @@ def load_model_bytes(model: str | os.PathLike | bytes | bytearray | torch.nn.Mod
         return data
     files = {name: "" for name in EXTRA_FILES}
     module = load_torchscript(data, origin, files)
-    text = files["metadata.json"].decode("utf-8") if isinstance(files["metadata.json"], bytes) else files["metadata.json"]
+    files = {k: (v.decode("utf-8") if isinstance(v, bytes) else str(v)) for k, v in files.items()}
     try:
-        meta = json.loads(text) if text else {}
+        meta = json.loads(files["metadata.json"]) if files["metadata.json"] else {}
     except json.JSONDecodeError:
         meta = {}
     if isinstance(meta, dict) and meta.get("format") == MODEL_FORMAT:
-        verify_checksum(module, meta, {k: (v.decode("utf-8") if isinstance(v, bytes) else str(v))
-                                       for k, v in files.items()}, origin)
+        verify_checksum(module, meta, files, origin)
     return data
 
 
