@@ -194,3 +194,81 @@ def test_package_given_as_model_file_says_what_it_is(pair_package):
 
     with pytest.raises(ValueError, match=r"pair\.pt2 is a compiled force package"):
         load_model(pair_package, device="cpu")
+
+
+# ----------------------------------------------------------------------------- command line: counts and outputs
+@pytest.mark.parametrize("argv", [
+    ["train-cg", "--topology", "t.pdb", "--trajectory", "t.dcd", "--mapping", "m.json", "--out", "o.ckpt",
+     "--epochs", "0"],
+    ["train", "--topology", "t.pdb", "--trajectory", "t.dcd", "--mapping", "m.json", "--out", "o.ckpt",
+     "--epochs", "-3"],
+    ["train", "--topology", "t.pdb", "--trajectory", "t.dcd", "--mapping", "m.json", "--out", "o.ckpt",
+     "--batch-size", "0"],
+    ["train-cg", "--topology", "t.pdb", "--trajectory", "t.dcd", "--mapping", "m.json", "--out", "o.ckpt",
+     "--stride", "0"],
+    ["backmap", "--model", "m.pt", "--cg", "c.dcd", "--cg-topology", "c.pdb", "--out", "o.dcd", "--samples", "0"],
+    ["backmap", "--model", "m.pt", "--cg", "c.dcd", "--cg-topology", "c.pdb", "--out", "o.dcd", "--batch-size", "0"],
+    ["evaluate", "--model", "m.pt", "--reference", "r.dcd", "--topology", "t.pdb", "--out", "r", "--frames", "0"],
+])
+def test_counts_below_one_are_refused(argv, capsys):
+    from openmm_backmap.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+def _backmap_argv(tmp_path: Path, out: str, *extra: str) -> list[str]:
+    for name in ("m.pt", "c.dcd", "c.pdb"):
+        (tmp_path / name).write_text("")
+    return ["backmap", "--model", str(tmp_path / "m.pt"), "--cg", str(tmp_path / "c.dcd"),
+            "--cg-topology", str(tmp_path / "c.pdb"), "--out", out, *extra]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("input", "also the command's --cg: writing it would destroy the input"),
+    ("exists", "exists; pass --overwrite"),
+    ("format", "unsupported format .txt"),
+    ("folder", "does not exist"),
+])
+def test_backmap_outputs_checked_before_work(tmp_path, capsys, case, message):
+    """The input files are empty: any computation would fail with another message."""
+    from openmm_backmap.cli import main
+
+    out = {"input": tmp_path / "c.dcd", "exists": tmp_path / "old.dcd", "format": tmp_path / "o.txt",
+           "folder": tmp_path / "missing" / "o.dcd"}[case]
+    (tmp_path / "old.dcd").write_text("keep")
+    assert main(_backmap_argv(tmp_path, str(out))) == 2
+    assert message in capsys.readouterr().err
+    assert (tmp_path / "old.dcd").read_text() == "keep"
+
+
+def test_overwrite_lets_an_existing_output_through(tmp_path, capsys):
+    """With --overwrite the existing file passes the output check and the command reaches its inputs."""
+    from openmm_backmap.cli import main
+
+    (tmp_path / "old.dcd").write_text("keep")
+    assert main(_backmap_argv(tmp_path, str(tmp_path / "old.dcd"), "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert "exists" not in err and "m.pt" in err  # the (empty) model file is what fails now
+
+
+def test_train_out_equal_to_input_is_refused(tmp_path, capsys):
+    from openmm_backmap.cli import main
+
+    traj = tmp_path / "t.dcd"
+    traj.write_text("")
+    assert main(["train-cg", "--topology", "t.pdb", "--trajectory", str(traj), "--mapping", "m.json",
+                 "--out", str(traj), "--overwrite"]) == 2
+    assert "also the command's --trajectory" in capsys.readouterr().err
+    assert traj.exists()
+
+
+def test_compile_output_must_be_pt2(tmp_path, capsys):
+    from openmm_backmap.cli import main
+
+    assert main(["compile", str(tmp_path / "cg.pt"), "-o", str(tmp_path / "cg.pt")]) == 2
+    assert "also the command's model" in capsys.readouterr().err
+    assert main(["compile", str(tmp_path / "cg.pt"), "-o", str(tmp_path / "cg.so")]) == 2
+    assert "unsupported format .so" in capsys.readouterr().err
