@@ -272,3 +272,34 @@ def test_compile_output_must_be_pt2(tmp_path, capsys):
     assert "also the command's model" in capsys.readouterr().err
     assert main(["compile", str(tmp_path / "cg.pt"), "-o", str(tmp_path / "cg.so")]) == 2
     assert "unsupported format .so" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- coordinates in Angstrom
+def test_backmapper_records_cg_bond_range(tiny_ala2):
+    from openmm_backmap.geometry import bond_length_range
+    from openmm_backmap.io.backmap_model import load_model
+
+    model = load_model(tiny_ala2["model"], device="cpu")
+    X0 = tiny_ala2["mapping"].project(tiny_ala2["traj"].xyz[:1].astype(np.float64))
+    lo, hi = model.metadata["cg_bond_range_nm"]
+    assert (lo, hi) == pytest.approx(bond_length_range(X0, model.metadata["cg_bonds"]))
+    assert 0.1 < lo <= hi < 0.5  # CG bonds of ALA2 in nm
+
+
+def test_angstrom_cg_input_is_refused(tiny_ala2):
+    from openmm_backmap.io.backmap_model import load_model
+
+    model = load_model(tiny_ala2["model"], device="cpu")
+    X = tiny_ala2["mapping"].project(tiny_ala2["traj"].xyz[:4].astype(np.float64))
+    aa, _ = model.sample(X, 1, seed=0)  # nm passes
+    assert aa.shape == (4, model.n_aa, 3)
+    with pytest.raises(ValueError, match="look like Angstrom"):
+        model.sample(10.0 * X, 1, seed=0)
+
+
+def test_angstrom_training_data_is_refused(tiny_ala2):
+    from openmm_backmap.models.backmapper import Backmapper
+
+    x = tiny_ala2["traj"].xyz[:20].astype(np.float64)
+    with pytest.raises(ValueError, match="training coordinates.*look like Angstrom"):
+        Backmapper.from_data(tiny_ala2["mapping"], 10.0 * x, n_layers=1, hidden=8, n_hidden=1)

@@ -212,6 +212,8 @@ def _metadata(model, spec: dict) -> dict:
         ],
         "bead_names": [g["name"] for g in spec["mapping"]["groups"]],
         "constraints": spec["model"].get("constraints") or [],
+        "cg_bonds": spec["model"].get("cg_bonds") or [],
+        "cg_bond_range_nm": spec.get("cg_bond_range_nm"),
         "has_system": spec.get("system_xml") is not None,
         "architecture": {
             k: v for k, v in spec["model"].items() if k not in ("bonds", "cg_bonds", "constraints", "circular")

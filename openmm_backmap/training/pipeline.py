@@ -153,7 +153,7 @@ def train_from_files(
     )
     model = Backmapper.from_data(cg_map, x[tr], constraints=constraints, temporal=s.temporal, hidden=s.hidden,
                                  n_layers=s.layers, n_bins=s.bins, seed=s.seed)
-    spec = make_spec(model, s.temperature, x[0], system_xml)
+    spec = make_spec(model, s.temperature, x[0], system_xml, cg_xyz=X[tr])
     log(f"model: {model.dim} internal DOF, {sum(p.numel() for p in model.parameters())} parameters")
     previous = (lambda idx: (_previous_index(idx, frames.first),)) if s.temporal else (lambda idx: ())
     ml = bm_training.train_ml(model, spec, (x[tr], X[tr], *previous(tr)), (x[va], X[va], *previous(va)),
