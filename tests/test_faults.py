@@ -303,3 +303,56 @@ def test_angstrom_training_data_is_refused(tiny_ala2):
     x = tiny_ala2["traj"].xyz[:20].astype(np.float64)
     with pytest.raises(ValueError, match="training coordinates.*look like Angstrom"):
         Backmapper.from_data(tiny_ala2["mapping"], 10.0 * x, n_layers=1, hidden=8, n_hidden=1)
+
+
+# ----------------------------------------------------------------------------- AA System against the topology
+def _elements(tiny_ala2) -> list[str]:
+    return [a.element.symbol for a in tiny_ala2["traj"].topology.atoms]
+
+
+def test_system_of_another_molecule_same_count_is_refused(tiny_ala2):
+    """Same particle count, masses permuted (another molecule or atom order): refused, naming particles."""
+    from openmm_backmap.openmm.energies import check_system_matches, load_system
+
+    system = load_system(tiny_ala2["system_xml"])
+    check_system_matches(system, _elements(tiny_ala2))  # its own topology passes
+    masses = [system.getParticleMass(i) for i in range(system.getNumParticles())]
+    heavy = next(i for i, m in enumerate(masses) if m._value > 10)
+    system.setParticleMass(heavy, masses[heavy] + 20.0 * openmm.unit.dalton)  # e.g. a C where a Cl was
+    with pytest.raises(ValueError, match=r"particle .* differ from their element's by more than 0.5 Da"):
+        check_system_matches(system, _elements(tiny_ala2))
+
+
+def test_particle_count_mismatch_names_both_counts(tiny_ala2):
+    from openmm_backmap.openmm.energies import check_system_matches, load_system
+
+    system = load_system(tiny_ala2["system_xml"])
+    system.addParticle(1.0)
+    n = system.getNumParticles()
+    with pytest.raises(ValueError, match=rf"has {n} particles but the topology has {n - 1} atoms"):
+        check_system_matches(system, _elements(tiny_ala2))
+
+
+def test_hydrogen_mass_repartitioning_is_accepted(tiny_ala2):
+    """HMR moves 2 Da from each heavy atom onto its hydrogen: masses differ, the total does not."""
+    from openmm_backmap.openmm.energies import check_system_matches, load_system
+
+    system = load_system(tiny_ala2["system_xml"])
+    for a, b in tiny_ala2["traj"].topology.bonds:
+        h, heavy = (a, b) if a.element.symbol == "H" else (b, a)
+        if h.element.symbol == "H" and heavy.element.symbol != "H":
+            system.setParticleMass(h.index, system.getParticleMass(h.index) + 2.0 * openmm.unit.dalton)
+            system.setParticleMass(heavy.index, system.getParticleMass(heavy.index) - 2.0 * openmm.unit.dalton)
+    check_system_matches(system, _elements(tiny_ala2))
+
+
+def test_train_refuses_system_of_another_molecule(tiny_ala2, tmp_path):
+    from openmm_backmap.openmm.energies import load_system
+    from openmm_backmap.training.pipeline import aa_constraints
+
+    system = load_system(tiny_ala2["system_xml"])
+    system.setParticleMass(0, 80.0)
+    path = tmp_path / "other.xml"
+    path.write_text(openmm.XmlSerializer.serialize(system))
+    with pytest.raises(ValueError, match=r"other\.xml does not match the elements of the topology"):
+        aa_constraints(tiny_ala2["traj"], str(path))

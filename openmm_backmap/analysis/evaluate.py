@@ -67,7 +67,7 @@ def evaluate_model(
         AA System for energies; by default the one embedded in the model file.
     """
     from openmm_backmap.io.model_files import load_model
-    from openmm_backmap.openmm.energies import aa_energy
+    from openmm_backmap.openmm.energies import aa_energy, check_system_matches, load_system
 
     start = time.perf_counter()
     if not hasattr(model, "sample"):
@@ -99,7 +99,9 @@ def evaluate_model(
     system = aa_system if aa_system is not None else model.system_xml
     u_aa = u_ref = None
     if system is not None:
-        energy = aa_energy(system)
+        loaded = load_system(system)
+        check_system_matches(loaded, model.metadata["elements"], "the AA System", f"the model {model.path}")
+        energy = aa_energy(loaded)
         u_aa = _energies(energy, flat).reshape(len(idx), samples)
         u_ref = _energies(energy, ref)
         metrics["energy_w1_kjmol"] = energy_w1(u_aa[:, 0], u_ref)

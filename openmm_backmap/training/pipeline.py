@@ -24,7 +24,7 @@ from openmm_backmap.io.trajectories import load_trajectory
 from openmm_backmap.mapping import CGMapping
 from openmm_backmap.models.backmapper import Backmapper
 from openmm_backmap.models.cg_potential import CGFlowPotential
-from openmm_backmap.openmm.energies import aa_energy, constraints_from_system, load_system
+from openmm_backmap.openmm.energies import aa_energy, check_system_matches, constraints_from_system, load_system
 from openmm_backmap.systems.reference import check_restraint_for_mapping, reference_restraint, require_unrestrained
 from openmm_backmap.training import backmapper as bm_training
 from openmm_backmap.training import cg_potential as cg_training
@@ -73,10 +73,8 @@ def aa_constraints(traj: md.Trajectory, aa_system: str | None) -> tuple[Any, str
     if aa_system is None:
         return None, None, detect_constraints(traj)
     system = load_system(aa_system)
-    if system.getNumParticles() != traj.n_atoms:
-        raise ValueError(
-            f"the AA System has {system.getNumParticles()} particles but the topology has {traj.n_atoms} atoms"
-        )
+    check_system_matches(system, [a.element.symbol if a.element is not None else "" for a in traj.topology.atoms],
+                         f"the AA System {aa_system}", "the topology")
     return system, Path(aa_system).read_text(), constraints_from_system(system)
 
 
