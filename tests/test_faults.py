@@ -356,3 +356,54 @@ def test_train_refuses_system_of_another_molecule(tiny_ala2, tmp_path):
     path.write_text(openmm.XmlSerializer.serialize(system))
     with pytest.raises(ValueError, match=r"other\.xml does not match the elements of the topology"):
         aa_constraints(tiny_ala2["traj"], str(path))
+
+
+# ----------------------------------------------------------------------------- overlapping groups, empty trajectories
+def _overlapping_mapping(tiny_ala2):
+    from openmm_backmap.mapping import CGMapping
+
+    m = tiny_ala2["mapping"]
+    groups = [list(map(int, g)) for g in m.groups]
+    groups[1] = groups[1] + [groups[0][0]]  # the first atom of bead 0 also in bead 1
+    return CGMapping(m.topology, groups, names=list(m.names)), groups[0][0]
+
+
+def test_train_cg_refuses_overlapping_groups(tiny_ala2, tmp_path):
+    from openmm_backmap.training.config import CGPotentialTraining
+    from openmm_backmap.training.pipeline import train_cg_from_files
+
+    mapping, atom = _overlapping_mapping(tiny_ala2)
+    mapping.to_json(tmp_path / "overlap.json")
+    paths = tiny_ala2["paths"]
+    with pytest.raises(ValueError, match=rf"atom {atom} is in bead 0 .* and bead 1 .*a CG potential"):
+        train_cg_from_files(paths["pdb"], paths["dcd"], str(tmp_path / "overlap.json"), tmp_path / "cg.ckpt",
+                            CGPotentialTraining(epochs=1), progress=False, log=lambda _: None)
+    assert not (tmp_path / "cg.ckpt").exists()
+
+
+def test_backmapper_refuses_overlapping_groups(tiny_ala2):
+    from openmm_backmap.models.backmapper import Backmapper
+
+    mapping, atom = _overlapping_mapping(tiny_ala2)
+    with pytest.raises(ValueError, match=rf"atom {atom} is in bead 0 .*a backmapper needs disjoint groups"):
+        Backmapper(mapping)
+
+
+def test_empty_and_header_only_trajectories_are_named(tiny_ala2, tmp_path):
+    import mdtraj as md
+
+    from openmm_backmap.io.trajectories import load_trajectory
+
+    pdb = tiny_ala2["paths"]["pdb"]
+    empty = tmp_path / "empty.dcd"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.dcd is empty \(0 bytes\): it has no frames"):
+        load_trajectory(empty, pdb)
+    one = tmp_path / "one.dcd"
+    n = tiny_ala2["traj"].n_atoms
+    with md.formats.DCDTrajectoryFile(str(one), "w") as fh:
+        fh.write(tiny_ala2["traj"].xyz[:1] * 10.0)
+    header = tmp_path / "header.dcd"
+    header.write_bytes(one.read_bytes()[: -(n * 3 * 4 + 3 * 8)])  # the frame's three coordinate records cut off
+    with pytest.raises(ValueError, match=rf"header\.dcd .* cannot be read \(topology: {n} atoms\): it has no frames"):
+        load_trajectory(header, pdb)

@@ -155,12 +155,7 @@ class Backmapper(nn.Module):
             cg_bonds = mapping.cg_bonds()
         bonds = sorted((min(int(i), int(j)), max(int(i), int(j))) for i, j in bonds)
         cg_bonds = sorted((min(int(i), int(j)), max(int(i), int(j))) for i, j in cg_bonds)
-        groups = [set(int(i) for i in g) for g in mapping.groups]
-        seen: set[int] = set()
-        for g in groups:
-            if seen & g:
-                raise ValueError("CG groups overlap; a backmapper needs disjoint groups")
-            seen |= g
+        mapping.check_disjoint("a backmapper")
         self.spec = dict(
             constraints=[[int(i), int(j), float(d)] for i, j, d in (constraints or [])],
             temporal=bool(temporal),

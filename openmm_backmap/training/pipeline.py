@@ -213,6 +213,7 @@ def train_cg_from_files(
     torch.manual_seed(s.seed)
     parts = [load_trajectory(path, topology, stride=s.stride) for path in files]
     cg_map = CGMapping.from_spec(mapping, parts[0].topology)
+    cg_map.check_disjoint("a CG potential (an atom in two beads ties their positions and makes the forces NaN)")
     # train / validation / test blocks of each file, pooled
     split = [make_pairs(part, cg_map, seed=s.seed) for part in parts]
     pairs = {name: np.concatenate([p[name].X for p in split]) for name in ("train", "val", "test")}
