@@ -29,6 +29,7 @@ from torch import Tensor
 __all__ = [
     "ZMatrix",
     "bond_length_range",
+    "check_box_fits",
     "check_length_scale",
     "build_zmatrix",
     "bond_graph",
@@ -478,3 +479,21 @@ def check_length_scale(found: tuple[float, float], expected: tuple[float, float]
     else:
         message += " (wrong units, a wrong mapping or broken molecules?)"
     raise ValueError(message)
+
+
+def check_box_fits(box, longest_bond_nm: float, what: str = "the periodic box") -> None:
+    """Refuse a periodic box (3, 3) nm, in OpenMM's reduced form, narrower than twice the longest
+    CG bond: molecules are made whole by taking each bond's nearest image, which is only
+    unambiguous while every bond is shorter than half the box.
+
+    Raises
+    ------
+    ValueError
+        Naming the narrowest width, the longest bond and the width needed.
+    """
+    b = np.asarray(box, dtype=np.float64).reshape(3, 3)
+    width = float(min(b[0, 0], b[1, 1], b[2, 2]))
+    if width < 2.0 * float(longest_bond_nm):
+        raise ValueError(f"{what} is {width:.3g} nm wide at its narrowest, less than twice the longest CG bond "
+                         f"({longest_bond_nm:.3g} nm): bonds would be wrapped to shorter images; use a box of at "
+                         f"least {2.0 * float(longest_bond_nm):.3g} nm (is the box in Angstrom or the wrong size?)")

@@ -103,6 +103,7 @@ def cg_file(tmp_path_factory) -> Path:
     """A small CG flow potential over the six-bead ALA2 graph, fitted to a synthetic chain."""
     from test_potentials import BRANCHED6, synthetic_chain
 
+    from openmm_backmap.geometry import bond_length_range
     from openmm_backmap.io.checkpoints import make_cg_spec
     from openmm_backmap.io.model_files import export_cg
     from openmm_backmap.models.cg_potential import CGFlowPotential
@@ -111,6 +112,7 @@ def cg_file(tmp_path_factory) -> Path:
     model = CGFlowPotential.from_data(X, BRANCHED6, n_layers=2, hidden=8, n_bins=4, seed=2)
     spec = make_cg_spec(model)
     spec["masses"] = [12.0] * N_BEADS
+    spec["cg_bond_range_nm"] = list(bond_length_range(X, BRANCHED6))  # as train_cg_from_files records it
     path = tmp_path_factory.mktemp("faults_cg") / "cg.pt"
     export_cg(model, spec, path)
     return path
@@ -407,3 +409,18 @@ def test_empty_and_header_only_trajectories_are_named(tiny_ala2, tmp_path):
     header.write_bytes(one.read_bytes()[: -(n * 3 * 4 + 3 * 8)])  # the frame's three coordinate records cut off
     with pytest.raises(ValueError, match=rf"header\.dcd .* cannot be read \(topology: {n} atoms\): it has no frames"):
         load_trajectory(header, pdb)
+
+
+# ----------------------------------------------------------------------------- periodic box against CG bonds
+def test_box_smaller_than_twice_longest_bond_is_refused(cg_file):
+    from openmm_backmap.geometry import check_box_fits
+    from openmm_backmap.io.model_files import read_model_file
+
+    longest = read_model_file(cg_file)[1]["cg_bond_range_nm"][1]
+    small = np.eye(3) * 1.5 * longest
+    with pytest.raises(ValueError, match="less than twice the longest CG bond"):
+        forces.create_cg_system(np.full(N_BEADS, 12.0), str(cg_file), backend="python",
+                                usesPeriodicBoundaryConditions=True, boxVectors=small)
+    check_box_fits(np.eye(3) * 2.01 * longest, longest)  # wide enough passes
+    with pytest.raises(ValueError, match="narrowest"):
+        check_box_fits(np.diag([5.0, 5.0, 1.9 * longest]), longest)

@@ -263,6 +263,7 @@ def export_cg(model, spec: dict, path: str | Path | None = None) -> bytes:
         "bead_names": list(spec.get("bead_names") or [f"B{i}" for i in range(model.n_cg)]),
         "masses": spec.get("masses"),
         "cg_bonds": model.spec["cg_bonds"],
+        "cg_bond_range_nm": spec.get("cg_bond_range_nm"),
         "mapping": spec.get("mapping"),
         "dtype": str(model._model_dtype()).replace("torch.", ""),
         "units": {"positions": "nm", "energy": "kJ/mol", "log_prob": "nats w.r.t. Cartesian nm^(3n-6)"},

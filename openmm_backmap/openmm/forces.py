@@ -42,6 +42,7 @@ import numpy as np
 import openmm
 import torch
 
+from openmm_backmap.geometry import check_box_fits
 from openmm_backmap.io.model_files import (
     is_compiled_package,
     load_model_bytes,
@@ -329,6 +330,18 @@ def create_force(
     return force
 
 
+def _model_cg_bond_range(model: Any) -> list[float] | None:
+    """The CG bond-length range (nm) a CG potential model file or its compiled package records, or None."""
+    if not isinstance(model, (str, os.PathLike, bytes, bytearray)):
+        return None
+    data = load_model_bytes(model)
+    if is_compiled_package(data):
+        meta = read_compiled_metadata(data).get("model_metadata") or {}
+    else:
+        meta = torchscript_metadata(data)
+    return meta.get("cg_bond_range_nm")
+
+
 def create_cg_system(
     masses: Any,
     model: str | os.PathLike | bytes | torch.nn.Module,
@@ -376,6 +389,9 @@ def create_cg_system(
         if box.shape != (3, 3):
             raise ValueError(f"boxVectors must be three 3-vectors (nm), got shape {box.shape}")
         system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*row) for row in box))
+        bond_range = _model_cg_bond_range(model)
+        if usesPeriodicBoundaryConditions and bond_range:
+            check_box_fits(box, bond_range[1], "the periodic box of the CG System")
     force = create_force(model, backend=backend, usesPeriodicBoundaryConditions=usesPeriodicBoundaryConditions,
                          globalParameters=globalParameters, energyParameterDerivatives=energyParameterDerivatives,
                          forceGroup=forceGroup, numParticles=len(masses) if checkModel else None)

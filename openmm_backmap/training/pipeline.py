@@ -19,6 +19,7 @@ import mdtraj as md
 import numpy as np
 import torch
 
+from openmm_backmap.geometry import bond_length_range
 from openmm_backmap.io.checkpoints import make_cg_spec, make_spec, save_checkpoint
 from openmm_backmap.io.trajectories import load_trajectory
 from openmm_backmap.mapping import CGMapping
@@ -220,6 +221,7 @@ def train_cg_from_files(
     model = CGFlowPotential.from_data(pairs["train"], cg_map.cg_bonds(), temperature=s.temperature,
                                       n_layers=s.layers, hidden=s.hidden, n_bins=s.bins, seed=s.seed)
     spec = make_cg_spec(model, cg_map, parts[0].xyz[0])
+    spec["cg_bond_range_nm"] = list(bond_length_range(pairs["train"], cg_map.cg_bonds()))
     restrained = [r["basin"] for r in map(reference_restraint, files) if r is not None]
     spec["data"] = {"trajectories": [str(p) for p in files], "restrained_basins": restrained,
                     "potential_of_mean_force": not restrained}
