@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         print(f"openmm-backmap {args.command}: error: {err}", file=sys.stderr)
         return 2
 

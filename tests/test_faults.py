@@ -424,3 +424,37 @@ def test_box_smaller_than_twice_longest_bond_is_refused(cg_file):
     check_box_fits(np.eye(3) * 2.01 * longest, longest)  # wide enough passes
     with pytest.raises(ValueError, match="narrowest"):
         check_box_fits(np.diag([5.0, 5.0, 1.9 * longest]), longest)
+
+
+# ----------------------------------------------------------------------------- counts in the library, sizes at run time
+@pytest.mark.parametrize("kind, field", [("BackmapperTraining", "epochs"), ("BackmapperTraining", "batch_size"),
+                                         ("CGPotentialTraining", "epochs"), ("CGPotentialTraining", "stride")])
+def test_training_settings_refuse_counts_below_one(kind, field):
+    from openmm_backmap.training import config
+
+    with pytest.raises(ValueError, match=rf"{field} = 0"):
+        getattr(config, kind)(**{field: 0})
+    with pytest.raises(ValueError, match=rf"{field} = -2"):
+        getattr(config, kind)(**{field: -2})
+
+
+def test_backmap_batch_size_zero_is_a_clear_error(tmp_path):
+    from openmm_backmap.backmap import backmap_trajectory
+
+    with pytest.raises(ValueError, match="batch_size=0"):
+        backmap_trajectory(tmp_path / "m.pt", tmp_path / "c.dcd", tmp_path / "c.pdb", tmp_path / "o.dcd",
+                           batch_size=0)
+
+
+@needs_compiler
+def test_package_in_system_of_another_size_names_both_counts(pair_package):
+    with pytest.raises(ValueError, match=rf"built for {N_BEADS} particles, but the System has 4"):
+        forces.create_cg_system(np.full(4, 12.0), str(pair_package), backend="python")
+    system = openmm.System()
+    for _ in range(4):
+        system.addParticle(12.0)
+    system.addForce(forces.create_force(str(pair_package), backend="python"))  # no count given: found at run time
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(_positions(0)[:4] * openmm.unit.nanometer)
+    with pytest.raises(Exception, match=rf"built for {N_BEADS} particles, but the System has 4"):
+        context.getState(getEnergy=True)

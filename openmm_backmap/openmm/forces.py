@@ -193,7 +193,11 @@ class CompiledComputation(TorchComputation):
         self.dtype = torch.float64  # packages take and return float64
 
     def __call__(self, state: openmm.State) -> tuple[float, np.ndarray]:
-        outputs = self.model.run(self._inputs(state))
+        inputs = self._inputs(state)
+        if inputs[0].shape[0] != self.model.numParticles:
+            raise ValueError(f"the compiled model was built for {self.model.numParticles} particles, "
+                             f"but the System has {inputs[0].shape[0]}")
+        outputs = self.model.run(inputs)
         return float(outputs[0]), outputs[1].numpy()
 
 
