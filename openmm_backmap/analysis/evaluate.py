@@ -66,7 +66,7 @@ def evaluate_model(
     aa_system
         AA System for energies; by default the one embedded in the model file.
     """
-    from openmm_backmap.io.model_files import load_model
+    from openmm_backmap.io.backmap_model import load_model
     from openmm_backmap.openmm.energies import aa_energy, check_system_matches, load_system
 
     start = time.perf_counter()
