@@ -44,6 +44,8 @@ def backmap_trajectory(
     import mdtraj as md
     from tqdm.auto import tqdm
 
+    if int(samples) < 1 or int(batch_size) < 1:
+        raise ValueError(f"samples and batch_size must be >= 1, got samples={samples}, batch_size={batch_size}")
     model = load_model(model_path, device=device)
     cg_path = Path(cg)
     if not cg_path.is_file():
@@ -101,7 +103,11 @@ def backmap_trajectory(
             "warning: XTC rounds coordinates to 1e-3 nm, enough to shift AA energies by ~1 kT; "
             "prefer DCD, HDF5 or NetCDF for reweighting"
         )
-    md.Trajectory(aa, model.topology).save(str(out))
+    try:
+        md.Trajectory(aa, model.topology).save(str(out))
+    except (OSError, ValueError, KeyError) as err:
+        raise OSError(f"cannot write the backmapped trajectory {out} ({len(aa)} frames of {model.n_aa} atoms, "
+                      f"from {traj.n_frames} CG frames x {samples} samples): {err}") from err
     n = int(samples)
     if energies is not None:
         # temporal chains are stored frame-major too: row k = frame k // n, chain k % n

@@ -12,6 +12,57 @@ from pathlib import Path
 
 from openmm_backmap.training.config import BackmapperTraining, CGPotentialTraining
 
+# Trajectory formats the backmap command writes (mdtraj's savers by suffix).
+TRAJECTORY_SUFFIXES = (".dcd", ".h5", ".nc", ".ncdf", ".netcdf", ".pdb", ".xtc", ".trr", ".xyz")
+
+
+# ---------------------------------------------------------------------------- argument checks
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 1 (epochs, batch sizes, strides, frames, samples, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, object], overwrite: bool,
+                   suffixes: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Refuse, before any computation, an output file that is one of the command's inputs, that
+    exists (unless ``overwrite``), whose folder does not exist, or whose suffix is not one of
+    ``suffixes[option]``; ValueError naming the option and the path.
+
+    ``outputs`` and ``inputs`` map option names (``--out``) to paths (inputs may be lists).
+    """
+    given = {}
+    for option, value in inputs.items():
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if item:
+                given[Path(item).resolve()] = option
+    for option, value in outputs.items():
+        if not value:
+            continue
+        path = Path(value)
+        if path.resolve() in given:
+            raise ValueError(f"{option} {path} is also the command's {given[path.resolve()]}: writing it would "
+                             f"destroy the input; choose another path")
+        allowed = (suffixes or {}).get(option)
+        if allowed and not any(str(path).lower().endswith(sfx) for sfx in allowed):
+            raise ValueError(f"{option} {path}: unsupported format {path.suffix or '(no suffix)'}; "
+                             f"use one of {', '.join(allowed)}")
+        if path.is_dir():
+            raise ValueError(f"{option} {path} is a directory; give a file path")
+        if not path.parent.is_dir():
+            raise ValueError(f"{option} {path}: the folder {path.parent} does not exist")
+        if path.exists() and not overwrite:
+            raise ValueError(f"{option} {path} exists; pass --overwrite to replace it")
+
+
+def _add_overwrite(p) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace output files that exist")
+
 
 # ---------------------------------------------------------------------------- reference
 def _add_reference(sub) -> None:
@@ -89,23 +140,26 @@ def _add_train_cg(sub) -> None:
     p.add_argument("--mapping", required=True,
                    help="ca | backbone | heavy-backbone | residue-com, or a groups JSON file")
     p.add_argument("--out", required=True, help="checkpoint to write (e.g. cg.ckpt)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default {d.epochs})")
+    p.add_argument("--epochs", type=_count, default=d.epochs, help=f"training epochs (default {d.epochs})")
     p.add_argument("--temperature", type=float, default=d.temperature, help=f"kelvin (default {d.temperature:g})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
-    p.add_argument("--stride", type=int, default=d.stride, help="use every STRIDE-th frame")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--stride", type=_count, default=d.stride, help="use every STRIDE-th frame")
+    p.add_argument("--batch-size", type=_count, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr:g})")
-    p.add_argument("--layers", type=int, default=d.layers, help=f"coupling layers (default {d.layers})")
-    p.add_argument("--hidden", type=int, default=d.hidden, help=f"hidden units per layer (default {d.hidden})")
-    p.add_argument("--bins", type=int, default=d.bins, help=f"spline bins (default {d.bins})")
+    p.add_argument("--layers", type=_count, default=d.layers, help=f"coupling layers (default {d.layers})")
+    p.add_argument("--hidden", type=_count, default=d.hidden, help=f"hidden units per layer (default {d.hidden})")
+    p.add_argument("--bins", type=_count, default=d.bins, help=f"spline bins (default {d.bins})")
     p.add_argument("--time-limit", type=float, help="stop training after this many seconds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_overwrite(p)
     p.set_defaults(func=_cmd_train_cg)
 
 
 def _cmd_train_cg(args) -> int:
     from openmm_backmap.training.pipeline import train_cg_from_files
 
+    _check_outputs({"--out": args.out}, {"--topology": args.topology, "--trajectory": args.trajectory,
+                                         "--mapping": args.mapping}, args.overwrite)
     settings = CGPotentialTraining(stride=args.stride, temperature=args.temperature, seed=args.seed, hidden=args.hidden,
                                    layers=args.layers, bins=args.bins, epochs=args.epochs, batch_size=args.batch_size,
                                    lr=args.lr, time_limit=args.time_limit, allow_restrained=args.allow_restrained)
@@ -122,12 +176,14 @@ def _add_export(sub) -> None:
     )
     p.add_argument("checkpoint", help="checkpoint written by train-cg (or train)")
     p.add_argument("-o", "--output", required=True, help="model file to write (e.g. model.pt)")
+    _add_overwrite(p)
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args) -> int:
     from openmm_backmap.io.checkpoints import export_checkpoint
 
+    _check_outputs({"--output": args.output}, {"checkpoint": args.checkpoint}, args.overwrite)
     kind = export_checkpoint(args.checkpoint, args.output)
     print(f"{kind} model: {args.output}")
     return 0
@@ -142,11 +198,12 @@ def _add_compile(sub) -> None:
     )
     p.add_argument("model", help="TorchScript model file (.pt), e.g. from `export` of a train-cg checkpoint")
     p.add_argument("-o", "--output", required=True, help="package to write (e.g. cg.pt2)")
-    p.add_argument("--particles", type=int, default=None,
+    p.add_argument("--particles", type=_count, default=None,
                    help="number of particles (default: the CG model's n_beads)")
     p.add_argument("--periodic", action="store_true", help="the model takes box vectors after the positions")
     p.add_argument("--global-parameter", action="append", default=[], metavar="NAME=VALUE",
                    help="a global parameter passed after the positions (repeat, in forward()'s order)")
+    _add_overwrite(p)
     p.set_defaults(func=_cmd_compile)
 
 
@@ -154,6 +211,7 @@ def _cmd_compile(args) -> int:
     from openmm_backmap.io.model_files import load_model_bytes, torchscript_metadata
     from openmm_backmap.openmm.compiled import compile_model
 
+    _check_outputs({"--output": args.output}, {"model": args.model}, args.overwrite, {"--output": (".pt2",)})
     data = load_model_bytes(args.model)
     n = args.particles
     if n is None:
@@ -191,28 +249,29 @@ def _add_train(sub) -> None:
     p.add_argument("--mapping", required=True,
                    help="ca | backbone | heavy-backbone | residue-com, or a groups JSON file")
     p.add_argument("--out", required=True, help="checkpoint to write (e.g. model.ckpt)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"ML epochs (default {d.epochs})")
+    p.add_argument("--epochs", type=_count, default=d.epochs, help=f"ML epochs (default {d.epochs})")
     p.add_argument("--aa-system", help="AA OpenMM System XML: constraints, energy refinement, embedded")
     p.add_argument("--temporal", action="store_true", help="also condition on the previous AA frame")
     p.add_argument("--energy-steps", type=int, default=d.energy_steps,
                    help=f"energy-refinement steps with --aa-system (default {d.energy_steps}; 0 = ML only)")
     p.add_argument("--temperature", type=float, default=d.temperature, help=f"kelvin (default {d.temperature:g})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
-    p.add_argument("--stride", type=int, default=d.stride, help="use every STRIDE-th frame")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--stride", type=_count, default=d.stride, help="use every STRIDE-th frame")
+    p.add_argument("--batch-size", type=_count, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help=f"ML learning rate (default {d.lr:g})")
     p.add_argument("--energy-lr", type=float, default=d.energy_lr,
                    help=f"refinement learning rate (default {d.energy_lr:g})")
     p.add_argument("--ml-weight", type=float, default=d.ml_weight,
                    help=f"weight of the data NLL kept during energy refinement (default {d.ml_weight:g})")
-    p.add_argument("--layers", type=int, default=d.layers, help=f"coupling layers (default {d.layers})")
-    p.add_argument("--hidden", type=int, default=d.hidden, help=f"hidden units per layer (default {d.hidden})")
-    p.add_argument("--bins", type=int, default=d.bins, help=f"spline bins (default {d.bins})")
+    p.add_argument("--layers", type=_count, default=d.layers, help=f"coupling layers (default {d.layers})")
+    p.add_argument("--hidden", type=_count, default=d.hidden, help=f"hidden units per layer (default {d.hidden})")
+    p.add_argument("--bins", type=_count, default=d.bins, help=f"spline bins (default {d.bins})")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help=f"validation fraction (default {d.val_fraction:g})")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--resume", action="store_true", help="continue the ML stage from --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_overwrite(p)
     p.set_defaults(func=_cmd_train)
 
 
@@ -221,6 +280,10 @@ def _cmd_train(args) -> int:
 
     from openmm_backmap.training.pipeline import train_from_files
 
+    # --resume continues from --out, so an existing --out is expected there
+    _check_outputs({"--out": args.out}, {"--topology": args.topology, "--trajectory": args.trajectory,
+                                         "--mapping": args.mapping, "--aa-system": args.aa_system},
+                   args.overwrite or args.resume)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     settings = BackmapperTraining(
@@ -281,22 +344,26 @@ def _add_backmap(sub) -> None:
     p.add_argument("--cg", required=True, help="CG trajectory (any format mdtraj reads)")
     p.add_argument("--cg-topology", required=True, help="CG topology (PDB) of the beads")
     p.add_argument("--out", required=True, help="AA trajectory to write (DCD, HDF5, NetCDF, PDB)")
-    p.add_argument("--samples", type=int, default=1, help="reconstructions per CG frame (default 1)")
+    p.add_argument("--samples", type=_count, default=1, help="reconstructions per CG frame (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--energies", help="CSV of frame, sample, log_q (and U_AA when the model has a System)")
-    p.add_argument("--batch-size", type=int, default=1024, help="samples per batch (default 1024)")
+    p.add_argument("--batch-size", type=_count, default=1024, help="samples per batch (default 1024)")
     p.add_argument("--device", help="torch device (default cuda when available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compile", action="store_true",
                    help="compile the model for the batch size first (a minute or two; then faster on CPU)")
+    _add_overwrite(p)
     p.set_defaults(func=_cmd_backmap)
 
 
 def _cmd_backmap(args) -> int:
     from openmm_backmap.backmap import backmap_trajectory
 
-    if args.samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    _check_outputs({"--out": args.out, "--energies": args.energies},
+                   {"--model": args.model, "--cg": args.cg, "--cg-topology": args.cg_topology}, args.overwrite,
+                   {"--out": TRAJECTORY_SUFFIXES, "--energies": (".csv",)})
+    if args.energies and Path(args.energies).resolve() == Path(args.out).resolve():
+        raise ValueError(f"--energies and --out are the same file {args.out}")
     res = backmap_trajectory(
         args.model, args.cg, args.cg_topology, args.out, samples=args.samples, seed=args.seed,
         energies=args.energies, batch_size=args.batch_size, device=args.device,
@@ -319,8 +386,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--reference", required=True, help="AA reference trajectory (independent of training)")
     p.add_argument("--topology", required=True, help="AA topology (PDB) of the reference")
     p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--frames", type=int, default=200, help="reference frames backmapped (default 200)")
-    p.add_argument("--samples", type=int, default=64, help="samples per frame (default 64)")
+    p.add_argument("--frames", type=_count, default=200, help="reference frames backmapped (default 200)")
+    p.add_argument("--samples", type=_count, default=64, help="samples per frame (default 64)")
     p.add_argument("--aa-system", help="AA System XML for energies (default: the one in the model file)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_evaluate)
@@ -355,19 +422,19 @@ def _add_hybrid(sub) -> None:
     p.add_argument("--cg-model", required=True, help="CG potential model file (.pt)")
     p.add_argument("--aa-system", help="AA System XML (default: the one embedded in the model file)")
     p.add_argument("--start", required=True, help="PDB with the starting AA structure")
-    p.add_argument("--iterations", type=int, required=True, help="chain iterations")
+    p.add_argument("--iterations", type=_count, required=True, help="chain iterations")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--kernel", choices=["flow", "hmc"], default="flow",
                    help="CG move: independent draws from the CG flow, or HMC on the CG System (default flow)")
     p.add_argument("--langevin-steps", type=int, default=250, help="AA Langevin steps per iteration (default 250)")
-    p.add_argument("--attempts", type=int, default=1, help="resolution moves per iteration (default 1)")
+    p.add_argument("--attempts", type=_count, default=1, help="resolution moves per iteration (default 1)")
     p.add_argument("--temperature", type=float, help="kelvin (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--platform", default="Reference", help="OpenMM platform (default Reference)")
-    p.add_argument("--chains", type=int, default=1,
+    p.add_argument("--chains", type=_count, default=1,
                    help="independent chains advanced together with batched model and energy calls (flow kernel; "
                    "default 1)")
-    p.add_argument("--save-every", type=int, default=1, help="write frames every N iterations (default 1)")
+    p.add_argument("--save-every", type=_count, default=1, help="write frames every N iterations (default 1)")
     p.add_argument("--burn-in", type=float, default=0.1,
                    help="fraction of iterations left out of the summary with --chains > 1 (default 0.1)")
     p.set_defaults(func=_cmd_hybrid)
@@ -454,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         print(f"openmm-backmap {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from torch import Tensor
 
 __all__ = [
     "ZMatrix",
+    "bond_length_range",
+    "check_box_fits",
+    "check_length_scale",
     "build_zmatrix",
     "bond_graph",
     "distances",
@@ -432,3 +435,65 @@ class InternalCoordinates(torch.nn.Module):
             # a1: r01^2 (its direction is rotation); a2: r^2 sin(theta) (its azimuth is rotation)
             out = out + 2.0 * torch.log(root[:, 0]) + 2.0 * torch.log(root[:, 1]) + torch.log(torch.sin(root[:, 2]))
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Length-scale checks (coordinates in the wrong unit)
+# ---------------------------------------------------------------------------------------------
+
+# Covalent bond lengths of biomolecules, nm: C-H/N-H/O-H about 0.1, heavy atoms 0.12-0.16, S-S 0.2.
+COVALENT_BOND_RANGE_NM = (0.08, 0.22)
+
+
+def bond_length_range(xyz, bonds) -> tuple[float, float]:
+    """(shortest, longest) distance between bonded particles over all frames of ``xyz`` (N, n, 3) or
+    (n, 3) nm; ``bonds`` are index pairs.  ValueError when there are no bonds."""
+    x = np.asarray(xyz, dtype=np.float64).reshape(-1, np.shape(xyz)[-2], 3)
+    pairs = np.asarray(list(bonds), dtype=np.int64).reshape(-1, 2)
+    if len(pairs) == 0:
+        raise ValueError("no bonds to measure")
+    r = np.linalg.norm(x[:, pairs[:, 0]] - x[:, pairs[:, 1]], axis=-1)
+    return float(r.min()), float(r.max())
+
+
+def check_length_scale(found: tuple[float, float], expected: tuple[float, float], what: str,
+                       tolerance: float = 3.0) -> None:
+    """Refuse coordinates whose bond lengths ``found`` (shortest, longest; nm) leave the ``expected``
+    range widened by ``tolerance`` either way; the message says when a factor of 10 (Angstrom given
+    for nm) explains it.
+
+    Raises
+    ------
+    ValueError
+        Naming ``what``, both ranges and the likely unit error.
+    """
+    lo, hi = float(expected[0]) / tolerance, float(expected[1]) * tolerance
+    if lo <= found[0] and found[1] <= hi:
+        return
+    message = (f"{what}: bond lengths {found[0]:.3g}-{found[1]:.3g} nm, expected "
+               f"{expected[0]:.3g}-{expected[1]:.3g} nm")
+    if lo <= found[0] / 10.0 and found[1] / 10.0 <= hi:
+        message += "; the coordinates look like Angstrom (10x too large): convert them to nm"
+    elif lo <= found[0] * 10.0 and found[1] * 10.0 <= hi:
+        message += "; the coordinates look 10x too small (nm given where Angstrom was expected?)"
+    else:
+        message += " (wrong units, a wrong mapping or broken molecules?)"
+    raise ValueError(message)
+
+
+def check_box_fits(box, longest_bond_nm: float, what: str = "the periodic box") -> None:
+    """Refuse a periodic box (3, 3) nm, in OpenMM's reduced form, narrower than twice the longest
+    CG bond: molecules are made whole by taking each bond's nearest image, which is only
+    unambiguous while every bond is shorter than half the box.
+
+    Raises
+    ------
+    ValueError
+        Naming the narrowest width, the longest bond and the width needed.
+    """
+    b = np.asarray(box, dtype=np.float64).reshape(3, 3)
+    width = float(min(b[0, 0], b[1, 1], b[2, 2]))
+    if width < 2.0 * float(longest_bond_nm):
+        raise ValueError(f"{what} is {width:.3g} nm wide at its narrowest, less than twice the longest CG bond "
+                         f"({longest_bond_nm:.3g} nm): bonds would be wrapped to shorter images; use a box of at "
+                         f"least {2.0 * float(longest_bond_nm):.3g} nm (is the box in Angstrom or the wrong size?)")

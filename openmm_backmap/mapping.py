@@ -287,6 +287,16 @@ class CGMapping:
     def n_cg(self) -> int:
         return len(self.groups)
 
+    def check_disjoint(self, purpose: str) -> None:
+        """ValueError naming the first atom that is in two groups (``purpose`` says what needs them disjoint)."""
+        owner: dict[int, int] = {}
+        for b, idx in enumerate(self.groups):
+            for i in (int(j) for j in idx):
+                if i in owner:
+                    raise ValueError(f"CG groups overlap: atom {i} is in bead {owner[i]} ({self.names[owner[i]]}) "
+                                     f"and bead {b} ({self.names[b]}); {purpose} needs disjoint groups")
+                owner[i] = b
+
     @property
     def is_slice(self) -> bool:
         """True when every bead is a single atom (C-alpha, backbone, chosen atoms)."""

@@ -286,7 +286,7 @@ def test_run_hybrid_refuses_mismatched_inputs(tiny_ala2, tiny_cg, tmp_path):
         run_hybrid(tiny_ala2["model"], tiny_cg, other, tmp_path / "r", HybridRun(1))
     with pytest.raises(ValueError, match="unknown CG kernel 'gibbs'"):
         run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], tmp_path / "r", HybridRun(1, kernel="gibbs"))
-    with pytest.raises(ValueError, match="not a CG-potential model file"):
+    with pytest.raises(ValueError, match="is a backmapper, not a CG-potential"):
         run_hybrid(tiny_ala2["model"], tiny_ala2["model"], tiny_ala2["paths"]["pdb"], tmp_path / "r", HybridRun(1))
 
 

@@ -33,7 +33,7 @@ from openmm_backmap.analysis.plots import plot_backmapper_report, plot_reweighti
 from openmm_backmap.analysis.reweighting import Reweighted, conditional_ess, normalized_weights
 from openmm_backmap.io.backmap_model import load_model
 from openmm_backmap.io.energy_file import read_energy_file
-from openmm_backmap.openmm.energies import aa_energy
+from openmm_backmap.openmm.energies import aa_energy, check_system_matches, load_system
 
 
 def _energies(energy, xyz: np.ndarray, batch: int = 2048) -> np.ndarray:
@@ -98,7 +98,9 @@ def evaluate_model(
     system = aa_system if aa_system is not None else model.system_xml
     u_aa = u_ref = None
     if system is not None:
-        energy = aa_energy(system)
+        loaded = load_system(system)
+        check_system_matches(loaded, model.metadata["elements"], "the AA System", f"the model {model.path}")
+        energy = aa_energy(loaded)
         u_aa = _energies(energy, flat).reshape(len(idx), samples)
         u_ref = _energies(energy, ref)
         metrics["energy_w1_kjmol"] = energy_w1(u_aa[:, 0], u_ref)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from openmm_backmap.geometry import bond_length_range, check_length_scale
 from openmm_backmap.io.model_files import read_model_file
 from openmm_backmap.io.pdb import topology_from_pdb
 from openmm_backmap.mapping import CGMapping, as_mdtraj_topology
@@ -116,6 +117,12 @@ class BackmapModel:
         if not torch.isfinite(t).all():
             bad = torch.nonzero(~torch.isfinite(t))[0].tolist()
             raise ValueError(f"{what} contain NaN or infinite values (first at index {tuple(bad)})")
+        expected = self.metadata.get("cg_bond_range_nm")
+        cg_bonds = self.metadata.get("cg_bonds") or self.mapping.cg_bonds()
+        if what == "CG coordinates" and expected and cg_bonds:
+            # the range seen in training, widened 3x either way: a 10x unit error cannot pass
+            found = bond_length_range(t.detach().to("cpu", torch.float64).numpy(), cg_bonds)
+            check_length_scale(found, expected, f"{what} (CG bonds of the training data)")
         return t.to(device=self.device, dtype=torch.float32), is_numpy, single
 
     @staticmethod

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from openmm_backmap.geometry import bond_length_range
 from openmm_backmap.io.model_files import (
     CG_KIND,
     CHECKPOINT_FORMAT,
@@ -30,9 +31,20 @@ from openmm_backmap.models.backmapper import Backmapper
 from openmm_backmap.models.cg_potential import CGFlowPotential
 
 
-def make_spec(model: Backmapper, temperature: float, reference_xyz=None, system_xml: str | None = None) -> dict:
-    """Everything needed to rebuild ``model`` (and to export it) without the training data."""
+def make_spec(model: Backmapper, temperature: float, reference_xyz=None, system_xml: str | None = None,
+              cg_xyz=None) -> dict:
+    """Everything needed to rebuild ``model`` (and to export it) without the training data.
+
+    ``cg_xyz`` (N, n_cg, 3) nm, the CG frames of the training data (default: the projection of
+    ``reference_xyz``), gives ``cg_bond_range_nm``, the shortest and longest CG bond seen, which a
+    loaded model checks its CG input against (coordinates in Angstrom are refused).
+    """
+    cg_bonds = model.spec.get("cg_bonds") or []
+    if cg_xyz is None and reference_xyz is not None:
+        cg_xyz = model.mapping.project(np.asarray(reference_xyz, dtype=np.float64)[None])
+    bond_range = list(bond_length_range(cg_xyz, cg_bonds)) if cg_xyz is not None and cg_bonds else None
     return {
+        "cg_bond_range_nm": bond_range,
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "model": copy.deepcopy(model.spec),

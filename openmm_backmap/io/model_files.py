@@ -14,7 +14,10 @@ this package:
 A **CG potential model file** has openmm-torch's ``forward(positions[n_cg, 3]) -> energy`` and the
 methods ``energy``, ``log_prob``, ``prior_energy``, ``sample``, with ``metadata.json`` and
 ``cg_topology.pdb``.  Both kinds carry ``"format": MODEL_FORMAT`` and their ``kind``;
-:func:`read_model_file` is the one reader of their metadata.
+:func:`read_model_file` is the one reader of their metadata.  Both record in ``"checksum"`` the
+SHA-256 of their payload (:func:`payload_checksum`: every weight and buffer, and the extra files
+other than ``metadata.json``); a file whose payload no longer matches is refused on load.  Files
+written before the checksum existed load without the check.
 
 A **compiled force package** (``.pt2``, :mod:`openmm_backmap.openmm.compiled`) is an AOTInductor
 zip whose metadata :func:`read_compiled_metadata` reads without loading its library.
@@ -24,6 +27,7 @@ zip whose metadata :func:`read_compiled_metadata` reads without loading its libr
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -51,8 +55,8 @@ __all__ = [
     "CG_FORMAT_VERSION", "CG_KIND", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "COMPILED_FORMAT",
     "COMPILED_VERSION", "MAPPING_FORMAT", "MAPPING_FORMAT_VERSION", "MODEL_FORMAT", "MODEL_FORMAT_VERSION",
     "export_cg", "export_model", "is_compiled_package", "load_cg_potential", "load_model_bytes",
-    "load_torchscript", "parse_compiled_metadata", "read_compiled_metadata", "read_model_file",
-    "torchscript_metadata",
+    "load_torchscript", "parse_compiled_metadata", "payload_checksum", "read_compiled_metadata", "read_model_file",
+    "torchscript_metadata", "verify_checksum",
 ]
 
 # The newest format_version readable per kind, and the extra files a model file may carry.
@@ -85,12 +89,19 @@ def read_model_file(source: str | os.PathLike | bytes, device: str = "cpu",
         format version newer than this package reads.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
-        origin, stream = "the model bytes", io.BytesIO(bytes(source))
+        origin, data = "the model bytes", bytes(source)
     else:
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"model file {path} does not exist")
-        origin, stream = str(path), str(path)
+        try:
+            origin, data = str(path), path.read_bytes()
+        except OSError as err:
+            raise OSError(f"cannot read model file {path}: {err.strerror or err}") from err
+    if is_compiled_package(data):
+        raise ValueError(f"{origin} is a compiled force package (.pt2, a CG force for OpenMM), not a TorchScript "
+                         f"model file: give the .pt model file it was compiled from")
+    stream = io.BytesIO(data)
     files = {name: "" for name in EXTRA_FILES}
     try:
         module = torch.jit.load(stream, map_location=device, _extra_files=files)
@@ -111,14 +122,47 @@ def read_model_file(source: str | os.PathLike | bytes, device: str = "cpu",
         raise ValueError(f"{origin}: metadata format is {meta.get('format')!r}, not {MODEL_FORMAT!r}")
     found = meta.get("kind")
     if kind is not None and found != kind:
-        raise ValueError(f"{origin} is not a {_KIND_NAMES.get(kind, kind)} model file (kind {found!r})")
+        what = f"a {_KIND_NAMES[found]}" if found in _KIND_NAMES else f"a model file of kind {found!r}"
+        raise ValueError(f"{origin} is {what}, not a {_KIND_NAMES.get(kind, kind)}")
     newest = _KIND_VERSIONS.get(found, MODEL_FORMAT_VERSION)
     if int(meta.get("format_version", 0)) > newest:
         raise ValueError(
             f"{origin}: model format version {meta['format_version']} is newer than this package reads "
             f"({newest}); upgrade openmm-backmap"
         )
+    verify_checksum(module, meta, files, origin)
     return module.eval(), meta, files
+
+
+def payload_checksum(module: torch.nn.Module, files: Mapping[str, str]) -> str:
+    """SHA-256 (hex) of a model file's payload: the name, dtype, shape and bytes of every entry of
+    the module's state dict (on the CPU, in name order), then each extra file but ``metadata.json``
+    (in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for name in sorted(files):
+        if name != "metadata.json" and files[name]:
+            digest.update(f"{name}|".encode())
+            digest.update(files[name].encode("utf-8"))
+    return digest.hexdigest()
+
+
+def verify_checksum(module: torch.nn.Module, meta: Mapping[str, Any], files: Mapping[str, str], origin: str) -> None:
+    """ValueError when ``meta`` records a payload checksum that ``module`` and ``files`` do not match
+    (a file without a recorded checksum passes)."""
+    recorded = (meta.get("checksum") or {}).get("sha256")
+    if recorded and payload_checksum(module, files) != recorded:
+        raise ValueError(f"{origin} is corrupt: its weights or embedded files do not match the SHA-256 "
+                         f"checksum recorded when it was written (damaged in copying or edited?)")
+
+
+def _with_checksum(meta: dict, scripted: torch.nn.Module, extra: Mapping[str, str]) -> dict:
+    meta["checksum"] = {"sha256": payload_checksum(scripted, extra),
+                        "of": "state dict (name, dtype, shape, bytes) and extra files other than metadata.json"}
+    return meta
 
 
 def torchscript_metadata(data: bytes) -> dict[str, Any]:
@@ -168,6 +212,8 @@ def _metadata(model, spec: dict) -> dict:
         ],
         "bead_names": [g["name"] for g in spec["mapping"]["groups"]],
         "constraints": spec["model"].get("constraints") or [],
+        "cg_bonds": spec["model"].get("cg_bonds") or [],
+        "cg_bond_range_nm": spec.get("cg_bond_range_nm"),
         "has_system": spec.get("system_xml") is not None,
         "architecture": {
             k: v for k, v in spec["model"].items() if k not in ("bonds", "cg_bonds", "constraints", "circular")
@@ -186,12 +232,10 @@ def export_model(model, spec: dict, path: str | Path) -> Path:
     for p in m.parameters():
         p.requires_grad_(False)
     scripted = torch.jit.script(m)
-    extra = {
-        "metadata.json": json.dumps(_metadata(model, spec), indent=1),
-        "topology.pdb": spec["topology_pdb"],
-    }
+    extra = {"topology.pdb": spec["topology_pdb"]}
     if spec.get("system_xml"):
         extra["system.xml"] = spec["system_xml"]
+    extra["metadata.json"] = json.dumps(_with_checksum(_metadata(model, spec), scripted, extra), indent=1)
     torch.jit.save(scripted, str(path), _extra_files=extra)
     return path
 
@@ -219,6 +263,7 @@ def export_cg(model, spec: dict, path: str | Path | None = None) -> bytes:
         "bead_names": list(spec.get("bead_names") or [f"B{i}" for i in range(model.n_cg)]),
         "masses": spec.get("masses"),
         "cg_bonds": model.spec["cg_bonds"],
+        "cg_bond_range_nm": spec.get("cg_bond_range_nm"),
         "mapping": spec.get("mapping"),
         "dtype": str(model._model_dtype()).replace("torch.", ""),
         "units": {"positions": "nm", "energy": "kJ/mol", "log_prob": "nats w.r.t. Cartesian nm^(3n-6)"},
@@ -234,7 +279,8 @@ def export_cg(model, spec: dict, path: str | Path | None = None) -> bytes:
         "data": spec.get("data"),
         "priors": model.prior_parameters(),
     }
-    extra = {"metadata.json": json.dumps(meta, indent=1), "cg_topology.pdb": spec.get("cg_topology_pdb") or ""}
+    extra = {"cg_topology.pdb": spec.get("cg_topology_pdb") or ""}
+    extra["metadata.json"] = json.dumps(_with_checksum(meta, scripted, extra), indent=1)
     buffer = io.BytesIO()
     torch.jit.save(scripted, buffer, _extra_files=extra)
     data = buffer.getvalue()
@@ -288,14 +334,24 @@ def load_model_bytes(model: str | os.PathLike | bytes | bytearray | torch.nn.Mod
         raise TypeError(f"model must be a path, bytes or a torch module, not {type(model).__name__}")
     if is_compiled_package(data):
         return data
-    load_torchscript(data, origin)
+    files = {name: "" for name in EXTRA_FILES}
+    module = load_torchscript(data, origin, files)
+    files = {k: (v.decode("utf-8") if isinstance(v, bytes) else str(v)) for k, v in files.items()}
+    try:
+        meta = json.loads(files["metadata.json"]) if files["metadata.json"] else {}
+    except json.JSONDecodeError:
+        meta = {}
+    if isinstance(meta, dict) and meta.get("format") == MODEL_FORMAT:
+        verify_checksum(module, meta, files, origin)
     return data
 
 
-def load_torchscript(data: bytes, origin: str = "the model bytes") -> torch.jit.ScriptModule:
-    """The TorchScript module in ``data``, in eval mode on the CPU (ValueError naming ``origin`` if it is not one)."""
+def load_torchscript(data: bytes, origin: str = "the model bytes",
+                     extra_files: dict | None = None) -> torch.jit.ScriptModule:
+    """The TorchScript module in ``data``, in eval mode on the CPU (ValueError naming ``origin`` if it is not one);
+    ``extra_files`` (name -> "") is filled with the archive's extra files, as ``torch.jit.load`` does."""
     try:
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra_files or {})
     except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{origin} is not a TorchScript module (corrupt or truncated file?): {first_line}") from error

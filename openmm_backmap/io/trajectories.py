@@ -38,9 +38,17 @@ def load_trajectory(
             if isinstance(top, (str, Path)):
                 top = md.load_topology(str(top))
             kwargs["top"] = top
+        if path.is_file() and path.stat().st_size == 0:
+            raise ValueError(f"the trajectory {path} is empty (0 bytes): it has no frames")
         try:
             traj = md.load(str(path), stride=stride, **kwargs)
         except (ValueError, OSError, IndexError) as err:
+            if "Could not open file" in str(err) and path.is_file():
+                n_top = f" (topology: {kwargs['top'].n_atoms} atoms)" if "top" in kwargs else ""
+                raise ValueError(
+                    f"the trajectory {path} ({path.stat().st_size} bytes) exists but cannot be read{n_top}: "
+                    f"it has no frames (a header only) or is truncated"
+                ) from err
             n_file = _file_atom_count(path)
             if n_file is not None and "top" in kwargs and n_file != kwargs["top"].n_atoms:
                 raise ValueError(
@@ -51,9 +59,11 @@ def load_trajectory(
     if topology is not None and not isinstance(topology, (str, Path)):
         n_top = as_mdtraj_topology(topology).n_atoms
         if traj.n_atoms != n_top:
-            raise ValueError(f"the trajectory has {traj.n_atoms} atoms but the topology has {n_top}")
+            where = "" if isinstance(trajectory, md.Trajectory) else f" {trajectory}"
+            raise ValueError(f"the trajectory{where} has {traj.n_atoms} atoms but the topology has {n_top}")
     if traj.n_frames == 0:
-        raise ValueError("the trajectory has no frames")
+        where = "" if isinstance(trajectory, md.Trajectory) else f" {trajectory}"
+        raise ValueError(f"the trajectory{where} has no frames" + (f" at stride {stride}" if stride > 1 else ""))
     bad = ~np.isfinite(traj.xyz).all(axis=(1, 2))
     if bad.any():
         raise ValueError(

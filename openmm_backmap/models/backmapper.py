@@ -20,7 +20,7 @@ No OpenMM here: the module scripts with ``torch.jit.script``.
 from __future__ import annotations
 
 from collections import deque
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -30,9 +30,12 @@ from openmm_backmap.flows.distributions import MixedBase
 from openmm_backmap.flows.internal import ICLayer
 from openmm_backmap.flows.transforms import CouplingFlow
 from openmm_backmap.geometry import (
+    COVALENT_BOND_RANGE_NM,
     InternalCoordinates,
     bond_graph,
+    bond_length_range,
     build_zmatrix,
+    check_length_scale,
     distances,
 )
 
@@ -152,12 +155,7 @@ class Backmapper(nn.Module):
             cg_bonds = mapping.cg_bonds()
         bonds = sorted((min(int(i), int(j)), max(int(i), int(j))) for i, j in bonds)
         cg_bonds = sorted((min(int(i), int(j)), max(int(i), int(j))) for i, j in cg_bonds)
-        groups = [set(int(i) for i in g) for g in mapping.groups]
-        seen: set[int] = set()
-        for g in groups:
-            if seen & g:
-                raise ValueError("CG groups overlap; a backmapper needs disjoint groups")
-            seen |= g
+        mapping.check_disjoint("a backmapper")
         self.spec = dict(
             constraints=[[int(i), int(j), float(d)] for i, j, d in (constraints or [])],
             temporal=bool(temporal),
@@ -207,10 +205,14 @@ class Backmapper(nn.Module):
 
     # ------------------------------------------------------------------ set-up
     @classmethod
-    def from_data(cls, mapping, x, **kwargs) -> "Backmapper":
+    def from_data(cls, mapping, x, **kwargs) -> Backmapper:
         """Build a backmapper whose standardisation and circular dihedrals are fitted on positions
         x (N, n_aa, 3) nm (a numpy array or tensor); keyword arguments as the constructor."""
         x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
+        bonds = [(a.index, b.index) for a, b in mapping.topology.bonds]
+        if bonds:
+            check_length_scale(bond_length_range(x.numpy(), bonds), COVALENT_BOND_RANGE_NM,
+                               "the training coordinates")
         probe = cls(mapping, **kwargs).double()
         probe.ic.fit(probe._to_pivot_frame(x, probe.project(x)))
         kwargs["circular"] = probe.ic.circular.tolist()

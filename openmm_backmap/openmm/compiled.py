@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -147,14 +148,21 @@ class CompiledModel:
         finally:
             os.unlink(path)
         self._loader = runner.loader
+        # The AOTInductor runner holds one set of input/output buffers: calls are serialised.
+        self._lock = threading.Lock()
         self.metadata = parse_compiled_metadata(runner.get_metadata(), origin)
         self.numParticles = int(self.metadata["num_particles"])
         self.periodic = bool(self.metadata["periodic"])
         self.globalParameters: list[str] = list(self.metadata["global_parameters"])
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The raw call: float64 tensors in the package's input order, its outputs."""
-        return self._loader.boxed_run(inputs)
+        """The raw call: float64 tensors in the package's input order, its outputs.
+
+        Thread-safe: concurrent calls (Contexts sharing one System, used from several threads)
+        take turns on the runner.
+        """
+        with self._lock:
+            return [t.clone() for t in self._loader.boxed_run(inputs)]
 
     def __call__(self, positions: Any, box: Any = None,
                  params: Sequence[float] = ()) -> tuple[float, np.ndarray, list[float]]:

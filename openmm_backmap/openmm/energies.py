@@ -18,6 +18,7 @@ are converted here and nowhere else: nm, kJ/mol, reduced energies u = U / kT.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,47 @@ def load_system(system: Any):
     if not isinstance(out, openmm.System):
         raise ValueError(f"the XML holds a {type(out).__name__}, not a System")
     return out
+
+
+MASS_TOLERANCE_DA = 0.5  # a particle's mass may differ this much from its element's (isotopes aside)
+
+
+def check_system_matches(system, elements: Sequence[str], what: str = "the AA System",
+                         against: str = "the topology") -> None:
+    """Refuse an AA System that is not the molecule of a topology with these element symbols.
+
+    The rule: the particle counts must be equal; each particle's mass must be within
+    ``MASS_TOLERANCE_DA`` (0.5 Da) of its element's standard mass, unless the System's total mass
+    equals the topology's (to 0.01 Da per particle), which is what hydrogen-mass repartitioning
+    keeps while moving mass from heavy atoms onto hydrogens.  Particles of unknown element (empty
+    symbol) are not compared.
+
+    Raises
+    ------
+    ValueError
+        Naming both counts, or the first particles whose masses do not fit, with their elements.
+    """
+    from openmm.app import element as elem
+
+    n = system.getNumParticles()
+    if n != len(elements):
+        raise ValueError(f"{what} has {n} particles but {against} has {len(elements)} atoms: "
+                         f"it is not the same molecule")
+    known = [(i, elem.Element.getBySymbol(sym).mass._value) for i, sym in enumerate(elements) if sym]
+    if not known:
+        return
+    masses = {i: system.getParticleMass(i)._value for i, _ in known}
+    total_system = sum(masses.values())
+    total_topology = sum(m for _, m in known)
+    if abs(total_system - total_topology) <= 0.01 * len(known):
+        return  # same total: standard masses or hydrogen-mass repartitioning
+    bad = [(i, masses[i], m) for i, m in known if abs(masses[i] - m) > MASS_TOLERANCE_DA]
+    if bad:
+        shown = ", ".join(f"particle {i} ({elements[i]}) {ms:.3f} Da vs {m:.3f}" for i, ms, m in bad[:3])
+        raise ValueError(f"{what} does not match the elements of {against}: {len(bad)} particle mass(es) differ "
+                         f"from their element's by more than {MASS_TOLERANCE_DA} Da ({shown}), and the total "
+                         f"masses differ ({total_system:.2f} vs {total_topology:.2f} Da): another molecule or "
+                         f"another atom order?")
 
 
 def constraints_from_system(system) -> list[tuple[int, int, float]]:

@@ -42,11 +42,13 @@ import numpy as np
 import openmm
 import torch
 
+from openmm_backmap.geometry import check_box_fits
 from openmm_backmap.io.model_files import (
     is_compiled_package,
     load_model_bytes,
     load_torchscript,
     read_compiled_metadata,
+    torchscript_metadata,
 )
 from openmm_backmap.openmm.compiled import CompiledModel
 from openmm_backmap.openmm.compiled import module_dtype as _module_dtype
@@ -127,8 +129,9 @@ class TorchComputation:
     """The callback of the ``"python"`` backend: energy and forces of a TorchScript module for a State.
 
     Picklable (it pickles the module bytes), so a System holding its PythonForce can be written
-    with ``XmlSerializer``.  The per-step path allocates the position buffer once and reads the
-    State's positions into it without units.
+    with ``XmlSerializer``.  Each call reads the State's positions without units into a buffer of
+    its own, so Contexts that share one System (and so this object) can be evaluated from several
+    threads at once.
     """
 
     def __init__(self, moduleBytes: bytes, periodic: bool, parameterNames: Sequence[str]):
@@ -138,7 +141,6 @@ class TorchComputation:
         self.moduleBytes = moduleBytes
         self.periodic = periodic
         self.parameterNames = parameterNames
-        self._buffer: np.ndarray | None = None
         self._fast_positions = hasattr(openmm.State, "_getVectorAsNumpy")
         self._load(moduleBytes)
 
@@ -154,11 +156,9 @@ class TorchComputation:
 
     def _positions(self, state: openmm.State) -> np.ndarray:
         if self._fast_positions:
-            n = state._getNumParticles()
-            if self._buffer is None or self._buffer.shape[0] != n:
-                self._buffer = np.empty((n, 3), dtype=np.float64)
-            state._getVectorAsNumpy(openmm.State.Positions, self._buffer)
-            return self._buffer
+            buffer = np.empty((state._getNumParticles(), 3), dtype=np.float64)
+            state._getVectorAsNumpy(openmm.State.Positions, buffer)
+            return buffer
         return state.getPositions(asNumpy=True).value_in_unit(openmm.unit.nanometer)
 
     def _inputs(self, state: openmm.State) -> list[torch.Tensor]:
@@ -193,7 +193,11 @@ class CompiledComputation(TorchComputation):
         self.dtype = torch.float64  # packages take and return float64
 
     def __call__(self, state: openmm.State) -> tuple[float, np.ndarray]:
-        outputs = self.model.run(self._inputs(state))
+        inputs = self._inputs(state)
+        if inputs[0].shape[0] != self.model.numParticles:
+            raise ValueError(f"the compiled model was built for {self.model.numParticles} particles, "
+                             f"but the System has {inputs[0].shape[0]}")
+        outputs = self.model.run(inputs)
         return float(outputs[0]), outputs[1].numpy()
 
 
@@ -298,8 +302,13 @@ def create_force(
                              "python backend for the compiled package")
         _check_compiled(data, None if numParticles is None else int(numParticles), usesPeriodicBoundaryConditions,
                         parameters)
-    elif numParticles is not None:
-        _check_model(load_torchscript(data), int(numParticles), usesPeriodicBoundaryConditions, parameters)
+    else:
+        if torchscript_metadata(data).get("kind") == "backmapper":
+            origin = str(model) if isinstance(model, (str, os.PathLike)) else "the model"
+            raise ValueError(f"{origin} is a backmapper, not a CG potential: a force needs a CG potential model "
+                             f"file (openmm-backmap train-cg) or a TorchScript energy")
+        if numParticles is not None:
+            _check_model(load_torchscript(data), int(numParticles), usesPeriodicBoundaryConditions, parameters)
 
     if chosen == "native":
         plugin = load_native_plugin()
@@ -323,6 +332,18 @@ def create_force(
     if name is not None:
         force.setName(name)
     return force
+
+
+def _model_cg_bond_range(model: Any) -> list[float] | None:
+    """The CG bond-length range (nm) a CG potential model file or its compiled package records, or None."""
+    if not isinstance(model, (str, os.PathLike, bytes, bytearray)):
+        return None
+    data = load_model_bytes(model)
+    if is_compiled_package(data):
+        meta = read_compiled_metadata(data).get("model_metadata") or {}
+    else:
+        meta = torchscript_metadata(data)
+    return meta.get("cg_bond_range_nm")
 
 
 def create_cg_system(
@@ -372,6 +393,9 @@ def create_cg_system(
         if box.shape != (3, 3):
             raise ValueError(f"boxVectors must be three 3-vectors (nm), got shape {box.shape}")
         system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*row) for row in box))
+        bond_range = _model_cg_bond_range(model)
+        if usesPeriodicBoundaryConditions and bond_range:
+            check_box_fits(box, bond_range[1], "the periodic box of the CG System")
     force = create_force(model, backend=backend, usesPeriodicBoundaryConditions=usesPeriodicBoundaryConditions,
                          globalParameters=globalParameters, energyParameterDerivatives=energyParameterDerivatives,
                          forceGroup=forceGroup, numParticles=len(masses) if checkModel else None)

@@ -29,7 +29,7 @@ from openmm_backmap.analysis.basins import BASINS, backbone_torsions, basin_indi
 from openmm_backmap.geometry import random_rotation, random_rotations
 from openmm_backmap.io.backmap_model import load_model
 from openmm_backmap.io.model_files import load_cg_potential, load_torchscript
-from openmm_backmap.openmm.energies import aa_energy, load_system
+from openmm_backmap.openmm.energies import aa_energy, check_system_matches, load_system
 from openmm_backmap.openmm.forces import create_cg_system
 from openmm_backmap.units import kT
 
@@ -569,8 +569,7 @@ def _load_inputs(model: Any, cg_model: str, start: str, aa_system: Any, temperat
     if system_src is None:
         raise ValueError("the hybrid sampler needs the AA System: the model file embeds none, pass --aa-system")
     system = load_system(system_src)
-    if system.getNumParticles() != bm.n_aa:
-        raise ValueError(f"the AA System has {system.getNumParticles()} particles but the model has {bm.n_aa} atoms")
+    check_system_matches(system, bm.metadata["elements"], "the AA System", f"the model {bm.path}")
     pdb = app.PDBFile(str(start))
     bm.check_topology(pdb.topology)
     x0 = np.asarray(pdb.getPositions(asNumpy=True).value_in_unit(unit.nanometer))

@@ -11,6 +11,14 @@ from dataclasses import dataclass
 __all__ = ["BackmapperTraining", "CGPotentialTraining"]
 
 
+def _require_counts(settings, names: tuple[str, ...]) -> None:
+    """ValueError naming each count setting below 1 (0 epochs would write an untrained model)."""
+    bad = [f"{n} = {getattr(settings, n)}" for n in names if int(getattr(settings, n)) < 1]
+    if bad:
+        raise ValueError(f"{type(settings).__name__}: these counts must be >= 1: {', '.join(bad)}")
+
+
+
 @dataclass(frozen=True)
 class BackmapperTraining:
     """Settings of :func:`~openmm_backmap.training.pipeline.train_from_files`.
@@ -50,6 +58,11 @@ class BackmapperTraining:
     energy_lr: float = 3e-4
     ml_weight: float = 0.3
 
+    def __post_init__(self) -> None:
+        _require_counts(self, ("stride", "hidden", "layers", "bins", "epochs", "batch_size"))
+        if self.energy_steps < 0:
+            raise ValueError(f"BackmapperTraining: energy_steps must be >= 0, got {self.energy_steps}")
+
 
 @dataclass(frozen=True)
 class CGPotentialTraining:
@@ -85,3 +98,6 @@ class CGPotentialTraining:
     lr: float = 2e-3
     time_limit: float | None = None
     allow_restrained: bool = False
+
+    def __post_init__(self) -> None:
+        _require_counts(self, ("stride", "hidden", "layers", "bins", "epochs", "batch_size"))

@@ -19,12 +19,13 @@ import mdtraj as md
 import numpy as np
 import torch
 
+from openmm_backmap.geometry import bond_length_range
 from openmm_backmap.io.checkpoints import make_cg_spec, make_spec, save_checkpoint
 from openmm_backmap.io.trajectories import load_trajectory
 from openmm_backmap.mapping import CGMapping
 from openmm_backmap.models.backmapper import Backmapper
 from openmm_backmap.models.cg_potential import CGFlowPotential
-from openmm_backmap.openmm.energies import aa_energy, constraints_from_system, load_system
+from openmm_backmap.openmm.energies import aa_energy, check_system_matches, constraints_from_system, load_system
 from openmm_backmap.io.trajectories import check_restraint_for_mapping, reference_restraint, require_unrestrained
 from openmm_backmap.training import backmapper as bm_training
 from openmm_backmap.training import cg_potential as cg_training
@@ -73,10 +74,8 @@ def aa_constraints(traj: md.Trajectory, aa_system: str | None) -> tuple[Any, str
     if aa_system is None:
         return None, None, detect_constraints(traj)
     system = load_system(aa_system)
-    if system.getNumParticles() != traj.n_atoms:
-        raise ValueError(
-            f"the AA System has {system.getNumParticles()} particles but the topology has {traj.n_atoms} atoms"
-        )
+    check_system_matches(system, [a.element.symbol if a.element is not None else "" for a in traj.topology.atoms],
+                         f"the AA System {aa_system}", "the topology")
     return system, Path(aa_system).read_text(), constraints_from_system(system)
 
 
@@ -153,7 +152,7 @@ def train_from_files(
     )
     model = Backmapper.from_data(cg_map, x[tr], constraints=constraints, temporal=s.temporal, hidden=s.hidden,
                                  n_layers=s.layers, n_bins=s.bins, seed=s.seed)
-    spec = make_spec(model, s.temperature, x[0], system_xml)
+    spec = make_spec(model, s.temperature, x[0], system_xml, cg_xyz=X[tr])
     log(f"model: {model.dim} internal DOF, {sum(p.numel() for p in model.parameters())} parameters")
     previous = (lambda idx: (_previous_index(idx, frames.first),)) if s.temporal else (lambda idx: ())
     ml = bm_training.train_ml(model, spec, (x[tr], X[tr], *previous(tr)), (x[va], X[va], *previous(va)),
@@ -216,12 +215,14 @@ def train_cg_from_files(
     # global generator as it stands (the CLI has always left it unseeded here)
     parts = [load_trajectory(path, topology, stride=s.stride) for path in files]
     cg_map = CGMapping.from_spec(mapping, parts[0].topology)
+    cg_map.check_disjoint("a CG potential (an atom in two beads ties their positions and makes the forces NaN)")
     # train / validation / test blocks of each file, pooled
     split = [make_pairs(part, cg_map, seed=s.seed) for part in parts]
     pairs = {name: np.concatenate([p[name].X for p in split]) for name in ("train", "val", "test")}
     model = CGFlowPotential.from_data(pairs["train"], cg_map.cg_bonds(), temperature=s.temperature,
                                       n_layers=s.layers, hidden=s.hidden, n_bins=s.bins, seed=s.seed)
     spec = make_cg_spec(model, cg_map, parts[0].xyz[0])
+    spec["cg_bond_range_nm"] = list(bond_length_range(pairs["train"], cg_map.cg_bonds()))
     restrained = [r["basin"] for r in map(reference_restraint, files) if r is not None]
     spec["data"] = {"trajectories": [str(p) for p in files], "restrained_basins": restrained,
                     "potential_of_mean_force": not restrained}

@@ -1,0 +1,460 @@
+"""Fault suite: each case is a misuse or a concurrency hazard, replayed, with the clear error or the
+correct result it must give.
+
+Kept fast: small analytic TorchScript energies, one small compiled package (about 15 s to build on
+two cores), and the shared tiny fixtures of ``conftest.py`` only where a real model file is needed.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import openmm
+import pytest
+import torch
+from _backmap_helpers import needs_compiler
+
+from openmm_backmap.openmm import forces
+from openmm_backmap.openmm.plugin import native_plugin_status
+
+N_BEADS = 6
+N_THREADS = 4
+N_CALLS = 100
+
+
+class PairEnergy(torch.nn.Module):
+    """E = sum_{i<j} (|x_i - x_j| - 0.3)^2 (kJ/mol, nm): every position enters every force."""
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        d = positions[:, None, :] - positions[None, :, :]
+        r = torch.sqrt(torch.sum(d * d, dim=-1) + 1e-12)
+        return 0.5 * torch.sum((r - 0.3) ** 2)
+
+
+def _positions(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(scale=0.5, size=(N_BEADS, 3))
+
+
+def _threaded_matches_serial(system: openmm.System) -> None:
+    """Four Contexts on one System: 4 threads x 100 getState calls equal the serial values exactly."""
+    platform = openmm.Platform.getPlatformByName("Reference")
+    contexts = [openmm.Context(system, openmm.VerletIntegrator(0.001), platform) for _ in range(N_THREADS)]
+    for i, context in enumerate(contexts):
+        context.setPositions(_positions(10 + i) * openmm.unit.nanometer)
+
+    def evaluate(context: openmm.Context) -> tuple[float, np.ndarray]:
+        state = context.getState(getEnergy=True, getForces=True)
+        return (state.getPotentialEnergy().value_in_unit(openmm.unit.kilojoule_per_mole),
+                state.getForces(asNumpy=True).value_in_unit(openmm.unit.kilojoule_per_mole / openmm.unit.nanometer))
+
+    serial = [evaluate(c) for c in contexts]
+    assert len({round(e, 9) for e, _ in serial}) == N_THREADS  # distinct configurations: a mix-up shows
+    results: list[list[tuple[float, np.ndarray]]] = [[] for _ in contexts]
+    barrier = threading.Barrier(N_THREADS)
+
+    def work(i: int) -> None:
+        barrier.wait()
+        for _ in range(N_CALLS):
+            results[i].append(evaluate(contexts[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(N_THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck (deadlock in the force callback)"
+    for i, (energy, force) in enumerate(serial):
+        assert len(results[i]) == N_CALLS
+        wrong = [k for k, (e, f) in enumerate(results[i]) if e != energy or not np.array_equal(f, force)]
+        assert not wrong, f"context {i}: {len(wrong)} of {N_CALLS} threaded calls differ from the serial value"
+
+
+def _threaded_backends() -> list[str]:
+    return ["python"] + (["native"] if native_plugin_status()[0] else [])
+
+
+@pytest.mark.parametrize("backend", _threaded_backends())
+def test_threads_share_torchscript_system(backend):
+    system = forces.create_cg_system(np.full(N_BEADS, 12.0), torch.jit.script(PairEnergy()), backend=backend)
+    _threaded_matches_serial(system)
+
+
+@pytest.fixture(scope="module")
+def pair_package(tmp_path_factory) -> Path:
+    from openmm_backmap.openmm.compiled import compile_model
+
+    path = tmp_path_factory.mktemp("faults") / "pair.pt2"
+    compile_model(PairEnergy(), N_BEADS, path)
+    return path
+
+
+@needs_compiler
+@pytest.mark.parametrize("backend", _threaded_backends())
+def test_threads_share_compiled_system(pair_package, backend):
+    system = forces.create_cg_system(np.full(N_BEADS, 12.0), str(pair_package), backend=backend)
+    _threaded_matches_serial(system)
+
+
+# ----------------------------------------------------------------------------- model files: kind and checksum
+@pytest.fixture(scope="module")
+def cg_file(tmp_path_factory) -> Path:
+    """A small CG flow potential over the six-bead ALA2 graph, fitted to a synthetic chain."""
+    from test_potentials import BRANCHED6, synthetic_chain
+
+    from openmm_backmap.geometry import bond_length_range
+    from openmm_backmap.io.checkpoints import make_cg_spec
+    from openmm_backmap.io.model_files import export_cg
+    from openmm_backmap.models.cg_potential import CGFlowPotential
+
+    X = synthetic_chain(200, BRANCHED6, seed=1)
+    model = CGFlowPotential.from_data(X, BRANCHED6, n_layers=2, hidden=8, n_bins=4, seed=2)
+    spec = make_cg_spec(model)
+    spec["masses"] = [12.0] * N_BEADS
+    spec["cg_bond_range_nm"] = list(bond_length_range(X, BRANCHED6))  # as train_cg_from_files records it
+    path = tmp_path_factory.mktemp("faults_cg") / "cg.pt"
+    export_cg(model, spec, path)
+    return path
+
+
+def _flip_weight_byte(source: Path, target: Path) -> None:
+    """Copy ``source`` with one byte flipped in the middle of its largest tensor record."""
+    import zipfile
+
+    data = bytearray(source.read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name_len, extra_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.file_size // 2 + 1] ^= 0x40  # a high mantissa/exponent bit of one weight
+    target.write_bytes(bytes(data))
+
+
+def test_cg_file_records_checksum_and_loads(cg_file):
+    from openmm_backmap.io.model_files import load_cg_potential, payload_checksum, read_model_file
+
+    module, meta, files = read_model_file(cg_file)
+    assert meta["checksum"]["sha256"] == payload_checksum(module, files)
+    load_cg_potential(cg_file)
+
+
+def test_flipped_byte_is_refused(cg_file, tmp_path):
+    from openmm_backmap.io.model_files import load_cg_potential, load_model_bytes
+
+    bad = tmp_path / "flipped.pt"
+    _flip_weight_byte(cg_file, bad)
+    with pytest.raises(ValueError, match="corrupt.*SHA-256"):
+        load_cg_potential(bad)
+    with pytest.raises(ValueError, match="corrupt.*SHA-256"):
+        load_model_bytes(bad)
+    with pytest.raises(ValueError, match="corrupt.*SHA-256"):
+        forces.create_cg_system(np.full(N_BEADS, 12.0), str(bad), backend="python")
+
+
+def test_file_without_checksum_still_loads(cg_file, tmp_path):
+    """A file written before checksums existed (its metadata has none) loads without a check."""
+    import json
+
+    from openmm_backmap.io.model_files import EXTRA_FILES, load_cg_potential
+
+    files = {name: "" for name in EXTRA_FILES}
+    module = torch.jit.load(str(cg_file), _extra_files=files)
+    meta = json.loads(files["metadata.json"])
+    del meta["checksum"]
+    old = tmp_path / "old.pt"
+    torch.jit.save(module, str(old), _extra_files={"metadata.json": json.dumps(meta),
+                                                    "cg_topology.pdb": files["cg_topology.pdb"]})
+    _, loaded = load_cg_potential(old)
+    assert "checksum" not in loaded
+
+
+def test_cg_potential_given_as_backmapper_names_its_kind(cg_file):
+    from openmm_backmap.io.backmap_model import load_model
+
+    with pytest.raises(ValueError, match=r"cg\.pt is a CG-potential, not a backmapper"):
+        load_model(cg_file, device="cpu")
+
+
+def test_backmapper_given_as_force_names_its_kind(tiny_ala2):
+    with pytest.raises(ValueError, match=r"model\.pt is a backmapper, not a CG potential"):
+        forces.create_force(str(tiny_ala2["model"]), backend="python")
+
+
+def test_backmapper_file_records_checksum(tiny_ala2):
+    from openmm_backmap.io.model_files import payload_checksum, read_model_file
+
+    module, meta, files = read_model_file(tiny_ala2["model"])
+    assert meta["checksum"]["sha256"] == payload_checksum(module, files)
+    assert files["system.xml"]  # the embedded System is part of the checksummed payload
+
+
+@needs_compiler
+def test_package_given_as_model_file_says_what_it_is(pair_package):
+    from openmm_backmap.io.backmap_model import load_model
+
+    with pytest.raises(ValueError, match=r"pair\.pt2 is a compiled force package"):
+        load_model(pair_package, device="cpu")
+
+
+# ----------------------------------------------------------------------------- command line: counts and outputs
+@pytest.mark.parametrize("argv", [
+    ["train-cg", "--topology", "t.pdb", "--trajectory", "t.dcd", "--mapping", "m.json", "--out", "o.ckpt",
+     "--epochs", "0"],
+    ["train", "--topology", "t.pdb", "--trajectory", "t.dcd", "--mapping", "m.json", "--out", "o.ckpt",
+     "--epochs", "-3"],
+    ["train", "--topology", "t.pdb", "--trajectory", "t.dcd", "--mapping", "m.json", "--out", "o.ckpt",
+     "--batch-size", "0"],
+    ["train-cg", "--topology", "t.pdb", "--trajectory", "t.dcd", "--mapping", "m.json", "--out", "o.ckpt",
+     "--stride", "0"],
+    ["backmap", "--model", "m.pt", "--cg", "c.dcd", "--cg-topology", "c.pdb", "--out", "o.dcd", "--samples", "0"],
+    ["backmap", "--model", "m.pt", "--cg", "c.dcd", "--cg-topology", "c.pdb", "--out", "o.dcd", "--batch-size", "0"],
+    ["evaluate", "--model", "m.pt", "--reference", "r.dcd", "--topology", "t.pdb", "--out", "r", "--frames", "0"],
+])
+def test_counts_below_one_are_refused(argv, capsys):
+    from openmm_backmap.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+def _backmap_argv(tmp_path: Path, out: str, *extra: str) -> list[str]:
+    for name in ("m.pt", "c.dcd", "c.pdb"):
+        (tmp_path / name).write_text("")
+    return ["backmap", "--model", str(tmp_path / "m.pt"), "--cg", str(tmp_path / "c.dcd"),
+            "--cg-topology", str(tmp_path / "c.pdb"), "--out", out, *extra]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("input", "also the command's --cg: writing it would destroy the input"),
+    ("exists", "exists; pass --overwrite"),
+    ("format", "unsupported format .txt"),
+    ("folder", "does not exist"),
+])
+def test_backmap_outputs_checked_before_work(tmp_path, capsys, case, message):
+    """The input files are empty: any computation would fail with another message."""
+    from openmm_backmap.cli import main
+
+    out = {"input": tmp_path / "c.dcd", "exists": tmp_path / "old.dcd", "format": tmp_path / "o.txt",
+           "folder": tmp_path / "missing" / "o.dcd"}[case]
+    (tmp_path / "old.dcd").write_text("keep")
+    assert main(_backmap_argv(tmp_path, str(out))) == 2
+    assert message in capsys.readouterr().err
+    assert (tmp_path / "old.dcd").read_text() == "keep"
+
+
+def test_overwrite_lets_an_existing_output_through(tmp_path, capsys):
+    """With --overwrite the existing file passes the output check and the command reaches its inputs."""
+    from openmm_backmap.cli import main
+
+    (tmp_path / "old.dcd").write_text("keep")
+    assert main(_backmap_argv(tmp_path, str(tmp_path / "old.dcd"), "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert "exists" not in err and "m.pt" in err  # the (empty) model file is what fails now
+
+
+def test_train_out_equal_to_input_is_refused(tmp_path, capsys):
+    from openmm_backmap.cli import main
+
+    traj = tmp_path / "t.dcd"
+    traj.write_text("")
+    assert main(["train-cg", "--topology", "t.pdb", "--trajectory", str(traj), "--mapping", "m.json",
+                 "--out", str(traj), "--overwrite"]) == 2
+    assert "also the command's --trajectory" in capsys.readouterr().err
+    assert traj.exists()
+
+
+def test_compile_output_must_be_pt2(tmp_path, capsys):
+    from openmm_backmap.cli import main
+
+    assert main(["compile", str(tmp_path / "cg.pt"), "-o", str(tmp_path / "cg.pt")]) == 2
+    assert "also the command's model" in capsys.readouterr().err
+    assert main(["compile", str(tmp_path / "cg.pt"), "-o", str(tmp_path / "cg.so")]) == 2
+    assert "unsupported format .so" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- coordinates in Angstrom
+def test_backmapper_records_cg_bond_range(tiny_ala2):
+    from openmm_backmap.geometry import bond_length_range
+    from openmm_backmap.io.backmap_model import load_model
+
+    model = load_model(tiny_ala2["model"], device="cpu")
+    X0 = tiny_ala2["mapping"].project(tiny_ala2["traj"].xyz[:1].astype(np.float64))
+    lo, hi = model.metadata["cg_bond_range_nm"]
+    assert (lo, hi) == pytest.approx(bond_length_range(X0, model.metadata["cg_bonds"]))
+    assert 0.1 < lo <= hi < 0.5  # CG bonds of ALA2 in nm
+
+
+def test_angstrom_cg_input_is_refused(tiny_ala2):
+    from openmm_backmap.io.backmap_model import load_model
+
+    model = load_model(tiny_ala2["model"], device="cpu")
+    X = tiny_ala2["mapping"].project(tiny_ala2["traj"].xyz[:4].astype(np.float64))
+    aa, _ = model.sample(X, 1, seed=0)  # nm passes
+    assert aa.shape == (4, model.n_aa, 3)
+    with pytest.raises(ValueError, match="look like Angstrom"):
+        model.sample(10.0 * X, 1, seed=0)
+
+
+def test_angstrom_training_data_is_refused(tiny_ala2):
+    from openmm_backmap.models.backmapper import Backmapper
+
+    x = tiny_ala2["traj"].xyz[:20].astype(np.float64)
+    with pytest.raises(ValueError, match="training coordinates.*look like Angstrom"):
+        Backmapper.from_data(tiny_ala2["mapping"], 10.0 * x, n_layers=1, hidden=8, n_hidden=1)
+
+
+# ----------------------------------------------------------------------------- AA System against the topology
+def _elements(tiny_ala2) -> list[str]:
+    return [a.element.symbol for a in tiny_ala2["traj"].topology.atoms]
+
+
+def test_system_of_another_molecule_same_count_is_refused(tiny_ala2):
+    """Same particle count, masses permuted (another molecule or atom order): refused, naming particles."""
+    from openmm_backmap.openmm.energies import check_system_matches, load_system
+
+    system = load_system(tiny_ala2["system_xml"])
+    check_system_matches(system, _elements(tiny_ala2))  # its own topology passes
+    masses = [system.getParticleMass(i) for i in range(system.getNumParticles())]
+    heavy = next(i for i, m in enumerate(masses) if m._value > 10)
+    system.setParticleMass(heavy, masses[heavy] + 20.0 * openmm.unit.dalton)  # e.g. a C where a Cl was
+    with pytest.raises(ValueError, match=r"particle .* differ from their element's by more than 0.5 Da"):
+        check_system_matches(system, _elements(tiny_ala2))
+
+
+def test_particle_count_mismatch_names_both_counts(tiny_ala2):
+    from openmm_backmap.openmm.energies import check_system_matches, load_system
+
+    system = load_system(tiny_ala2["system_xml"])
+    system.addParticle(1.0)
+    n = system.getNumParticles()
+    with pytest.raises(ValueError, match=rf"has {n} particles but the topology has {n - 1} atoms"):
+        check_system_matches(system, _elements(tiny_ala2))
+
+
+def test_hydrogen_mass_repartitioning_is_accepted(tiny_ala2):
+    """HMR moves 2 Da from each heavy atom onto its hydrogen: masses differ, the total does not."""
+    from openmm_backmap.openmm.energies import check_system_matches, load_system
+
+    system = load_system(tiny_ala2["system_xml"])
+    for a, b in tiny_ala2["traj"].topology.bonds:
+        h, heavy = (a, b) if a.element.symbol == "H" else (b, a)
+        if h.element.symbol == "H" and heavy.element.symbol != "H":
+            system.setParticleMass(h.index, system.getParticleMass(h.index) + 2.0 * openmm.unit.dalton)
+            system.setParticleMass(heavy.index, system.getParticleMass(heavy.index) - 2.0 * openmm.unit.dalton)
+    check_system_matches(system, _elements(tiny_ala2))
+
+
+def test_train_refuses_system_of_another_molecule(tiny_ala2, tmp_path):
+    from openmm_backmap.openmm.energies import load_system
+    from openmm_backmap.training.pipeline import aa_constraints
+
+    system = load_system(tiny_ala2["system_xml"])
+    system.setParticleMass(0, 80.0)
+    path = tmp_path / "other.xml"
+    path.write_text(openmm.XmlSerializer.serialize(system))
+    with pytest.raises(ValueError, match=r"other\.xml does not match the elements of the topology"):
+        aa_constraints(tiny_ala2["traj"], str(path))
+
+
+# ----------------------------------------------------------------------------- overlapping groups, empty trajectories
+def _overlapping_mapping(tiny_ala2):
+    from openmm_backmap.mapping import CGMapping
+
+    m = tiny_ala2["mapping"]
+    groups = [list(map(int, g)) for g in m.groups]
+    groups[1] = groups[1] + [groups[0][0]]  # the first atom of bead 0 also in bead 1
+    return CGMapping(m.topology, groups, names=list(m.names)), groups[0][0]
+
+
+def test_train_cg_refuses_overlapping_groups(tiny_ala2, tmp_path):
+    from openmm_backmap.training.config import CGPotentialTraining
+    from openmm_backmap.training.pipeline import train_cg_from_files
+
+    mapping, atom = _overlapping_mapping(tiny_ala2)
+    mapping.to_json(tmp_path / "overlap.json")
+    paths = tiny_ala2["paths"]
+    with pytest.raises(ValueError, match=rf"atom {atom} is in bead 0 .* and bead 1 .*a CG potential"):
+        train_cg_from_files(paths["pdb"], paths["dcd"], str(tmp_path / "overlap.json"), tmp_path / "cg.ckpt",
+                            CGPotentialTraining(epochs=1), progress=False, log=lambda _: None)
+    assert not (tmp_path / "cg.ckpt").exists()
+
+
+def test_backmapper_refuses_overlapping_groups(tiny_ala2):
+    from openmm_backmap.models.backmapper import Backmapper
+
+    mapping, atom = _overlapping_mapping(tiny_ala2)
+    with pytest.raises(ValueError, match=rf"atom {atom} is in bead 0 .*a backmapper needs disjoint groups"):
+        Backmapper(mapping)
+
+
+def test_empty_and_header_only_trajectories_are_named(tiny_ala2, tmp_path):
+    import mdtraj as md
+
+    from openmm_backmap.io.trajectories import load_trajectory
+
+    pdb = tiny_ala2["paths"]["pdb"]
+    empty = tmp_path / "empty.dcd"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.dcd is empty \(0 bytes\): it has no frames"):
+        load_trajectory(empty, pdb)
+    one = tmp_path / "one.dcd"
+    n = tiny_ala2["traj"].n_atoms
+    with md.formats.DCDTrajectoryFile(str(one), "w") as fh:
+        fh.write(tiny_ala2["traj"].xyz[:1] * 10.0)
+    header = tmp_path / "header.dcd"
+    header.write_bytes(one.read_bytes()[: -(n * 3 * 4 + 3 * 8)])  # the frame's three coordinate records cut off
+    with pytest.raises(ValueError, match=rf"header\.dcd .* cannot be read \(topology: {n} atoms\): it has no frames"):
+        load_trajectory(header, pdb)
+
+
+# ----------------------------------------------------------------------------- periodic box against CG bonds
+def test_box_smaller_than_twice_longest_bond_is_refused(cg_file):
+    from openmm_backmap.geometry import check_box_fits
+    from openmm_backmap.io.model_files import read_model_file
+
+    longest = read_model_file(cg_file)[1]["cg_bond_range_nm"][1]
+    small = np.eye(3) * 1.5 * longest
+    with pytest.raises(ValueError, match="less than twice the longest CG bond"):
+        forces.create_cg_system(np.full(N_BEADS, 12.0), str(cg_file), backend="python",
+                                usesPeriodicBoundaryConditions=True, boxVectors=small)
+    check_box_fits(np.eye(3) * 2.01 * longest, longest)  # wide enough passes
+    with pytest.raises(ValueError, match="narrowest"):
+        check_box_fits(np.diag([5.0, 5.0, 1.9 * longest]), longest)
+
+
+# ----------------------------------------------------------------------------- counts in the library, sizes at run time
+@pytest.mark.parametrize("kind, field", [("BackmapperTraining", "epochs"), ("BackmapperTraining", "batch_size"),
+                                         ("CGPotentialTraining", "epochs"), ("CGPotentialTraining", "stride")])
+def test_training_settings_refuse_counts_below_one(kind, field):
+    from openmm_backmap.training import config
+
+    with pytest.raises(ValueError, match=rf"{field} = 0"):
+        getattr(config, kind)(**{field: 0})
+    with pytest.raises(ValueError, match=rf"{field} = -2"):
+        getattr(config, kind)(**{field: -2})
+
+
+def test_backmap_batch_size_zero_is_a_clear_error(tmp_path):
+    from openmm_backmap.backmap import backmap_trajectory
+
+    with pytest.raises(ValueError, match="batch_size=0"):
+        backmap_trajectory(tmp_path / "m.pt", tmp_path / "c.dcd", tmp_path / "c.pdb", tmp_path / "o.dcd",
+                           batch_size=0)
+
+
+@needs_compiler
+def test_package_in_system_of_another_size_names_both_counts(pair_package):
+    with pytest.raises(ValueError, match=rf"built for {N_BEADS} particles, but the System has 4"):
+        forces.create_cg_system(np.full(4, 12.0), str(pair_package), backend="python")
+    system = openmm.System()
+    for _ in range(4):
+        system.addParticle(12.0)
+    system.addForce(forces.create_force(str(pair_package), backend="python"))  # no count given: found at run time
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(_positions(0)[:4] * openmm.unit.nanometer)
+    with pytest.raises(Exception, match=rf"built for {N_BEADS} particles, but the System has 4"):
+        context.getState(getEnergy=True)
