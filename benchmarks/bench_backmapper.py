@@ -80,8 +80,10 @@ def main(argv=None) -> int:
         f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
         f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}"
     )
-    print("| system | atoms | beads | DOF | params | batch | mode | sample/s wall | sample/s CPU "
-          "| log_prob/s wall | log_prob/s CPU |")
+    print(
+        "| system | atoms | beads | DOF | params | batch | mode | sample/s wall | sample/s CPU "
+        "| log_prob/s wall | log_prob/s CPU |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.systems.split(","):
         model, x = build(name, args.hidden, args.layers)

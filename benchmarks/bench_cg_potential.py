@@ -76,15 +76,35 @@ def train_model(mapping, pairs, reference_xyz, out: Path, epochs: int, seed: int
 
     model = CGFlowPotential.from_data(pairs["train"].X, mapping.cg_bonds(), seed=seed, **arch)
     spec = make_cg_spec(model, mapping, reference_xyz)
-    summary = train_cg(model, spec, pairs["train"].X, pairs["val"].X, epochs=epochs, seed=seed,
-                       checkpoint=out / "cg.ckpt", progress=progress)
+    summary = train_cg(
+        model,
+        spec,
+        pairs["train"].X,
+        pairs["val"].X,
+        epochs=epochs,
+        seed=seed,
+        checkpoint=out / "cg.ckpt",
+        progress=progress,
+    )
     export_cg(model, spec, out / "cg.pt")
     return summary
 
 
-def simulate(model_path: Path, masses, X0: np.ndarray, steps: int, timestep_fs: float, friction: float,
-             temperature: float, backend: str, platform_name: str, every: int, seed: int,
-             progress: bool = False, partial: Path | None = None) -> dict:
+def simulate(
+    model_path: Path,
+    masses,
+    X0: np.ndarray,
+    steps: int,
+    timestep_fs: float,
+    friction: float,
+    temperature: float,
+    backend: str,
+    platform_name: str,
+    every: int,
+    seed: int,
+    progress: bool = False,
+    partial: Path | None = None,
+) -> dict:
     """Langevin dynamics of the CG System; positions every ``every`` steps (written to ``partial``
     at every progress line when given)."""
     import openmm
@@ -93,8 +113,9 @@ def simulate(model_path: Path, masses, X0: np.ndarray, steps: int, timestep_fs: 
     from openmm_backmap.openmm.forces import create_cg_system
 
     system = create_cg_system(masses, str(model_path), backend=backend)
-    integrator = openmm.LangevinMiddleIntegrator(temperature * u.kelvin, friction / u.picosecond,
-                                                 timestep_fs * u.femtosecond)
+    integrator = openmm.LangevinMiddleIntegrator(
+        temperature * u.kelvin, friction / u.picosecond, timestep_fs * u.femtosecond
+    )
     integrator.setRandomNumberSeed(seed)
     context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName(platform_name))
     context.setPositions(X0)
@@ -110,8 +131,9 @@ def simulate(model_path: Path, masses, X0: np.ndarray, steps: int, timestep_fs: 
         if progress and (chunk + 1) % max(1, n_chunks // 20) == 0:
             done = (chunk + 1) * every
             rate = (time.perf_counter() - t0) / done * 1e6
-            print(f"  step {done}/{steps}: {rate:.0f} us/step, U = {energies[-1]:.1f} kJ/mol", file=sys.stderr,
-                  flush=True)
+            print(
+                f"  step {done}/{steps}: {rate:.0f} us/step, U = {energies[-1]:.1f} kJ/mol", file=sys.stderr, flush=True
+            )
             if partial is not None:
                 np.save(partial, np.asarray(frames, dtype=np.float32))
     wall = time.perf_counter() - t0
@@ -157,9 +179,19 @@ def main(argv=None) -> int:
     result: dict = {"reference": str(args.reference), "n_reference_frames": len(X_ref)}
     model_path = args.model
     if model_path is None:
-        summary = train_model(mapping, pairs, xyz0, args.out, args.epochs, args.seed, not args.no_progress,
-                              n_layers=args.layers, hidden=args.hidden, n_bins=args.bins,
-                              temperature=args.temperature)
+        summary = train_model(
+            mapping,
+            pairs,
+            xyz0,
+            args.out,
+            args.epochs,
+            args.seed,
+            not args.no_progress,
+            n_layers=args.layers,
+            hidden=args.hidden,
+            n_bins=args.bins,
+            temperature=args.temperature,
+        )
         result["training"] = {k: v for k, v in summary.items() if k != "history"}
         model_path = args.out / "cg.pt"
     from openmm_backmap.io.model_files import load_cg_potential
@@ -171,9 +203,21 @@ def main(argv=None) -> int:
         Xs, _ = module.sample(args.flow_samples)
     result["js_flow_samples"] = phi_psi_js(Xs.double().numpy(), X_ref)
     X0 = pairs["test"].X[0]
-    run = simulate(model_path, meta["masses"], X0, args.steps, args.timestep_fs, args.friction, args.temperature,
-                   args.backend, args.platform, args.every, args.seed, progress=not args.no_progress,
-                   partial=args.out / "cg_run_positions_partial.npy")
+    run = simulate(
+        model_path,
+        meta["masses"],
+        X0,
+        args.steps,
+        args.timestep_fs,
+        args.friction,
+        args.temperature,
+        args.backend,
+        args.platform,
+        args.every,
+        args.seed,
+        progress=not args.no_progress,
+        partial=args.out / "cg_run_positions_partial.npy",
+    )
     X_run = run.pop("X")
     run.pop("energies")
     result.update({f"md_{k}": v for k, v in run.items()})

@@ -79,7 +79,8 @@ def bench(name: str, batch: int, repeats: int, clock) -> tuple[int, int, dict[st
     for platform_name in ("Reference", "CPU"):
         loop = OpenMMBridgeEnergy(system, platform=platform_name)
         rates[f"OpenMM {platform_name} Context loop, energies + forces"] = _rate(
-            lambda: loop.evaluate(x), batch, max(1, repeats // 2), clock)
+            lambda: loop.evaluate(x), batch, max(1, repeats // 2), clock
+        )
     return topology.getNumAtoms(), topology.getNumResidues(), rates
 
 

@@ -60,8 +60,10 @@ class PairMLP(torch.nn.Module):
         self.register_buffer("i", pairs[0])
         self.register_buffer("j", pairs[1])
         self.net = torch.nn.Sequential(
-            torch.nn.Linear(pairs.shape[1], hidden), torch.nn.SiLU(),
-            torch.nn.Linear(hidden, hidden), torch.nn.SiLU(),
+            torch.nn.Linear(pairs.shape[1], hidden),
+            torch.nn.SiLU(),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.SiLU(),
             torch.nn.Linear(hidden, 1),
         )
 
@@ -92,8 +94,15 @@ def build_system(masses: np.ndarray, bond: float | None, force: openmm.Force | N
     return system
 
 
-def time_steps(system: openmm.System, platform: str, positions: np.ndarray, steps: int,
-               repeats: int, timestep_ps: float = TIMESTEP_PS, friction: float = 1.0) -> tuple[float, float]:
+def time_steps(
+    system: openmm.System,
+    platform: str,
+    positions: np.ndarray,
+    steps: int,
+    repeats: int,
+    timestep_ps: float = TIMESTEP_PS,
+    friction: float = 1.0,
+) -> tuple[float, float]:
     """Best (least disturbed) of ``repeats`` timings: wall and process-CPU microseconds per step.
 
     CPU time counts every thread of this process (OpenMM's and torch's), so it is less sensitive
@@ -127,12 +136,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="stand-in model dtype")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time the model compiled into a .pt2 force package (native and python backends)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the model compiled into a .pt2 force package (native and python backends)",
+    )
     parser.add_argument("--timestep-fs", type=float, default=TIMESTEP_PS * 1000, help="default 2")
     parser.add_argument("--friction", type=float, default=1.0, help="Langevin friction, 1/ps (default 1)")
-    parser.add_argument("--torchscript-steps", type=int, default=None,
-                        help="steps for the rows of the TorchScript model (default --steps)")
+    parser.add_argument(
+        "--torchscript-steps",
+        type=int,
+        default=None,
+        help="steps for the rows of the TorchScript model (default --steps)",
+    )
     parser.add_argument("--start", help="all-atom PDB whose CG projection starts the runs (needs --mapping)")
     parser.add_argument("--mapping", help="groups JSON of the CG model (with --start)")
     args = parser.parse_args(argv)
@@ -143,12 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.torch_threads)
     backends = args.backends or forces.available_backends()
     dtype = getattr(torch, args.dtype)
-    print(f"# host: {host.processor() or host.machine()}, {os.cpu_count()} cores; torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), OpenMM {openmm.__version__}; native plugin: "
-          f"{native_plugin_status()[1]}")
+    print(
+        f"# host: {host.processor() or host.machine()}, {os.cpu_count()} cores; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), OpenMM {openmm.__version__}; native plugin: "
+        f"{native_plugin_status()[1]}"
+    )
     timestep = args.timestep_fs / 1000.0
-    print(f"# {args.steps} LangevinMiddle steps of {args.timestep_fs:g} fs, friction {args.friction:g}/ps, "
-          f"best of {args.repeats}")
+    print(
+        f"# {args.steps} LangevinMiddle steps of {args.timestep_fs:g} fs, friction {args.friction:g}/ps, "
+        f"best of {args.repeats}"
+    )
     print("| system | model | platform | backend | us/step (wall) | CPU us/step | ns/day | force overhead us/step |")
     print("|---|---|---|---|---:|---:|---:|---:|")
     for name in args.systems:
@@ -174,14 +194,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.compile:
             path = Path(tempfile.mkdtemp(prefix="bench-forces-")) / f"{name}.pt2"
             meta = compile_model(data, n, path, positions=positions)
-            print(f"# {name}: compiled in {meta['compile_seconds']:.0f} s, max relative deviation from the "
-                  f"TorchScript model {meta['max_deviation']:.1e}")
+            print(
+                f"# {name}: compiled in {meta['compile_seconds']:.0f} s, max relative deviation from the "
+                f"TorchScript model {meta['max_deviation']:.1e}"
+            )
             models.append((path.read_bytes(), f"{label} compiled", [b for b in backends if b != "openmm-torch"]))
         for platform in args.platforms:
-            base, base_cpu = time_steps(build_system(masses, bond, None), platform, positions, args.steps,
-                                        args.repeats, timestep, args.friction)
-            print(f"| {name} ({n} beads) | bonds only | {platform} | - | {base:.1f} | {base_cpu:.1f} | "
-                  f"{86400 / (base * 1e-6) * timestep / 1000:.0f} | - |")
+            base, base_cpu = time_steps(
+                build_system(masses, bond, None), platform, positions, args.steps, args.repeats, timestep, args.friction
+            )
+            print(
+                f"| {name} ({n} beads) | bonds only | {platform} | - | {base:.1f} | {base_cpu:.1f} | "
+                f"{86400 / (base * 1e-6) * timestep / 1000:.0f} | - |"
+            )
             for model_data, model_label, model_backends in models:
                 for backend in model_backends:
                     force = forces.create_force(model_data, backend=backend, numParticles=n)
@@ -189,10 +214,20 @@ def main(argv: list[str] | None = None) -> int:
                     if args.torchscript_steps and model_data is data:
                         steps = args.torchscript_steps
                     steps = steps if backend != "python" else max(200, steps // 4)
-                    us, cpu = time_steps(build_system(masses, bond, force), platform, positions, steps, args.repeats,
-                                         timestep, args.friction)
-                    print(f"| {name} ({n} beads) | {model_label} | {platform} | {backend} | {us:.1f} | {cpu:.1f} | "
-                          f"{86400 / (us * 1e-6) * timestep / 1000:.0f} | {us - base:.1f} |", flush=True)
+                    us, cpu = time_steps(
+                        build_system(masses, bond, force),
+                        platform,
+                        positions,
+                        steps,
+                        args.repeats,
+                        timestep,
+                        args.friction,
+                    )
+                    print(
+                        f"| {name} ({n} beads) | {model_label} | {platform} | {backend} | {us:.1f} | {cpu:.1f} | "
+                        f"{86400 / (us * 1e-6) * timestep / 1000:.0f} | {us - base:.1f} |",
+                        flush=True,
+                    )
     return 0
 
 

@@ -49,8 +49,11 @@ def inefficiency(series: np.ndarray) -> float:
 
 def observables(traj: md.Trajectory) -> dict[str, np.ndarray]:
     phi, psi = backbone_dihedrals(traj)
-    return {"C7eq": basin_indicators(phi[:, 0], psi[:, 0])["C7eq"].astype(float),
-            "cos_phi": np.cos(np.radians(phi[:, 0])), "cos_psi": np.cos(np.radians(psi[:, 0]))}
+    return {
+        "C7eq": basin_indicators(phi[:, 0], psi[:, 0])["C7eq"].astype(float),
+        "cos_phi": np.cos(np.radians(phi[:, 0])),
+        "cos_psi": np.cos(np.radians(psi[:, 0])),
+    }
 
 
 def plain_md(system, pdb, seconds: float, out: Path) -> tuple[md.Trajectory, float]:
@@ -74,18 +77,31 @@ def batched_hybrid(model, cg_model: str, system, pdb, chains: int, langevin_step
     top = md.Topology.from_openmm(pdb.topology)
     torsions = np.asarray(backbone_torsions(pdb.topology))[:2]
     start = time.process_time()
-    sampler = BatchedHybridSampler(model, cg_module, model.mapping, aa_energy(system), x0, chains, 300.0,
-                                   langevin_steps=langevin_steps, system=system, seed=4)
+    sampler = BatchedHybridSampler(
+        model,
+        cg_module,
+        model.mapping,
+        aa_energy(system),
+        x0,
+        chains,
+        300.0,
+        langevin_steps=langevin_steps,
+        system=system,
+        seed=4,
+    )
     angles = []
     while time.process_time() - start < seconds:
         sampler.step()
         angles.append(md.compute_dihedrals(md.Trajectory(sampler.x.astype(np.float32), top), torsions))
     cpu = time.process_time() - start
     ang = np.degrees(np.stack(angles, 1))  # (chains, iterations, 2)
-    ang = ang[:, len(angles) // 10:]
+    ang = ang[:, len(angles) // 10 :]
     phi, psi = ang[..., 0], ang[..., 1]
-    obs = {"C7eq": basin_indicators(phi, psi)["C7eq"].astype(float), "cos_phi": np.cos(np.radians(phi)),
-           "cos_psi": np.cos(np.radians(psi))}
+    obs = {
+        "C7eq": basin_indicators(phi, psi)["C7eq"].astype(float),
+        "cos_phi": np.cos(np.radians(phi)),
+        "cos_psi": np.cos(np.radians(psi)),
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         from pymbar import timeseries
     row = {"samples": int(phi.size), "cpu_s": cpu, "iterations": len(angles), "acceptance": sampler.acceptance_rate}
@@ -114,13 +130,23 @@ def main() -> None:
     md_traj, md_cpu = plain_md(system, pdb, args.seconds, out)
     # calibrate the hybrid's iterations to the same CPU budget with a short run
     start = time.process_time()
-    run_hybrid(model, args.cg_model, args.start, out / "probe",
-               HybridRun(20, langevin_steps=args.langevin_steps, seed=2, progress=False))
+    run_hybrid(
+        model,
+        args.cg_model,
+        args.start,
+        out / "probe",
+        HybridRun(20, langevin_steps=args.langevin_steps, seed=2, progress=False),
+    )
     per_iter = (time.process_time() - start) / 20
     n_iter = max(100, int(args.seconds / per_iter))
     start = time.process_time()
-    summary = run_hybrid(model, args.cg_model, args.start, out / "hybrid",
-                         HybridRun(n_iter, langevin_steps=args.langevin_steps, seed=3, progress=False))
+    summary = run_hybrid(
+        model,
+        args.cg_model,
+        args.start,
+        out / "hybrid",
+        HybridRun(n_iter, langevin_steps=args.langevin_steps, seed=3, progress=False),
+    )
     hy_cpu = time.process_time() - start
     hy_traj = md.load(str(out / "hybrid" / "trajectory.dcd"), top=md.Topology.from_openmm(pdb.topology))
 
@@ -132,12 +158,17 @@ def main() -> None:
             g = inefficiency(series)
             rows[name][key] = {"mean": float(series.mean()), "g": g, "eff_per_cpu_s": traj.n_frames / g / cpu}
     batched = f"hybrid x{args.chains}"
-    rows[batched] = batched_hybrid(model, args.cg_model, system, pdb, args.chains, args.batched_langevin_steps,
-                                   args.seconds)
-    print(f"# hybrid: {n_iter} iterations of {args.langevin_steps} AA steps + 1 resolution move, "
-          f"acceptance {summary['acceptance_rate']:.3f}")
-    print(f"# {batched}: {rows[batched]['iterations']} iterations of {args.batched_langevin_steps} AA steps + 1 "
-          f"resolution move per chain, acceptance {rows[batched]['acceptance']:.3f}")
+    rows[batched] = batched_hybrid(
+        model, args.cg_model, system, pdb, args.chains, args.batched_langevin_steps, args.seconds
+    )
+    print(
+        f"# hybrid: {n_iter} iterations of {args.langevin_steps} AA steps + 1 resolution move, "
+        f"acceptance {summary['acceptance_rate']:.3f}"
+    )
+    print(
+        f"# {batched}: {rows[batched]['iterations']} iterations of {args.batched_langevin_steps} AA steps + 1 "
+        f"resolution move per chain, acceptance {rows[batched]['acceptance']:.3f}"
+    )
     print(f"{'chain':<14} {'obs':<8} {'mean':>8} {'g':>9} {'eff/CPU s':>10}")
     for name, row in rows.items():
         for key in ("C7eq", "cos_phi", "cos_psi"):

@@ -69,13 +69,16 @@ def main() -> None:
     sim.reporters.append(reporter)
     with_reporter = _steps_per_second(sim, args.steps)
     reporter.close()
-    print(f"CG steps/s without reporter {plain:.1f}, with reporter (every 1000 steps, 1 sample) {with_reporter:.1f}, "
-          f"overhead {100 * (plain / with_reporter - 1):.2f} %")
+    print(
+        f"CG steps/s without reporter {plain:.1f}, with reporter (every 1000 steps, 1 sample) {with_reporter:.1f}, "
+        f"overhead {100 * (plain / with_reporter - 1):.2f} %"
+    )
 
     state = sim.context.getState(getPositions=True, getEnergy=True)
     for n in (1, 16, 256):
-        rep = BackmapReporter(tmp / f"aa{n}.dcd", 1000, model=args.model, samplesPerFrame=n,
-                              energyFile=tmp / f"w{n}.csv")
+        rep = BackmapReporter(
+            tmp / f"aa{n}.dcd", 1000, model=args.model, samplesPerFrame=n, energyFile=tmp / f"w{n}.csv"
+        )
         rep.report(sim, state)  # opens the files
         reps = max(3, 256 // n)
         start = time.process_time()
@@ -102,8 +105,10 @@ def main() -> None:
             for _ in range(5):
                 energy(xt)
             batched = 5 * len(samples) / (time.process_time() - start)
-        print(f"AA energies of 1024 reconstructions: batched torch ({str(dtype)[6:]}) {batched:.0f} samples/s, "
-              f"OpenMM Context loop {loop:.0f} samples/s, speed-up {batched / loop:.1f}x")
+        print(
+            f"AA energies of 1024 reconstructions: batched torch ({str(dtype)[6:]}) {batched:.0f} samples/s, "
+            f"OpenMM Context loop {loop:.0f} samples/s, speed-up {batched / loop:.1f}x"
+        )
 
 
 if __name__ == "__main__":

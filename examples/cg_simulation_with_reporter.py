@@ -31,8 +31,9 @@ system = create_cg_system(mapping.masses(), args.cg_model)  # native plugin, ope
 # 1 fs and 10/ps: learned CG bonds are as stiff as covalent bonds (benchmarks/RESULTS.md, CG potential)
 integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 10 / unit.picosecond, 1 * unit.femtoseconds)
 # Reference: for a handful of particles the CPU platform's threading costs more (benchmarks/RESULTS.md, Forces)
-simulation = app.Simulation(mapping.cg_topology.to_openmm(), system, integrator,
-                            openmm.Platform.getPlatformByName("Reference"))
+simulation = app.Simulation(
+    mapping.cg_topology.to_openmm(), system, integrator, openmm.Platform.getPlatformByName("Reference")
+)
 simulation.context.setPositions(mapping.project(aa.xyz[0].astype(float)))
 simulation.context.setVelocitiesToTemperature(300 * unit.kelvin)
 

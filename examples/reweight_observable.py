@@ -26,8 +26,10 @@ rw = reweight(args.weights)
 print(f"{rw.n} samples, ESS {rw.ess:.1f} ({rw.ess_fraction:.1%})")
 
 # an observable per sample: the end-to-end distance C(ACE) - N(NME), in nm
-ends = [[a.index for a in traj.topology.atoms if a.residue.index == 0 and a.name == "C"][0],
-        [a.index for a in traj.topology.atoms if a.residue.index == traj.topology.n_residues - 1 and a.name == "N"][0]]
+ends = [
+    [a.index for a in traj.topology.atoms if a.residue.index == 0 and a.name == "C"][0],
+    [a.index for a in traj.topology.atoms if a.residue.index == traj.topology.n_residues - 1 and a.name == "N"][0],
+]
 distance = md.compute_distances(traj, [ends])[:, 0]
 print(f"end-to-end distance: raw {distance.mean():.4f} nm, reweighted {rw.average(distance):.4f} nm")
 

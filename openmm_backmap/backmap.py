@@ -106,8 +106,10 @@ def backmap_trajectory(
     try:
         md.Trajectory(aa, model.topology).save(str(out))
     except (OSError, ValueError, KeyError) as err:
-        raise OSError(f"cannot write the backmapped trajectory {out} ({len(aa)} frames of {model.n_aa} atoms, "
-                      f"from {traj.n_frames} CG frames x {samples} samples): {err}") from err
+        raise OSError(
+            f"cannot write the backmapped trajectory {out} ({len(aa)} frames of {model.n_aa} atoms, "
+            f"from {traj.n_frames} CG frames x {samples} samples): {err}"
+        ) from err
     n = int(samples)
     if energies is not None:
         # temporal chains are stored frame-major too: row k = frame k // n, chain k % n

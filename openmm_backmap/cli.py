@@ -28,8 +28,12 @@ def _count(text: str) -> int:
     return value
 
 
-def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, object], overwrite: bool,
-                   suffixes: dict[str, tuple[str, ...]] | None = None) -> None:
+def _check_outputs(
+    outputs: dict[str, str | None],
+    inputs: dict[str, object],
+    overwrite: bool,
+    suffixes: dict[str, tuple[str, ...]] | None = None,
+) -> None:
     """Refuse, before any computation, an output file that is one of the command's inputs, that
     exists (unless ``overwrite``), whose folder does not exist, or whose suffix is not one of
     ``suffixes[option]``; ValueError naming the option and the path.
@@ -46,12 +50,15 @@ def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, object], ov
             continue
         path = Path(value)
         if path.resolve() in given:
-            raise ValueError(f"{option} {path} is also the command's {given[path.resolve()]}: writing it would "
-                             f"destroy the input; choose another path")
+            raise ValueError(
+                f"{option} {path} is also the command's {given[path.resolve()]}: writing it would "
+                f"destroy the input; choose another path"
+            )
         allowed = (suffixes or {}).get(option)
         if allowed and not any(str(path).lower().endswith(sfx) for sfx in allowed):
-            raise ValueError(f"{option} {path}: unsupported format {path.suffix or '(no suffix)'}; "
-                             f"use one of {', '.join(allowed)}")
+            raise ValueError(
+                f"{option} {path}: unsupported format {path.suffix or '(no suffix)'}; use one of {', '.join(allowed)}"
+            )
         if path.is_dir():
             raise ValueError(f"{option} {path} is a directory; give a file path")
         if not path.parent.is_dir():
@@ -79,9 +86,11 @@ def _add_reference(sub) -> None:
     p.add_argument("--temperature", type=float, default=300.0, help="kelvin (default 300)")
     p.add_argument("--save-every-ps", type=float, default=1.0, help="frame interval in ps")
     p.add_argument("--platform", default="Reference", help="OpenMM platform (default Reference)")
-    p.add_argument("--restrain", choices=["C7eq", "C5", "alpha_R", "alpha_L"],
-                   help="hold (phi, psi) in this basin (backmapper training data for a rare basin; "
-                   "not a reference ensemble)")
+    p.add_argument(
+        "--restrain",
+        choices=["C7eq", "C5", "alpha_R", "alpha_L"],
+        help="hold (phi, psi) in this basin (backmapper training data for a rare basin; not a reference ensemble)",
+    )
     p.set_defaults(func=_cmd_reference)
 
 
@@ -134,11 +143,15 @@ def _add_train_cg(sub) -> None:
     )
     p.add_argument("--topology", required=True, help="all-atom topology (PDB)")
     p.add_argument("--trajectory", required=True, nargs="+", help="all-atom trajectories (DCD, XTC, HDF5, ...)")
-    p.add_argument("--allow-restrained", action="store_true",
-                   help="accept runs from `reference --restrain`: the potential then samples a broadened X "
-                   "distribution, a proposal for reweighting and hybrid sampling rather than the PMF")
-    p.add_argument("--mapping", required=True,
-                   help="ca | backbone | heavy-backbone | residue-com, or a groups JSON file")
+    p.add_argument(
+        "--allow-restrained",
+        action="store_true",
+        help="accept runs from `reference --restrain`: the potential then samples a broadened X "
+        "distribution, a proposal for reweighting and hybrid sampling rather than the PMF",
+    )
+    p.add_argument(
+        "--mapping", required=True, help="ca | backbone | heavy-backbone | residue-com, or a groups JSON file"
+    )
     p.add_argument("--out", required=True, help="checkpoint to write (e.g. cg.ckpt)")
     p.add_argument("--epochs", type=_count, default=d.epochs, help=f"training epochs (default {d.epochs})")
     p.add_argument("--temperature", type=float, default=d.temperature, help=f"kelvin (default {d.temperature:g})")
@@ -158,13 +171,25 @@ def _add_train_cg(sub) -> None:
 def _cmd_train_cg(args) -> int:
     from openmm_backmap.training.pipeline import train_cg_from_files
 
-    _check_outputs({"--out": args.out}, {"--topology": args.topology, "--trajectory": args.trajectory,
-                                         "--mapping": args.mapping}, args.overwrite)
-    settings = CGPotentialTraining(stride=args.stride, temperature=args.temperature, seed=args.seed, hidden=args.hidden,
-                                   layers=args.layers, bins=args.bins, epochs=args.epochs, batch_size=args.batch_size,
-                                   lr=args.lr, time_limit=args.time_limit, allow_restrained=args.allow_restrained)
-    train_cg_from_files(args.topology, args.trajectory, args.mapping, args.out, settings,
-                        progress=not args.no_progress)
+    _check_outputs(
+        {"--out": args.out},
+        {"--topology": args.topology, "--trajectory": args.trajectory, "--mapping": args.mapping},
+        args.overwrite,
+    )
+    settings = CGPotentialTraining(
+        stride=args.stride,
+        temperature=args.temperature,
+        seed=args.seed,
+        hidden=args.hidden,
+        layers=args.layers,
+        bins=args.bins,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        time_limit=args.time_limit,
+        allow_restrained=args.allow_restrained,
+    )
+    train_cg_from_files(args.topology, args.trajectory, args.mapping, args.out, settings, progress=not args.no_progress)
     return 0
 
 
@@ -194,15 +219,21 @@ def _add_compile(sub) -> None:
     p = sub.add_parser(
         "compile",
         help="compile a TorchScript CG potential into a .pt2 force package (energy and forces fused, "
-             "many times faster per MD step; Reference/CPU platforms)",
+        "many times faster per MD step; Reference/CPU platforms)",
     )
     p.add_argument("model", help="TorchScript model file (.pt), e.g. from `export` of a train-cg checkpoint")
     p.add_argument("-o", "--output", required=True, help="package to write (e.g. cg.pt2)")
-    p.add_argument("--particles", type=_count, default=None,
-                   help="number of particles (default: the CG model's n_beads)")
+    p.add_argument(
+        "--particles", type=_count, default=None, help="number of particles (default: the CG model's n_beads)"
+    )
     p.add_argument("--periodic", action="store_true", help="the model takes box vectors after the positions")
-    p.add_argument("--global-parameter", action="append", default=[], metavar="NAME=VALUE",
-                   help="a global parameter passed after the positions (repeat, in forward()'s order)")
+    p.add_argument(
+        "--global-parameter",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a global parameter passed after the positions (repeat, in forward()'s order)",
+    )
     _add_overwrite(p)
     p.set_defaults(func=_cmd_compile)
 
@@ -224,10 +255,13 @@ def _cmd_compile(args) -> int:
         if not sep or not name:
             raise SystemExit(f"error: --global-parameter takes NAME=VALUE, got {item!r}")
         parameters[name] = float(value)
-    meta = compile_model(data, int(n), args.output, usesPeriodicBoundaryConditions=args.periodic,
-                         globalParameters=parameters)
-    print(f"compiled force ({meta['num_particles']} particles) in {meta['compile_seconds']:.0f} s, "
-          f"largest relative deviation from the model {meta['max_deviation']:.1e}: {args.output}")
+    meta = compile_model(
+        data, int(n), args.output, usesPeriodicBoundaryConditions=args.periodic, globalParameters=parameters
+    )
+    print(
+        f"compiled force ({meta['num_particles']} particles) in {meta['compile_seconds']:.0f} s, "
+        f"largest relative deviation from the model {meta['max_deviation']:.1e}: {args.output}"
+    )
     return 0
 
 
@@ -243,31 +277,46 @@ def _add_train(sub) -> None:
         "into a TorchScript model file.",
     )
     p.add_argument("--topology", required=True, help="all-atom topology (PDB)")
-    p.add_argument("--trajectory", required=True, nargs="+",
-                   help="all-atom trajectories (DCD, HDF5, ...) of the topology; restrained runs from "
-                   "`reference --restrain` only when the restrained atoms are beads")
-    p.add_argument("--mapping", required=True,
-                   help="ca | backbone | heavy-backbone | residue-com, or a groups JSON file")
+    p.add_argument(
+        "--trajectory",
+        required=True,
+        nargs="+",
+        help="all-atom trajectories (DCD, HDF5, ...) of the topology; restrained runs from "
+        "`reference --restrain` only when the restrained atoms are beads",
+    )
+    p.add_argument(
+        "--mapping", required=True, help="ca | backbone | heavy-backbone | residue-com, or a groups JSON file"
+    )
     p.add_argument("--out", required=True, help="checkpoint to write (e.g. model.ckpt)")
     p.add_argument("--epochs", type=_count, default=d.epochs, help=f"ML epochs (default {d.epochs})")
     p.add_argument("--aa-system", help="AA OpenMM System XML: constraints, energy refinement, embedded")
     p.add_argument("--temporal", action="store_true", help="also condition on the previous AA frame")
-    p.add_argument("--energy-steps", type=int, default=d.energy_steps,
-                   help=f"energy-refinement steps with --aa-system (default {d.energy_steps}; 0 = ML only)")
+    p.add_argument(
+        "--energy-steps",
+        type=int,
+        default=d.energy_steps,
+        help=f"energy-refinement steps with --aa-system (default {d.energy_steps}; 0 = ML only)",
+    )
     p.add_argument("--temperature", type=float, default=d.temperature, help=f"kelvin (default {d.temperature:g})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
     p.add_argument("--stride", type=_count, default=d.stride, help="use every STRIDE-th frame")
     p.add_argument("--batch-size", type=_count, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help=f"ML learning rate (default {d.lr:g})")
-    p.add_argument("--energy-lr", type=float, default=d.energy_lr,
-                   help=f"refinement learning rate (default {d.energy_lr:g})")
-    p.add_argument("--ml-weight", type=float, default=d.ml_weight,
-                   help=f"weight of the data NLL kept during energy refinement (default {d.ml_weight:g})")
+    p.add_argument(
+        "--energy-lr", type=float, default=d.energy_lr, help=f"refinement learning rate (default {d.energy_lr:g})"
+    )
+    p.add_argument(
+        "--ml-weight",
+        type=float,
+        default=d.ml_weight,
+        help=f"weight of the data NLL kept during energy refinement (default {d.ml_weight:g})",
+    )
     p.add_argument("--layers", type=_count, default=d.layers, help=f"coupling layers (default {d.layers})")
     p.add_argument("--hidden", type=_count, default=d.hidden, help=f"hidden units per layer (default {d.hidden})")
     p.add_argument("--bins", type=_count, default=d.bins, help=f"spline bins (default {d.bins})")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help=f"validation fraction (default {d.val_fraction:g})")
+    p.add_argument(
+        "--val-fraction", type=float, default=d.val_fraction, help=f"validation fraction (default {d.val_fraction:g})"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--resume", action="store_true", help="continue the ML stage from --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -281,19 +330,44 @@ def _cmd_train(args) -> int:
     from openmm_backmap.training.pipeline import train_from_files
 
     # --resume continues from --out, so an existing --out is expected there
-    _check_outputs({"--out": args.out}, {"--topology": args.topology, "--trajectory": args.trajectory,
-                                         "--mapping": args.mapping, "--aa-system": args.aa_system},
-                   args.overwrite or args.resume)
+    _check_outputs(
+        {"--out": args.out},
+        {
+            "--topology": args.topology,
+            "--trajectory": args.trajectory,
+            "--mapping": args.mapping,
+            "--aa-system": args.aa_system,
+        },
+        args.overwrite or args.resume,
+    )
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     settings = BackmapperTraining(
-        stride=args.stride, val_fraction=args.val_fraction, temperature=args.temperature, seed=args.seed,
-        temporal=args.temporal, hidden=args.hidden, layers=args.layers, bins=args.bins, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, energy_steps=args.energy_steps, energy_lr=args.energy_lr,
+        stride=args.stride,
+        val_fraction=args.val_fraction,
+        temperature=args.temperature,
+        seed=args.seed,
+        temporal=args.temporal,
+        hidden=args.hidden,
+        layers=args.layers,
+        bins=args.bins,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        energy_steps=args.energy_steps,
+        energy_lr=args.energy_lr,
         ml_weight=args.ml_weight,
     )
-    train_from_files(args.topology, args.trajectory, args.mapping, args.out, settings, aa_system=args.aa_system,
-                     resume=args.resume, progress=not args.no_progress)
+    train_from_files(
+        args.topology,
+        args.trajectory,
+        args.mapping,
+        args.out,
+        settings,
+        aa_system=args.aa_system,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
     return 0
 
 
@@ -350,8 +424,11 @@ def _add_backmap(sub) -> None:
     p.add_argument("--batch-size", type=_count, default=1024, help="samples per batch (default 1024)")
     p.add_argument("--device", help="torch device (default cuda when available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the model for the batch size first (a minute or two; then faster on CPU)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the model for the batch size first (a minute or two; then faster on CPU)",
+    )
     _add_overwrite(p)
     p.set_defaults(func=_cmd_backmap)
 
@@ -359,15 +436,26 @@ def _add_backmap(sub) -> None:
 def _cmd_backmap(args) -> int:
     from openmm_backmap.backmap import backmap_trajectory
 
-    _check_outputs({"--out": args.out, "--energies": args.energies},
-                   {"--model": args.model, "--cg": args.cg, "--cg-topology": args.cg_topology}, args.overwrite,
-                   {"--out": TRAJECTORY_SUFFIXES, "--energies": (".csv",)})
+    _check_outputs(
+        {"--out": args.out, "--energies": args.energies},
+        {"--model": args.model, "--cg": args.cg, "--cg-topology": args.cg_topology},
+        args.overwrite,
+        {"--out": TRAJECTORY_SUFFIXES, "--energies": (".csv",)},
+    )
     if args.energies and Path(args.energies).resolve() == Path(args.out).resolve():
         raise ValueError(f"--energies and --out are the same file {args.out}")
     res = backmap_trajectory(
-        args.model, args.cg, args.cg_topology, args.out, samples=args.samples, seed=args.seed,
-        energies=args.energies, batch_size=args.batch_size, device=args.device,
-        progress=not args.no_progress, compile=args.compile,
+        args.model,
+        args.cg,
+        args.cg_topology,
+        args.out,
+        samples=args.samples,
+        seed=args.seed,
+        energies=args.energies,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+        compile=args.compile,
     )
     print(f"{res['n_frames']} CG frames -> {res['n_samples']} AA frames: {res['out']}")
     return 0
@@ -397,13 +485,19 @@ def _cmd_evaluate(args) -> int:
     import json
 
     from openmm_backmap.analysis.evaluate import evaluate_model
-    from openmm_backmap.io.trajectories import load_trajectory
-    from openmm_backmap.io.trajectories import require_unrestrained
+    from openmm_backmap.io.trajectories import load_trajectory, require_unrestrained
 
     require_unrestrained(args.reference, "as a reference ensemble")
     reference = load_trajectory(args.reference, args.topology)
-    metrics = evaluate_model(args.model, reference, args.out, n_frames=args.frames, samples=args.samples,
-                             aa_system=args.aa_system, seed=args.seed)
+    metrics = evaluate_model(
+        args.model,
+        reference,
+        args.out,
+        n_frames=args.frames,
+        samples=args.samples,
+        aa_system=args.aa_system,
+        seed=args.seed,
+    )
     print(json.dumps(metrics, indent=1))
     print(f"report written to {args.out}")
     return 0
@@ -424,19 +518,30 @@ def _add_hybrid(sub) -> None:
     p.add_argument("--start", required=True, help="PDB with the starting AA structure")
     p.add_argument("--iterations", type=_count, required=True, help="chain iterations")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--kernel", choices=["flow", "hmc"], default="flow",
-                   help="CG move: independent draws from the CG flow, or HMC on the CG System (default flow)")
+    p.add_argument(
+        "--kernel",
+        choices=["flow", "hmc"],
+        default="flow",
+        help="CG move: independent draws from the CG flow, or HMC on the CG System (default flow)",
+    )
     p.add_argument("--langevin-steps", type=int, default=250, help="AA Langevin steps per iteration (default 250)")
     p.add_argument("--attempts", type=_count, default=1, help="resolution moves per iteration (default 1)")
     p.add_argument("--temperature", type=float, help="kelvin (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--platform", default="Reference", help="OpenMM platform (default Reference)")
-    p.add_argument("--chains", type=_count, default=1,
-                   help="independent chains advanced together with batched model and energy calls (flow kernel; "
-                   "default 1)")
+    p.add_argument(
+        "--chains",
+        type=_count,
+        default=1,
+        help="independent chains advanced together with batched model and energy calls (flow kernel; default 1)",
+    )
     p.add_argument("--save-every", type=_count, default=1, help="write frames every N iterations (default 1)")
-    p.add_argument("--burn-in", type=float, default=0.1,
-                   help="fraction of iterations left out of the summary with --chains > 1 (default 0.1)")
+    p.add_argument(
+        "--burn-in",
+        type=float,
+        default=0.1,
+        help="fraction of iterations left out of the summary with --chains > 1 (default 0.1)",
+    )
     p.set_defaults(func=_cmd_hybrid)
 
 
@@ -445,9 +550,18 @@ def _cmd_hybrid(args) -> int:
 
     from openmm_backmap.sampling.hybrid import HybridRun, run_hybrid
 
-    settings = HybridRun(iterations=args.iterations, kernel=args.kernel, langevin_steps=args.langevin_steps,
-                         attempts=args.attempts, temperature=args.temperature, seed=args.seed, platform=args.platform,
-                         chains=args.chains, save_every=args.save_every, burn_in=args.burn_in)
+    settings = HybridRun(
+        iterations=args.iterations,
+        kernel=args.kernel,
+        langevin_steps=args.langevin_steps,
+        attempts=args.attempts,
+        temperature=args.temperature,
+        seed=args.seed,
+        platform=args.platform,
+        chains=args.chains,
+        save_every=args.save_every,
+        burn_in=args.burn_in,
+    )
     summary = run_hybrid(args.model, args.cg_model, args.start, args.out, settings, aa_system=args.aa_system)
     print(json.dumps(summary, indent=1))
     return 0
@@ -509,8 +623,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [_add_reference, _add_demo, _add_train_cg, _add_export, _add_compile, _add_train, _add_info, _add_backmap,
-             _add_evaluate, _add_hybrid, _add_peptides, _add_entropy]
+_COMMANDS = [
+    _add_reference,
+    _add_demo,
+    _add_train_cg,
+    _add_export,
+    _add_compile,
+    _add_train,
+    _add_info,
+    _add_backmap,
+    _add_evaluate,
+    _add_hybrid,
+    _add_peptides,
+    _add_entropy,
+]
 
 
 def main(argv: list[str] | None = None) -> int:

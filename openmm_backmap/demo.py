@@ -53,20 +53,34 @@ class DemoSettings:
     eval_frames: int
 
     @classmethod
-    def full(cls) -> "DemoSettings":
-        return cls(reference_ns=5.0, rare_basin_ns=0.5,
-                   backmapper=BackmapperTraining(epochs=8, energy_steps=500, layers=6, hidden=128),
-                   cg=CGPotentialTraining(epochs=60, time_limit=90.0, layers=4, hidden=32, allow_restrained=True),
-                   cg_steps=500_000, cg_steps_torchscript=40_000, compile_cg=True, report_interval=500,
-                   samples_per_frame=4, eval_frames=200)
+    def full(cls) -> DemoSettings:
+        return cls(
+            reference_ns=5.0,
+            rare_basin_ns=0.5,
+            backmapper=BackmapperTraining(epochs=8, energy_steps=500, layers=6, hidden=128),
+            cg=CGPotentialTraining(epochs=60, time_limit=90.0, layers=4, hidden=32, allow_restrained=True),
+            cg_steps=500_000,
+            cg_steps_torchscript=40_000,
+            compile_cg=True,
+            report_interval=500,
+            samples_per_frame=4,
+            eval_frames=200,
+        )
 
     @classmethod
-    def quick(cls) -> "DemoSettings":
-        return cls(reference_ns=1.0, rare_basin_ns=0.05,
-                   backmapper=BackmapperTraining(epochs=2, energy_steps=60, layers=4, hidden=64),
-                   cg=CGPotentialTraining(epochs=10, time_limit=20.0, layers=4, hidden=32, allow_restrained=True),
-                   cg_steps=2_000, cg_steps_torchscript=2_000, compile_cg=False, report_interval=100,
-                   samples_per_frame=4, eval_frames=40)
+    def quick(cls) -> DemoSettings:
+        return cls(
+            reference_ns=1.0,
+            rare_basin_ns=0.05,
+            backmapper=BackmapperTraining(epochs=2, energy_steps=60, layers=4, hidden=64),
+            cg=CGPotentialTraining(epochs=10, time_limit=20.0, layers=4, hidden=32, allow_restrained=True),
+            cg_steps=2_000,
+            cg_steps_torchscript=2_000,
+            compile_cg=False,
+            report_interval=100,
+            samples_per_frame=4,
+            eval_frames=40,
+        )
 
 
 class _Stages:
@@ -91,9 +105,20 @@ class _Stages:
         return "\n".join(lines)
 
 
-def run_cg_simulation(cg_model: Path, model: Path, mapping, start_xyz, out: Path, steps: int, interval: int,
-                      samples: int, seed: int, temperature: float = 300.0, timestep_fs: float = 1.0,
-                      friction_per_ps: float = 10.0):
+def run_cg_simulation(
+    cg_model: Path,
+    model: Path,
+    mapping,
+    start_xyz,
+    out: Path,
+    steps: int,
+    interval: int,
+    samples: int,
+    seed: int,
+    temperature: float = 300.0,
+    timestep_fs: float = 1.0,
+    friction_per_ps: float = 10.0,
+):
     """A plain OpenMM CG simulation with the CG potential as a force and a BackmapReporter.
 
     1 fs steps and a 10/ps friction: the learned CG bonds are as stiff as the covalent bonds they
@@ -115,18 +140,24 @@ def run_cg_simulation(cg_model: Path, model: Path, mapping, start_xyz, out: Path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     system = create_cg_system(mapping.masses(), str(cg_model))
-    integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, friction_per_ps / unit.picosecond,
-                                                 timestep_fs * unit.femtoseconds)
+    integrator = openmm.LangevinMiddleIntegrator(
+        temperature * unit.kelvin, friction_per_ps / unit.picosecond, timestep_fs * unit.femtoseconds
+    )
     integrator.setRandomNumberSeed(seed)
-    simulation = app.Simulation(mapping.cg_topology.to_openmm(), system, integrator,
-                                openmm.Platform.getPlatformByName("Reference"))
+    simulation = app.Simulation(
+        mapping.cg_topology.to_openmm(), system, integrator, openmm.Platform.getPlatformByName("Reference")
+    )
     simulation.context.setPositions(start_xyz)
     simulation.context.setVelocitiesToTemperature(temperature * unit.kelvin, seed)
     simulation.reporters.append(app.DCDReporter(str(out / "cg.dcd"), interval))
-    simulation.reporters.append(app.StateDataReporter(str(out / "cg_log.csv"), interval, step=True,
-                                                      potentialEnergy=True, temperature=True, speed=True))
-    reporter = BackmapReporter(out / "aa.dcd", interval, model=str(model), samplesPerFrame=samples,
-                               energyFile=out / "weights.csv", seed=seed)
+    simulation.reporters.append(
+        app.StateDataReporter(
+            str(out / "cg_log.csv"), interval, step=True, potentialEnergy=True, temperature=True, speed=True
+        )
+    )
+    reporter = BackmapReporter(
+        out / "aa.dcd", interval, model=str(model), samplesPerFrame=samples, energyFile=out / "weights.csv", seed=seed
+    )
     simulation.reporters.append(reporter)
     chunk = max(interval, steps // 100)
     start = time.perf_counter()
@@ -163,10 +194,21 @@ def run_demo(out: Path, quick: bool = False, seed: int = 1) -> int:
 
     def reference():
         p = generate_reference("ala2", settings.reference_ns, out / "reference", seed=seed)
-        rare = [generate_reference("ala2", settings.rare_basin_ns, out / f"reference_{basin}", seed=seed,
-                                   restrain=basin, equilibrate_ps=5.0)["dcd"] for basin in ("alpha_R", "alpha_L")]
-        return (p, rare), (f"{settings.reference_ns:g} ns of alanine dipeptide at 300 K -> {p['dcd']}; "
-                           f"{settings.rare_basin_ns:g} ns restrained to each of alpha_R, alpha_L")
+        rare = [
+            generate_reference(
+                "ala2",
+                settings.rare_basin_ns,
+                out / f"reference_{basin}",
+                seed=seed,
+                restrain=basin,
+                equilibrate_ps=5.0,
+            )["dcd"]
+            for basin in ("alpha_R", "alpha_L")
+        ]
+        return (p, rare), (
+            f"{settings.reference_ns:g} ns of alanine dipeptide at 300 K -> {p['dcd']}; "
+            f"{settings.rare_basin_ns:g} ns restrained to each of alpha_R, alpha_L"
+        )
 
     paths, rare_dcds = stages.run("1. all-atom reference MD", reference)
     traj = load_trajectory(paths["dcd"], paths["pdb"])
@@ -182,8 +224,14 @@ def run_demo(out: Path, quick: bool = False, seed: int = 1) -> int:
     trajectories = [str(paths["dcd"]), *map(str, rare_dcds)]
 
     def train_backmapper():
-        train_from_files(topology, trajectories, mapping_file, models / "backmapper.ckpt",
-                         replace(settings.backmapper, seed=seed), aa_system=str(paths["system"]))
+        train_from_files(
+            topology,
+            trajectories,
+            mapping_file,
+            models / "backmapper.ckpt",
+            replace(settings.backmapper, seed=seed),
+            aa_system=str(paths["system"]),
+        )
         return None, f"checkpoint {models / 'backmapper.ckpt'}"
 
     stages.run("3. train the backmapper (ML + energy refinement)", train_backmapper)
@@ -204,8 +252,11 @@ def run_demo(out: Path, quick: bool = False, seed: int = 1) -> int:
         except Exception as error:  # noqa: BLE001 - any failure: the TorchScript file still runs
             print(f"   could not compile the CG force ({error}); the CG run uses the TorchScript file", flush=True)
             return models / "cg.pt", f"{models / 'backmapper.pt'}, {models / 'cg.pt'} (not compiled)"
-        print(f"   compiled the CG force in {meta['compile_seconds']:.0f} s, largest relative deviation from the "
-              f"model {meta['max_deviation']:.1e}", flush=True)
+        print(
+            f"   compiled the CG force in {meta['compile_seconds']:.0f} s, largest relative deviation from the "
+            f"model {meta['max_deviation']:.1e}",
+            flush=True,
+        )
         return models / "cg.pt2", f"{models / 'backmapper.pt'}, {models / 'cg.pt'}, compiled {models / 'cg.pt2'}"
 
     cg_force = stages.run("5. export the model files, compile the CG force", export)
@@ -213,9 +264,17 @@ def run_demo(out: Path, quick: bool = False, seed: int = 1) -> int:
     def simulate():
         start_xyz = mapping.project(traj.xyz[0].astype(np.float64))
         steps = settings.cg_steps if cg_force.suffix == ".pt2" else settings.cg_steps_torchscript
-        wall, frames = run_cg_simulation(cg_force, models / "backmapper.pt", mapping, start_xyz,
-                                         out / "cg_run", steps, settings.report_interval,
-                                         settings.samples_per_frame, seed)
+        wall, frames = run_cg_simulation(
+            cg_force,
+            models / "backmapper.pt",
+            mapping,
+            start_xyz,
+            out / "cg_run",
+            steps,
+            settings.report_interval,
+            settings.samples_per_frame,
+            seed,
+        )
         us = 1e6 * wall / steps
         return None, f"{steps} CG steps with {cg_force.name} ({us:.0f} us/step with the reporter), {frames} AA frames"
 
@@ -226,20 +285,25 @@ def run_demo(out: Path, quick: bool = False, seed: int = 1) -> int:
         run = evaluate_run(out / "cg_run" / "aa.dcd", out / "cg_run" / "weights.csv", traj.topology, traj, report)
         summary = {"backmapper": metrics, "reweighting": run}
         (report / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        pops = "; ".join(f"{k} {v['reference']:.3f}/{v['raw']:.3f}/{v['reweighted']:.3f}"
-                         for k, v in run["basins"].items())
+        pops = "; ".join(
+            f"{k} {v['reference']:.3f}/{v['raw']:.3f}/{v['reweighted']:.3f}" for k, v in run["basins"].items()
+        )
         w1 = metrics.get("energy_w1_kjmol", float("nan"))
         ess = metrics.get("conditional_ess", float("nan"))
-        note = (f"bond score {metrics['bond_score']:.4f}, W1 {w1:.2f} kJ/mol, conditional ESS {ess:.2f}; "
-                f"run ESS/N {run['ess_fraction']:.2f}; basins reference/raw/reweighted: {pops}")
+        note = (
+            f"bond score {metrics['bond_score']:.4f}, W1 {w1:.2f} kJ/mol, conditional ESS {ess:.2f}; "
+            f"run ESS/N {run['ess_fraction']:.2f}; basins reference/raw/reweighted: {pops}"
+        )
         return summary, note
 
     summary = stages.run("7. report", evaluate)
     table = stages.table()
     lines = [table, "", "basin populations (AA reference | raw reconstructions | reweighted +- error | dF in kT)"]
     for name, b in summary["reweighting"]["basins"].items():
-        lines.append(f"  {name:<8} {b['reference']:.4f} | {b['raw']:.4f} | {b['reweighted']:.4f} +- "
-                     f"{b['reweighted_error']:.4f} | {b['delta_f_kT']:+.2f}")
+        lines.append(
+            f"  {name:<8} {b['reference']:.4f} | {b['raw']:.4f} | {b['reweighted']:.4f} +- "
+            f"{b['reweighted_error']:.4f} | {b['delta_f_kT']:+.2f}"
+        )
     text = "\n".join(lines)
     (out / "summary.txt").write_text(text + "\n")
     print("\n" + text)

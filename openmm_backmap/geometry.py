@@ -320,8 +320,14 @@ class _Placement:
         return k, [a for a in far if a != k][0]
 
 
-def _assemble(n: int, anchors: list[int], root: list[int], root_ref: int, rows: list[tuple[int, int, int, int]],
-              constraints: Sequence[tuple[int, int, float]] | None) -> ZMatrix:
+def _assemble(
+    n: int,
+    anchors: list[int],
+    root: list[int],
+    root_ref: int,
+    rows: list[tuple[int, int, int, int]],
+    constraints: Sequence[tuple[int, int, float]] | None,
+) -> ZMatrix:
     """The :class:`ZMatrix` of placement rows: levels of rows placed together, constrained bonds."""
     cons = {}
     for i, j, length in constraints or ():
@@ -456,8 +462,9 @@ def bond_length_range(xyz, bonds) -> tuple[float, float]:
     return float(r.min()), float(r.max())
 
 
-def check_length_scale(found: tuple[float, float], expected: tuple[float, float], what: str,
-                       tolerance: float = 3.0) -> None:
+def check_length_scale(
+    found: tuple[float, float], expected: tuple[float, float], what: str, tolerance: float = 3.0
+) -> None:
     """Refuse coordinates whose bond lengths ``found`` (shortest, longest; nm) leave the ``expected``
     range widened by ``tolerance`` either way; the message says when a factor of 10 (Angstrom given
     for nm) explains it.
@@ -470,8 +477,7 @@ def check_length_scale(found: tuple[float, float], expected: tuple[float, float]
     lo, hi = float(expected[0]) / tolerance, float(expected[1]) * tolerance
     if lo <= found[0] and found[1] <= hi:
         return
-    message = (f"{what}: bond lengths {found[0]:.3g}-{found[1]:.3g} nm, expected "
-               f"{expected[0]:.3g}-{expected[1]:.3g} nm")
+    message = f"{what}: bond lengths {found[0]:.3g}-{found[1]:.3g} nm, expected {expected[0]:.3g}-{expected[1]:.3g} nm"
     if lo <= found[0] / 10.0 and found[1] / 10.0 <= hi:
         message += "; the coordinates look like Angstrom (10x too large): convert them to nm"
     elif lo <= found[0] * 10.0 and found[1] * 10.0 <= hi:
@@ -494,6 +500,8 @@ def check_box_fits(box, longest_bond_nm: float, what: str = "the periodic box") 
     b = np.asarray(box, dtype=np.float64).reshape(3, 3)
     width = float(min(b[0, 0], b[1, 1], b[2, 2]))
     if width < 2.0 * float(longest_bond_nm):
-        raise ValueError(f"{what} is {width:.3g} nm wide at its narrowest, less than twice the longest CG bond "
-                         f"({longest_bond_nm:.3g} nm): bonds would be wrapped to shorter images; use a box of at "
-                         f"least {2.0 * float(longest_bond_nm):.3g} nm (is the box in Angstrom or the wrong size?)")
+        raise ValueError(
+            f"{what} is {width:.3g} nm wide at its narrowest, less than twice the longest CG bond "
+            f"({longest_bond_nm:.3g} nm): bonds would be wrapped to shorter images; use a box of at "
+            f"least {2.0 * float(longest_bond_nm):.3g} nm (is the box in Angstrom or the wrong size?)"
+        )

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import mdtraj as md
 import numpy as np
@@ -113,9 +114,7 @@ class CGMapping:
                 raise ValueError(f"{label} is empty")
             for i in idx:
                 if i < 0 or i >= n_aa:
-                    raise ValueError(
-                        f"{label}: atom index {int(i)} is out of range for a topology of {n_aa} atoms"
-                    )
+                    raise ValueError(f"{label}: atom index {int(i)} is out of range for a topology of {n_aa} atoms")
             if len(set(idx.tolist())) != idx.size:
                 dup = [int(i) for i in idx if (idx == i).sum() > 1][0]
                 raise ValueError(f"{label}: atom {atom_label(atoms[dup])} ({dup}) appears twice")
@@ -152,7 +151,7 @@ class CGMapping:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_preset(cls, topology: Any, preset: str, weighting: str = "mass") -> "CGMapping":
+    def from_preset(cls, topology: Any, preset: str, weighting: str = "mass") -> CGMapping:
         """Build a mapping from a named preset.
 
         ``ca``, ``backbone`` (N, CA, C) and ``heavy-backbone`` (N, CA, C, O, CB) place one bead on
@@ -190,7 +189,7 @@ class CGMapping:
         return cls(top, groups, names=names)
 
     @classmethod
-    def from_dict(cls, data: dict, topology: Any) -> "CGMapping":
+    def from_dict(cls, data: dict, topology: Any) -> CGMapping:
         """Build a mapping from the dict written by :meth:`to_dict` (or a groups JSON file).
 
         Each group is ``{"atoms": [...], "weights": [...]?, "name": "..."?, "labels": [...]?}``;
@@ -202,9 +201,7 @@ class CGMapping:
             raise ValueError("a mapping file needs a top-level object with a 'groups' list")
         n_atoms = data.get("n_atoms")
         if n_atoms is not None and int(n_atoms) != top.n_atoms:
-            raise ValueError(
-                f"the mapping was written for {n_atoms} atoms but the topology has {top.n_atoms}"
-            )
+            raise ValueError(f"the mapping was written for {n_atoms} atoms but the topology has {top.n_atoms}")
         groups, weights, names = [], [], []
         atoms = list(top.atoms)
         for g, entry in enumerate(data["groups"]):
@@ -236,7 +233,7 @@ class CGMapping:
         return cls(top, groups, final_weights, final_names, weighting=weighting)
 
     @classmethod
-    def from_json(cls, path: str | Path, topology: Any) -> "CGMapping":
+    def from_json(cls, path: str | Path, topology: Any) -> CGMapping:
         """Read a groups JSON file (see :meth:`to_json`)."""
         try:
             data = json.loads(Path(path).read_text())
@@ -245,15 +242,13 @@ class CGMapping:
         return cls.from_dict(data, topology)
 
     @classmethod
-    def from_spec(cls, spec: str, topology: Any) -> "CGMapping":
+    def from_spec(cls, spec: str, topology: Any) -> CGMapping:
         """A preset name or the path of a groups JSON file, as the CLI's ``--mapping`` takes."""
         if spec in PRESETS:
             return cls.from_preset(topology, spec)
         if Path(spec).is_file():
             return cls.from_json(spec, topology)
-        raise ValueError(
-            f"--mapping {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing JSON file"
-        )
+        raise ValueError(f"--mapping {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing JSON file")
 
     def to_dict(self) -> dict:
         """A JSON-serialisable description with atom labels for checking against a topology."""
@@ -293,8 +288,10 @@ class CGMapping:
         for b, idx in enumerate(self.groups):
             for i in (int(j) for j in idx):
                 if i in owner:
-                    raise ValueError(f"CG groups overlap: atom {i} is in bead {owner[i]} ({self.names[owner[i]]}) "
-                                     f"and bead {b} ({self.names[b]}); {purpose} needs disjoint groups")
+                    raise ValueError(
+                        f"CG groups overlap: atom {i} is in bead {owner[i]} ({self.names[owner[i]]}) "
+                        f"and bead {b} ({self.names[b]}); {purpose} needs disjoint groups"
+                    )
                 owner[i] = b
 
     @property
@@ -328,9 +325,7 @@ class CGMapping:
         """Raise ValueError unless ``x`` has shape (..., n_aa, 3) and is finite."""
         x = np.asarray(x)
         if x.ndim < 2 or x.shape[-2:] != (self.n_aa, 3):
-            raise ValueError(
-                f"{what} have shape {tuple(x.shape)}; the mapping expects (..., {self.n_aa}, 3)"
-            )
+            raise ValueError(f"{what} have shape {tuple(x.shape)}; the mapping expects (..., {self.n_aa}, 3)")
         if not np.all(np.isfinite(x)):
             frame = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
             raise ValueError(f"{what} contain NaN or infinite values (first at index {frame})")
@@ -346,18 +341,14 @@ class CGMapping:
             return self._project_torch(x)
         x = np.asarray(x)
         if x.shape[-2:] != (self.n_aa, 3):
-            raise ValueError(
-                f"positions have shape {tuple(x.shape)}; the mapping expects (..., {self.n_aa}, 3)"
-            )
+            raise ValueError(f"positions have shape {tuple(x.shape)}; the mapping expects (..., {self.n_aa}, 3)")
         return np.einsum("ij,...jk->...ik", self.matrix, x)
 
     def _project_torch(self, x):
         import torch
 
         if x.shape[-2:] != (self.n_aa, 3):
-            raise ValueError(
-                f"positions have shape {tuple(x.shape)}; the mapping expects (..., {self.n_aa}, 3)"
-            )
+            raise ValueError(f"positions have shape {tuple(x.shape)}; the mapping expects (..., {self.n_aa}, 3)")
         key = (x.dtype, x.device)
         if key not in self._torch_cache:
             self._torch_cache[key] = torch.as_tensor(self.matrix, dtype=x.dtype, device=x.device)
@@ -424,9 +415,7 @@ class CGMapping:
     def cg_trajectory(self, traj: md.Trajectory) -> md.Trajectory:
         """Project an AA mdtraj trajectory to a CG trajectory with the CG topology."""
         if traj.n_atoms != self.n_aa:
-            raise ValueError(
-                f"the trajectory has {traj.n_atoms} atoms; the mapping expects {self.n_aa}"
-            )
+            raise ValueError(f"the trajectory has {traj.n_atoms} atoms; the mapping expects {self.n_aa}")
         return md.Trajectory(
             self.project(traj.xyz.astype(np.float64)).astype(np.float32),
             self.cg_topology,

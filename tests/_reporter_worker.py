@@ -49,8 +49,11 @@ class AtomicCheckpoint:
 
     def describeNextReport(self, simulation) -> dict:
         # asks for positions (unwrapped) so OpenMM calls it in list order, before the BackmapReporter
-        return {"steps": self.interval - simulation.currentStep % self.interval, "periodic": False,
-                "include": ["positions"]}
+        return {
+            "steps": self.interval - simulation.currentStep % self.interval,
+            "periodic": False,
+            "include": ["positions"],
+        }
 
     def report(self, simulation, state) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -70,8 +73,9 @@ def run(out: Path, model, system: openmm.System, start, end: int, file_limit: in
     residue = top.addResidue("CG", top.addChain())
     for k in range(system.getNumParticles()):
         top.addAtom(f"B{k}", None, residue)
-    sim = app.Simulation(top, system, openmm.VerletIntegrator(0.001 * unit.picoseconds),
-                         openmm.Platform.getPlatformByName("Reference"))
+    sim = app.Simulation(
+        top, system, openmm.VerletIntegrator(0.001 * unit.picoseconds), openmm.Platform.getPlatformByName("Reference")
+    )
     checkpoint = out / "state.chk"
     append = checkpoint.exists()
     if append:
@@ -82,8 +86,9 @@ def run(out: Path, model, system: openmm.System, start, end: int, file_limit: in
     if file_limit is not None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
-    reporter = BackmapReporter(out / "aa.dcd", INTERVAL, model=model, samplesPerFrame=SAMPLES,
-                               energyFile=out / "w.csv", append=append)
+    reporter = BackmapReporter(
+        out / "aa.dcd", INTERVAL, model=model, samplesPerFrame=SAMPLES, energyFile=out / "w.csv", append=append
+    )
     sim.reporters.extend([AtomicCheckpoint(checkpoint, CHECKPOINT), reporter])
     first = sim.currentStep
     reporter.describeNextReport(sim)  # opens and reconciles the files now, to log what it did
@@ -137,8 +142,13 @@ def main(out: Path, kills: int, disk_fulls: int, seed: int) -> dict:
             break
         raise RuntimeError(f"run {attempt} ended with status {status}: {read_events(out)[-1:]}")
     events = read_events(out)
-    return {"kills": killed, "disk_full_errors": full_errors, "end": end, "runs": attempt,
-            "resumed": [e["resumed"] for e in events if e["event"] == "start"]}
+    return {
+        "kills": killed,
+        "disk_full_errors": full_errors,
+        "end": end,
+        "runs": attempt,
+        "resumed": [e["resumed"] for e in events if e["event"] == "start"],
+    }
 
 
 def checkpoint_step(out: Path) -> int:

@@ -37,9 +37,14 @@ def tiny_ala2(tmp_path_factory):
     mapping = ala2_six_bead_mapping(traj.topology)
     system_xml = paths["system"].read_text()
     torch.manual_seed(0)
-    model = Backmapper.from_data(mapping, traj.xyz.astype(np.float64),
-                                 constraints=constraints_from_system(load_system(system_xml)),
-                                 n_layers=2, hidden=16, n_hidden=1)
+    model = Backmapper.from_data(
+        mapping,
+        traj.xyz.astype(np.float64),
+        constraints=constraints_from_system(load_system(system_xml)),
+        n_layers=2,
+        hidden=16,
+        n_hidden=1,
+    )
     spec = make_spec(model, T, reference_xyz=traj.xyz[0], system_xml=system_xml)
     model_path = export_model(model, spec, out / "model.pt")
     return {"paths": paths, "traj": traj, "mapping": mapping, "model": model_path, "system_xml": system_xml, "dir": out}
@@ -92,5 +97,12 @@ def setup(tiny_ala2):
         a = md.compute_angles(mapping.cg_trajectory(traj), [[i, j, k]]).mean()
         angles.addAngle(i, j, k, float(a), 400.0)
     cg.addForce(angles)
-    return {"model": model_path, "mapping": mapping, "cg_system": cg, "X0": X[0], "aa_system": system_xml,
-            "cg_top": mapping.cg_topology, "dir": out}
+    return {
+        "model": model_path,
+        "mapping": mapping,
+        "cg_system": cg,
+        "X0": X[0],
+        "aa_system": system_xml,
+        "cg_top": mapping.cg_topology,
+        "dir": out,
+    }

@@ -80,8 +80,9 @@ def test_train_writes_checkpoints(workdir):
     assert len(va) == record["data"]["n_val"]
     model, _ = load_checkpoint(workdir / "model.ckpt")
     x = torch.as_tensor(frames.traj.xyz[va], dtype=model.M.dtype)
-    nll = mean_nll(model, x, torch.as_tensor(frames.mapping.project(frames.traj.xyz[va].astype(np.float64)),
-                                             dtype=model.M.dtype))
+    nll = mean_nll(
+        model, x, torch.as_tensor(frames.mapping.project(frames.traj.xyz[va].astype(np.float64)), dtype=model.M.dtype)
+    )
     assert nll == pytest.approx(record["final_val_nll"], abs=1e-4)
 
 
@@ -96,9 +97,27 @@ def test_info_prints_metadata(workdir, capsys):
 
 def _backmap(workdir, out, *extra):
     """`openmm-backmap backmap` on the test's CG trajectory: 3 samples per frame, seed 1."""
-    return main(["backmap", "--model", str(workdir / "model.pt"), "--cg", str(workdir / "cg.dcd"),
-                 "--cg-topology", str(workdir / "cg.pdb"), "--samples", "3", "--seed", "1", "--out", str(out),
-                 "--batch-size", "8", "--no-progress", *extra])
+    return main(
+        [
+            "backmap",
+            "--model",
+            str(workdir / "model.pt"),
+            "--cg",
+            str(workdir / "cg.dcd"),
+            "--cg-topology",
+            str(workdir / "cg.pdb"),
+            "--samples",
+            "3",
+            "--seed",
+            "1",
+            "--out",
+            str(out),
+            "--batch-size",
+            "8",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def test_backmap_writes_frames_and_energies(workdir):
@@ -235,11 +254,28 @@ def test_train_on_several_trajectories_with_a_restrained_run(tmp_path, capsys):
     from openmm_backmap.training.pipeline import _previous_index
 
     ref = ala2_reference()
-    rest = generate_reference("ala2", 0.02, tmp_path / "aR", seed=5, save_every_ps=0.2, equilibrate_ps=2.0,
-                              progress=False, restrain="alpha_R")
+    rest = generate_reference(
+        "ala2", 0.02, tmp_path / "aR", seed=5, save_every_ps=0.2, equilibrate_ps=2.0, progress=False, restrain="alpha_R"
+    )
     (tmp_path / "groups.json").write_text(json.dumps({"groups": _groups()}))
-    common = ["train", "--topology", str(ref["pdb"]), "--trajectory", str(ref["dcd"]), str(rest["dcd"]),
-              "--epochs", "1", "--stride", "5", "--hidden", "16", "--layers", "2", "--no-progress", "--temporal"]
+    common = [
+        "train",
+        "--topology",
+        str(ref["pdb"]),
+        "--trajectory",
+        str(ref["dcd"]),
+        str(rest["dcd"]),
+        "--epochs",
+        "1",
+        "--stride",
+        "5",
+        "--hidden",
+        "16",
+        "--layers",
+        "2",
+        "--no-progress",
+        "--temporal",
+    ]
     rc = main(common + ["--mapping", str(tmp_path / "groups.json"), "--out", str(tmp_path / "m.ckpt")])
     assert rc == 0
     data = read_checkpoint(tmp_path / "m.ckpt")["spec"]["training"]["data"]

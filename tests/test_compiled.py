@@ -53,8 +53,9 @@ BOX = np.diag([3.0, 3.5, 4.0])
 @pytest.fixture(scope="module")
 def harmonic_package(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("compiled") / "harmonic.pt2"
-    compile_model(PeriodicHarmonic(), N_HARMONIC, path, usesPeriodicBoundaryConditions=True,
-                  globalParameters={"k": 2.0}, box=BOX)
+    compile_model(
+        PeriodicHarmonic(), N_HARMONIC, path, usesPeriodicBoundaryConditions=True, globalParameters={"k": 2.0}, box=BOX
+    )
     return path
 
 
@@ -69,8 +70,11 @@ def cg_files(tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
     spec = make_cg_spec(model)
     spec["masses"] = [12.0, 14.0, 12.0, 12.0, 14.0, 12.0]
     export_cg(model, spec, folder / "cg.pt")
-    result = subprocess.run([sys.executable, "-m", "openmm_backmap.cli", "compile", str(folder / "cg.pt"),
-                             "-o", str(folder / "cg.pt2")], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "openmm_backmap.cli", "compile", str(folder / "cg.pt"), "-o", str(folder / "cg.pt2")],
+        capture_output=True,
+        text=True,
+    )
     torch.set_num_threads(before)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "compiled force (6 particles)" in result.stdout
@@ -82,9 +86,15 @@ def _context(system: openmm.System, platform: str = "Reference") -> openmm.Conte
 
 
 def _harmonic_system(package: Path, backend: str, derivatives=()) -> openmm.System:
-    return forces.create_cg_system(np.full(N_HARMONIC, 10.0), str(package), backend=backend,
-                                   usesPeriodicBoundaryConditions=True, boxVectors=BOX,
-                                   globalParameters={"k": 2.0}, energyParameterDerivatives=derivatives)
+    return forces.create_cg_system(
+        np.full(N_HARMONIC, 10.0),
+        str(package),
+        backend=backend,
+        usesPeriodicBoundaryConditions=True,
+        boxVectors=BOX,
+        globalParameters={"k": 2.0},
+        energyParameterDerivatives=derivatives,
+    )
 
 
 def package_backends() -> list[str]:
@@ -146,11 +156,18 @@ def test_native_package_survives_xml_round_trip(harmonic_package):
 # ----------------------------------------------------------------------------- bad input
 def test_mismatches_are_named(harmonic_package):
     with pytest.raises(ValueError, match="built for 5 particles, but the System has 4"):
-        forces.create_cg_system(np.full(4, 10.0), str(harmonic_package), backend="python",
-                                usesPeriodicBoundaryConditions=True, boxVectors=BOX, globalParameters={"k": 2.0})
+        forces.create_cg_system(
+            np.full(4, 10.0),
+            str(harmonic_package),
+            backend="python",
+            usesPeriodicBoundaryConditions=True,
+            boxVectors=BOX,
+            globalParameters={"k": 2.0},
+        )
     with pytest.raises(ValueError, match=r"global parameters \['k'\]"):
-        forces.create_force(harmonic_package, backend="python", usesPeriodicBoundaryConditions=True,
-                            globalParameters={"kappa": 2.0})
+        forces.create_force(
+            harmonic_package, backend="python", usesPeriodicBoundaryConditions=True, globalParameters={"kappa": 2.0}
+        )
     with pytest.raises(ValueError, match="with periodic boundary conditions"):
         forces.create_force(harmonic_package, backend="python", globalParameters={"k": 2.0})
     if native_plugin_status()[0]:
@@ -230,8 +247,10 @@ def test_compiled_cg_flow_in_openmm(cg_files):
             context = _context(forces.create_cg_system(masses, str(path), backend=backend))
             context.setPositions(X[42])
             state = context.getState(getEnergy=True, getForces=True)
-            results[label, backend] = (state.getPotentialEnergy().value_in_unit(KJ),
-                                       state.getForces(asNumpy=True).value_in_unit(KJ_NM))
+            results[label, backend] = (
+                state.getPotentialEnergy().value_in_unit(KJ),
+                state.getForces(asNumpy=True).value_in_unit(KJ_NM),
+            )
     e0, f0 = results["torchscript", package_backends()[0]]
     for key, (e, f) in results.items():
         assert e == pytest.approx(e0, abs=1e-3 + 1e-5 * abs(e0)), key
@@ -240,8 +259,9 @@ def test_compiled_cg_flow_in_openmm(cg_files):
 
 def test_info_reads_package(cg_files):
     _, pt2, _ = cg_files
-    result = subprocess.run([sys.executable, "-m", "openmm_backmap.cli", "info", str(pt2)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "openmm_backmap.cli", "info", str(pt2)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert "num_particles: 6" in result.stdout and "model.kind: cg-potential" in result.stdout
 
@@ -254,6 +274,11 @@ def test_load_model_bytes_passes_packages_through(harmonic_package):
 
 def test_parameter_names_the_plugin_cannot_read_are_refused(tmp_path):
     with pytest.raises(ValueError, match="free of quotes"):
-        compile_model(PeriodicHarmonic(), 2, tmp_path / "bad.pt2", usesPeriodicBoundaryConditions=True,
-                      globalParameters={'k"': 1.0})
+        compile_model(
+            PeriodicHarmonic(),
+            2,
+            tmp_path / "bad.pt2",
+            usesPeriodicBoundaryConditions=True,
+            globalParameters={'k"': 1.0},
+        )
     assert not (tmp_path / "bad.pt2").exists()

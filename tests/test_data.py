@@ -43,15 +43,11 @@ def test_reference_energies_finite_and_thermal(reference):
 
     traj = md.load(str(reference / "ala2.dcd"), top=str(reference / "ala2.pdb"))
     system = openmm.XmlSerializer.deserialize((reference / "ala2_system.xml").read_text())
-    ctx = openmm.Context(
-        system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference")
-    )
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
     energies = []
     for xyz in traj.xyz[::10]:
         ctx.setPositions(xyz.astype(np.float64))
-        energies.append(
-            ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
-        )
+        energies.append(ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
     energies = np.array(energies)
     assert np.all(np.isfinite(energies))
     # amber ALA2 in vacuum at 300 K fluctuates around -50 kJ/mol with sd ~ 10 kJ/mol:
@@ -142,8 +138,9 @@ def test_reference_cli_rejects_bad_length(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def restrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("restrained")
-    return generate_reference("ala2", 0.02, out, seed=4, save_every_ps=0.1, equilibrate_ps=2.0, progress=False,
-                              restrain="alpha_R")
+    return generate_reference(
+        "ala2", 0.02, out, seed=4, save_every_ps=0.1, equilibrate_ps=2.0, progress=False, restrain="alpha_R"
+    )
 
 
 def test_basin_restraint_is_flat_inside_and_harmonic_outside(restrained):
@@ -205,17 +202,62 @@ def test_restrained_run_accepted_only_when_restrained_atoms_are_beads(restrained
 
 
 def test_reference_cli_restrain_and_train_cg_refuses_it(tmp_path, restrained, capsys):
-    rc = main(["reference", "ala2", "--ns", "0.002", "--restrain", "alpha_L", "--out", str(tmp_path / "l"),
-               "--save-every-ps", "0.5"])
+    rc = main(
+        [
+            "reference",
+            "ala2",
+            "--ns",
+            "0.002",
+            "--restrain",
+            "alpha_L",
+            "--out",
+            str(tmp_path / "l"),
+            "--save-every-ps",
+            "0.5",
+        ]
+    )
     assert rc == 0
     assert json.loads((tmp_path / "l" / "ala2.json").read_text())["restraint"]["basin"] == "alpha_L"
-    rc = main(["train-cg", "--topology", str(restrained["pdb"]), "--trajectory", str(restrained["dcd"]),
-               "--mapping", "backbone", "--epochs", "1", "--out", str(tmp_path / "cg.ckpt"), "--no-progress"])
+    rc = main(
+        [
+            "train-cg",
+            "--topology",
+            str(restrained["pdb"]),
+            "--trajectory",
+            str(restrained["dcd"]),
+            "--mapping",
+            "backbone",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "cg.ckpt"),
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and "biases the ensemble" in capsys.readouterr().err
     # explicitly allowed, it trains a broadened proposal and says so in the model file
-    rc = main(["train-cg", "--topology", str(restrained["pdb"]), "--trajectory", str(restrained["dcd"]),
-               str(tmp_path / "l" / "ala2.dcd"), "--mapping", "backbone", "--epochs", "1", "--layers", "2",
-               "--hidden", "8", "--allow-restrained", "--out", str(tmp_path / "cg.ckpt"), "--no-progress"])
+    rc = main(
+        [
+            "train-cg",
+            "--topology",
+            str(restrained["pdb"]),
+            "--trajectory",
+            str(restrained["dcd"]),
+            str(tmp_path / "l" / "ala2.dcd"),
+            "--mapping",
+            "backbone",
+            "--epochs",
+            "1",
+            "--layers",
+            "2",
+            "--hidden",
+            "8",
+            "--allow-restrained",
+            "--out",
+            str(tmp_path / "cg.ckpt"),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert main(["export", str(tmp_path / "cg.ckpt"), "-o", str(tmp_path / "cg.pt")]) == 0
     from openmm_backmap.io.model_files import load_cg_potential
@@ -240,8 +282,9 @@ def test_mbar_recovers_free_energies_of_biased_gaussians():
 def test_umbrella_populations_run_and_partition():
     from openmm_backmap.systems.umbrella import umbrella_basin_populations
 
-    result = umbrella_basin_populations("ala2", n_windows=8, ps_per_window=4.0, equilibrate_ps=1.0, k_kjmol_rad2=15.0,
-                                        save_every_ps=0.5, progress=False)
+    result = umbrella_basin_populations(
+        "ala2", n_windows=8, ps_per_window=4.0, equilibrate_ps=1.0, k_kjmol_rad2=15.0, save_every_ps=0.5, progress=False
+    )
     pops = [v["population"] for v in result["basins"].values()]
     assert abs(sum(pops) - 1.0) < 1e-9 and all(p >= 0 for p in pops)
     assert len(result["phi_profile"]["phi_deg"]) == 72

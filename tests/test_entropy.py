@@ -80,8 +80,9 @@ class GaussianToy:
     def entropy_difference(self) -> float:
         """H(x) - H(X), which equals H(x | X) in the measure dx = dX dmu_X."""
         M = self.mapping.matrix
-        return 1.5 * (np.linalg.slogdet(2 * np.pi * np.e * self.C)[1]
-                      - np.linalg.slogdet(2 * np.pi * np.e * M @ self.C @ M.T)[1])
+        return 1.5 * (
+            np.linalg.slogdet(2 * np.pi * np.e * self.C)[1] - np.linalg.slogdet(2 * np.pi * np.e * M @ self.C @ M.T)[1]
+        )
 
     def hausdorff_conditional_entropy(self) -> float:
         """H(x | X) w.r.t. the Euclidean surface measure of the fibre: larger by 3/2 log det(M M^T)."""
@@ -91,8 +92,13 @@ class GaussianToy:
     def cross_entropy(self) -> float:
         nf = len(self.free)
         inv_q = np.linalg.inv(self.sigma_q)
-        kl = 0.5 * (np.trace(inv_q @ self.sigma_exact) + self.shift @ inv_q @ self.shift - nf
-                    + np.linalg.slogdet(self.sigma_q)[1] - np.linalg.slogdet(self.sigma_exact)[1])
+        kl = 0.5 * (
+            np.trace(inv_q @ self.sigma_exact)
+            + self.shift @ inv_q @ self.shift
+            - nf
+            + np.linalg.slogdet(self.sigma_q)[1]
+            - np.linalg.slogdet(self.sigma_exact)[1]
+        )
         return self.conditional_entropy() + 3 * kl
 
     # model interface
@@ -102,7 +108,7 @@ class GaussianToy:
 
     def log_prob(self, aa, cg):
         z = _apply(self.T, np.asarray(aa, dtype=np.float64))
-        y = z[:, self.n_cg:] - self._fibre_mean(np.asarray(cg, dtype=np.float64))
+        y = z[:, self.n_cg :] - self._fibre_mean(np.asarray(cg, dtype=np.float64))
         quad = (_apply(self.inv_q, y) * y).sum(axis=(1, 2))
         return -0.5 * quad - 1.5 * np.linalg.slogdet(2 * np.pi * self.sigma_q)[1]
 
@@ -139,8 +145,9 @@ def _estimate(toy, frames=2000, samples=64, seed=1):
     x = toy.reference(frames, seed=seed)
     terms = entropy.sample_terms(toy, x, toy.energy, samples, seed=seed + 1)
     # independent frames: 50 blocks of 40 make the error estimate itself steadier than the default 20
-    res = entropy.entropy_from_terms(terms["log_q_ref"], terms["u_ref"], terms["u_samples"], terms["log_q_samples"],
-                                     n_blocks=50)
+    res = entropy.entropy_from_terms(
+        terms["log_q_ref"], terms["u_ref"], terms["u_samples"], terms["log_q_samples"], n_blocks=50
+    )
     return entropy._with_units(res, toy, 1.0), terms
 
 
@@ -243,9 +250,25 @@ def test_command_on_tiny_model(tiny_ala2, tmp_path):
 
     paths = tiny_ala2["paths"]
     out = tmp_path / "entropy.json"
-    args = _parse(["--model", str(tiny_ala2["model"]), str(tiny_ala2["model"]), "--reference", str(paths["dcd"]),
-                   "--topology", str(paths["pdb"]), "--samples", "4", "--frames", "24", "--blocks", "4",
-                   "--out", str(out)])
+    args = _parse(
+        [
+            "--model",
+            str(tiny_ala2["model"]),
+            str(tiny_ala2["model"]),
+            "--reference",
+            str(paths["dcd"]),
+            "--topology",
+            str(paths["pdb"]),
+            "--samples",
+            "4",
+            "--frames",
+            "24",
+            "--blocks",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert entropy.run(args) == 0
     doc = json.loads(out.read_text())
     assert len(doc["results"]) == 2
@@ -283,8 +306,9 @@ def test_command_refuses_bad_input(tiny_ala2, tmp_path):
     other[0].save_pdb(str(tmp_path / "other.pdb"))
     other.save_dcd(str(tmp_path / "other.dcd"))
     with pytest.raises(ValueError, match="another molecule"):
-        entropy.run(_parse(base + ["--reference", str(tmp_path / "other.dcd"),
-                                   "--topology", str(tmp_path / "other.pdb")]))
+        entropy.run(
+            _parse(base + ["--reference", str(tmp_path / "other.dcd"), "--topology", str(tmp_path / "other.pdb")])
+        )
     # a restrained run as the reference
     shutil.copy(paths["dcd"], tmp_path / "restrained.dcd")
     restraint = {"restraint": {"basin": "alpha_R", "atoms": [4, 6, 8, 14, 16]}}

@@ -28,8 +28,11 @@ def test_metrics_match_independent_recomputation(tiny_ala2, tmp_path):
     ref = traj.xyz[idx].astype(np.float64)
     torch.manual_seed(3)
     aa, log_q = model.sample(model.mapping.project(ref).astype(np.float32), 8)
-    ctx = openmm.Context(load_system(tiny_ala2["system_xml"]), openmm.VerletIntegrator(0.001),
-                         openmm.Platform.getPlatformByName("Reference"))
+    ctx = openmm.Context(
+        load_system(tiny_ala2["system_xml"]),
+        openmm.VerletIntegrator(0.001),
+        openmm.Platform.getPlatformByName("Reference"),
+    )
 
     def energy(x):
         ctx.setPositions(x.astype(np.float64))
@@ -63,15 +66,41 @@ def test_free_energy_surface_of_a_known_density():
 
 def test_evaluate_cli(tiny_ala2, tmp_path, capsys):
     paths = tiny_ala2["paths"]
-    code = main(["evaluate", "--model", str(tiny_ala2["model"]), "--reference", str(paths["dcd"]),
-                 "--topology", str(paths["pdb"]), "--out", str(tmp_path / "report"), "--frames", "5", "--samples", "4"])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(tiny_ala2["model"]),
+            "--reference",
+            str(paths["dcd"]),
+            "--topology",
+            str(paths["pdb"]),
+            "--out",
+            str(tmp_path / "report"),
+            "--frames",
+            "5",
+            "--samples",
+            "4",
+        ]
+    )
     assert code == 0
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["samples_per_frame"] == 4
     assert "report written" in capsys.readouterr().out
     # a reference of another molecule is refused with a clear message
     other = tmp_path / "other.pdb"
     tiny_ala2["traj"][0].atom_slice(range(20)).save_pdb(str(other))
-    code = main(["evaluate", "--model", str(tiny_ala2["model"]), "--reference", str(other), "--topology", str(other),
-                 "--out", str(tmp_path / "r2")])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(tiny_ala2["model"]),
+            "--reference",
+            str(other),
+            "--topology",
+            str(other),
+            "--out",
+            str(tmp_path / "r2"),
+        ]
+    )
     assert code == 2
     assert "trained for another molecule" in capsys.readouterr().err

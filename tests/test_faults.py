@@ -46,8 +46,10 @@ def _threaded_matches_serial(system: openmm.System) -> None:
 
     def evaluate(context: openmm.Context) -> tuple[float, np.ndarray]:
         state = context.getState(getEnergy=True, getForces=True)
-        return (state.getPotentialEnergy().value_in_unit(openmm.unit.kilojoule_per_mole),
-                state.getForces(asNumpy=True).value_in_unit(openmm.unit.kilojoule_per_mole / openmm.unit.nanometer))
+        return (
+            state.getPotentialEnergy().value_in_unit(openmm.unit.kilojoule_per_mole),
+            state.getForces(asNumpy=True).value_in_unit(openmm.unit.kilojoule_per_mole / openmm.unit.nanometer),
+        )
 
     serial = [evaluate(c) for c in contexts]
     assert len({round(e, 9) for e, _ in serial}) == N_THREADS  # distinct configurations: a mix-up shows
@@ -125,8 +127,10 @@ def _flip_weight_byte(source: Path, target: Path) -> None:
     data = bytearray(source.read_bytes())
     with zipfile.ZipFile(source) as archive:
         info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-    name_len, extra_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little"), \
-        int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    name_len, extra_len = (
+        int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little"),
+        int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little"),
+    )
     start = info.header_offset + 30 + name_len + extra_len
     data[start + info.file_size // 2 + 1] ^= 0x40  # a high mantissa/exponent bit of one weight
     target.write_bytes(bytes(data))
@@ -164,8 +168,9 @@ def test_file_without_checksum_still_loads(cg_file, tmp_path):
     meta = json.loads(files["metadata.json"])
     del meta["checksum"]
     old = tmp_path / "old.pt"
-    torch.jit.save(module, str(old), _extra_files={"metadata.json": json.dumps(meta),
-                                                    "cg_topology.pdb": files["cg_topology.pdb"]})
+    torch.jit.save(
+        module, str(old), _extra_files={"metadata.json": json.dumps(meta), "cg_topology.pdb": files["cg_topology.pdb"]}
+    )
     _, loaded = load_cg_potential(old)
     assert "checksum" not in loaded
 
@@ -199,19 +204,78 @@ def test_package_given_as_model_file_says_what_it_is(pair_package):
 
 
 # ----------------------------------------------------------------------------- command line: counts and outputs
-@pytest.mark.parametrize("argv", [
-    ["train-cg", "--topology", "t.pdb", "--trajectory", "t.dcd", "--mapping", "m.json", "--out", "o.ckpt",
-     "--epochs", "0"],
-    ["train", "--topology", "t.pdb", "--trajectory", "t.dcd", "--mapping", "m.json", "--out", "o.ckpt",
-     "--epochs", "-3"],
-    ["train", "--topology", "t.pdb", "--trajectory", "t.dcd", "--mapping", "m.json", "--out", "o.ckpt",
-     "--batch-size", "0"],
-    ["train-cg", "--topology", "t.pdb", "--trajectory", "t.dcd", "--mapping", "m.json", "--out", "o.ckpt",
-     "--stride", "0"],
-    ["backmap", "--model", "m.pt", "--cg", "c.dcd", "--cg-topology", "c.pdb", "--out", "o.dcd", "--samples", "0"],
-    ["backmap", "--model", "m.pt", "--cg", "c.dcd", "--cg-topology", "c.pdb", "--out", "o.dcd", "--batch-size", "0"],
-    ["evaluate", "--model", "m.pt", "--reference", "r.dcd", "--topology", "t.pdb", "--out", "r", "--frames", "0"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [
+            "train-cg",
+            "--topology",
+            "t.pdb",
+            "--trajectory",
+            "t.dcd",
+            "--mapping",
+            "m.json",
+            "--out",
+            "o.ckpt",
+            "--epochs",
+            "0",
+        ],
+        [
+            "train",
+            "--topology",
+            "t.pdb",
+            "--trajectory",
+            "t.dcd",
+            "--mapping",
+            "m.json",
+            "--out",
+            "o.ckpt",
+            "--epochs",
+            "-3",
+        ],
+        [
+            "train",
+            "--topology",
+            "t.pdb",
+            "--trajectory",
+            "t.dcd",
+            "--mapping",
+            "m.json",
+            "--out",
+            "o.ckpt",
+            "--batch-size",
+            "0",
+        ],
+        [
+            "train-cg",
+            "--topology",
+            "t.pdb",
+            "--trajectory",
+            "t.dcd",
+            "--mapping",
+            "m.json",
+            "--out",
+            "o.ckpt",
+            "--stride",
+            "0",
+        ],
+        ["backmap", "--model", "m.pt", "--cg", "c.dcd", "--cg-topology", "c.pdb", "--out", "o.dcd", "--samples", "0"],
+        [
+            "backmap",
+            "--model",
+            "m.pt",
+            "--cg",
+            "c.dcd",
+            "--cg-topology",
+            "c.pdb",
+            "--out",
+            "o.dcd",
+            "--batch-size",
+            "0",
+        ],
+        ["evaluate", "--model", "m.pt", "--reference", "r.dcd", "--topology", "t.pdb", "--out", "r", "--frames", "0"],
+    ],
+)
 def test_counts_below_one_are_refused(argv, capsys):
     from openmm_backmap.cli import main
 
@@ -224,22 +288,39 @@ def test_counts_below_one_are_refused(argv, capsys):
 def _backmap_argv(tmp_path: Path, out: str, *extra: str) -> list[str]:
     for name in ("m.pt", "c.dcd", "c.pdb"):
         (tmp_path / name).write_text("")
-    return ["backmap", "--model", str(tmp_path / "m.pt"), "--cg", str(tmp_path / "c.dcd"),
-            "--cg-topology", str(tmp_path / "c.pdb"), "--out", out, *extra]
+    return [
+        "backmap",
+        "--model",
+        str(tmp_path / "m.pt"),
+        "--cg",
+        str(tmp_path / "c.dcd"),
+        "--cg-topology",
+        str(tmp_path / "c.pdb"),
+        "--out",
+        out,
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("case, message", [
-    ("input", "also the command's --cg: writing it would destroy the input"),
-    ("exists", "exists; pass --overwrite"),
-    ("format", "unsupported format .txt"),
-    ("folder", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("input", "also the command's --cg: writing it would destroy the input"),
+        ("exists", "exists; pass --overwrite"),
+        ("format", "unsupported format .txt"),
+        ("folder", "does not exist"),
+    ],
+)
 def test_backmap_outputs_checked_before_work(tmp_path, capsys, case, message):
     """The input files are empty: any computation would fail with another message."""
     from openmm_backmap.cli import main
 
-    out = {"input": tmp_path / "c.dcd", "exists": tmp_path / "old.dcd", "format": tmp_path / "o.txt",
-           "folder": tmp_path / "missing" / "o.dcd"}[case]
+    out = {
+        "input": tmp_path / "c.dcd",
+        "exists": tmp_path / "old.dcd",
+        "format": tmp_path / "o.txt",
+        "folder": tmp_path / "missing" / "o.dcd",
+    }[case]
     (tmp_path / "old.dcd").write_text("keep")
     assert main(_backmap_argv(tmp_path, str(out))) == 2
     assert message in capsys.readouterr().err
@@ -261,8 +342,23 @@ def test_train_out_equal_to_input_is_refused(tmp_path, capsys):
 
     traj = tmp_path / "t.dcd"
     traj.write_text("")
-    assert main(["train-cg", "--topology", "t.pdb", "--trajectory", str(traj), "--mapping", "m.json",
-                 "--out", str(traj), "--overwrite"]) == 2
+    assert (
+        main(
+            [
+                "train-cg",
+                "--topology",
+                "t.pdb",
+                "--trajectory",
+                str(traj),
+                "--mapping",
+                "m.json",
+                "--out",
+                str(traj),
+                "--overwrite",
+            ]
+        )
+        == 2
+    )
     assert "also the command's --trajectory" in capsys.readouterr().err
     assert traj.exists()
 
@@ -378,8 +474,15 @@ def test_train_cg_refuses_overlapping_groups(tiny_ala2, tmp_path):
     mapping.to_json(tmp_path / "overlap.json")
     paths = tiny_ala2["paths"]
     with pytest.raises(ValueError, match=rf"atom {atom} is in bead 0 .* and bead 1 .*a CG potential"):
-        train_cg_from_files(paths["pdb"], paths["dcd"], str(tmp_path / "overlap.json"), tmp_path / "cg.ckpt",
-                            CGPotentialTraining(epochs=1), progress=False, log=lambda _: None)
+        train_cg_from_files(
+            paths["pdb"],
+            paths["dcd"],
+            str(tmp_path / "overlap.json"),
+            tmp_path / "cg.ckpt",
+            CGPotentialTraining(epochs=1),
+            progress=False,
+            log=lambda _: None,
+        )
     assert not (tmp_path / "cg.ckpt").exists()
 
 
@@ -419,16 +522,28 @@ def test_box_smaller_than_twice_longest_bond_is_refused(cg_file):
     longest = read_model_file(cg_file)[1]["cg_bond_range_nm"][1]
     small = np.eye(3) * 1.5 * longest
     with pytest.raises(ValueError, match="less than twice the longest CG bond"):
-        forces.create_cg_system(np.full(N_BEADS, 12.0), str(cg_file), backend="python",
-                                usesPeriodicBoundaryConditions=True, boxVectors=small)
+        forces.create_cg_system(
+            np.full(N_BEADS, 12.0),
+            str(cg_file),
+            backend="python",
+            usesPeriodicBoundaryConditions=True,
+            boxVectors=small,
+        )
     check_box_fits(np.eye(3) * 2.01 * longest, longest)  # wide enough passes
     with pytest.raises(ValueError, match="narrowest"):
         check_box_fits(np.diag([5.0, 5.0, 1.9 * longest]), longest)
 
 
 # ----------------------------------------------------------------------------- counts in the library, sizes at run time
-@pytest.mark.parametrize("kind, field", [("BackmapperTraining", "epochs"), ("BackmapperTraining", "batch_size"),
-                                         ("CGPotentialTraining", "epochs"), ("CGPotentialTraining", "stride")])
+@pytest.mark.parametrize(
+    "kind, field",
+    [
+        ("BackmapperTraining", "epochs"),
+        ("BackmapperTraining", "batch_size"),
+        ("CGPotentialTraining", "epochs"),
+        ("CGPotentialTraining", "stride"),
+    ],
+)
 def test_training_settings_refuse_counts_below_one(kind, field):
     from openmm_backmap.training import config
 
@@ -442,8 +557,7 @@ def test_backmap_batch_size_zero_is_a_clear_error(tmp_path):
     from openmm_backmap.backmap import backmap_trajectory
 
     with pytest.raises(ValueError, match="batch_size=0"):
-        backmap_trajectory(tmp_path / "m.pt", tmp_path / "c.dcd", tmp_path / "c.pdb", tmp_path / "o.dcd",
-                           batch_size=0)
+        backmap_trajectory(tmp_path / "m.pt", tmp_path / "c.dcd", tmp_path / "c.pdb", tmp_path / "o.dcd", batch_size=0)
 
 
 @needs_compiler

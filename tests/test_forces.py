@@ -251,8 +251,9 @@ def test_global_parameter_and_derivative(backend, platform):
     n = 5
     positions = _positions(n, seed=6)
     sum2 = float(np.sum(positions**2))
-    force = forces.create_force(HarmonicParameter(), backend=backend, globalParameters={"k": 1.5},
-                                energyParameterDerivatives=["k"])
+    force = forces.create_force(
+        HarmonicParameter(), backend=backend, globalParameters={"k": 1.5}, energyParameterDerivatives=["k"]
+    )
     context = _context(_system(n, force), platform)
     context.setPositions(positions)
     for k in (1.5, 4.0):
@@ -275,14 +276,16 @@ def test_python_backend_global_parameter():
     _assert_close(3.0 * np.sum(positions**2), energy)
     _assert_close(-6.0 * positions, f)
     with pytest.raises(ValueError, match="cannot report energy parameter derivatives"):
-        forces.create_force(HarmonicParameter(), backend="python", globalParameters={"k": 1.5},
-                            energyParameterDerivatives=["k"])
+        forces.create_force(
+            HarmonicParameter(), backend="python", globalParameters={"k": 1.5}, energyParameterDerivatives=["k"]
+        )
 
 
 def test_derivative_of_unknown_parameter_is_rejected():
     with pytest.raises(ValueError, match="not in globalParameters"):
-        forces.create_force(HarmonicParameter(), backend="python", globalParameters={"k": 1.0},
-                            energyParameterDerivatives=["q"])
+        forces.create_force(
+            HarmonicParameter(), backend="python", globalParameters={"k": 1.0}, energyParameterDerivatives=["q"]
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,9 +309,14 @@ def test_xml_round_trip(backend):
 @pytest.mark.skipif(not NATIVE_OK, reason=f"native plugin unavailable: {NATIVE_REASON}")
 def test_native_force_keeps_module_bytes_and_settings():
     data = load_model_bytes(HarmonicParameter())
-    force = forces.create_force(data, backend="native", globalParameters={"k": 2.0},
-                                energyParameterDerivatives=["k"], usesPeriodicBoundaryConditions=True,
-                                name="cg potential")
+    force = forces.create_force(
+        data,
+        backend="native",
+        globalParameters={"k": 2.0},
+        energyParameterDerivatives=["k"],
+        usesPeriodicBoundaryConditions=True,
+        name="cg potential",
+    )
     plugin = load_native_plugin()
     copy = plugin.BackmapTorchForce.cast(openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(force)))
     assert copy.getModuleBytes() == data
@@ -339,8 +347,15 @@ def test_saved_system_deserializes_in_a_fresh_process(tmp_path):
     )
     root = Path(forces.__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
-                            env=env, cwd=tmp_path, check=False, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert float(result.stdout.strip().splitlines()[-1]) == expected
 
@@ -363,8 +378,9 @@ def test_create_cg_system_masses_and_extra_forces():
 
 def test_create_cg_system_periodic_box():
     box = [openmm.Vec3(2.0, 0, 0), openmm.Vec3(0, 2.5, 0), openmm.Vec3(0, 0, 3.0)] * openmm.unit.nanometer
-    system = forces.create_cg_system(np.full(4, 12.0), PeriodicPairs(), backend="python",
-                                     usesPeriodicBoundaryConditions=True, boxVectors=box)
+    system = forces.create_cg_system(
+        np.full(4, 12.0), PeriodicPairs(), backend="python", usesPeriodicBoundaryConditions=True, boxVectors=box
+    )
     vectors = system.getDefaultPeriodicBoxVectors()
     assert [vectors[i][i].value_in_unit(openmm.unit.nanometer) for i in range(3)] == [2.0, 2.5, 3.0]
     with pytest.raises(ValueError, match="boxVectors"):
@@ -379,11 +395,13 @@ def test_langevin_simulation_runs(backend, platform):
     for i in range(n - 1):
         bonds.addBond(i, i + 1, 0.38, 2000.0)
     system = forces.create_cg_system(np.full(n, 50.0), DistanceMLP(n), backend=backend, extraForces=[bonds])
-    integrator = openmm.LangevinMiddleIntegrator(300 * openmm.unit.kelvin, 1.0 / openmm.unit.picosecond,
-                                                 0.002 * openmm.unit.picoseconds)
+    integrator = openmm.LangevinMiddleIntegrator(
+        300 * openmm.unit.kelvin, 1.0 / openmm.unit.picosecond, 0.002 * openmm.unit.picoseconds
+    )
     integrator.setRandomNumberSeed(11)
-    simulation = openmm.app.Simulation(openmm.app.Topology(), system, integrator,
-                                       openmm.Platform.getPlatformByName(platform))
+    simulation = openmm.app.Simulation(
+        openmm.app.Topology(), system, integrator, openmm.Platform.getPlatformByName(platform)
+    )
     simulation.context.setPositions(_positions(n, seed=9))
     simulation.minimizeEnergy(maxIterations=50)
     simulation.step(1000)
@@ -461,8 +479,9 @@ def test_script_module_and_bytes_inputs_agree():
     torch.jit.save(module, buffer)
     positions = _positions(5, seed=10)
     e1, _ = _energy_forces(_context(_system(5, forces.create_force(module, backend="python")), "Reference"), positions)
-    e2, _ = _energy_forces(_context(_system(5, forces.create_force(buffer.getvalue(), backend="python")), "Reference"),
-                           positions)
+    e2, _ = _energy_forces(
+        _context(_system(5, forces.create_force(buffer.getvalue(), backend="python")), "Reference"), positions
+    )
     assert e1 == e2
 
 

@@ -123,8 +123,9 @@ def _check_moments(xs, n_blocks=20, n_sigma=4.0):
 def test_independent_cg_flow_kernel_is_exact():
     torch.manual_seed(0)
     kernel = CGFlowKernel(ToyCGFlow(sigma=0.35), rigid=False)
-    move = ResolutionMove(ToyBackmapper(s=0.15), np.array([[0.5, 0.5]]), kernel, n_attempts=1, seed=1,
-                          dtype=torch.float64)
+    move = ResolutionMove(
+        ToyBackmapper(s=0.15), np.array([[0.5, 0.5]]), kernel, n_attempts=1, seed=1, dtype=torch.float64
+    )
     xs = _run(move, 4000)
     assert 0.05 < move.stats.acceptance_rate < 0.95
     _check_moments(xs)
@@ -134,8 +135,9 @@ def test_hamiltonian_cg_kernel_is_exact():
     torch.manual_seed(1)
     # the true CG stiffness is 1 / (beta var(X)) ~ 47 kJ/mol/nm^2: use a wrong one on purpose
     kernel = CGHamiltonianKernel(_cg_system(k_cg=25.0), timestep=0.05, n_steps=15)
-    move = ResolutionMove(ToyBackmapper(s=0.15), np.array([[0.5, 0.5]]), kernel, n_attempts=1, seed=3,
-                          dtype=torch.float64)
+    move = ResolutionMove(
+        ToyBackmapper(s=0.15), np.array([[0.5, 0.5]]), kernel, n_attempts=1, seed=3, dtype=torch.float64
+    )
     xs = _run(move, 4000)
     assert kernel.n_accepted / kernel.n_proposed > 0.5
     _check_moments(xs)
@@ -143,9 +145,14 @@ def test_hamiltonian_cg_kernel_is_exact():
 
 def test_composes_with_langevin_and_records_acceptance():
     torch.manual_seed(2)
-    resolution = ResolutionMove(ToyBackmapper(s=0.112), np.array([[0.5, 0.5]]),
-                                CGFlowKernel(ToyCGFlow(sigma=0.23), rigid=False), n_attempts=2, seed=4,
-                                dtype=torch.float64)
+    resolution = ResolutionMove(
+        ToyBackmapper(s=0.112),
+        np.array([[0.5, 0.5]]),
+        CGFlowKernel(ToyCGFlow(sigma=0.23), rigid=False),
+        n_attempts=2,
+        seed=4,
+        dtype=torch.float64,
+    )
     langevin = mcmc.LangevinDynamicsMove(timestep=2.0 * unit.femtoseconds, n_steps=20)
     sequence = mcmc.SequenceMove([langevin, resolution])
     xs = _run(sequence, 50)
@@ -157,8 +164,9 @@ def test_composes_with_langevin_and_records_acceptance():
 
 
 def test_wrong_atom_count_is_refused():
-    move = ResolutionMove(ToyBackmapper(s=0.1), np.array([[1 / 3, 1 / 3, 1 / 3]]),
-                          CGFlowKernel(ToyCGFlow(0.2), rigid=False))
+    move = ResolutionMove(
+        ToyBackmapper(s=0.1), np.array([[1 / 3, 1 / 3, 1 / 3]]), CGFlowKernel(ToyCGFlow(0.2), rigid=False)
+    )
     with pytest.raises(ValueError, match="sampler state has 2 atoms; the mapping expects 3"):
         _run(move, 1)
     with pytest.raises(ValueError, match="rows sum to 1"):
@@ -167,8 +175,9 @@ def test_wrong_atom_count_is_refused():
 
 def test_acceptance_is_one_rule_for_both_samplers():
     # log a = [-u' - log q' + c'] - [-u - log q + c], impossible pairs refused, one draw per chain
-    log_a = log_acceptance([1.0, np.inf, 2.0], [0.5, 0.0, 0.0], [0.25, 0.0, 0.0],
-                           [2.0, np.inf, np.inf], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0])
+    log_a = log_acceptance(
+        [1.0, np.inf, 2.0], [0.5, 0.0, 0.0], [0.25, 0.0, 0.0], [2.0, np.inf, np.inf], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]
+    )
     np.testing.assert_allclose(log_a, [(-1.0 - 0.5 + 0.25) - (-2.0 - 1.0), -np.inf, np.inf])
     rng, again = np.random.default_rng(3), np.random.default_rng(3)
     accept = metropolis(log_a, rng)
@@ -185,8 +194,14 @@ def test_resolution_move_keeps_its_own_generators_and_serialises():
 
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    move = ResolutionMove(ToyBackmapper(s=0.15), np.array([[0.5, 0.5]]), CGFlowKernel(ToyCGFlow(0.35), rigid=False),
-                          n_attempts=3, seed=7, dtype=torch.float64)
+    move = ResolutionMove(
+        ToyBackmapper(s=0.15),
+        np.array([[0.5, 0.5]]),
+        CGFlowKernel(ToyCGFlow(0.35), rigid=False),
+        n_attempts=3,
+        seed=7,
+        dtype=torch.float64,
+    )
     _run(move, 5)
     assert torch.equal(torch.get_rng_state(), before)
     assert move.statistics == {"n_accepted": move.stats.n_accepted, "n_proposed": 15}
@@ -201,11 +216,23 @@ def test_resolution_move_keeps_its_own_generators_and_serialises():
     assert copy.stats.acceptance_rate == 0.25
     # the same seed gives the same chain whatever torch's global state
     torch.manual_seed(999)
-    fresh = ResolutionMove(ToyBackmapper(s=0.15), np.array([[0.5, 0.5]]), CGFlowKernel(ToyCGFlow(0.35), rigid=False),
-                           n_attempts=3, seed=7, dtype=torch.float64)
+    fresh = ResolutionMove(
+        ToyBackmapper(s=0.15),
+        np.array([[0.5, 0.5]]),
+        CGFlowKernel(ToyCGFlow(0.35), rigid=False),
+        n_attempts=3,
+        seed=7,
+        dtype=torch.float64,
+    )
     torch.manual_seed(123)
-    other = ResolutionMove(ToyBackmapper(s=0.15), np.array([[0.5, 0.5]]), CGFlowKernel(ToyCGFlow(0.35), rigid=False),
-                           n_attempts=3, seed=7, dtype=torch.float64)
+    other = ResolutionMove(
+        ToyBackmapper(s=0.15),
+        np.array([[0.5, 0.5]]),
+        CGFlowKernel(ToyCGFlow(0.35), rigid=False),
+        n_attempts=3,
+        seed=7,
+        dtype=torch.float64,
+    )
     np.testing.assert_array_equal(_run(fresh, 4), _run(other, 4))
 
 
@@ -226,10 +253,21 @@ def test_toy_energy_matches_the_openmm_system():
 @pytest.mark.parametrize("langevin_steps", [0, 5])
 def test_batched_chains_are_exact(langevin_steps):
     n_chains, n_iter, burn = 64, 300, 20
-    sampler = BatchedHybridSampler(ToyBackmapper(s=0.15), ToyCGFlow(sigma=0.35), np.array([[0.5, 0.5]]),
-                                   _toy_energy, np.zeros((2, 3)) + 0.05, n_chains, T, rigid=False,
-                                   langevin_steps=langevin_steps, system=_aa_system(), timestep_fs=5.0,
-                                   seed=5, dtype=torch.float64)
+    sampler = BatchedHybridSampler(
+        ToyBackmapper(s=0.15),
+        ToyCGFlow(sigma=0.35),
+        np.array([[0.5, 0.5]]),
+        _toy_energy,
+        np.zeros((2, 3)) + 0.05,
+        n_chains,
+        T,
+        rigid=False,
+        langevin_steps=langevin_steps,
+        system=_aa_system(),
+        timestep_fs=5.0,
+        seed=5,
+        dtype=torch.float64,
+    )
     xs = np.empty((n_iter, n_chains, 2, 3))
     for i in range(n_iter):
         sampler.step()
@@ -241,16 +279,33 @@ def test_batched_chains_are_exact(langevin_steps):
 def test_batched_chains_keep_their_own_state():
     # a proposal that is always refused (infinite energy) leaves every chain where it was
     x0 = np.random.default_rng(1).normal(scale=0.1, size=(8, 2, 3))
-    sampler = BatchedHybridSampler(ToyBackmapper(s=0.15), ToyCGFlow(sigma=0.35), np.array([[0.5, 0.5]]),
-                                   lambda x: torch.full((x.shape[0],), math.inf, dtype=x.dtype), x0, 8, T,
-                                   rigid=False, dtype=torch.float64)
+    sampler = BatchedHybridSampler(
+        ToyBackmapper(s=0.15),
+        ToyCGFlow(sigma=0.35),
+        np.array([[0.5, 0.5]]),
+        lambda x: torch.full((x.shape[0],), math.inf, dtype=x.dtype),
+        x0,
+        8,
+        T,
+        rigid=False,
+        dtype=torch.float64,
+    )
     assert not sampler.step().any() and np.array_equal(sampler.x, x0)
     with pytest.raises(ValueError, match="starting positions have shape"):
-        BatchedHybridSampler(ToyBackmapper(s=0.15), ToyCGFlow(0.3), np.array([[0.5, 0.5]]), _toy_energy,
-                             np.zeros((3, 3)), 4, T)
+        BatchedHybridSampler(
+            ToyBackmapper(s=0.15), ToyCGFlow(0.3), np.array([[0.5, 0.5]]), _toy_energy, np.zeros((3, 3)), 4, T
+        )
     with pytest.raises(ValueError, match="langevin_steps > 0 needs the AA System"):
-        BatchedHybridSampler(ToyBackmapper(s=0.15), ToyCGFlow(0.3), np.array([[0.5, 0.5]]), _toy_energy,
-                             np.zeros((2, 3)), 4, T, langevin_steps=3)
+        BatchedHybridSampler(
+            ToyBackmapper(s=0.15),
+            ToyCGFlow(0.3),
+            np.array([[0.5, 0.5]]),
+            _toy_energy,
+            np.zeros((2, 3)),
+            4,
+            T,
+            langevin_steps=3,
+        )
 
 
 # ---------------------------------------------------------------------------- whole runs
@@ -263,9 +318,29 @@ def test_run_hybrid_writes_trajectory_log_and_summary(tiny_ala2, tiny_cg, tmp_pa
     from openmm_backmap.cli import main
 
     out = tmp_path / kernel
-    code = main(["hybrid", "--model", str(tiny_ala2["model"]), "--cg-model", str(tiny_cg), "--start",
-                 str(tiny_ala2["paths"]["pdb"]), "--iterations", "6", "--out", str(out), "--kernel", kernel,
-                 "--langevin-steps", "20", "--attempts", "2", "--seed", "3"])
+    code = main(
+        [
+            "hybrid",
+            "--model",
+            str(tiny_ala2["model"]),
+            "--cg-model",
+            str(tiny_cg),
+            "--start",
+            str(tiny_ala2["paths"]["pdb"]),
+            "--iterations",
+            "6",
+            "--out",
+            str(out),
+            "--kernel",
+            kernel,
+            "--langevin-steps",
+            "20",
+            "--attempts",
+            "2",
+            "--seed",
+            "3",
+        ]
+    )
     assert code == 0
     traj = md.load(str(out / "trajectory.dcd"), top=str(tiny_ala2["paths"]["pdb"]))
     assert traj.n_frames == 6 and np.all(np.isfinite(traj.xyz))
@@ -299,9 +374,31 @@ def test_run_hybrid_with_batched_chains(tiny_ala2, tiny_cg, tmp_path):
     from openmm_backmap.cli import main
 
     out = tmp_path / "batched"
-    code = main(["hybrid", "--model", str(tiny_ala2["model"]), "--cg-model", str(tiny_cg), "--start",
-                 str(tiny_ala2["paths"]["pdb"]), "--iterations", "6", "--out", str(out), "--chains", "5",
-                 "--langevin-steps", "4", "--attempts", "2", "--save-every", "2", "--burn-in", "0.5"])
+    code = main(
+        [
+            "hybrid",
+            "--model",
+            str(tiny_ala2["model"]),
+            "--cg-model",
+            str(tiny_cg),
+            "--start",
+            str(tiny_ala2["paths"]["pdb"]),
+            "--iterations",
+            "6",
+            "--out",
+            str(out),
+            "--chains",
+            "5",
+            "--langevin-steps",
+            "4",
+            "--attempts",
+            "2",
+            "--save-every",
+            "2",
+            "--burn-in",
+            "0.5",
+        ]
+    )
     assert code == 0
     traj = md.load(str(out / "trajectory.dcd"), top=str(tiny_ala2["paths"]["pdb"]))
     assert traj.n_frames == 3 * 5 and np.all(np.isfinite(traj.xyz))
@@ -321,13 +418,15 @@ def test_run_hybrid_with_batched_chains(tiny_ala2, tiny_cg, tmp_path):
     with pytest.raises(ValueError, match="CG-flow kernel only"):
         from openmm_backmap.sampling.hybrid import HybridRun, run_hybrid
 
-        run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], tmp_path / "h",
-                   HybridRun(1, kernel="hmc", chains=2))
+        run_hybrid(
+            tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], tmp_path / "h", HybridRun(1, kernel="hmc", chains=2)
+        )
     with pytest.raises(ValueError, match="chains must be positive"):
         run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], tmp_path / "h", HybridRun(1, chains=0))
     with pytest.raises(ValueError, match="burn_in must be a fraction"):
-        run_hybrid(tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], tmp_path / "h",
-                   HybridRun(2, chains=2, burn_in=1.5))
+        run_hybrid(
+            tiny_ala2["model"], tiny_cg, tiny_ala2["paths"]["pdb"], tmp_path / "h", HybridRun(2, chains=2, burn_in=1.5)
+        )
 
 
 # ---------------------------------------------------------------------------- ALA2 (slow)
@@ -374,16 +473,23 @@ def test_ala2_hybrid_basin_populations_match_long_reference(tmp_path):
         umbrella = umbrella_basin_populations("ala2", n_windows=36, ps_per_window=2000.0, seed=6, progress=False)
     else:
         umbrella = json.loads(Path(umbrella_file).read_text())
-    summary = run_hybrid(demo / "models" / "backmapper.pt", demo / "models" / "cg.pt",
-                         demo / "reference" / "ala2.pdb", tmp_path / "hybrid",
-                         HybridRun(3000, langevin_steps=10, chains=256, save_every=3000, seed=21, progress=False))
+    summary = run_hybrid(
+        demo / "models" / "backmapper.pt",
+        demo / "models" / "cg.pt",
+        demo / "reference" / "ala2.pdb",
+        tmp_path / "hybrid",
+        HybridRun(3000, langevin_steps=10, chains=256, save_every=3000, seed=21, progress=False),
+    )
     assert 0.2 < summary["acceptance_rate"] < 1.0
     for basin in BASINS:
         ref, umb = reference[basin]["population"], umbrella["basins"][basin]["population"]
         hyb, err = summary["basins"][basin]["population"], summary["basins"][basin]["error"]
         print(f"{basin}: MD {ref:.5f}, umbrella {umb:.5f}, hybrid {hyb:.5f} +- {err:.5f}")
-    checks = {"C7eq": reference["C7eq"]["population"], "alpha_R": reference["alpha_R"]["population"],
-              "alpha_L": umbrella["basins"]["alpha_L"]["population"]}
+    checks = {
+        "C7eq": reference["C7eq"]["population"],
+        "alpha_R": reference["alpha_R"]["population"],
+        "alpha_L": umbrella["basins"]["alpha_L"]["population"],
+    }
     for basin, ref in checks.items():
         hyb = summary["basins"][basin]["population"]
         assert hyb > 0 and abs(np.log(hyb / ref)) <= 0.3, (basin, hyb, ref)

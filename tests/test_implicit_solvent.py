@@ -6,7 +6,7 @@ three forms the torch energy implements: GBn2 and OBC2 as amber14's ``implicit/*
 noisy and compressed copies of it, and random clusters that visit every branch of the model.
 """
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import openmm
@@ -31,14 +31,25 @@ GB_GROUP = 1
 # name: (force field files, createSystem arguments, force type, form read from the force)
 SYSTEMS = {
     "gbn2": (("amber14-all.xml", "implicit/gbn2.xml"), {}, "CustomGBForce", "GBn2"),
-    "gbn2-salt": (("amber14-all.xml", "implicit/gbn2.xml"),
-                  {"implicitSolventKappa": 1.2 / unit.nanometer, "soluteDielectric": 2.0, "solventDielectric": 80.0},
-                  "CustomGBForce", "GBn2"),
+    "gbn2-salt": (
+        ("amber14-all.xml", "implicit/gbn2.xml"),
+        {"implicitSolventKappa": 1.2 / unit.nanometer, "soluteDielectric": 2.0, "solventDielectric": 80.0},
+        "CustomGBForce",
+        "GBn2",
+    ),
     "obc2": (("amber14-all.xml", "implicit/obc2.xml"), {}, "CustomGBForce", "OBC2"),
-    "obc2-salt": (("amber14-all.xml", "implicit/obc2.xml"),
-                  {"implicitSolventKappa": 0.7 / unit.nanometer, "soluteDielectric": 1.5}, "CustomGBForce", "OBC2"),
-    "gbsaobc": (("amber99sb.xml", "amber99_obc.xml"), {"soluteDielectric": 1.5, "solventDielectric": 80.0},
-                "GBSAOBCForce", "GBSAOBCForce"),
+    "obc2-salt": (
+        ("amber14-all.xml", "implicit/obc2.xml"),
+        {"implicitSolventKappa": 0.7 / unit.nanometer, "soluteDielectric": 1.5},
+        "CustomGBForce",
+        "OBC2",
+    ),
+    "gbsaobc": (
+        ("amber99sb.xml", "amber99_obc.xml"),
+        {"soluteDielectric": 1.5, "solventDielectric": 80.0},
+        "GBSAOBCForce",
+        "GBSAOBCForce",
+    ),
 }
 
 
@@ -47,7 +58,7 @@ def _gb_force(system):
     return force
 
 
-@lru_cache(maxsize=None)
+@cache
 def _forcefield(*files):
     return app.ForceField(*files)
 
@@ -84,8 +95,9 @@ def _torch(energy, frames, dtype=torch.float64):
 def _errors(e, f, ref_e, ref_f):
     """Largest relative energy error and largest |F - F_ref| / |F_ref| over the frames."""
     e_err = np.max(np.abs(e - ref_e) / np.abs(ref_e))
-    f_err = np.max(np.linalg.norm((f - ref_f).reshape(len(f), -1), axis=1)
-                   / np.linalg.norm(ref_f.reshape(len(f), -1), axis=1))
+    f_err = np.max(
+        np.linalg.norm((f - ref_f).reshape(len(f), -1), axis=1) / np.linalg.norm(ref_f.reshape(len(f), -1), axis=1)
+    )
     return e_err, f_err
 
 
@@ -96,8 +108,12 @@ def chignolin():
     x0 = np.array(pdb.positions.value_in_unit(unit.nanometer))
     rng = np.random.default_rng(7)
     centre = x0.mean(0)
-    frames = [x0, x0 + rng.normal(scale=0.01, size=x0.shape), x0 + rng.normal(scale=0.03, size=x0.shape),
-              centre + 0.6 * (x0 - centre) + rng.normal(scale=0.005, size=x0.shape)]
+    frames = [
+        x0,
+        x0 + rng.normal(scale=0.01, size=x0.shape),
+        x0 + rng.normal(scale=0.03, size=x0.shape),
+        centre + 0.6 * (x0 - centre) + rng.normal(scale=0.005, size=x0.shape),
+    ]
     return pdb.topology, np.array(frames)
 
 
@@ -162,8 +178,11 @@ def _branch_counts(params, x):
     r = np.linalg.norm(x[:, None] - x[None], axis=-1)
     off = ~np.eye(len(x), dtype=bool)
     rho, s = params.offset_radius[:, None], params.scaled_radius[None, :]
-    counts = {"outside": np.sum(off & (r + s < rho)), "buried": np.sum(off & (rho < s - r)),
-              "L=rho": np.sum(off & (np.abs(r - s) < rho) & (r + s >= rho))}
+    counts = {
+        "outside": np.sum(off & (r + s < rho)),
+        "buried": np.sum(off & (rho < s - r)),
+        "L=rho": np.sum(off & (np.abs(r - s) < rho) & (r + s >= rho)),
+    }
     if params.neck_cut is not None:
         counts["neck near"] = np.sum(off & (r <= params.neck_cut))
         counts["neck far"] = np.sum(off & (r > params.neck_cut))
@@ -290,7 +309,8 @@ def test_other_gb_forms_are_refused_with_the_reason(chignolin):
     assert "global parameters ['lambda']" in unsupported_reason(force)
 
     cut = _forcefield("amber14-all.xml", "implicit/gbn2.xml").createSystem(
-        topology, nonbondedMethod=app.CutoffNonPeriodic, nonbondedCutoff=2.0 * unit.nanometer)
+        topology, nonbondedMethod=app.CutoffNonPeriodic, nonbondedCutoff=2.0 * unit.nanometer
+    )
     assert "only NoCutoff" in unsupported_reason(_gb_force(cut))
     native = openmm.GBSAOBCForce()
     native.setNonbondedMethod(openmm.GBSAOBCForce.CutoffNonPeriodic)

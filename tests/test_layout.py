@@ -16,8 +16,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "openmm_backmap"
 # torch model code: no OpenMM (and nothing of the package that imports it)
-TORCH_SIDE = ("openmm_backmap.geometry", "openmm_backmap.mapping", "openmm_backmap.units", "openmm_backmap.flows",
-              "openmm_backmap.models")
+TORCH_SIDE = (
+    "openmm_backmap.geometry",
+    "openmm_backmap.mapping",
+    "openmm_backmap.units",
+    "openmm_backmap.flows",
+    "openmm_backmap.models",
+)
 
 
 def _module_name(path: Path) -> str:
@@ -36,8 +41,9 @@ def _imports(path: Path) -> tuple[set[str], set[str]]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             # `from package import module` imports the module
-            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module
-                     for a in node.names]
+            names = [
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module for a in node.names
+            ]
         else:
             continue
         for name in names:
@@ -68,7 +74,7 @@ def _find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         state[node] = 2
@@ -119,8 +125,9 @@ def test_the_demo_calls_the_library_not_the_cli():
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          check=False)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
+    )
 
 
 def _imported_names() -> list[tuple[str, str, str]]:
@@ -137,32 +144,45 @@ def _imported_names() -> list[tuple[str, str, str]]:
 
 def test_every_module_imports_and_every_imported_name_exists():
     # a lazy import of a name that moved away fails only when its function runs: check them all here
-    code = ("import importlib\n"
-            f"for name in {sorted(MODULES)!r}:\n    importlib.import_module(name)\n"
-            "missing = []\n"
-            f"for where, module, name in {_imported_names()!r}:\n"
-            "    if not hasattr(importlib.import_module(module), name):\n"
-            "        try:\n            importlib.import_module(module + '.' + name)\n"
-            "        except ImportError:\n            missing.append((where, module, name))\n"
-            "assert not missing, missing\n")
+    code = (
+        "import importlib\n"
+        f"for name in {sorted(MODULES)!r}:\n    importlib.import_module(name)\n"
+        "missing = []\n"
+        f"for where, module, name in {_imported_names()!r}:\n"
+        "    if not hasattr(importlib.import_module(module), name):\n"
+        "        try:\n            importlib.import_module(module + '.' + name)\n"
+        "        except ImportError:\n            missing.append((where, module, name))\n"
+        "assert not missing, missing\n"
+    )
     result = _run(code)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("module", ["openmm_backmap.geometry", "openmm_backmap.flows.internal",
-                                    "openmm_backmap.models.backmapper", "openmm_backmap.models.cg_potential"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "openmm_backmap.geometry",
+        "openmm_backmap.flows.internal",
+        "openmm_backmap.models.backmapper",
+        "openmm_backmap.models.cg_potential",
+    ],
+)
 def test_torch_model_code_runs_without_openmm(module):
     # mapping.py is checked above only: it needs mdtraj, and mdtraj loads OpenMM's unit module
-    code = (f"import sys, {module}\n"
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('openmm', 'simtk', 'mdtraj')]\n"
-            "print(bad)\nsys.exit(1 if bad else 0)\n")
+    code = (
+        f"import sys, {module}\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('openmm', 'simtk', 'mdtraj')]\n"
+        "print(bad)\nsys.exit(1 if bad else 0)\n"
+    )
     result = _run(code)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
 
 
 def test_public_names_resolve():
-    result = _run("import openmm_backmap as ob\n"
-                  "for name in ob.__all__:\n    getattr(ob, name)\n"
-                  "from openmm_backmap import CGMapping, BackmapReporter, load_model, create_force, "
-                  "create_cg_system, ResolutionMove, reweight, __version__\n")
+    result = _run(
+        "import openmm_backmap as ob\n"
+        "for name in ob.__all__:\n    getattr(ob, name)\n"
+        "from openmm_backmap import CGMapping, BackmapReporter, load_model, create_force, "
+        "create_cg_system, ResolutionMove, reweight, __version__\n"
+    )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -52,13 +52,18 @@ def _assert_geometry(topology, positions, seq, termini, cis):
     # mdtraj's independent omega (CA-C-N-CA) agrees with ours on the standard residues.
     import mdtraj as md
 
-    traj = md.Trajectory(np.asarray(positions.value_in_unit(unit.nanometer))[None],
-                         md.Topology.from_openmm(topology))
+    traj = md.Trajectory(np.asarray(positions.value_in_unit(unit.nanometer))[None], md.Topology.from_openmm(topology))
     _, md_omega = md.compute_omega(traj)
-    ours = [omega[k - 1] for k, r in enumerate(topology.residues())
-            if k > 0 and r.name not in P.CAPS and list(topology.residues())[k - 1].name != "ACE"]
-    np.testing.assert_allclose(np.cos(md_omega[0][: len(ours)]),  # mdtraj: radians
-                               np.cos(np.radians(ours)), atol=1e-4)
+    ours = [
+        omega[k - 1]
+        for k, r in enumerate(topology.residues())
+        if k > 0 and r.name not in P.CAPS and list(topology.residues())[k - 1].name != "ACE"
+    ]
+    np.testing.assert_allclose(
+        np.cos(md_omega[0][: len(ours)]),  # mdtraj: radians
+        np.cos(np.radians(ours)),
+        atol=1e-4,
+    )
     n_stereo = sum(r != "GLY" for r in seq) + sum(r in ("ILE", "THR") for r in seq)
     assert len(signs) == n_stereo and all(s > 0 for s in signs.values())
 
@@ -83,8 +88,9 @@ def test_every_residue_type_builds_with_trans_l_geometry_and_amber14_gbn2_system
     assert {"HD1", "HE2"} <= h["HIP"] and "HG" in h["CYS"] and "HD2" not in h["ASP"]
     system = P.make_gbn2_system(topology, forcefield=forcefield)
     nb = next(f for f in system.getForces() if isinstance(f, openmm.NonbondedForce))
-    charge = sum(nb.getParticleParameters(i)[0].value_in_unit(unit.elementary_charge)
-                 for i in range(system.getNumParticles()))
+    charge = sum(
+        nb.getParticleParameters(i)[0].value_in_unit(unit.elementary_charge) for i in range(system.getNumParticles())
+    )
     # NH3+ / COO- cancel; ARG +1, ASP -1, GLU -1, HIP +1 -> net 0.
     assert charge == pytest.approx(0.0, abs=1e-6)
 
@@ -133,8 +139,9 @@ def test_template_overlay_is_a_proper_rotation_and_builds_unstrained_rings(force
     mirror = target * np.array([1.0, 1.0, -1.0])
 
     def fit(points):  # pdbfixer's call convention: Vec3 lists, rotate @ (p + t2) + t1
-        t2, rot, t1 = pdbfixer_module._overlayPoints([openmm.Vec3(*r) for r in points],
-                                                     [openmm.Vec3(*r) for r in template])
+        t2, rot, t1 = pdbfixer_module._overlayPoints(
+            [openmm.Vec3(*r) for r in points], [openmm.Vec3(*r) for r in template]
+        )
         return np.linalg.det(rot), (template + np.asarray(t2)) @ rot.T + np.asarray(t1)
 
     det, fitted = fit(mirror)
@@ -148,11 +155,9 @@ def test_template_overlay_is_a_proper_rotation_and_builds_unstrained_rings(force
         assert det == pytest.approx(1.0) and np.abs(fitted - mirror).max() > 0.1
     assert fit(mirror)[0] == pytest.approx(-1.0)  # restored on exit
     # Unrelaxed build of a cis Gly-Pro: a mirrored Pro ring put CD onto C (forces ~4e5 kJ/mol/nm).
-    topology, positions = P.build_peptide(["GLY", "PRO", "TRP"], "charged", [1], forcefield,
-                                          relax=False)
+    topology, positions = P.build_peptide(["GLY", "PRO", "TRP"], "charged", [1], forcefield, relax=False)
     system = P.make_gbn2_system(topology, forcefield=forcefield)
-    context = openmm.Context(system, openmm.VerletIntegrator(0.001),
-                             openmm.Platform.getPlatformByName("Reference"))
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
     context.setPositions(positions)
     forces = context.getState(getForces=True).getForces(asNumpy=True)
     assert np.abs(forces.value_in_unit(unit.kilojoule_per_mole / unit.nanometer)).max() < 5e4
@@ -183,8 +188,9 @@ def test_hydrogen_mass_repartitioning_conserves_mass(built, forcefield):
     topology, _ = built[2]
     standard = P.make_gbn2_system(topology, forcefield=forcefield)
     hmr = P.make_gbn2_system(topology, 4.0, forcefield=forcefield)
-    masses = [[s.getParticleMass(i).value_in_unit(unit.dalton) for i in range(s.getNumParticles())]
-              for s in (standard, hmr)]
+    masses = [
+        [s.getParticleMass(i).value_in_unit(unit.dalton) for i in range(s.getNumParticles())] for s in (standard, hmr)
+    ]
     elements = [a.element for a in topology.atoms()]
     # amber14 lists standard masses to 0.01 Da (N 14.01, C 12.01), not IUPAC values.
     assert masses[0] == pytest.approx([e.mass.value_in_unit(unit.dalton) for e in elements], abs=0.01)
@@ -195,10 +201,8 @@ def test_hydrogen_mass_repartitioning_conserves_mass(built, forcefield):
 def test_corpus_writes_layout_with_finite_energies_and_resumes(tmp_path, forcefield):
     import mdtraj as md
 
-    specs = [P.PeptideSpec("a", ["ALA", "GLY", "SER"], "charged"),
-             P.PeptideSpec("b", ["PRO"], "capped", [0], 350.0)]
-    config = P.MDConfig(equilibration_ps=0.2, production_ps=1.0, save_interval_ps=0.25,
-                        platform="CPU", seed=3)
+    specs = [P.PeptideSpec("a", ["ALA", "GLY", "SER"], "charged"), P.PeptideSpec("b", ["PRO"], "capped", [0], 350.0)]
+    config = P.MDConfig(equilibration_ps=0.2, production_ps=1.0, save_interval_ps=0.25, platform="CPU", seed=3)
     (tmp_path / "a.tmp").mkdir()  # debris of a killed run is rebuilt, never listed
     assert P.generate_corpus(specs, tmp_path, config) == ["a", "b"]
     assert json.loads((tmp_path / "manifest.json").read_text()) == {"finished": ["a", "b"]}
@@ -214,9 +218,9 @@ def test_corpus_writes_layout_with_finite_energies_and_resumes(tmp_path, forcefi
         pdb = app.PDBFile(str(d / "topology.pdb"))
         for i, atom in enumerate(pdb.topology.atoms()):
             assert system.getParticleMass(i).value_in_unit(unit.dalton) == pytest.approx(
-                atom.element.mass.value_in_unit(unit.dalton), abs=0.01)
-        context = openmm.Context(system, openmm.VerletIntegrator(0.001),
-                                 openmm.Platform.getPlatformByName("Reference"))
+                atom.element.mass.value_in_unit(unit.dalton), abs=0.01
+            )
+        context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
         for frame in traj.xyz:
             context.setPositions(frame.astype(np.float64))
             energy = context.getState(getEnergy=True).getPotentialEnergy()
@@ -234,8 +238,9 @@ def test_corpus_writes_layout_with_finite_energies_and_resumes(tmp_path, forcefi
 
 def test_default_corpus_covers_every_type_and_avoids_heldout_subsequences():
     specs = P.default_corpus_sequences(2024)
-    assert [(s.sequence, s.cis_prolines) for s in specs] == \
-        [(s.sequence, s.cis_prolines) for s in P.default_corpus_sequences(2024)]
+    assert [(s.sequence, s.cis_prolines) for s in specs] == [
+        (s.sequence, s.cis_prolines) for s in P.default_corpus_sequences(2024)
+    ]
     counts = {r: sum(s.sequence.count(r) for s in specs) for r in P.STANDARD_RESIDUES}
     assert min(counts.values()) >= 5
     assert {s.termini for s in specs} == {"charged", "capped"}

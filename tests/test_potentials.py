@@ -55,11 +55,14 @@ def synthetic_chain(n_frames: int, bonds, seed: int = 0, bond_std: float = 0.01,
     # bimodal torsions, as a peptide's
     mode = torch.where(torch.rand(n_frames, rows, generator=g) < 0.3, -1.0, 2.0).to(torch.float64)
     phi = mode + 0.4 * torch.randn(n_frames, rows, generator=g, dtype=torch.float64)
-    root = torch.stack([
-        0.38 + bond_std * torch.randn(n_frames, generator=g, dtype=torch.float64),
-        0.38 + bond_std * torch.randn(n_frames, generator=g, dtype=torch.float64),
-        math.radians(110) + angle_std * torch.randn(n_frames, generator=g, dtype=torch.float64),
-    ], dim=-1)
+    root = torch.stack(
+        [
+            0.38 + bond_std * torch.randn(n_frames, generator=g, dtype=torch.float64),
+            0.38 + bond_std * torch.randn(n_frames, generator=g, dtype=torch.float64),
+            math.radians(110) + angle_std * torch.randn(n_frames, generator=g, dtype=torch.float64),
+        ],
+        dim=-1,
+    )
     X = ic.to_cartesian(torch.zeros(n_frames, 0, 3, dtype=torch.float64), r, theta, phi, root)
     rng = np.random.default_rng(seed)
     R = np.stack([random_rotation(rng) for _ in range(n_frames)])
@@ -204,8 +207,9 @@ def test_three_bead_density_integrates_to_one():
     """Importance sampling in plain Cartesian space: bead a0 of the frame at the origin, beads
     a1 and a2 drawn from a 6-D Gaussian g; E_g[q / g] = 8 pi^2 (the rotations q does not see)."""
     X = synthetic_chain(4000, [(0, 1), (1, 2)], seed=8, bond_std=0.03, angle_std=0.35)
-    model = randomise(CGFlowPotential.from_data(X, [(0, 1), (1, 2)], n_layers=2, hidden=8, n_bins=6).double(),
-                      seed=9, scale=0.2)
+    model = randomise(
+        CGFlowPotential.from_data(X, [(0, 1), (1, 2)], n_layers=2, hidden=8, n_bins=6).double(), seed=9, scale=0.2
+    )
     _, a1, a2 = (int(a) for a in model.zmatrix.root)
     g = torch.Generator().manual_seed(10)
     n, sigma = 400_000, 0.2
@@ -317,8 +321,18 @@ def test_training_lowers_nll_and_checkpoint_round_trips(tmp_path, chain_data):
     model = CGFlowPotential.from_data(chain_data, CHAIN5, n_layers=2, hidden=16, n_bins=6, seed=0)
     spec = make_cg_spec(model)
     before = float(-model.log_prob(torch.as_tensor(chain_data[1600:], dtype=torch.float32)).mean())
-    summary = train_cg(model, spec, chain_data[:1600], chain_data[1600:], epochs=3, batch_size=128, lr=5e-3,
-                       seed=0, checkpoint=tmp_path / "cg.ckpt", progress=False)
+    summary = train_cg(
+        model,
+        spec,
+        chain_data[:1600],
+        chain_data[1600:],
+        epochs=3,
+        batch_size=128,
+        lr=5e-3,
+        seed=0,
+        checkpoint=tmp_path / "cg.ckpt",
+        progress=False,
+    )
     assert summary["best_val_nll"] < before - 0.5
     assert len(summary["history"]) == 3 and spec["training"]["best_val_nll"] == summary["best_val_nll"]
     loaded, ckpt = load_cg_checkpoint(tmp_path / "cg.ckpt")
@@ -342,8 +356,18 @@ def test_export_metadata_and_forces_in_openmm(tmp_path, branched_model):
     spec["masses"] = [12.0, 14.0, 12.0, 12.0, 14.0, 12.0]
     export_cg(model, spec, path)
     module, meta = load_cg_potential(path)
-    for key in ("kind", "format_version", "package_version", "temperature", "mapping", "bead_names", "masses",
-                "training", "priors", "cg_bonds"):
+    for key in (
+        "kind",
+        "format_version",
+        "package_version",
+        "temperature",
+        "mapping",
+        "bead_names",
+        "masses",
+        "training",
+        "priors",
+        "cg_bonds",
+    ):
         assert key in meta
     assert meta["kind"] == CG_KIND and meta["n_beads"] == 6
     assert {"k_bond", "k_angle", "k_pair", "bonds", "angles", "pairs"} <= set(meta["priors"])
@@ -400,14 +424,47 @@ def test_cli_train_cg_and_export(tmp_path, capsys):
     from openmm_backmap.cli import main
     from openmm_backmap.systems.reference import generate_reference
 
-    paths = generate_reference("ala2", 0.01, tmp_path / "ref", seed=2, save_every_ps=0.05, equilibrate_ps=1.0,
-                               progress=False)
+    paths = generate_reference(
+        "ala2", 0.01, tmp_path / "ref", seed=2, save_every_ps=0.05, equilibrate_ps=1.0, progress=False
+    )
     ckpt = tmp_path / "cg.ckpt"
-    rc = main(["train-cg", "--topology", str(paths["pdb"]), "--trajectory", str(paths["dcd"]), "--mapping", "ca",
-               "--epochs", "1", "--out", str(ckpt), "--no-progress"])
+    rc = main(
+        [
+            "train-cg",
+            "--topology",
+            str(paths["pdb"]),
+            "--trajectory",
+            str(paths["dcd"]),
+            "--mapping",
+            "ca",
+            "--epochs",
+            "1",
+            "--out",
+            str(ckpt),
+            "--no-progress",
+        ]
+    )
     assert rc == 2  # ALA2 has one C-alpha: too few beads, reported as an error
-    rc = main(["train-cg", "--topology", str(paths["pdb"]), "--trajectory", str(paths["dcd"]), "--mapping",
-               "backbone", "--epochs", "2", "--layers", "2", "--hidden", "16", "--out", str(ckpt), "--no-progress"])
+    rc = main(
+        [
+            "train-cg",
+            "--topology",
+            str(paths["pdb"]),
+            "--trajectory",
+            str(paths["dcd"]),
+            "--mapping",
+            "backbone",
+            "--epochs",
+            "2",
+            "--layers",
+            "2",
+            "--hidden",
+            "16",
+            "--out",
+            str(ckpt),
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and ckpt.is_file()
     rc = main(["export", str(ckpt), "-o", str(tmp_path / "cg.pt")])
     assert rc == 0
@@ -455,9 +512,19 @@ def test_ala2_cg_simulation_matches_projected_reference(tmp_path):
     from openmm_backmap.openmm.compiled import compile_model, load_compiled
 
     compile_model(tmp_path / "cg.pt", 6, tmp_path / "cg.pt2", positions=pairs["test"].X[0])
-    run = bench.simulate(tmp_path / "cg.pt2", meta["masses"], pairs["test"].X[0], steps=100_000, timestep_fs=1.0,
-                         friction=10.0, temperature=300.0, backend="auto", platform_name="Reference", every=10,
-                         seed=1)
+    run = bench.simulate(
+        tmp_path / "cg.pt2",
+        meta["masses"],
+        pairs["test"].X[0],
+        steps=100_000,
+        timestep_fs=1.0,
+        friction=10.0,
+        temperature=300.0,
+        backend="auto",
+        platform_name="Reference",
+        every=10,
+        seed=1,
+    )
     assert run["finite"]
     X = run["X"]
     compiled = load_compiled(tmp_path / "cg.pt2")

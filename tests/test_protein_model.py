@@ -10,8 +10,8 @@ import torch
 
 from openmm_backmap.models import residues as R
 from openmm_backmap.models.protein import ProteinBackmapper, load_pretrained, read_cg_pdb
-from openmm_backmap.training.protein import chain_positions
 from openmm_backmap.systems.peptides import openmm_topology
+from openmm_backmap.training.protein import chain_positions
 
 CHIGNOLIN = Path(__file__).resolve().parent.parent / "openmm_backmap" / "data" / "chignolin.pdb"
 

@@ -10,11 +10,11 @@ import torch
 from openmm import app, unit
 
 from openmm_backmap.analysis.reweighting import reweight
+from openmm_backmap.io.backmap_model import load_model
 from openmm_backmap.io.energy_file import read_energy_file
 from openmm_backmap.openmm.energies import load_system
-from openmm_backmap.units import kT
-from openmm_backmap.io.backmap_model import load_model
 from openmm_backmap.openmm.reporter import BackmapReporter, make_whole
+from openmm_backmap.units import kT
 
 T = 300.0
 INTERVAL = 50
@@ -23,8 +23,9 @@ INTERVAL = 50
 def _simulation(setup, seed=1):
     integ = openmm.LangevinMiddleIntegrator(T * unit.kelvin, 5.0 / unit.picosecond, 0.001 * unit.picoseconds)
     integ.setRandomNumberSeed(seed)
-    sim = app.Simulation(setup["cg_top"].to_openmm(), setup["cg_system"], integ,
-                         openmm.Platform.getPlatformByName("Reference"))
+    sim = app.Simulation(
+        setup["cg_top"].to_openmm(), setup["cg_system"], integ, openmm.Platform.getPlatformByName("Reference")
+    )
     sim.context.setPositions(setup["X0"])
     sim.context.setVelocitiesToTemperature(T * unit.kelvin, seed)
     return sim
@@ -43,8 +44,9 @@ def test_energy_rows_recomputed_independently(setup, tmp_path):
     """Every row's U_AA, U_CG, log q and log w agree with OpenMM and the model evaluated anew."""
     sim = _simulation(setup)
     n = 3
-    with BackmapReporter(tmp_path / "aa.dcd", INTERVAL, model=setup["model"], samplesPerFrame=n,
-                         energyFile=tmp_path / "w.csv", seed=5) as reporter:
+    with BackmapReporter(
+        tmp_path / "aa.dcd", INTERVAL, model=setup["model"], samplesPerFrame=n, energyFile=tmp_path / "w.csv", seed=5
+    ) as reporter:
         sim.reporters.append(reporter)
         sim.reporters.append(app.DCDReporter(str(tmp_path / "cg.dcd"), INTERVAL))
         sim.step(6 * INTERVAL)
@@ -59,8 +61,9 @@ def test_energy_rows_recomputed_independently(setup, tmp_path):
     X = setup["mapping"].project(aa.xyz.astype(np.float64))
     np.testing.assert_allclose(X, np.repeat(cg.xyz, n, axis=0), atol=2e-6)
     # U_AA from an OpenMM Context on the frames read back
-    ctx = openmm.Context(load_system(setup["aa_system"]), openmm.VerletIntegrator(0.001),
-                         openmm.Platform.getPlatformByName("Reference"))
+    ctx = openmm.Context(
+        load_system(setup["aa_system"]), openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference")
+    )
     u_aa = []
     for xyz in aa.xyz:
         ctx.setPositions(xyz.astype(np.float64))
@@ -68,8 +71,9 @@ def test_energy_rows_recomputed_independently(setup, tmp_path):
     finite = np.isfinite(cols["u_aa_kjmol"])
     np.testing.assert_allclose(cols["u_aa_kjmol"][finite], np.array(u_aa)[finite], rtol=1e-4, atol=0.05)
     # U_CG from a CG Context on the CG frames
-    cctx = openmm.Context(setup["cg_system"], openmm.VerletIntegrator(0.001),
-                          openmm.Platform.getPlatformByName("Reference"))
+    cctx = openmm.Context(
+        setup["cg_system"], openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference")
+    )
     u_cg = []
     for xyz in cg.xyz:
         cctx.setPositions(xyz.astype(np.float64))
@@ -104,8 +108,9 @@ def test_xtc_refused_with_reason(setup, tmp_path):
 def test_append_after_checkpoint_loses_and_duplicates_nothing(setup, tmp_path):
     n = 2
     sim = _simulation(setup)
-    reporter = BackmapReporter(tmp_path / "aa.dcd", INTERVAL, model=setup["model"], samplesPerFrame=n,
-                               energyFile=tmp_path / "w.csv")
+    reporter = BackmapReporter(
+        tmp_path / "aa.dcd", INTERVAL, model=setup["model"], samplesPerFrame=n, energyFile=tmp_path / "w.csv"
+    )
     sim.reporters.append(reporter)
     sim.step(4 * INTERVAL)
     sim.saveCheckpoint(str(tmp_path / "state.chk"))
@@ -116,8 +121,14 @@ def test_append_after_checkpoint_loses_and_duplicates_nothing(setup, tmp_path):
     sim2 = _simulation(setup, seed=2)
     sim2.loadCheckpoint(str(tmp_path / "state.chk"))
     assert sim2.currentStep == 4 * INTERVAL
-    reporter2 = BackmapReporter(tmp_path / "aa.dcd", INTERVAL, model=setup["model"], samplesPerFrame=n,
-                                energyFile=tmp_path / "w.csv", append=True)
+    reporter2 = BackmapReporter(
+        tmp_path / "aa.dcd",
+        INTERVAL,
+        model=setup["model"],
+        samplesPerFrame=n,
+        energyFile=tmp_path / "w.csv",
+        append=True,
+    )
     sim2.reporters.append(reporter2)
     sim2.step(6 * INTERVAL)
     reporter2.close()
@@ -149,8 +160,14 @@ def test_nonfinite_aa_energy_is_written_and_flagged(setup, tmp_path):
     blowup.addParticle(0, [])
     system.addForce(blowup)
     sim = _simulation(setup)
-    reporter = BackmapReporter(tmp_path / "aa.dcd", INTERVAL, model=setup["model"], samplesPerFrame=2,
-                               energyFile=tmp_path / "w.csv", aaSystem=system)
+    reporter = BackmapReporter(
+        tmp_path / "aa.dcd",
+        INTERVAL,
+        model=setup["model"],
+        samplesPerFrame=2,
+        energyFile=tmp_path / "w.csv",
+        aaSystem=system,
+    )
     sim.reporters.append(reporter)
     sim.step(2 * INTERVAL)
     reporter.close()
@@ -171,8 +188,12 @@ def test_model_for_another_system_is_refused(setup, tmp_path):
     small = openmm.System()
     for _ in range(4):
         small.addParticle(12.0)
-    sim = app.Simulation(setup["cg_top"].subset(range(4)).to_openmm(), small,
-                         openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    sim = app.Simulation(
+        setup["cg_top"].subset(range(4)).to_openmm(),
+        small,
+        openmm.VerletIntegrator(0.001),
+        openmm.Platform.getPlatformByName("Reference"),
+    )
     sim.context.setPositions(setup["X0"][:4])
     reporter = BackmapReporter(tmp_path / "aa2.dcd", 1, model=setup["model"])
     with pytest.raises(ValueError, match="simulation has 4 particles but the model expects 6 CG beads"):
@@ -199,14 +220,24 @@ def test_temporal_reporter_conditions_on_previous_reconstruction(tiny_ala2, setu
     traj, mapping = tiny_ala2["traj"], tiny_ala2["mapping"]
     torch.manual_seed(1)
     model = Backmapper.from_data(mapping, traj.xyz.astype(np.float64), temporal=True, n_layers=2, hidden=16, n_hidden=1)
-    path = export_model(model, make_spec(model, T, reference_xyz=traj.xyz[0], system_xml=tiny_ala2["system_xml"]),
-                        tmp_path / "temporal.pt")
+    path = export_model(
+        model,
+        make_spec(model, T, reference_xyz=traj.xyz[0], system_xml=tiny_ala2["system_xml"]),
+        tmp_path / "temporal.pt",
+    )
     with pytest.raises(ValueError, match="temporal=True needs a model trained with --temporal"):
         BackmapReporter(tmp_path / "x.dcd", INTERVAL, model=setup["model"], temporal=True)
     sim = _simulation(setup)
     n = 2
-    with BackmapReporter(tmp_path / "aa.dcd", INTERVAL, model=path, samplesPerFrame=n, energyFile=tmp_path / "w.csv",
-                         temporal=True, seed=2) as reporter:
+    with BackmapReporter(
+        tmp_path / "aa.dcd",
+        INTERVAL,
+        model=path,
+        samplesPerFrame=n,
+        energyFile=tmp_path / "w.csv",
+        temporal=True,
+        seed=2,
+    ) as reporter:
         sim.reporters.append(reporter)
         sim.reporters.append(app.DCDReporter(str(tmp_path / "cg.dcd"), INTERVAL))
         sim.step(4 * INTERVAL)
@@ -214,8 +245,16 @@ def test_temporal_reporter_conditions_on_previous_reconstruction(tiny_ala2, setu
     sim.saveCheckpoint(str(tmp_path / "state.chk"))
     sim = _simulation(setup, seed=3)
     sim.loadCheckpoint(str(tmp_path / "state.chk"))
-    with BackmapReporter(tmp_path / "aa.dcd", INTERVAL, model=path, samplesPerFrame=n, energyFile=tmp_path / "w.csv",
-                         temporal=True, seed=3, append=True) as reporter:
+    with BackmapReporter(
+        tmp_path / "aa.dcd",
+        INTERVAL,
+        model=path,
+        samplesPerFrame=n,
+        energyFile=tmp_path / "w.csv",
+        temporal=True,
+        seed=3,
+        append=True,
+    ) as reporter:
         sim.reporters.append(reporter)
         sim.reporters.append(app.DCDReporter(str(tmp_path / "cg.dcd"), INTERVAL, append=True))
         sim.step(2 * INTERVAL)

@@ -23,9 +23,9 @@ from openmm import app, unit
 
 import openmm_backmap.openmm.reporter as reporter_module
 from openmm_backmap.analysis.reweighting import reweight
+from openmm_backmap.io.backmap_model import load_model
 from openmm_backmap.io.energy_file import read_energy_file
 from openmm_backmap.openmm.energies import aa_energy
-from openmm_backmap.io.backmap_model import load_model
 from openmm_backmap.openmm.reporter import BackmapReporter
 
 INTERVAL = 10  # steps between reports
@@ -37,8 +37,12 @@ posix = pytest.mark.skipif(sys.platform == "win32", reason="flock, fork and file
 
 
 def _simulation(setup, start, checkpoint=None):
-    sim = app.Simulation(setup["cg_top"].to_openmm(), setup["cg_system"], openmm.VerletIntegrator(0.001),
-                         openmm.Platform.getPlatformByName("Reference"))
+    sim = app.Simulation(
+        setup["cg_top"].to_openmm(),
+        setup["cg_system"],
+        openmm.VerletIntegrator(0.001),
+        openmm.Platform.getPlatformByName("Reference"),
+    )
     if checkpoint is None:
         sim.context.setPositions(setup["X0"])
         sim.context.setVelocities(start["velocities"])
@@ -61,8 +65,12 @@ def _reference(setup, start, end):
 
 @pytest.fixture(scope="module")
 def start(setup):
-    sim = app.Simulation(setup["cg_top"].to_openmm(), setup["cg_system"], openmm.VerletIntegrator(0.001),
-                         openmm.Platform.getPlatformByName("Reference"))
+    sim = app.Simulation(
+        setup["cg_top"].to_openmm(),
+        setup["cg_system"],
+        openmm.VerletIntegrator(0.001),
+        openmm.Platform.getPlatformByName("Reference"),
+    )
     sim.context.setPositions(setup["X0"])
     sim.context.setVelocitiesToTemperature(T * unit.kelvin, 3)
     v = sim.context.getState(getVelocities=True).getVelocities(asNumpy=True)
@@ -76,9 +84,14 @@ def start(setup):
 
 
 def _reporter(start, tmp, suffix=".dcd", energy=True, **kwargs):
-    return BackmapReporter(tmp / f"aa{suffix}", kwargs.pop("interval", INTERVAL), model=start["model"],
-                           samplesPerFrame=kwargs.pop("samples", N),
-                           energyFile=(tmp / "w.csv") if energy else None, **kwargs)
+    return BackmapReporter(
+        tmp / f"aa{suffix}",
+        kwargs.pop("interval", INTERVAL),
+        model=start["model"],
+        samplesPerFrame=kwargs.pop("samples", N),
+        energyFile=(tmp / "w.csv") if energy else None,
+        **kwargs,
+    )
 
 
 def _assert_reports(setup, start, tmp, suffix, last, energy=True, X=None, U=None):
@@ -87,8 +100,9 @@ def _assert_reports(setup, start, tmp, suffix, last, energy=True, X=None, U=None
     steps = np.arange(INTERVAL, last + 1, INTERVAL)
     traj = md.load(str(tmp / f"aa{suffix}"), top=start["top"])
     assert traj.n_frames == N * len(steps)
-    np.testing.assert_allclose(setup["mapping"].project(traj.xyz.astype(np.float64)),
-                               np.repeat([X[s] for s in steps], N, axis=0), atol=2e-5)
+    np.testing.assert_allclose(
+        setup["mapping"].project(traj.xyz.astype(np.float64)), np.repeat([X[s] for s in steps], N, axis=0), atol=2e-5
+    )
     if suffix != ".dcd":  # the stored times are the reports' own
         np.testing.assert_allclose(traj.time, np.repeat(steps * 0.001, N), atol=1e-5)
     if not energy:
@@ -155,8 +169,11 @@ def test_append_before_the_data_is_refused_and_changes_nothing(setup, start, tmp
     fresh = _simulation(setup, start)
     reporter = _reporter(start, tmp_path, suffix, append=True)
     fresh.reporters.append(reporter)
-    with pytest.raises(ValueError, match=rf"aa{suffix}: the simulation is at step 0, before the file's first report "
-                                         r"at step 10 \(its reports run to step 50\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"aa{suffix}: the simulation is at step 0, before the file's first report "
+        r"at step 10 \(its reports run to step 50\)",
+    ):
         fresh.step(10)
     reporter.close()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
@@ -170,8 +187,9 @@ def test_missing_directory_is_refused_before_anything_is_written(setup, start, t
     # back the run continues with both files, not with frames alone
     out = tmp_path / "out"
     out.mkdir()
-    reporter = BackmapReporter(tmp_path / "aa.dcd", INTERVAL, model=start["model"], samplesPerFrame=N,
-                               energyFile=out / "w.csv")
+    reporter = BackmapReporter(
+        tmp_path / "aa.dcd", INTERVAL, model=start["model"], samplesPerFrame=N, energyFile=out / "w.csv"
+    )
     out.rmdir()
     sim = _simulation(setup, start)
     sim.reporters.append(reporter)
@@ -215,9 +233,17 @@ def test_a_path_is_written_by_one_reporter_only(setup, start, tmp_path, suffix):
 def test_lock_held_by_another_process_is_refused(setup, start, tmp_path):
     (tmp_path / "aa.dcd").touch()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'ab'); fcntl.flock(f, fcntl.LOCK_EX); "
-         "print('locked', flush=True); sys.stdin.read()", str(tmp_path / "aa.dcd")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys; f = open(sys.argv[1], 'ab'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "print('locked', flush=True); sys.stdin.read()",
+            str(tmp_path / "aa.dcd"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         reporter = _reporter(start, tmp_path)
@@ -230,8 +256,16 @@ def test_lock_held_by_another_process_is_refused(setup, start, tmp_path):
 
 
 # ---------------------------------------------------------------------------- crashes
-CRASHES = [(".dcd", "aa.dcd", 0.0), (".dcd", "aa.dcd", 0.4), (".dcd", "w.csv", 0.0), (".dcd", "w.csv", 0.3),
-           (".nc", "w.csv", 0.0), (".nc", "w.csv", 0.3), (".h5", "w.csv", 0.0), (".h5", "w.csv", 0.3)]
+CRASHES = [
+    (".dcd", "aa.dcd", 0.0),
+    (".dcd", "aa.dcd", 0.4),
+    (".dcd", "w.csv", 0.0),
+    (".dcd", "w.csv", 0.3),
+    (".nc", "w.csv", 0.0),
+    (".nc", "w.csv", 0.3),
+    (".h5", "w.csv", 0.0),
+    (".h5", "w.csv", 0.3),
+]
 
 
 @pytest.mark.parametrize("suffix,victim,fraction", CRASHES)
@@ -246,8 +280,11 @@ def test_full_disk_mid_report_then_restart(setup, start, tmp_path, full_disk, su
     sim.saveCheckpoint(str(tmp_path / "c.chk"))
     sim.step(10)
     full_disk(tmp_path / victim, fraction)
-    with pytest.raises(OSError, match=rf"{victim}: writing the report at step 80 failed after 7 complete reports "
-                                      r"\(14 frames, 14 rows\): No space left on device") as err:
+    with pytest.raises(
+        OSError,
+        match=rf"{victim}: writing the report at step 80 failed after 7 complete reports "
+        r"\(14 frames, 14 rows\): No space left on device",
+    ) as err:
         sim.step(10)
     assert err.value.errno == errno.ENOSPC
     with pytest.raises(RuntimeError, match="the reporter is closed, continue from the last checkpoint"):
@@ -267,8 +304,7 @@ def test_full_disk_mid_report_then_restart(setup, start, tmp_path, full_disk, su
 
 
 @pytest.mark.parametrize("suffix", FORMATS)
-def test_report_missing_at_the_checkpoint_is_written_on_restart(setup, start, tmp_path, full_disk, monkeypatch,
-                                                                 suffix):
+def test_report_missing_at_the_checkpoint_is_written_on_restart(setup, start, tmp_path, full_disk, monkeypatch, suffix):
     """A checkpoint saved before the reporter's turn at the same step, then a crash: the restart
     writes that step's report from the restored state before stepping on (with fsync=True: every
     report forced to the disk, counted here rather than waited for)."""
@@ -330,8 +366,11 @@ def test_library_errors_name_the_file_step_and_counts(setup, start, tmp_path, mo
         raise RuntimeError("NetCDF: HDF error" if suffix == ".nc" else "HDF5ExtError: can't write data")
 
     monkeypatch.setattr(getattr(reporter_module, writer), "write", broken)
-    with pytest.raises(RuntimeError, match=rf"aa{suffix}: writing the report at step 40 failed after 3 complete "
-                                           r"reports \(6 frames, 6 rows\): .*(HDF error|can't write data)"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"aa{suffix}: writing the report at step 40 failed after 3 complete "
+        r"reports \(6 frames, 6 rows\): .*(HDF error|can't write data)",
+    ):
         sim.step(10)
     monkeypatch.undo()
     sim = _simulation(setup, start, tmp_path / "c.chk")
@@ -381,8 +420,11 @@ def test_restart_past_a_missing_report_is_refused(setup, start, tmp_path):
     sim = _simulation(setup, start, tmp_path / "c.chk")
     reporter = _reporter(start, tmp_path, append=True)
     sim.reporters.append(reporter)
-    with pytest.raises(ValueError, match=r"aa.dcd: its complete reports end at step 30 but the simulation is at "
-                                         r"step 50, so the report at step 40 is missing"):
+    with pytest.raises(
+        ValueError,
+        match=r"aa.dcd: its complete reports end at step 30 but the simulation is at "
+        r"step 50, so the report at step 40 is missing",
+    ):
         sim.step(10)
     reporter.close()
 
@@ -405,8 +447,14 @@ def _refused(start, sim, tmp_path, match, **kwargs):
 
 
 def test_other_settings_are_refused(start, written, tmp_path):
-    _refused(start, written, tmp_path, "aa.dcd: it holds reports every 10 steps with 2 samples per frame, but this "
-             "reporter has reportInterval=20, samplesPerFrame=2", interval=20)
+    _refused(
+        start,
+        written,
+        tmp_path,
+        "aa.dcd: it holds reports every 10 steps with 2 samples per frame, but this "
+        "reporter has reportInterval=20, samplesPerFrame=2",
+        interval=20,
+    )
     _refused(start, written, tmp_path, "reportInterval=10, samplesPerFrame=3", samples=3)
 
 
@@ -443,8 +491,10 @@ def test_damaged_and_foreign_trajectories_are_refused(setup, start, written, tmp
 
 def test_energy_file_with_a_partial_last_row_is_read_and_says_so(tmp_path):
     path = tmp_path / "e.csv"
-    rows = ("step,time_ps,sample,u_cg_kjmol,u_aa_kjmol,log_q,log_w\n"
-            "10,0.01,0,1.0,-50.0,10.0,3.0\n10,0.01,1,1.0,-51.0,11.0,3.0\n")
+    rows = (
+        "step,time_ps,sample,u_cg_kjmol,u_aa_kjmol,log_q,log_w\n"
+        "10,0.01,0,1.0,-50.0,10.0,3.0\n10,0.01,1,1.0,-51.0,11.0,3.0\n"
+    )
     path.write_text(rows + "20,0.02,0,2.0,-49.0,9.0,1.2")  # cut mid-row: no newline
     with pytest.warns(UserWarning, match=r"e.csv: line 4 is an incomplete last row .* the 2 complete rows are used"):
         result = reweight(path)
@@ -466,10 +516,16 @@ def test_sigkill_at_random_times_then_restart_keeps_every_report_once(setup, sta
     os.symlink(setup["model"], tmp_path / "model.pt")
     (tmp_path / "cg.xml").write_text(openmm.XmlSerializer.serialize(setup["cg_system"]))
     np.savez(tmp_path / "start.npz", positions=setup["X0"], velocities=start["velocities"])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "_reporter_worker.py"), str(tmp_path), "20", "2", "11"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
+    )
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "_reporter_worker.py"), str(tmp_path), "20", "2", "11"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     print(json.dumps(summary, indent=1))

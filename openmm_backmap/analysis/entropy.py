@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.special import logsumexp
@@ -93,8 +94,9 @@ def fibre_energy_variance(u_samples: np.ndarray, log_q_samples: np.ndarray) -> n
     return np.where(ok & (denom > 1e-12), var, np.nan)
 
 
-def cluster_energy_fluctuation(u_ref: np.ndarray, features: np.ndarray, n_clusters: int, seed: int = 0,
-                               n_blocks: int = DEFAULT_BLOCKS) -> dict:
+def cluster_energy_fluctuation(
+    u_ref: np.ndarray, features: np.ndarray, n_clusters: int, seed: int = 0, n_blocks: int = DEFAULT_BLOCKS
+) -> dict:
     """(1/2) mean within-cluster Var(beta U) of reference frames clustered by CG features (k-means).
 
     Giulini et al.'s estimator of S_map^(2) from data alone: the clusters stand in for the fibres, so
@@ -159,11 +161,15 @@ def entropy_from_terms(
     log_q_samples = np.asarray(log_q_samples, dtype=np.float64)
     n, k = u_samples.shape
     if k < 2:
-        raise ValueError(f"the energy route needs K >= 2 samples per frame (got {k}): its bias trend and the "
-                         "fibre variance need at least two")
+        raise ValueError(
+            f"the energy route needs K >= 2 samples per frame (got {k}): its bias trend and the "
+            "fibre variance need at least two"
+        )
     if log_q_ref.size != n or u_ref.size != n or log_q_samples.shape != (n, k):
-        raise ValueError("per-frame arrays disagree in shape: log_q_ref and u_ref (n_frames,), "
-                         "u_samples and log_q_samples (n_frames, K)")
+        raise ValueError(
+            "per-frame arrays disagree in shape: log_q_ref and u_ref (n_frames,), "
+            "u_samples and log_q_samples (n_frames, K)"
+        )
     if not np.all(np.isfinite(u_ref)):
         raise ValueError(f"{int((~np.isfinite(u_ref)).sum())} reference frame(s) have a non-finite energy")
     ce = -log_q_ref
@@ -215,9 +221,14 @@ def paired_differences(results: Sequence[dict], n_blocks: int = DEFAULT_BLOCKS) 
         terms = r["per_frame"]
         if terms["cross_entropy"].shape != base["cross_entropy"].shape:
             raise ValueError("paired differences need the same reference frames for every model")
-        out.append({"model": r.get("model"), "minus": results[0].get("model"),
-                    "cross_entropy": _figure(terms["cross_entropy"] - base["cross_entropy"], n_blocks),
-                    "energy_route": _figure(terms["energy_route"] - base["energy_route"], n_blocks)})
+        out.append(
+            {
+                "model": r.get("model"),
+                "minus": results[0].get("model"),
+                "cross_entropy": _figure(terms["cross_entropy"] - base["cross_entropy"], n_blocks),
+                "energy_route": _figure(terms["energy_route"] - base["energy_route"], n_blocks),
+            }
+        )
     return out
 
 
@@ -248,13 +259,21 @@ def fibre_log_volume(model: Any, volume_nm3: float = DEFAULT_VOLUME_NM3) -> dict
     n_dof = int(model.metadata["n_free_dof"])
     n_fixed = 3 * n_removed - n_dof
     pivots = {int(p) for p in choose_pivots(model.mapping)}
-    spheres = [float(d) for i, j, d in model.metadata.get("constraints", [])
-               if int(i) not in pivots or int(j) not in pivots]
-    out = {"volume_nm3_per_free_atom": float(volume_nm3), "free_atoms": n_removed, "free_dof": n_dof,
-           "constrained_free_atoms": n_fixed, "value": None}
+    spheres = [
+        float(d) for i, j, d in model.metadata.get("constraints", []) if int(i) not in pivots or int(j) not in pivots
+    ]
+    out = {
+        "volume_nm3_per_free_atom": float(volume_nm3),
+        "free_atoms": n_removed,
+        "free_dof": n_dof,
+        "constrained_free_atoms": n_fixed,
+        "value": None,
+    }
     if len(spheres) != n_fixed:
-        out["note"] = (f"the model fixes {n_fixed} bond lengths but {len(spheres)} constraints involve a placed "
-                       "atom; the fibre volume is not defined here")
+        out["note"] = (
+            f"the model fixes {n_fixed} bond lengths but {len(spheres)} constraints involve a placed "
+            "atom; the fibre volume is not defined here"
+        )
         return out
     out["value"] = (n_removed - n_fixed) * math.log(volume_nm3) + sum(math.log(4 * math.pi * d * d) for d in spheres)
     return out
@@ -283,8 +302,12 @@ def sample_terms(
     beta = 1.0 / kT(model.temperature)
     x_ref = np.asarray(x_ref, dtype=np.float64)
     X = np.asarray(model.mapping.project(x_ref), dtype=np.float64)
-    log_q_ref = np.concatenate([np.asarray(model.log_prob(x_ref[s : s + batch], X[s : s + batch]), dtype=np.float64)
-                                for s in range(0, len(x_ref), batch)])
+    log_q_ref = np.concatenate(
+        [
+            np.asarray(model.log_prob(x_ref[s : s + batch], X[s : s + batch]), dtype=np.float64)
+            for s in range(0, len(x_ref), batch)
+        ]
+    )
     u_ref = beta * _energies(energy, x_ref, batch)
     per = max(1, int(batch) // int(samples))
     u_s, lq_s = [], []
@@ -293,8 +316,13 @@ def sample_terms(
         u_s.append(beta * _energies(energy, np.asarray(aa, dtype=np.float64), batch))
         lq_s.append(np.asarray(lq, dtype=np.float64))
     k = int(samples)
-    return {"X": X, "log_q_ref": log_q_ref, "u_ref": u_ref,
-            "u_samples": np.concatenate(u_s).reshape(-1, k), "log_q_samples": np.concatenate(lq_s).reshape(-1, k)}
+    return {
+        "X": X,
+        "log_q_ref": log_q_ref,
+        "u_ref": u_ref,
+        "u_samples": np.concatenate(u_s).reshape(-1, k),
+        "log_q_samples": np.concatenate(lq_s).reshape(-1, k),
+    }
 
 
 def _energies(energy: Callable, xyz: np.ndarray, batch: int) -> np.ndarray:
@@ -329,22 +357,28 @@ def check_system(system: Any, model: Any) -> None:
     system = load_system(system)
     n = system.getNumParticles()
     if n != model.n_aa:
-        raise ValueError(f"the AA System has {n} particles but the model's molecule has {model.n_aa} atoms: "
-                         "the System belongs to another molecule")
+        raise ValueError(
+            f"the AA System has {n} particles but the model's molecule has {model.n_aa} atoms: "
+            "the System belongs to another molecule"
+        )
     sys_cons = {(min(i, j), max(i, j)): d for i, j, d in constraints_from_system(system)}
-    mod_cons = {(min(int(i), int(j)), max(int(i), int(j))): float(d)
-                for i, j, d in model.metadata.get("constraints", [])}
+    mod_cons = {
+        (min(int(i), int(j)), max(int(i), int(j))): float(d) for i, j, d in model.metadata.get("constraints", [])
+    }
     if sys_cons.keys() != mod_cons.keys():
         extra = sorted(set(sys_cons) - set(mod_cons))[:5]
         missing = sorted(set(mod_cons) - set(sys_cons))[:5]
-        raise ValueError(f"the AA System's constraints differ from the model's ({len(sys_cons)} vs {len(mod_cons)}; "
-                         f"only in the System: {extra}, only in the model: {missing}): log q and U would live on "
-                         "different spaces")
+        raise ValueError(
+            f"the AA System's constraints differ from the model's ({len(sys_cons)} vs {len(mod_cons)}; "
+            f"only in the System: {extra}, only in the model: {missing}): log q and U would live on "
+            "different spaces"
+        )
     bad = [p for p in sys_cons if abs(sys_cons[p] - mod_cons[p]) > 1e-4]
     if bad:
         p = bad[0]
-        raise ValueError(f"constraint {p} is {sys_cons[p]:.5f} nm in the AA System but {mod_cons[p]:.5f} nm "
-                         "in the model")
+        raise ValueError(
+            f"constraint {p} is {sys_cons[p]:.5f} nm in the AA System but {mod_cons[p]:.5f} nm in the model"
+        )
     top_bonds = {(min(a.index, b.index), max(a.index, b.index)) for a, b in model.topology.bonds}
     sys_bonds = set(sys_cons)
     for force in system.getForces():
@@ -354,21 +388,25 @@ def check_system(system: Any, model: Any) -> None:
                 sys_bonds.add((min(i, j), max(i, j)))
     if top_bonds and sys_bonds and sys_bonds != top_bonds:
         diff = sorted(sys_bonds ^ top_bonds)[:5]
-        raise ValueError(f"the AA System's bonds differ from the model topology's (first differences {diff}): "
-                         "the System belongs to another molecule")
+        raise ValueError(
+            f"the AA System's bonds differ from the model topology's (first differences {diff}): "
+            "the System belongs to another molecule"
+        )
 
 
 def _load_reference(reference: Any, topology: Any = None):
     """(trajectory, path or None) from a trajectory or a path; restrained runs are refused."""
     import mdtraj as md
 
-    from openmm_backmap.io.trajectories import load_trajectory
-    from openmm_backmap.io.trajectories import require_unrestrained
+    from openmm_backmap.io.trajectories import load_trajectory, require_unrestrained
 
     if isinstance(reference, md.Trajectory):
         return reference, None
-    require_unrestrained(reference, "as the reference ensemble of a mapping entropy: its p(X) is biased, and "
-                         "so is its p(x | X) unless every restrained atom is a bead")
+    require_unrestrained(
+        reference,
+        "as the reference ensemble of a mapping entropy: its p(X) is biased, and "
+        "so is its p(x | X) unless every restrained atom is a bead",
+    )
     return load_trajectory(reference, topology), Path(reference)
 
 
@@ -428,17 +466,23 @@ def mapping_entropy(
     idx = np.unique(np.linspace(0, traj.n_frames - 1, min(int(frames), traj.n_frames)).round().astype(int))
     x_ref = traj.xyz[idx].astype(np.float64)
     terms = sample_terms(model, x_ref, torch_energy(system), int(samples), seed=seed)
-    result = entropy_from_terms(terms["log_q_ref"], terms["u_ref"], terms["u_samples"], terms["log_q_samples"],
-                                n_blocks=n_blocks)
+    result = entropy_from_terms(
+        terms["log_q_ref"], terms["u_ref"], terms["u_samples"], terms["log_q_samples"], n_blocks=n_blocks
+    )
     result = _with_units(result, model, volume_nm3)
     n = len(idx)
     counts = clusters if clusters is not None else sorted({max(2, n // 100), max(2, n // 20), max(2, n // 5)})
     feats = cg_distance_features(terms["X"])
     result["energy_fluctuation_clusters"] = {
         str(c): cluster_energy_fluctuation(terms["u_ref"], feats, int(c), seed=seed, n_blocks=n_blocks)
-        for c in counts if c < n}
-    result["reference"] = {"trajectory": None if path is None else str(path), "frames_in_file": int(traj.n_frames),
-                           "frame_stride": float(np.mean(np.diff(idx))) if n > 1 else 1.0}
+        for c in counts
+        if c < n
+    }
+    result["reference"] = {
+        "trajectory": None if path is None else str(path),
+        "frames_in_file": int(traj.n_frames),
+        "frame_stride": float(np.mean(np.diff(idx))) if n > 1 else 1.0,
+    }
     result["model"] = str(model.path)
     result["temperature_K"] = float(model.temperature)
     result["seed"] = int(seed)
@@ -450,12 +494,19 @@ def _with_units(result: dict, model: Any, volume_nm3: float) -> dict:
     """Add the mapping, the per-atom and per-DOF figures and the Giulini S_map to a result."""
     n_removed = int(model.n_aa) - int(model.n_cg)
     n_dof = int(model.metadata["n_free_dof"])
-    result["mapping"] = {"beads": int(model.n_cg), "atoms": int(model.n_aa), "removed_atoms": n_removed,
-                         "free_dof": n_dof, "bead_names": list(model.metadata.get("bead_names", [])),
-                         "bead_atoms": [[int(a) for a in g] for g in model.mapping.groups]}
+    result["mapping"] = {
+        "beads": int(model.n_cg),
+        "atoms": int(model.n_aa),
+        "removed_atoms": n_removed,
+        "free_dof": n_dof,
+        "bead_names": list(model.metadata.get("bead_names", [])),
+        "bead_atoms": [[int(a) for a in g] for g in model.mapping.groups],
+    }
     ce, h_is = result["cross_entropy"], result["energy_route"]
-    result["per_removed_atom"] = {"cross_entropy": _scaled(ce, 1.0 / n_removed),
-                                  "energy_route": _scaled(h_is, 1.0 / n_removed)}
+    result["per_removed_atom"] = {
+        "cross_entropy": _scaled(ce, 1.0 / n_removed),
+        "energy_route": _scaled(h_is, 1.0 / n_removed),
+    }
     result["per_dof"] = {"cross_entropy": _scaled(ce, 1.0 / n_dof), "energy_route": _scaled(h_is, 1.0 / n_dof)}
     vol = fibre_log_volume(model, volume_nm3)
     result["fibre_log_volume"] = vol
@@ -468,8 +519,7 @@ def _with_units(result: dict, model: Any, volume_nm3: float) -> dict:
 
 
 # ---------------------------------------------------------------------------- reports
-_COLUMNS = ("model", "beads", "removed", "CE", "H_IS", "gap", "CE/atom", "H_IS/atom", "S2 fibres", "S2 clusters",
-            "ESS")
+_COLUMNS = ("model", "beads", "removed", "CE", "H_IS", "gap", "CE/atom", "H_IS/atom", "S2 fibres", "S2 clusters", "ESS")
 
 
 def _pm(fig: dict | None, digits: int = 2) -> str:
@@ -488,19 +538,30 @@ def table(results: Sequence[dict]) -> str:
     """A Markdown table of the headline figures of one or more results (nats per molecule / atom)."""
     lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     for r in results:
-        row = [Path(r["model"]).stem, str(r["mapping"]["beads"]), str(r["mapping"]["removed_atoms"]),
-               _pm(r["cross_entropy"]), _pm(r["energy_route"]), _pm(r["gap"]),
-               _pm(r["per_removed_atom"]["cross_entropy"], 3), _pm(r["per_removed_atom"]["energy_route"], 3),
-               _pm(r["energy_fluctuation"]), _pm(_finest_clusters(r)), _pm(r["conditional_ess"])]
+        row = [
+            Path(r["model"]).stem,
+            str(r["mapping"]["beads"]),
+            str(r["mapping"]["removed_atoms"]),
+            _pm(r["cross_entropy"]),
+            _pm(r["energy_route"]),
+            _pm(r["gap"]),
+            _pm(r["per_removed_atom"]["cross_entropy"], 3),
+            _pm(r["per_removed_atom"]["energy_route"], 3),
+            _pm(r["energy_fluctuation"]),
+            _pm(_finest_clusters(r)),
+            _pm(r["conditional_ess"]),
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def summary_line(result: dict) -> str:
     """One line for a report: the bracket on H(x | X), S_map^(2) and the conditional ESS."""
-    return (f"H(x|X) in [{_pm(result['energy_route'])}, {_pm(result['cross_entropy'])}] nats per molecule "
-            f"(energy route K={result['samples_per_frame']} .. cross-entropy, {result['n_frames']} frames), "
-            f"S_map^(2) = {_pm(result['energy_fluctuation'])}, conditional ESS {_pm(result['conditional_ess'])}")
+    return (
+        f"H(x|X) in [{_pm(result['energy_route'])}, {_pm(result['cross_entropy'])}] nats per molecule "
+        f"(energy route K={result['samples_per_frame']} .. cross-entropy, {result['n_frames']} frames), "
+        f"S_map^(2) = {_pm(result['energy_fluctuation'])}, conditional ESS {_pm(result['conditional_ess'])}"
+    )
 
 
 def plot_comparison(results: Sequence[dict], path: str | Path) -> Path:
@@ -515,12 +576,21 @@ def plot_comparison(results: Sequence[dict], path: str | Path) -> Path:
     x = np.arange(len(results))
     fig, axes = plt.subplots(1, 3, figsize=(6 + 2.6 * len(results), 4.6))
     panels = [
-        ("H(x|X), nats per molecule", ("cross-entropy (upper)", "energy route (lower)"),
-         lambda r: (r["cross_entropy"], r["energy_route"])),
-        ("H(x|X), nats per removed atom", ("cross-entropy (upper)", "energy route (lower)"),
-         lambda r: (r["per_removed_atom"]["cross_entropy"], r["per_removed_atom"]["energy_route"])),
-        ("S_map^(2) = (beta^2/2) E Var(U|X)", ("fibres (samples of q)", "clusters of frames (finest)"),
-         lambda r: (r["energy_fluctuation"], _finest_clusters(r))),
+        (
+            "H(x|X), nats per molecule",
+            ("cross-entropy (upper)", "energy route (lower)"),
+            lambda r: (r["cross_entropy"], r["energy_route"]),
+        ),
+        (
+            "H(x|X), nats per removed atom",
+            ("cross-entropy (upper)", "energy route (lower)"),
+            lambda r: (r["per_removed_atom"]["cross_entropy"], r["per_removed_atom"]["energy_route"]),
+        ),
+        (
+            "S_map^(2) = (beta^2/2) E Var(U|X)",
+            ("fibres (samples of q)", "clusters of frames (finest)"),
+            lambda r: (r["energy_fluctuation"], _finest_clusters(r)),
+        ),
     ]
     for ax, (title, labels, get) in zip(axes, panels):
         for off, label, which in ((-0.2, labels[0], 0), (0.2, labels[1], 1)):
@@ -540,8 +610,15 @@ def plot_comparison(results: Sequence[dict], path: str | Path) -> Path:
     return path
 
 
-def report_mapping_entropy(model: Any, reference: Any, out_dir: str | Path, frames: int = 400, samples: int = 64,
-                           seed: int = 0, aa_system: Any = None) -> tuple[dict, str]:
+def report_mapping_entropy(
+    model: Any,
+    reference: Any,
+    out_dir: str | Path,
+    frames: int = 400,
+    samples: int = 64,
+    seed: int = 0,
+    aa_system: Any = None,
+) -> tuple[dict, str]:
     """The mapping entropy of one model for a report: writes ``out_dir/entropy.json``, returns
     (result, one summary line). ``reference`` is an mdtraj Trajectory or a path (unbiased MD; frames
     the model was not trained on give an honest cross-entropy). 400 frames x 64 samples take seconds
@@ -556,21 +633,36 @@ def report_mapping_entropy(model: Any, reference: Any, out_dir: str | Path, fram
 # ---------------------------------------------------------------------------- command line
 def add_arguments(parser) -> None:
     """Arguments of ``openmm-backmap entropy``."""
-    parser.add_argument("--model", required=True, nargs="+",
-                        help="backmapper model file(s) of one molecule, one per CG mapping to compare")
+    parser.add_argument(
+        "--model",
+        required=True,
+        nargs="+",
+        help="backmapper model file(s) of one molecule, one per CG mapping to compare",
+    )
     parser.add_argument("--reference", required=True, help="unbiased AA reference trajectory (not training data)")
     parser.add_argument("--topology", required=True, help="AA topology (PDB) of the reference")
     parser.add_argument("--aa-system", help="AA System XML (default: the one embedded in each model file)")
     parser.add_argument("--samples", type=int, default=64, help="K, samples of q per reference frame (default 64)")
     parser.add_argument("--frames", type=int, default=1000, help="reference frames, evenly spaced (default 1000)")
-    parser.add_argument("--blocks", type=int, default=DEFAULT_BLOCKS,
-                        help=f"blocks of contiguous frames for the standard errors (default {DEFAULT_BLOCKS})")
-    parser.add_argument("--volume", type=float, default=DEFAULT_VOLUME_NM3,
-                        help="box volume per free atom for the Giulini S_map, nm^3 (default 1)")
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        default=DEFAULT_BLOCKS,
+        help=f"blocks of contiguous frames for the standard errors (default {DEFAULT_BLOCKS})",
+    )
+    parser.add_argument(
+        "--volume",
+        type=float,
+        default=DEFAULT_VOLUME_NM3,
+        help="box volume per free atom for the Giulini S_map, nm^3 (default 1)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--out", required=True,
-                        help="JSON to write (entropy.json); a Markdown table and a PNG chart are written beside it")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="JSON to write (entropy.json); a Markdown table and a PNG chart are written beside it",
+    )
 
 
 def run(args) -> int:
@@ -583,22 +675,36 @@ def run(args) -> int:
         raise ValueError(f"--samples must be >= 2 (got {args.samples}): the energy route needs K >= 2")
     results = []
     for path in args.model:
-        results.append(mapping_entropy(path, args.reference, topology=args.topology, aa_system=args.aa_system,
-                                       samples=args.samples, frames=args.frames, seed=args.seed,
-                                       n_blocks=args.blocks, volume_nm3=args.volume))
+        results.append(
+            mapping_entropy(
+                path,
+                args.reference,
+                topology=args.topology,
+                aa_system=args.aa_system,
+                samples=args.samples,
+                frames=args.frames,
+                seed=args.seed,
+                n_blocks=args.blocks,
+                volume_nm3=args.volume,
+            )
+        )
         print(summary_line(results[-1]) + f"  [{path}]")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"units": "nats (k_B) per molecule unless stated; log q w.r.t. Cartesian nm of the placed atoms, "
-                    "constrained bonds as spheres; energies kJ/mol",
-           "results": [_json_ready(r) for r in results]}
+    doc = {
+        "units": "nats (k_B) per molecule unless stated; log q w.r.t. Cartesian nm of the placed atoms, "
+        "constrained bonds as spheres; energies kJ/mol",
+        "results": [_json_ready(r) for r in results],
+    }
     if len(results) > 1:
         doc["differences"] = paired_differences(results, args.blocks)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     text = table(results)
     for d in doc.get("differences", []):
-        text += (f"\n\nH({Path(d['model']).stem}) - H({Path(d['minus']).stem}) on the same frames: "
-                 f"CE {_pm(d['cross_entropy'])}, energy route {_pm(d['energy_route'])} nats")
+        text += (
+            f"\n\nH({Path(d['model']).stem}) - H({Path(d['minus']).stem}) on the same frames: "
+            f"CE {_pm(d['cross_entropy'])}, energy route {_pm(d['energy_route'])} nats"
+        )
     out.with_suffix(".md").write_text(text + "\n")
     plot_comparison(results, out.with_suffix(".png"))
     print(text)

@@ -144,8 +144,13 @@ def evaluate_run(
     phi_r, psi_r = backbone_dihedrals(reference)
     basins = basin_indicators(phi[:, 0], psi[:, 0])
     ref_basins = basin_indicators(phi_r[:, 0], psi_r[:, 0])
-    report: dict[str, Any] = {"n_samples": int(traj.n_frames), "ess": rw.ess, "ess_fraction": rw.ess_fraction,
-                              "finite_weight_fraction": float(np.isfinite(cols["log_w"]).mean()), "basins": {}}
+    report: dict[str, Any] = {
+        "n_samples": int(traj.n_frames),
+        "ess": rw.ess,
+        "ess_fraction": rw.ess_fraction,
+        "finite_weight_fraction": float(np.isfinite(cols["log_w"]).mean()),
+        "basins": {},
+    }
     n = traj.n_frames // n_blocks * n_blocks
     for name, ind in basins.items():
         p_ref = float(ref_basins[name].mean())
@@ -159,8 +164,13 @@ def evaluate_run(
         err = float(np.std(blocks, ddof=1) / np.sqrt(len(blocks))) if len(blocks) > 1 else float("nan")
         with np.errstate(divide="ignore"):
             df = float(-np.log(p_rw / p_ref)) if p_ref > 0 and p_rw > 0 else float("nan")
-        report["basins"][name] = {"reference": p_ref, "raw": p_raw, "reweighted": p_rw, "reweighted_error": err,
-                                  "delta_f_kT": df}
+        report["basins"][name] = {
+            "reference": p_ref,
+            "raw": p_raw,
+            "reweighted": p_rw,
+            "reweighted_error": err,
+            "delta_f_kT": df,
+        }
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ output, or a hybrid run.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import mdtraj as md
 import numpy as np
@@ -27,8 +27,12 @@ def heavy_atoms(topology: md.Topology) -> np.ndarray:
     return np.array([a.index for a in topology.atoms if a.element is not None and a.element.symbol != "H"])
 
 
-def bond_score(x: np.ndarray, topology: md.Topology, reference_lengths: np.ndarray | None = None,
-               reference: np.ndarray | None = None) -> float:
+def bond_score(
+    x: np.ndarray,
+    topology: md.Topology,
+    reference_lengths: np.ndarray | None = None,
+    reference: np.ndarray | None = None,
+) -> float:
     """Fraction of covalent bonds (over all samples) within +-10% of the reference length.
 
     The reference length of each bond is ``reference_lengths`` (nm, one per topology bond) or the
@@ -58,8 +62,9 @@ def clash_score(x: np.ndarray, topology: md.Topology, per: str = "auto") -> floa
     heavy = heavy_atoms(topology)
     bonded = _bonded_pairs(topology, max_separation=2)
     if per == "sample":
-        pairs = np.array([(i, j) for k, i in enumerate(heavy) for j in heavy[k + 1 :]
-                          if (int(i), int(j)) not in bonded])
+        pairs = np.array(
+            [(i, j) for k, i in enumerate(heavy) for j in heavy[k + 1 :] if (int(i), int(j)) not in bonded]
+        )
         if len(pairs) == 0:
             return 0.0
         close = _pair_distances(x, pairs) < CLASH_DISTANCE
@@ -68,8 +73,14 @@ def clash_score(x: np.ndarray, topology: md.Topology, per: str = "auto") -> floa
         raise ValueError(f"per must be 'auto', 'sample' or 'residue', got {per!r}")
     res_of = np.array([a.residue.index for a in topology.atoms])
     bonded_res = {(res_of[i], res_of[j]) for i, j in bonded} | {(res_of[j], res_of[i]) for i, j in bonded}
-    pairs = np.array([(i, j) for k, i in enumerate(heavy) for j in heavy[k + 1 :]
-                      if res_of[i] != res_of[j] and (res_of[i], res_of[j]) not in bonded_res])
+    pairs = np.array(
+        [
+            (i, j)
+            for k, i in enumerate(heavy)
+            for j in heavy[k + 1 :]
+            if res_of[i] != res_of[j] and (res_of[i], res_of[j]) not in bonded_res
+        ]
+    )
     if len(pairs) == 0:
         return 0.0
     close = _pair_distances(x, pairs) < CLASH_DISTANCE  # (S, P)
@@ -150,11 +161,17 @@ def energy_w1(u_samples: np.ndarray, u_reference: np.ndarray) -> float:
     return float(wasserstein_distance(u_samples[np.isfinite(u_samples)], u_reference[np.isfinite(u_reference)]))
 
 
-def ramachandran_histogram(phi: np.ndarray, psi: np.ndarray, bins: int = 36,
-                           weights: np.ndarray | None = None) -> np.ndarray:
+def ramachandran_histogram(
+    phi: np.ndarray, psi: np.ndarray, bins: int = 36, weights: np.ndarray | None = None
+) -> np.ndarray:
     """Normalised (bins x bins) histogram of (phi, psi) in degrees over [-180, 180)^2."""
-    h, _, _ = np.histogram2d(np.ravel(phi), np.ravel(psi), bins=bins, range=[[-180, 180], [-180, 180]],
-                             weights=None if weights is None else np.ravel(weights))
+    h, _, _ = np.histogram2d(
+        np.ravel(phi),
+        np.ravel(psi),
+        bins=bins,
+        range=[[-180, 180], [-180, 180]],
+        weights=None if weights is None else np.ravel(weights),
+    )
     return h / max(h.sum(), 1e-300)
 
 
@@ -172,8 +189,9 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
     return 0.5 * kl(p) + 0.5 * kl(q)
 
 
-def ramachandran_js(samples_traj: md.Trajectory, reference_traj: md.Trajectory,
-                    weights: np.ndarray | None = None) -> float:
+def ramachandran_js(
+    samples_traj: md.Trajectory, reference_traj: md.Trajectory, weights: np.ndarray | None = None
+) -> float:
     """JS divergence of the (phi, psi) histograms (36 x 36) of two trajectories (all residues)."""
     phi_s, psi_s = backbone_dihedrals(samples_traj)
     phi_r, psi_r = backbone_dihedrals(reference_traj)
@@ -203,8 +221,9 @@ def _bonded_pairs(topology: md.Topology, max_separation: int) -> set[tuple[int, 
     return out
 
 
-def summarize(values: dict[str, float], keys: Sequence[str] | None = None,
-              fmt: Callable[[float], str] = lambda v: f"{v:.4g}") -> str:
+def summarize(
+    values: dict[str, float], keys: Sequence[str] | None = None, fmt: Callable[[float], str] = lambda v: f"{v:.4g}"
+) -> str:
     """A two-column text table of metrics."""
     keys = keys or list(values)
     width = max(len(k) for k in keys)

@@ -12,8 +12,9 @@ from openmm_backmap.analysis.metrics import ramachandran_histogram
 from openmm_backmap.analysis.reweighting import kish_ess
 
 
-def free_energy_surface(phi: np.ndarray, psi: np.ndarray, weights: np.ndarray | None = None,
-                        bins: int = 60) -> np.ndarray:
+def free_energy_surface(
+    phi: np.ndarray, psi: np.ndarray, weights: np.ndarray | None = None, bins: int = 60
+) -> np.ndarray:
     """-log p of a (phi, psi) histogram in kT, shifted to a minimum of 0 (NaN where empty)."""
     h = ramachandran_histogram(phi, psi, bins=bins, weights=weights)
     with np.errstate(divide="ignore"):
@@ -44,8 +45,9 @@ def plot_backmapper_report(out: Path, top, ref, flat, sample_traj, u_aa, u_ref) 
         phi_r, psi_r = backbone_dihedrals(md.Trajectory(ref.astype(np.float32), top))
         phi_s, psi_s = backbone_dihedrals(sample_traj)
         fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-        plot_ramachandran(axes, {"reference": free_energy_surface(phi_r, psi_r),
-                                 "reconstructions": free_energy_surface(phi_s, psi_s)})
+        plot_ramachandran(
+            axes, {"reference": free_energy_surface(phi_r, psi_r), "reconstructions": free_energy_surface(phi_s, psi_s)}
+        )
         fig.savefig(out / "ramachandran.png", dpi=110)
         plt.close(fig)
     if u_aa is not None:
@@ -71,8 +73,13 @@ def plot_backmapper_report(out: Path, top, ref, flat, sample_traj, u_aa, u_ref) 
         traj = md.Trajectory(data.astype(np.float32), top)
         axes[0].hist(md.compute_distances(traj, bonds).ravel(), bins=100, density=True, alpha=0.6, label=label)
         if angle_idx:
-            axes[1].hist(np.degrees(md.compute_angles(traj, np.array(angle_idx)).ravel()), bins=100, density=True,
-                         alpha=0.6, label=label)
+            axes[1].hist(
+                np.degrees(md.compute_angles(traj, np.array(angle_idx)).ravel()),
+                bins=100,
+                density=True,
+                alpha=0.6,
+                label=label,
+            )
     axes[0].set_xlabel("bond length (nm)")
     axes[1].set_xlabel("bond angle (deg)")
     axes[0].legend()
@@ -90,9 +97,14 @@ def plot_reweighting_report(out: Path, phi, psi, phi_r, psi_r, rw, cols) -> None
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     weights = np.repeat(rw.weights[:, None], phi.shape[1], 1)
-    plot_ramachandran(axes, {"AA reference": free_energy_surface(phi_r, psi_r),
-                             "reconstructions (raw)": free_energy_surface(phi, psi),
-                             "reconstructions (reweighted)": free_energy_surface(phi, psi, weights)})
+    plot_ramachandran(
+        axes,
+        {
+            "AA reference": free_energy_surface(phi_r, psi_r),
+            "reconstructions (raw)": free_energy_surface(phi, psi),
+            "reconstructions (reweighted)": free_energy_surface(phi, psi, weights),
+        },
+    )
     fig.savefig(out / "ramachandran_reweighted.png", dpi=110)
     plt.close(fig)
 
@@ -102,8 +114,15 @@ def plot_reweighting_report(out: Path, phi, psi, phi_r, psi_r, rw, cols) -> None
     if finite.any():
         lo, hi = np.percentile(u[finite], [0.5, 99.5])
         axes[0].hist(u[finite], bins=60, range=(lo, hi), density=True, alpha=0.6, label="raw")
-        axes[0].hist(u[finite], bins=60, range=(lo, hi), density=True, weights=rw.weights[finite] + 1e-300,
-                     alpha=0.6, label="reweighted")
+        axes[0].hist(
+            u[finite],
+            bins=60,
+            range=(lo, hi),
+            density=True,
+            weights=rw.weights[finite] + 1e-300,
+            alpha=0.6,
+            label="reweighted",
+        )
     axes[0].set_xlabel("U_AA (kJ/mol)")
     axes[0].legend()
     steps = np.unique(cols["step"])

@@ -79,8 +79,9 @@ class Reweighted:
 
     def histogram(self, observable: np.ndarray, bins=50, range=None) -> tuple[np.ndarray, np.ndarray]:
         """Reweighted, normalised histogram (density) of a per-sample observable."""
-        return np.histogram(np.asarray(observable).reshape(-1), bins=bins, range=range,
-                            weights=self.weights, density=True)
+        return np.histogram(
+            np.asarray(observable).reshape(-1), bins=bins, range=range, weights=self.weights, density=True
+        )
 
 
 def reweight(energy_file: str | Path) -> Reweighted:

@@ -195,8 +195,11 @@ class BackmapModel:
 
     def __getstate__(self) -> dict:
         # pickled as the file it was loaded from (a TorchScript module does not pickle)
-        return {"path": str(self.path), "device": str(self.device),
-                "compiled_batch": None if self._compiled is None else self._compiled.batch}
+        return {
+            "path": str(self.path),
+            "device": str(self.device),
+            "compiled_batch": None if self._compiled is None else self._compiled.batch,
+        }
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path"], device=state["device"])
@@ -213,8 +216,9 @@ class CompiledBackmapper:
     module's own sampler, as its TorchScript ``sample`` does, so a seed gives the same frames.
     """
 
-    def __init__(self, module: torch.jit.ScriptModule, batch_size: int, n_cg: int, n_aa: int,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, module: torch.jit.ScriptModule, batch_size: int, n_cg: int, n_aa: int, device: torch.device | str = "cpu"
+    ) -> None:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         if batch_size < 1:

@@ -31,8 +31,9 @@ from openmm_backmap.models.backmapper import Backmapper
 from openmm_backmap.models.cg_potential import CGFlowPotential
 
 
-def make_spec(model: Backmapper, temperature: float, reference_xyz=None, system_xml: str | None = None,
-              cg_xyz=None) -> dict:
+def make_spec(
+    model: Backmapper, temperature: float, reference_xyz=None, system_xml: str | None = None, cg_xyz=None
+) -> dict:
     """Everything needed to rebuild ``model`` (and to export it) without the training data.
 
     ``cg_xyz`` (N, n_cg, 3) nm, the CG frames of the training data (default: the projection of
@@ -98,8 +99,11 @@ def read_checkpoint(path: str | Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for corrupt files
         raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("spec"), dict) \
-            or ckpt["spec"].get("format") != CHECKPOINT_FORMAT:
+    if (
+        not isinstance(ckpt, dict)
+        or not isinstance(ckpt.get("spec"), dict)
+        or ckpt["spec"].get("format") != CHECKPOINT_FORMAT
+    ):
         raise ValueError(f"{path} is not an openmm-backmap checkpoint")
     return ckpt
 

@@ -23,11 +23,14 @@ ENERGY_COLUMNS = ("step", "time_ps", "sample", "u_cg_kjmol", "u_aa_kjmol", "log_
 BACKMAP_COLUMNS = ("frame", "sample", "log_q", "u_aa_kjmol")
 
 
-def format_energy_rows(step: int, time_ps: float, u_cg: float, u_aa: np.ndarray, log_q: np.ndarray,
-                       log_w: np.ndarray) -> str:
+def format_energy_rows(
+    step: int, time_ps: float, u_cg: float, u_aa: np.ndarray, log_q: np.ndarray, log_w: np.ndarray
+) -> str:
     """The rows of one reported CG frame (one per sample) as the text written, each ending in a newline."""
-    return "".join(f"{step},{time_ps:.6f},{s},{u_cg:.10g},{u_aa[s]:.10g},{log_q[s]:.10g},{log_w[s]:.10g}\n"
-                   for s in range(len(log_q)))
+    return "".join(
+        f"{step},{time_ps:.6f},{s},{u_cg:.10g},{u_aa[s]:.10g},{log_q[s]:.10g},{log_w[s]:.10g}\n"
+        for s in range(len(log_q))
+    )
 
 
 @dataclass
@@ -105,8 +108,9 @@ def scan_energy_file(path: str | Path) -> EnergyRows:
         lines.append(number)
         ends.append(offset)
     data = np.array(values, dtype=np.float64).reshape(len(values), len(header))
-    return EnergyRows(path, header, data, np.array(lines, dtype=np.int64), np.array(ends, dtype=np.int64),
-                      header_end, partial)
+    return EnergyRows(
+        path, header, data, np.array(lines, dtype=np.int64), np.array(ends, dtype=np.int64), header_end, partial
+    )
 
 
 def read_energy_file(path: str | Path) -> dict[str, np.ndarray]:

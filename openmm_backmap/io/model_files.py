@@ -52,11 +52,28 @@ CHECKPOINT_VERSION = 1
 COMPILED_FORMAT = "openmm-backmap-compiled-force"  # AOTInductor force packages (.pt2)
 COMPILED_VERSION = "1"
 __all__ = [
-    "CG_FORMAT_VERSION", "CG_KIND", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "COMPILED_FORMAT",
-    "COMPILED_VERSION", "MAPPING_FORMAT", "MAPPING_FORMAT_VERSION", "MODEL_FORMAT", "MODEL_FORMAT_VERSION",
-    "export_cg", "export_model", "is_compiled_package", "load_cg_potential", "load_model_bytes",
-    "load_torchscript", "parse_compiled_metadata", "payload_checksum", "read_compiled_metadata", "read_model_file",
-    "torchscript_metadata", "verify_checksum",
+    "CG_FORMAT_VERSION",
+    "CG_KIND",
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "COMPILED_FORMAT",
+    "COMPILED_VERSION",
+    "MAPPING_FORMAT",
+    "MAPPING_FORMAT_VERSION",
+    "MODEL_FORMAT",
+    "MODEL_FORMAT_VERSION",
+    "export_cg",
+    "export_model",
+    "is_compiled_package",
+    "load_cg_potential",
+    "load_model_bytes",
+    "load_torchscript",
+    "parse_compiled_metadata",
+    "payload_checksum",
+    "read_compiled_metadata",
+    "read_model_file",
+    "torchscript_metadata",
+    "verify_checksum",
 ]
 
 # The newest format_version readable per kind, and the extra files a model file may carry.
@@ -67,8 +84,9 @@ _PACKAGE_MARKER = "data/aotinductor/"
 
 
 # ---------------------------------------------------------------------------- reading
-def read_model_file(source: str | os.PathLike | bytes, device: str = "cpu",
-                    kind: str | None = None) -> tuple[torch.jit.ScriptModule, dict[str, Any], dict[str, str]]:
+def read_model_file(
+    source: str | os.PathLike | bytes, device: str = "cpu", kind: str | None = None
+) -> tuple[torch.jit.ScriptModule, dict[str, Any], dict[str, str]]:
     """(module in eval mode, parsed ``metadata.json``, extra files as text) of a model file.
 
     Parameters
@@ -99,8 +117,10 @@ def read_model_file(source: str | os.PathLike | bytes, device: str = "cpu",
         except OSError as err:
             raise OSError(f"cannot read model file {path}: {err.strerror or err}") from err
     if is_compiled_package(data):
-        raise ValueError(f"{origin} is a compiled force package (.pt2, a CG force for OpenMM), not a TorchScript "
-                         f"model file: give the .pt model file it was compiled from")
+        raise ValueError(
+            f"{origin} is a compiled force package (.pt2, a CG force for OpenMM), not a TorchScript "
+            f"model file: give the .pt model file it was compiled from"
+        )
     stream = io.BytesIO(data)
     files = {name: "" for name in EXTRA_FILES}
     try:
@@ -155,13 +175,17 @@ def verify_checksum(module: torch.nn.Module, meta: Mapping[str, Any], files: Map
     (a file without a recorded checksum passes)."""
     recorded = (meta.get("checksum") or {}).get("sha256")
     if recorded and payload_checksum(module, files) != recorded:
-        raise ValueError(f"{origin} is corrupt: its weights or embedded files do not match the SHA-256 "
-                         f"checksum recorded when it was written (damaged in copying or edited?)")
+        raise ValueError(
+            f"{origin} is corrupt: its weights or embedded files do not match the SHA-256 "
+            f"checksum recorded when it was written (damaged in copying or edited?)"
+        )
 
 
 def _with_checksum(meta: dict, scripted: torch.nn.Module, extra: Mapping[str, str]) -> dict:
-    meta["checksum"] = {"sha256": payload_checksum(scripted, extra),
-                        "of": "state dict (name, dtype, shape, bytes) and extra files other than metadata.json"}
+    meta["checksum"] = {
+        "sha256": payload_checksum(scripted, extra),
+        "of": "state dict (name, dtype, shape, bytes) and extra files other than metadata.json",
+    }
     return meta
 
 
@@ -346,8 +370,9 @@ def load_model_bytes(model: str | os.PathLike | bytes | bytearray | torch.nn.Mod
     return data
 
 
-def load_torchscript(data: bytes, origin: str = "the model bytes",
-                     extra_files: dict | None = None) -> torch.jit.ScriptModule:
+def load_torchscript(
+    data: bytes, origin: str = "the model bytes", extra_files: dict | None = None
+) -> torch.jit.ScriptModule:
     """The TorchScript module in ``data``, in eval mode on the CPU (ValueError naming ``origin`` if it is not one);
     ``extra_files`` (name -> "") is filled with the archive's extra files, as ``torch.jit.load`` does."""
     try:
@@ -372,11 +397,15 @@ def is_compiled_package(data: bytes) -> bool:
 def parse_compiled_metadata(raw: Mapping[str, str], origin: str) -> dict[str, Any]:
     """The metadata a compiled package was written with, checked and typed (ValueError naming ``origin``)."""
     if raw.get("format") != COMPILED_FORMAT:
-        raise ValueError(f"{origin} is an AOTInductor package but not an openmm-backmap compiled force "
-                         f"(metadata format {raw.get('format')!r})")
+        raise ValueError(
+            f"{origin} is an AOTInductor package but not an openmm-backmap compiled force "
+            f"(metadata format {raw.get('format')!r})"
+        )
     if raw.get("version") != COMPILED_VERSION:
-        raise ValueError(f"{origin} has compiled-force version {raw.get('version')!r}; this openmm-backmap "
-                         f"reads version {COMPILED_VERSION}")
+        raise ValueError(
+            f"{origin} has compiled-force version {raw.get('version')!r}; this openmm-backmap "
+            f"reads version {COMPILED_VERSION}"
+        )
     meta: dict[str, Any] = {"format": raw["format"], "version": raw["version"]}
     meta["num_particles"] = int(raw["num_particles"])
     meta["periodic"] = raw["periodic"] == "1"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +51,7 @@ def load_trajectory(
             n_file = _file_atom_count(path)
             if n_file is not None and "top" in kwargs and n_file != kwargs["top"].n_atoms:
                 raise ValueError(
-                    f"the trajectory {path} has {n_file} atoms but the topology has "
-                    f"{kwargs['top'].n_atoms}"
+                    f"the trajectory {path} has {n_file} atoms but the topology has {kwargs['top'].n_atoms}"
                 ) from err
             raise ValueError(f"cannot read {path} with the given topology: {err}") from err
     if topology is not None and not isinstance(topology, (str, Path)):

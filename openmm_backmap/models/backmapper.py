@@ -211,8 +211,7 @@ class Backmapper(nn.Module):
         x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
         bonds = [(a.index, b.index) for a, b in mapping.topology.bonds]
         if bonds:
-            check_length_scale(bond_length_range(x.numpy(), bonds), COVALENT_BOND_RANGE_NM,
-                               "the training coordinates")
+            check_length_scale(bond_length_range(x.numpy(), bonds), COVALENT_BOND_RANGE_NM, "the training coordinates")
         probe = cls(mapping, **kwargs).double()
         probe.ic.fit(probe._to_pivot_frame(x, probe.project(x)))
         kwargs["circular"] = probe.ic.circular.tolist()

@@ -248,8 +248,10 @@ class CGFlowPotential(nn.Module):
     def _check_batch(self, X: Tensor) -> None:
         if X.dim() != 3 or X.shape[1] != self.n_cg or X.shape[2] != 3:
             raise ValueError(
-                "CG positions must have shape [B, n_cg, 3] with n_cg = " + str(self.n_cg)
-                + ", got " + str(list(X.shape))
+                "CG positions must have shape [B, n_cg, 3] with n_cg = "
+                + str(self.n_cg)
+                + ", got "
+                + str(list(X.shape))
             )
 
     def _model_dtype(self) -> torch.dtype:
@@ -319,8 +321,10 @@ class CGFlowPotential(nn.Module):
         """openmm-torch's signature: positions (n_cg, 3) nm -> energy (kJ/mol), a 0-d tensor."""
         if positions.dim() != 2 or positions.shape[0] != self.n_cg or positions.shape[1] != 3:
             raise ValueError(
-                "positions must have shape [n_cg, 3] with n_cg = " + str(self.n_cg)
-                + ", got " + str(list(positions.shape))
+                "positions must have shape [n_cg, 3] with n_cg = "
+                + str(self.n_cg)
+                + ", got "
+                + str(list(positions.shape))
             )
         X = positions.to(self._model_dtype()).unsqueeze(0)
         if X.requires_grad:
@@ -338,5 +342,3 @@ class CGFlowPotential(nn.Module):
         z, ladj_flow = self.flow.inverse(u, ctx)
         X, ladj_ic = self.ic.inverse(z, torch.zeros(n, 0, 3, dtype=dtype, device=device))
         return X, self.base.log_prob(u) - ladj_flow - ladj_ic
-
-

@@ -42,8 +42,8 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -710,7 +710,7 @@ class ProteinBackmapper(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "ProteinBackmapper":
+    def load(cls, path: str | Path) -> ProteinBackmapper:
         """Read a file written by :meth:`save`.
 
         Raises

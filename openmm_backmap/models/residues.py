@@ -22,8 +22,8 @@ No OpenMM here: :func:`openmm_backmap.systems.peptides.openmm_topology` builds t
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 

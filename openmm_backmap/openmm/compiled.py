@@ -109,8 +109,9 @@ def _example_positions(n: int, seed: int = 0) -> torch.Tensor:
     return torch.cumsum(steps, dim=0)
 
 
-def _reference(module: torch.nn.Module, positions: torch.Tensor, box: torch.Tensor | None,
-               params: Sequence[torch.Tensor]) -> tuple[float, np.ndarray, list[float]]:
+def _reference(
+    module: torch.nn.Module, positions: torch.Tensor, box: torch.Tensor | None, params: Sequence[torch.Tensor]
+) -> tuple[float, np.ndarray, list[float]]:
     """Energy, forces and dE/dp from the model itself by autograd (the check of the package)."""
     dtype = module_dtype(module)
     x = positions.to(dtype).detach().requires_grad_(True)
@@ -143,8 +144,9 @@ class CompiledModel:
                 runner = torch._inductor.aoti_load_package(path)
             except Exception as error:  # noqa: BLE001 - any loader failure means the same to the user
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise ValueError(f"{origin} could not be loaded as a compiled package (built for another "
-                                 f"torch or CPU?): {first}") from error
+                raise ValueError(
+                    f"{origin} could not be loaded as a compiled package (built for another torch or CPU?): {first}"
+                ) from error
         finally:
             os.unlink(path)
         self._loader = runner.loader
@@ -164,20 +166,24 @@ class CompiledModel:
         with self._lock:
             return [t.clone() for t in self._loader.boxed_run(inputs)]
 
-    def __call__(self, positions: Any, box: Any = None,
-                 params: Sequence[float] = ()) -> tuple[float, np.ndarray, list[float]]:
+    def __call__(
+        self, positions: Any, box: Any = None, params: Sequence[float] = ()
+    ) -> tuple[float, np.ndarray, list[float]]:
         x = torch.as_tensor(np.asarray(positions, dtype=np.float64))
         if tuple(x.shape) != (self.numParticles, 3):
-            raise ValueError(f"the compiled model takes positions of shape ({self.numParticles}, 3), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"the compiled model takes positions of shape ({self.numParticles}, 3), got {tuple(x.shape)}"
+            )
         inputs = [x]
         if self.periodic:
             if box is None:
                 raise ValueError("this compiled model is periodic: pass the box vectors")
             inputs.append(torch.as_tensor(np.asarray(box, dtype=np.float64)).reshape(3, 3))
         if len(params) != len(self.globalParameters):
-            raise ValueError(f"the compiled model takes {len(self.globalParameters)} global parameter(s) "
-                             f"{self.globalParameters}, got {len(params)}")
+            raise ValueError(
+                f"the compiled model takes {len(self.globalParameters)} global parameter(s) "
+                f"{self.globalParameters}, got {len(params)}"
+            )
         inputs.extend(torch.tensor(float(p), dtype=torch.float64) for p in params)
         out = self.run(inputs)
         return float(out[0]), out[1].numpy(), [float(v) for v in out[2:]]
@@ -255,8 +261,11 @@ def compile_model(
         raise ValueError("positions contain NaN or infinite values")
     inputs = [x0]
     if usesPeriodicBoundaryConditions:
-        inputs.append(torch.eye(3, dtype=torch.float64) * 10.0 if box is None else
-                      torch.as_tensor(np.asarray(box, dtype=np.float64)).reshape(3, 3))
+        inputs.append(
+            torch.eye(3, dtype=torch.float64) * 10.0
+            if box is None
+            else torch.as_tensor(np.asarray(box, dtype=np.float64)).reshape(3, 3)
+        )
     inputs.extend(torch.tensor(float(v), dtype=torch.float64) for v in parameters.values())
     meta: dict[str, str] = {
         "format": COMPILED_FORMAT,
@@ -281,8 +290,14 @@ def compile_model(
     return result
 
 
-def _compile(module: torch.nn.Module, inputs: list[torch.Tensor], periodic: bool, meta: dict[str, str], out: Path,
-             tolerance: float) -> float:
+def _compile(
+    module: torch.nn.Module,
+    inputs: list[torch.Tensor],
+    periodic: bool,
+    meta: dict[str, str],
+    out: Path,
+    tolerance: float,
+) -> float:
     """Trace, export, compile, check and write (see :func:`compile_model`); the deviation found."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -294,9 +309,11 @@ def _compile(module: torch.nn.Module, inputs: list[torch.Tensor], periodic: bool
         wrapper(*inputs)
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         where = next((lines[i - 1] for i, line in enumerate(lines) if "<--- HERE" in line and i > 0), "")
-        raise ValueError("the model branches on tensor values (e.g. `if bool(x > 0)` or int(tensor)), so it cannot "
-                         "be traced into one graph and compiled; use the TorchScript file, or write the branch with "
-                         f"torch.where{' (at: ' + where + ')' if where else ''}") from error
+        raise ValueError(
+            "the model branches on tensor values (e.g. `if bool(x > 0)` or int(tensor)), so it cannot "
+            "be traced into one graph and compiled; use the TorchScript file, or write the branch with "
+            f"torch.where{' (at: ' + where + ')' if where else ''}"
+        ) from error
 
     class _Graph(torch.nn.Module):
         def __init__(self, gm: torch.nn.Module) -> None:
@@ -312,26 +329,32 @@ def _compile(module: torch.nn.Module, inputs: list[torch.Tensor], periodic: bool
         staged = Path(tmp) / "model.pt2"
         try:
             torch._inductor.aoti_compile_and_package(
-                exported, package_path=str(staged), inductor_configs={"aot_inductor.metadata": meta, **INDUCTOR_CONFIG})
+                exported, package_path=str(staged), inductor_configs={"aot_inductor.metadata": meta, **INDUCTOR_CONFIG}
+            )
         except Exception as error:  # noqa: BLE001 - inductor raises many kinds; the cause is what matters
             lines = [line for line in str(error).strip().splitlines() if line.strip()]
-            raise RuntimeError("AOTInductor could not compile the model (it needs a working C++ compiler): "
-                               f"{lines[0] if lines else type(error).__name__}") from error
+            raise RuntimeError(
+                "AOTInductor could not compile the model (it needs a working C++ compiler): "
+                f"{lines[0] if lines else type(error).__name__}"
+            ) from error
         deviation = _check_against_model(CompiledModel(staged.read_bytes(), str(staged)), module, inputs, periodic)
         if not deviation <= tolerance:
-            raise ValueError(f"the compiled package deviates from the model by {deviation:.3g} (relative), more than "
-                             f"the tolerance {tolerance:g}; not written")
+            raise ValueError(
+                f"the compiled package deviates from the model by {deviation:.3g} (relative), more than "
+                f"the tolerance {tolerance:g}; not written"
+            )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(staged.read_bytes())
     return deviation
 
 
-def _check_against_model(compiled: CompiledModel, module: torch.nn.Module, inputs: Sequence[torch.Tensor],
-                         periodic: bool) -> float:
+def _check_against_model(
+    compiled: CompiledModel, module: torch.nn.Module, inputs: Sequence[torch.Tensor], periodic: bool
+) -> float:
     """Largest relative deviation of the package from the model on the traced input and three
     perturbations of its positions."""
     x0, box = inputs[0], (inputs[1] if periodic else None)
-    params = list(inputs[1 + int(periodic):])
+    params = list(inputs[1 + int(periodic) :])
     generator = torch.Generator().manual_seed(1)
     worst = 0.0
     for k in range(4):

@@ -61,8 +61,9 @@ def load_system(system: Any):
 MASS_TOLERANCE_DA = 0.5  # a particle's mass may differ this much from its element's (isotopes aside)
 
 
-def check_system_matches(system, elements: Sequence[str], what: str = "the AA System",
-                         against: str = "the topology") -> None:
+def check_system_matches(
+    system, elements: Sequence[str], what: str = "the AA System", against: str = "the topology"
+) -> None:
     """Refuse an AA System that is not the molecule of a topology with these element symbols.
 
     The rule: the particle counts must be equal; each particle's mass must be within
@@ -80,8 +81,9 @@ def check_system_matches(system, elements: Sequence[str], what: str = "the AA Sy
 
     n = system.getNumParticles()
     if n != len(elements):
-        raise ValueError(f"{what} has {n} particles but {against} has {len(elements)} atoms: "
-                         f"it is not the same molecule")
+        raise ValueError(
+            f"{what} has {n} particles but {against} has {len(elements)} atoms: it is not the same molecule"
+        )
     known = [(i, elem.Element.getBySymbol(sym).mass._value) for i, sym in enumerate(elements) if sym]
     if not known:
         return
@@ -93,10 +95,12 @@ def check_system_matches(system, elements: Sequence[str], what: str = "the AA Sy
     bad = [(i, masses[i], m) for i, m in known if abs(masses[i] - m) > MASS_TOLERANCE_DA]
     if bad:
         shown = ", ".join(f"particle {i} ({elements[i]}) {ms:.3f} Da vs {m:.3f}" for i, ms, m in bad[:3])
-        raise ValueError(f"{what} does not match the elements of {against}: {len(bad)} particle mass(es) differ "
-                         f"from their element's by more than {MASS_TOLERANCE_DA} Da ({shown}), and the total "
-                         f"masses differ ({total_system:.2f} vs {total_topology:.2f} Da): another molecule or "
-                         f"another atom order?")
+        raise ValueError(
+            f"{what} does not match the elements of {against}: {len(bad)} particle mass(es) differ "
+            f"from their element's by more than {MASS_TOLERANCE_DA} Da ({shown}), and the total "
+            f"masses differ ({total_system:.2f} vs {total_topology:.2f} Da): another molecule or "
+            f"another atom order?"
+        )
 
 
 def constraints_from_system(system) -> list[tuple[int, int, float]]:
@@ -269,8 +273,12 @@ class TorchSystemEnergy(torch.nn.Module):
         self.register_buffer("pair_sig", torch.as_tensor(pair_a[:, 3], dtype=f64))
         self.register_buffer("pair_4eps", torch.as_tensor(pair_a[:, 4], dtype=f64))
         self.implicit_solvent = torch.nn.ModuleList([GeneralizedBornEnergy(f) for f in gb_forces])
-        for name, idx, cols in (("bond", "bond_idx", ("i", "j")), ("angle", "angle_idx", ("i", "j", "k_idx")),
-                                ("pair", "pair_idx", ("i", "j")), ("torsion", "torsion_idx", ("i", "j", "k_idx", "l"))):
+        for name, idx, cols in (
+            ("bond", "bond_idx", ("i", "j")),
+            ("angle", "angle_idx", ("i", "j", "k_idx")),
+            ("pair", "pair_idx", ("i", "j")),
+            ("torsion", "torsion_idx", ("i", "j", "k_idx", "l")),
+        ):
             table = getattr(self, idx)
             for c, col in enumerate(cols):
                 self.register_buffer(f"{name}_{col}", table[:, c].contiguous())
@@ -279,8 +287,18 @@ class TorchSystemEnergy(torch.nn.Module):
         """Parameter buffers cast to ``dtype`` and shaped (K, 1) to broadcast over the batch."""
         key = (dtype, self.bond_k.device)
         if key not in self._cast:
-            names = ("bond_r0", "bond_k", "angle_t0", "angle_k", "torsion_n", "torsion_p0", "torsion_k",
-                     "pair_qq", "pair_sig", "pair_4eps")
+            names = (
+                "bond_r0",
+                "bond_k",
+                "angle_t0",
+                "angle_k",
+                "torsion_n",
+                "torsion_p0",
+                "torsion_k",
+                "pair_qq",
+                "pair_sig",
+                "pair_4eps",
+            )
             self._cast[key] = {n: getattr(self, n).to(dtype)[:, None] for n in names}
         return self._cast[key]
 
@@ -320,7 +338,7 @@ class TorchSystemEnergy(torch.nn.Module):
 # ---------------------------------------------------------------------------- OpenMM bridge
 class _OpenMMEnergyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bridge: "OpenMMBridgeEnergy") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, bridge: OpenMMBridgeEnergy) -> torch.Tensor:
         energies, forces = bridge.evaluate(x.detach().cpu().numpy().astype(np.float64))
         ctx.save_for_backward(torch.as_tensor(forces, dtype=x.dtype, device=x.device))
         return torch.as_tensor(energies, dtype=x.dtype, device=x.device)

@@ -96,8 +96,9 @@ def available_backends() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_model(module: torch.jit.ScriptModule, numParticles: int, periodic: bool,
-                 parameters: Mapping[str, float]) -> None:
+def _check_model(
+    module: torch.jit.ScriptModule, numParticles: int, periodic: bool, parameters: Mapping[str, float]
+) -> None:
     """Run forward on a test input of ``numParticles`` atoms; raise ValueError with the reason if it fails."""
     dtype = _module_dtype(module)
     generator = torch.Generator().manual_seed(0)
@@ -110,14 +111,18 @@ def _check_model(module: torch.jit.ScriptModule, numParticles: int, periodic: bo
         energy = module(*inputs)
     except Exception as error:
         lines = [line for line in str(error).strip().splitlines() if line.strip()]
-        raise ValueError(f"the model's forward() fails on a test input of {numParticles} particles"
-                         f"{' with box vectors' if periodic else ''}"
-                         f"{' and ' + str(len(parameters)) + ' global parameter(s)' if parameters else ''}: "
-                         f"{lines[-1] if lines else type(error).__name__}") from error
+        raise ValueError(
+            f"the model's forward() fails on a test input of {numParticles} particles"
+            f"{' with box vectors' if periodic else ''}"
+            f"{' and ' + str(len(parameters)) + ' global parameter(s)' if parameters else ''}: "
+            f"{lines[-1] if lines else type(error).__name__}"
+        ) from error
     if not isinstance(energy, torch.Tensor) or energy.numel() != 1:
         shape = tuple(energy.shape) if isinstance(energy, torch.Tensor) else ""
-        raise ValueError("the model's forward() must return one energy value (kJ/mol) as a tensor, "
-                         f"got {type(energy).__name__}{shape}")
+        raise ValueError(
+            "the model's forward() must return one energy value (kJ/mol) as a tensor, "
+            f"got {type(energy).__name__}{shape}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,8 +200,10 @@ class CompiledComputation(TorchComputation):
     def __call__(self, state: openmm.State) -> tuple[float, np.ndarray]:
         inputs = self._inputs(state)
         if inputs[0].shape[0] != self.model.numParticles:
-            raise ValueError(f"the compiled model was built for {self.model.numParticles} particles, "
-                             f"but the System has {inputs[0].shape[0]}")
+            raise ValueError(
+                f"the compiled model was built for {self.model.numParticles} particles, "
+                f"but the System has {inputs[0].shape[0]}"
+            )
         outputs = self.model.run(inputs)
         return float(outputs[0]), outputs[1].numpy()
 
@@ -205,14 +212,19 @@ def _check_compiled(data: bytes, numParticles: int | None, periodic: bool, param
     """Compare a compiled package's metadata with the force being built; ValueError naming the mismatch."""
     meta = read_compiled_metadata(data)
     if numParticles is not None and meta["num_particles"] != numParticles:
-        raise ValueError(f"the compiled model was built for {meta['num_particles']} particles, "
-                         f"but the System has {numParticles}")
+        raise ValueError(
+            f"the compiled model was built for {meta['num_particles']} particles, but the System has {numParticles}"
+        )
     if meta["periodic"] != bool(periodic):
-        raise ValueError(f"the compiled model was built {'with' if meta['periodic'] else 'without'} periodic "
-                         f"boundary conditions, but usesPeriodicBoundaryConditions is {bool(periodic)}")
+        raise ValueError(
+            f"the compiled model was built {'with' if meta['periodic'] else 'without'} periodic "
+            f"boundary conditions, but usesPeriodicBoundaryConditions is {bool(periodic)}"
+        )
     if list(meta["global_parameters"]) != list(parameters):
-        raise ValueError(f"the compiled model takes the global parameters {meta['global_parameters']}, "
-                         f"but globalParameters gives {list(parameters)}")
+        raise ValueError(
+            f"the compiled model takes the global parameters {meta['global_parameters']}, "
+            f"but globalParameters gives {list(parameters)}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,15 +310,20 @@ def create_force(
         chosen = _resolve_backend(backend)
     if compiled:
         if chosen == "openmm-torch":
-            raise ValueError("openmm-torch runs TorchScript files only; give it the .pt model, or use the native or "
-                             "python backend for the compiled package")
-        _check_compiled(data, None if numParticles is None else int(numParticles), usesPeriodicBoundaryConditions,
-                        parameters)
+            raise ValueError(
+                "openmm-torch runs TorchScript files only; give it the .pt model, or use the native or "
+                "python backend for the compiled package"
+            )
+        _check_compiled(
+            data, None if numParticles is None else int(numParticles), usesPeriodicBoundaryConditions, parameters
+        )
     else:
         if torchscript_metadata(data).get("kind") == "backmapper":
             origin = str(model) if isinstance(model, (str, os.PathLike)) else "the model"
-            raise ValueError(f"{origin} is a backmapper, not a CG potential: a force needs a CG potential model "
-                             f"file (openmm-backmap train-cg) or a TorchScript energy")
+            raise ValueError(
+                f"{origin} is a backmapper, not a CG potential: a force needs a CG potential model "
+                f"file (openmm-backmap train-cg) or a TorchScript energy"
+            )
         if numParticles is not None:
             _check_model(load_torchscript(data), int(numParticles), usesPeriodicBoundaryConditions, parameters)
 
@@ -318,8 +335,10 @@ def create_force(
         force = openmmtorch.TorchForce(load_torchscript(data))
     else:
         if derivatives:
-            raise ValueError("the python backend (openmm.PythonForce) cannot report energy parameter derivatives; "
-                             "use backend='native' or 'openmm-torch'")
+            raise ValueError(
+                "the python backend (openmm.PythonForce) cannot report energy parameter derivatives; "
+                "use backend='native' or 'openmm-torch'"
+            )
         kind = CompiledComputation if compiled else TorchComputation
         force = openmm.PythonForce(kind(data, usesPeriodicBoundaryConditions, list(parameters)), parameters)
     if chosen != "python":
@@ -388,19 +407,26 @@ def create_cg_system(
     if boxVectors is not None:
         if openmm.unit.is_quantity(boxVectors):
             boxVectors = boxVectors.value_in_unit(openmm.unit.nanometer)
-        box = np.asarray([v.value_in_unit(openmm.unit.nanometer) if openmm.unit.is_quantity(v) else v
-                          for v in boxVectors], dtype=np.float64)
+        box = np.asarray(
+            [v.value_in_unit(openmm.unit.nanometer) if openmm.unit.is_quantity(v) else v for v in boxVectors],
+            dtype=np.float64,
+        )
         if box.shape != (3, 3):
             raise ValueError(f"boxVectors must be three 3-vectors (nm), got shape {box.shape}")
         system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*row) for row in box))
         bond_range = _model_cg_bond_range(model)
         if usesPeriodicBoundaryConditions and bond_range:
             check_box_fits(box, bond_range[1], "the periodic box of the CG System")
-    force = create_force(model, backend=backend, usesPeriodicBoundaryConditions=usesPeriodicBoundaryConditions,
-                         globalParameters=globalParameters, energyParameterDerivatives=energyParameterDerivatives,
-                         forceGroup=forceGroup, numParticles=len(masses) if checkModel else None)
+    force = create_force(
+        model,
+        backend=backend,
+        usesPeriodicBoundaryConditions=usesPeriodicBoundaryConditions,
+        globalParameters=globalParameters,
+        energyParameterDerivatives=energyParameterDerivatives,
+        forceGroup=forceGroup,
+        numParticles=len(masses) if checkModel else None,
+    )
     system.addForce(force)
     for extra in extraForces:
         system.addForce(extra)
     return system
-

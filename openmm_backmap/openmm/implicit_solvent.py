@@ -58,8 +58,10 @@ _DAMP_CAP = 60.0  # largest r^2 / (4 B_i B_j) put through exp()
 # Known CustomGBForce forms, whitespace removed: main expression and non-numeric definitions.
 _OBC_INTEGRAL = "select(step(r+sr2-or1),0.5*(1/L-1/U+0.25*(r-sr2^2/r)*(1/(U^2)-1/(L^2))+0.5*log(L/U)/r),0)"
 _OBC_INTEGRAL_DEFS = {"U": "r+sr2", "L": "max(or1,D)", "D": "abs(r-sr2)"}
-_NECK = ("step(radius1+radius2+neckCut-r)*getm0(radindex1,radindex2)/(1+100*(r-getd0(radindex1,radindex2))^2+"
-         "0.3*1000000*(r-getd0(radindex1,radindex2))^6)")
+_NECK = (
+    "step(radius1+radius2+neckCut-r)*getm0(radindex1,radindex2)/(1+100*(r-getd0(radindex1,radindex2))^2+"
+    "0.3*1000000*(r-getd0(radindex1,radindex2))^6)"
+)
 _FORMS = {
     "OBC2": {
         "parameters": ("charge", "or", "sr"),
@@ -69,17 +71,29 @@ _FORMS = {
     },
     "GBn2": {
         "parameters": ("charge", "or", "sr", "alpha", "beta", "gamma", "radindex"),
-        "I": ("Ivdw+neckScale*Ineck", {"Ineck": _NECK, "Ivdw": _OBC_INTEGRAL, **_OBC_INTEGRAL_DEFS,
-                                       "radius1": "or1+offset", "radius2": "or2+offset"}),
+        "I": (
+            "Ivdw+neckScale*Ineck",
+            {
+                "Ineck": _NECK,
+                "Ivdw": _OBC_INTEGRAL,
+                **_OBC_INTEGRAL_DEFS,
+                "radius1": "or1+offset",
+                "radius2": "or2+offset",
+            },
+        ),
         "B": ("1/(1/or-tanh(alpha*psi-beta*psi^2+gamma*psi^3)/radius)", {"psi": "I*or", "radius": "or+offset"}),
         "functions": ("getd0", "getm0"),
     },
 }
 _COULOMB_CUSTOM = 138.935485  # the Coulomb constant written into the Amber CustomGBForce expressions
-_SELF_TERMS = ("-0.5*138.935485*(1/soluteDielectric-1/solventDielectric)*charge^2/B",
-               "-0.5*138.935485*(1/soluteDielectric-exp(-kappa*B)/solventDielectric)*charge^2/B")
-_PAIR_TERMS = ("-138.935485*(1/soluteDielectric-1/solventDielectric)*charge1*charge2/f",
-               "-138.935485*(1/soluteDielectric-exp(-kappa*f)/solventDielectric)*charge1*charge2/f")
+_SELF_TERMS = (
+    "-0.5*138.935485*(1/soluteDielectric-1/solventDielectric)*charge^2/B",
+    "-0.5*138.935485*(1/soluteDielectric-exp(-kappa*B)/solventDielectric)*charge^2/B",
+)
+_PAIR_TERMS = (
+    "-138.935485*(1/soluteDielectric-1/solventDielectric)*charge1*charge2/f",
+    "-138.935485*(1/soluteDielectric-exp(-kappa*f)/solventDielectric)*charge1*charge2/f",
+)
 _PAIR_DEFS = {"f": "sqrt(r^2+B1*B2*exp(-r^2/(4*B1*B2)))"}
 _ACE_TERM = ("28.3919551*(radius+0.14)^2*(radius/B)^6", {"radius": "or+offset"})
 _ACE_FACTOR_CUSTOM = 28.3919551  # 4 pi x 2.25936 kJ/(mol nm^2), as written in those expressions
@@ -164,10 +178,20 @@ def _read_obc_force(force) -> GBParameters:
     ones = np.ones_like(q)
     area = force.getSurfaceAreaEnergy().value_in_unit(unit.kilojoule_per_mole / unit.nanometer**2)
     return GBParameters(
-        form="GBSAOBCForce", charge=q, offset_radius=rho, scaled_radius=rho * scale, tanh_radius=radius,
-        alpha=OBC2_TANH[0] * ones, beta=OBC2_TANH[1] * ones, gamma=OBC2_TANH[2] * ones,
-        coulomb=coulomb, solute_dielectric=eps_in, solvent_dielectric=eps_out, buried_correction=True,
-        ace_factor=4.0 * math.pi * area, ace_radius=radius,
+        form="GBSAOBCForce",
+        charge=q,
+        offset_radius=rho,
+        scaled_radius=rho * scale,
+        tanh_radius=radius,
+        alpha=OBC2_TANH[0] * ones,
+        beta=OBC2_TANH[1] * ones,
+        gamma=OBC2_TANH[2] * ones,
+        coulomb=coulomb,
+        solute_dielectric=eps_in,
+        solvent_dielectric=eps_out,
+        buried_correction=True,
+        ace_factor=4.0 * math.pi * area,
+        ace_radius=radius,
     )
 
 
@@ -218,12 +242,15 @@ def _read_custom_gb_force(force) -> GBParameters:
     spec = _FORMS[form]
     functions = sorted(force.getTabulatedFunctionName(i) for i in range(force.getNumTabulatedFunctions()))
     if functions != sorted(spec["functions"]):
-        raise UnsupportedGBForce(f"{form} CustomGBForce tabulated functions {functions}, expected "
-                                 f"{sorted(spec['functions'])}")
+        raise UnsupportedGBForce(
+            f"{form} CustomGBForce tabulated functions {functions}, expected {sorted(spec['functions'])}"
+        )
     values = [force.getComputedValueParameters(i) for i in range(force.getNumComputedValues())]
     if [(v[0], v[2]) for v in values] != [("I", cgb.ParticlePairNoExclusions), ("B", cgb.SingleParticle)]:
-        raise UnsupportedGBForce(f"{form} CustomGBForce computed values {[(v[0], v[2]) for v in values]} are not "
-                                 "[I (ParticlePairNoExclusions), B (SingleParticle)]")
+        raise UnsupportedGBForce(
+            f"{form} CustomGBForce computed values {[(v[0], v[2]) for v in values]} are not "
+            "[I (ParticlePairNoExclusions), B (SingleParticle)]"
+        )
     main_i, sym_i, num_i = _split_expression(values[0][1])
     _expect(f"{form} computed value I", main_i, sym_i, *spec["I"])
     main_b, sym_b, num_b = _split_expression(values[1][1])
@@ -232,10 +259,14 @@ def _read_custom_gb_force(force) -> GBParameters:
 
     terms = [force.getEnergyTermParameters(i) for i in range(force.getNumEnergyTerms())]
     types = [t[1] for t in terms]
-    if types not in ([cgb.SingleParticle, cgb.ParticlePairNoExclusions],
-                     [cgb.SingleParticle, cgb.SingleParticle, cgb.ParticlePairNoExclusions]):
-        raise UnsupportedGBForce(f"{form} CustomGBForce energy term types {types}: expected self term, optional "
-                                 "ACE term (SingleParticle) and pair term (ParticlePairNoExclusions)")
+    if types not in (
+        [cgb.SingleParticle, cgb.ParticlePairNoExclusions],
+        [cgb.SingleParticle, cgb.SingleParticle, cgb.ParticlePairNoExclusions],
+    ):
+        raise UnsupportedGBForce(
+            f"{form} CustomGBForce energy term types {types}: expected self term, optional "
+            "ACE term (SingleParticle) and pair term (ParticlePairNoExclusions)"
+        )
     main_s, sym_s, num_s = _split_expression(terms[0][0])
     if main_s not in _SELF_TERMS or sym_s:
         raise UnsupportedGBForce(f"{form} self energy term is {terms[0][0]!r}, not one of {list(_SELF_TERMS)}")
@@ -256,9 +287,18 @@ def _read_custom_gb_force(force) -> GBParameters:
     q, rho, sr = table[:, 0], table[:, 1], table[:, 2]
     ones = np.ones_like(q)
     out = GBParameters(
-        form=form, charge=q, offset_radius=rho, scaled_radius=sr, tanh_radius=rho + offset_b,
-        alpha=OBC2_TANH[0] * ones, beta=OBC2_TANH[1] * ones, gamma=OBC2_TANH[2] * ones,
-        coulomb=_COULOMB_CUSTOM, solute_dielectric=eps_in, solvent_dielectric=eps_out, kappa=kappa,
+        form=form,
+        charge=q,
+        offset_radius=rho,
+        scaled_radius=sr,
+        tanh_radius=rho + offset_b,
+        alpha=OBC2_TANH[0] * ones,
+        beta=OBC2_TANH[1] * ones,
+        gamma=OBC2_TANH[2] * ones,
+        coulomb=_COULOMB_CUSTOM,
+        solute_dielectric=eps_in,
+        solvent_dielectric=eps_out,
+        kappa=kappa,
     )
     if len(terms) == 3:
         main_a, sym_a, num_a = _split_expression(terms[1][0])
@@ -277,8 +317,9 @@ def _read_neck(force, out: GBParameters, radindex: np.ndarray, constants: dict) 
     for i in range(force.getNumTabulatedFunctions()):
         name, fn = force.getTabulatedFunctionName(i), force.getTabulatedFunction(i)
         if type(fn).__name__ != "Discrete2DFunction":
-            raise UnsupportedGBForce(f"GBn2 tabulated function {name} is a {type(fn).__name__}, "
-                                     "not a Discrete2DFunction")
+            raise UnsupportedGBForce(
+                f"GBn2 tabulated function {name} is a {type(fn).__name__}, not a Discrete2DFunction"
+            )
         nx, ny, values = fn.getFunctionParameters()
         tables[name] = np.asarray(values, dtype=float).reshape(ny, nx)  # values[x + nx*y] = f(x, y)
     index = np.rint(radindex).astype(int)
@@ -303,7 +344,7 @@ class _GBEnergyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, module: "GeneralizedBornEnergy") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, module: GeneralizedBornEnergy) -> torch.Tensor:
         energy, grad = module._evaluate_chunked(x, need_grad=ctx.needs_input_grad[0])
         ctx.module = module
         ctx.save_for_backward(x, grad if grad is not None else x.new_empty(0))

@@ -49,8 +49,10 @@ def load_native_plugin() -> Any:
         if failed.exists():
             reason = "the build failed: " + failed.read_text().strip()
         else:
-            reason = (f"not built ({reference} is missing): reinstall with `pip install --no-build-isolation .` "
-                      "or run `python cpp/build_plugin.py` in a source checkout")
+            reason = (
+                f"not built ({reference} is missing): reinstall with `pip install --no-build-isolation .` "
+                "or run `python cpp/build_plugin.py` in a source checkout"
+            )
         _native_state = (None, reason)
         return None
     try:

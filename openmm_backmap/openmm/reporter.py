@@ -94,7 +94,7 @@ class _Grid:
         return f"first_step={self.first_step} interval={self.interval} samples={self.samples}"
 
     @classmethod
-    def parse(cls, text: str) -> "_Grid | None":
+    def parse(cls, text: str) -> _Grid | None:
         fields = dict(item.split("=", 1) for item in str(text).split() if "=" in item)
         try:
             return cls(int(fields["first_step"]), int(fields["interval"]), int(fields["samples"]))
@@ -154,7 +154,7 @@ def _write_all(fh, data: bytes, offset: int) -> None:
     view = memoryview(data)
     fh.seek(offset)
     while view:
-        view = view[fh.write(view):]
+        view = view[fh.write(view) :]
 
 
 class _LockedFile:
@@ -245,8 +245,21 @@ class _DCD(_LockedFile):
         _write_all(self.fh, struct.pack("<i", _int32(last)), 20)
 
     def _header(self, grid: _Grid, frames: int) -> bytes:
-        head = struct.pack("<i4s9if", 84, b"CORD", frames, _int32(grid.first_step), _int32(grid.interval),
-                           _int32(grid.first_step), 0, 0, 0, 0, 0, self.dt_ps / 0.04888821)
+        head = struct.pack(
+            "<i4s9if",
+            84,
+            b"CORD",
+            frames,
+            _int32(grid.first_step),
+            _int32(grid.interval),
+            _int32(grid.first_step),
+            0,
+            0,
+            0,
+            0,
+            0,
+            self.dt_ps / 0.04888821,
+        )
         head += struct.pack("<13i", 0, 0, 0, 0, 0, 0, 0, 0, 0, 24, 84, 164, 2)
         head += b"Created by openmm-backmap BackmapReporter".ljust(80) + grid.text().encode("ascii").ljust(80)
         return head + struct.pack("<4i", 164, 4, self.n_atoms, 4)
@@ -257,8 +270,10 @@ def _int32(value: int) -> int:
 
 
 def _not_ours(path: Path, why: str) -> ValueError:
-    return ValueError(f"cannot append to {path}: it was not written by BackmapReporter ({why}), so the steps of "
-                      "its frames are unknown; write a new file or pass append=False")
+    return ValueError(
+        f"cannot append to {path}: it was not written by BackmapReporter ({why}), so the steps of "
+        "its frames are unknown; write a new file or pass append=False"
+    )
 
 
 def _written(time_ps: float, xyz: np.ndarray) -> bool:
@@ -334,9 +349,8 @@ class _NetCDF(_LockedFile):
             raise ValueError(f"cannot append to {path}: it cannot be read as NetCDF ({exc})") from exc
 
     def _create(self, path: Path, grid: _Grid):
-        import netCDF4
-
         import mdtraj
+        import netCDF4
 
         ds = netCDF4.Dataset(str(path), "w", format="NETCDF3_64BIT_OFFSET")
         ds.Conventions, ds.ConventionVersion = "AMBER", "1.0"
@@ -380,8 +394,10 @@ class _HDF5(_LockedFile):
         try:
             return tables.open_file(str(self.path), mode)
         except Exception as exc:  # HDF5ExtError, or another process's lock
-            raise ValueError(f"cannot append to {self.path}: it cannot be opened as HDF5 ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+            raise ValueError(
+                f"cannot append to {self.path}: it cannot be opened as HDF5 ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from exc
 
     def inspect(self) -> tuple[_Grid | None, int]:
         if self.path.stat().st_size == 0:
@@ -391,8 +407,10 @@ class _HDF5(_LockedFile):
             frames = 0
             if "coordinates" in f.root:
                 if f.root.coordinates.shape[1] != self.n_atoms:
-                    raise ValueError(f"cannot append to {self.path}: it holds {f.root.coordinates.shape[1]} atoms, "
-                                     f"not the model's {self.n_atoms}")
+                    raise ValueError(
+                        f"cannot append to {self.path}: it holds {f.root.coordinates.shape[1]} atoms, "
+                        f"not the model's {self.n_atoms}"
+                    )
                 # mdtraj appends the coordinates, then the times: a crash can leave one longer
                 frames = int(min(len(f.root.coordinates), len(f.root.time) if "time" in f.root else 0))
         if grid is None and frames:
@@ -442,8 +460,10 @@ class _EnergyFile(_LockedFile):
         if not rows.header:
             return None
         if tuple(rows.header) != ENERGY_COLUMNS:
-            raise ValueError(f"cannot append to {self.path}: its columns are {rows.header}, not the reporter's "
-                             f"{list(ENERGY_COLUMNS)}")
+            raise ValueError(
+                f"cannot append to {self.path}: its columns are {rows.header}, not the reporter's "
+                f"{list(ENERGY_COLUMNS)}"
+            )
         return rows
 
     def begin(self, offset: int) -> None:
@@ -588,8 +608,11 @@ class BackmapReporter:
             )
         self._cg_bonds = [tuple(b) for b in self.model.mapping.cg_bonds()]
         n_aa = self.model.n_aa
-        self._traj = {"dcd": lambda: _DCD(self._path, n_aa), "netcdf": lambda: _NetCDF(self._path, n_aa),
-                      "hdf5": lambda: _HDF5(self._path, n_aa, self.model.topology)}[kind]()
+        self._traj = {
+            "dcd": lambda: _DCD(self._path, n_aa),
+            "netcdf": lambda: _NetCDF(self._path, n_aa),
+            "hdf5": lambda: _HDF5(self._path, n_aa, self.model.topology),
+        }[kind]()
         self._csv = None if self._energy_path is None else _EnergyFile(self._energy_path)
         self._open = False
         self._failed: str | None = None
@@ -704,9 +727,11 @@ class BackmapReporter:
         except Exception as exc:
             counts = f"{self._reports} complete reports ({self._reports * self._n} frames"
             counts += f", {self._reports * self._n} rows)" if self._csv is not None else ")"
-            message = (f"{where}: writing the report at step {step} failed after {counts}: "
-                       f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}; the reporter is "
-                       "closed, continue from the last checkpoint with append=True")
+            message = (
+                f"{where}: writing the report at step {step} failed after {counts}: "
+                f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}; the reporter is "
+                "closed, continue from the last checkpoint with append=True"
+            )
             self._failed = message
             self.close()
             if isinstance(exc, OSError):
@@ -717,8 +742,9 @@ class BackmapReporter:
     def _check_directories(self) -> None:
         for path, argument in ((self._path, "file"), (self._energy_path, "energyFile")):
             if path is not None and not path.absolute().parent.is_dir():
-                raise FileNotFoundError(errno.ENOENT, f"the directory of {argument} {path} does not exist",
-                                        str(path.absolute().parent))
+                raise FileNotFoundError(
+                    errno.ENOENT, f"the directory of {argument} {path} does not exist", str(path.absolute().parent)
+                )
 
     def _open_files(self, simulation) -> None:
         """Check and open every output, all or none (a failure closes what was opened)."""
@@ -784,8 +810,9 @@ class BackmapReporter:
             note += f", at step {step}"
             self.resumed = note + (f"; writing the report at step {step} now" if self._fill_step is not None else "")
 
-    def _reconcile(self, step: int, grid: _Grid | None, frames: int,
-                   rows: EnergyRows | None) -> tuple[int, _Grid | None, int | None]:
+    def _reconcile(
+        self, step: int, grid: _Grid | None, frames: int, rows: EnergyRows | None
+    ) -> tuple[int, _Grid | None, int | None]:
         """How many reports to keep, the grid to continue, and a report step to write at once.
 
         A report is complete with all its frames and, with an energy file, all its rows; the rows
@@ -797,8 +824,10 @@ class BackmapReporter:
         settings = (self._interval, n)
         if grid is None or (frames < n and (grid.interval, grid.samples) != settings):
             if n_rows:
-                raise ValueError(f"cannot append: {csv} has {n_rows} rows but {traj} holds no complete report; "
-                                 "rows are written after their frames, so these files do not belong together")
+                raise ValueError(
+                    f"cannot append: {csv} has {n_rows} rows but {traj} holds no complete report; "
+                    "rows are written after their frames, so these files do not belong together"
+                )
             return 0, None, None
         if (grid.interval, grid.samples) != settings:
             raise ValueError(
@@ -818,8 +847,10 @@ class BackmapReporter:
         keep = min(complete, upto)
         if csv is not None:
             if complete and self._csv.created:
-                raise ValueError(f"cannot append: {traj} holds {complete} reports but the energy file {csv} does not "
-                                 "exist; pass the energy file written with them, or energyFile=None")
+                raise ValueError(
+                    f"cannot append: {traj} holds {complete} reports but the energy file {csv} does not "
+                    "exist; pass the energy file written with them, or energyFile=None"
+                )
             k = np.arange(n_rows)
             want = np.stack([grid.first_step + (k // n) * grid.interval, k % n], 1)
             have = rows.data[:, [ENERGY_COLUMNS.index("step"), ENERGY_COLUMNS.index("sample")]] if n_rows else want
@@ -833,12 +864,16 @@ class BackmapReporter:
                 )
             in_rows = min(n_rows // n, upto)
             if in_rows > keep:
-                raise ValueError(f"cannot append: {csv} has rows for {in_rows} reports but {traj} holds only {keep} "
-                                 f"(to step {step}); rows are written after their frames: the files do not belong "
-                                 "together")
+                raise ValueError(
+                    f"cannot append: {csv} has rows for {in_rows} reports but {traj} holds only {keep} "
+                    f"(to step {step}); rows are written after their frames: the files do not belong "
+                    "together"
+                )
             if keep > in_rows + 1:
-                raise ValueError(f"cannot append: {traj} holds {keep} reports but {csv} has rows for only {in_rows} "
-                                 f"(to step {step}); a crash leaves the rows at most one report behind")
+                raise ValueError(
+                    f"cannot append: {traj} holds {keep} reports but {csv} has rows for only {in_rows} "
+                    f"(to step {step}); a crash leaves the rows at most one report behind"
+                )
             keep = min(keep, in_rows)
         due = grid.step(keep)
         if keep == 0 and step != due:
@@ -861,7 +896,7 @@ class BackmapReporter:
         self._open = False
         self._release()
 
-    def __enter__(self) -> "BackmapReporter":
+    def __enter__(self) -> BackmapReporter:
         return self
 
     def __exit__(self, *exc) -> None:

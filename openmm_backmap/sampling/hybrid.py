@@ -88,7 +88,7 @@ class TorchStream:
         self.cuda_state: torch.Tensor | None = None
         self._fork = None
 
-    def __enter__(self) -> "TorchStream":
+    def __enter__(self) -> TorchStream:
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         self._fork = torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else [])
         self._fork.__enter__()
@@ -107,8 +107,11 @@ class TorchStream:
         fork.__exit__(*exc)
 
     def __getstate__(self) -> dict:
-        return {"seed": self.seed, "state": self.state.clone(),
-                "cuda_state": None if self.cuda_state is None else self.cuda_state.clone()}
+        return {
+            "seed": self.seed,
+            "state": self.state.clone(),
+            "cuda_state": None if self.cuda_state is None else self.cuda_state.clone(),
+        }
 
     def __setstate__(self, state: dict) -> None:
         self.seed, self.state, self.cuda_state, self._fork = state["seed"], state["state"], state["cuda_state"], None
@@ -181,13 +184,16 @@ class CGHamiltonianKernel:
         self.n_steps = int(n_steps)
         self.integrator = openmm.VerletIntegrator(timestep)
         self.context = openmm.Context(cg_system, self.integrator, openmm.Platform.getPlatformByName(platform))
-        self.masses = np.array([cg_system.getParticleMass(i).value_in_unit(unit.dalton)
-                                for i in range(cg_system.getNumParticles())])
+        self.masses = np.array(
+            [cg_system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(cg_system.getNumParticles())]
+        )
 
     def _energies(self) -> tuple[float, float]:
         s = self.context.getState(getEnergy=True)
-        return (s.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole),
-                s.getKineticEnergy().value_in_unit(unit.kilojoule_per_mole))
+        return (
+            s.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole),
+            s.getKineticEnergy().value_in_unit(unit.kilojoule_per_mole),
+        )
 
     def propose(self, X: np.ndarray, beta: float, rng: np.random.Generator) -> tuple[np.ndarray, float, float]:
         self.context.setPositions(X)
@@ -206,15 +212,21 @@ class CGHamiltonianKernel:
     def __getstate__(self) -> dict:
         import openmm
 
-        return {"system": openmm.XmlSerializer.serialize(self.system), "timestep": self.timestep,
-                "n_steps": self.n_steps, "platform": self.platform, "n_accepted": self.n_accepted,
-                "n_proposed": self.n_proposed}
+        return {
+            "system": openmm.XmlSerializer.serialize(self.system),
+            "timestep": self.timestep,
+            "n_steps": self.n_steps,
+            "platform": self.platform,
+            "n_accepted": self.n_accepted,
+            "n_proposed": self.n_proposed,
+        }
 
     def __setstate__(self, state: dict) -> None:
         import openmm
 
-        self._setup(openmm.XmlSerializer.deserialize(state["system"]), state["timestep"], state["n_steps"],
-                    state["platform"])
+        self._setup(
+            openmm.XmlSerializer.deserialize(state["system"]), state["timestep"], state["n_steps"], state["platform"]
+        )
         self.n_accepted, self.n_proposed = state["n_accepted"], state["n_proposed"]
 
 
@@ -265,8 +277,15 @@ class ResolutionMove(mcmc.MCMCMove):
     is stored as its path, a TorchScript CG model as its bytes.
     """
 
-    def __init__(self, backmapper: Any, mapping: Any, cg_kernel: Any, n_attempts: int = 1, seed: int = 0,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        backmapper: Any,
+        mapping: Any,
+        cg_kernel: Any,
+        n_attempts: int = 1,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         self.backmapper = backmapper
         self.matrix = _matrix(mapping)
@@ -292,11 +311,18 @@ class ResolutionMove(mcmc.MCMCMove):
 
     def __getstate__(self) -> dict:
         stats = self.stats
-        return {"backmapper": self.backmapper, "matrix": self.matrix, "cg_kernel": self.cg_kernel,
-                "n_attempts": self.n_attempts, "dtype": str(self.dtype).replace("torch.", ""),
-                "rng": self.rng.bit_generator.state, "torch_stream": self.torch_stream.__getstate__(),
-                "statistics": self.statistics, "log_acceptance": list(stats.log_acceptance),
-                "accepted": list(stats.accepted)}
+        return {
+            "backmapper": self.backmapper,
+            "matrix": self.matrix,
+            "cg_kernel": self.cg_kernel,
+            "n_attempts": self.n_attempts,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "rng": self.rng.bit_generator.state,
+            "torch_stream": self.torch_stream.__getstate__(),
+            "statistics": self.statistics,
+            "log_acceptance": list(stats.log_acceptance),
+            "accepted": list(stats.accepted),
+        }
 
     def __setstate__(self, state: dict) -> None:
         self.backmapper, self.matrix, self.cg_kernel = state["backmapper"], state["matrix"], state["cg_kernel"]
@@ -311,8 +337,9 @@ class ResolutionMove(mcmc.MCMCMove):
 
     def _log_q(self, x: np.ndarray, X: np.ndarray) -> float:
         with torch.no_grad():
-            lq = self.backmapper.log_prob(torch.as_tensor(x[None], dtype=self.dtype),
-                                          torch.as_tensor(X[None], dtype=self.dtype))
+            lq = self.backmapper.log_prob(
+                torch.as_tensor(x[None], dtype=self.dtype), torch.as_tensor(X[None], dtype=self.dtype)
+            )
         return float(lq[0])
 
     def _reduced_potential(self, context, thermodynamic_state, x: np.ndarray) -> float:
@@ -381,10 +408,24 @@ class BatchedHybridSampler:
         :class:`TorchStream` of the models' draws.
     """
 
-    def __init__(self, backmapper: Any, cg_model: Any, mapping: Any, energy: Any, x0: np.ndarray, n_chains: int,
-                 temperature: float, rigid: bool = True, langevin_steps: int = 0, system: Any = None,
-                 timestep_fs: float = 2.0, collision_rate: float = 1.0, platform: str = "Reference",
-                 seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        backmapper: Any,
+        cg_model: Any,
+        mapping: Any,
+        energy: Any,
+        x0: np.ndarray,
+        n_chains: int,
+        temperature: float,
+        rigid: bool = True,
+        langevin_steps: int = 0,
+        system: Any = None,
+        timestep_fs: float = 2.0,
+        collision_rate: float = 1.0,
+        platform: str = "Reference",
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         if n_chains < 1:
             raise ValueError(f"n_chains must be positive, got {n_chains}")
         self.backmapper = backmapper
@@ -402,8 +443,10 @@ class BatchedHybridSampler:
         if x0.ndim == 2:
             x0 = np.repeat(x0[None], self.n_chains, axis=0)
         if x0.shape != (self.n_chains, self.matrix.shape[1], 3):
-            raise ValueError(f"starting positions have shape {x0.shape}; expected ({self.n_chains}, "
-                             f"{self.matrix.shape[1]}, 3) or ({self.matrix.shape[1]}, 3)")
+            raise ValueError(
+                f"starting positions have shape {x0.shape}; expected ({self.n_chains}, "
+                f"{self.matrix.shape[1]}, 3) or ({self.matrix.shape[1]}, 3)"
+            )
         if not np.all(np.isfinite(x0)):
             raise ValueError("the starting positions contain NaN or infinite values")
         self.langevin_steps = int(langevin_steps)
@@ -413,8 +456,9 @@ class BatchedHybridSampler:
 
             if system is None:
                 raise ValueError("langevin_steps > 0 needs the AA System")
-            integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, collision_rate / unit.picosecond,
-                                                         timestep_fs * unit.femtoseconds)
+            integrator = openmm.LangevinMiddleIntegrator(
+                temperature * unit.kelvin, collision_rate / unit.picosecond, timestep_fs * unit.femtoseconds
+            )
             integrator.setRandomNumberSeed(int(self.rng.integers(1, 2**30)))
             self._context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName(platform))
         self.x = x0
@@ -430,8 +474,13 @@ class BatchedHybridSampler:
         """Reduced energies and log densities of the current states."""
         X = np.einsum("ca,naj->ncj", self.matrix, self.x)
         with torch.no_grad():
-            self.log_q = self.backmapper.log_prob(torch.as_tensor(self.x, dtype=self.dtype),
-                                                  torch.as_tensor(X, dtype=self.dtype)).double().numpy()
+            self.log_q = (
+                self.backmapper.log_prob(
+                    torch.as_tensor(self.x, dtype=self.dtype), torch.as_tensor(X, dtype=self.dtype)
+                )
+                .double()
+                .numpy()
+            )
             self.log_q_cg = self.cg_model.log_prob(torch.as_tensor(X)).double().numpy()
         self.u = self._u(self.x)
 
@@ -537,8 +586,9 @@ class HybridRun:
         if self.kernel not in ("flow", "hmc"):
             raise ValueError(f"unknown CG kernel {self.kernel!r}; choose 'flow' or 'hmc'")
         if self.chains > 1 and self.kernel != "flow":
-            raise ValueError(f"chains > 1 runs the CG-flow kernel only (the {self.kernel!r} kernel is one chain at "
-                             "a time)")
+            raise ValueError(
+                f"chains > 1 runs the CG-flow kernel only (the {self.kernel!r} kernel is one chain at a time)"
+            )
         if self.save_every < 1:
             raise ValueError(f"save_every must be positive, got {self.save_every}")
         if not 0.0 <= self.burn_in < 1.0:
@@ -580,8 +630,7 @@ def _load_inputs(model: Any, cg_model: str, start: str, aa_system: Any, temperat
     return _Inputs(bm, system, pdb.topology, x0, str(cg_model), cg_module, cg_meta, temperature)
 
 
-def run_hybrid(model: Any, cg_model: str, start: str, out_dir: str, settings: HybridRun,
-               aa_system: Any = None) -> dict:
+def run_hybrid(model: Any, cg_model: str, start: str, out_dir: str, settings: HybridRun, aa_system: Any = None) -> dict:
     """Run the hybrid chain(s) of ``settings`` and write ``trajectory.dcd``, ``acceptance.csv`` and
     ``summary.json`` (basin populations with block-averaged errors) to ``out_dir``; returns the summary.
 
@@ -633,14 +682,17 @@ def _run_single(inputs: _Inputs, s: HybridRun, out: Path) -> dict:
     else:
         masses = inputs.cg_meta.get("masses") or bm.mapping.masses()
         cg_system = create_cg_system(np.asarray(masses, dtype=float), inputs.cg_path)
-        cg_kernel = CGHamiltonianKernel(cg_system, timestep=s.hmc_timestep_fs / 1000.0, n_steps=s.hmc_steps,
-                                        platform=s.platform)
+        cg_kernel = CGHamiltonianKernel(
+            cg_system, timestep=s.hmc_timestep_fs / 1000.0, n_steps=s.hmc_steps, platform=s.platform
+        )
     resolution = ResolutionMove(bm, bm.mapping, cg_kernel, n_attempts=s.attempts, seed=s.seed)
     moves = [resolution]
     if s.langevin_steps > 0:
-        langevin = mcmc.LangevinDynamicsMove(timestep=s.timestep_fs * unit.femtoseconds,
-                                             collision_rate=s.collision_rate / unit.picosecond,
-                                             n_steps=s.langevin_steps)
+        langevin = mcmc.LangevinDynamicsMove(
+            timestep=s.timestep_fs * unit.femtoseconds,
+            collision_rate=s.collision_rate / unit.picosecond,
+            n_steps=s.langevin_steps,
+        )
         moves.insert(0, langevin)
     move = mcmc.SequenceMove(moves)
     thermo = states.ThermodynamicState(system, temperature=inputs.temperature * unit.kelvin)
@@ -694,10 +746,22 @@ def _run_batched(inputs: _Inputs, s: HybridRun, out: Path) -> dict:
     from tqdm.auto import tqdm
 
     system, chains = inputs.system, s.chains
-    sampler = BatchedHybridSampler(inputs.model, inputs.cg_module, inputs.model.mapping, aa_energy(system), inputs.x0,
-                                   chains, inputs.temperature, rigid=not system.usesPeriodicBoundaryConditions(),
-                                   langevin_steps=s.langevin_steps, system=system, timestep_fs=s.timestep_fs,
-                                   collision_rate=s.collision_rate, platform=s.platform, seed=s.seed)
+    sampler = BatchedHybridSampler(
+        inputs.model,
+        inputs.cg_module,
+        inputs.model.mapping,
+        aa_energy(system),
+        inputs.x0,
+        chains,
+        inputs.temperature,
+        rigid=not system.usesPeriodicBoundaryConditions(),
+        langevin_steps=s.langevin_steps,
+        system=system,
+        timestep_fs=s.timestep_fs,
+        collision_rate=s.collision_rate,
+        platform=s.platform,
+        seed=s.seed,
+    )
     try:
         torsions = np.asarray(backbone_torsions(inputs.topology), dtype=np.int64)
     except ValueError:
@@ -705,10 +769,14 @@ def _run_batched(inputs: _Inputs, s: HybridRun, out: Path) -> dict:
     md_top = md.Topology.from_openmm(inputs.topology)
     fractions = np.zeros((s.iterations, len(BASINS)))
     start_time = time.perf_counter()
-    with (open(out / "trajectory.dcd", "wb") as dcd_fh, open(out / "acceptance.csv", "w", newline="") as acc_fh,
-          open(out / "basins.csv", "w", newline="") as basin_fh):
-        dcd = app.DCDFile(dcd_fh, inputs.topology, s.timestep_fs * unit.femtoseconds, 0,
-                          max(s.langevin_steps, 1) * s.save_every)
+    with (
+        open(out / "trajectory.dcd", "wb") as dcd_fh,
+        open(out / "acceptance.csv", "w", newline="") as acc_fh,
+        open(out / "basins.csv", "w", newline="") as basin_fh,
+    ):
+        dcd = app.DCDFile(
+            dcd_fh, inputs.topology, s.timestep_fs * unit.femtoseconds, 0, max(s.langevin_steps, 1) * s.save_every
+        )
         acc = csv.writer(acc_fh)
         acc.writerow(["iteration", "chains", "attempts", "accepted"])
         basins = csv.writer(basin_fh)

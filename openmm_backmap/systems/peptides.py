@@ -38,14 +38,52 @@ import numpy as np
 
 # Standard residues accepted by the builder (amber14 names; HIS is not accepted: choose a tautomer).
 STANDARD_RESIDUES = (
-    "ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HID", "HIE", "HIP", "ILE",
-    "LEU", "LYS", "MET", "PHE", "PRO", "SER", "THR", "TRP", "TYR", "VAL",
+    "ALA",
+    "ARG",
+    "ASN",
+    "ASP",
+    "CYS",
+    "GLN",
+    "GLU",
+    "GLY",
+    "HID",
+    "HIE",
+    "HIP",
+    "ILE",
+    "LEU",
+    "LYS",
+    "MET",
+    "PHE",
+    "PRO",
+    "SER",
+    "THR",
+    "TRP",
+    "TYR",
+    "VAL",
 )
 CAPS = ("ACE", "NME")
 ONE_LETTER = {
-    "ALA": "A", "ARG": "R", "ASN": "N", "ASP": "D", "CYS": "C", "GLN": "Q", "GLU": "E",
-    "GLY": "G", "HID": "H", "HIE": "H", "HIP": "H", "ILE": "I", "LEU": "L", "LYS": "K",
-    "MET": "M", "PHE": "F", "PRO": "P", "SER": "S", "THR": "T", "TRP": "W", "TYR": "Y",
+    "ALA": "A",
+    "ARG": "R",
+    "ASN": "N",
+    "ASP": "D",
+    "CYS": "C",
+    "GLN": "Q",
+    "GLU": "E",
+    "GLY": "G",
+    "HID": "H",
+    "HIE": "H",
+    "HIP": "H",
+    "ILE": "I",
+    "LEU": "L",
+    "LYS": "K",
+    "MET": "M",
+    "PHE": "F",
+    "PRO": "P",
+    "SER": "S",
+    "THR": "T",
+    "TRP": "W",
+    "TYR": "Y",
     "VAL": "V",
 }
 TERMINI = ("charged", "capped")
@@ -75,8 +113,7 @@ OMEGA_CIS_MAX_MD = 70.0
 log = logging.getLogger("openmm_backmap.peptides")
 
 
-def _place(a: np.ndarray, b: np.ndarray, c: np.ndarray, bond: float, angle: float,
-           torsion: float) -> np.ndarray:
+def _place(a: np.ndarray, b: np.ndarray, c: np.ndarray, bond: float, angle: float, torsion: float) -> np.ndarray:
     """Place atom d from a, b, c with |cd| = bond, angle bcd and dihedral abcd (Angstrom, deg)."""
     angle, torsion = math.radians(angle), math.radians(torsion)
     bc = c - b
@@ -84,8 +121,13 @@ def _place(a: np.ndarray, b: np.ndarray, c: np.ndarray, bond: float, angle: floa
     n = np.cross(b - a, bc)
     n /= np.linalg.norm(n)
     m = np.cross(n, bc)
-    d2 = np.array([-bond * math.cos(angle), bond * math.sin(angle) * math.cos(torsion),
-                   bond * math.sin(angle) * math.sin(torsion)])
+    d2 = np.array(
+        [
+            -bond * math.cos(angle),
+            bond * math.sin(angle) * math.cos(torsion),
+            bond * math.sin(angle) * math.sin(torsion),
+        ]
+    )
     return c + d2[0] * bc + d2[1] * m + d2[2] * n
 
 
@@ -160,15 +202,19 @@ def _backbone_pdb(full: list[str], cis_bonds: set[int]) -> str:
     for serial, (i, atom_name, pos) in enumerate(atoms, start=1):
         resname = "HIS" if full[i] in ("HID", "HIE", "HIP") else full[i]
         padded = f" {atom_name:<3}" if len(atom_name) < 4 else atom_name
-        lines.append(f"ATOM  {serial:5d} {padded} {resname:>3} A{i + 1:4d}    "
-                     f"{pos[0]:8.3f}{pos[1]:8.3f}{pos[2]:8.3f}  1.00  0.00"
-                     f"          {atom_name[0]:>2}")
+        lines.append(
+            f"ATOM  {serial:5d} {padded} {resname:>3} A{i + 1:4d}    "
+            f"{pos[0]:8.3f}{pos[1]:8.3f}{pos[2]:8.3f}  1.00  0.00"
+            f"          {atom_name[0]:>2}"
+        )
     lines += ["TER", "END", ""]
     return "\n".join(lines)
 
 
-def _carbonyl_o_and_cb(full: list[str], atoms: list[tuple[int, str, np.ndarray]],
-                       ) -> list[tuple[int, str, np.ndarray]]:
+def _carbonyl_o_and_cb(
+    full: list[str],
+    atoms: list[tuple[int, str, np.ndarray]],
+) -> list[tuple[int, str, np.ndarray]]:
     """Carbonyl O of every residue with a C, and an L-configured CB of every non-Gly residue.
 
     pdbfixer overlays its templates on the atoms present with a Kabsch fit that does not exclude
@@ -248,8 +294,13 @@ def _chirality(res: dict[str, np.ndarray], centre: str, neighbours: tuple[str, s
     return float(np.dot(np.cross(a, b), d))
 
 
-def check_geometry(topology, positions, cis_prolines: tuple[int, ...] | list[int] = (),
-                   trans_min: float = OMEGA_TRANS_MIN, cis_max: float = OMEGA_CIS_MAX) -> dict:
+def check_geometry(
+    topology,
+    positions,
+    cis_prolines: tuple[int, ...] | list[int] = (),
+    trans_min: float = OMEGA_TRANS_MIN,
+    cis_max: float = OMEGA_CIS_MAX,
+) -> dict:
     """Check peptide-bond omegas and stereocentres; raise ValueError naming a bad residue.
 
     Parameters
@@ -300,15 +351,20 @@ def check_geometry(topology, positions, cis_prolines: tuple[int, ...] | list[int
         for centre, neighbours, sign in checks:
             value = _chirality(pos, centre, neighbours)
             if value * sign <= 0:
-                raise ValueError(f"residue {res.name}{i}: wrong chirality at {centre} "
-                                 f"(triple product {value:.3f})")
+                raise ValueError(f"residue {res.name}{i}: wrong chirality at {centre} (triple product {value:.3f})")
             signs[f"{res.name}{i}:{centre}"] = math.copysign(1.0, value)
     return {"omega": omegas, "chirality": signs}
 
 
-def build_peptide(sequence: list[str] | tuple[str, ...], termini: str = "charged",
-                  cis_prolines: tuple[int, ...] | list[int] = (), forcefield=None,
-                  max_attempts: int = 20, relax: bool = True, seed: int = 0):
+def build_peptide(
+    sequence: list[str] | tuple[str, ...],
+    termini: str = "charged",
+    cis_prolines: tuple[int, ...] | list[int] = (),
+    forcefield=None,
+    max_attempts: int = 20,
+    relax: bool = True,
+    seed: int = 0,
+):
     """Build an all-atom peptide (amber14 names, hydrogens at pH 7) on an extended backbone.
 
     Parameters
@@ -387,8 +443,9 @@ def build_peptide(sequence: list[str] | tuple[str, ...], termini: str = "charged
     raise ValueError(f"no valid build in {max_attempts} attempts: {error}")
 
 
-def _relax(topology, positions: np.ndarray, forcefield, tolerance: float = 10.0,
-           max_iterations: int = 1000) -> np.ndarray:
+def _relax(
+    topology, positions: np.ndarray, forcefield, tolerance: float = 10.0, max_iterations: int = 1000
+) -> np.ndarray:
     """Minimise positions (nm) with amber14 + GBn2 on one CPU thread; returns nm array."""
     import openmm
     from openmm import unit
@@ -419,8 +476,7 @@ def make_gbn2_system(topology, hydrogen_mass: float | None = None, forcefield=No
 
     ff = forcefield or make_forcefield()
     kwargs = {"hydrogenMass": hydrogen_mass * unit.amu} if hydrogen_mass else {}
-    return ff.createSystem(topology, nonbondedMethod=app.NoCutoff, constraints=app.HBonds,
-                           **kwargs)
+    return ff.createSystem(topology, nonbondedMethod=app.NoCutoff, constraints=app.HBonds, **kwargs)
 
 
 def make_platform(name: str):
@@ -460,9 +516,11 @@ def _simulation(topology, positions, config: MDConfig, forcefield=None):
     from openmm import app, unit
 
     system = make_gbn2_system(topology, config.hydrogen_mass, forcefield)
-    integrator = openmm.LangevinMiddleIntegrator(config.temperature * unit.kelvin,
-                                                 config.friction_per_ps / unit.picosecond,
-                                                 config.timestep_fs * unit.femtosecond)
+    integrator = openmm.LangevinMiddleIntegrator(
+        config.temperature * unit.kelvin,
+        config.friction_per_ps / unit.picosecond,
+        config.timestep_fs * unit.femtosecond,
+    )
     integrator.setRandomNumberSeed(config.seed)
     platform, props = make_platform(config.platform)
     sim = app.Simulation(topology, system, integrator, platform, props)
@@ -470,8 +528,14 @@ def _simulation(topology, positions, config: MDConfig, forcefield=None):
     return sim
 
 
-def run_peptide_md(topology, positions, config: MDConfig, dcd_path: str | os.PathLike,
-                   cis_prolines: tuple[int, ...] | list[int] = (), forcefield=None) -> dict:
+def run_peptide_md(
+    topology,
+    positions,
+    config: MDConfig,
+    dcd_path: str | os.PathLike,
+    cis_prolines: tuple[int, ...] | list[int] = (),
+    forcefield=None,
+) -> dict:
     """Minimise, equilibrate and run production MD, writing frames to a DCD file.
 
     Geometry (trans omegas, L chirality) is checked after minimisation (strict thresholds) and
@@ -519,13 +583,18 @@ def run_peptide_md(topology, positions, config: MDConfig, dcd_path: str | os.Pat
         raise ValueError(f"non-finite potential energy {energy} at the end of the run")
     final = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
     check_geometry(topology, final, cis_prolines, OMEGA_TRANS_MIN_MD, OMEGA_CIS_MAX_MD)
-    return {"n_frames": config.n_frames, "steps_per_s": n_steps / elapsed,
-            "cpu_steps_per_s": n_steps / max(cpu, 1e-9),
-            "final_positions": final, "final_potential_kj_mol": energy}
+    return {
+        "n_frames": config.n_frames,
+        "steps_per_s": n_steps / elapsed,
+        "cpu_steps_per_s": n_steps / max(cpu, 1e-9),
+        "final_positions": final,
+        "final_potential_kj_mol": energy,
+    }
 
 
-def measure_speed(platform: str, sequence=("ALA", "LYS", "PHE", "GLU", "SER"),
-                  n_steps: int = 500, config: MDConfig | None = None) -> float:
+def measure_speed(
+    platform: str, sequence=("ALA", "LYS", "PHE", "GLU", "SER"), n_steps: int = 500, config: MDConfig | None = None
+) -> float:
     """Steps per second of amber14 + GBn2 MD of a peptide on one platform (one thread)."""
     config = config or MDConfig()
     config = MDConfig(**{**asdict(config), "platform": platform})
@@ -551,16 +620,18 @@ class PeptideSpec:
 
 
 def _write_manifest(out_dir: Path) -> list[str]:
-    ids = sorted(p.name for p in out_dir.iterdir()
-                 if p.is_dir() and not p.name.endswith(".tmp") and (p / "meta.json").exists())
+    ids = sorted(
+        p.name for p in out_dir.iterdir() if p.is_dir() and not p.name.endswith(".tmp") and (p / "meta.json").exists()
+    )
     tmp = out_dir / "manifest.json.tmp"
     tmp.write_text(json.dumps({"finished": ids}, indent=1))
     tmp.replace(out_dir / "manifest.json")
     return ids
 
 
-def generate_peptide(spec: PeptideSpec, out_dir: str | os.PathLike, config: MDConfig,
-                     forcefield=None, build_seed: int = 0) -> Path:
+def generate_peptide(
+    spec: PeptideSpec, out_dir: str | os.PathLike, config: MDConfig, forcefield=None, build_seed: int = 0
+) -> Path:
     """Build, simulate and write one peptide to ``out_dir/<id>/`` (via a temporary directory).
 
     Raises ValueError (leaving no finished directory) when a geometry check fails.
@@ -575,8 +646,7 @@ def generate_peptide(spec: PeptideSpec, out_dir: str | os.PathLike, config: MDCo
         shutil.rmtree(tmp_dir)
     tmp_dir.mkdir(parents=True)
     ff = forcefield or make_forcefield()
-    topology, positions = build_peptide(spec.sequence, spec.termini, spec.cis_prolines, ff,
-                                        seed=build_seed)
+    topology, positions = build_peptide(spec.sequence, spec.termini, spec.cis_prolines, ff, seed=build_seed)
     offset = 1 if spec.termini == "capped" else 0
     cis_topology = [i + offset for i in spec.cis_prolines]
     run_config = MDConfig(**{**asdict(config), "temperature": spec.temperature})
@@ -616,8 +686,11 @@ def generate_peptide(spec: PeptideSpec, out_dir: str | os.PathLike, config: MDCo
     return final_dir
 
 
-def generate_corpus(specs: list[PeptideSpec], out_dir: str | os.PathLike, config: MDConfig,
-                    ) -> list[str]:
+def generate_corpus(
+    specs: list[PeptideSpec],
+    out_dir: str | os.PathLike,
+    config: MDConfig,
+) -> list[str]:
     """Generate every peptide in ``specs`` not already finished in ``out_dir``; resumable.
 
     Each finished peptide is renamed into place and listed in ``out_dir/manifest.json``; a
@@ -641,8 +714,9 @@ def generate_corpus(specs: list[PeptideSpec], out_dir: str | os.PathLike, config
             t0 = time.time()
             for retry in range(3):
                 try:
-                    generate_peptide(spec, out_dir, MDConfig(**{**asdict(config), "seed": seed}),
-                                     ff, build_seed=100 * retry)
+                    generate_peptide(
+                        spec, out_dir, MDConfig(**{**asdict(config), "seed": seed}), ff, build_seed=100 * retry
+                    )
                     break
                 except ValueError as exc:  # a geometry check failed: rebuild from other seeds
                     log.info("retry %s after: %s", spec.id, exc)
@@ -651,19 +725,48 @@ def generate_corpus(specs: list[PeptideSpec], out_dir: str | os.PathLike, config
                 continue
             done = _write_manifest(out_dir)
             meta = json.loads((out_dir / spec.id / "meta.json").read_text())
-            log.info("done %s %s %s T=%.0fK atoms=%d frames=%d %.0f steps/s (%.0f per CPU s) %.0fs "
-                     "(%d/%d finished)", spec.id, "-".join(meta["sequence"]), spec.termini,
-                     spec.temperature, meta["n_atoms"], meta["n_frames"], meta["steps_per_s"],
-                     meta["cpu_steps_per_s"], time.time() - t0,
-                     len(done), len(specs))
+            log.info(
+                "done %s %s %s T=%.0fK atoms=%d frames=%d %.0f steps/s (%.0f per CPU s) %.0fs (%d/%d finished)",
+                spec.id,
+                "-".join(meta["sequence"]),
+                spec.termini,
+                spec.temperature,
+                meta["n_atoms"],
+                meta["n_frames"],
+                meta["steps_per_s"],
+                meta["cpu_steps_per_s"],
+                time.time() - t0,
+                len(done),
+                len(specs),
+            )
         return _write_manifest(out_dir)
     finally:
         log.removeHandler(handler)
         handler.close()
 
 
-_TWENTY = ("ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE", "LEU", "LYS",
-           "MET", "PHE", "PRO", "SER", "THR", "TRP", "TYR", "VAL")
+_TWENTY = (
+    "ALA",
+    "ARG",
+    "ASN",
+    "ASP",
+    "CYS",
+    "GLN",
+    "GLU",
+    "GLY",
+    "HIS",
+    "ILE",
+    "LEU",
+    "LYS",
+    "MET",
+    "PHE",
+    "PRO",
+    "SER",
+    "THR",
+    "TRP",
+    "TYR",
+    "VAL",
+)
 N_CIS_PEPTIDES = 6
 # GB cost grows ~N^2 with atoms, so short peptides give more residue-samples per CPU second;
 # lengths 3-8 are drawn with weight on 3-5.
@@ -674,15 +777,21 @@ _LENGTH_WEIGHTS = (0.25, 0.25, 0.2, 0.12, 0.1, 0.08)
 def heldout_sequences() -> list[PeptideSpec]:
     """Three held-out peptides of 12-16 residues that together contain all 20 amino acids."""
     return [
-        PeptideSpec("ho01", [
-            "MET", "LYS", "THR", "TRP", "ILE", "ASP", "GLY", "HIE", "SER", "PHE", "ARG", "VAL",
-            "ASN", "LEU"], "capped"),
-        PeptideSpec("ho02", [
-            "GLU", "TYR", "PRO", "CYS", "ALA", "GLN", "HID", "LYS", "ILE", "SER", "TRP", "ASP",
-            "VAL", "THR"], "charged"),
-        PeptideSpec("ho03", [
-            "ARG", "LEU", "GLY", "PHE", "MET", "HIP", "TYR", "ASN", "GLU", "PRO", "ALA", "CYS",
-            "GLN", "THR"], "capped"),
+        PeptideSpec(
+            "ho01",
+            ["MET", "LYS", "THR", "TRP", "ILE", "ASP", "GLY", "HIE", "SER", "PHE", "ARG", "VAL", "ASN", "LEU"],
+            "capped",
+        ),
+        PeptideSpec(
+            "ho02",
+            ["GLU", "TYR", "PRO", "CYS", "ALA", "GLN", "HID", "LYS", "ILE", "SER", "TRP", "ASP", "VAL", "THR"],
+            "charged",
+        ),
+        PeptideSpec(
+            "ho03",
+            ["ARG", "LEU", "GLY", "PHE", "MET", "HIP", "TYR", "ASN", "GLU", "PRO", "ALA", "CYS", "GLN", "THR"],
+            "capped",
+        ),
     ]
 
 
@@ -690,7 +799,7 @@ def _heldout_words(k: int) -> set[str]:
     words = set()
     for spec in heldout_sequences():
         s = "".join(ONE_LETTER[r] for r in spec.sequence)
-        words.update(s[i:i + k] for i in range(len(s) - k + 1))
+        words.update(s[i : i + k] for i in range(len(s) - k + 1))
     return words
 
 
@@ -719,7 +828,7 @@ def default_corpus_sequences(seed: int = 2024, n_peptides: int = 60) -> list[Pep
                 weights[STANDARD_RESIDUES.index(names[-1])] = 0.0  # no immediate repeats
             names.append(STANDARD_RESIDUES[int(rng.choice(len(weights), p=weights / weights.sum()))])
         letters = "".join(ONE_LETTER[r] for r in names)
-        if any(letters[i:i + 3] in forbidden for i in range(len(letters) - 2)):
+        if any(letters[i : i + 3] in forbidden for i in range(len(letters) - 2)):
             continue
         for r in names:
             counts[r] += 1
@@ -759,18 +868,21 @@ def openmm_topology(residue_names: list[str] | tuple[str, ...], chain=None):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the ``peptides`` command (corpus generation)."""
     parser.add_argument("--out", required=True, help="output directory (train/ and heldout/)")
-    parser.add_argument("--ns", type=float, default=None,
-                        help="production ns per training peptide (default: sized to ~1 h)")
+    parser.add_argument(
+        "--ns", type=float, default=None, help="production ns per training peptide (default: sized to ~1 h)"
+    )
     parser.add_argument("--n-peptides", type=int, default=None, help="number of training peptides")
     parser.add_argument("--save-interval-ps", type=float, default=0.5)
     parser.add_argument("--timestep-fs", type=float, default=4.0)
     parser.add_argument("--hydrogen-mass", type=float, default=4.0, help="HMR mass (amu)")
     parser.add_argument("--platform", default=None, help="CPU or Reference (default: faster)")
     parser.add_argument("--seed", type=int, default=2024)
-    parser.add_argument("--heldout", action="store_true",
-                        help="also generate the held-out set after the training corpus")
-    parser.add_argument("--heldout-ps", type=float, default=110.0,
-                        help="production ps per held-out peptide (frames every 1 ps)")
+    parser.add_argument(
+        "--heldout", action="store_true", help="also generate the held-out set after the training corpus"
+    )
+    parser.add_argument(
+        "--heldout-ps", type=float, default=110.0, help="production ps per held-out peptide (frames every 1 ps)"
+    )
     parser.add_argument("--heldout-only", action="store_true")
 
 
@@ -789,25 +901,31 @@ def run(args: argparse.Namespace) -> None:
         speeds = {p: measure_speed(p) for p in ("CPU", "Reference")}
         platform = max(speeds, key=speeds.get)
         print(f"steps/s on a 5-mer: {speeds}; using {platform}", flush=True)
-    base = MDConfig(timestep_fs=args.timestep_fs, hydrogen_mass=args.hydrogen_mass,
-                    save_interval_ps=args.save_interval_ps, platform=platform, seed=args.seed)
+    base = MDConfig(
+        timestep_fs=args.timestep_fs,
+        hydrogen_mass=args.hydrogen_mass,
+        save_interval_ps=args.save_interval_ps,
+        platform=platform,
+        seed=args.seed,
+    )
     if not args.heldout_only:
         ns = args.ns if args.ns is not None else DEFAULT_NS
         specs = default_corpus_sequences(args.seed, args.n_peptides or DEFAULT_N_PEPTIDES)
         config = MDConfig(**{**asdict(base), "production_ps": ns * 1000.0})
         generate_corpus(specs, out / "train", config)
     if args.heldout or args.heldout_only:
-        config = MDConfig(**{**asdict(base), "production_ps": args.heldout_ps,
-                             "save_interval_ps": 1.0, "seed": args.seed + 7})
+        config = MDConfig(
+            **{**asdict(base), "production_ps": args.heldout_ps, "save_interval_ps": 1.0, "seed": args.seed + 7}
+        )
         ala2 = PeptideSpec("ala2-gbn2", ["ALA"], "capped")
-        generate_corpus([ala2], out / "heldout",
-                        MDConfig(**{**asdict(config), "production_ps": 200.0}))
+        generate_corpus([ala2], out / "heldout", MDConfig(**{**asdict(config), "production_ps": 200.0}))
         generate_corpus(heldout_sequences(), out / "heldout", config)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m openmm_backmap.systems.peptides",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m openmm_backmap.systems.peptides", description=__doc__.splitlines()[0]
+    )
     add_arguments(parser)
     run(parser.parse_args(argv))
 

@@ -20,15 +20,17 @@ from openmm_backmap.openmm.energies import constraints_from_system
 from openmm_backmap.systems.builtin import basin_restraint, builtin_system
 
 
-def langevin_context(system, positions, temperature: float, friction_per_ps: float, timestep_fs: float, seed: int,
-                      platform: str):
+def langevin_context(
+    system, positions, temperature: float, friction_per_ps: float, timestep_fs: float, seed: int, platform: str
+):
     """(Context, LangevinMiddleIntegrator) seeded with ``seed``, energy-minimised from ``positions``,
     with Maxwell-Boltzmann velocities at ``temperature``."""
     import openmm
     from openmm import unit
 
-    integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, friction_per_ps / unit.picosecond,
-                                                 timestep_fs * unit.femtoseconds)
+    integrator = openmm.LangevinMiddleIntegrator(
+        temperature * unit.kelvin, friction_per_ps / unit.picosecond, timestep_fs * unit.femtoseconds
+    )
     integrator.setRandomNumberSeed(int(seed))
     context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName(platform))
     context.setPositions(positions)
@@ -90,8 +92,7 @@ def generate_reference(
         system.addForce(force)
     energy_groups = set(range(31)) if restrain is not None else -1
     dt = timestep_fs * unit.femtoseconds
-    context, integrator = langevin_context(system, positions, temperature, friction_per_ps, timestep_fs, seed,
-                                            platform)
+    context, integrator = langevin_context(system, positions, temperature, friction_per_ps, timestep_fs, seed, platform)
     steps_per_frame = max(1, int(round(save_every_ps * 1000.0 / timestep_fs)))
     n_frames = max(1, int(round(ns * 1000.0 / save_every_ps)))
     integrator.step(int(round(equilibrate_ps * 1000.0 / timestep_fs)))

@@ -19,8 +19,9 @@ def mbar_free_energies(u_kn: np.ndarray, n_k: np.ndarray) -> np.ndarray:
     """Dimensionless free energies f_k of K biased states (f_0 = 0), solved by pymbar's MBAR from
     reduced potentials ``u_kn`` (K, N) of every sample in every state, ``n_k`` samples drawn from
     state k."""
-    mbar = import_pymbar().MBAR(np.asarray(u_kn, dtype=np.float64), np.asarray(n_k), relative_tolerance=1e-12,
-                                     solver_protocol="robust")
+    mbar = import_pymbar().MBAR(
+        np.asarray(u_kn, dtype=np.float64), np.asarray(n_k), relative_tolerance=1e-12, solver_protocol="robust"
+    )
     return mbar.f_k - mbar.f_k[0]
 
 
@@ -104,7 +105,15 @@ def umbrella_basin_populations(
     return {
         "basins": {b: {"population": full[b], "error": 0.5 * abs(first[b] - second[b])} for b in BASINS},
         "phi_profile": {"phi_deg": (0.5 * (edges[1:] + edges[:-1])).tolist(), "free_energy_kT": profile.tolist()},
-        "settings": {"system": name, "n_windows": n_windows, "ps_per_window": ps_per_window,
-                     "k_kjmol_rad2": k_kjmol_rad2, "temperature_K": temperature, "seed": seed,
-                     "equilibrate_ps": equilibrate_ps, "save_every_ps": save_every_ps, "platform": platform},
+        "settings": {
+            "system": name,
+            "n_windows": n_windows,
+            "ps_per_window": ps_per_window,
+            "k_kjmol_rad2": k_kjmol_rad2,
+            "temperature_K": temperature,
+            "seed": seed,
+            "equilibrate_ps": equilibrate_ps,
+            "save_every_ps": save_every_ps,
+            "platform": platform,
+        },
     }

@@ -18,8 +18,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -171,10 +171,28 @@ def train_ml(
     def validate() -> float:
         return mean_nll(model, x_va, X_va, prev=prev_va if model.temporal else None)
 
-    settings = FitSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
-                           time_limit=time_limit, progress=progress)
-    return fit_epochs(model, int(x_tr.shape[0]), batch_loss, validate, settings, spec, spec_key="ml",
-                      checkpoint=checkpoint, resume=resume, desc="ML", stage="ml")
+    settings = FitSettings(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        time_limit=time_limit,
+        progress=progress,
+    )
+    return fit_epochs(
+        model,
+        int(x_tr.shape[0]),
+        batch_loss,
+        validate,
+        settings,
+        spec,
+        spec_key="ml",
+        checkpoint=checkpoint,
+        resume=resume,
+        desc="ML",
+        stage="ml",
+    )
 
 
 # ----------------------------------------------------------------------------- energy refinement

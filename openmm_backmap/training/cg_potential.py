@@ -66,8 +66,24 @@ def train_cg(
     X_va = torch.as_tensor(np.asarray(X_val), dtype=dtype)
     model._check_batch(X_tr)
     model._check_batch(X_va)
-    settings = FitSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
-                           time_limit=time_limit, progress=progress)
-    return fit_epochs(model, int(X_tr.shape[0]), lambda idx, gen: -model.log_prob(X_tr[idx]).mean(),
-                      lambda: mean_nll(model, X_va), settings, spec, spec_key=None, checkpoint=checkpoint,
-                      desc="train-cg", stage="cg")
+    settings = FitSettings(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        time_limit=time_limit,
+        progress=progress,
+    )
+    return fit_epochs(
+        model,
+        int(X_tr.shape[0]),
+        lambda idx, gen: -model.log_prob(X_tr[idx]).mean(),
+        lambda: mean_nll(model, X_va),
+        settings,
+        spec,
+        spec_key=None,
+        checkpoint=checkpoint,
+        desc="train-cg",
+        stage="cg",
+    )

@@ -18,7 +18,6 @@ def _require_counts(settings, names: tuple[str, ...]) -> None:
         raise ValueError(f"{type(settings).__name__}: these counts must be >= 1: {', '.join(bad)}")
 
 
-
 @dataclass(frozen=True)
 class BackmapperTraining:
     """Settings of :func:`~openmm_backmap.training.pipeline.train_from_files`.

@@ -6,8 +6,8 @@ in time are correlated and a random split would leak the validation set into tra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import mdtraj as md
 import numpy as np
@@ -91,9 +91,7 @@ def make_pairs(
 ) -> dict[str, PairDataset]:
     """Build train / val / test :class:`PairDataset` s from a trajectory and a mapping."""
     if traj.n_atoms != mapping.n_aa:
-        raise ValueError(
-            f"the trajectory has {traj.n_atoms} atoms but the mapping expects {mapping.n_aa}"
-        )
+        raise ValueError(f"the trajectory has {traj.n_atoms} atoms but the mapping expects {mapping.n_aa}")
     x = traj.xyz.astype(np.float64)
     mapping.check_positions(x, "trajectory coordinates")
     X = mapping.project(x)

@@ -21,9 +21,10 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -155,10 +156,19 @@ def fit_epochs(
 
     def save() -> None:
         # the best parameters for use, the last ones (and the optimiser) to resume from
-        save_checkpoint(checkpoint, best["state"], spec, last_state_dict=model.state_dict(),
-                        optimizer=optimizer.state_dict(), scheduler=schedule.state_dict(),
-                        generator=generator.get_state(), history=history, best=best,
-                        epoch=history[-1]["epoch"] if history else start_epoch - 1, stage=stage)
+        save_checkpoint(
+            checkpoint,
+            best["state"],
+            spec,
+            last_state_dict=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=schedule.state_dict(),
+            generator=generator.get_state(),
+            history=history,
+            best=best,
+            epoch=history[-1]["epoch"] if history else start_epoch - 1,
+            stage=stage,
+        )
 
     start = time.time()
     bar = progress_bar(total_steps, desc, s.progress)

@@ -11,9 +11,10 @@ for a CG flow potential.  Settings are the dataclasses of :mod:`openmm_backmap.t
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import mdtraj as md
 import numpy as np
@@ -21,19 +22,30 @@ import torch
 
 from openmm_backmap.geometry import bond_length_range
 from openmm_backmap.io.checkpoints import make_cg_spec, make_spec, save_checkpoint
-from openmm_backmap.io.trajectories import load_trajectory
+from openmm_backmap.io.trajectories import (
+    check_restraint_for_mapping,
+    load_trajectory,
+    reference_restraint,
+    require_unrestrained,
+)
 from openmm_backmap.mapping import CGMapping
 from openmm_backmap.models.backmapper import Backmapper
 from openmm_backmap.models.cg_potential import CGFlowPotential
 from openmm_backmap.openmm.energies import aa_energy, check_system_matches, constraints_from_system, load_system
-from openmm_backmap.io.trajectories import check_restraint_for_mapping, reference_restraint, require_unrestrained
 from openmm_backmap.training import backmapper as bm_training
 from openmm_backmap.training import cg_potential as cg_training
 from openmm_backmap.training.config import BackmapperTraining, CGPotentialTraining
 from openmm_backmap.training.data import block_split, make_pairs
 
-__all__ = ["TrainingFrames", "aa_constraints", "detect_constraints", "load_frames", "split_frames",
-           "train_cg_from_files", "train_from_files"]
+__all__ = [
+    "TrainingFrames",
+    "aa_constraints",
+    "detect_constraints",
+    "load_frames",
+    "split_frames",
+    "train_cg_from_files",
+    "train_from_files",
+]
 
 
 # ---------------------------------------------------------------------------- stages
@@ -74,8 +86,12 @@ def aa_constraints(traj: md.Trajectory, aa_system: str | None) -> tuple[Any, str
     if aa_system is None:
         return None, None, detect_constraints(traj)
     system = load_system(aa_system)
-    check_system_matches(system, [a.element.symbol if a.element is not None else "" for a in traj.topology.atoms],
-                         f"the AA System {aa_system}", "the topology")
+    check_system_matches(
+        system,
+        [a.element.symbol if a.element is not None else "" for a in traj.topology.atoms],
+        f"the AA System {aa_system}",
+        "the topology",
+    )
     return system, Path(aa_system).read_text(), constraints_from_system(system)
 
 
@@ -150,14 +166,32 @@ def train_from_files(
         f"{traj.n_frames} frames ({len(tr)} train, {len(va)} validation), {cg_map.n_aa} atoms -> "
         f"{cg_map.n_cg} beads, {len(constraints)} constraints"
     )
-    model = Backmapper.from_data(cg_map, x[tr], constraints=constraints, temporal=s.temporal, hidden=s.hidden,
-                                 n_layers=s.layers, n_bins=s.bins, seed=s.seed)
+    model = Backmapper.from_data(
+        cg_map,
+        x[tr],
+        constraints=constraints,
+        temporal=s.temporal,
+        hidden=s.hidden,
+        n_layers=s.layers,
+        n_bins=s.bins,
+        seed=s.seed,
+    )
     spec = make_spec(model, s.temperature, x[0], system_xml, cg_xyz=X[tr])
     log(f"model: {model.dim} internal DOF, {sum(p.numel() for p in model.parameters())} parameters")
     previous = (lambda idx: (_previous_index(idx, frames.first),)) if s.temporal else (lambda idx: ())
-    ml = bm_training.train_ml(model, spec, (x[tr], X[tr], *previous(tr)), (x[va], X[va], *previous(va)),
-                              epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed, checkpoint=out,
-                              resume=resume, progress=progress)
+    ml = bm_training.train_ml(
+        model,
+        spec,
+        (x[tr], X[tr], *previous(tr)),
+        (x[va], X[va], *previous(va)),
+        epochs=s.epochs,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        seed=s.seed,
+        checkpoint=out,
+        resume=resume,
+        progress=progress,
+    )
     log(f"ML: best validation NLL {ml['best_val_nll']:.3f} nats/frame at epoch {ml['best_epoch']}")
     summary = {"ml": {k: v for k, v in ml.items() if k != "history"}}
     if system is not None and s.energy_steps > 0:
@@ -165,9 +199,20 @@ def train_from_files(
         ml_path = Path(out).with_suffix(".ml" + (Path(out).suffix or ".ckpt"))
         save_checkpoint(ml_path, model, copy.deepcopy(spec), stage="ml-done")
         log(f"maximum-likelihood model written to {ml_path}")
-        en = bm_training.refine_energy(model, spec, aa_energy(system), X[tr], s.temperature, steps=s.energy_steps,
-                                       ml_data=(x[tr], X[tr]), ml_weight=s.ml_weight, lr=s.energy_lr, seed=s.seed,
-                                       val_frames=X[va][:: max(1, len(va) // 100)], progress=progress)
+        en = bm_training.refine_energy(
+            model,
+            spec,
+            aa_energy(system),
+            X[tr],
+            s.temperature,
+            steps=s.energy_steps,
+            ml_data=(x[tr], X[tr]),
+            ml_weight=s.ml_weight,
+            lr=s.energy_lr,
+            seed=s.seed,
+            val_frames=X[va][:: max(1, len(va) // 100)],
+            progress=progress,
+        )
         log(f"energy refinement: {en['steps']} steps, best validation reverse KL {en['best_val_kl']:.3f}")
         summary["energy"] = {k: v for k, v in en.items() if k != "history"}
     spec["training"]["data"] = {
@@ -209,8 +254,11 @@ def train_cg_from_files(
     files = [trajectory] if isinstance(trajectory, (str, Path)) else list(trajectory)
     if not s.allow_restrained:
         for path in files:
-            require_unrestrained(path, "as training data for a CG potential of mean force, which learns p(X) "
-                                 "(--allow-restrained trains a broadened proposal instead)")
+            require_unrestrained(
+                path,
+                "as training data for a CG potential of mean force, which learns p(X) "
+                "(--allow-restrained trains a broadened proposal instead)",
+            )
     # s.seed fixes the blocks and the coupling masks; the networks' initial weights come from torch's
     # global generator as it stands (the CLI has always left it unseeded here)
     parts = [load_trajectory(path, topology, stride=s.stride) for path in files]
@@ -219,18 +267,40 @@ def train_cg_from_files(
     # train / validation / test blocks of each file, pooled
     split = [make_pairs(part, cg_map, seed=s.seed) for part in parts]
     pairs = {name: np.concatenate([p[name].X for p in split]) for name in ("train", "val", "test")}
-    model = CGFlowPotential.from_data(pairs["train"], cg_map.cg_bonds(), temperature=s.temperature,
-                                      n_layers=s.layers, hidden=s.hidden, n_bins=s.bins, seed=s.seed)
+    model = CGFlowPotential.from_data(
+        pairs["train"],
+        cg_map.cg_bonds(),
+        temperature=s.temperature,
+        n_layers=s.layers,
+        hidden=s.hidden,
+        n_bins=s.bins,
+        seed=s.seed,
+    )
     spec = make_cg_spec(model, cg_map, parts[0].xyz[0])
     spec["cg_bond_range_nm"] = list(bond_length_range(pairs["train"], cg_map.cg_bonds()))
     restrained = [r["basin"] for r in map(reference_restraint, files) if r is not None]
-    spec["data"] = {"trajectories": [str(p) for p in files], "restrained_basins": restrained,
-                    "potential_of_mean_force": not restrained}
-    summary = cg_training.train_cg(model, spec, pairs["train"], pairs["val"], epochs=s.epochs,
-                                   batch_size=s.batch_size, lr=s.lr, seed=s.seed, checkpoint=out,
-                                   progress=progress, time_limit=s.time_limit)
+    spec["data"] = {
+        "trajectories": [str(p) for p in files],
+        "restrained_basins": restrained,
+        "potential_of_mean_force": not restrained,
+    }
+    summary = cg_training.train_cg(
+        model,
+        spec,
+        pairs["train"],
+        pairs["val"],
+        epochs=s.epochs,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        seed=s.seed,
+        checkpoint=out,
+        progress=progress,
+        time_limit=s.time_limit,
+    )
     summary["test_nll"] = cg_training.mean_nll(model, torch.as_tensor(pairs["test"], dtype=torch.float32))
-    log(f"{cg_map.n_cg} beads, {model.dim} internal coordinates; best validation NLL "
-        f"{summary['best_val_nll']:.3f} nats (epoch {summary['best_epoch']}), test NLL {summary['test_nll']:.3f}")
+    log(
+        f"{cg_map.n_cg} beads, {model.dim} internal coordinates; best validation NLL "
+        f"{summary['best_val_nll']:.3f} nats (epoch {summary['best_epoch']}), test NLL {summary['test_nll']:.3f}"
+    )
     log(f"checkpoint: {out}")
     return summary
