@@ -745,28 +745,8 @@ def generate_corpus(
         handler.close()
 
 
-_TWENTY = (
-    "ALA",
-    "ARG",
-    "ASN",
-    "ASP",
-    "CYS",
-    "GLN",
-    "GLU",
-    "GLY",
-    "HIS",
-    "ILE",
-    "LEU",
-    "LYS",
-    "MET",
-    "PHE",
-    "PRO",
-    "SER",
-    "THR",
-    "TRP",
-    "TYR",
-    "VAL",
-)
+# the twenty amino acids, histidine once (the corpus spreads it over HID, HIE and HIP)
+_TWENTY = tuple(sorted({"HIS" if r in ("HID", "HIE", "HIP") else r for r in STANDARD_RESIDUES}))
 N_CIS_PEPTIDES = 6
 # GB cost grows ~N^2 with atoms, so short peptides give more residue-samples per CPU second;
 # lengths 3-8 are drawn with weight on 3-5.
