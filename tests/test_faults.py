@@ -572,3 +572,37 @@ def test_package_in_system_of_another_size_names_both_counts(pair_package):
     context.setPositions(_positions(0)[:4] * openmm.unit.nanometer)
     with pytest.raises(Exception, match=rf"built for {N_BEADS} particles, but the System has 4"):
         context.getState(getEnergy=True)
+
+
+def test_reporter_refuses_a_box_smaller_than_twice_the_longest_cg_bond(setup, tmp_path):
+    """A periodic CG box narrower than twice the longest CG bond seen in training would make
+    make_whole wrap bonds to shorter images: the reporter refuses it at the report, naming the step,
+    and writes no frame."""
+    import copy
+
+    import openmm
+    from openmm import app, unit
+
+    from openmm_backmap.io.backmap_model import load_model
+    from openmm_backmap.openmm.reporter import BackmapReporter
+
+    longest = load_model(setup["model"]).metadata["cg_bond_range_nm"][1]
+    system = copy.deepcopy(setup["cg_system"])
+    for force in system.getForces():
+        force.setUsesPeriodicBoundaryConditions(True)
+    width = 1.5 * longest
+    system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*(width * (i == k) for k in range(3))) for i in range(3)))
+    sim = app.Simulation(
+        setup["cg_top"].to_openmm(),
+        system,
+        openmm.VerletIntegrator(0.001 * unit.picoseconds),
+        openmm.Platform.getPlatformByName("Reference"),
+    )
+    sim.context.setPositions(setup["X0"])
+    reporter = BackmapReporter(tmp_path / "aa.dcd", 5, model=setup["model"], energyFile=tmp_path / "w.csv")
+    sim.reporters.append(reporter)
+    with pytest.raises(ValueError, match=r"periodic box at step 5 .*less than twice the longest CG bond"):
+        sim.step(5)
+    reporter.close()
+    energy_file = tmp_path / "w.csv"
+    assert not energy_file.exists() or energy_file.read_text().count("\n") <= 1  # a header at most, no row

@@ -42,6 +42,7 @@ import mdtraj as md
 import numpy as np
 import torch
 
+from openmm_backmap.geometry import check_box_fits
 from openmm_backmap.io.backmap_model import load_model
 from openmm_backmap.io.energy_file import ENERGY_COLUMNS, EnergyRows, format_energy_rows, scan_energy_file
 from openmm_backmap.openmm.energies import aa_energy
@@ -665,6 +666,9 @@ class BackmapReporter:
         box = None
         if simulation.system.usesPeriodicBoundaryConditions():
             box = np.asarray(state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer))
+            bond_range = self.model.metadata.get("cg_bond_range_nm")
+            if bond_range:
+                check_box_fits(box, float(bond_range[1]), f"the periodic box at step {step}")
         X = make_whole(X, self._cg_bonds, box)
         if self._groups is None:
             u_cg = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
