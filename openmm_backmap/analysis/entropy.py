@@ -159,6 +159,8 @@ def entropy_from_terms(
     u_ref = np.asarray(u_ref, dtype=np.float64).reshape(-1)
     u_samples = np.asarray(u_samples, dtype=np.float64)
     log_q_samples = np.asarray(log_q_samples, dtype=np.float64)
+    from openmm_backmap.analysis import kish_ess
+
     n, k = u_samples.shape
     if k < 2:
         raise ValueError(
@@ -175,9 +177,7 @@ def entropy_from_terms(
     ce = -log_q_ref
     h_is = u_ref + log_partition(u_samples, log_q_samples)
     lw = log_weights(u_samples, log_q_samples)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ess = np.exp(2 * logsumexp(lw, axis=1) - logsumexp(2 * lw, axis=1)) / k
-    ess = np.where(np.isfinite(ess), ess, 0.0)
+    ess = np.array([kish_ess(row) / k for row in lw])  # per frame: the conditional ESS of analysis
     by_k = {}
     sizes = [2**p for p in range(int(math.log2(k)) + 1)]
     if sizes[-1] != k:
