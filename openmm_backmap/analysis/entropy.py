@@ -159,7 +159,7 @@ def entropy_from_terms(
     u_ref = np.asarray(u_ref, dtype=np.float64).reshape(-1)
     u_samples = np.asarray(u_samples, dtype=np.float64)
     log_q_samples = np.asarray(log_q_samples, dtype=np.float64)
-    from openmm_backmap.analysis import kish_ess
+    from openmm_backmap.analysis.reweighting import kish_ess
 
     n, k = u_samples.shape
     if k < 2:
