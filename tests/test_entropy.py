@@ -334,15 +334,27 @@ def test_command_refuses_bad_input(tiny_ala2, tmp_path):
 
 # ---------------------------------------------------------------------------- a trained model (slow)
 @pytest.mark.slow
-def test_bracket_on_trained_ala2_model():
+def test_bracket_on_trained_ala2_model(tmp_path):
     """H_IS(K) <= H <= CE on a trained backmapper, and the two agree within errors when the
     conditional ESS is at least 0.5. The model is OPENMM_BACKMAP_ENTROPY_MODEL (a six-bead ALA2
-    model file, e.g. trained as README shows) and the reference OPENMM_BACKMAP_ALA2_REFERENCE (a
-    directory from `openmm-backmap reference ala2`, not the model's training run)."""
+    model file), else the backmapper of OPENMM_BACKMAP_DEMO (an `openmm-backmap demo` output
+    directory), else the full demo run here (about 11 minutes). The reference is
+    OPENMM_BACKMAP_ALA2_REFERENCE (a directory from `openmm-backmap reference ala2`, not the model's
+    training run), else 5 ns generated here with a seed the demo does not use (a few minutes)."""
+    from openmm_backmap.demo import run_demo
+    from openmm_backmap.systems.reference import generate_reference
+
     model = os.environ.get("OPENMM_BACKMAP_ENTROPY_MODEL")
+    if not model:
+        demo = os.environ.get("OPENMM_BACKMAP_DEMO")
+        if not demo:
+            demo = tmp_path / "demo"
+            assert run_demo(demo) == 0
+        model = str(Path(demo) / "models" / "backmapper.pt")
     ref = os.environ.get("OPENMM_BACKMAP_ALA2_REFERENCE")
-    if not model or not ref:
-        pytest.skip("set OPENMM_BACKMAP_ENTROPY_MODEL and OPENMM_BACKMAP_ALA2_REFERENCE")
+    if not ref:
+        generate_reference("ala2", 5.0, tmp_path / "reference", seed=7, progress=False)
+        ref = str(tmp_path / "reference")
     ref_dir = Path(ref.split(os.pathsep)[0])
     r = entropy.mapping_entropy(model, ref_dir / "ala2.dcd", topology=ref_dir / "ala2.pdb", samples=64, frames=1000)
     gap = r["gap"]
