@@ -7,6 +7,7 @@ two cores), and the shared tiny fixtures of ``conftest.py`` only where a real mo
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -370,6 +371,176 @@ def test_compile_output_must_be_pt2(tmp_path, capsys):
     assert "also the command's model" in capsys.readouterr().err
     assert main(["compile", str(tmp_path / "cg.pt"), "-o", str(tmp_path / "cg.so")]) == 2
     assert "unsupported format .so" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- command line: output directories
+class _WorkStarted(Exception):
+    """Raised by the stand-ins for the commands' work: a check that passes reaches it."""
+
+
+def _stop_work(*args, **kwargs):
+    raise _WorkStarted
+
+
+# command -> (the function its work starts with, module.attribute; argv before --out; its input options)
+_DIR_COMMANDS = {
+    "reference": ("openmm_backmap.systems.reference.generate_reference", ["reference", "ala2"], []),
+    "demo": ("openmm_backmap.demo.run_demo", ["demo", "--quick"], []),
+    "evaluate": (
+        "openmm_backmap.io.trajectories.require_unrestrained",
+        ["evaluate", "--model", "{m.pt}", "--reference", "{r.dcd}", "--topology", "{t.pdb}"],
+        ["--model", "--reference", "--topology"],
+    ),
+    "hybrid": (
+        "openmm_backmap.sampling.hybrid.run_hybrid",
+        ["hybrid", "--model", "{m.pt}", "--cg-model", "{cg.pt}", "--start", "{s.pdb}", "--iterations", "1"],
+        ["--model", "--cg-model", "--start"],
+    ),
+    "peptides": ("openmm_backmap.systems.peptides.run", ["peptides"], []),
+}
+
+
+def _dir_argv(tmp_path: Path, monkeypatch, command: str, out: Path | str, *extra: str) -> list[str]:
+    """The command's argv with empty input files in ``tmp_path/inputs``; its work replaced by
+    :func:`_stop_work`, so a refusal shows it came before any MD, training or sampling."""
+    import importlib
+
+    target, argv, _ = _DIR_COMMANDS[command]
+    module, attribute = target.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), attribute, _stop_work)
+    filled = []
+    for item in argv:
+        if item.startswith("{"):  # an input file, each in a folder of its own
+            name = item[1:-1]
+            folder = tmp_path / "inputs" / name.replace(".", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text("")
+            item = str(folder / name)
+        filled.append(item)
+    return [*filled, "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("command", list(_DIR_COMMANDS))
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("file", "is a file; give a directory"),
+        ("under a file", "cannot be created or written: Not a directory"),
+        ("not empty", "already holds {}; pass --overwrite"),
+    ],
+)
+def test_output_directory_checked_before_work(tmp_path, monkeypatch, capsys, command, case, message):
+    """An --out that is a file, that cannot be created, or that already has content (for `reference`
+    one of the files it writes; the resumable `peptides` continues it) is refused, naming the path,
+    before the command's work starts; nothing that is there is touched."""
+    from openmm_backmap.cli import main
+
+    (tmp_path / "o").mkdir()
+    keep = tmp_path / "o" / ("ala2.dcd" if command == "reference" else "old.txt")
+    keep.write_text("keep")
+    out = {"file": keep, "under a file": keep / "run", "not empty": keep.parent}[case]
+    argv = _dir_argv(tmp_path, monkeypatch, command, out)
+    if command == "peptides" and case == "not empty":
+        with pytest.raises(_WorkStarted):
+            main(argv)
+        return
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}" in err and message.format(keep.name) in err
+    assert keep.read_text() == "keep"
+
+
+@pytest.mark.parametrize("command", [c for c in _DIR_COMMANDS if _DIR_COMMANDS[c][2]])
+def test_output_directory_that_is_or_holds_an_input_is_refused(tmp_path, monkeypatch, capsys, command):
+    """--out equal to one of the command's inputs, or a directory that holds one, is refused even
+    with --overwrite, and the input is left as it was."""
+    from openmm_backmap.cli import main
+
+    for option in _DIR_COMMANDS[command][2]:
+        argv = _dir_argv(tmp_path, monkeypatch, command, "", "--overwrite")
+        given = argv[argv.index(option) + 1]
+        argv[argv.index("--out") + 1] = given
+        assert main(argv) == 2
+        assert f"--out {given} is also the command's {option}" in capsys.readouterr().err
+        argv[argv.index("--out") + 1] = str(tmp_path)  # a folder above the input's
+        assert main(argv) == 2
+        assert f"--out {tmp_path} contains the command's --" in capsys.readouterr().err
+        argv[argv.index("--out") + 1] = str(Path(given).parent)
+        assert main(argv) == 2
+        assert f"--out {Path(given).parent} contains the command's {option} {given}" in capsys.readouterr().err
+        assert Path(given).is_file() and Path(given).read_text() == ""
+
+
+@pytest.mark.parametrize("command", list(_DIR_COMMANDS))
+def test_output_directory_is_created_and_overwrite_lets_content_through(tmp_path, monkeypatch, command):
+    """A new --out (and its missing parents) is created by the check; an existing one with content
+    passes with --overwrite (`peptides` without it); either way the command's work is reached."""
+    from openmm_backmap.cli import main
+
+    fresh = tmp_path / "a" / "b"
+    with pytest.raises(_WorkStarted):
+        main(_dir_argv(tmp_path, monkeypatch, command, fresh))
+    assert fresh.is_dir() and not list(fresh.iterdir())  # the writability probe leaves nothing behind
+    (fresh / "old.txt").write_text("keep")
+    with pytest.raises(_WorkStarted):  # `peptides` resumes what is there: it has no --overwrite
+        main(_dir_argv(tmp_path, monkeypatch, command, fresh, *(["--overwrite"] if command != "peptides" else [])))
+    assert (fresh / "old.txt").read_text() == "keep"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+@pytest.mark.parametrize("command", list(_DIR_COMMANDS))
+def test_read_only_output_directory_is_refused(tmp_path, monkeypatch, capsys, command):
+    from openmm_backmap.cli import main
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        for out in (locked, locked / "new"):
+            assert main(_dir_argv(tmp_path, monkeypatch, command, out)) == 2
+            assert f"--out {out} cannot be created or written: Permission denied" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_reference_shares_a_data_folder_but_keeps_its_files(tmp_path, monkeypatch, capsys):
+    """`reference` writes NAME.* into a data folder that may hold other systems: another system's
+    files do not stop it, its own files are refused without --overwrite."""
+    from openmm_backmap.cli import main
+
+    (tmp_path / "chignolin.pdb").write_text("keep")
+    with pytest.raises(_WorkStarted):
+        main(_dir_argv(tmp_path, monkeypatch, "reference", tmp_path))
+    (tmp_path / "ala2.dcd").write_text("keep")
+    (tmp_path / "ala2.json").write_text("keep")
+    assert main(_dir_argv(tmp_path, monkeypatch, "reference", tmp_path)) == 2
+    assert f"--out {tmp_path} already holds ala2.dcd, ala2.json; pass --overwrite" in capsys.readouterr().err
+    with pytest.raises(_WorkStarted):
+        main(_dir_argv(tmp_path, monkeypatch, "reference", tmp_path, "--overwrite"))
+
+
+def test_entropy_outputs_checked_before_work(tmp_path, monkeypatch, capsys):
+    """`entropy` writes a JSON with a Markdown table and a PNG beside it: each of the three is checked
+    like the other commands' output files, and the counts must be >= 1, before any model is loaded."""
+    import openmm_backmap.analysis.entropy as entropy
+    from openmm_backmap.cli import main
+
+    monkeypatch.setattr(entropy, "run", _stop_work)
+    for name in ("m.pt", "r.dcd", "t.pdb"):
+        (tmp_path / name).write_text("")
+    base = ["entropy", "--model", str(tmp_path / "m.pt"), "--reference", str(tmp_path / "r.dcd")]
+    base += ["--topology", str(tmp_path / "t.pdb"), "--out"]
+    assert main([*base, str(tmp_path / "m.pt")]) == 2
+    assert "also the command's --model" in capsys.readouterr().err
+    assert main([*base, str(tmp_path / "e.txt")]) == 2
+    assert "unsupported format .txt" in capsys.readouterr().err
+    (tmp_path / "e.md").write_text("keep")
+    assert main([*base, str(tmp_path / "e.json")]) == 2
+    assert f"{tmp_path / 'e.md'} exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*base, str(tmp_path / "f.json"), "--frames", "0"]) == 2
+    assert "--frames must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(_WorkStarted):
+        main([*base, str(tmp_path / "e.json"), "--overwrite"])
 
 
 # ----------------------------------------------------------------------------- coordinates in Angstrom
