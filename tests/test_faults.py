@@ -543,6 +543,98 @@ def test_entropy_outputs_checked_before_work(tmp_path, monkeypatch, capsys):
         main([*base, str(tmp_path / "e.json"), "--overwrite"])
 
 
+# ----------------------------------------------------------------------------- backmap: the write path
+@pytest.fixture
+def cg_input(tiny_ala2, tmp_path):
+    """Six CG frames of the tiny ALA2 run (DCD) with their CG topology (PDB)."""
+    cg = tiny_ala2["mapping"].cg_trajectory(tiny_ala2["traj"][:6])
+    cg.save_dcd(str(tmp_path / "cg.dcd"))
+    cg[0].save_pdb(str(tmp_path / "cg.pdb"))
+    return tmp_path / "cg.dcd", tmp_path / "cg.pdb"
+
+
+def _full_disk(original):
+    """A writer that stores half of what it would write, then fails like a full disk."""
+    import errno
+
+    def write(*args, **kwargs):
+        original(*args, **kwargs)
+        path = Path(next(a for a in args if isinstance(a, str | Path)))
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    return write
+
+
+@pytest.mark.parametrize("suffix", [".dcd", ".h5", ".nc"])
+def test_backmap_full_disk_names_path_and_counts_and_keeps_old_files(tiny_ala2, cg_input, monkeypatch, suffix):
+    """A disk that fills while the trajectory is written: the error names the file, the frame and
+    atom counts; the files an earlier run wrote there are untouched and no partial file is left."""
+    import mdtraj as md
+
+    from openmm_backmap.backmap import backmap_trajectory
+
+    folder = cg_input[0].parent
+    out, energies = folder / f"aa{suffix}", folder / "w.csv"
+    out.write_bytes(b"earlier run")
+    energies.write_text("earlier run")
+    monkeypatch.setattr(md.Trajectory, "save", _full_disk(md.Trajectory.save))
+    with pytest.raises(OSError) as err:
+        backmap_trajectory(tiny_ala2["model"], *cg_input, out, samples=2, energies=energies, progress=False)
+    message = str(err.value)
+    assert (
+        f"cannot write the backmapped trajectory {out} (12 frames of 22 atoms, from 6 CG frames x 2 samples)" in message
+    )
+    assert "No space left on device" in message
+    assert out.read_bytes() == b"earlier run" and energies.read_text() == "earlier run"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["cg.dcd", "cg.pdb", out.name, "w.csv"])
+
+
+def test_backmap_energies_write_failure_keeps_both_old_files(tiny_ala2, cg_input, monkeypatch):
+    """The trajectory is written but the energies CSV fails: neither replaces the earlier pair (the
+    two files stay a matching pair), the error names the CSV and its row count."""
+    import openmm_backmap.backmap as backmap
+
+    folder = cg_input[0].parent
+    out, energies = folder / "aa.dcd", folder / "w.csv"
+    out.write_bytes(b"earlier run")
+    energies.write_text("earlier run")
+    monkeypatch.setattr(backmap, "write_backmap_energies", _full_disk(backmap.write_backmap_energies))
+    with pytest.raises(OSError, match=rf"cannot write the energies file {energies} \(12 rows, 12 frames of 22"):
+        backmap.backmap_trajectory(tiny_ala2["model"], *cg_input, out, samples=2, energies=energies, progress=False)
+    assert out.read_bytes() == b"earlier run" and energies.read_text() == "earlier run"
+    assert sorted(p.name for p in folder.iterdir()) == ["aa.dcd", "cg.dcd", "cg.pdb", "w.csv"]
+    monkeypatch.undo()  # the same call with working writers replaces both
+    res = backmap.backmap_trajectory(tiny_ala2["model"], *cg_input, out, samples=2, energies=energies, progress=False)
+    assert res["n_samples"] == 12 and energies.read_text().count("\n") == 13
+    assert sorted(p.name for p in folder.iterdir()) == ["aa.dcd", "cg.dcd", "cg.pdb", "w.csv"]
+
+
+@pytest.mark.parametrize(
+    "name, error, message",
+    [
+        ("aa.txt", ValueError, r"aa\.txt: unsupported format \.txt; use one of \.dcd"),
+        ("aa", ValueError, r"unsupported format \(no suffix\)"),
+        ("missing/aa.dcd", OSError, r"missing/aa\.dcd: .*missing is not an existing folder"),
+        ("cg.pdb/aa.dcd", OSError, r"cg\.pdb/aa\.dcd: .*cg\.pdb is not an existing folder"),
+        ("sub.dcd", OSError, r"trajectory .*sub\.dcd is a directory"),
+    ],
+)
+def test_backmap_output_checked_before_the_model_is_loaded(tiny_ala2, cg_input, monkeypatch, name, error, message):
+    """An output mdtraj cannot write (format, folder) is refused before the model is loaded, not after
+    the sampling."""
+    import openmm_backmap.backmap as backmap
+
+    (cg_input[0].parent / "sub.dcd").mkdir()
+    monkeypatch.setattr(backmap, "load_model", _stop_work)
+    with pytest.raises(error, match=message):
+        backmap.backmap_trajectory(tiny_ala2["model"], *cg_input, cg_input[0].parent / name, progress=False)
+    with pytest.raises(OSError, match=r"energies file .*missing/w\.csv: .*not an existing folder"):
+        backmap.backmap_trajectory(
+            tiny_ala2["model"], *cg_input, cg_input[0].parent / "aa.dcd", energies=cg_input[0].parent / "missing/w.csv"
+        )
+
+
 # ----------------------------------------------------------------------------- coordinates in Angstrom
 def test_backmapper_records_cg_bond_range(tiny_ala2):
     from openmm_backmap.geometry import bond_length_range
