@@ -508,30 +508,52 @@ def test_energy_file_with_a_partial_last_row_is_read_and_says_so(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the kill test
-@posix
-def test_sigkill_at_random_times_then_restart_keeps_every_report_once(setup, start, tmp_path):
-    """20 runs killed with SIGKILL at random times and 2 that hit a full disk (a file-size limit),
-    each continued from the last checkpoint with append=True: in the end every report from the
-    first to the last step is in the files exactly once, its frames and rows aligned."""
+def _kill_and_restart(setup, start, tmp_path, suffix: str, kills: int, disk_fulls: int, seed: int) -> None:
+    """``kills`` runs killed with SIGKILL at random times and ``disk_fulls`` that hit a full disk (a
+    file-size limit), each continued from the last checkpoint with append=True: in the end every
+    report from the first to the last step is in the files exactly once, its frames and rows aligned."""
     os.symlink(setup["model"], tmp_path / "model.pt")
     (tmp_path / "cg.xml").write_text(openmm.XmlSerializer.serialize(setup["cg_system"]))
     np.savez(tmp_path / "start.npz", positions=setup["X0"], velocities=start["velocities"])
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
     )
+    worker = [sys.executable, str(ROOT / "tests" / "_reporter_worker.py"), str(tmp_path)]
     done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_reporter_worker.py"), str(tmp_path), "20", "2", "11"],
+        [*worker, str(kills), str(disk_fulls), str(seed), suffix],
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
+        timeout=60 + 15 * (kills + disk_fulls),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     print(json.dumps(summary, indent=1))
-    assert summary["kills"] == 20
-    assert len(summary["disk_full_errors"]) == 2
+    assert summary["kills"] == kills
+    assert len(summary["disk_full_errors"]) == disk_fulls
     for message in summary["disk_full_errors"]:
-        assert "aa.dcd: writing the report at step" in message and "File too large" in message
+        assert f"aa{suffix}: writing the report at step" in message
+        if suffix == ".dcd":
+            assert "File too large" in message
     X, U = _reference(setup, start, summary["end"])
-    _assert_reports(setup, start, tmp_path, ".dcd", summary["end"], X=X, U=U)
+    _assert_reports(setup, start, tmp_path, suffix, summary["end"], X=X, U=U)
+
+
+@posix
+def test_sigkill_at_random_times_then_restart_keeps_every_report_once(setup, start, tmp_path):
+    """The DCD: 20 kills and 2 full disks."""
+    _kill_and_restart(setup, start, tmp_path, ".dcd", 20, 2, 11)
+
+
+@posix
+@pytest.mark.parametrize("suffix", [".nc", ".h5"])
+def test_sigkill_then_restart_netcdf_and_hdf5(setup, start, tmp_path, suffix):
+    """NetCDF and HDF5 under the same faults, 5 kills and 1 full disk each (20 and 2 with -m slow)."""
+    _kill_and_restart(setup, start, tmp_path, suffix, 5, 1, 12)
+
+
+@posix
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".nc", ".h5"])
+def test_sigkill_20_times_then_restart_netcdf_and_hdf5(setup, start, tmp_path, suffix):
+    _kill_and_restart(setup, start, tmp_path, suffix, 20, 2, 13)
