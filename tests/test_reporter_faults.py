@@ -507,6 +507,65 @@ def test_energy_file_with_a_partial_last_row_is_read_and_says_so(tmp_path):
         reweight(path)
 
 
+def test_hdf5_report_is_not_started_without_room(setup, start, tmp_path, monkeypatch):
+    """HDF5 cannot be continued after a short write, so a report that might not fit is refused
+    before anything is written: the error names the file, the step and the counts, the file still
+    reads, and a restart from the checkpoint continues it."""
+    sim = _simulation(setup, start)
+    reporter = _reporter(start, tmp_path, ".h5")
+    sim.reporters.append(reporter)
+    sim.step(30)
+    sim.saveCheckpoint(str(tmp_path / "c.chk"))
+    monkeypatch.setattr(reporter_module._HDF5, "ROOM", 1 << 62)  # more than any disk has free
+    with pytest.raises(OSError) as err:
+        sim.step(10)
+    message = str(err.value)
+    assert "aa.h5: writing the report at step 40 failed after 3 complete reports (6 frames, 6 rows)" in message
+    assert "bytes free on the file system" in message and "needed to write a report safely" in message
+    monkeypatch.undo()
+    assert md.load(str(tmp_path / "aa.h5")).n_frames == 6
+    sim = _simulation(setup, start, tmp_path / "c.chk")
+    reporter = _reporter(start, tmp_path, ".h5", append=True)
+    sim.reporters.append(reporter)
+    sim.step(30)
+    reporter.close()
+    _assert_reports(setup, start, tmp_path, ".h5", 60)
+
+
+@posix
+def test_hdf5_short_write_is_reported_not_ignored(setup, start, tmp_path):
+    """Should a write fall short anyway (the disk filled between the check and the write), the HDF5
+    library says nothing; the reporter sees it after the flush and stops with the path and step
+    instead of running on into a file it cannot reopen. Run in a child process with a file-size
+    limit and the room check switched off."""
+    import resource
+    import signal
+
+    sim = _simulation(setup, start)
+    reporter = _reporter(start, tmp_path, ".h5", energy=False)
+    sim.reporters.append(reporter)
+    sim.step(30)
+    limit = (tmp_path / "aa.h5").stat().st_size + 600
+    pid = os.fork()
+    if pid == 0:  # the child: stop at the first error, and say what it was
+        code = 1
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+            reporter_module._HDF5._check_room = lambda self, report_bytes: None
+            sim.step(300)
+        except OSError as exc:
+            (tmp_path / "message").write_text(str(exc))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    reporter.close()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "the child ran on without an error"
+    message = (tmp_path / "message").read_text()
+    assert "aa.h5: writing the report at step" in message and "the HDF5 library wrote" in message
+
+
 # ---------------------------------------------------------------------------- the kill test
 def _kill_and_restart(setup, start, tmp_path, suffix: str, kills: int, disk_fulls: int, seed: int) -> None:
     """``kills`` runs killed with SIGKILL at random times and ``disk_fulls`` that hit a full disk (a
