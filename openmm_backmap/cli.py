@@ -30,6 +30,17 @@ def _count(text: str) -> int:
     return value
 
 
+def _steps(text: str) -> int:
+    """An argparse type: an integer >= 0 (a number of MD steps, where 0 means none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _check_outputs(
     outputs: dict[str, str | None],
     inputs: dict[str, object],
@@ -350,7 +361,7 @@ def _add_train(sub) -> None:
     p.add_argument("--temporal", action="store_true", help="also condition on the previous AA frame")
     p.add_argument(
         "--energy-steps",
-        type=int,
+        type=_steps,
         default=d.energy_steps,
         help=f"energy-refinement steps with --aa-system (default {d.energy_steps}; 0 = ML only)",
     )
@@ -584,7 +595,7 @@ def _add_hybrid(sub) -> None:
         default="flow",
         help="CG move: independent draws from the CG flow, or HMC on the CG System (default flow)",
     )
-    p.add_argument("--langevin-steps", type=int, default=250, help="AA Langevin steps per iteration (default 250)")
+    p.add_argument("--langevin-steps", type=_steps, default=250, help="AA Langevin steps per iteration (default 250)")
     p.add_argument("--attempts", type=_count, default=1, help="resolution moves per iteration (default 1)")
     p.add_argument("--temperature", type=float, help="kelvin (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
@@ -648,6 +659,8 @@ def _add_peptides(sub) -> None:
 def _cmd_peptides(args) -> int:
     from openmm_backmap.systems.peptides import run
 
+    if args.n_peptides is not None and args.n_peptides < 1:
+        raise ValueError(f"--n-peptides must be >= 1, got {args.n_peptides}")
     _check_out_dir("--out", args.out, {}, overwrite=True)  # resumable: what is there is continued
     run(args)
     return 0

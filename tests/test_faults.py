@@ -635,6 +635,75 @@ def test_backmap_output_checked_before_the_model_is_loaded(tiny_ala2, cg_input, 
         )
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["hybrid", "--model", "m.pt", "--cg-model", "c.pt", "--start", "s.pdb", "--iterations", "1", "--out", "o"],
+        ["train", "--topology", "t.pdb", "--trajectory", "t.dcd", "--mapping", "m.json", "--out", "o.ckpt"],
+    ],
+)
+@pytest.mark.parametrize("value", ["-1", "x"])
+def test_step_counts_below_zero_are_refused(argv, value, capsys):
+    """MD step counts may be 0 (none) but not negative: `hybrid --langevin-steps -1` ran a chain
+    without AA dynamics, silently."""
+    from openmm_backmap.cli import main
+
+    option = "--langevin-steps" if argv[0] == "hybrid" else "--energy-steps"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, option, value])
+    assert exit_info.value.code == 2
+    assert (
+        "must be >= 0, got -1" if value == "-1" else "expected a whole number >= 0, got 'x'"
+    ) in capsys.readouterr().err
+
+
+def test_peptides_count_below_one_is_refused(tmp_path, monkeypatch, capsys):
+    """`peptides --n-peptides 0` made the default 48 peptides."""
+    from openmm_backmap.cli import main
+
+    for value in ("0", "-2"):
+        argv = _dir_argv(tmp_path, monkeypatch, "peptides", tmp_path / "corpus", "--n-peptides", value)
+        assert main(argv) == 2
+        assert f"--n-peptides must be >= 1, got {value}" in capsys.readouterr().err
+
+
+def test_export_output_equal_to_its_checkpoint_is_refused(tmp_path, capsys):
+    from openmm_backmap.cli import main
+
+    ckpt = tmp_path / "m.ckpt"
+    ckpt.write_bytes(b"checkpoint")
+    assert main(["export", str(ckpt), "-o", str(ckpt), "--overwrite"]) == 2
+    assert f"--output {ckpt} is also the command's checkpoint" in capsys.readouterr().err
+    (tmp_path / "m.pt").write_bytes(b"old model")
+    assert main(["export", str(ckpt), "-o", str(tmp_path / "m.pt")]) == 2
+    assert "m.pt exists; pass --overwrite" in capsys.readouterr().err
+    assert ckpt.read_bytes() == b"checkpoint" and (tmp_path / "m.pt").read_bytes() == b"old model"
+
+
+@pytest.mark.parametrize("factor, message", [(10.0, "look like Angstrom"), (0.1, "look 10x too small")])
+def test_train_cg_refuses_coordinates_in_the_wrong_unit(tiny_ala2, tmp_path, factor, message):
+    """A trajectory whose coordinates are 10x off (Angstrom stored where nm belong, or the reverse)
+    trained a CG potential of the wrong size without a word; `train` refused it already."""
+    from openmm_backmap.training.config import CGPotentialTraining
+    from openmm_backmap.training.pipeline import train_cg_from_files
+
+    traj = tiny_ala2["traj"][:40]
+    traj.xyz = traj.xyz * factor
+    traj.save_dcd(str(tmp_path / "scaled.dcd"))
+    tiny_ala2["mapping"].to_json(tmp_path / "six.json")
+    with pytest.raises(ValueError, match=rf"training coordinates of .*scaled\.dcd: bond lengths .*{message}"):
+        train_cg_from_files(
+            str(tiny_ala2["paths"]["pdb"]),
+            str(tmp_path / "scaled.dcd"),
+            str(tmp_path / "six.json"),
+            tmp_path / "cg.ckpt",
+            CGPotentialTraining(epochs=1),
+            progress=False,
+            log=lambda _: None,
+        )
+    assert not (tmp_path / "cg.ckpt").exists()
+
+
 # ----------------------------------------------------------------------------- coordinates in Angstrom
 def test_backmapper_records_cg_bond_range(tiny_ala2):
     from openmm_backmap.geometry import bond_length_range
