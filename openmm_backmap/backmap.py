@@ -8,16 +8,46 @@ go to the CSV of :func:`~openmm_backmap.io.energy_file.write_backmap_energies`.
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from openmm_backmap.cli import TRAJECTORY_SUFFIXES
 from openmm_backmap.io.backmap_model import load_model
 from openmm_backmap.io.energy_file import write_backmap_energies
 from openmm_backmap.openmm.energies import aa_energy
 
 __all__ = ["backmap_trajectory"]
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """Refuse, before any sampling, an output path that is a directory or whose folder is missing
+    or not writable (probed with a temporary file there); OSError naming the path."""
+    if path.is_dir():
+        raise OSError(f"the {what} {path} is a directory; give a file path")
+    if not path.parent.is_dir():
+        raise OSError(f"cannot write the {what} {path}: {path.parent} is not an existing folder")
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as err:
+        raise OSError(f"cannot write the {what} {path}: {err.strerror or err}") from err
+
+
+def _write_replacing(path: Path, write: Callable[[Path], None]) -> Path:
+    """``write`` into a new file beside ``path`` (same suffix, so writers pick the same format) and
+    return it; on any failure the partial file is removed and ``path`` is untouched."""
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        write(partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return partial
 
 
 def backmap_trajectory(
@@ -46,6 +76,18 @@ def backmap_trajectory(
 
     if int(samples) < 1 or int(batch_size) < 1:
         raise ValueError(f"samples and batch_size must be >= 1, got samples={samples}, batch_size={batch_size}")
+    out = Path(out)
+    if not out.name.lower().endswith(TRAJECTORY_SUFFIXES):
+        raise ValueError(
+            f"cannot write the backmapped trajectory {out}: unsupported format {out.suffix or '(no suffix)'}; "
+            f"use one of {', '.join(TRAJECTORY_SUFFIXES)}"
+        )
+    _check_writable(out, "backmapped trajectory")
+    if energies is not None:
+        energies = Path(energies)
+        if energies.resolve() == out.resolve():
+            raise ValueError(f"the energies file and the trajectory are the same file {out}")
+        _check_writable(energies, "energies file")
     model = load_model(model_path, device=device)
     cg_path = Path(cg)
     if not cg_path.is_file():
@@ -103,17 +145,29 @@ def backmap_trajectory(
             "warning: XTC rounds coordinates to 1e-3 nm, enough to shift AA energies by ~1 kT; "
             "prefer DCD, HDF5 or NetCDF for reweighting"
         )
-    try:
-        md.Trajectory(aa, model.topology).save(str(out))
-    except (OSError, ValueError, KeyError) as err:
-        raise OSError(
-            f"cannot write the backmapped trajectory {out} ({len(aa)} frames of {model.n_aa} atoms, "
-            f"from {traj.n_frames} CG frames x {samples} samples): {err}"
-        ) from err
+    # Both files are written beside their targets first and replace them only when both are
+    # complete: a failed write (full disk, a writer's error) leaves any earlier files as they were.
+    counts = f"{len(aa)} frames of {model.n_aa} atoms, from {traj.n_frames} CG frames x {samples} samples"
     n = int(samples)
-    if energies is not None:
-        # temporal chains are stored frame-major too: row k = frame k // n, chain k % n
-        write_backmap_energies(energies, lq, np.concatenate(u_all) if u_all else None, n)
-        if not u_all:
-            print("note: the model embeds no AA System, so the energies file has no U_AA column")
+    written = []
+    try:
+        try:
+            written.append((_write_replacing(out, lambda p: md.Trajectory(aa, model.topology).save(str(p))), out))
+        except Exception as err:  # noqa: BLE001 - mdtraj's writers raise many kinds (OSError, HDF5, NetCDF)
+            raise OSError(f"cannot write the backmapped trajectory {out} ({counts}): {err}") from err
+        if energies is not None:
+            # temporal chains are stored frame-major too: row k = frame k // n, chain k % n
+            u = np.concatenate(u_all) if u_all else None
+            try:
+                written.append((_write_replacing(energies, lambda p: write_backmap_energies(p, lq, u, n)), energies))
+            except Exception as err:  # noqa: BLE001 - reported with the path and the counts
+                raise OSError(f"cannot write the energies file {energies} ({len(lq)} rows, {counts}): {err}") from err
+    except BaseException:
+        for partial, _ in written:
+            partial.unlink(missing_ok=True)
+        raise
+    for partial, target in written:
+        os.replace(partial, target)
+    if energies is not None and not u_all:
+        print("note: the model embeds no AA System, so the energies file has no U_AA column")
     return {"n_frames": int(traj.n_frames), "n_samples": int(len(aa)), "out": str(out)}

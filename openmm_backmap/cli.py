@@ -7,7 +7,9 @@ heavy imports happen inside the command so ``openmm-backmap --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from openmm_backmap.training.config import BackmapperTraining, CGPotentialTraining
@@ -25,6 +27,17 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _steps(text: str) -> int:
+    """An argparse type: an integer >= 0 (a number of MD steps, where 0 means none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -67,6 +80,54 @@ def _check_outputs(
             raise ValueError(f"{option} {path} exists; pass --overwrite to replace it")
 
 
+def _check_out_dir(
+    option: str,
+    value: str | Path,
+    inputs: dict[str, object],
+    overwrite: bool,
+    writes: list[str] | None = None,
+) -> Path:
+    """Refuse, before any computation, an output directory that is one of the command's inputs or
+    holds one, that is a file, that already has content (unless ``overwrite``), or that cannot be
+    created or written; then create it. ValueError naming the option and the path.
+
+    ``inputs`` maps option names to paths (or lists of paths). ``writes`` names the files the
+    command writes into the directory when the directory may hold other things (``reference``
+    writes ``NAME.*`` into a shared data folder); without it any content counts.
+    """
+    path = Path(value)
+    target = path.resolve()
+    for name, item in inputs.items():
+        for given in item if isinstance(item, list | tuple) else [item]:
+            if not given:
+                continue
+            source = Path(given).resolve()
+            if source == target:
+                raise ValueError(f"{option} {path} is also the command's {name}; choose another directory")
+            if target in source.parents:
+                raise ValueError(
+                    f"{option} {path} contains the command's {name} {given}: the outputs could replace "
+                    f"or mix with the input; choose a directory that holds no input"
+                )
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file; give a directory")
+    if path.is_dir() and not overwrite:
+        present = [n for n in writes if (path / n).exists()] if writes is not None else sorted(os.listdir(path))
+        if present:
+            shown = ", ".join(present[:4]) + (f" and {len(present) - 4} more" if len(present) > 4 else "")
+            raise ValueError(
+                f"{option} {path} already holds {shown}; pass --overwrite to write over it, or choose an empty "
+                "directory"
+            )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ValueError(f"{option} {path} cannot be created or written: {err.strerror or err}") from None
+    return path
+
+
 def _add_overwrite(p) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace output files that exist")
 
@@ -91,12 +152,17 @@ def _add_reference(sub) -> None:
         choices=["C7eq", "C5", "alpha_R", "alpha_L"],
         help="hold (phi, psi) in this basin (backmapper training data for a rare basin; not a reference ensemble)",
     )
+    _add_overwrite(p)
     p.set_defaults(func=_cmd_reference)
 
 
 def _cmd_reference(args) -> int:
     from openmm_backmap.systems.reference import generate_reference
 
+    name = args.system
+    _check_out_dir(
+        "--out", args.out, {}, args.overwrite, [f"{name}{s}" for s in (".pdb", ".dcd", "_system.xml", ".json")]
+    )
     paths = generate_reference(
         args.system,
         args.ns,
@@ -121,12 +187,14 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", default="demo", help="output directory (default demo/)")
     p.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
     p.add_argument("--seed", type=int, default=1)
+    _add_overwrite(p)
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
     from openmm_backmap.demo import run_demo
 
+    _check_out_dir("--out", args.out, {}, args.overwrite)
     return run_demo(Path(args.out), quick=args.quick, seed=args.seed)
 
 
@@ -293,7 +361,7 @@ def _add_train(sub) -> None:
     p.add_argument("--temporal", action="store_true", help="also condition on the previous AA frame")
     p.add_argument(
         "--energy-steps",
-        type=int,
+        type=_steps,
         default=d.energy_steps,
         help=f"energy-refinement steps with --aa-system (default {d.energy_steps}; 0 = ML only)",
     )
@@ -478,6 +546,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--samples", type=_count, default=64, help="samples per frame (default 64)")
     p.add_argument("--aa-system", help="AA System XML for energies (default: the one in the model file)")
     p.add_argument("--seed", type=int, default=0)
+    _add_overwrite(p)
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -487,6 +556,8 @@ def _cmd_evaluate(args) -> int:
     from openmm_backmap.analysis.evaluate import evaluate_model
     from openmm_backmap.io.trajectories import load_trajectory, require_unrestrained
 
+    inputs = {"--model": args.model, "--reference": args.reference, "--topology": args.topology}
+    _check_out_dir("--out", args.out, {**inputs, "--aa-system": args.aa_system}, args.overwrite)
     require_unrestrained(args.reference, "as a reference ensemble")
     reference = load_trajectory(args.reference, args.topology)
     metrics = evaluate_model(
@@ -524,7 +595,7 @@ def _add_hybrid(sub) -> None:
         default="flow",
         help="CG move: independent draws from the CG flow, or HMC on the CG System (default flow)",
     )
-    p.add_argument("--langevin-steps", type=int, default=250, help="AA Langevin steps per iteration (default 250)")
+    p.add_argument("--langevin-steps", type=_steps, default=250, help="AA Langevin steps per iteration (default 250)")
     p.add_argument("--attempts", type=_count, default=1, help="resolution moves per iteration (default 1)")
     p.add_argument("--temperature", type=float, help="kelvin (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
@@ -542,6 +613,7 @@ def _add_hybrid(sub) -> None:
         default=0.1,
         help="fraction of iterations left out of the summary with --chains > 1 (default 0.1)",
     )
+    _add_overwrite(p)
     p.set_defaults(func=_cmd_hybrid)
 
 
@@ -550,6 +622,8 @@ def _cmd_hybrid(args) -> int:
 
     from openmm_backmap.sampling.hybrid import HybridRun, run_hybrid
 
+    inputs = {"--model": args.model, "--cg-model": args.cg_model, "--aa-system": args.aa_system, "--start": args.start}
+    _check_out_dir("--out", args.out, inputs, args.overwrite)
     settings = HybridRun(
         iterations=args.iterations,
         kernel=args.kernel,
@@ -585,6 +659,9 @@ def _add_peptides(sub) -> None:
 def _cmd_peptides(args) -> int:
     from openmm_backmap.systems.peptides import run
 
+    if args.n_peptides is not None and args.n_peptides < 1:
+        raise ValueError(f"--n-peptides must be >= 1, got {args.n_peptides}")
+    _check_out_dir("--out", args.out, {}, overwrite=True)  # resumable: what is there is continued
     run(args)
     return 0
 
@@ -600,12 +677,32 @@ def _add_entropy(sub) -> None:
         "give a table and a bar chart (docs/mapping_entropy.md).",
     )
     add_arguments(p)
+    _add_overwrite(p)
     p.set_defaults(func=_cmd_entropy)
 
 
 def _cmd_entropy(args) -> int:
     from openmm_backmap.analysis.entropy import run
 
+    for option in ("frames", "blocks"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option} must be >= 1, got {getattr(args, option)}")
+    out = Path(args.out)
+    _check_outputs(
+        {
+            "--out": args.out,
+            "--out (table)": str(out.with_suffix(".md")),
+            "--out (chart)": str(out.with_suffix(".png")),
+        },
+        {
+            "--model": args.model,
+            "--reference": args.reference,
+            "--topology": args.topology,
+            "--aa-system": args.aa_system,
+        },
+        args.overwrite,
+        {"--out": (".json",)},
+    )
     return int(run(args) or 0)
 
 

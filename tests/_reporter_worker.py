@@ -1,16 +1,17 @@
 """Crash-and-restart driver for the BackmapReporter kill test (tests/test_reporter_faults.py).
 
-    python _reporter_worker.py DIR KILLS DISK_FULLS SEED
+    python _reporter_worker.py DIR KILLS DISK_FULLS SEED [SUFFIX]
 
 DIR holds ``model.pt`` (a backmapper), ``cg.xml`` (a CG openmm.System) and ``start.npz``
 (``positions``, ``velocities`` in nm and nm/ps). The driver imports everything once, then forks one
 CG run after another (Verlet, Reference platform, so a run continued from a checkpoint retraces the
 uninterrupted one exactly). Each run loads ``state.chk`` if there is one (and then appends) and
 steps with two reporters: an atomic checkpoint every CHECKPOINT steps, placed before a
-BackmapReporter writing ``aa.dcd`` and ``w.csv`` every INTERVAL steps, so a kill can fall between a
-checkpoint and the report of the same step. The driver kills KILLS runs with SIGKILL after a random
-delay; DISK_FULLS further runs get a file-size limit a few frames past the DCD's size, so a write
-fails part-way like on a full disk. The last run ends at a step a little past the last checkpoint.
+BackmapReporter writing ``aa.dcd`` (or ``aa`` + SUFFIX: ``.nc``, ``.h5``) and ``w.csv`` every
+INTERVAL steps, so a kill can fall between a checkpoint and the report of the same step. The driver
+kills KILLS runs with SIGKILL after a random delay; DISK_FULLS further runs get a file-size limit a
+few frames past the trajectory's size, so a write fails part-way like on a full disk. The last run
+ends at a step a little past the last checkpoint.
 Prints one JSON line: kills, disk-full errors, the reporter's resume notes, and the end step.
 """
 
@@ -68,7 +69,7 @@ def log(out: Path, record: dict) -> None:
     os.close(fd)
 
 
-def run(out: Path, model, system: openmm.System, start, end: int, file_limit: int | None) -> None:
+def run(out: Path, model, system: openmm.System, start, end: int, file_limit: int | None, suffix: str) -> None:
     top = app.Topology()
     residue = top.addResidue("CG", top.addChain())
     for k in range(system.getNumParticles()):
@@ -87,7 +88,7 @@ def run(out: Path, model, system: openmm.System, start, end: int, file_limit: in
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
     reporter = BackmapReporter(
-        out / "aa.dcd", INTERVAL, model=model, samplesPerFrame=SAMPLES, energyFile=out / "w.csv", append=append
+        out / f"aa{suffix}", INTERVAL, model=model, samplesPerFrame=SAMPLES, energyFile=out / "w.csv", append=append
     )
     sim.reporters.extend([AtomicCheckpoint(checkpoint, CHECKPOINT), reporter])
     first = sim.currentStep
@@ -97,7 +98,7 @@ def run(out: Path, model, system: openmm.System, start, end: int, file_limit: in
     reporter.close()
 
 
-def main(out: Path, kills: int, disk_fulls: int, seed: int) -> dict:
+def main(out: Path, kills: int, disk_fulls: int, seed: int, suffix: str = ".dcd") -> dict:
     torch.set_num_threads(1)  # before any fork: a child must not inherit a thread pool
     rng = random.Random(seed)
     model = load_model(out / "model.pt")
@@ -105,20 +106,26 @@ def main(out: Path, kills: int, disk_fulls: int, seed: int) -> dict:
     start = dict(np.load(out / "start.npz"))
     for _ in range(2):  # TorchScript optimises a model on its first calls: once here, not in every run
         model.sample(start["positions"], SAMPLES)
+    # the format's library is imported once here too, or the runs would spend their time importing it
+    if suffix in (".nc", ".h5"):
+        __import__({".nc": "netCDF4", ".h5": "tables"}[suffix])
     full_at = set(rng.sample(range(1, kills + disk_fulls), disk_fulls))
     killed, full_errors, attempt, end = 0, [], 0, NEVER
-    frame_bytes = 3 * (8 + 4 * model.n_aa)
+    frame_bytes = 3 * (8 + 4 * model.n_aa) if suffix == ".dcd" else 4 + 12 * model.n_aa
+    traj = out / f"aa{suffix}"
     while True:
         limit = None
-        if attempt in full_at and (out / "aa.dcd").exists():
-            limit = (out / "aa.dcd").stat().st_size + int(rng.uniform(1.0, 12.0) * frame_bytes)
+        if attempt in full_at and traj.exists():
+            limit = traj.stat().st_size + int(rng.uniform(1.0, 12.0) * frame_bytes)
+        elif attempt in full_at:  # nothing written yet to fill up after: the next run then
+            full_at.add(attempt + 1)
         if killed == kills and limit is None:  # the last run: a few reports past the last checkpoint
             end = (checkpoint_step(out) // CHECKPOINT + 2) * CHECKPOINT + INTERVAL
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                run(out, model, system, start, end, limit)
+                run(out, model, system, start, end, limit, suffix)
             except OSError as exc:
                 log(out, {"event": "oserror", "message": str(exc)})
                 code = 3
@@ -135,7 +142,9 @@ def main(out: Path, kills: int, disk_fulls: int, seed: int) -> dict:
             killed += 1
             continue
         code = os.WEXITSTATUS(status)
-        if code == 3 and limit is not None:
+        # a full disk is an OSError from the DCD and CSV writers, a library error (RuntimeError) from
+        # netCDF-C or HDF5; either names the file and the step
+        if code in (3, 4) and limit is not None:
             full_errors.append(read_events(out)[-1]["message"])
             continue
         if code == 0 and end != NEVER:
@@ -168,4 +177,4 @@ def read_events(out: Path) -> list[dict]:
 
 if __name__ == "__main__":
     directory, n_kills, n_full, rng_seed = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    print(json.dumps(main(directory, n_kills, n_full, rng_seed)))
+    print(json.dumps(main(directory, n_kills, n_full, rng_seed, *sys.argv[5:6])))

@@ -7,6 +7,7 @@ two cores), and the shared tiny fixtures of ``conftest.py`` only where a real mo
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -370,6 +371,337 @@ def test_compile_output_must_be_pt2(tmp_path, capsys):
     assert "also the command's model" in capsys.readouterr().err
     assert main(["compile", str(tmp_path / "cg.pt"), "-o", str(tmp_path / "cg.so")]) == 2
     assert "unsupported format .so" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- command line: output directories
+class _WorkStarted(Exception):
+    """Raised by the stand-ins for the commands' work: a check that passes reaches it."""
+
+
+def _stop_work(*args, **kwargs):
+    raise _WorkStarted
+
+
+# command -> (the function its work starts with, module.attribute; argv before --out; its input options)
+_DIR_COMMANDS = {
+    "reference": ("openmm_backmap.systems.reference.generate_reference", ["reference", "ala2"], []),
+    "demo": ("openmm_backmap.demo.run_demo", ["demo", "--quick"], []),
+    "evaluate": (
+        "openmm_backmap.io.trajectories.require_unrestrained",
+        ["evaluate", "--model", "{m.pt}", "--reference", "{r.dcd}", "--topology", "{t.pdb}"],
+        ["--model", "--reference", "--topology"],
+    ),
+    "hybrid": (
+        "openmm_backmap.sampling.hybrid.run_hybrid",
+        ["hybrid", "--model", "{m.pt}", "--cg-model", "{cg.pt}", "--start", "{s.pdb}", "--iterations", "1"],
+        ["--model", "--cg-model", "--start"],
+    ),
+    "peptides": ("openmm_backmap.systems.peptides.run", ["peptides"], []),
+}
+
+
+def _dir_argv(tmp_path: Path, monkeypatch, command: str, out: Path | str, *extra: str) -> list[str]:
+    """The command's argv with empty input files in ``tmp_path/inputs``; its work replaced by
+    :func:`_stop_work`, so a refusal shows it came before any MD, training or sampling."""
+    import importlib
+
+    target, argv, _ = _DIR_COMMANDS[command]
+    module, attribute = target.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), attribute, _stop_work)
+    filled = []
+    for item in argv:
+        if item.startswith("{"):  # an input file, each in a folder of its own
+            name = item[1:-1]
+            folder = tmp_path / "inputs" / name.replace(".", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text("")
+            item = str(folder / name)
+        filled.append(item)
+    return [*filled, "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("command", list(_DIR_COMMANDS))
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("file", "is a file; give a directory"),
+        ("under a file", "cannot be created or written: Not a directory"),
+        ("not empty", "already holds {}; pass --overwrite"),
+    ],
+)
+def test_output_directory_checked_before_work(tmp_path, monkeypatch, capsys, command, case, message):
+    """An --out that is a file, that cannot be created, or that already has content (for `reference`
+    one of the files it writes; the resumable `peptides` continues it) is refused, naming the path,
+    before the command's work starts; nothing that is there is touched."""
+    from openmm_backmap.cli import main
+
+    (tmp_path / "o").mkdir()
+    keep = tmp_path / "o" / ("ala2.dcd" if command == "reference" else "old.txt")
+    keep.write_text("keep")
+    out = {"file": keep, "under a file": keep / "run", "not empty": keep.parent}[case]
+    argv = _dir_argv(tmp_path, monkeypatch, command, out)
+    if command == "peptides" and case == "not empty":
+        with pytest.raises(_WorkStarted):
+            main(argv)
+        return
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}" in err and message.format(keep.name) in err
+    assert keep.read_text() == "keep"
+
+
+@pytest.mark.parametrize("command", [c for c in _DIR_COMMANDS if _DIR_COMMANDS[c][2]])
+def test_output_directory_that_is_or_holds_an_input_is_refused(tmp_path, monkeypatch, capsys, command):
+    """--out equal to one of the command's inputs, or a directory that holds one, is refused even
+    with --overwrite, and the input is left as it was."""
+    from openmm_backmap.cli import main
+
+    for option in _DIR_COMMANDS[command][2]:
+        argv = _dir_argv(tmp_path, monkeypatch, command, "", "--overwrite")
+        given = argv[argv.index(option) + 1]
+        argv[argv.index("--out") + 1] = given
+        assert main(argv) == 2
+        assert f"--out {given} is also the command's {option}" in capsys.readouterr().err
+        argv[argv.index("--out") + 1] = str(tmp_path)  # a folder above the input's
+        assert main(argv) == 2
+        assert f"--out {tmp_path} contains the command's --" in capsys.readouterr().err
+        argv[argv.index("--out") + 1] = str(Path(given).parent)
+        assert main(argv) == 2
+        assert f"--out {Path(given).parent} contains the command's {option} {given}" in capsys.readouterr().err
+        assert Path(given).is_file() and Path(given).read_text() == ""
+
+
+@pytest.mark.parametrize("command", list(_DIR_COMMANDS))
+def test_output_directory_is_created_and_overwrite_lets_content_through(tmp_path, monkeypatch, command):
+    """A new --out (and its missing parents) is created by the check; an existing one with content
+    passes with --overwrite (`peptides` without it); either way the command's work is reached."""
+    from openmm_backmap.cli import main
+
+    fresh = tmp_path / "a" / "b"
+    with pytest.raises(_WorkStarted):
+        main(_dir_argv(tmp_path, monkeypatch, command, fresh))
+    assert fresh.is_dir() and not list(fresh.iterdir())  # the writability probe leaves nothing behind
+    (fresh / "old.txt").write_text("keep")
+    with pytest.raises(_WorkStarted):  # `peptides` resumes what is there: it has no --overwrite
+        main(_dir_argv(tmp_path, monkeypatch, command, fresh, *(["--overwrite"] if command != "peptides" else [])))
+    assert (fresh / "old.txt").read_text() == "keep"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+@pytest.mark.parametrize("command", list(_DIR_COMMANDS))
+def test_read_only_output_directory_is_refused(tmp_path, monkeypatch, capsys, command):
+    from openmm_backmap.cli import main
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        for out in (locked, locked / "new"):
+            assert main(_dir_argv(tmp_path, monkeypatch, command, out)) == 2
+            assert f"--out {out} cannot be created or written: Permission denied" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_reference_shares_a_data_folder_but_keeps_its_files(tmp_path, monkeypatch, capsys):
+    """`reference` writes NAME.* into a data folder that may hold other systems: another system's
+    files do not stop it, its own files are refused without --overwrite."""
+    from openmm_backmap.cli import main
+
+    (tmp_path / "chignolin.pdb").write_text("keep")
+    with pytest.raises(_WorkStarted):
+        main(_dir_argv(tmp_path, monkeypatch, "reference", tmp_path))
+    (tmp_path / "ala2.dcd").write_text("keep")
+    (tmp_path / "ala2.json").write_text("keep")
+    assert main(_dir_argv(tmp_path, monkeypatch, "reference", tmp_path)) == 2
+    assert f"--out {tmp_path} already holds ala2.dcd, ala2.json; pass --overwrite" in capsys.readouterr().err
+    with pytest.raises(_WorkStarted):
+        main(_dir_argv(tmp_path, monkeypatch, "reference", tmp_path, "--overwrite"))
+
+
+def test_entropy_outputs_checked_before_work(tmp_path, monkeypatch, capsys):
+    """`entropy` writes a JSON with a Markdown table and a PNG beside it: each of the three is checked
+    like the other commands' output files, and the counts must be >= 1, before any model is loaded."""
+    import openmm_backmap.analysis.entropy as entropy
+    from openmm_backmap.cli import main
+
+    monkeypatch.setattr(entropy, "run", _stop_work)
+    for name in ("m.pt", "r.dcd", "t.pdb"):
+        (tmp_path / name).write_text("")
+    base = ["entropy", "--model", str(tmp_path / "m.pt"), "--reference", str(tmp_path / "r.dcd")]
+    base += ["--topology", str(tmp_path / "t.pdb"), "--out"]
+    assert main([*base, str(tmp_path / "m.pt")]) == 2
+    assert "also the command's --model" in capsys.readouterr().err
+    assert main([*base, str(tmp_path / "e.txt")]) == 2
+    assert "unsupported format .txt" in capsys.readouterr().err
+    (tmp_path / "e.md").write_text("keep")
+    assert main([*base, str(tmp_path / "e.json")]) == 2
+    assert f"{tmp_path / 'e.md'} exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*base, str(tmp_path / "f.json"), "--frames", "0"]) == 2
+    assert "--frames must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(_WorkStarted):
+        main([*base, str(tmp_path / "e.json"), "--overwrite"])
+
+
+# ----------------------------------------------------------------------------- backmap: the write path
+@pytest.fixture
+def cg_input(tiny_ala2, tmp_path):
+    """Six CG frames of the tiny ALA2 run (DCD) with their CG topology (PDB)."""
+    cg = tiny_ala2["mapping"].cg_trajectory(tiny_ala2["traj"][:6])
+    cg.save_dcd(str(tmp_path / "cg.dcd"))
+    cg[0].save_pdb(str(tmp_path / "cg.pdb"))
+    return tmp_path / "cg.dcd", tmp_path / "cg.pdb"
+
+
+def _full_disk(original):
+    """A writer that stores half of what it would write, then fails like a full disk."""
+    import errno
+
+    def write(*args, **kwargs):
+        original(*args, **kwargs)
+        path = Path(next(a for a in args if isinstance(a, str | Path)))
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    return write
+
+
+@pytest.mark.parametrize("suffix", [".dcd", ".h5", ".nc"])
+def test_backmap_full_disk_names_path_and_counts_and_keeps_old_files(tiny_ala2, cg_input, monkeypatch, suffix):
+    """A disk that fills while the trajectory is written: the error names the file, the frame and
+    atom counts; the files an earlier run wrote there are untouched and no partial file is left."""
+    import mdtraj as md
+
+    from openmm_backmap.backmap import backmap_trajectory
+
+    folder = cg_input[0].parent
+    out, energies = folder / f"aa{suffix}", folder / "w.csv"
+    out.write_bytes(b"earlier run")
+    energies.write_text("earlier run")
+    monkeypatch.setattr(md.Trajectory, "save", _full_disk(md.Trajectory.save))
+    with pytest.raises(OSError) as err:
+        backmap_trajectory(tiny_ala2["model"], *cg_input, out, samples=2, energies=energies, progress=False)
+    message = str(err.value)
+    assert (
+        f"cannot write the backmapped trajectory {out} (12 frames of 22 atoms, from 6 CG frames x 2 samples)" in message
+    )
+    assert "No space left on device" in message
+    assert out.read_bytes() == b"earlier run" and energies.read_text() == "earlier run"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["cg.dcd", "cg.pdb", out.name, "w.csv"])
+
+
+def test_backmap_energies_write_failure_keeps_both_old_files(tiny_ala2, cg_input, monkeypatch):
+    """The trajectory is written but the energies CSV fails: neither replaces the earlier pair (the
+    two files stay a matching pair), the error names the CSV and its row count."""
+    import openmm_backmap.backmap as backmap
+
+    folder = cg_input[0].parent
+    out, energies = folder / "aa.dcd", folder / "w.csv"
+    out.write_bytes(b"earlier run")
+    energies.write_text("earlier run")
+    monkeypatch.setattr(backmap, "write_backmap_energies", _full_disk(backmap.write_backmap_energies))
+    with pytest.raises(OSError, match=rf"cannot write the energies file {energies} \(12 rows, 12 frames of 22"):
+        backmap.backmap_trajectory(tiny_ala2["model"], *cg_input, out, samples=2, energies=energies, progress=False)
+    assert out.read_bytes() == b"earlier run" and energies.read_text() == "earlier run"
+    assert sorted(p.name for p in folder.iterdir()) == ["aa.dcd", "cg.dcd", "cg.pdb", "w.csv"]
+    monkeypatch.undo()  # the same call with working writers replaces both
+    res = backmap.backmap_trajectory(tiny_ala2["model"], *cg_input, out, samples=2, energies=energies, progress=False)
+    assert res["n_samples"] == 12 and energies.read_text().count("\n") == 13
+    assert sorted(p.name for p in folder.iterdir()) == ["aa.dcd", "cg.dcd", "cg.pdb", "w.csv"]
+
+
+@pytest.mark.parametrize(
+    "name, error, message",
+    [
+        ("aa.txt", ValueError, r"aa\.txt: unsupported format \.txt; use one of \.dcd"),
+        ("aa", ValueError, r"unsupported format \(no suffix\)"),
+        ("missing/aa.dcd", OSError, r"missing/aa\.dcd: .*missing is not an existing folder"),
+        ("cg.pdb/aa.dcd", OSError, r"cg\.pdb/aa\.dcd: .*cg\.pdb is not an existing folder"),
+        ("sub.dcd", OSError, r"trajectory .*sub\.dcd is a directory"),
+    ],
+)
+def test_backmap_output_checked_before_the_model_is_loaded(tiny_ala2, cg_input, monkeypatch, name, error, message):
+    """An output mdtraj cannot write (format, folder) is refused before the model is loaded, not after
+    the sampling."""
+    import openmm_backmap.backmap as backmap
+
+    (cg_input[0].parent / "sub.dcd").mkdir()
+    monkeypatch.setattr(backmap, "load_model", _stop_work)
+    with pytest.raises(error, match=message):
+        backmap.backmap_trajectory(tiny_ala2["model"], *cg_input, cg_input[0].parent / name, progress=False)
+    with pytest.raises(OSError, match=r"energies file .*missing/w\.csv: .*not an existing folder"):
+        backmap.backmap_trajectory(
+            tiny_ala2["model"], *cg_input, cg_input[0].parent / "aa.dcd", energies=cg_input[0].parent / "missing/w.csv"
+        )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["hybrid", "--model", "m.pt", "--cg-model", "c.pt", "--start", "s.pdb", "--iterations", "1", "--out", "o"],
+        ["train", "--topology", "t.pdb", "--trajectory", "t.dcd", "--mapping", "m.json", "--out", "o.ckpt"],
+    ],
+)
+@pytest.mark.parametrize("value", ["-1", "x"])
+def test_step_counts_below_zero_are_refused(argv, value, capsys):
+    """MD step counts may be 0 (none) but not negative: `hybrid --langevin-steps -1` ran a chain
+    without AA dynamics, silently."""
+    from openmm_backmap.cli import main
+
+    option = "--langevin-steps" if argv[0] == "hybrid" else "--energy-steps"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, option, value])
+    assert exit_info.value.code == 2
+    assert (
+        "must be >= 0, got -1" if value == "-1" else "expected a whole number >= 0, got 'x'"
+    ) in capsys.readouterr().err
+
+
+def test_peptides_count_below_one_is_refused(tmp_path, monkeypatch, capsys):
+    """`peptides --n-peptides 0` made the default 48 peptides."""
+    from openmm_backmap.cli import main
+
+    for value in ("0", "-2"):
+        argv = _dir_argv(tmp_path, monkeypatch, "peptides", tmp_path / "corpus", "--n-peptides", value)
+        assert main(argv) == 2
+        assert f"--n-peptides must be >= 1, got {value}" in capsys.readouterr().err
+
+
+def test_export_output_equal_to_its_checkpoint_is_refused(tmp_path, capsys):
+    from openmm_backmap.cli import main
+
+    ckpt = tmp_path / "m.ckpt"
+    ckpt.write_bytes(b"checkpoint")
+    assert main(["export", str(ckpt), "-o", str(ckpt), "--overwrite"]) == 2
+    assert f"--output {ckpt} is also the command's checkpoint" in capsys.readouterr().err
+    (tmp_path / "m.pt").write_bytes(b"old model")
+    assert main(["export", str(ckpt), "-o", str(tmp_path / "m.pt")]) == 2
+    assert "m.pt exists; pass --overwrite" in capsys.readouterr().err
+    assert ckpt.read_bytes() == b"checkpoint" and (tmp_path / "m.pt").read_bytes() == b"old model"
+
+
+@pytest.mark.parametrize("factor, message", [(10.0, "look like Angstrom"), (0.1, "look 10x too small")])
+def test_train_cg_refuses_coordinates_in_the_wrong_unit(tiny_ala2, tmp_path, factor, message):
+    """A trajectory whose coordinates are 10x off (Angstrom stored where nm belong, or the reverse)
+    trained a CG potential of the wrong size without a word; `train` refused it already."""
+    from openmm_backmap.training.config import CGPotentialTraining
+    from openmm_backmap.training.pipeline import train_cg_from_files
+
+    traj = tiny_ala2["traj"][:40]
+    traj.xyz = traj.xyz * factor
+    traj.save_dcd(str(tmp_path / "scaled.dcd"))
+    tiny_ala2["mapping"].to_json(tmp_path / "six.json")
+    with pytest.raises(ValueError, match=rf"training coordinates of .*scaled\.dcd: bond lengths .*{message}"):
+        train_cg_from_files(
+            str(tiny_ala2["paths"]["pdb"]),
+            str(tmp_path / "scaled.dcd"),
+            str(tmp_path / "six.json"),
+            tmp_path / "cg.ckpt",
+            CGPotentialTraining(epochs=1),
+            progress=False,
+            log=lambda _: None,
+        )
+    assert not (tmp_path / "cg.ckpt").exists()
 
 
 # ----------------------------------------------------------------------------- coordinates in Angstrom

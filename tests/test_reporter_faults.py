@@ -507,31 +507,112 @@ def test_energy_file_with_a_partial_last_row_is_read_and_says_so(tmp_path):
         reweight(path)
 
 
-# ---------------------------------------------------------------------------- the kill test
+def test_hdf5_report_is_not_started_without_room(setup, start, tmp_path, monkeypatch):
+    """HDF5 cannot be continued after a short write, so a report that might not fit is refused
+    before anything is written: the error names the file, the step and the counts, the file still
+    reads, and a restart from the checkpoint continues it."""
+    sim = _simulation(setup, start)
+    reporter = _reporter(start, tmp_path, ".h5")
+    sim.reporters.append(reporter)
+    sim.step(30)
+    sim.saveCheckpoint(str(tmp_path / "c.chk"))
+    monkeypatch.setattr(reporter_module._HDF5, "ROOM", 1 << 62)  # more than any disk has free
+    with pytest.raises(OSError) as err:
+        sim.step(10)
+    message = str(err.value)
+    assert "aa.h5: writing the report at step 40 failed after 3 complete reports (6 frames, 6 rows)" in message
+    assert "bytes free on the file system" in message and "needed to write a report safely" in message
+    monkeypatch.undo()
+    assert md.load(str(tmp_path / "aa.h5")).n_frames == 6
+    sim = _simulation(setup, start, tmp_path / "c.chk")
+    reporter = _reporter(start, tmp_path, ".h5", append=True)
+    sim.reporters.append(reporter)
+    sim.step(30)
+    reporter.close()
+    _assert_reports(setup, start, tmp_path, ".h5", 60)
+
+
 @posix
-def test_sigkill_at_random_times_then_restart_keeps_every_report_once(setup, start, tmp_path):
-    """20 runs killed with SIGKILL at random times and 2 that hit a full disk (a file-size limit),
-    each continued from the last checkpoint with append=True: in the end every report from the
-    first to the last step is in the files exactly once, its frames and rows aligned."""
+def test_hdf5_short_write_is_reported_not_ignored(setup, start, tmp_path):
+    """Should a write fall short anyway (the disk filled between the check and the write), the HDF5
+    library says nothing; the reporter sees it after the flush and stops with the path and step
+    instead of running on into a file it cannot reopen. Run in a child process with a file-size
+    limit and the room check switched off."""
+    import resource
+    import signal
+
+    sim = _simulation(setup, start)
+    reporter = _reporter(start, tmp_path, ".h5", energy=False)
+    sim.reporters.append(reporter)
+    sim.step(30)
+    limit = (tmp_path / "aa.h5").stat().st_size + 600
+    pid = os.fork()
+    if pid == 0:  # the child: stop at the first error, and say what it was
+        code = 1
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+            reporter_module._HDF5._check_room = lambda self, report_bytes: None
+            sim.step(300)
+        except OSError as exc:
+            (tmp_path / "message").write_text(str(exc))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    reporter.close()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "the child ran on without an error"
+    message = (tmp_path / "message").read_text()
+    assert "aa.h5: writing the report at step" in message and "the HDF5 library wrote" in message
+
+
+# ---------------------------------------------------------------------------- the kill test
+def _kill_and_restart(setup, start, tmp_path, suffix: str, kills: int, disk_fulls: int, seed: int) -> None:
+    """``kills`` runs killed with SIGKILL at random times and ``disk_fulls`` that hit a full disk (a
+    file-size limit), each continued from the last checkpoint with append=True: in the end every
+    report from the first to the last step is in the files exactly once, its frames and rows aligned."""
     os.symlink(setup["model"], tmp_path / "model.pt")
     (tmp_path / "cg.xml").write_text(openmm.XmlSerializer.serialize(setup["cg_system"]))
     np.savez(tmp_path / "start.npz", positions=setup["X0"], velocities=start["velocities"])
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
     )
+    worker = [sys.executable, str(ROOT / "tests" / "_reporter_worker.py"), str(tmp_path)]
     done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_reporter_worker.py"), str(tmp_path), "20", "2", "11"],
+        [*worker, str(kills), str(disk_fulls), str(seed), suffix],
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
+        timeout=60 + 15 * (kills + disk_fulls),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     print(json.dumps(summary, indent=1))
-    assert summary["kills"] == 20
-    assert len(summary["disk_full_errors"]) == 2
+    assert summary["kills"] == kills
+    assert len(summary["disk_full_errors"]) == disk_fulls
     for message in summary["disk_full_errors"]:
-        assert "aa.dcd: writing the report at step" in message and "File too large" in message
+        assert f"aa{suffix}: writing the report at step" in message
+        if suffix == ".dcd":
+            assert "File too large" in message
     X, U = _reference(setup, start, summary["end"])
-    _assert_reports(setup, start, tmp_path, ".dcd", summary["end"], X=X, U=U)
+    _assert_reports(setup, start, tmp_path, suffix, summary["end"], X=X, U=U)
+
+
+@posix
+def test_sigkill_at_random_times_then_restart_keeps_every_report_once(setup, start, tmp_path):
+    """The DCD: 20 kills and 2 full disks."""
+    _kill_and_restart(setup, start, tmp_path, ".dcd", 20, 2, 11)
+
+
+@posix
+@pytest.mark.parametrize("suffix", [".nc", ".h5"])
+def test_sigkill_then_restart_netcdf_and_hdf5(setup, start, tmp_path, suffix):
+    """NetCDF and HDF5 under the same faults, 5 kills and 1 full disk each (20 and 2 with -m slow)."""
+    _kill_and_restart(setup, start, tmp_path, suffix, 5, 1, 12)
+
+
+@posix
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".nc", ".h5"])
+def test_sigkill_20_times_then_restart_netcdf_and_hdf5(setup, start, tmp_path, suffix):
+    _kill_and_restart(setup, start, tmp_path, suffix, 20, 2, 13)

@@ -175,8 +175,8 @@ class _LockedFile:
 
     def close(self) -> None:
         if self.fh is not None:
-            self.fh.close()
-            self.fh = None
+            fh, self.fh = self.fh, None  # closed once, even when closing fails
+            fh.close()
 
 
 # ---------------------------------------------------------------------------- trajectory files
@@ -370,16 +370,28 @@ class _NetCDF(_LockedFile):
         super().sync(fsync)
 
     def close(self) -> None:
-        if self.ds is not None:
-            self.ds.close()
-            self.ds = None
-        super().close()
+        try:
+            if self.ds is not None:
+                ds, self.ds = self.ds, None  # netCDF-C flushes on close, which can fail (a full disk)
+                ds.close()
+        finally:
+            super().close()
 
 
 class _HDF5(_LockedFile):
     """An mdtraj HDF5 trajectory (nm, times in ps) with the step grid in the root attribute
     ``openmm_backmap``. The HDF5 library locks the file while it is open; cutting it truncates
-    the per-frame arrays in place."""
+    the per-frame arrays in place.
+
+    HDF5 does not survive a write that fails part-way: each flush rewrites the last compressed
+    chunk (frames of earlier reports included) and the metadata in place, and the library does not
+    report a short write (a full disk, a file-size limit) but leaves a file it cannot open again.
+    So a report is written only when the file system and the process's file-size limit leave room
+    for it, a whole chunk and :attr:`ROOM` bytes more; a short write that happens anyway is caught
+    after the flush (the library's file size beyond the size on disk) and reported.
+    """
+
+    ROOM = 1 << 20  # bytes kept free beyond a report and a chunk (metadata, B-tree nodes)
 
     def __init__(self, path: Path, n_atoms: int, topology: md.Topology) -> None:
         super().__init__(path)  # fh: the mdtraj file, once open
@@ -434,17 +446,46 @@ class _HDF5(_LockedFile):
         return np.asarray(self.fh.root.coordinates[start:stop], dtype=np.float64)
 
     def write(self, xyz_nm: np.ndarray, time_ps: float, grid: _Grid) -> None:
+        xyz = np.asarray(xyz_nm, dtype=np.float32)
+        self._check_room(xyz.nbytes)
         if self.frames == 0:
             setattr(self.fh.root._v_attrs, _GRID_KEY, grid.text())
-        xyz = np.asarray(xyz_nm, dtype=np.float32)
         self.fh.write(xyz, time=np.full(len(xyz), time_ps, dtype=np.float32))
         self.frames += len(xyz)
 
     def sync(self, fsync: bool) -> None:
         self.fh.flush()
+        expected, on_disk = int(self.fh._handle.get_filesize()), os.stat(self.path).st_size
+        if on_disk < expected:
+            raise OSError(
+                errno.ENOSPC,
+                f"the HDF5 library wrote {on_disk} of {expected} bytes (a full disk or a file-size limit); "
+                "HDF5 cannot be continued after a short write and the file is likely damaged",
+            )
         if fsync:
             with open(self.path, "rb") as fh:
                 os.fsync(fh.fileno())
+
+    def _check_room(self, report_bytes: int) -> None:
+        """OSError (ENOSPC or EFBIG) before writing when the report might not fit."""
+        chunk = 4 * int(np.prod(self.fh.root.coordinates.chunkshape)) if "coordinates" in self.fh.root else 0
+        need = report_bytes + chunk + self.ROOM
+        free = os.statvfs(self.path.parent).f_bavail * os.statvfs(self.path.parent).f_frsize
+        if free < need:
+            raise OSError(errno.ENOSPC, f"{free} bytes free on the file system, {need} needed to write a report safely")
+        try:
+            import resource
+
+            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        except (ImportError, OSError):  # not POSIX
+            return
+        size = max(os.stat(self.path).st_size, int(self.fh._handle.get_filesize()))
+        if limit != resource.RLIM_INFINITY and limit - size < need:
+            raise OSError(
+                errno.EFBIG,
+                f"the process's file-size limit of {limit} bytes leaves {limit - size}, {need} needed to write a "
+                "report safely",
+            )
 
 
 class _EnergyFile(_LockedFile):
@@ -737,7 +778,10 @@ class BackmapReporter:
                 "closed, continue from the last checkpoint with append=True"
             )
             self._failed = message
-            self.close()
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - closing flushes, and can fail the same way: report the first error
+                pass
             if isinstance(exc, OSError):
                 raise OSError(exc.errno, message) from exc
             raise RuntimeError(message) from exc
@@ -894,11 +938,15 @@ class BackmapReporter:
         """Flush and close the files and free their paths for another reporter (safe to call twice;
         a closed reporter does not report again)."""
         self._failed = self._failed or f"{self._path}: the reporter is closed"
-        self._traj.close()
-        if self._csv is not None:
-            self._csv.close()
-        self._open = False
-        self._release()
+        try:
+            self._traj.close()
+        finally:  # the energy file and the claimed paths are freed even when the trajectory fails to close
+            try:
+                if self._csv is not None:
+                    self._csv.close()
+            finally:
+                self._open = False
+                self._release()
 
     def __enter__(self) -> BackmapReporter:
         return self

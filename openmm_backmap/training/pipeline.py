@@ -20,7 +20,7 @@ import mdtraj as md
 import numpy as np
 import torch
 
-from openmm_backmap.geometry import bond_length_range
+from openmm_backmap.geometry import COVALENT_BOND_RANGE_NM, bond_length_range, check_length_scale
 from openmm_backmap.io.checkpoints import make_cg_spec, make_spec, save_checkpoint
 from openmm_backmap.io.trajectories import (
     check_restraint_for_mapping,
@@ -264,6 +264,11 @@ def train_cg_from_files(
     parts = [load_trajectory(path, topology, stride=s.stride) for path in files]
     cg_map = CGMapping.from_spec(mapping, parts[0].topology)
     cg_map.check_disjoint("a CG potential (an atom in two beads ties their positions and makes the forces NaN)")
+    bonds = [(a.index, b.index) for a, b in parts[0].topology.bonds]
+    for path, part in zip(files, parts, strict=True):  # the AA bonds tell nm from Angstrom, as `train` checks
+        if bonds:
+            found = bond_length_range(part.xyz[:: max(1, part.n_frames // 100)], bonds)
+            check_length_scale(found, COVALENT_BOND_RANGE_NM, f"the training coordinates of {path}")
     # train / validation / test blocks of each file, pooled
     split = [make_pairs(part, cg_map, seed=s.seed) for part in parts]
     pairs = {name: np.concatenate([p[name].X for p in split]) for name in ("train", "val", "test")}
