@@ -1,9 +1,13 @@
 """Backmapping a CG trajectory file: CG frames in, AA frames (and their energies) out.
 
-What ``openmm-backmap backmap`` runs: a model file (:func:`~openmm_backmap.io.backmap_model.load_model`)
+What ``openmm-backmap backmap`` runs: a model file or a protein model by name
+(:func:`~openmm_backmap.io.backmap_model.load_model`, bound to the chain of the CG topology)
 samples ``samples`` reconstructions per CG frame, in batches, optionally compiled; AA energies come
-from the System embedded in the model file (:func:`~openmm_backmap.openmm.energies.aa_energy`) and
-go to the CSV of :func:`~openmm_backmap.io.energy_file.write_backmap_energies`.
+from the model's System (:func:`~openmm_backmap.openmm.energies.model_system`: embedded in the model
+file, or amber14 + GBn2 for protein models), evaluated in batches in torch
+(:func:`~openmm_backmap.openmm.energies.aa_energy`), and go to the CSV of
+:func:`~openmm_backmap.io.energy_file.write_backmap_energies`. The AA topology is written beside
+the trajectory as a PDB (:func:`topology_path`).
 """
 
 from __future__ import annotations
@@ -17,11 +21,20 @@ import numpy as np
 import torch
 
 from openmm_backmap.cli import TRAJECTORY_SUFFIXES
-from openmm_backmap.io.backmap_model import load_model
+from openmm_backmap.io.backmap_model import ProteinChainModel, load_model
 from openmm_backmap.io.energy_file import write_backmap_energies
-from openmm_backmap.openmm.energies import aa_energy
+from openmm_backmap.io.pdb import topology_to_pdb
+from openmm_backmap.io.protein_models import check_cg_positions, load_cg_topology
+from openmm_backmap.openmm.energies import aa_energy, model_system
 
-__all__ = ["backmap_trajectory"]
+__all__ = ["backmap_trajectory", "topology_path"]
+
+
+def topology_path(out: str | Path) -> Path | None:
+    """Where the AA topology of a backmapped trajectory ``out`` is written: the same name with
+    ``.pdb`` (``aa.dcd`` -> ``aa.pdb``); None when ``out`` is itself a PDB."""
+    out = Path(out)
+    return None if out.suffix.lower() == ".pdb" else out.with_suffix(".pdb")
 
 
 def _check_writable(path: Path, what: str) -> None:
@@ -63,9 +76,12 @@ def backmap_trajectory(
     progress: bool = True,
     compile: bool = False,
 ) -> dict:
-    """Backmap a CG trajectory (any format mdtraj reads) with a model file and write the AA
-    trajectory (``samples`` reconstructions per frame, frame-major) and optionally a CSV of
-    ``frame, sample, log_q`` (+ ``U_AA`` in kJ/mol when the model embeds its System).
+    """Backmap a CG trajectory (any format mdtraj reads) with a model file or a protein model's
+    name (``protein-ca``, ``protein-backbone``: bound to the chain of ``cg_topology``) and write the
+    AA trajectory (``samples`` reconstructions per frame, frame-major), its topology beside it
+    (:func:`topology_path`, the first reconstruction's coordinates), and optionally a CSV of
+    ``frame, sample, log_q`` (+ ``u_aa_kjmol`` when the model has an AA System: embedded, or
+    amber14 + GBn2 for protein models).
 
     Temporal models run ``samples`` chains, each frame conditioned on the chain's previous frame.
     ``compile`` compiles the full batches first (:meth:`BackmapModel.compile`; not for temporal
@@ -88,12 +104,11 @@ def backmap_trajectory(
         if energies.resolve() == out.resolve():
             raise ValueError(f"the energies file and the trajectory are the same file {out}")
         _check_writable(energies, "energies file")
-    model = load_model(model_path, device=device)
     cg_path = Path(cg)
     if not cg_path.is_file():
         raise FileNotFoundError(f"CG trajectory {cg_path} does not exist")
-    top = md.load_topology(str(cg_topology))
-    model.check_cg_topology(top)
+    top = load_cg_topology(cg_topology)
+    model = load_model(model_path, device=device, cg_topology=top)
     try:
         traj = md.load(str(cg_path), top=top)
     except ValueError:
@@ -106,7 +121,10 @@ def backmap_trajectory(
     if not np.all(np.isfinite(X)):
         frame = int(np.argwhere(~np.isfinite(X))[0][0])
         raise ValueError(f"the CG trajectory contains NaN or infinite coordinates (first in frame {frame})")
-    energy = aa_energy(model.system_xml) if energies is not None and model.system_xml is not None else None
+    if isinstance(model, ProteinChainModel):
+        check_cg_positions(X, model.cg_chain, f"the CG trajectory {cg_path}")
+    system = model_system(model) if energies is not None else None
+    energy = aa_energy(system) if system is not None else None
     frames_per_batch = max(1, int(batch_size) // int(samples))
     if compile:
         if model.temporal:
@@ -168,6 +186,14 @@ def backmap_trajectory(
         raise
     for partial, target in written:
         os.replace(partial, target)
+    pdb = topology_path(out)
+    if pdb is not None:
+        pdb.write_text(topology_to_pdb(model.topology, aa[0]))
     if energies is not None and not u_all:
         print("note: the model embeds no AA System, so the energies file has no U_AA column")
-    return {"n_frames": int(traj.n_frames), "n_samples": int(len(aa)), "out": str(out)}
+    return {
+        "n_frames": int(traj.n_frames),
+        "n_samples": int(len(aa)),
+        "out": str(out),
+        "topology": None if pdb is None else str(pdb),
+    }

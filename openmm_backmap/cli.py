@@ -480,12 +480,24 @@ def _cmd_info(args) -> int:
 def _add_backmap(sub) -> None:
     p = sub.add_parser(
         "backmap",
-        help="reconstruct all-atom frames of a CG trajectory with a backmapper model file",
+        help="reconstruct all-atom frames of a CG trajectory with a backmapper model file or a protein model",
     )
-    p.add_argument("--model", required=True, help="backmapper model file (.pt)")
-    p.add_argument("--cg", required=True, help="CG trajectory (any format mdtraj reads)")
-    p.add_argument("--cg-topology", required=True, help="CG topology (PDB) of the beads")
-    p.add_argument("--out", required=True, help="AA trajectory to write (DCD, HDF5, NetCDF, PDB)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="backmapper model file (.pt), or a pretrained protein model's name (protein-ca: one CA bead per "
+        "residue; protein-backbone: N, CA, C), bound to the chain of --cg-topology",
+    )
+    p.add_argument("--cg", required=True, help="CG trajectory (any format mdtraj reads), positions in nm")
+    p.add_argument(
+        "--cg-topology",
+        required=True,
+        help="CG topology (PDB) of the beads; for protein models one chain, three-letter residue names "
+        "(HIS = HIE; HID, HIP; ACE/NME caps, else charged termini), beads named as their atoms",
+    )
+    p.add_argument(
+        "--out", required=True, help="AA trajectory to write (DCD, HDF5, NetCDF, PDB); its topology goes beside it"
+    )
     p.add_argument("--samples", type=_count, default=1, help="reconstructions per CG frame (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--energies", help="CSV of frame, sample, log_q (and U_AA when the model has a System)")
@@ -502,10 +514,10 @@ def _add_backmap(sub) -> None:
 
 
 def _cmd_backmap(args) -> int:
-    from openmm_backmap.backmap import backmap_trajectory
+    from openmm_backmap.backmap import backmap_trajectory, topology_path
 
     _check_outputs(
-        {"--out": args.out, "--energies": args.energies},
+        {"--out": args.out, "--energies": args.energies, "--out's topology": topology_path(args.out)},
         {"--model": args.model, "--cg": args.cg, "--cg-topology": args.cg_topology},
         args.overwrite,
         {"--out": TRAJECTORY_SUFFIXES, "--energies": (".csv",)},
@@ -525,7 +537,10 @@ def _cmd_backmap(args) -> int:
         progress=not args.no_progress,
         compile=args.compile,
     )
-    print(f"{res['n_frames']} CG frames -> {res['n_samples']} AA frames: {res['out']}")
+    print(
+        f"{res['n_frames']} CG frames -> {res['n_samples']} AA frames: {res['out']}"
+        + (f" (topology {res['topology']})" if res["topology"] else "")
+    )
     return 0
 
 

@@ -21,7 +21,7 @@ import torch
 from _reporter_worker import AtomicCheckpoint
 from openmm import app, unit
 
-import openmm_backmap.openmm.reporter as reporter_module
+import openmm_backmap.io.reporter_outputs as outputs_module
 from openmm_backmap.analysis.reweighting import reweight
 from openmm_backmap.io.backmap_model import load_model
 from openmm_backmap.io.energy_file import read_energy_file
@@ -122,19 +122,19 @@ def _assert_reports(setup, start, tmp, suffix, last, energy=True, X=None, U=None
 def full_disk(monkeypatch):
     """``full_disk(path, fraction)``: the next write to ``path`` stores ``fraction`` of its bytes and
     then fails with ENOSPC, like a disk that fills up in the middle of it."""
-    write_all = reporter_module._write_all
+    write_all = outputs_module._write_all
 
     def arm(path, fraction):
         target = os.stat(path).st_ino if path.exists() else None
 
         def failing(fh, data, offset):
             if os.fstat(fh.fileno()).st_ino == (target or os.stat(path).st_ino):
-                monkeypatch.setattr(reporter_module, "_write_all", write_all)
+                monkeypatch.setattr(outputs_module, "_write_all", write_all)
                 write_all(fh, bytes(data)[: int(fraction * len(data))], offset)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             write_all(fh, data, offset)
 
-        monkeypatch.setattr(reporter_module, "_write_all", failing)
+        monkeypatch.setattr(outputs_module, "_write_all", failing)
 
     return arm
 
@@ -218,7 +218,7 @@ def test_a_path_is_written_by_one_reporter_only(setup, start, tmp_path, suffix):
     sim.step(20)
     # a reporter in another process does not see this process's registry; it meets the file lock
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(reporter_module, "_LIVE", {})
+        mp.setattr(outputs_module, "_LIVE", {})
         second = _reporter(start, tmp_path, suffix, append=True)
         with pytest.raises(RuntimeError, match=f"aa{suffix} is being written by another process"):
             second.describeNextReport(_simulation(setup, start))
@@ -352,7 +352,7 @@ def test_restart_interrupted_between_its_two_cuts_resumes(setup, start, tmp_path
     _assert_reports(setup, start, tmp_path, ".dcd", 80)
 
 
-@pytest.mark.parametrize("suffix,writer", [(".nc", "_NetCDF"), (".h5", "_HDF5")])
+@pytest.mark.parametrize("suffix,writer", [(".nc", "NetCDFOutput"), (".h5", "HDF5Output")])
 def test_library_errors_name_the_file_step_and_counts(setup, start, tmp_path, monkeypatch, suffix, writer):
     """An error inside netCDF4 or PyTables while writing is re-raised with the path, the step and
     what the files hold; the next reporter continues after the last complete report."""
@@ -365,7 +365,7 @@ def test_library_errors_name_the_file_step_and_counts(setup, start, tmp_path, mo
     def broken(self, xyz_nm, time_ps, grid):
         raise RuntimeError("NetCDF: HDF error" if suffix == ".nc" else "HDF5ExtError: can't write data")
 
-    monkeypatch.setattr(getattr(reporter_module, writer), "write", broken)
+    monkeypatch.setattr(getattr(outputs_module, writer), "write", broken)
     with pytest.raises(
         RuntimeError,
         match=rf"aa{suffix}: writing the report at step 40 failed after 3 complete "
@@ -516,7 +516,7 @@ def test_hdf5_report_is_not_started_without_room(setup, start, tmp_path, monkeyp
     sim.reporters.append(reporter)
     sim.step(30)
     sim.saveCheckpoint(str(tmp_path / "c.chk"))
-    monkeypatch.setattr(reporter_module._HDF5, "ROOM", 1 << 62)  # more than any disk has free
+    monkeypatch.setattr(outputs_module.HDF5Output, "ROOM", 1 << 62)  # more than any disk has free
     with pytest.raises(OSError) as err:
         sim.step(10)
     message = str(err.value)
@@ -552,7 +552,7 @@ def test_hdf5_short_write_is_reported_not_ignored(setup, start, tmp_path):
         try:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-            reporter_module._HDF5._check_room = lambda self, report_bytes: None
+            outputs_module.HDF5Output._check_room = lambda self, report_bytes: None
             sim.step(300)
         except OSError as exc:
             (tmp_path / "message").write_text(str(exc))

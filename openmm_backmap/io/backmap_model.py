@@ -1,5 +1,11 @@
 """A backmapper model file at run time: :func:`load_model` and :class:`BackmapModel`.
 
+:func:`load_model` also takes the name of a shipped protein model (``protein-ca``,
+``protein-backbone``) or a protein model file: that gives a :class:`ProteinModel`, which
+:meth:`ProteinModel.bind` turns into a :class:`ProteinChainModel` (a :class:`BackmapModel`) for
+the chain of a CG topology (:mod:`openmm_backmap.io.protein_models`); ``load_model(name,
+cg_topology=...)`` does both.
+
 :class:`BackmapModel` wraps a loaded model file (:mod:`openmm_backmap.io.model_files`) with its
 metadata, AA topology, mapping and embedded AA System XML, checks inputs (shapes, atom counts,
 finite values, the molecule) and converts numpy <-> torch; :meth:`BackmapModel.compile` swaps in
@@ -18,9 +24,17 @@ import torch
 from openmm_backmap.geometry import bond_length_range, check_length_scale
 from openmm_backmap.io.model_files import read_model_file
 from openmm_backmap.io.pdb import topology_from_pdb
+from openmm_backmap.io.protein_models import (
+    CGChain,
+    chain_model_bytes,
+    check_cg_positions,
+    load_protein_model,
+    protein_model_path,
+    read_cg_chain,
+)
 from openmm_backmap.mapping import CGMapping, as_mdtraj_topology
 
-__all__ = ["BackmapModel", "CompiledBackmapper", "load_model"]
+__all__ = ["BackmapModel", "CompiledBackmapper", "ProteinChainModel", "ProteinModel", "load_model"]
 
 
 class BackmapModel:
@@ -44,14 +58,14 @@ class BackmapModel:
         The torch device the module runs on.
     """
 
-    def __init__(self, path: str | Path, device: str | torch.device | None = None, topology=None) -> None:
+    def __init__(self, path: str | Path | bytes, device: str | torch.device | None = None, topology=None) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.path = Path(path)
+        self.path = None if isinstance(path, bytes) else Path(path)
         self.module, self.metadata, files = read_model_file(path, str(self.device), kind="backmapper")
         if not files["topology.pdb"]:
-            raise ValueError(f"{path} has no topology.pdb")
+            raise ValueError(f"{self.path or 'the model bytes'} has no topology.pdb")
         self.topology = topology_from_pdb(files["topology.pdb"])
         self.system_xml: str | None = files["system.xml"] or None
         self.mapping = CGMapping.from_dict(self.metadata["mapping"], self.topology)
@@ -62,6 +76,12 @@ class BackmapModel:
         self._compiled: CompiledBackmapper | None = None
         if topology is not None:
             self.check_topology(topology)
+
+    def on_device(self, device: str | torch.device) -> BackmapModel:
+        """This model on another torch device (itself when already there)."""
+        if torch.device(device) == self.device:
+            return self
+        return BackmapModel(self.path, device=device)
 
     # ------------------------------------------------------------------ compiled paths
     def compile(self, batch_size: int) -> None:
@@ -255,14 +275,144 @@ def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None, topology=None) -> BackmapModel:
-    """Load a backmapper model file into a checked :class:`BackmapModel`.
+def load_model(
+    path: str | Path, device: str | torch.device | None = None, topology=None, cg_topology=None
+) -> BackmapModel | ProteinModel:
+    """Load a backmapper model file, or a protein model by name, into a checked model.
 
     Parameters
     ----------
+    path
+        A backmapper model file (``openmm-backmap export``), a protein model file, or the name of a
+        shipped protein model (``protein-ca``, ``protein-backbone``).
     device
         Torch device (default CUDA when available, else CPU).
     topology
         Optional AA topology to check the model against (another molecule raises ValueError).
+    cg_topology
+        The CG topology (mdtraj or OpenMM topology, or a file) of the molecule: binds a protein
+        model to its chain (without it a protein model is returned unbound, as a
+        :class:`ProteinModel`); for a model file, checked against the model's beads.
+
+    Raises
+    ------
+    ValueError
+        For a name that is neither a file nor a shipped model (listing the shipped ones), and the
+        errors of :class:`BackmapModel` and :func:`~openmm_backmap.io.protein_models.read_cg_chain`.
     """
-    return BackmapModel(path, device=device, topology=topology)
+    protein = protein_model_path(path)
+    if protein is None:
+        model = BackmapModel(path, device=device, topology=topology)
+        if cg_topology is not None:
+            model.check_cg_topology(cg_topology)
+        return model
+    unbound = ProteinModel(path, protein)
+    if cg_topology is None:
+        if topology is not None:
+            raise ValueError(f"{path} is a protein model: pass the CG topology (cg_topology=) to bind it to a chain")
+        return unbound
+    bound = unbound.bind(cg_topology, device=device)
+    if topology is not None:
+        bound.check_topology(topology)
+    return bound
+
+
+class ProteinModel:
+    """A transferable protein backmapper, not yet bound to a chain.
+
+    Attributes
+    ----------
+    name
+        What it was loaded as (a shipped model's name or a path).
+    path
+        Its file.
+    mapping
+        ``ca`` or ``backbone``: the beads per residue it expects.
+    protein
+        The :class:`~openmm_backmap.models.protein.ProteinBackmapper` (float32, eval).
+    """
+
+    def __init__(self, name: str | Path, path: Path) -> None:
+        self.name = str(name)
+        self.path = Path(path)
+        self.protein = load_protein_model(path)
+        self.mapping = self.protein.mapping
+
+    def bind(self, cg_topology, device: str | torch.device | None = None) -> ProteinChainModel:
+        """The model of the chain in ``cg_topology`` (mdtraj or OpenMM topology, or a file).
+
+        Raises
+        ------
+        ValueError
+            When the topology is not one chain of known residues with this model's beads
+            (:func:`~openmm_backmap.io.protein_models.read_cg_chain`).
+        """
+        chain = read_cg_chain(cg_topology, self.mapping, f"the CG topology (for {self.name})")
+        return ProteinChainModel(self, chain, device=device)
+
+    def __repr__(self) -> str:
+        return f"ProteinModel({self.name!r}, mapping={self.mapping!r})"
+
+
+class ProteinChainModel(BackmapModel):
+    """A :class:`ProteinModel` bound to one chain: a :class:`BackmapModel` whose AA topology is built
+    from the CG chain's residue names (amber14 names) and whose CG inputs are checked as a chain
+    (Angstrom coordinates, missing residues; :func:`~openmm_backmap.io.protein_models.check_cg_positions`).
+    Its AA energy is the force field in ``metadata["force_field"]`` (amber14 + GBn2).
+
+    Attributes
+    ----------
+    cg_chain
+        The :class:`~openmm_backmap.io.protein_models.CGChain` it was bound to.
+    protein_model
+        The unbound :class:`ProteinModel`.
+    """
+
+    def __init__(self, protein: ProteinModel, chain: CGChain, device: str | torch.device | None = None) -> None:
+        data, top = chain_model_bytes(protein.protein, chain, protein.name)
+        super().__init__(data, device=device)
+        self.path = protein.path
+        self.protein_model = protein
+        self.cg_chain = chain
+        self.topology = top  # amber14 names as built (a PDB read back would call HIE "HIS")
+        self.mapping = CGMapping.from_dict(self.metadata["mapping"], top)
+
+    def on_device(self, device: str | torch.device) -> ProteinChainModel:
+        if torch.device(device) == self.device:
+            return self
+        return ProteinChainModel(self.protein_model, self.cg_chain, device=device)
+
+    def check_cg_topology(self, topology) -> None:
+        """Raise ValueError unless a CG topology is this model's chain (residues and beads)."""
+        chain = read_cg_chain(topology, self.cg_chain.mapping)
+        if chain.names != self.cg_chain.names:
+            raise ValueError(
+                f"the CG topology's residues {' '.join(chain.names)} are not the model's chain "
+                f"{' '.join(self.cg_chain.names)}"
+            )
+
+    def _as_tensor(self, value, shape_tail: tuple[int, int], what: str) -> tuple[torch.Tensor, bool, bool]:
+        t, is_numpy, single = super()._as_tensor(value, shape_tail, what)
+        if what == "CG coordinates":
+            check_cg_positions(t.detach().cpu().numpy(), self.cg_chain, what)
+        return t, is_numpy, single
+
+    def compile(self, batch_size: int) -> None:
+        raise ValueError("compile is for per-molecule model files; a protein chain model runs as TorchScript")
+
+    def __repr__(self) -> str:
+        return (
+            f"ProteinChainModel({self.protein_model.name!r}, {len(self.cg_chain.names)} residues, "
+            f"n_aa={self.n_aa}, n_cg={self.n_cg}, device={self.device})"
+        )
+
+    def __getstate__(self) -> dict:
+        return {
+            "name": self.protein_model.name,
+            "path": str(self.path),
+            "chain": self.cg_chain,
+            "device": str(self.device),
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(ProteinModel(state["name"], Path(state["path"])), state["chain"], device=state["device"])

@@ -231,7 +231,7 @@ class ChainBackmapper(nn.Module):
         ctx = _context_atoms(chain, tree, set(beads), n_ctx)
         level = np.zeros(self.n_aa, dtype=np.int64)
         row_level = np.zeros(n_rows, dtype=np.int64)
-        for n in range(n_rows):
+        for n in np.argsort(tree.stage, kind="stable"):  # a row's dependencies lie in its or earlier stages
             deps = list(tree.rows[n, 1:]) + [a for a in ctx[n] if a >= 0]
             row_level[n] = 1 + max(level[d] for d in deps)
             level[tree.rows[n, 0]] = row_level[n]

@@ -58,6 +58,27 @@ def load_system(system: Any):
     return out
 
 
+def model_system(model: Any, override: Any = None):
+    """The AA System of a loaded backmapper (the U_AA of its samples), or None when it has none.
+
+    ``override`` (a System, its XML path or text) when given; else the System embedded in the model
+    file; else one built on the model's AA topology from the force field its metadata names
+    (``force_field``: protein chain models, amber14 + GBn2 with no cutoff and bonds to hydrogen
+    constrained, as the training data were made).
+    """
+    if override is not None:
+        return load_system(override)
+    if model.system_xml:
+        return load_system(model.system_xml)
+    files = model.metadata.get("force_field")
+    if not files:
+        return None
+    from openmm import app
+
+    forcefield = app.ForceField(*files)
+    return forcefield.createSystem(model.topology.to_openmm(), nonbondedMethod=app.NoCutoff, constraints=app.HBonds)
+
+
 MASS_TOLERANCE_DA = 0.5  # a particle's mass may differ this much from its element's (isotopes aside)
 
 

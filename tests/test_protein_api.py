@@ -1,0 +1,264 @@
+"""Protein models by name: load_model, the `backmap` command's contract, bad CG input.
+
+The models here are tiny ProteinBackmappers fitted in seconds to noisy copies of chignolin and
+installed under the shipped names in a temporary pretrained folder, so these tests check the
+plumbing (names, topologies, files, energies, errors), never the shipped weights' quality.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mdtraj as md
+import numpy as np
+import openmm
+import pytest
+import torch
+from openmm import app, unit
+
+import openmm_backmap.io.protein_models as protein_models
+from openmm_backmap import cli
+from openmm_backmap.backmap import backmap_trajectory
+from openmm_backmap.io.backmap_model import ProteinChainModel, ProteinModel, load_model
+from openmm_backmap.io.energy_file import BACKMAP_COLUMNS
+from openmm_backmap.models.protein import ProteinBackmapper
+from openmm_backmap.models.residues import MAPPINGS, build_chain, canonical_name
+from openmm_backmap.training.protein import chain_positions
+
+CHIGNOLIN = Path(__file__).resolve().parent.parent / "openmm_backmap" / "data" / "chignolin.pdb"
+
+
+def _tiny_model(mapping: str, names, x: np.ndarray, steps: int = 15) -> ProteinBackmapper:
+    """Statistics from noisy copies of one structure, then a few maximum-likelihood steps."""
+    rng = np.random.default_rng(0)
+    xs = x + rng.normal(0.0, 0.005, (32,) + x.shape[1:])
+    torch.manual_seed(0)
+    model = ProteinBackmapper(mapping, ProteinBackmapper.fit_statistics([(names, xs)], mapping), hidden=16, n_bins=4)
+    chain = model.for_sequence(names)
+    aa = torch.as_tensor(xs, dtype=torch.float32)
+    cg = aa[:, chain.beads]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = -chain.log_prob(aa, cg).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    return model
+
+
+@pytest.fixture(scope="module")
+def chignolin():
+    traj = md.load(str(CHIGNOLIN))
+    names, x = chain_positions(traj.topology, traj.xyz)
+    return list(names), x.astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(chignolin, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pretrained")
+    names, x = chignolin
+    for mapping, name in (("ca", "protein-ca"), ("backbone", "protein-backbone")):
+        _tiny_model(mapping, names, x).save(folder / f"{name}.pt")
+    return folder
+
+
+@pytest.fixture
+def shipped(pretrained_dir, monkeypatch):
+    """The tiny models stand in for the shipped ones."""
+    monkeypatch.setattr(protein_models, "PRETRAINED_DIR", pretrained_dir)
+    return pretrained_dir
+
+
+def _cg_pdb(path: Path, residues, xyz_nm: np.ndarray, mapping: str, beads=None) -> Path:
+    """A CG PDB: per residue (name, resSeq) the beads of ``mapping`` (or ``beads[r]``), coordinates
+    taken in order from xyz_nm (written in Angstrom, as PDB files are)."""
+    lines, n = [], 0
+    for r, (name, seq) in enumerate(residues):
+        known = name in ("HIS",) or name in MAPPINGS[mapping]
+        for bead in beads[r] if beads else MAPPINGS[mapping][canonical_name(name)] if known else ("CA",):
+            x, y, z = xyz_nm[n] * 10.0
+            lines.append(f"ATOM  {n + 1:5d} {bead:^4s} {name:3s} A{seq:4d}    {x:8.3f}{y:8.3f}{z:8.3f}  1.00  0.00")
+            n += 1
+    path.write_text("\n".join(lines) + "\nEND\n")
+    return path
+
+
+def _frames(chignolin, mapping: str, n_frames: int, seed: int = 1) -> np.ndarray:
+    """CG frames (n_frames, n_cg, 3) nm: chignolin's beads, rotated and shifted per frame."""
+    names, x = chignolin
+    beads = build_chain(names)
+    idx = [beads.atom(r, a) for r, n in enumerate(beads.names) for a in MAPPINGS[mapping][n]]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_frames):
+        q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        q *= np.sign(np.linalg.det(q))
+        out.append(x[0, idx] @ q.T + rng.normal(0, 0.3, 3))
+    return np.asarray(out)
+
+
+SEQ = ["ACE", "HIS", "HID", "HIP", "LYS", "GLY", "SER", "TRP", "ARG", "NME"]  # chignolin's length
+
+
+# ----------------------------------------------------------------------------- names
+def test_load_model_by_name_and_bind(shipped, chignolin, tmp_path):
+    unbound = load_model("protein-ca")
+    assert isinstance(unbound, ProteinModel) and unbound.mapping == "ca"
+    res = [(n, 20 + r) for r, n in enumerate(SEQ)]
+    pdb = _cg_pdb(tmp_path / "cg.pdb", res, _frames(chignolin, "ca", 1)[0], "ca")
+    bound = load_model("protein-ca", cg_topology=pdb)
+    assert isinstance(bound, ProteinChainModel) and bound.n_cg == 10
+    top = bound.topology
+    assert [r.name for r in top.residues] == ["ACE", "HIE", "HID", "HIP", "LYS", "GLY", "SER", "TRP", "ARG", "NME"]
+    assert [r.resSeq for r in top.residues] == list(range(20, 30))
+    residues = [{a.name for a in r.atoms} for r in top.residues]
+    assert not residues[1] & {"H2", "H3"} and "OXT" not in residues[-2]  # capped: no charged termini
+    his = [{a.name for a in r.atoms} for r in list(top.residues)[1:4]]
+    assert ("HE2" in his[0], "HD1" in his[0]) == (True, False)
+    assert ("HE2" in his[1], "HD1" in his[1]) == (False, True)
+    assert {"HE2", "HD1"} <= his[2]
+    # uncapped: charged termini
+    pdb2 = _cg_pdb(tmp_path / "cg2.pdb", [("ALA", 1), ("GLY", 2), ("SER", 3)], np.eye(3) * 0.38, "ca")
+    top2 = load_model("protein-ca", cg_topology=pdb2).topology
+    assert {"H2", "H3"} <= {a.name for a in list(top2.residues)[0].atoms}
+    assert "OXT" in {a.name for a in list(top2.residues)[-1].atoms}
+    # a protein model file by path works as its name does
+    assert isinstance(load_model(shipped / "protein-backbone.pt"), ProteinModel)
+    with pytest.raises(
+        ValueError, match=r"no pretrained model of that name; pretrained models: protein-backbone, protein-ca"
+    ):
+        load_model("protein-nope")
+
+
+# ----------------------------------------------------------------------------- the command line
+@pytest.mark.parametrize("mapping,name", [("ca", "protein-ca"), ("backbone", "protein-backbone")])
+def test_backmap_command_contract(shipped, chignolin, tmp_path, mapping, name, capsys):
+    """`openmm-backmap backmap --model NAME --cg cg.dcd --cg-topology cg.pdb --samples K --seed S
+    --out aa.dcd --energies e.csv`: K samples per frame in frame order (each sample's beads are its
+    frame's), aa.pdb beside with amber14 names, one CSV row per sample whose log_q is the model's
+    density of the written sample and whose u_aa_kjmol is OpenMM's amber14 + GBn2 energy."""
+    names, _ = chignolin
+    n_frames, k = 3, 2
+    X = _frames(chignolin, mapping, n_frames)
+    _cg_pdb(tmp_path / "cg.pdb", [(n, r + 1) for r, n in enumerate(names)], X[0], mapping)
+    cg_top = md.load_pdb(str(tmp_path / "cg.pdb"), standard_names=False).topology
+    md.Trajectory(X.astype(np.float32), cg_top).save_dcd(str(tmp_path / "cg.dcd"))
+    argv = ["backmap", "--model", name, "--cg", str(tmp_path / "cg.dcd"), "--cg-topology", str(tmp_path / "cg.pdb")]
+    argv += ["--samples", str(k), "--seed", "7", "--out", str(tmp_path / "aa.dcd"), "--energies"]
+    argv += [str(tmp_path / "e.csv"), "--no-progress"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+
+    model = load_model(name, cg_topology=tmp_path / "cg.pdb", device="cpu")
+    pdb = app.PDBFile(str(tmp_path / "aa.pdb"))  # OpenMM keeps the names as written
+    assert [a.name for a in pdb.topology.atoms()] == model.metadata["atom_names"]
+    assert [r.name for r in pdb.topology.residues()][:2] == ["GLY", "TYR"]
+    aa = md.load_dcd(str(tmp_path / "aa.dcd"), top=str(tmp_path / "aa.pdb"))
+    assert aa.n_frames == n_frames * k
+    beads = model.module.beads.numpy()
+    np.testing.assert_allclose(aa.xyz[:, beads], np.repeat(X, k, axis=0), atol=2e-5)  # frame-major
+    rows = np.genfromtxt(tmp_path / "e.csv", delimiter=",", names=True)
+    assert rows.dtype.names == BACKMAP_COLUMNS and len(rows) == n_frames * k
+    np.testing.assert_array_equal(rows["frame"], np.repeat(np.arange(n_frames), k))
+    np.testing.assert_array_equal(rows["sample"], np.tile(np.arange(k), n_frames))
+    lq = model.log_prob(aa.xyz, np.repeat(X, k, axis=0).astype(np.float32))
+    np.testing.assert_allclose(rows["log_q"], lq, rtol=1e-4, atol=5e-2)
+
+    system = app.ForceField("amber14-all.xml", "implicit/gbn2.xml").createSystem(
+        pdb.topology, nonbondedMethod=app.NoCutoff, constraints=app.HBonds
+    )
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    for s in (0, n_frames * k - 1):
+        context.setPositions(aa.xyz[s].astype(np.float64))
+        u = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+        assert rows["u_aa_kjmol"][s] == pytest.approx(u, rel=1e-4, abs=0.05)
+    # the same seed gives the same samples
+    argv2 = [a.replace("aa.dcd", "aa2.dcd").replace("e.csv", "e2.csv") for a in argv]
+    assert cli.main(argv2) == 0
+    np.testing.assert_array_equal(md.load_dcd(str(tmp_path / "aa2.dcd"), top=str(tmp_path / "aa.pdb")).xyz, aa.xyz)
+
+
+# ----------------------------------------------------------------------------- bad input
+def _backmap(tmp_path, residues, X, mapping="ca", beads=None):
+    pdb = _cg_pdb(tmp_path / "cg.pdb", residues, X[0], mapping, beads)
+    top = md.load_pdb(str(pdb), standard_names=False).topology
+    md.Trajectory(X.astype(np.float32), top).save_dcd(str(tmp_path / "cg.dcd"))
+    return backmap_trajectory(
+        f"protein-{mapping}" if mapping == "ca" else "protein-backbone",
+        tmp_path / "cg.dcd",
+        pdb,
+        tmp_path / "aa.dcd",
+        energies=tmp_path / "e.csv",
+        progress=False,
+    )
+
+
+def test_bad_cg_input_is_named(shipped, chignolin, tmp_path, capsys):
+    names, _ = chignolin
+    X = _frames(chignolin, "ca", 2)
+    res = [(n, r + 1) for r, n in enumerate(names)]
+    # an unknown residue name, named with its number
+    bad = list(res)
+    bad[3] = ("XYZ", 4)
+    with pytest.raises(ValueError, match=r"residue XYZ4 \(number 4 in the chain\): unknown residue name 'XYZ'"):
+        _backmap(tmp_path, bad, X)
+    # bead names that are not the mapping's
+    beads = [["CA"]] * 10
+    beads[2] = ["CB"]
+    with pytest.raises(ValueError, match=r"residue ASP3 has beads \['CB'\], but the 'ca' mapping expects \['CA'\]"):
+        _backmap(tmp_path, res, X, beads=beads)
+    # a CA-only PDB given to the backbone model
+    with pytest.raises(
+        ValueError, match=r"GLY1 has beads \['CA'\], but the 'backbone' mapping expects \['N', 'CA', 'C'\]"
+    ):
+        _backmap(tmp_path, res, X, mapping="backbone", beads=[["CA"]] * 10)
+    # a gap in the residue numbering
+    gap = [(n, r + 1 + (r >= 5)) for r, n in enumerate(names)]
+    with pytest.raises(ValueError, match="residue numbers jump from GLU5 to THR7: a residue is missing"):
+        _backmap(tmp_path, gap, X)
+    # a missing residue that the numbering hides: C-alphas far beyond 0.38 nm apart
+    far = X.copy()
+    far[1, 6:] += np.array([0.4, 0.0, 0.0])
+    with pytest.raises(ValueError, match=r"C-alpha beads of THR6 and GLY7 are 0\.\d\d nm apart in frame 1 .*missing"):
+        _backmap(tmp_path, res, far)
+    # Angstrom: ten times too long
+    with pytest.raises(ValueError, match=r"median 3\.\d\d nm apart .*Angstrom; give them in nm"):
+        _backmap(tmp_path, res, X * 10.0)
+    assert not (tmp_path / "aa.dcd").exists()
+    # through the command line the message reaches the user
+    argv = ["backmap", "--model", "protein-ca", "--cg", str(tmp_path / "cg.dcd"), "--cg-topology"]
+    argv += [str(tmp_path / "cg.pdb"), "--out", str(tmp_path / "aa.dcd"), "--no-progress"]
+    assert cli.main(argv) == 2
+    assert "look like Angstrom" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- sampling order
+def test_every_row_is_sampled_after_what_it_sees(chignolin):
+    """Sampling places rows level by level: each row's references and context atoms must be placed
+    at lower levels, else sampling sees zeros where log_prob sees atoms and the log q it reports is
+    not the density of its sample. Chignolin has adjacent residues whose side chains are placed in
+    different stages out of residue order (THR7 after TRP8)."""
+    names, x = chignolin
+    model = _tiny_model("ca", names, x, steps=2).double()
+    rng = np.random.default_rng(0)
+    from openmm_backmap.models.residues import STANDARD
+
+    seqs = [names] + [list(rng.choice(STANDARD, 7)) for _ in range(6)] + [["ACE", "TRP", "THR", "TYR", "NME"]]
+    for seq in seqs:
+        ch = model.for_sequence(seq)
+        level = {int(b): -1 for b in ch.beads}
+        for lv in range(len(ch.level_bounds) - 1):
+            for n in range(ch.level_bounds[lv], ch.level_bounds[lv + 1]):
+                level[int(ch.rows[n, 0])] = lv
+        for lv in range(len(ch.level_bounds) - 1):
+            for n in range(ch.level_bounds[lv], ch.level_bounds[lv + 1]):
+                seen = [int(a) for a in ch.rows[n, 1:]] + [int(a) for a, m in zip(ch.ctx[n], ch.ctx_mask[n]) if m > 0]
+                assert all(level[a] < lv for a in seen), (seq, ch.keys[int(ch.order[n])])
+    ch = model.for_sequence(names)
+    cg = torch.as_tensor(_frames(chignolin, "ca", 3), dtype=torch.float64)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        aa, lq = ch.sample(cg, 2)
+        np.testing.assert_allclose(ch.log_prob(aa, cg.repeat_interleave(2, 0)).numpy(), lq.numpy(), atol=1e-8)
