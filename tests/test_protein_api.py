@@ -262,3 +262,71 @@ def test_every_row_is_sampled_after_what_it_sees(chignolin):
     with torch.no_grad():
         aa, lq = ch.sample(cg, 2)
         np.testing.assert_allclose(ch.log_prob(aa, cg.repeat_interleave(2, 0)).numpy(), lq.numpy(), atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- mapping entropy
+def test_mapping_entropy_of_a_protein_model_on_a_reference_in_another_atom_order(shipped, chignolin):
+    """`mapping_entropy("protein-ca", reference)` binds the model to the reference's chain and reads
+    a reference (and its System) that lists each residue's atoms in another order: every figure is
+    the same as with the reference in the model's own order."""
+    from openmm_backmap.analysis.entropy import mapping_entropy
+    from openmm_backmap.systems.peptides import make_gbn2_system
+
+    names, x = chignolin
+    bound = load_model("protein-ca", cg_topology=_cg_pdb_topology(names, x))
+    top = md.Topology.from_openmm(bound.topology) if not isinstance(bound.topology, md.Topology) else bound.topology
+    rng = np.random.default_rng(3)
+    xyz = (x[0] + rng.normal(0.0, 0.004, (12,) + x.shape[1:])).astype(np.float32)
+    # the same molecule, each residue's atoms reversed
+    order = np.concatenate([[a.index for a in r.atoms][::-1] for r in top.residues])
+    shuffled = _reordered(top, order)
+    # the tiny model's constrained X-H lengths are its data's means: the System's are set to them
+    lengths = {tuple(sorted((int(i), int(j)))): float(d) for i, j, d in bound.metadata["constraints"]}
+    results = []
+    for t, positions, where in ((top, xyz, np.arange(top.n_atoms)), (shuffled, xyz[:, order], order)):
+        system = make_gbn2_system(t.to_openmm())
+        for c in range(system.getNumConstraints()):
+            i, j, _ = system.getConstraintParameters(c)
+            mi, mj = sorted((int(where[i]), int(where[j])))
+            system.setConstraintParameters(c, i, j, lengths[(mi, mj)])
+        traj = md.Trajectory(positions, t)
+        results.append(mapping_entropy("protein-ca", traj, aa_system=system, samples=4, frames=12, seed=5))
+    plain, reordered = results
+    assert reordered["cross_entropy"]["value"] == pytest.approx(plain["cross_entropy"]["value"], rel=1e-9)
+    # amber14's createSystem gives a few angles other parameters when a residue lists its atoms in
+    # another order (HarmonicAngleForce 356.7891 vs 356.7843 kJ/mol for chignolin's PDB structure),
+    # so the figures that use U agree to that level, not to rounding
+    for key in ("energy_route", "conditional_ess"):
+        assert reordered[key]["value"] == pytest.approx(plain[key]["value"], rel=2e-3), key
+    assert np.isfinite(plain["cross_entropy"]["value"]) and plain["mapping"]["beads"] == 10
+    # a reference of another molecule is refused, naming the atoms it lacks
+    other = _reordered(top, [a.index for a in top.atoms if not (a.residue.index == 1 and a.name == "HH")])
+    with pytest.raises(ValueError, match="atoms"):
+        mapping_entropy("protein-ca", md.Trajectory(xyz[:, : other.n_atoms], other), aa_system=system, samples=2, frames=4)
+
+
+def _reordered(top: md.Topology, order: np.ndarray) -> md.Topology:
+    """``top`` with its atoms listed in ``order`` (residues kept; ``Topology.subset`` sorts them)."""
+    out = md.Topology()
+    chain = out.add_chain()
+    atoms = list(top.atoms)
+    new, residues = {}, {}
+    for k in order:
+        a = atoms[int(k)]
+        if a.residue.index not in residues:
+            residues[a.residue.index] = out.add_residue(a.residue.name, chain, resSeq=a.residue.resSeq)
+        new[int(k)] = out.add_atom(a.name, a.element, residues[a.residue.index])
+    for a, b in top.bonds:
+        if a.index in new and b.index in new:
+            out.add_bond(new[a.index], new[b.index])
+    return out
+
+
+def _cg_pdb_topology(names, x):
+    """The CA-bead mdtraj topology of a chain (three-letter names as the model reads them)."""
+    top = md.Topology()
+    chain = top.add_chain()
+    for r, name in enumerate(names):
+        residue = top.add_residue(name, chain, resSeq=r + 1)
+        top.add_atom("CA", md.element.carbon, residue)
+    return top

@@ -346,11 +346,13 @@ def torch_energy(system: Any) -> Callable[[np.ndarray], np.ndarray]:
     return energy
 
 
-def check_system(system: Any, model: Any) -> None:
+def check_system(system: Any, model: Any, order: np.ndarray | None = None) -> None:
     """Raise ValueError unless an AA System fits the model: atom count, bonds and constraints.
 
     The constraints fix the measure of log q (a constrained bond is a sphere, not a volume), so
-    the System's and the model's must be the same pairs at the same lengths.
+    the System's and the model's must be the same pairs at the same lengths. ``order`` (model atom
+    ``m`` is System particle ``order[m]``, see :func:`reference_atom_order`) when the System lists
+    the atoms in another order than the model.
     """
     from openmm_backmap.openmm.energies import constraints_from_system, load_system
 
@@ -361,7 +363,10 @@ def check_system(system: Any, model: Any) -> None:
             f"the AA System has {n} particles but the model's molecule has {model.n_aa} atoms: "
             "the System belongs to another molecule"
         )
-    sys_cons = {(min(i, j), max(i, j)): d for i, j, d in constraints_from_system(system)}
+    to_model = np.arange(n) if order is None else np.argsort(order)
+    sys_cons = {
+        (min(to_model[i], to_model[j]), max(to_model[i], to_model[j])): d for i, j, d in constraints_from_system(system)
+    }
     mod_cons = {
         (min(int(i), int(j)), max(int(i), int(j))): float(d) for i, j, d in model.metadata.get("constraints", [])
     }
@@ -384,7 +389,7 @@ def check_system(system: Any, model: Any) -> None:
     for force in system.getForces():
         if type(force).__name__ == "HarmonicBondForce":
             for b in range(force.getNumBonds()):
-                i, j = force.getBondParameters(b)[:2]
+                i, j = (int(to_model[k]) for k in force.getBondParameters(b)[:2])
                 sys_bonds.add((min(i, j), max(i, j)))
     if top_bonds and sys_bonds and sys_bonds != top_bonds:
         diff = sorted(sys_bonds ^ top_bonds)[:5]
@@ -392,6 +397,48 @@ def check_system(system: Any, model: Any) -> None:
             f"the AA System's bonds differ from the model topology's (first differences {diff}): "
             "the System belongs to another molecule"
         )
+
+
+def reference_atom_order(model: Any, topology: Any) -> np.ndarray | None:
+    """Where the model's atoms are in a reference topology that lists them in another order.
+
+    A protein model builds its chain's atoms in template order (:mod:`openmm_backmap.models.residues`),
+    while a reference written by another program may list a residue's atoms differently. Returns
+    ``order`` with model atom ``m`` at reference atom ``order[m]`` (matched by residue and atom
+    name), or None when the orders already agree or the model is not a protein model (whose
+    topology must then match exactly: :meth:`BackmapModel.check_topology`).
+    """
+    from openmm_backmap.io.backmap_model import ProteinChainModel
+    from openmm_backmap.mapping import as_mdtraj_topology
+
+    top = as_mdtraj_topology(topology)
+    try:
+        model.check_topology(top)
+        return None
+    except ValueError:
+        if not isinstance(model, ProteinChainModel) or top.n_atoms != model.n_aa:
+            raise
+    where = {(a.residue.index, a.name): a.index for a in top.atoms}
+    mine = [(a.residue.index, a.name) for a in as_mdtraj_topology(model.topology).atoms]
+    missing = [f"residue {r + 1} {n}" for r, n in mine if (r, n) not in where]
+    if missing:
+        raise ValueError(
+            f"the reference topology lacks atoms of the model's chain ({', '.join(missing[:5])}): "
+            "it is another molecule or another protonation state"
+        )
+    return np.array([where[k] for k in mine], dtype=np.int64)
+
+
+def _cg_topology_for(model_name: Any, topology: Any):
+    """The CG topology that a protein model's beads make of an AA reference topology."""
+    from openmm_backmap.io.backmap_model import ProteinModel, load_model
+    from openmm_backmap.mapping import as_mdtraj_topology
+
+    unbound = load_model(model_name)
+    assert isinstance(unbound, ProteinModel)
+    beads = {"ca": "name CA", "backbone": "name N or name CA or name C"}[unbound.mapping]
+    top = as_mdtraj_topology(topology)
+    return unbound.bind(top.subset(top.select(beads)), device="cpu")
 
 
 def _load_reference(reference: Any, topology: Any = None):
@@ -455,17 +502,31 @@ def mapping_entropy(
         raise ValueError(f"--samples must be >= 2 (got {samples}): the energy route and its bias trend need K >= 2")
     if int(frames) < 4:
         raise ValueError(f"--frames must be at least 4 (got {frames})")
-    if not hasattr(model, "sample"):
-        model = load_model(model, device="cpu")
+    from openmm_backmap.io.protein_models import protein_model_path
+
     traj, path = _load_reference(reference, topology)
-    model.check_topology(traj.topology)
+    if not hasattr(model, "sample"):
+        if protein_model_path(model) is not None:  # a transferable model: bound to the reference's chain
+            model = _cg_topology_for(model, traj.topology)
+        else:
+            model = load_model(model, device="cpu")
+    order = reference_atom_order(model, traj.topology)
     system = aa_system if aa_system is not None else model.system_xml
     if system is None:
         raise ValueError(f"{model.path} embeds no AA System: give one (--aa-system system.xml) for the energy route")
-    check_system(system, model)
+    check_system(system, model, order)
     idx = np.unique(np.linspace(0, traj.n_frames - 1, min(int(frames), traj.n_frames)).round().astype(int))
     x_ref = traj.xyz[idx].astype(np.float64)
-    terms = sample_terms(model, x_ref, torch_energy(system), int(samples), seed=seed)
+    energy = torch_energy(system)
+    if order is not None:  # the model's atom order; the System keeps the reference's
+        x_ref = x_ref[:, order]
+        back = np.argsort(order)
+        model_energy = energy
+
+        def energy(xyz: np.ndarray) -> np.ndarray:
+            return model_energy(np.asarray(xyz)[:, back])
+
+    terms = sample_terms(model, x_ref, energy, int(samples), seed=seed)
     result = entropy_from_terms(
         terms["log_q_ref"], terms["u_ref"], terms["u_samples"], terms["log_q_samples"], n_blocks=n_blocks
     )
