@@ -204,6 +204,16 @@ def test_package_given_as_model_file_says_what_it_is(pair_package):
         load_model(pair_package, device="cpu")
 
 
+@needs_compiler
+def test_package_given_to_the_reporter_says_what_it_is(pair_package, tmp_path):
+    """The reporter blamed a `.pt2` as a corrupt model file; it names the file's kind, writes nothing."""
+    from openmm_backmap.openmm.reporter import BackmapReporter
+
+    with pytest.raises(ValueError, match=r"pair\.pt2 is a compiled force package"):
+        BackmapReporter(tmp_path / "aa.dcd", 10, model=pair_package, energyFile=tmp_path / "w.csv")
+    assert not list(tmp_path.iterdir())
+
+
 # ----------------------------------------------------------------------------- command line: counts and outputs
 @pytest.mark.parametrize(
     "argv",

@@ -302,7 +302,9 @@ def test_mapping_entropy_of_a_protein_model_on_a_reference_in_another_atom_order
     # a reference of another molecule is refused, naming the atoms it lacks
     other = _reordered(top, [a.index for a in top.atoms if not (a.residue.index == 1 and a.name == "HH")])
     with pytest.raises(ValueError, match="atoms"):
-        mapping_entropy("protein-ca", md.Trajectory(xyz[:, : other.n_atoms], other), aa_system=system, samples=2, frames=4)
+        mapping_entropy(
+            "protein-ca", md.Trajectory(xyz[:, : other.n_atoms], other), aa_system=system, samples=2, frames=4
+        )
 
 
 def _reordered(top: md.Topology, order: np.ndarray) -> md.Topology:

@@ -553,7 +553,7 @@ def test_hdf5_short_write_is_reported_not_ignored(setup, start, tmp_path):
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
             outputs_module.HDF5Output._check_room = lambda self, report_bytes: None
-            sim.step(300)
+            sim.step(3000)  # past the first chunk of frames (allocated whole): the file must grow
         except OSError as exc:
             (tmp_path / "message").write_text(str(exc))
             code = 0

@@ -377,12 +377,14 @@ class HDF5Output(LockedOutput):
     ``openmm_backmap``. The HDF5 library locks the file while it is open; cutting it truncates
     the per-frame arrays in place.
 
-    HDF5 does not survive a write that fails part-way: each flush rewrites the last compressed
-    chunk (frames of earlier reports included) and the metadata in place, and the library does not
-    report a short write (a full disk, a file-size limit) but leaves a file it cannot open again.
-    So a report is written only when the file system and the process's file-size limit leave room
-    for it, a whole chunk and :attr:`ROOM` bytes more; a short write that happens anyway is caught
-    after the flush (the library's file size beyond the size on disk) and reported.
+    HDF5 does not survive a write that fails part-way: each flush rewrites the last chunk (frames
+    of earlier reports included) and the metadata in place, and the library does not report a short
+    write (a full disk, a file-size limit) but leaves a file it cannot open again. So the arrays are
+    stored uncompressed (a chunk cut by a kill then holds the earlier frames' bytes unchanged, where
+    a cut compressed chunk fails to decompress and takes them with it), and a report is written
+    only when the file system and the process's file-size limit leave room for it, a whole chunk
+    and :attr:`ROOM` bytes more; a short write that happens anyway is caught after the flush (the
+    library's file size beyond the size on disk) and reported.
     """
 
     ROOM = 1 << 20  # bytes kept free beyond a report and a chunk (metadata, B-tree nodes)
@@ -427,13 +429,13 @@ class HDF5Output(LockedOutput):
     def begin(self, frames: int, grid: StepGrid | None) -> None:
         """Cut the file to its first ``frames`` frames (a new file when 0) and hold it open, locked."""
         if frames == 0:
-            with md.formats.HDF5TrajectoryFile(str(self.path), "w") as f:
+            with md.formats.HDF5TrajectoryFile(str(self.path), "w", compression=None) as f:
                 f.topology = self.topology
         else:
             with self._tables("a") as f:
                 for node in ("coordinates", "time"):
                     getattr(f.root, node).truncate(frames)
-        self.fh = md.formats.HDF5TrajectoryFile(str(self.path), "a")
+        self.fh = md.formats.HDF5TrajectoryFile(str(self.path), "a", compression=None)
         self.frames = frames
 
     def read(self, start: int, stop: int) -> np.ndarray:
