@@ -343,7 +343,9 @@ def test_overwrite_lets_an_existing_output_through(tmp_path, capsys):
     from openmm_backmap.cli import main
 
     (tmp_path / "old.dcd").write_text("keep")
-    assert main(_backmap_argv(tmp_path, str(tmp_path / "old.dcd"), "--overwrite")) == 2
+    argv = _backmap_argv(tmp_path, str(tmp_path / "old.dcd"), "--overwrite")
+    (tmp_path / "c.pdb").write_text("ATOM      1  CA  ALA A   1       0.000   0.000   0.000  1.00  0.00\nEND\n")
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert "exists" not in err and "m.pt" in err  # the (empty) model file is what fails now
 
@@ -617,7 +619,8 @@ def test_backmap_energies_write_failure_keeps_both_old_files(tiny_ala2, cg_input
     monkeypatch.undo()  # the same call with working writers replaces both
     res = backmap.backmap_trajectory(tiny_ala2["model"], *cg_input, out, samples=2, energies=energies, progress=False)
     assert res["n_samples"] == 12 and energies.read_text().count("\n") == 13
-    assert sorted(p.name for p in folder.iterdir()) == ["aa.dcd", "cg.dcd", "cg.pdb", "w.csv"]
+    # and the AA topology beside the trajectory, written once both files are in place
+    assert sorted(p.name for p in folder.iterdir()) == ["aa.dcd", "aa.pdb", "cg.dcd", "cg.pdb", "w.csv"]
 
 
 @pytest.mark.parametrize(

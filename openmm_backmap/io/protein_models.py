@@ -159,9 +159,16 @@ def load_cg_topology(topology):
         path = Path(topology)
         if not path.is_file():
             raise FileNotFoundError(f"CG topology {path} does not exist")
-        if path.suffix.lower() == ".pdb":
-            return md.load_pdb(str(path), standard_names=False).topology
-        return md.load_topology(str(path))
+        try:
+            if path.suffix.lower() == ".pdb":
+                top = md.load_pdb(str(path), standard_names=False).topology
+            else:
+                top = md.load_topology(str(path))
+        except Exception as err:  # noqa: BLE001 - mdtraj raises many kinds for unreadable files
+            raise ValueError(f"cannot read the CG topology {path}: {type(err).__name__}: {err}") from err
+        if top.n_atoms == 0:
+            raise ValueError(f"the CG topology {path} holds no atoms")
+        return top
     return md.Topology.from_openmm(topology)
 
 
