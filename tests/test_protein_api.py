@@ -108,6 +108,8 @@ SEQ = ["ACE", "HIS", "HID", "HIP", "LYS", "GLY", "SER", "TRP", "ARG", "NME"]  # 
 def test_load_model_by_name_and_bind(shipped, chignolin, tmp_path, capsys):
     unbound = load_model("protein-ca")
     assert isinstance(unbound, ProteinModel) and unbound.mapping == "ca"
+    with pytest.raises(AttributeError, match=r"not yet bound to a chain, so it has no 'topology': bind it with"):
+        unbound.topology  # noqa: B018
     res = [(n, 20 + r) for r, n in enumerate(SEQ)]
     pdb = _cg_pdb(tmp_path / "cg.pdb", res, _frames(chignolin, "ca", 1)[0], "ca")
     bound = load_model("protein-ca", cg_topology=pdb)

@@ -359,6 +359,15 @@ class ProteinModel:
         chain = read_cg_chain(cg_topology, self.mapping, f"the CG topology (for {self.name})")
         return ProteinChainModel(self, chain, device=device)
 
+    def __getattr__(self, name: str):
+        # what a bound model has (topology, sample, n_aa ...): say how to bind rather than just fail
+        if name.startswith("__") or name in ("name", "path", "protein", "mapping"):
+            raise AttributeError(name)
+        raise AttributeError(
+            f"{self.name} is a protein model not yet bound to a chain, so it has no {name!r}: bind it with "
+            f".bind(cg_topology) or load_model({self.name!r}, cg_topology=...)"
+        )
+
     def describe(self) -> dict:
         """Name, file, mapping, architecture and training record."""
         return {

@@ -159,9 +159,12 @@ def load_cg_topology(topology):
         path = Path(topology)
         if not path.is_file():
             raise FileNotFoundError(f"CG topology {path} does not exist")
-        if path.suffix.lower() == ".pdb":
-            return md.load_pdb(str(path), standard_names=False).topology
-        return md.load_topology(str(path))
+        try:
+            if path.suffix.lower() == ".pdb":
+                return md.load_pdb(str(path), standard_names=False).topology
+            return md.load_topology(str(path))
+        except (OSError, ValueError, IndexError, KeyError) as err:
+            raise ValueError(f"cannot read the CG topology {path}: {err or type(err).__name__}") from err
     return md.Topology.from_openmm(topology)
 
 
