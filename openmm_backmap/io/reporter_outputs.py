@@ -147,7 +147,7 @@ def _open_locked(path: Path, hold: bool = True):
 def _write_all(fh, data: bytes, offset: int) -> None:
     """Write ``data`` at ``offset`` (``pwrite``: no seek; a short write is continued; an OS error
     propagates)."""
-    view = memoryview(data)
+    view = memoryview(data).cast("B")  # flat bytes: a short write continues at the right byte
     fd = fh.fileno()
     while view:
         done = os.pwrite(fd, view, offset)
