@@ -1,8 +1,18 @@
-"""BackmapReporter cost: CG steps/s with and without it, reporter frames/s, batched AA energies.
+"""BackmapReporter cost: its fixed cost per report, CG steps/s with and without it, reporter frames/s,
+batched AA energies.
 
     python benchmarks/bench_reporter.py --model demo/models/backmapper.pt --cg-model demo/models/cg.pt \
         --mapping demo/mapping.json --topology demo/reference/ala2.pdb [--steps 20000]
 
+Without ``--cg-model`` the CG System is harmonic bonds between the beads (at their lengths in the
+topology's first frame), a stand-in for a cheap classical CG force field; ``--fixed-only`` runs
+section 0 alone.
+
+0. Fixed cost per report: a reporter every step drawing 1 sample with its energy file, timed over
+   many steps minus the same steps without it (process CPU time and wall clock, median of repeats),
+   with the backmapper's ``sample`` call replayed (a precomputed sample), so what is left is the
+   reporter's own work: reading the state, checks, the AA energy, writing the frame and the row.
+   The flow's own ``sample`` call is timed alone on the same frame.
 1. CG steps/s of the CG System (the CG potential as a force) without a reporter and with a
    BackmapReporter every 1000 steps drawing 1 sample (with its energy file), and the overhead.
 2. Reporter frames/s alone (report() called directly on one CG state) at 1, 16 and 256 samples per
@@ -31,8 +41,24 @@ from openmm_backmap.openmm.forces import create_cg_system
 from openmm_backmap.openmm.reporter import BackmapReporter
 
 
+def _harmonic_cg_system(mapping, x0):
+    """Harmonic bonds between bonded beads at their lengths in x0: a cheap classical CG System."""
+    X = mapping.project(x0)
+    system = openmm.System()
+    for m in mapping.masses():
+        system.addParticle(float(m))
+    bonds = openmm.HarmonicBondForce()
+    for i, j in mapping.cg_bonds():
+        bonds.addBond(i, j, float(np.linalg.norm(X[i] - X[j])), 5.0e4)
+    system.addForce(bonds)
+    return system
+
+
 def _simulation(args, mapping, x0):
-    system = create_cg_system(mapping.masses(), args.cg_model)
+    if args.cg_model:
+        system = create_cg_system(mapping.masses(), args.cg_model)
+    else:
+        system = _harmonic_cg_system(mapping, x0)
     integ = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond, 2 * unit.femtoseconds)
     integ.setRandomNumberSeed(1)
     sim = app.Simulation(mapping.cg_topology.to_openmm(), system, integ, openmm.Platform.getPlatformByName("Reference"))
@@ -48,20 +74,79 @@ def _steps_per_second(sim, steps: int) -> float:
     return steps / (time.process_time() - start)
 
 
+class _Replay(torch.nn.Module):
+    """Stands in for a backmapper module: ``sample`` returns one precomputed sample at no cost, so the
+    time left in a report is the reporter's own."""
+
+    def __init__(self, sample: tuple[torch.Tensor, torch.Tensor]) -> None:
+        super().__init__()
+        self.out = sample
+
+    def sample(self, cg: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.out
+
+
+def fixed_cost(args, mapping, x0, tmp: Path, steps: int = 500, repeats: int = 7) -> None:
+    """Section 0: the reporter's fixed cost per report at one sample (energy file on), with the
+    flow's sample call replayed, and the flow's sample call timed alone."""
+    model = load_model(args.model, device="cpu")
+    X = torch.as_tensor(mapping.project(x0), dtype=torch.float32)[None]
+    with torch.no_grad():
+        for _ in range(10):
+            model.module.sample(X, 1)
+        flow = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(50):
+                model.module.sample(X, 1)
+            flow.append((time.perf_counter() - start) / 50)
+        model.module = _Replay(model.module.sample(X, 1))
+    sim = _simulation(args, mapping, x0)
+    sim.step(10)
+    bare = [_per_step(sim, steps) for _ in range(repeats)]
+    reporter = BackmapReporter(tmp / "fixed.dcd", 1, model=model, samplesPerFrame=1, energyFile=tmp / "fixed.csv")
+    sim.reporters.append(reporter)
+    sim.step(10)
+    with_reporter = [_per_step(sim, steps) for _ in range(repeats)]
+    reporter.close()
+    wall = np.array([w for w, _ in with_reporter]) - min(w for w, _ in bare)
+    cpu = np.array([c for _, c in with_reporter]) - min(c for _, c in bare)
+    print(
+        f"fixed cost per report (1 sample, energy file on; the flow's sample call replayed), median of {repeats} x "
+        f"{steps} reports: CPU time {1e3 * np.median(cpu):.3f} ms (best {1e3 * cpu.min():.3f}), wall clock "
+        f"{1e3 * np.median(wall):.3f} ms (best {1e3 * wall.min():.3f}); the flow's own sample call "
+        f"{1e3 * np.median(flow):.3f} ms wall"
+    )
+
+
+def _per_step(sim, steps: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds per step over ``steps`` steps."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    sim.step(steps)
+    return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--cg-model", required=True)
-    parser.add_argument("--mapping", required=True)
+    parser.add_argument("--cg-model", help="CG potential model file (default: harmonic bonds between the beads)")
+    parser.add_argument("--mapping", help="mapping (default: the model's own)")
     parser.add_argument("--topology", required=True)
     parser.add_argument("--steps", type=int, default=20000)
+    parser.add_argument("--fixed-only", action="store_true", help="only the fixed cost per report (section 0)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     aa = md.load(args.topology)
-    mapping = CGMapping.from_spec(args.mapping, aa.topology)
+    if args.mapping:
+        mapping = CGMapping.from_spec(args.mapping, aa.topology)
+    else:
+        mapping = CGMapping.from_dict(load_model(args.model, device="cpu").mapping.to_dict(), aa.topology)
     x0 = aa.xyz[0].astype(np.float64)
     tmp = Path(tempfile.mkdtemp())
     print(f"# {platform.machine()} {platform.processor()}, torch threads 1, CPU time (process) per figure")
+    fixed_cost(args, mapping, x0, tmp)
+    if args.fixed_only:
+        return
 
     plain = _steps_per_second(_simulation(args, mapping, x0), args.steps)
     sim = _simulation(args, mapping, x0)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from openmm_backmap.cli import TRAJECTORY_SUFFIXES
-from openmm_backmap.io.backmap_model import ProteinChainModel, load_model
+from openmm_backmap.io.backmap_model import ProteinChainModel, ProteinModel, load_model
 from openmm_backmap.io.energy_file import write_backmap_energies
 from openmm_backmap.io.pdb import topology_to_pdb
 from openmm_backmap.io.protein_models import check_cg_positions, load_cg_topology
@@ -104,11 +104,15 @@ def backmap_trajectory(
         if energies.resolve() == out.resolve():
             raise ValueError(f"the energies file and the trajectory are the same file {out}")
         _check_writable(energies, "energies file")
+    model = load_model(model_path, device=device)
     cg_path = Path(cg)
     if not cg_path.is_file():
         raise FileNotFoundError(f"CG trajectory {cg_path} does not exist")
     top = load_cg_topology(cg_topology)
-    model = load_model(model_path, device=device, cg_topology=top)
+    if isinstance(model, ProteinModel):
+        model = model.bind(top, device=device)
+    else:
+        model.check_cg_topology(top)
     try:
         traj = md.load(str(cg_path), top=top)
     except ValueError:

@@ -442,7 +442,7 @@ def _cmd_train(args) -> int:
 # ---------------------------------------------------------------------------- info
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="print the metadata of an exported model file")
-    p.add_argument("model", help="model file (.pt) or compiled force package (.pt2)")
+    p.add_argument("model", help="model file (.pt), compiled force package (.pt2) or a protein model's name")
     p.add_argument("--json", action="store_true", help="print metadata.json as it is")
     p.set_defaults(func=_cmd_info)
 
@@ -453,7 +453,12 @@ def _cmd_info(args) -> int:
 
     from openmm_backmap.io.backmap_model import load_model
     from openmm_backmap.io.model_files import is_compiled_package, read_compiled_metadata, read_model_file
+    from openmm_backmap.io.protein_models import protein_model_path
 
+    if protein_model_path(args.model) is not None:
+        model = load_model(args.model)
+        print(json.dumps(model.describe(), indent=1, default=str) if args.json else model.summary())
+        return 0
     if Path(args.model).is_file() and is_compiled_package(Path(args.model).read_bytes()):
         meta = read_compiled_metadata(args.model)
         if args.json:

@@ -20,9 +20,10 @@ import openmm_backmap.io.protein_models as protein_models
 from openmm_backmap import cli
 from openmm_backmap.backmap import backmap_trajectory
 from openmm_backmap.io.backmap_model import ProteinChainModel, ProteinModel, load_model
-from openmm_backmap.io.energy_file import BACKMAP_COLUMNS
+from openmm_backmap.io.energy_file import BACKMAP_COLUMNS, read_energy_file
 from openmm_backmap.models.protein import ProteinBackmapper
 from openmm_backmap.models.residues import MAPPINGS, build_chain, canonical_name
+from openmm_backmap.openmm.reporter import BackmapReporter
 from openmm_backmap.training.protein import chain_positions
 
 CHIGNOLIN = Path(__file__).resolve().parent.parent / "openmm_backmap" / "data" / "chignolin.pdb"
@@ -104,9 +105,11 @@ SEQ = ["ACE", "HIS", "HID", "HIP", "LYS", "GLY", "SER", "TRP", "ARG", "NME"]  # 
 
 
 # ----------------------------------------------------------------------------- names
-def test_load_model_by_name_and_bind(shipped, chignolin, tmp_path):
+def test_load_model_by_name_and_bind(shipped, chignolin, tmp_path, capsys):
     unbound = load_model("protein-ca")
     assert isinstance(unbound, ProteinModel) and unbound.mapping == "ca"
+    with pytest.raises(AttributeError, match=r"not yet bound to a chain, so it has no 'topology': bind it with"):
+        unbound.topology  # noqa: B018
     res = [(n, 20 + r) for r, n in enumerate(SEQ)]
     pdb = _cg_pdb(tmp_path / "cg.pdb", res, _frames(chignolin, "ca", 1)[0], "ca")
     bound = load_model("protein-ca", cg_topology=pdb)
@@ -127,6 +130,8 @@ def test_load_model_by_name_and_bind(shipped, chignolin, tmp_path):
     assert "OXT" in {a.name for a in list(top2.residues)[-1].atoms}
     # a protein model file by path works as its name does
     assert isinstance(load_model(shipped / "protein-backbone.pt"), ProteinModel)
+    assert cli.main(["info", "protein-backbone"]) == 0
+    assert "mapping backbone: beads per residue N, CA, C" in capsys.readouterr().out
     with pytest.raises(
         ValueError, match=r"no pretrained model of that name; pretrained models: protein-backbone, protein-ca"
     ):
@@ -241,7 +246,7 @@ def test_every_row_is_sampled_after_what_it_sees(chignolin):
     not the density of its sample. Chignolin has adjacent residues whose side chains are placed in
     different stages out of residue order (THR7 after TRP8)."""
     names, x = chignolin
-    model = _tiny_model("ca", names, x, steps=2).double()
+    model = _tiny_model("ca", names, x).double()
     rng = np.random.default_rng(0)
     from openmm_backmap.models.residues import STANDARD
 
@@ -332,3 +337,65 @@ def _cg_pdb_topology(names, x):
         residue = top.add_residue(name, chain, resSeq=r + 1)
         top.add_atom("CA", md.element.carbon, residue)
     return top
+
+
+# ----------------------------------------------------------------------------- the reporter
+def test_reporter_binds_a_protein_model_by_name(shipped, chignolin, tmp_path):
+    """BackmapReporter(model="protein-ca", atomSubset=...) on a CG System that holds the chain (one
+    CA bead per residue, harmonic CA-CA bonds in group 0) and a tethered particle (group 1): the
+    chain is read from the Simulation's topology at atomSubset, the frames carry amber14 atoms,
+    and U_AA is amber14 + GBn2 (checked against an OpenMM Context). A second copy with other
+    residues is refused, naming the copy."""
+    names, _ = chignolin
+    X = _frames(chignolin, "ca", 1)[0]
+    top = app.Topology()  # particle 0: the tethered one; 1..10: the chain
+    top.addAtom("P", None, top.addResidue("SOL", top.addChain()))
+    chain = top.addChain()
+    for r, name in enumerate(names):
+        top.addAtom("CA", app.Element.getBySymbol("C"), top.addResidue(name, chain, id=str(r + 1)))
+    alanines = top.addChain()  # particles 11..20: a second chain, all alanine (no forces)
+    for r in range(len(names)):
+        top.addAtom("CA", app.Element.getBySymbol("C"), top.addResidue("ALA", alanines, id=str(r + 1)))
+    system = openmm.System()
+    for _ in range(2 * len(names) + 1):
+        system.addParticle(110.0)
+    bonds = openmm.HarmonicBondForce()
+    for r in range(len(names) - 1):
+        bonds.addBond(r + 1, r + 2, float(np.linalg.norm(X[r + 1] - X[r])), 2000.0)
+    system.addForce(bonds)
+    tether = openmm.CustomExternalForce("10*(x^2+y^2+z^2)")
+    tether.addParticle(0, [])
+    tether.setForceGroup(1)
+    system.addForce(tether)
+    positions = np.concatenate([[[0.1, 0.0, 0.0]], X, X + 2.0])
+    integ = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 5.0 / unit.picosecond, 0.001 * unit.picoseconds)
+    integ.setRandomNumberSeed(2)
+    sim = app.Simulation(top, system, integ, openmm.Platform.getPlatformByName("Reference"))
+    sim.context.setPositions(positions)
+    subset = list(range(1, len(names) + 1))
+    reporter = BackmapReporter(
+        tmp_path / "aa.dcd", 5, model="protein-ca", energyFile=tmp_path / "w.csv", atomSubset=subset, cgForceGroups=[0]
+    )
+    sim.reporters.append(reporter)
+    sim.step(10)
+    reporter.close()
+    model = reporter.model
+    assert isinstance(model, ProteinChainModel) and model.topology.n_residues == len(names)
+    aa = md.load_dcd(str(tmp_path / "aa.dcd"), top=model.topology)
+    rows = read_energy_file(tmp_path / "w.csv")
+    assert aa.n_frames == 2 == len(rows["step"])
+    system_aa = app.ForceField("amber14-all.xml", "implicit/gbn2.xml").createSystem(
+        model.topology.to_openmm(), nonbondedMethod=app.NoCutoff, constraints=app.HBonds
+    )
+    ctx = openmm.Context(system_aa, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    for s in range(2):
+        ctx.setPositions(aa.xyz[s].astype(np.float64))
+        u = ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+        assert rows["u_aa_kjmol"][s] == pytest.approx(u, rel=1e-4, abs=0.05)
+    # a second "copy" that is another chain
+    bad = BackmapReporter(tmp_path / "b.dcd", 5, model="protein-ca", atomSubset=[subset, list(range(11, 21))])
+    with pytest.raises(
+        ValueError, match="atomSubset copy 1: the CG topology's residues ALA ALA .* not the model's chain GLY TYR"
+    ):
+        bad.describeNextReport(sim)
+    bad.close()

@@ -74,6 +74,7 @@ class BackmapModel:
         self.n_cg = int(self.metadata["n_cg"])
         self.temporal = bool(self.metadata.get("temporal", False))
         self._compiled: CompiledBackmapper | None = None
+        self._cg_bonds: list | None = None  # the CG bonds whose lengths are checked (found on first use)
         if topology is not None:
             self.check_topology(topology)
 
@@ -137,13 +138,21 @@ class BackmapModel:
         if not torch.isfinite(t).all():
             bad = torch.nonzero(~torch.isfinite(t))[0].tolist()
             raise ValueError(f"{what} contain NaN or infinite values (first at index {tuple(bad)})")
-        expected = self.metadata.get("cg_bond_range_nm")
-        cg_bonds = self.metadata.get("cg_bonds") or self.mapping.cg_bonds()
-        if what == "CG coordinates" and expected and cg_bonds:
-            # the range seen in training, widened 3x either way: a 10x unit error cannot pass
-            found = bond_length_range(t.detach().to("cpu", torch.float64).numpy(), cg_bonds)
-            check_length_scale(found, expected, f"{what} (CG bonds of the training data)")
+        if what == "CG coordinates":
+            self.check_cg(t.detach().to("cpu", torch.float64).numpy(), what)
         return t.to(device=self.device, dtype=torch.float32), is_numpy, single
+
+    def check_cg(self, X: np.ndarray, what: str = "CG coordinates") -> None:
+        """Refuse CG positions X (B, n_cg, 3) nm whose CG bond lengths leave the training data's
+        range widened 3x either way (a 10x unit error cannot pass); no check without that range."""
+        expected = self.metadata.get("cg_bond_range_nm")
+        if not expected:
+            return
+        if self._cg_bonds is None:
+            self._cg_bonds = self.metadata.get("cg_bonds") or self.mapping.cg_bonds()
+        if self._cg_bonds:
+            found = bond_length_range(X, self._cg_bonds)
+            check_length_scale(found, expected, f"{what} (CG bonds of the training data)")
 
     @staticmethod
     def _out(t: torch.Tensor, is_numpy: bool):
@@ -350,6 +359,39 @@ class ProteinModel:
         chain = read_cg_chain(cg_topology, self.mapping, f"the CG topology (for {self.name})")
         return ProteinChainModel(self, chain, device=device)
 
+    def __getattr__(self, name: str):
+        # what a bound model has (topology, sample, n_aa ...): say how to bind rather than just fail
+        if name.startswith("__") or name in ("name", "path", "protein", "mapping"):
+            raise AttributeError(name)
+        raise AttributeError(
+            f"{self.name} is a protein model not yet bound to a chain, so it has no {name!r}: bind it with "
+            f".bind(cg_topology) or load_model({self.name!r}, cg_topology=...)"
+        )
+
+    def describe(self) -> dict:
+        """Name, file, mapping, architecture and training record."""
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "mapping": self.mapping,
+            "architecture": dict(self.protein.config),
+            "training": dict(getattr(self.protein, "info", {}) or {}),
+        }
+
+    def summary(self) -> str:
+        d = self.describe()
+        tr = {k: v for k, v in d["training"].items() if not isinstance(v, (list, dict, str)) or k == "val_ids"}
+        return "\n".join(
+            [
+                f"{d['name']}: openmm-backmap protein model ({d['path']}, {self.path.stat().st_size / 2**20:.1f} MB)",
+                f"  mapping {self.mapping}: beads per residue "
+                + ("CA (ACE: CH3, NME: C)" if self.mapping == "ca" else "N, CA, C (ACE: CH3, C; NME: N, C)"),
+                f"  architecture: {json.dumps(d['architecture'])}",
+                "  training: " + ", ".join(f"{k}={_fmt(v)}" for k, v in tr.items()),
+                "  bind it to a chain: load_model(name, cg_topology=...), or --cg-topology on the command line",
+            ]
+        )
+
     def __repr__(self) -> str:
         return f"ProteinModel({self.name!r}, mapping={self.mapping!r})"
 
@@ -391,11 +433,10 @@ class ProteinChainModel(BackmapModel):
                 f"{' '.join(self.cg_chain.names)}"
             )
 
-    def _as_tensor(self, value, shape_tail: tuple[int, int], what: str) -> tuple[torch.Tensor, bool, bool]:
-        t, is_numpy, single = super()._as_tensor(value, shape_tail, what)
-        if what == "CG coordinates":
-            check_cg_positions(t.detach().cpu().numpy(), self.cg_chain, what)
-        return t, is_numpy, single
+    def check_cg(self, X: np.ndarray, what: str = "CG coordinates") -> None:
+        """Refuse CG positions (B, n_cg, 3) in Angstrom or with a missing residue, naming the residues
+        (:func:`~openmm_backmap.io.protein_models.check_cg_positions`)."""
+        check_cg_positions(X, self.cg_chain, what)
 
     def compile(self, batch_size: int) -> None:
         raise ValueError("compile is for per-molecule model files; a protein chain model runs as TorchScript")

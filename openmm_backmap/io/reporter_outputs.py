@@ -145,11 +145,13 @@ def _open_locked(path: Path, hold: bool = True):
 
 
 def _write_all(fh, data: bytes, offset: int) -> None:
-    """Write ``data`` at ``offset`` (a short write is continued; an OS error propagates)."""
-    view = memoryview(data)
-    fh.seek(offset)
+    """Write ``data`` at ``offset`` (``pwrite``: no seek; a short write is continued; an OS error
+    propagates)."""
+    view = memoryview(data).cast("B")  # flat bytes: a short write continues at the right byte
+    fd = fh.fileno()
     while view:
-        view = view[fh.write(view) :]
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
 
 
 class LockedOutput:
@@ -187,6 +189,7 @@ class DCDOutput(LockedOutput):
         self.frame_bytes = 3 * (8 + 4 * n_atoms)
         self.frames = 0
         self.dt_ps = 0.0
+        self._buffer: np.ndarray | None = None
 
     def inspect(self) -> tuple[StepGrid | None, int]:
         size = os.fstat(self.fh.fileno()).st_size
@@ -227,17 +230,24 @@ class DCDOutput(LockedOutput):
     def write(self, xyz_nm: np.ndarray, time_ps: float, grid: StepGrid) -> None:
         if self.frames == 0:
             _write_all(self.fh, self._header(grid, 0), 0)
-        rec = np.empty((len(xyz_nm), 3, self.n_atoms + 2), dtype="<i4")
-        rec[:, :, 0] = rec[:, :, -1] = 4 * self.n_atoms
-        rec[:, :, 1:-1] = (np.asarray(xyz_nm, dtype=np.float64) * 10.0).astype("<f4").transpose(0, 2, 1).view("<i4")
-        _write_all(self.fh, rec.tobytes(), self.header_bytes + self.frames * self.frame_bytes)
+        rec = self._records(len(xyz_nm))
+        np.multiply(np.asarray(xyz_nm).transpose(0, 2, 1), 10.0, out=rec[:, :, 1:-1], casting="same_kind")
+        _write_all(self.fh, rec.view("<i4").data, self.header_bytes + self.frames * self.frame_bytes)
         self.frames += len(xyz_nm)
         self._update_header(grid)
 
+    def _records(self, frames: int) -> np.ndarray:
+        """A reused (frames, 3, n_atoms + 2) float32 buffer of DCD records, the record markers set."""
+        if self._buffer is None or len(self._buffer) != frames:
+            self._buffer = np.empty((frames, 3, self.n_atoms + 2), dtype="<f4")
+            self._buffer.view("<i4")[:, :, [0, -1]] = 4 * self.n_atoms
+        return self._buffer
+
     def _update_header(self, grid: StepGrid) -> None:
+        """The frame count and last step (header bytes 8-24: frames, first step, interval, last step)."""
         last = grid.step((self.frames - 1) // grid.samples)
-        _write_all(self.fh, struct.pack("<i", self.frames), 8)
-        _write_all(self.fh, struct.pack("<i", _int32(last)), 20)
+        fields = (self.frames, _int32(grid.first_step), _int32(grid.interval), _int32(last))
+        _write_all(self.fh, struct.pack("<4i", *fields), 8)
 
     def _header(self, grid: StepGrid, frames: int) -> bytes:
         head = struct.pack(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 
 from openmm_backmap.geometry import check_box_fits
-from openmm_backmap.io.backmap_model import load_model
+from openmm_backmap.io.backmap_model import ProteinModel, load_model
 from openmm_backmap.io.energy_file import ENERGY_COLUMNS, EnergyRows, format_energy_rows
 from openmm_backmap.io.reporter_outputs import (
     DCDOutput,
@@ -51,8 +52,55 @@ from openmm_backmap.io.reporter_outputs import (
     release_paths,
     trajectory_format,
 )
-from openmm_backmap.openmm.energies import aa_energy
+from openmm_backmap.openmm.energies import OpenMMBridgeEnergy, aa_energy, model_system
 from openmm_backmap.units import kT
+
+
+def _units():
+    from openmm import unit
+
+    return unit.nanometer, unit.kilojoule_per_mole, unit.picosecond
+
+
+_NM, _KJ, _PS = _units()
+
+
+def _value(quantity, unit) -> Any:
+    """The number of an OpenMM quantity in ``unit``; States hold nm, kJ/mol and ps already, and
+    reading the value directly saves the unit conversion (a tenth of a millisecond each)."""
+    return quantity._value if quantity.unit is unit else quantity.value_in_unit(unit)
+
+
+def _copies(subset: Any) -> np.ndarray | None:
+    """atomSubset as (copies, beads) particle indices, or None; ValueError for ragged, negative or
+    repeated indices."""
+    if subset is None:
+        return None
+    rows = [subset] if np.ndim(subset[0] if len(subset) else 0) == 0 else list(subset)
+    lengths = {len(r) for r in rows}
+    if len(lengths) != 1 or 0 in lengths:
+        raise ValueError(
+            f"atomSubset: every copy of the molecule needs the same number of beads, got copies of "
+            f"{sorted(len(r) for r in rows)} particles"
+        )
+    out = np.asarray(rows, dtype=np.int64)
+    if (out < 0).any():
+        raise ValueError(f"atomSubset has a negative particle index {int(out.min())}")
+    values, counts = np.unique(out, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"atomSubset lists particle {int(values[counts > 1][0])} twice (copies must be disjoint)")
+    return out
+
+
+def _group_mask(groups: Any) -> int | None:
+    """cgForceGroups as OpenMM's bit mask of force groups, or None."""
+    if groups is None:
+        return None
+    groups = [groups] if np.ndim(groups) == 0 else list(groups)
+    bad = [g for g in groups if not 0 <= int(g) <= 31]
+    if bad or not groups:
+        raise ValueError(f"cgForceGroups must be force groups 0-31, got {groups}")
+    return sum(1 << int(g) for g in set(groups))
 
 
 def make_whole(X: np.ndarray, bonds: list[tuple[int, int]], box: np.ndarray | None) -> np.ndarray:
@@ -95,10 +143,24 @@ class BackmapReporter:
     reportInterval
         Steps between reports.
     model
-        A backmapper model file (``openmm-backmap export``) or a model loaded with
+        A backmapper model file (``openmm-backmap export``), the name of a shipped protein model
+        (``protein-ca``, ``protein-backbone``: bound at the first report to the chain that the
+        Simulation's topology holds at ``atomSubset``), or a model loaded with
         :func:`openmm_backmap.io.backmap_model.load_model`.
     samplesPerFrame
         AA samples drawn per CG frame (written as consecutive frames).
+    atomSubset
+        The molecule's particles in the CG System, in the model's bead order (mdtraj's name): a list
+        of indices, or for several copies of the molecule a list of such lists, one per copy (the
+        same molecule, disjoint). None: every particle is a bead of one molecule. With several
+        copies each trajectory frame holds every copy (copy c's atoms after those of copies 0 ..
+        c-1), each copy drawn independently; a row's ``log_q`` and ``u_aa_kjmol`` are sums over the
+        copies (each copy's own AA energy, no interactions between copies) and ``log_w`` the joint
+        importance weight.
+    cgForceGroups
+        The force groups (integers 0-31) whose energy is U_CG, e.g. the molecule's own CG terms in a
+        System that holds other particles too. None: the integrator's integration force groups
+        (all forces by default).
     energyFile
         CSV path for one row per sample (step, time_ps, sample, u_cg_kjmol, u_aa_kjmol, log_q,
         log_w); needs an AA System (embedded in the model file or ``aaSystem``).
@@ -140,6 +202,8 @@ class BackmapReporter:
         samplesPerFrame: int = 1,
         energyFile: str | os.PathLike | None = None,
         aaSystem: Any = None,
+        atomSubset: Any = None,
+        cgForceGroups: Any = None,
         append: bool = False,
         temporal: bool = False,
         seed: int | None = None,
@@ -165,29 +229,16 @@ class BackmapReporter:
         self._device_name = device
         self._batch = int(batchSize)
         self._fsync = bool(fsync)
+        self._kind = kind
+        self._aa_system = aaSystem
+        self._copies = _copies(atomSubset)
+        self._group_mask = _group_mask(cgForceGroups)
+        if self._copies is not None and len(self._copies) > 1 and self._temporal:
+            raise ValueError("temporal=True works for one molecule; atomSubset holds several copies")
         self.model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
-        if self._temporal and not self.model.temporal:
-            raise ValueError("temporal=True needs a model trained with --temporal")
-        system = aaSystem if aaSystem is not None else self.model.system_xml
-        if self._energy_path is not None and system is None:
-            raise ValueError(
-                "energyFile needs AA energies, but the model file embeds no AA System: pass aaSystem= "
-                "(an openmm.System or its XML path) or export the model with --aa-system"
-            )
-        self._energy = None if system is None else aa_energy(system)
-        if self._energy is not None and self._energy.n_atoms != self.model.n_aa:
-            raise ValueError(
-                f"the AA System has {self._energy.n_atoms} particles but the model reconstructs "
-                f"{self.model.n_aa} atoms: the System is for another topology"
-            )
-        self._cg_bonds = [tuple(b) for b in self.model.mapping.cg_bonds()]
-        n_aa = self.model.n_aa
-        self._traj = {
-            "dcd": lambda: DCDOutput(self._path, n_aa),
-            "netcdf": lambda: NetCDFOutput(self._path, n_aa),
-            "hdf5": lambda: HDF5Output(self._path, n_aa, self.model.topology),
-        }[kind]()
-        self._csv = None if self._energy_path is None else EnergyOutput(self._energy_path)
+        self._traj = self._csv = self._energy = self._context_energy = None
+        if not isinstance(self.model, ProteinModel):  # a protein model is bound at the first report
+            self._prepare()
         self._open = False
         self._failed: str | None = None
         self._grid: StepGrid | None = None  # the files' step grid, known from the first report or the files
@@ -197,10 +248,78 @@ class BackmapReporter:
         self._device: torch.device | None = None
         self._beta: float | None = None
         self._groups: int | None = None
+        self._periodic = False
+        self._use_context: bool | None = None  # AA energies from an OpenMM Context (decided at the first report)
         self.frames_written = 0
         self.resumed: str | None = None  # what append kept and cut, for logs
         keys = claim_paths([self._path] + ([self._energy_path] if self._energy_path is not None else []))
         self._release = weakref.finalize(self, release_paths, keys)
+
+    def _prepare(self) -> None:
+        """The AA energy and the output files of the (bound) model."""
+        model = self.model
+        if self._temporal and not model.temporal:
+            raise ValueError("temporal=True needs a model trained with --temporal")
+        if self._copies is not None and self._copies.shape[1] != model.n_cg:
+            raise ValueError(
+                f"atomSubset selects {self._copies.shape[1]} particles per copy but the model has {model.n_cg} "
+                f"beads ({', '.join(model.metadata['bead_names'])})"
+            )
+        wanted = self._energy_path is not None or self._aa_system is not None
+        system = model_system(model, self._aa_system) if wanted else None
+        if self._energy_path is not None and system is None:
+            raise ValueError(
+                "energyFile needs AA energies, but the model file embeds no AA System: pass aaSystem= "
+                "(an openmm.System or its XML path) or export the model with --aa-system"
+            )
+        self._energy_system = system
+        self._energy = None if system is None or self._energy_path is None else aa_energy(system)
+        if system is not None and system.getNumParticles() != model.n_aa:
+            raise ValueError(
+                f"the AA System has {system.getNumParticles()} particles but the model reconstructs "
+                f"{model.n_aa} atoms: the System is for another topology"
+            )
+        self._cg_bonds = [tuple(b) for b in model.mapping.cg_bonds()]
+        copies = 1 if self._copies is None else len(self._copies)
+        n_atoms = copies * model.n_aa
+        topology = model.topology
+        for _ in range(copies - 1):
+            topology = topology.join(model.topology)
+        self._traj = {
+            "dcd": lambda: DCDOutput(self._path, n_atoms),
+            "netcdf": lambda: NetCDFOutput(self._path, n_atoms),
+            "hdf5": lambda: HDF5Output(self._path, n_atoms, topology),
+        }[self._kind]()
+        self._csv = None if self._energy_path is None else EnergyOutput(self._energy_path)
+
+    def _bind(self, simulation) -> None:
+        """Check atomSubset and cgForceGroups against the Simulation; bind a protein model to the
+        chain at atomSubset (every copy must hold the same residues)."""
+        import mdtraj as md
+
+        n = simulation.system.getNumParticles()
+        if self._copies is not None and self._copies.max() >= n:
+            raise ValueError(f"atomSubset has particle {int(self._copies.max())}, but the CG System has {n} particles")
+        if self._group_mask is not None:
+            used = {f.getForceGroup() for f in simulation.system.getForces()}
+            asked = {g for g in range(32) if self._group_mask >> g & 1}
+            if asked - used:
+                raise ValueError(
+                    f"cgForceGroups has group(s) {sorted(asked - used)} that no force of the CG System is in "
+                    f"(its forces are in groups {sorted(used)})"
+                )
+        if not isinstance(self.model, ProteinModel):
+            return
+        top = md.Topology.from_openmm(simulation.topology)
+        copies = [np.arange(n)] if self._copies is None else list(self._copies)
+        bound = self.model.bind(top.subset(copies[0]), device="cpu")
+        for c, idx in enumerate(copies[1:], start=1):
+            try:
+                bound.check_cg_topology(top.subset(idx))
+            except ValueError as err:
+                raise ValueError(f"atomSubset copy {c}: {err} (copy 0 holds the model's chain)") from None
+        self.model = bound
+        self._prepare()
 
     # ------------------------------------------------------------------ OpenMM protocol
     def describeNextReport(self, simulation) -> dict:
@@ -217,18 +336,20 @@ class BackmapReporter:
         return {"steps": steps, "periodic": False, "include": ["positions", "energy"]}
 
     def report(self, simulation, state) -> None:
-        from openmm import unit
-
         if not self._open:
             self._open_files(simulation)
         step = int(simulation.currentStep)
-        X = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-        X = np.asarray(X, dtype=np.float64)
-        if X.shape != (self.model.n_cg, 3):
+        X = np.asarray(_value(state.getPositions(asNumpy=True), _NM), dtype=np.float64)
+        if self._copies is not None:
+            X = X[self._copies]  # (copies, n_cg, 3)
+        elif X.shape != (self.model.n_cg, 3):
             raise ValueError(
-                f"the simulation has {X.shape[0]} particles but the model expects {self.model.n_cg} CG beads"
+                f"the simulation has {X.shape[0]} particles but the model expects {self.model.n_cg} CG beads; "
+                "pass atomSubset= (the molecule's particle indices) for a System that holds other particles"
             )
-        if not np.all(np.isfinite(X)):
+        else:
+            X = X[None]
+        if not np.isfinite(X).all():
             raise ValueError(f"CG positions at step {step} contain NaN or infinite values")
         grid = self._grid or StepGrid(step, self._interval, self._n)
         if step != grid.step(self._reports):
@@ -236,20 +357,18 @@ class BackmapReporter:
                 f"report at step {step}, but the next report of {self._path} is due at step "
                 f"{grid.step(self._reports)} (every {grid.interval} steps from step {grid.first_step})"
             )
-        box = None
-        if simulation.system.usesPeriodicBoundaryConditions():
-            box = np.asarray(state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer))
+        if self._periodic:
+            box = np.asarray(_value(state.getPeriodicBoxVectors(asNumpy=True), _NM))
             bond_range = self.model.metadata.get("cg_bond_range_nm")
             if bond_range:
                 check_box_fits(box, float(bond_range[1]), f"the periodic box at step {step}")
-        X = make_whole(X, self._cg_bonds, box)
+            X = np.stack([make_whole(x, self._cg_bonds, box) for x in X])
         if self._groups is None:
-            u_cg = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+            u_cg = _value(state.getPotentialEnergy(), _KJ)
         else:
-            u_cg = simulation.context.getState(getEnergy=True, groups=self._groups).getPotentialEnergy()
-            u_cg = u_cg.value_in_unit(unit.kilojoule_per_mole)
+            u_cg = _value(simulation.context.getState(getEnergy=True, groups=self._groups).getPotentialEnergy(), _KJ)
         aa, log_q, previous = self._sample(X)
-        time_ps = state.getTime().value_in_unit(unit.picosecond)
+        time_ps = _value(state.getTime(), _PS)
         rows = None
         if self._csv is not None:
             u_aa = self._aa_energies(aa)
@@ -264,31 +383,72 @@ class BackmapReporter:
 
     # ------------------------------------------------------------------ work
     def _sample(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None]:
-        cg = torch.as_tensor(X, dtype=torch.float32, device=self._device)[None]
+        """Samples of CG frames X (copies, n_cg, 3): (aa (n, copies * n_aa, 3), log q (n,) summed over
+        the copies, the samples a temporal model continues from). Calls the model file's module
+        directly (X is checked here: finite above, bond lengths or chain by the model's check_cg)."""
+        self.model.check_cg(X, "CG positions")
+        cg = torch.as_tensor(X, dtype=torch.float32).to(self._device)
+        module, c = self.model.module, len(X)
         out, logs = [], []
         with torch.no_grad():
             if self._temporal and self._previous is not None:
-                aa, lq = self.model.sample_next(cg.expand(self._n, -1, -1), self._previous)
+                aa, lq = module.sample_next(cg.expand(self._n, -1, -1), self._previous)
                 out.append(aa)
                 logs.append(lq)
             else:
                 left = self._n
                 while left > 0:
-                    k = min(left, self._batch)
-                    aa, lq = self.model.sample(cg, k)
-                    out.append(aa)
-                    logs.append(lq)
+                    k = min(left, max(1, self._batch // c))
+                    aa, lq = module.sample(cg, k)  # copy-major: row c * k + s
+                    out.append(aa.reshape(c, k, -1, 3).transpose(0, 1) if c > 1 else aa)
+                    logs.append(lq.reshape(c, k).sum(0) if c > 1 else lq)
                     left -= k
-        aa = torch.cat(out)
+            aa = out[0] if len(out) == 1 else torch.cat(out)
+            lq = logs[0] if len(logs) == 1 else torch.cat(logs)
         previous = aa if self._temporal else None
-        return aa.double().cpu().numpy(), torch.cat(logs).double().cpu().numpy(), previous
+        aa = aa.cpu().numpy().astype(np.float64)
+        if c > 1:  # every copy of a sample in one frame
+            aa = aa.reshape(len(aa), -1, 3)
+        return aa, lq.cpu().numpy().astype(np.float64), previous
 
     def _aa_energies(self, aa: np.ndarray) -> np.ndarray:
-        # float32: 4x faster than float64 for the batched torch energy, and within 2e-3 kJ/mol
-        # (1e-3 kT) of it for alanine dipeptide (tests/test_energies.py), far below what moves a weight
-        with torch.no_grad():
-            u = self._energy(torch.as_tensor(aa, dtype=torch.float32)).double().numpy()
-        return np.where(np.isfinite(u), u, np.inf)
+        """U_AA (n,) kJ/mol of samples aa (n, copies * n_aa, 3), summed over the copies."""
+        n_aa = self.model.n_aa
+        x = aa.reshape(-1, n_aa, 3)
+        if self._use_context is None:
+            self._use_context = self._context_is_faster(x)
+        if self._use_context:
+            u = self._context_energy.energies(x)
+        else:
+            # float32: 4x faster than float64 for the batched torch energy, and within 2e-3 kJ/mol
+            # (1e-3 kT) of it for alanine dipeptide (tests/test_energies.py), far below what moves a weight
+            with torch.no_grad():
+                u = self._energy(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
+        u = np.where(np.isfinite(u), u, np.inf)
+        return u.reshape(len(aa), -1).sum(1)  # rows: sample-major, then copy
+
+    def _context_is_faster(self, x: np.ndarray) -> bool:
+        """Whether one OpenMM Context, a sample at a time, beats the batched torch energy on these
+        samples (a few small molecules: yes, the torch call's fixed cost dominates; proteins with
+        generalized Born or many samples: no). Each is timed on its second call."""
+        if isinstance(self._energy, OpenMMBridgeEnergy):
+            self._context_energy = self._energy
+            return True
+        self._context_energy = OpenMMBridgeEnergy(self._energy_system, platform="Reference")
+        times = []
+        for run in (
+            lambda: self._context_energy.energies(x[:1]),
+            lambda: self._energy(torch.as_tensor(x, dtype=torch.float32)),
+        ):
+            with torch.no_grad():
+                run()
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+        faster = times[0] * len(x) < times[1]
+        if not faster:
+            self._context_energy = None
+        return faster
 
     def _write(self, step: int, grid: StepGrid, aa: np.ndarray, time_ps: float, rows: str | None) -> None:
         """Frames, then rows; a failure closes the reporter (the files end in at most one incomplete
@@ -333,6 +493,8 @@ class BackmapReporter:
         if self._failed is not None:
             raise RuntimeError(self._failed)
         self._check_directories()
+        self._bind(simulation)
+        self._periodic = simulation.system.usesPeriodicBoundaryConditions()
         platform = simulation.context.getPlatform().getName()
         if self._device_name is not None:
             self._device = torch.device(self._device_name)
@@ -340,8 +502,7 @@ class BackmapReporter:
             self._device = torch.device("cuda")
         else:
             self._device = torch.device("cpu")
-        if self.model.device != self._device:
-            self.model = load_model(self.model.path, device=self._device)
+        self.model = self.model.on_device(self._device)
         if self._seed is not None:
             torch.manual_seed(int(self._seed))
         integrator = simulation.integrator
@@ -351,6 +512,8 @@ class BackmapReporter:
         self._beta = 1.0 / kT(temperature if temperature else self.model.temperature)
         groups = integrator.getIntegrationForceGroups() if hasattr(integrator, "getIntegrationForceGroups") else -1
         self._groups = None if (groups & 0xFFFFFFFF) == 0xFFFFFFFF else int(groups)
+        if self._group_mask is not None:
+            self._groups = self._group_mask
         if isinstance(self._traj, DCDOutput) and hasattr(integrator, "getStepSize"):
             self._traj.dt_ps = integrator.getStepSize().value_in_unit(unit.picosecond)
         outputs = [self._traj] + ([self._csv] if self._csv is not None else [])
@@ -471,7 +634,8 @@ class BackmapReporter:
         a closed reporter does not report again)."""
         self._failed = self._failed or f"{self._path}: the reporter is closed"
         try:
-            self._traj.close()
+            if self._traj is not None:
+                self._traj.close()
         finally:  # the energy file and the claimed paths are freed even when the trajectory fails to close
             try:
                 if self._csv is not None:
