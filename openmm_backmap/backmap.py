@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from openmm_backmap.cli import TRAJECTORY_SUFFIXES
 from openmm_backmap.io.backmap_model import ProteinChainModel, ProteinModel, load_model
 from openmm_backmap.io.energy_file import write_backmap_energies
 from openmm_backmap.io.pdb import topology_to_pdb
 from openmm_backmap.io.protein_models import check_cg_positions, load_cg_topology
+from openmm_backmap.io.trajectories import TRAJECTORY_SUFFIXES
 from openmm_backmap.openmm.energies import aa_energy, model_system
 
 __all__ = ["backmap_trajectory", "topology_path"]

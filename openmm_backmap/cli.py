@@ -12,10 +12,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from openmm_backmap.io.trajectories import TRAJECTORY_SUFFIXES
 from openmm_backmap.training.config import BackmapperTraining, CGPotentialTraining
 
 # Trajectory formats the backmap command writes (mdtraj's savers by suffix).
-TRAJECTORY_SUFFIXES = (".dcd", ".h5", ".nc", ".ncdf", ".netcdf", ".pdb", ".xtc", ".trr", ".xyz")
 
 
 # ---------------------------------------------------------------------------- argument checks

@@ -11,6 +11,9 @@ import numpy as np
 
 from openmm_backmap.mapping import CGMapping, as_mdtraj_topology
 
+# what mdtraj writes, by file suffix: the formats a backmapped trajectory may be saved in
+TRAJECTORY_SUFFIXES = (".dcd", ".h5", ".nc", ".ncdf", ".netcdf", ".pdb", ".xtc", ".trr", ".xyz")
+
 
 def load_trajectory(
     trajectory: str | Path | md.Trajectory,
