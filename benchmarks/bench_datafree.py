@@ -162,7 +162,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for k, v in result["populations"].items():
         print(
-            f"| {k} | {v['raw']:.4f} | {v['reweighted']:.4f} +- {v['error']:.4f} | {v['reference']:.5f} | {v['delta_kT']:.2f} |"
+            f"| {k} | {v['raw']:.4f} | {v['reweighted']:.4f} +- {v['error']:.4f} | {v['reference']:.5f} "
+            f"| {v['delta_kT']:.2f} |"
         )
 
 

@@ -240,3 +240,188 @@ def test_gaussian_mixture_every_mode_with_exact_weights():
     got = np.bincount(mode, weights=w, minlength=3)
     assert np.all(raw > 0.02), f"model mode fractions {raw}"
     assert np.all(np.abs(np.log(got / exact)) < 0.1), f"{got} vs {exact}"
+
+
+# ----------------------------------------------------------------------------- ALA2: checks, export, compile
+@pytest.fixture(scope="module")
+def ala2_files(tmp_path_factory):
+    """openmmtools' alanine dipeptide in vacuum as a PDB (one structure) and a System XML."""
+    import openmm
+    from openmm import app
+
+    from openmm_backmap.systems.builtin import ala2_six_bead_mapping, builtin_system
+
+    out = tmp_path_factory.mktemp("ala2_joint")
+    top, system, pos = builtin_system("ala2")
+    with open(out / "ala2.pdb", "w") as fh:
+        app.PDBFile.writeFile(top, pos, fh)
+    (out / "ala2_system.xml").write_text(openmm.XmlSerializer.serialize(system))
+    import mdtraj as md
+
+    ala2_six_bead_mapping(md.load(str(out / "ala2.pdb")).topology).to_json(out / "six_bead.json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_joint(ala2_files):
+    """A small joint model trained for a few steps at the target temperature (plumbing, not quality)."""
+    from openmm_backmap.training.joint import JointTraining, train_joint_from_files
+
+    s = JointTraining(
+        t_start=T,
+        steps=4,
+        final_steps=3,
+        check_every=2,
+        batch_size=16,
+        eval_batch=64,
+        layers=2,
+        hidden=16,
+        cg_layers=2,
+        cg_hidden=16,
+        n_final=512,
+    )
+    ckpt = ala2_files / "joint.ckpt"
+    summary = train_joint_from_files(
+        ala2_files / "ala2.pdb",
+        ala2_files / "ala2_system.xml",
+        str(ala2_files / "six_bead.json"),
+        ckpt,
+        s,
+        log=lambda m: None,
+    )
+    return ckpt, summary
+
+
+def test_train_joint_refuses_mismatched_system_and_bad_inputs(ala2_files, tmp_path):
+    import openmm
+
+    from openmm_backmap.cli import main
+    from openmm_backmap.training.joint import JointTraining, train_joint_from_files
+
+    system = openmm.XmlSerializer.deserialize((ala2_files / "ala2_system.xml").read_text())
+    small = openmm.System()
+    for _ in range(5):
+        small.addParticle(12.0)
+    (tmp_path / "small.xml").write_text(openmm.XmlSerializer.serialize(small))
+    for i in range(system.getNumParticles()):
+        system.setParticleMass(i, 20.0)
+    (tmp_path / "heavy.xml").write_text(openmm.XmlSerializer.serialize(system))
+    pdb, mapping = ala2_files / "ala2.pdb", str(ala2_files / "six_bead.json")
+    with pytest.raises(ValueError, match="has 5 particles but the topology .* has 22 atoms"):
+        train_joint_from_files(pdb, tmp_path / "small.xml", mapping, tmp_path / "j.ckpt", log=lambda m: None)
+    with pytest.raises(ValueError, match="particle mass"):
+        train_joint_from_files(pdb, tmp_path / "heavy.xml", mapping, tmp_path / "j.ckpt", log=lambda m: None)
+    # backbone on alanine dipeptide: three beads; ca: one bead, too few for a CG flow
+    with pytest.raises(ValueError, match="gives 1 bead"):
+        train_joint_from_files(pdb, ala2_files / "ala2_system.xml", "ca", tmp_path / "j.ckpt", log=lambda m: None)
+    # a PDB without real coordinates: the seed ensemble needs one structure
+    lines = [
+        ln[:30] + "   0.000   0.000   0.000" + ln[54:] if ln.startswith(("ATOM", "HETATM")) else ln
+        for ln in pdb.read_text().splitlines()
+    ]
+    (tmp_path / "flat.pdb").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="needs one structure"):
+        train_joint_from_files(
+            tmp_path / "flat.pdb", ala2_files / "ala2_system.xml", mapping, tmp_path / "j.ckpt", log=lambda m: None
+        )
+    with pytest.raises(ValueError, match="below the target"):
+        train_joint_from_files(
+            pdb, ala2_files / "ala2_system.xml", mapping, tmp_path / "j.ckpt", JointTraining(t_start=200.0)
+        )
+    args = [
+        "train-joint",
+        "--topology",
+        str(pdb),
+        "--aa-system",
+        str(tmp_path / "small.xml"),
+        "--mapping",
+        mapping,
+        "--out",
+        str(tmp_path / "j.ckpt"),
+    ]
+    assert main(args) == 2
+    assert not (tmp_path / "j.ckpt").exists()
+
+
+def test_joint_export_runs_like_any_backmapper_and_cg_potential(tiny_joint, ala2_files, tmp_path):
+    """`export` of a joint checkpoint writes a backmapper and a CG potential: the backmapper loads
+    with load_model and gives the joint model's log q(x | X); the CG potential's energy is
+    -kT log q(X) (+ priors, zero on the model's own samples); it runs in an OpenMM CG System, and the
+    hybrid sampler accepts the pair."""
+    import openmm
+    from openmm import unit
+
+    from openmm_backmap.cli import main
+    from openmm_backmap.io.backmap_model import load_model
+    from openmm_backmap.io.checkpoints import load_joint_checkpoint
+    from openmm_backmap.openmm.forces import create_cg_system
+
+    ckpt, summary = tiny_joint
+    assert summary["reached_target"]
+    joint, saved = load_joint_checkpoint(ckpt)
+    assert saved["spec"]["training"]["data_free"] is True
+    bm_path = tmp_path / "bm.pt"
+    assert main(["export", str(ckpt), "-o", str(bm_path)]) == 0
+    cg_path = tmp_path / "bm_cg.pt"
+    assert bm_path.is_file() and cg_path.is_file()
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        x, X, log_qX, log_qx = joint.sample_parts(8)
+    model = load_model(bm_path)
+    lq = model.module.log_prob(x.float(), X.float())
+    assert np.allclose(lq.numpy(), log_qx.numpy(), atol=1e-3)
+    cg = torch.jit.load(str(cg_path))
+    with torch.no_grad():
+        e = cg.energy(X.float())
+    assert np.allclose(e.numpy(), -joint.cg.kT * log_qX.numpy(), rtol=1e-5, atol=1e-3)
+    assert float(cg.prior_energy(X.float()).detach().abs().max()) == 0.0
+
+    system = create_cg_system(saved["spec"]["cg"]["masses"], str(cg_path), backend="python")
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    ctx.setPositions(X[0].double().numpy())
+    u = ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    assert u == pytest.approx(float(e[0]), abs=1e-3)
+
+    out = tmp_path / "hybrid"
+    args = [
+        "hybrid",
+        "--model",
+        str(bm_path),
+        "--cg-model",
+        str(cg_path),
+        "--start",
+        str(ala2_files / "ala2.pdb"),
+        "--iterations",
+        "2",
+        "--langevin-steps",
+        "5",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    assert any(out.iterdir())
+
+
+def test_joint_cg_potential_compiles(tiny_joint, tmp_path):
+    """The exported CG potential compiles (`compile`) into a force package with the same energy."""
+    from _backmap_helpers import needs_compiler  # noqa: F401 - the marker's condition
+
+    from openmm_backmap.cli import main
+    from openmm_backmap.io.checkpoints import load_joint_checkpoint
+    from openmm_backmap.openmm.compiled import load_compiled
+
+    if needs_compiler.args[0]:
+        pytest.skip("no C++ compiler")
+    ckpt, _ = tiny_joint
+    assert main(["export", str(ckpt), "-o", str(tmp_path / "bm.pt"), "--cg-output", str(tmp_path / "cg.pt")]) == 0
+    assert main(["compile", str(tmp_path / "cg.pt"), "-o", str(tmp_path / "cg.pt2")]) == 0
+    joint, _ = load_joint_checkpoint(ckpt)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        X, _ = joint.cg.sample(3)
+    module = torch.jit.load(str(tmp_path / "cg.pt"))
+    package = load_compiled(tmp_path / "cg.pt2")
+    for frame in range(3):
+        energy, _, _ = package(X[frame].double().numpy())
+        assert energy == pytest.approx(float(module(X[frame].float())), abs=1e-3)
