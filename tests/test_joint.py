@@ -425,3 +425,47 @@ def test_joint_cg_potential_compiles(tiny_joint, tmp_path):
     for frame in range(3):
         energy, _, _ = package(X[frame].double().numpy())
         assert energy == pytest.approx(float(module(X[frame].float())), abs=1e-3)
+
+
+def test_trajectory_warm_start_by_maximum_likelihood(ala2_files, tmp_path):
+    """With --trajectory the statistics come from the frames and maximum likelihood runs first through
+    the shared loop (plumbing: the frames here are a seed ensemble, which the fitted standardisation
+    already describes, so the starting parameters may stay the best)."""
+    import mdtraj as md
+
+    from openmm_backmap.training.joint import JointTraining, seed_ensemble, train_joint_from_files
+
+    pdb = md.load(str(ala2_files / "ala2.pdb"))
+    frames = seed_ensemble(pdb.topology, pdb.xyz[0], n=400, seed=2)
+    md.Trajectory(frames.astype(np.float32), pdb.topology).save_dcd(str(tmp_path / "frames.dcd"))
+    s = JointTraining(
+        t_start=T,
+        steps=2,
+        final_steps=1,
+        check_every=1,
+        batch_size=64,
+        eval_batch=32,
+        layers=2,
+        hidden=16,
+        cg_layers=2,
+        cg_hidden=16,
+        n_final=64,
+        ml_epochs=3,
+    )
+    ckpt = tmp_path / "warm.ckpt"
+    train_joint_from_files(
+        ala2_files / "ala2.pdb",
+        ala2_files / "ala2_system.xml",
+        str(ala2_files / "six_bead.json"),
+        ckpt,
+        s,
+        trajectory=str(tmp_path / "frames.dcd"),
+        log=lambda m: None,
+    )
+    from openmm_backmap.io.checkpoints import read_checkpoint
+
+    spec = read_checkpoint(ckpt)["spec"]
+    assert spec["training"]["data_free"] is False
+    ml = spec["training"]["ml"]
+    assert ml["epochs"] == 3 and ml["n_train"] == 360 and math.isfinite(ml["best_val_nll"])
+    assert spec["training"]["reverse_kl"]["reached_target"]
