@@ -267,18 +267,28 @@ def _add_export(sub) -> None:
         "export",
         help="write a trained checkpoint as one TorchScript model file with its metadata",
     )
-    p.add_argument("checkpoint", help="checkpoint written by train-cg (or train)")
+    p.add_argument("checkpoint", help="checkpoint written by train-cg, train or train-joint")
     p.add_argument("-o", "--output", required=True, help="model file to write (e.g. model.pt)")
+    p.add_argument("--cg-output", help="train-joint checkpoints: the CG potential's file (default <output stem>_cg.pt)")
     _add_overwrite(p)
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args) -> int:
-    from openmm_backmap.io.checkpoints import export_checkpoint
+    from openmm_backmap.io.checkpoints import JOINT_KIND, export_checkpoint, joint_cg_path, read_checkpoint
 
-    _check_outputs({"--output": args.output}, {"checkpoint": args.checkpoint}, args.overwrite)
-    kind = export_checkpoint(args.checkpoint, args.output)
-    print(f"{kind} model: {args.output}")
+    outputs = {"--output": args.output}
+    joint = read_checkpoint(args.checkpoint)["spec"].get("kind") == JOINT_KIND
+    if joint:
+        outputs["--cg-output"] = args.cg_output or str(joint_cg_path(args.output))
+    elif args.cg_output:
+        raise ValueError("--cg-output is for train-joint checkpoints; this one holds one model")
+    _check_outputs(outputs, {"checkpoint": args.checkpoint}, args.overwrite)
+    kind = export_checkpoint(args.checkpoint, args.output, outputs.get("--cg-output"))
+    if joint:
+        print(f"backmapper model: {args.output}\ncg-potential model: {outputs['--cg-output']}")
+    else:
+        print(f"{kind} model: {args.output}")
     return 0
 
 
@@ -436,6 +446,131 @@ def _cmd_train(args) -> int:
         resume=args.resume,
         progress=not args.no_progress,
     )
+    return 0
+
+
+# ---------------------------------------------------------------------------- train-joint (data-free)
+def _add_train_joint(sub) -> None:
+    from openmm_backmap.training.joint import JointTraining as d
+
+    p = sub.add_parser(
+        "train-joint",
+        help="train a CG potential and its backmapper together from the AA energy alone (reverse KL, tempering)",
+        description="A joint model q(X) q(x | X) (CG flow and conditional backmapper) trained by reverse KL "
+        "against exp(-U_AA / kT) with adaptive tempering: it starts at --t-start and cools when the ESS/N "
+        "of the current tempered target reaches --ess-threshold (or after --patience failed checks), down to "
+        "--temperature. No trajectory is needed (--trajectory warm-starts by maximum likelihood). "
+        "`openmm-backmap export` writes the backmapper and the CG potential model files.",
+    )
+    p.add_argument("--topology", required=True, help="all-atom topology with one structure (PDB)")
+    p.add_argument("--aa-system", required=True, help="AA OpenMM System XML (the energy trained against)")
+    p.add_argument(
+        "--mapping", required=True, help="ca | backbone | heavy-backbone | residue-com, or a groups JSON file"
+    )
+    p.add_argument("--out", required=True, help="joint checkpoint to write (e.g. joint.ckpt)")
+    p.add_argument(
+        "--trajectory", nargs="+", help="optional AA trajectories: statistics and a maximum-likelihood warm start"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=d.temperature, help=f"target kelvin (default {d.temperature:g})"
+    )
+    p.add_argument("--t-start", type=float, default=d.t_start, help=f"starting kelvin (default {d.t_start:g})")
+    p.add_argument(
+        "--ess-threshold",
+        type=float,
+        default=d.ess_threshold,
+        help=f"ESS/N that allows cooling (default {d.ess_threshold:g})",
+    )
+    p.add_argument(
+        "--max-cooling",
+        type=float,
+        default=d.max_cooling,
+        help=f"largest cooling factor per stage (default {d.max_cooling:g})",
+    )
+    p.add_argument(
+        "--patience",
+        type=_count,
+        default=d.patience,
+        help=f"failed checks before a forced stage (default {d.patience})",
+    )
+    p.add_argument("--steps", type=_count, default=d.steps, help=f"most gradient steps (default {d.steps})")
+    p.add_argument(
+        "--final-steps", type=_count, default=d.final_steps, help=f"steps at the target (default {d.final_steps})"
+    )
+    p.add_argument(
+        "--check-every", type=_count, default=d.check_every, help=f"steps between checks (default {d.check_every})"
+    )
+    p.add_argument("--batch-size", type=_count, default=d.batch_size)
+    p.add_argument(
+        "--eval-batch", type=_count, default=d.eval_batch, help=f"samples per check (default {d.eval_batch})"
+    )
+    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr:g})")
+    p.add_argument(
+        "--energy-cap",
+        type=float,
+        default=d.energy_cap_kT,
+        help=f"kT above the minimum where energies turn logarithmic (default {d.energy_cap_kT:g})",
+    )
+    p.add_argument("--layers", type=_count, default=d.layers, help=f"backmapper coupling layers (default {d.layers})")
+    p.add_argument("--hidden", type=_count, default=d.hidden, help=f"backmapper hidden units (default {d.hidden})")
+    p.add_argument(
+        "--cg-layers", type=_count, default=d.cg_layers, help=f"CG flow coupling layers (default {d.cg_layers})"
+    )
+    p.add_argument(
+        "--cg-hidden", type=_count, default=d.cg_hidden, help=f"CG flow hidden units (default {d.cg_hidden})"
+    )
+    p.add_argument(
+        "--ml-epochs",
+        type=_count,
+        default=d.ml_epochs,
+        help=f"warm-start epochs with --trajectory (default {d.ml_epochs})",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    p.add_argument("--time-limit", type=float, help="stop training after this many seconds")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    _add_overwrite(p)
+    p.set_defaults(func=_cmd_train_joint)
+
+
+def _cmd_train_joint(args) -> int:
+    import torch
+
+    from openmm_backmap.training.joint import JointTraining, train_joint_from_files
+
+    _check_outputs(
+        {"--out": args.out},
+        {
+            "--topology": args.topology,
+            "--aa-system": args.aa_system,
+            "--mapping": args.mapping,
+            "--trajectory": args.trajectory,
+        },
+        args.overwrite,
+    )
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    settings = JointTraining(
+        temperature=args.temperature,
+        t_start=args.t_start,
+        ess_threshold=args.ess_threshold,
+        max_cooling=args.max_cooling,
+        patience=args.patience,
+        steps=args.steps,
+        final_steps=args.final_steps,
+        check_every=args.check_every,
+        batch_size=args.batch_size,
+        eval_batch=args.eval_batch,
+        lr=args.lr,
+        energy_cap_kT=args.energy_cap,
+        layers=args.layers,
+        hidden=args.hidden,
+        cg_layers=args.cg_layers,
+        cg_hidden=args.cg_hidden,
+        ml_epochs=args.ml_epochs,
+        seed=args.seed,
+        time_limit=args.time_limit,
+    )
+    train_joint_from_files(args.topology, args.aa_system, args.mapping, args.out, settings, trajectory=args.trajectory)
     return 0
 
 
@@ -747,6 +882,7 @@ _COMMANDS = [
     _add_export,
     _add_compile,
     _add_train,
+    _add_train_joint,
     _add_info,
     _add_backmap,
     _add_evaluate,

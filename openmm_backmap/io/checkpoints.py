@@ -4,8 +4,10 @@ A checkpoint is a ``torch.save`` dict ``{"spec", "state_dict", ...}``: the spec 
 :data:`~openmm_backmap.io.model_files.CHECKPOINT_FORMAT`, the model's hyperparameters, mapping,
 topology PDB text, temperature and, for backmappers, constraints and the optional AA System XML)
 rebuilds the model without the training data; ``spec["kind"]`` is ``"cg-potential"`` for a CG
-potential and absent for a backmapper.  The training loop (:mod:`openmm_backmap.training.loop`)
-adds what it needs to resume.  :func:`export_checkpoint` turns either kind into a model file.
+potential, ``"joint"`` for a joint model q(X) q(x | X) (``spec["cg"]`` and ``spec["backmapper"]``
+are then the specs of its two parts) and absent for a backmapper.  The training loop
+(:mod:`openmm_backmap.training.loop`) adds what it needs to resume.  :func:`export_checkpoint` turns
+any kind into model files.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from openmm_backmap.io.pdb import topology_from_pdb, topology_to_pdb
 from openmm_backmap.mapping import CGMapping
 from openmm_backmap.models.backmapper import Backmapper
 from openmm_backmap.models.cg_potential import CGFlowPotential
+from openmm_backmap.models.joint import JointModel
+
+JOINT_KIND = "joint"
 
 
 def make_spec(
@@ -179,11 +184,59 @@ def load_cg_checkpoint(path: str | Path) -> tuple[CGFlowPotential, dict]:
     return model.eval(), ckpt
 
 
-def export_checkpoint(checkpoint: str | Path, path: str | Path) -> str:
-    """Write a training checkpoint of either kind (``openmm-backmap train`` or ``train-cg``) as a
-    model file at ``path``; returns its kind (``"backmapper"`` or ``"cg-potential"``)."""
+def make_joint_spec(cg_spec: dict, bm_spec: dict, temperature: float) -> dict:
+    """The spec of a joint model from the specs of its CG flow and its backmapper."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "kind": JOINT_KIND,
+        "version": CHECKPOINT_VERSION,
+        "temperature": float(temperature),
+        "cg": cg_spec,
+        "backmapper": bm_spec,
+        "training": {},
+    }
+
+
+def build_joint_from_spec(spec: dict) -> JointModel:
+    """A :class:`JointModel` with the architecture of a joint ``spec`` (parameters not loaded)."""
+    if spec.get("kind") != JOINT_KIND:
+        raise ValueError(f"the spec is of kind {spec.get('kind')!r}, not {JOINT_KIND!r}")
+    return JointModel(build_cg_from_spec(spec["cg"]), build_from_spec(spec["backmapper"]))
+
+
+def load_joint_checkpoint(path: str | Path) -> tuple[JointModel, dict]:
+    """(joint model with the checkpoint's parameters, the checkpoint dict); ValueError for a
+    checkpoint of another kind."""
+    ckpt = read_checkpoint(path)
+    if ckpt["spec"].get("kind") != JOINT_KIND:
+        raise ValueError(f"{path} is not a joint checkpoint (openmm-backmap train-joint)")
+    model = build_joint_from_spec(ckpt["spec"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt
+
+
+def joint_cg_path(path: str | Path) -> Path:
+    """Where ``export`` writes the CG potential of a joint checkpoint by default: ``<stem>_cg.pt``
+    beside the backmapper file ``path``."""
+    path = Path(path)
+    return path.with_name(path.stem + "_cg" + (path.suffix or ".pt"))
+
+
+def export_checkpoint(checkpoint: str | Path, path: str | Path, cg_path: str | Path | None = None) -> str:
+    """Write a training checkpoint of any kind (``openmm-backmap train``, ``train-cg`` or
+    ``train-joint``) as a model file at ``path``; returns its kind (``"backmapper"``,
+    ``"cg-potential"`` or ``"joint"``).
+
+    A joint checkpoint gives two files: the backmapper at ``path`` and the CG potential
+    U_CG = -kT log q(X) + priors at ``cg_path`` (default :func:`joint_cg_path`), both in the
+    formats ``train`` and ``train-cg`` export.
+    """
     kind = str(read_checkpoint(checkpoint)["spec"].get("kind", "backmapper"))
-    if kind == CG_KIND:
+    if kind == JOINT_KIND:
+        model, ckpt = load_joint_checkpoint(checkpoint)
+        export_model(model.bm, ckpt["spec"]["backmapper"], path)
+        export_cg(model.cg, ckpt["spec"]["cg"], joint_cg_path(path) if cg_path is None else cg_path)
+    elif kind == CG_KIND:
         model, ckpt = load_cg_checkpoint(checkpoint)
         export_cg(model, ckpt["spec"], path)
     else:

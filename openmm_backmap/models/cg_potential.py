@@ -208,6 +208,14 @@ class CGFlowPotential(nn.Module):
         ic.fit(X)
         self.ic.shift.copy_(ic.shift)
         self.ic.scale.copy_(torch.where(circ, torch.ones_like(ic.scale), ic.scale))
+        self.fit_priors(X)
+
+    @torch.jit.ignore
+    def fit_priors(self, X: Tensor) -> None:
+        """Fit the prior bounds (bond and angle walls, pair repulsion) on positions (N, n_cg, 3) nm,
+        leaving the flow and its standardisation unchanged (e.g. on the flow's own samples)."""
+        X = torch.as_tensor(X, dtype=torch.float64)
+        self._check_batch(X)
         pri = self.spec["priors"]
         with torch.no_grad():
             if self.bond_idx.shape[0]:

@@ -1,0 +1,248 @@
+"""Alanine dipeptide without MD data: evaluate a joint model trained by ``openmm-backmap train-joint``.
+
+Draws samples x ~ q(X) q(x | X) from a joint checkpoint, weights them by
+log w = -U_AA(x) / kT - log q(X) - log q(x | X), and reports
+
+* the sample ESS/N (Kish) at the target temperature,
+* the basin populations (C7eq, C5, alpha_R, alpha_L as ``analysis.basins.basin_indicators`` defines
+  them) of the model's raw samples and reweighted, with bootstrap errors, against the project's
+  references (long MD for C7eq and alpha_R, umbrella sampling with MBAR for C5 and alpha_L), as
+  |log(p / p_ref)| in kT,
+* the training's wall and CPU time and final temperature (from the checkpoint),
+* a PNG: the learned CG free energy -kT log q in (phi, psi) of the model's samples, the same
+  reweighted to the AA Boltzmann density, and the reference MD histogram.
+
+Usage::
+
+    python benchmarks/bench_datafree.py CHECKPOINT --out DIR [--samples 20000] [--reference-dcd a.dcd ...]
+    python benchmarks/bench_datafree.py CHECKPOINT --out DIR --cg-md CG.pt[2] BACKMAPPER.pt --steps N \\
+        --reference-dcd a.dcd --reference-pdb a.pdb
+
+The second form runs the exported CG potential in OpenMM with a BackmapReporter and reweights the
+run (the demo's simulation and report stages).
+
+The reference MD (``--reference-dcd`` with ``--reference-pdb``) is used only for the third panel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+# Reference populations (benchmarks/RESULTS.md): 240 ns MD for C7eq and alpha_R, umbrella 36 x 2 ns
+# with MBAR for C5 and alpha_L.
+REFERENCE = {"C7eq": 0.4534, "C5": 0.5451, "alpha_R": 0.00068, "alpha_L": 0.00884}
+
+
+def evaluate(checkpoint: str, out: Path, n_samples: int, seed: int, ref_dcd: list[str], ref_pdb: str | None) -> dict:
+    import mdtraj as md
+    import torch
+
+    from openmm_backmap.analysis.basins import backbone_dihedrals, basin_indicators
+    from openmm_backmap.analysis.reweighting import kish_ess
+    from openmm_backmap.io.checkpoints import load_joint_checkpoint
+    from openmm_backmap.io.pdb import topology_from_pdb
+    from openmm_backmap.openmm.energies import aa_energy
+    from openmm_backmap.training.joint import draw
+    from openmm_backmap.units import kT
+
+    torch.manual_seed(seed)
+    model, ckpt = load_joint_checkpoint(checkpoint)
+    spec = ckpt["spec"]
+    T = float(spec["temperature"])
+    energy = aa_energy(spec["backmapper"]["system_xml"])
+    s = draw(model, energy, n_samples)
+    lw = -s["u"] / kT(T) - s["log_qX"] - s["log_qx"]
+    lw = np.where(np.isfinite(lw), lw, -np.inf)
+    ess = kish_ess(lw) / len(lw)
+    w = np.exp(lw - lw[np.isfinite(lw)].max())
+    w /= w.sum()
+    top = topology_from_pdb(spec["backmapper"]["topology_pdb"])
+    traj = md.Trajectory(
+        s["x"].astype(np.float32), md.Topology.from_openmm(top) if not isinstance(top, md.Topology) else top
+    )
+    phi, psi = backbone_dihedrals(traj)
+    phi, psi = phi[:, 0], psi[:, 0]
+    ind = basin_indicators(phi, psi)
+    rng = np.random.default_rng(seed)
+    boot = rng.integers(0, len(w), size=(200, len(w)))
+    pops = {}
+    for name, mask in ind.items():
+        p = float(w[mask].sum())
+        pb = np.array([w[b][mask[b]].sum() / w[b].sum() for b in boot])
+        ref = REFERENCE[name]
+        pops[name] = {
+            "raw": float(mask.mean()),
+            "reweighted": p,
+            "error": float(pb.std()),
+            "reference": ref,
+            "delta_kT": float(abs(math.log(p / ref))) if p > 0 else math.inf,
+        }
+    rkl = spec["training"].get("reverse_kl", {})
+    result = {
+        "checkpoint": str(checkpoint),
+        "mapping_beads": int(model.cg.n_cg),
+        "samples": int(n_samples),
+        "ess_per_n": float(ess),
+        "populations": pops,
+        "training": {
+            k: rkl.get(k)
+            for k in ("final_T", "reached_target", "steps", "wall_seconds", "cpu_seconds", "final_ess_per_n")
+        },
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "datafree_ala2.json").write_text(json.dumps(result, indent=1))
+    plot(out / "datafree_ala2_fes.png", phi, psi, w, T, ref_dcd, ref_pdb, result)
+    return result
+
+
+def _fes(phi, psi, weights, T, bins=36):
+    from openmm_backmap.units import kT
+
+    h, _, _ = np.histogram2d(phi, psi, bins=bins, range=[[-180, 180], [-180, 180]], weights=weights)
+    with np.errstate(divide="ignore"):
+        f = -kT(T) * np.log(h / h.sum())
+    return (f - np.nanmin(f[np.isfinite(f)])).T
+
+
+def plot(path: Path, phi, psi, w, T, ref_dcd, ref_pdb, result) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("learned CG free energy -kT log q (model samples)", _fes(phi, psi, None, T)),
+        (f"reweighted to U_AA (ESS/N {result['ess_per_n']:.3f})", _fes(phi, psi, w, T)),
+    ]
+    if ref_dcd and ref_pdb:
+        import mdtraj as md
+
+        from openmm_backmap.analysis.basins import backbone_dihedrals
+
+        ref = md.load(ref_dcd, top=ref_pdb)
+        rphi, rpsi = backbone_dihedrals(ref)
+        panels.append(
+            (
+                f"reference MD ({ref.n_frames} frames; alpha_L from umbrella: 0.0088)",
+                _fes(rphi[:, 0], rpsi[:, 0], None, T),
+            )
+        )
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), constrained_layout=True)
+    for ax, (title, f) in zip(np.atleast_1d(axes), panels):
+        im = ax.imshow(np.clip(f, 0, 30), origin="lower", extent=[-180, 180, -180, 180], cmap="viridis", vmax=30)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("phi (deg)")
+        ax.set_ylabel("psi (deg)")
+    fig.colorbar(im, ax=axes, label="F (kJ/mol)")
+    pops = result["populations"]
+    fig.suptitle(
+        "ALA2 data-free joint model, "
+        + ", ".join(f"{k} {v['reweighted']:.4f} (ref {v['reference']:.4f})" for k, v in pops.items()),
+        fontsize=9,
+    )
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cg_md(
+    checkpoint: str,
+    cg_force: str,
+    backmapper: str,
+    out: Path,
+    steps: int,
+    interval: int,
+    samples: int,
+    seed: int,
+    ref_dcd: list[str],
+    ref_pdb: str,
+) -> dict:
+    """An OpenMM CG simulation with the exported CG potential (``.pt`` or compiled ``.pt2``) and a
+    BackmapReporter with the exported backmapper, reweighted to the AA ensemble (the demo's stages)."""
+    import mdtraj as md
+    import torch
+
+    from openmm_backmap.analysis.evaluate import evaluate_run
+    from openmm_backmap.demo import run_cg_simulation
+    from openmm_backmap.io.checkpoints import load_joint_checkpoint
+    from openmm_backmap.io.pdb import topology_from_pdb
+    from openmm_backmap.mapping import CGMapping
+
+    model, ckpt = load_joint_checkpoint(checkpoint)
+    spec = ckpt["spec"]["backmapper"]
+    mapping = CGMapping.from_dict(spec["mapping"], topology_from_pdb(spec["topology_pdb"]))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        X, _ = model.cg.sample(1)
+    wall, frames = run_cg_simulation(
+        Path(cg_force), Path(backmapper), mapping, X[0].double().numpy(), out, steps, interval, samples, seed
+    )
+    reference = md.load(ref_dcd, top=ref_pdb)
+    run = evaluate_run(out / "aa.dcd", out / "weights.csv", reference.topology, reference, out)
+    for name, b in run["basins"].items():
+        b["reference_project"] = REFERENCE[name]
+        b["delta_kT_project"] = (
+            float(abs(math.log(b["reweighted"] / REFERENCE[name]))) if b["reweighted"] > 0 else math.inf
+        )
+    result = {"cg_force": str(cg_force), "steps": steps, "wall_seconds": wall, "frames": frames, "run": run}
+    (out / "cg_md.json").write_text(json.dumps(result, indent=1, default=float))
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--cg-md", nargs=2, metavar=("CG_FORCE", "BACKMAPPER"), help="run the CG MD stage with these files")
+    ap.add_argument("--steps", type=int, default=100000, help="CG MD steps (1 fs)")
+    ap.add_argument("--interval", type=int, default=200, help="steps between reports")
+    ap.add_argument("--per-frame", type=int, default=4, help="reconstructions per reported frame")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--samples", type=int, default=20000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reference-dcd", nargs="*", default=[])
+    ap.add_argument("--reference-pdb")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    if args.cg_md:
+        res = cg_md(
+            args.checkpoint,
+            args.cg_md[0],
+            args.cg_md[1],
+            Path(args.out),
+            args.steps,
+            args.interval,
+            args.per_frame,
+            args.seed,
+            args.reference_dcd,
+            args.reference_pdb,
+        )
+        run = res["run"]
+        print(
+            f"{res['steps']} CG steps in {res['wall_seconds']:.0f} s, {res['frames']} AA samples, "
+            f"ESS/N {run['ess_fraction']:.3f}"
+        )
+        for k, b in run["basins"].items():
+            print(
+                f"| {k} | {b['raw']:.4f} | {b['reweighted']:.4f} +- {b['reweighted_error']:.4f} | "
+                f"{b['reference_project']:.5f} | {b['delta_kT_project']:.2f} |"
+            )
+        return
+    result = evaluate(args.checkpoint, Path(args.out), args.samples, args.seed, args.reference_dcd, args.reference_pdb)
+    print(json.dumps(result, indent=1))
+    print("| basin | raw | reweighted | reference | abs log ratio (kT) |")
+    print("|---|---|---|---|---|")
+    for k, v in result["populations"].items():
+        print(
+            f"| {k} | {v['raw']:.4f} | {v['reweighted']:.4f} +- {v['error']:.4f} | {v['reference']:.5f} "
+            f"| {v['delta_kT']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

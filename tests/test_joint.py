@@ -1,0 +1,471 @@
+"""Data-free joint training: reverse-KL gradient, adaptive tempering, the paper's 2-D toys, and the
+joint model's export (backmapper + CG potential) into the formats the rest of the package runs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from openmm_backmap.flows.distributions import MixedBase
+from openmm_backmap.flows.transforms import CouplingFlow
+from openmm_backmap.training.joint import (
+    ReverseKLSettings,
+    TemperingSchedule,
+    check_budget,
+    reverse_kl_loss,
+    tempered_ess,
+    train_reverse_kl,
+)
+from openmm_backmap.units import kT
+
+T = 300.0
+KT = kT(T)
+
+
+class ToyJoint(nn.Module):
+    """q(x1) q(x2 | x1) on the plane: a slow 1-D flow and a fast 1-D flow conditioned on x1, the
+    toy counterpart of the CG flow and the backmapper (package flows, standard normal bases)."""
+
+    def __init__(self, shift=(0.0, 0.0), scale=(1.5, 1.5), layers=4, hidden=32, bins=12, seed=0):
+        super().__init__()
+        line = torch.zeros(1, dtype=torch.bool)
+        self.slow = CouplingFlow(line, 0, layers, bins, hidden, 2, seed=seed)
+        self.fast = CouplingFlow(line, 1, layers, bins, hidden, 2, seed=seed + 1)
+        self.base = MixedBase(line)
+        self.register_buffer("shift", torch.as_tensor(shift, dtype=torch.get_default_dtype()))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.get_default_dtype()))
+
+    def sample(self, n):
+        dtype = self.shift.dtype
+        u1, u2 = torch.randn(n, 1, dtype=dtype), torch.randn(n, 1, dtype=dtype)
+        z1, l1 = self.slow.inverse(u1, torch.zeros(n, 0, dtype=dtype))
+        z2, l2 = self.fast.inverse(u2, z1)
+        x = torch.cat([z1, z2], dim=-1) * self.scale + self.shift
+        log_q = self.base.log_prob(u1) + self.base.log_prob(u2) - l1 - l2 - torch.log(self.scale).sum()
+        return x, log_q
+
+
+def double_well(x):
+    """U (kJ/mol) of the tilted double well u = 4 (x1^2 - 1)^2 - 0.6 x1 + x2^2 / 2 (kT at 300 K)."""
+    x1, x2 = x[:, 0], x[:, 1]
+    return KT * (4.0 * (x1 * x1 - 1.0) ** 2 - 0.6 * x1 + 0.5 * x2 * x2)
+
+
+GMM_MEANS = np.array([[-2.0, -1.0], [0.0, 2.0], [2.5, -0.5]])
+GMM_WEIGHTS = np.array([0.55, 0.3, 0.15])
+GMM_SIGMA = 0.4
+
+
+def gmm(x):
+    """U (kJ/mol) = -kT log of the three-component Gaussian mixture (isotropic, sigma 0.4)."""
+    m = torch.as_tensor(GMM_MEANS, dtype=x.dtype)
+    w = torch.as_tensor(GMM_WEIGHTS, dtype=x.dtype)
+    d2 = ((x[:, None, :] - m[None]) ** 2).sum(-1)
+    logp = torch.logsumexp(torch.log(w) - d2 / (2 * GMM_SIGMA**2) - math.log(2 * math.pi * GMM_SIGMA**2), dim=1)
+    return -KT * logp
+
+
+def gmm_mode(x):
+    """Index of the nearest mixture mean (the modes partition the plane)."""
+    return np.argmin(((x[:, None, :] - GMM_MEANS[None]) ** 2).sum(-1), axis=1)
+
+
+# ----------------------------------------------------------------------------- gradient
+def test_reverse_kl_gradient_matches_finite_differences():
+    """The reparameterised gradient of the reverse-KL estimate (fixed noise) equals central finite
+    differences of the same estimate, for parameters of both the slow and the fast flow."""
+    torch.manual_seed(3)
+    model = ToyJoint(layers=2, hidden=8, bins=4).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+
+    def loss():
+        torch.manual_seed(11)
+        x, log_q = model.sample(64)
+        return reverse_kl_loss(double_well(x) / KT, log_q)
+
+    model.zero_grad()
+    loss().backward()
+    picks = [
+        (model.slow.layers[0].net.net[-1].bias, 3),
+        (model.slow.layers[1].net.net[0].weight, (2, 0)),
+        (model.fast.layers[0].net.net[-1].weight, (5, 1)),
+        (model.fast.layers[1].net.net[0].bias, 4),
+    ]
+    h = 1e-6
+    for p, idx in picks:
+        with torch.no_grad():
+            p[idx] += h
+            up = float(loss())
+            p[idx] -= 2 * h
+            down = float(loss())
+            p[idx] += h
+        fd = (up - down) / (2 * h)
+        assert float(p.grad[idx]) == pytest.approx(fd, rel=1e-5, abs=1e-8)
+        assert abs(fd) > 1e-6  # a parameter that matters
+
+
+def test_reverse_kl_loss_caps_and_drops():
+    """Above the cap the reduced energy grows as cap + log(1 + u - cap) (a NaN energy counts as cap +
+    50 before the cap); without a cap, samples with a non-finite energy or log q drop out."""
+    u = torch.tensor([1.0, 10.0, 1e6, float("nan")], dtype=torch.float64)
+    lq = torch.tensor([0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    assert float(reverse_kl_loss(u, lq, cap=5.0)) == pytest.approx(
+        (1.0 + 5.0 + math.log(6.0) + 5.0 + math.log1p(1e6 - 5.0) + 5.0 + math.log(51.0)) / 4
+    )
+    lq = torch.tensor([0.0, 0.0, float("-inf"), 0.0])
+    u = torch.tensor([1.0, 2.0, 3.0, float("inf")])
+    assert float(reverse_kl_loss(u, lq)) == pytest.approx(1.5)
+
+
+# ----------------------------------------------------------------------------- tempering
+def test_tempered_ess_of_exact_samples_and_gaussian_closed_form():
+    """ESS/N is 1 for exact samples of the tempered target, and follows the Gaussian closed form
+    sigma_q^2 ... for samples of a Gaussian at another temperature."""
+    rng = np.random.default_rng(0)
+    k = 50.0  # kJ/mol/nm^2
+    x = rng.normal(0.0, math.sqrt(kT(600.0) / k), 400000)
+    u = 0.5 * k * x * x
+    log_q = -u / kT(600.0)  # unnormalised: ESS ignores constants
+    assert tempered_ess(u, log_q, 600.0) == pytest.approx(1.0)
+    # q = N(0, s_q^2), p = N(0, s_p^2): ESS/N = (E w)^2 / E w^2 = sqrt(2 s_q^2 - s_p^2) s_p / s_q^2
+    sq2, sp2 = kT(600.0) / k, kT(T) / k
+    exact = math.sqrt(2 * sq2 - sp2) * math.sqrt(sp2) / sq2
+    assert tempered_ess(u, log_q, T) == pytest.approx(exact, rel=0.01)
+
+
+def test_schedule_is_monotone_and_stops_at_the_target():
+    """Checks on changing sample sets: T never rises, never passes the target, a passing check
+    cools to the lowest T' that keeps ESS/N >= ess_drop x ESS/N(T) (or by max_cooling), a failing
+    one keeps T until ``patience`` failures force a stage; at the target T stays."""
+    rng = np.random.default_rng(1)
+    sched = TemperingSchedule(t_start=1000.0, t_target=300.0, ess_threshold=0.3, max_cooling=0.7, patience=3)
+    k = 50.0
+    temps, T, failures = [1000.0], 1000.0, 0
+    forced = passed = 0
+    for check in range(60):
+        # samples of a Gaussian whose temperature lags behind (every fourth check a poor model)
+        t_model = T * (1.0 if check % 4 else 3.0)
+        x = rng.normal(0.0, math.sqrt(kT(t_model) / k), 4000)
+        u = 0.5 * k * x * x
+        log_q = -u / kT(t_model)
+        T_new, rec = sched.next_temperature(T, u, log_q, failures)
+        failures = rec["failures"]
+        assert sched.t_target <= T_new <= T
+        if rec["passed"]:
+            passed += 1
+            assert T_new >= 0.7 * T - 1e-9
+            if T_new > max(0.7 * T, 300.0) + 1e-6:  # bisection: ESS at T' on the bound
+                assert tempered_ess(u, log_q, T_new) == pytest.approx(0.5 * rec["ess"], rel=1e-3)
+        elif rec["forced"]:
+            forced += 1
+            assert T_new == pytest.approx(max(300.0, 0.9 * T))
+        else:
+            assert T_new == T
+        T = T_new
+        temps.append(T)
+    assert passed > 0
+    assert np.all(np.diff(temps) <= 0)
+    assert temps[-1] == 300.0
+    # at the target the schedule stays there, whatever the samples say
+    assert sched.next_temperature(300.0, u, log_q + 100 * rng.normal(size=u.size))[0] == 300.0
+
+
+def test_schedule_refuses_unreachable_targets():
+    with pytest.raises(ValueError, match="below the target"):
+        TemperingSchedule(t_start=250.0, t_target=300.0)
+    with pytest.raises(ValueError, match="cannot reach 300.0 K"):
+        TemperingSchedule(t_start=3000.0, t_target=300.0, max_cooling=0.9, max_stages=5)
+    with pytest.raises(ValueError, match="positive"):
+        TemperingSchedule(t_start=300.0, t_target=0.0)
+    with pytest.raises(ValueError, match="forced_cooling"):
+        TemperingSchedule(t_start=600.0, t_target=300.0, max_cooling=0.95, forced_cooling=0.9)
+    sched = TemperingSchedule(t_start=1200.0, t_target=300.0, max_cooling=0.5)
+    assert sched.min_stages() == 2
+    with pytest.raises(ValueError, match="cannot reach 300.0 K in 150 steps"):
+        check_budget(sched, ReverseKLSettings(max_steps=150, check_every=50, final_steps=100))
+    check_budget(sched, ReverseKLSettings(max_steps=200, check_every=50, final_steps=100))
+
+
+# ----------------------------------------------------------------------------- toys
+def _train_toy(energy, shift, scale, seed, steps=1500):
+    torch.manual_seed(seed)
+    model = ToyJoint(shift=shift, scale=scale, hidden=16, bins=8, seed=seed)
+    sched = TemperingSchedule(t_start=3 * T, t_target=T, ess_threshold=0.5, max_cooling=0.8, patience=4)
+    settings = ReverseKLSettings(
+        max_steps=steps, final_steps=400, batch_size=128, eval_batch=1024, check_every=20, lr=5e-3, seed=seed
+    )
+    summary = train_reverse_kl(model, energy, sched, settings, log=None)
+    temps = [h["T"] for h in summary["history"]] + [summary["final_T"]]
+    assert summary["reached_target"], summary["final_T"]
+    print("steps", summary["steps"], "seconds", round(summary["seconds"], 1))
+    assert np.all(np.diff(temps) <= 0)
+    torch.manual_seed(seed + 100)
+    with torch.no_grad():
+        x, log_q = model.sample(40000)
+        lw = (-energy(x) / KT - log_q).double().numpy()
+    w = np.exp(lw - lw.max())
+    return x.double().numpy(), w / w.sum(), summary
+
+
+def test_double_well_both_modes_with_exact_weights():
+    """Tilted 2-D double well: both wells sampled by the model, and the reweighted well
+    populations within 0.1 kT (|log p - log p_exact| < 0.1) of numerical quadrature."""
+    x, w, summary = _train_toy(double_well, (0.0, 0.0), (1.2, 1.0), seed=0)
+    grid = np.linspace(-4, 4, 200001)
+    p = np.exp(-(4.0 * (grid**2 - 1.0) ** 2 - 0.6 * grid))
+    exact_right = p[grid > 0].sum() / p.sum()
+    raw_right = np.mean(x[:, 0] > 0)
+    assert 0.05 < raw_right < 0.95  # the model itself holds both wells
+    right = w[x[:, 0] > 0].sum()
+    for got, ref in ((right, exact_right), (1 - right, 1 - exact_right)):
+        assert abs(math.log(got / ref)) < 0.1
+    ess = 1.0 / np.sum(w * w) / len(w)
+    assert ess > 0.3, f"ESS/N {ess:.3f}"
+
+
+def test_gaussian_mixture_every_mode_with_exact_weights():
+    """Three-component 2-D Gaussian mixture: every mode sampled, reweighted mode weights within 0.1
+    kT of the exact ones (nearest-mean cells, exact weights from 2e6 exact samples)."""
+    x, w, summary = _train_toy(gmm, (0.2, 0.2), (1.8, 1.6), seed=1)
+    rng = np.random.default_rng(5)
+    comp = rng.choice(3, size=2_000_000, p=GMM_WEIGHTS)
+    exact_x = GMM_MEANS[comp] + GMM_SIGMA * rng.normal(size=(comp.size, 2))
+    exact = np.bincount(gmm_mode(exact_x), minlength=3) / comp.size
+    mode = gmm_mode(x)
+    raw = np.bincount(mode, minlength=3) / len(mode)
+    got = np.bincount(mode, weights=w, minlength=3)
+    assert np.all(raw > 0.02), f"model mode fractions {raw}"
+    assert np.all(np.abs(np.log(got / exact)) < 0.1), f"{got} vs {exact}"
+
+
+# ----------------------------------------------------------------------------- ALA2: checks, export, compile
+@pytest.fixture(scope="module")
+def ala2_files(tmp_path_factory):
+    """openmmtools' alanine dipeptide in vacuum as a PDB (one structure) and a System XML."""
+    import openmm
+    from openmm import app
+
+    from openmm_backmap.systems.builtin import ala2_six_bead_mapping, builtin_system
+
+    out = tmp_path_factory.mktemp("ala2_joint")
+    top, system, pos = builtin_system("ala2")
+    with open(out / "ala2.pdb", "w") as fh:
+        app.PDBFile.writeFile(top, pos, fh)
+    (out / "ala2_system.xml").write_text(openmm.XmlSerializer.serialize(system))
+    import mdtraj as md
+
+    ala2_six_bead_mapping(md.load(str(out / "ala2.pdb")).topology).to_json(out / "six_bead.json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_joint(ala2_files):
+    """A small joint model trained for a few steps at the target temperature (plumbing, not quality)."""
+    from openmm_backmap.training.joint import JointTraining, train_joint_from_files
+
+    s = JointTraining(
+        t_start=T,
+        steps=4,
+        final_steps=3,
+        check_every=2,
+        batch_size=16,
+        eval_batch=64,
+        layers=2,
+        hidden=16,
+        cg_layers=2,
+        cg_hidden=16,
+        n_final=512,
+    )
+    ckpt = ala2_files / "joint.ckpt"
+    summary = train_joint_from_files(
+        ala2_files / "ala2.pdb",
+        ala2_files / "ala2_system.xml",
+        str(ala2_files / "six_bead.json"),
+        ckpt,
+        s,
+        log=lambda m: None,
+    )
+    return ckpt, summary
+
+
+def test_train_joint_refuses_mismatched_system_and_bad_inputs(ala2_files, tmp_path):
+    import openmm
+
+    from openmm_backmap.cli import main
+    from openmm_backmap.training.joint import JointTraining, train_joint_from_files
+
+    system = openmm.XmlSerializer.deserialize((ala2_files / "ala2_system.xml").read_text())
+    small = openmm.System()
+    for _ in range(5):
+        small.addParticle(12.0)
+    (tmp_path / "small.xml").write_text(openmm.XmlSerializer.serialize(small))
+    for i in range(system.getNumParticles()):
+        system.setParticleMass(i, 20.0)
+    (tmp_path / "heavy.xml").write_text(openmm.XmlSerializer.serialize(system))
+    pdb, mapping = ala2_files / "ala2.pdb", str(ala2_files / "six_bead.json")
+    with pytest.raises(ValueError, match="has 5 particles but the topology .* has 22 atoms"):
+        train_joint_from_files(pdb, tmp_path / "small.xml", mapping, tmp_path / "j.ckpt", log=lambda m: None)
+    with pytest.raises(ValueError, match="particle mass"):
+        train_joint_from_files(pdb, tmp_path / "heavy.xml", mapping, tmp_path / "j.ckpt", log=lambda m: None)
+    # backbone on alanine dipeptide: three beads; ca: one bead, too few for a CG flow
+    with pytest.raises(ValueError, match="gives 1 bead"):
+        train_joint_from_files(pdb, ala2_files / "ala2_system.xml", "ca", tmp_path / "j.ckpt", log=lambda m: None)
+    # a PDB without real coordinates: the seed ensemble needs one structure
+    lines = [
+        ln[:30] + "   0.000   0.000   0.000" + ln[54:] if ln.startswith(("ATOM", "HETATM")) else ln
+        for ln in pdb.read_text().splitlines()
+    ]
+    (tmp_path / "flat.pdb").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="needs one structure"):
+        train_joint_from_files(
+            tmp_path / "flat.pdb", ala2_files / "ala2_system.xml", mapping, tmp_path / "j.ckpt", log=lambda m: None
+        )
+    with pytest.raises(ValueError, match="below the target"):
+        train_joint_from_files(
+            pdb, ala2_files / "ala2_system.xml", mapping, tmp_path / "j.ckpt", JointTraining(t_start=200.0)
+        )
+    args = [
+        "train-joint",
+        "--topology",
+        str(pdb),
+        "--aa-system",
+        str(tmp_path / "small.xml"),
+        "--mapping",
+        mapping,
+        "--out",
+        str(tmp_path / "j.ckpt"),
+    ]
+    assert main(args) == 2
+    assert not (tmp_path / "j.ckpt").exists()
+
+
+def test_joint_export_runs_like_any_backmapper_and_cg_potential(tiny_joint, ala2_files, tmp_path):
+    """`export` of a joint checkpoint writes a backmapper and a CG potential: the backmapper loads
+    with load_model and gives the joint model's log q(x | X); the CG potential's energy is
+    -kT log q(X) (+ priors, zero on the model's own samples); it runs in an OpenMM CG System, and the
+    hybrid sampler accepts the pair."""
+    import openmm
+    from openmm import unit
+
+    from openmm_backmap.cli import main
+    from openmm_backmap.io.backmap_model import load_model
+    from openmm_backmap.io.checkpoints import load_joint_checkpoint
+    from openmm_backmap.openmm.forces import create_cg_system
+
+    ckpt, summary = tiny_joint
+    assert summary["reached_target"]
+    joint, saved = load_joint_checkpoint(ckpt)
+    assert saved["spec"]["training"]["data_free"] is True
+    bm_path = tmp_path / "bm.pt"
+    assert main(["export", str(ckpt), "-o", str(bm_path)]) == 0
+    cg_path = tmp_path / "bm_cg.pt"
+    assert bm_path.is_file() and cg_path.is_file()
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        x, X, log_qX, log_qx = joint.sample_parts(8)
+    model = load_model(bm_path)
+    lq = model.module.log_prob(x.float(), X.float())
+    assert np.allclose(lq.numpy(), log_qx.numpy(), atol=1e-3)
+    cg = torch.jit.load(str(cg_path))
+    with torch.no_grad():
+        e = cg.energy(X.float())
+    assert np.allclose(e.numpy(), -joint.cg.kT * log_qX.numpy(), rtol=1e-5, atol=1e-3)
+    assert float(cg.prior_energy(X.float()).detach().abs().max()) == 0.0
+
+    system = create_cg_system(saved["spec"]["cg"]["masses"], str(cg_path), backend="python")
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    ctx.setPositions(X[0].double().numpy())
+    u = ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    assert u == pytest.approx(float(e[0]), abs=1e-3)
+
+    out = tmp_path / "hybrid"
+    args = [
+        "hybrid",
+        "--model",
+        str(bm_path),
+        "--cg-model",
+        str(cg_path),
+        "--start",
+        str(ala2_files / "ala2.pdb"),
+        "--iterations",
+        "2",
+        "--langevin-steps",
+        "5",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    assert any(out.iterdir())
+
+
+def test_joint_cg_potential_compiles(tiny_joint, tmp_path):
+    """The exported CG potential compiles (`compile`) into a force package with the same energy."""
+    from _backmap_helpers import needs_compiler  # noqa: F401 - the marker's condition
+
+    from openmm_backmap.cli import main
+    from openmm_backmap.io.checkpoints import load_joint_checkpoint
+    from openmm_backmap.openmm.compiled import load_compiled
+
+    if needs_compiler.args[0]:
+        pytest.skip("no C++ compiler")
+    ckpt, _ = tiny_joint
+    assert main(["export", str(ckpt), "-o", str(tmp_path / "bm.pt"), "--cg-output", str(tmp_path / "cg.pt")]) == 0
+    assert main(["compile", str(tmp_path / "cg.pt"), "-o", str(tmp_path / "cg.pt2")]) == 0
+    joint, _ = load_joint_checkpoint(ckpt)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        X, _ = joint.cg.sample(3)
+    module = torch.jit.load(str(tmp_path / "cg.pt"))
+    package = load_compiled(tmp_path / "cg.pt2")
+    for frame in range(3):
+        energy, _, _ = package(X[frame].double().numpy())
+        assert energy == pytest.approx(float(module(X[frame].float())), abs=1e-3)
+
+
+def test_trajectory_warm_start_by_maximum_likelihood(ala2_files, tmp_path):
+    """With --trajectory the statistics come from the frames and maximum likelihood runs first through
+    the shared loop (plumbing: the frames here are a seed ensemble, which the fitted standardisation
+    already describes, so the starting parameters may stay the best)."""
+    import mdtraj as md
+
+    from openmm_backmap.training.joint import JointTraining, seed_ensemble, train_joint_from_files
+
+    pdb = md.load(str(ala2_files / "ala2.pdb"))
+    frames = seed_ensemble(pdb.topology, pdb.xyz[0], n=400, seed=2)
+    md.Trajectory(frames.astype(np.float32), pdb.topology).save_dcd(str(tmp_path / "frames.dcd"))
+    s = JointTraining(
+        t_start=T,
+        steps=2,
+        final_steps=1,
+        check_every=1,
+        batch_size=64,
+        eval_batch=32,
+        layers=2,
+        hidden=16,
+        cg_layers=2,
+        cg_hidden=16,
+        n_final=64,
+        ml_epochs=3,
+    )
+    ckpt = tmp_path / "warm.ckpt"
+    train_joint_from_files(
+        ala2_files / "ala2.pdb",
+        ala2_files / "ala2_system.xml",
+        str(ala2_files / "six_bead.json"),
+        ckpt,
+        s,
+        trajectory=str(tmp_path / "frames.dcd"),
+        log=lambda m: None,
+    )
+    from openmm_backmap.io.checkpoints import read_checkpoint
+
+    spec = read_checkpoint(ckpt)["spec"]
+    assert spec["training"]["data_free"] is False
+    ml = spec["training"]["ml"]
+    assert ml["epochs"] == 3 and ml["n_train"] == 360 and math.isfinite(ml["best_val_nll"])
+    assert spec["training"]["reverse_kl"]["reached_target"]
