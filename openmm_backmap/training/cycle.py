@@ -1,0 +1,751 @@
+"""Cycle coarse graining: the CG flow potential refitted to its own backmapped, reweighted samples.
+
+One cycle (:func:`run_cycles`):
+
+1. draw CG configurations X from a proposal built on the current CG flow q_theta(X): a defensive
+   mixture (1 - eps) q_theta + eps q_theta,tau, where q_theta,tau is the same flow with its Gaussian
+   latent variables widened by tau (its density stays exact; circular latents are uniform already
+   and are left as they are);
+2. backmap each X with the conditional flow, x ~ q(x | X);
+3. weight each pair by log w = -beta U_AA(x) - log q(x | X) - log q_prop(X): self-normalised, the
+   weights turn the pairs into samples of exp(-beta U_AA), whatever the proposal and the backmapper;
+4. refit q_theta by weighted maximum likelihood on the CG projections M x of the pairs of the last
+   ``pool`` cycles (each cycle self-normalised and weighted by its ESS). Maximising
+   sum_i w_i log q_theta(M x_i) minimises the relative entropy KL(p_CG || q_theta), whose minimum is
+   the exact CG marginal p_CG(X) = int delta(M x - X) exp(-beta U_AA(x)) dx / Z, the potential of
+   mean force; so the exact marginal is a fixed point of the cycle;
+5. guard against weight degeneracy with ESS-based tempering of the weights: when a cycle's ESS/N is
+   below ``ess_target`` the refit uses w^lambda with the largest lambda in (0, 1] whose ESS/N reaches
+   the target (a partial step toward p along the geometric path q^(1 - lambda) p^lambda); lambda = 1,
+   the exact step, as soon as the proposal is good enough.
+
+Before the first refit and after every refit the current flow is evaluated on its own independent
+samples: ESS/N, basin populations of the flow (raw) and reweighted (with standard errors), and two
+KL estimates of the joint proposal q_theta(X) q(x | X) against exp(-beta U_AA) (upper bounds on the
+CG marginal's). :func:`cycle_from_files` runs the cycle on model files and writes JSON, a PNG and
+model files every cycle; :func:`refit_from_run` refits a CG flow to a reporter run (energy CSV +
+AA trajectory).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.special import logsumexp
+from torch import Tensor
+
+from openmm_backmap.analysis.reweighting import kish_ess
+from openmm_backmap.geometry import distances
+from openmm_backmap.models.cg_potential import ANGLE_EDGE, CGFlowPotential
+from openmm_backmap.training.loop import FitSettings, fit_epochs
+
+__all__ = [
+    "CycleSettings",
+    "MixtureProposal",
+    "TemperedFlow",
+    "basin_observable",
+    "check_models_match",
+    "cycle_from_files",
+    "ess_tempering",
+    "evaluate_weights",
+    "refit_from_run",
+    "run_cycles",
+    "weighted_refit",
+    "widen_priors",
+]
+
+
+# ---------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class CycleSettings:
+    """Settings of :func:`run_cycles`.
+
+    Attributes
+    ----------
+    cycles
+        Refits of the CG flow (the models are evaluated cycles + 1 times).
+    samples
+        CG configurations drawn per cycle; ``per_frame`` reconstructions of each.
+    defensive, tau
+        Fraction eps of the draws from the widened flow q_theta,tau, and its latent scale tau (>= 1).
+    ess_target
+        ESS/N below which the refit tempers the weights (w^lambda, lambda < 1).
+    pool
+        Cycles whose samples the refit uses (the current one and up to pool - 1 before it).
+    epochs, batch_size, lr, val_fraction
+        Weighted maximum likelihood through the training loop; a random ``val_fraction`` of the pooled
+        pairs scores the epochs (weighted NLL), the best epoch is kept.
+    seed
+        Seeds the draws and the refits.
+    """
+
+    cycles: int = 6
+    samples: int = 8192
+    per_frame: int = 1
+    defensive: float = 0.2
+    tau: float = 1.5
+    ess_target: float = 0.2
+    pool: int = 3
+    epochs: int = 20
+    batch_size: int = 512
+    lr: float = 5e-4
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("cycles", "samples", "per_frame", "pool", "epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"CycleSettings: {name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.defensive < 1.0:
+            raise ValueError(f"CycleSettings: defensive must be in [0, 1), got {self.defensive}")
+        if self.tau < 1.0:
+            raise ValueError(f"CycleSettings: tau must be >= 1, got {self.tau}")
+        if not 0.0 < self.ess_target <= 1.0:
+            raise ValueError(f"CycleSettings: ess_target must be in (0, 1], got {self.ess_target}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ValueError(f"CycleSettings: val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+
+# ---------------------------------------------------------------------------- proposals
+class TemperedFlow:
+    """A :class:`~openmm_backmap.models.cg_potential.CGFlowPotential` and its latent-widened twins.
+
+    ``sample(n, tau)`` draws the flow with its standard-normal latent variables scaled by ``tau``;
+    ``log_prob(X, tau)`` is that proposal's exact density (nats, the measure of
+    :meth:`CGFlowPotential.log_prob`). tau = 1 is the flow itself. ``module`` is the trainable model.
+    """
+
+    def __init__(self, model: CGFlowPotential) -> None:
+        self.module = model
+
+    def _base_log_prob(self, u: Tensor, tau: float) -> Tensor:
+        circ = self.module.base.circular
+        normal = -0.5 * torch.square(u / tau) - 0.5 * math.log(2.0 * math.pi) - math.log(tau)
+        uniform = torch.where(
+            (u < -math.pi) | (u > math.pi),
+            torch.full_like(u, -math.inf),
+            torch.full_like(u, -math.log(2.0 * math.pi)),
+        )
+        return torch.sum(torch.where(circ, uniform, normal), dim=-1)
+
+    @torch.no_grad()
+    def sample(self, n: int, tau: float = 1.0) -> tuple[Tensor, Tensor]:
+        """X (n, n_cg, 3) nm in the flow's canonical frame and log q_tau(X) (n,) nats."""
+        m = self.module
+        dtype, device = m._model_dtype(), m.ic.shift.device
+        u = m.base.sample(n, dtype, device)
+        u = torch.where(m.base.circular, u, u * tau)
+        z, ladj_flow = m.flow.inverse(u, torch.zeros(n, 0, dtype=dtype, device=device))
+        X, ladj_ic = m.ic.inverse(z, torch.zeros(n, 0, 3, dtype=dtype, device=device))
+        return X, self._base_log_prob(u, tau) - ladj_flow - ladj_ic
+
+    @torch.no_grad()
+    def log_prob(self, X: Tensor, tau: float = 1.0) -> Tensor:
+        """log q_tau(X) (n,) nats for X (n, n_cg, 3) nm."""
+        m = self.module
+        X = X.to(m._model_dtype())
+        z, ladj_ic = m.ic(X)
+        u, ladj_flow = m.flow(z, m._context(X))
+        return self._base_log_prob(u, tau) + ladj_flow + ladj_ic
+
+
+class MixtureProposal:
+    """The defensive mixture (1 - eps) q + eps q_tau of a proposal family (:class:`TemperedFlow` or
+    any object with ``sample(n, tau)`` and ``log_prob(X, tau)``).
+
+    Draws are stratified: round(eps n) from q_tau, the rest from q; the mixture density is the
+    proposal density of the pooled draws (deterministic multiple importance sampling).
+    """
+
+    def __init__(self, family: Any, eps: float, tau: float) -> None:
+        self.family, self.eps, self.tau = family, float(eps), float(tau)
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor, np.ndarray]:
+        """X (n, ...), log q_mix(X) (n,), and a boolean array marking the draws of q itself."""
+        n_wide = round(self.eps * n) if self.tau > 1.0 else 0
+        X0, _ = self.family.sample(n - n_wide, 1.0)
+        parts = [X0]
+        if n_wide:
+            parts.append(self.family.sample(n_wide, self.tau)[0])
+        X = torch.cat(parts)
+        own = np.zeros(n, dtype=bool)
+        own[: n - n_wide] = True
+        return X, self.log_prob(X), own
+
+    def log_prob(self, X: Tensor) -> Tensor:
+        lq = self.family.log_prob(X, 1.0)
+        if self.eps == 0.0 or self.tau == 1.0:
+            return lq
+        lw = self.family.log_prob(X, self.tau)
+        return torch.logaddexp(lq + math.log1p(-self.eps), lw + math.log(self.eps))
+
+
+# ---------------------------------------------------------------------------- weights and statistics
+def ess_tempering(log_w: np.ndarray, target: float) -> float:
+    """The largest lambda in (0, 1] with Kish ESS(lambda log w) / N >= target (1 when ESS/N of the
+    full weights reaches it); bisection on lambda, the ESS falling as lambda grows."""
+    log_w = np.asarray(log_w, dtype=np.float64)
+    finite = log_w[np.isfinite(log_w)]
+    if finite.size == 0:
+        raise ValueError("every weight is zero: nothing to temper")
+    n = log_w.size
+    if kish_ess(finite) / n >= target:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if kish_ess(mid * finite) / n >= target:
+            lo = mid
+        else:
+            hi = mid
+    return max(lo, 1e-6)
+
+
+def _normalized(log_w: np.ndarray) -> np.ndarray:
+    lw = np.asarray(log_w, dtype=np.float64)
+    out = np.zeros_like(lw)
+    ok = np.isfinite(lw)
+    if ok.any():
+        out[ok] = np.exp(lw[ok] - logsumexp(lw[ok]))
+    return out
+
+
+def evaluate_weights(
+    log_w: np.ndarray, indicators: dict[str, np.ndarray] | None = None, own: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Statistics of one batch of weighted samples.
+
+    Parameters
+    ----------
+    log_w
+        Importance log-weights (n,) (-inf for an impossible sample).
+    indicators
+        Per basin, a boolean (n,) array; None for no basins.
+    own
+        Marks the samples that are independent draws of the CG flow itself (raw populations).
+
+    Returns
+    -------
+    dict
+        ``n``, ``ess``, ``ess_fraction``, ``kl_forward`` (sum w log(N w), self-normalised w: an
+        estimate of KL(p || q) of the joint proposal, nats), ``kl_reverse`` (log mean w - mean log w:
+        KL(q || p) up to the estimate of log Z, nats), and per basin ``raw`` (population among the
+        ``own`` draws and its binomial error) and ``reweighted`` (self-normalised estimate and its
+        delta-method standard error sqrt(sum w_i^2 (f_i - mu)^2)).
+    """
+    lw = np.asarray(log_w, dtype=np.float64)
+    n = lw.size
+    w = _normalized(lw)
+    finite = np.isfinite(lw)
+    out: dict[str, Any] = {"n": int(n), "n_zero_weight": int((~finite).sum())}
+    out["ess"] = kish_ess(lw)
+    out["ess_fraction"] = out["ess"] / max(n, 1)
+    pos = w > 0
+    out["kl_forward"] = float(np.sum(w[pos] * np.log(n * w[pos]))) if pos.any() else float("nan")
+    out["kl_reverse"] = (
+        float(logsumexp(lw[finite]) - math.log(finite.sum()) - lw[finite].mean()) if finite.any() else float("nan")
+    )
+    if indicators:
+        own = np.ones(n, dtype=bool) if own is None else np.asarray(own, dtype=bool)
+        basins = {}
+        for name, ind in indicators.items():
+            f = np.asarray(ind, dtype=np.float64).reshape(n)
+            m_own = max(int(own.sum()), 1)
+            p_raw = float(f[own].mean()) if own.any() else float("nan")
+            mu = float(np.sum(w * f))
+            basins[name] = {
+                "raw": p_raw,
+                "raw_error": math.sqrt(max(p_raw * (1.0 - p_raw), 0.0) / m_own),
+                "raw_count": int(f[own].sum()),
+                "reweighted": mu,
+                "reweighted_error": float(np.sqrt(np.sum(w * w * (f - mu) ** 2))),
+                "count": int(f.sum()),
+            }
+        out["basins"] = basins
+        out["unvisited_basins"] = [k for k, v in basins.items() if v["count"] == 0]
+    return out
+
+
+def _zero_weight_message(log_w: np.ndarray, what: str, indicators: dict[str, np.ndarray] | None) -> str:
+    """Why every weight is zero: how many are -inf / NaN, the frame range, and the basins sampled."""
+    lw = np.asarray(log_w, dtype=np.float64)
+    text = (
+        f"every importance weight of {what} is zero ({int(np.isnan(lw).sum())} NaN, "
+        f"{int(np.isneginf(lw).sum())} -inf, {int(np.isposinf(lw).sum())} +inf log-weights; frames 0-{lw.size - 1})"
+    )
+    if indicators:
+        seen = [k for k, v in indicators.items() if np.asarray(v).any()]
+        never = [k for k, v in indicators.items() if not np.asarray(v).any()]
+        text += f"; the samples lie in {', '.join(seen) or 'no basin'}"
+        if never:
+            text += f" and the CG model never visits {', '.join(never)}"
+    return text + ": the CG model and the AA energy do not overlap (wrong System, units or temperature?)"
+
+
+# ---------------------------------------------------------------------------- refit
+def weighted_refit(
+    model: torch.nn.Module,
+    X: np.ndarray,
+    weights: np.ndarray,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    val_fraction: float,
+    seed: int,
+) -> dict[str, Any]:
+    """Weighted maximum likelihood: minimise -sum_i w_i log q(X_i) / sum_i w_i over the parameters of
+    ``model`` (anything with ``log_prob(X)``), through :func:`~openmm_backmap.training.loop.fit_epochs`.
+
+    A random ``val_fraction`` of the pairs (at least one) is held out; the epoch with the lowest weighted
+    NLL on them is kept (or the starting parameters when none beats them). Returns the loop's summary.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    keep = w > 0
+    if not keep.any():
+        raise ValueError("weighted refit: every weight is zero")
+    X, w = np.asarray(X)[keep], w[keep]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(w))
+    n_val = max(1, int(round(val_fraction * len(w))))
+    va, tr = order[:n_val], order[n_val:]
+    if len(tr) == 0:
+        tr = va
+    dtype = next(model.parameters()).dtype
+    X_tr = torch.as_tensor(X[tr], dtype=dtype)
+    X_va = torch.as_tensor(X[va], dtype=dtype)
+    # weights scaled to mean 1 on each part: the batch mean of w_i (-log q_i) is then unbiased
+    w_tr = torch.as_tensor(w[tr] / w[tr].mean(), dtype=dtype)
+    w_va = torch.as_tensor(w[va] / w[va].sum(), dtype=dtype)
+
+    def validate() -> float:
+        with torch.no_grad():
+            return float(-(w_va * model.log_prob(X_va)).sum())
+
+    settings = FitSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=False)
+    spec: dict[str, Any] = {}
+    summary = fit_epochs(
+        model,
+        len(tr),
+        lambda idx, gen: -(w_tr[idx] * model.log_prob(X_tr[idx])).mean(),
+        validate,
+        settings,
+        spec,
+        desc="cycle",
+        stage="cycle",
+    )
+    summary["n_pairs"] = int(len(w))
+    return summary
+
+
+@torch.no_grad()
+def widen_priors(model: CGFlowPotential, X: np.ndarray) -> dict[str, int]:
+    """Widen (never narrow) the prior walls of ``model`` so that the CG positions X (N, n_cg, 3) nm lie
+    inside them with the model's margins: a basin the data never reached must not be walled off.
+    Returns how many bond, angle and pair bounds moved."""
+    X = torch.as_tensor(np.asarray(X), dtype=model.bond_lo.dtype)
+    pri = model.spec["priors"]
+    moved = {"bonds": 0, "angles": 0, "pairs": 0}
+    if len(X) == 0:
+        return moved
+    if model.bond_idx.shape[0]:
+        r = distances(X[:, model.bond_idx[:, 0]], X[:, model.bond_idx[:, 1]])
+        lo = torch.minimum(model.bond_lo, torch.clamp(r.min(0).values - pri["bond_margin_nm"], min=0.0))
+        hi = torch.maximum(model.bond_hi, r.max(0).values + pri["bond_margin_nm"])
+        moved["bonds"] = int(((lo != model.bond_lo) | (hi != model.bond_hi)).sum())
+        model.bond_lo.copy_(lo)
+        model.bond_hi.copy_(hi)
+    if model.angle_idx.shape[0]:
+        a = model._angles(X)
+        amin, amax = a.min(0).values, a.max(0).values
+        # as fit_statistics: the margin, but never closer to 0 or pi than ANGLE_EDGE unless the samples are
+        lo = torch.minimum(torch.clamp(amin - pri["angle_margin_rad"], min=ANGLE_EDGE), amin)
+        hi = torch.maximum(torch.clamp(amax + pri["angle_margin_rad"], max=math.pi - ANGLE_EDGE), amax)
+        lo, hi = torch.minimum(model.angle_lo, lo), torch.maximum(model.angle_hi, hi)
+        moved["angles"] = int(((lo != model.angle_lo) | (hi != model.angle_hi)).sum())
+        model.angle_lo.copy_(lo)
+        model.angle_hi.copy_(hi)
+    if model.pair_idx.shape[0]:
+        d = distances(X[:, model.pair_idx[:, 0]], X[:, model.pair_idx[:, 1]])
+        lo = torch.minimum(model.pair_min, torch.clamp(d.min(0).values - pri["pair_margin_nm"], min=0.0))
+        moved["pairs"] = int((lo != model.pair_min).sum())
+        model.pair_min.copy_(lo)
+    return moved
+
+
+# ---------------------------------------------------------------------------- the cycle
+def run_cycles(
+    family: Any,
+    backmapper: Callable[[Tensor, int], tuple[Tensor, Tensor]],
+    reduced_energy: Callable[[Tensor], Tensor],
+    project: Callable[[np.ndarray], np.ndarray],
+    settings: CycleSettings = CycleSettings(),
+    observables: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
+    on_cycle: Callable[[int, dict], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run ``settings.cycles`` cycles (module docstring) and evaluate the flow before each refit and
+    after the last.
+
+    Parameters
+    ----------
+    family
+        The CG proposal family: ``module`` (the trainable CG flow, with ``log_prob(X)``),
+        ``sample(n, tau)`` and ``log_prob(X, tau)`` (:class:`TemperedFlow` for a CG flow potential).
+    backmapper
+        ``backmapper(X, k) -> (x, log q(x | X))``: k reconstructions per CG frame (frame-major).
+    reduced_energy
+        ``u(x) = U_AA(x) / kT`` (dimensionless) for a batch of AA positions.
+    project
+        The mapping X = M x on numpy arrays (N, n_aa, 3) -> (N, n_cg, 3).
+    observables
+        Per basin, boolean indicators of a batch of AA positions (numpy); None for none.
+    on_cycle
+        Called as ``on_cycle(c, record)`` after each evaluation (c = 0 .. cycles), before the refit.
+
+    Returns
+    -------
+    list of dict
+        One record per evaluation: the :func:`evaluate_weights` statistics, ``lambda``, ``refit``
+        (the loop summary) and ``seconds``.
+
+    Raises
+    ------
+    ValueError
+        Every weight of a cycle is zero (the message names the basins the samples reach and miss).
+    """
+    s = settings
+    torch.manual_seed(s.seed)
+    pool: list[tuple[np.ndarray, np.ndarray]] = []
+    history: list[dict[str, Any]] = []
+    for c in range(s.cycles + 1):
+        t0 = time.time()
+        last = c == s.cycles
+        # the last evaluation draws the final flow alone: its raw populations are its own
+        proposal = MixtureProposal(family, 0.0 if last else s.defensive, s.tau)
+        family.module.eval()
+        with torch.no_grad():
+            X, log_prop, own = proposal.sample(s.samples)
+            ok = torch.isfinite(X).flatten(1).all(1) & torch.isfinite(log_prop)
+            X_safe = torch.where(ok[:, None, None], X, X[ok][:1].expand_as(X)) if ok.any() else X
+            x, log_q = backmapper(X_safe, s.per_frame)
+            u = reduced_energy(x.to(torch.float64))
+        k = s.per_frame
+        log_w = -u.double().cpu().numpy() - log_q.double().cpu().numpy() - np.repeat(log_prop.double().cpu().numpy(), k)
+        log_w = np.where(np.repeat(ok.cpu().numpy(), k) & np.isfinite(log_w), log_w, -np.inf)
+        x_np = x.detach().cpu().double().numpy()
+        ind = observables(x_np) if observables is not None else None
+        record = evaluate_weights(log_w, ind, np.repeat(own, k))
+        record["cycle"] = c
+        if record["ess"] == 0.0:
+            raise ValueError(_zero_weight_message(log_w, f"cycle {c}", ind))
+        if not last:
+            lam = ess_tempering(log_w, s.ess_target)
+            pool.append((project(x_np), lam * log_w))
+            pool = pool[-s.pool :]
+            # each cycle self-normalised, weighted by its ESS (consistent for lambda = 1)
+            Xp = np.concatenate([p[0] for p in pool])
+            wp = np.concatenate([_normalized(p[1]) * kish_ess(p[1]) for p in pool])
+            refit = weighted_refit(
+                family.module, Xp, wp, s.epochs, s.batch_size, s.lr, s.val_fraction, s.seed + 1000 * c
+            )
+            if isinstance(family.module, CGFlowPotential):
+                heavy = wp >= 0.01 * wp[wp > 0].mean()
+                refit["priors_widened"] = widen_priors(family.module, Xp[heavy])
+            record["lambda"] = lam
+            record["refit"] = {k2: v for k2, v in refit.items() if k2 != "history"}
+        record["seconds"] = time.time() - t0
+        history.append(record)
+        log(_summary_line(record))
+        if on_cycle is not None:
+            on_cycle(c, record)
+    return history
+
+
+def _summary_line(r: dict) -> str:
+    text = f"cycle {r['cycle']}: ESS/N {r['ess_fraction']:.3f}, KL fwd {r['kl_forward']:.3f} rev {r['kl_reverse']:.3f} nats"
+    if "lambda" in r:
+        text += f", lambda {r['lambda']:.3f}"
+    for name, b in (r.get("basins") or {}).items():
+        text += f"; {name} {b['raw']:.4f} raw / {b['reweighted']:.4f} rw"
+    return text + f" ({r['seconds']:.0f} s)"
+
+
+# ---------------------------------------------------------------------------- models from files
+def check_models_match(
+    bm_meta: dict, cg_spec: dict, bm_origin: str = "the backmapper", cg_origin: str = "the CG potential"
+) -> None:
+    """ValueError unless a backmapper (model-file metadata) and a CG potential (spec) are for the same
+    beads of the same molecule at the same temperature."""
+    n_bm, n_cg = int(bm_meta["n_cg"]), int(cg_spec["model"]["n_cg"])
+    if n_bm != n_cg:
+        raise ValueError(f"{bm_origin} maps onto {n_bm} beads but {cg_origin} has {n_cg}: different mappings")
+    m_bm, m_cg = bm_meta.get("mapping"), cg_spec.get("mapping")
+    if m_bm and m_cg:
+        if int(m_bm.get("n_atoms", -1)) != int(m_cg.get("n_atoms", -1)):
+            raise ValueError(
+                f"{bm_origin} is for a molecule of {m_bm.get('n_atoms')} atoms, {cg_origin} for one of "
+                f"{m_cg.get('n_atoms')}: different topologies"
+            )
+        for k, (a, b) in enumerate(zip(m_bm["groups"], m_cg["groups"])):
+            if list(a["atoms"]) != list(b["atoms"]) or (
+                a.get("labels") and b.get("labels") and a["labels"] != b["labels"]
+            ):
+                raise ValueError(
+                    f"bead {k}: {bm_origin} maps atoms {a.get('labels') or a['atoms']} onto it, {cg_origin} "
+                    f"{b.get('labels') or b['atoms']}: different mappings or topologies"
+                )
+    t_bm, t_cg = float(bm_meta["temperature"]), float(cg_spec["temperature"])
+    if abs(t_bm - t_cg) > 1e-6:
+        raise ValueError(f"{bm_origin} is for {t_bm:g} K but {cg_origin} for {t_cg:g} K")
+
+
+def basin_observable(topology: Any) -> Callable[[np.ndarray], dict[str, np.ndarray]] | None:
+    """(phi, psi) basin indicators (:func:`~openmm_backmap.analysis.basins.basin_indicators`, averaged
+    over residues) of AA positions on ``topology``; None when it has no residue with phi and psi."""
+    import mdtraj as md
+
+    from openmm_backmap.analysis.basins import backbone_dihedrals, backbone_torsions, basin_indicators
+    from openmm_backmap.mapping import as_mdtraj_topology
+
+    top = as_mdtraj_topology(topology)
+    try:
+        backbone_torsions(top)
+    except ValueError:
+        return None
+
+    def indicators(x: np.ndarray) -> dict[str, np.ndarray]:
+        phi, psi = backbone_dihedrals(md.Trajectory(np.asarray(x, dtype=np.float32), top))
+        return {k: v.mean(1) for k, v in basin_indicators(phi, psi).items()}
+
+    return indicators
+
+
+def _load_cg(path: str | Path) -> tuple[CGFlowPotential, dict]:
+    from openmm_backmap.io.checkpoints import cg_potential_from_file
+
+    return cg_potential_from_file(path)
+
+
+def _export(model: CGFlowPotential, spec: dict, path: Path, info: dict) -> None:
+    from openmm_backmap.io.model_files import export_cg
+
+    spec = copy.deepcopy(spec)
+    spec["model"] = copy.deepcopy(model.spec)
+    spec.setdefault("training", {})
+    spec["training"] = dict(spec["training"] or {}, cycle=info)
+    export_cg(copy.deepcopy(model).eval(), spec, path)
+
+
+def cycle_from_files(
+    model: str | Path,
+    cg_model: str | Path,
+    out: str | Path,
+    settings: CycleSettings = CycleSettings(),
+    aa_system: str | Path | None = None,
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """What ``openmm-backmap cycle`` runs: the cycle on a backmapper model file and a CG potential
+    (``.pt`` model file or ``train-cg`` checkpoint), with the AA System embedded in the backmapper or
+    given as ``aa_system`` (XML).
+
+    Writes to the folder ``out``: ``cycle.json`` (settings and one record per evaluation, rewritten
+    every cycle), ``cycle.png``, ``cg_cycle<c>.pt`` after each refit, and at the end ``cg.pt`` (the
+    last cycle's CG potential: runs in ``compile``, the reporter and the hybrid sampler) and
+    ``backmapper.pt`` (a copy of the backmapper, the one the weights were computed with).
+    """
+    from openmm_backmap.io.backmap_model import load_model
+    from openmm_backmap.openmm.energies import ReducedEnergy, aa_energy, check_system_matches, load_system
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bm = load_model(model, device="cpu")
+    cg, spec = _load_cg(cg_model)
+    check_models_match(bm.metadata, spec, str(model), str(cg_model))
+    if aa_system is None and bm.system_xml is None:
+        raise ValueError(f"{model} embeds no AA System: give --aa-system system.xml")
+    system = load_system(Path(aa_system).read_text() if aa_system is not None else bm.system_xml)
+    check_system_matches(system, bm.metadata["elements"], f"the AA System {aa_system or '(embedded)'}", str(model))
+    energy = ReducedEnergy(aa_energy(system), bm.temperature)
+    dtype = torch.float32
+
+    def backmap(X: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            return bm.module.sample(X.to(dtype), int(k))
+
+    def reduced(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return energy(x)
+
+    family = TemperedFlow(cg)
+    header = {
+        "backmapper": str(model),
+        "cg_model": str(cg_model),
+        "aa_system": str(aa_system) if aa_system else "embedded",
+        "temperature_K": bm.temperature,
+        "settings": asdict(settings),
+    }
+    history: list[dict] = []
+
+    def on_cycle(c: int, record: dict) -> None:
+        history.append(record)
+        (out / "cycle.json").write_text(json.dumps({**header, "cycles": history}, indent=1) + "\n")
+        plot_cycles(history, out / "cycle.png")
+        if c < settings.cycles:
+            _export(cg, spec, out / f"cg_cycle{c + 1}.pt", {"cycle": c + 1, "source": str(cg_model)})
+
+    run_cycles(family, backmap, reduced, bm.mapping.project, settings, basin_observable(bm.topology), on_cycle, log)
+    _export(cg, spec, out / "cg.pt", {"cycles": settings.cycles, "source": str(cg_model), "final": history[-1]})
+    (out / "backmapper.pt").write_bytes(Path(model).read_bytes())
+    log(f"written: {out / 'cycle.json'}, {out / 'cycle.png'}, {out / 'cg.pt'}, {out / 'backmapper.pt'}")
+    return history
+
+
+def refit_from_run(
+    energy_file: str | Path,
+    trajectory: str | Path,
+    cg_model: str | Path,
+    out: str | Path,
+    topology: str | Path | None = None,
+    model: str | Path | None = None,
+    settings: CycleSettings = CycleSettings(cycles=1),
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Refit a CG flow to a reporter run: the energy CSV (one row per AA frame, ``log_w`` the
+    importance log-weight) and the AA trajectory it wrote (one frame per row, in order).
+
+    The CG projections M x of the frames, weighted by the run's self-normalised weights, are fitted by
+    weighted maximum likelihood (``settings.epochs`` etc.; the run's CG frames came from
+    exp(-beta U_CG), so the weights make them samples of the CG marginal). The topology comes from
+    ``topology`` or the backmapper ``model``; the mapping from the CG model (or the backmapper).
+    Writes ``out/cg.pt`` and ``out/refit.json``; returns the summary.
+
+    Raises
+    ------
+    ValueError
+        The file's rows do not match the trajectory's frames, the models disagree, or every weight
+        is zero (the message says which frames, and which basins the run reached).
+    """
+    import mdtraj as md
+
+    from openmm_backmap.io.energy_file import read_energy_file
+    from openmm_backmap.io.trajectories import load_trajectory
+    from openmm_backmap.mapping import CGMapping
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cg, spec = _load_cg(cg_model)
+    bm_meta = None
+    if model is not None:
+        from openmm_backmap.io.backmap_model import load_model
+
+        bm = load_model(model, device="cpu")
+        check_models_match(bm.metadata, spec, str(model), str(cg_model))
+        bm_meta, top = bm.metadata, bm.topology
+    if topology is not None:
+        top = md.load_topology(str(topology))
+    elif model is None:
+        if not spec.get("topology_pdb"):
+            raise ValueError(f"{cg_model} carries no AA topology: give --topology or --model")
+        from openmm_backmap.io.pdb import topology_from_pdb
+
+        top = topology_from_pdb(spec["topology_pdb"])
+    rows = read_energy_file(energy_file)
+    traj = load_trajectory(str(trajectory), top)
+    n_rows, n_frames = len(rows["log_w"]), traj.n_frames
+    if n_rows != n_frames:
+        raise ValueError(
+            f"{energy_file} has {n_rows} rows but {trajectory} has {n_frames} frames: the reporter writes one "
+            f"row per AA frame, so these files are not of one run (or one was cut short)"
+        )
+    mapping_dict = spec.get("mapping") or (bm_meta or {}).get("mapping")
+    if not mapping_dict:
+        raise ValueError(f"{cg_model} carries no mapping: give --model (the backmapper of the run)")
+    cg_map = CGMapping.from_dict(mapping_dict, traj.topology)
+    log_w = np.asarray(rows["log_w"], dtype=np.float64)
+    obs = basin_observable(traj.topology)
+    ind = obs(traj.xyz) if obs is not None else None
+    if kish_ess(log_w) == 0.0:
+        raise ValueError(_zero_weight_message(log_w, str(energy_file), ind))
+    stats = evaluate_weights(log_w, ind)
+    X = cg_map.project(traj.xyz.astype(np.float64))
+    lam = ess_tempering(log_w, settings.ess_target)
+    w = _normalized(lam * log_w)
+    refit = weighted_refit(
+        cg, X, w, settings.epochs, settings.batch_size, settings.lr, settings.val_fraction, settings.seed
+    )
+    heavy = w >= 0.01 * w[w > 0].mean()
+    refit["priors_widened"] = widen_priors(cg, X[heavy])
+    summary = {
+        "energy_file": str(energy_file),
+        "trajectory": str(trajectory),
+        "cg_model": str(cg_model),
+        "run": stats,
+        "lambda": lam,
+        "refit": {k: v for k, v in refit.items() if k != "history"},
+        "settings": asdict(settings),
+    }
+    _export(cg, spec, out / "cg.pt", {"from_run": str(energy_file), "lambda": lam})
+    (out / "refit.json").write_text(json.dumps(summary, indent=1) + "\n")
+    log(
+        f"run: {n_rows} frames, ESS/N {stats['ess_fraction']:.3f}, lambda {lam:.3f}; refit best weighted NLL "
+        f"{refit['best_val_nll']:.3f} (epoch {refit['best_epoch']}); written {out / 'cg.pt'}, {out / 'refit.json'}"
+    )
+    return summary
+
+
+# ---------------------------------------------------------------------------- figure
+def plot_cycles(history: list[dict], path: str | Path) -> None:
+    """ESS/N and the KL estimates per cycle, and each basin's population (raw and reweighted, with
+    error bars, log scale) per cycle, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = [r["cycle"] for r in history]
+    basins = list((history[0].get("basins") or {}).keys())
+    fig, axes = plt.subplots(1, 2 if basins else 1, figsize=(11 if basins else 5.5, 4), squeeze=False)
+    ax = axes[0, 0]
+    ax.plot(c, [r["ess_fraction"] for r in history], "o-", label="ESS/N")
+    ax.set_xlabel("cycle")
+    ax.set_ylabel("ESS/N")
+    ax.set_ylim(0, 1)
+    ax2 = ax.twinx()
+    ax2.plot(c, [r["kl_forward"] for r in history], "s--", color="C3", label="KL(p||q) est.")
+    ax2.plot(c, [r["kl_reverse"] for r in history], "^--", color="C2", label="KL(q||p) est.")
+    ax2.set_ylabel("KL estimate (nats, joint)")
+    ax.legend(loc="upper left", fontsize=8)
+    ax2.legend(loc="upper right", fontsize=8)
+    if basins:
+        ax = axes[0, 1]
+        for k, name in enumerate(basins):
+            raw = np.array([r["basins"][name]["raw"] for r in history])
+            rw = np.array([r["basins"][name]["reweighted"] for r in history])
+            ax.errorbar(
+                c,
+                rw,
+                yerr=[r["basins"][name]["reweighted_error"] for r in history],
+                fmt="o-",
+                color=f"C{k}",
+                label=f"{name} reweighted",
+            )
+            ax.plot(c, raw, "x:", color=f"C{k}", label=f"{name} flow (raw)")
+        ax.set_yscale("log")
+        ax.set_xlabel("cycle")
+        ax.set_ylabel("population")
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
