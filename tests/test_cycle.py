@@ -235,3 +235,102 @@ def test_settings_refuse_nonsense():
         CycleSettings(tau=0.5)
     with pytest.raises(ValueError, match="cycles"):
         CycleSettings(cycles=0)
+
+
+# ---------------------------------------------------------------------------- files and bad input
+def _csv(path, log_w):
+    from openmm_backmap.io.energy_file import ENERGY_COLUMNS
+
+    rows = [",".join(ENERGY_COLUMNS)]
+    rows += [f"{10 * k},{0.01 * k:.6f},0,-1.0,-50.0,10.0,{v}" for k, v in enumerate(log_w)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _cg_file(tiny_ala2, path, groups):
+    """A small CG flow potential of the tiny ALA2 run on the beads ``groups`` (atom indices)."""
+    from openmm_backmap.io.checkpoints import make_cg_spec
+    from openmm_backmap.io.model_files import export_cg
+    from openmm_backmap.mapping import CGMapping
+    from openmm_backmap.models.cg_potential import CGFlowPotential
+
+    traj = tiny_ala2["traj"]
+    mapping = CGMapping(traj.topology, [list(g) for g in groups])
+    X = mapping.project(traj.xyz.astype(np.float64))
+    torch.manual_seed(0)
+    model = CGFlowPotential.from_data(X, mapping.cg_bonds(), n_layers=1, hidden=8, n_hidden=1)
+    export_cg(model, make_cg_spec(model, mapping, reference_xyz=traj.xyz[0]), path)
+    return path
+
+
+def test_cycle_command_end_to_end(tiny_ala2, tiny_cg, tmp_path):
+    """`openmm-backmap cycle` on the small models: one record per evaluation with ESS, KL and the
+    four basins, a PNG, and a last-cycle CG potential that loads as a model file and gives the
+    refitted flow's energies (its flow is the input's when no refit epoch beat the start)."""
+    import json
+
+    from openmm_backmap.cli import main
+    from openmm_backmap.io.model_files import load_cg_potential
+
+    out = tmp_path / "cyc"
+    argv = ["cycle", "--model", str(tiny_ala2["model"]), "--cg-model", str(tiny_cg), "--cycles", "1"]
+    argv += ["--samples", "128", "--epochs", "1", "--batch-size", "64", "--out", str(out), "--threads", "1"]
+    assert main(argv) == 0
+    rec = json.loads((out / "cycle.json").read_text())
+    assert [r["cycle"] for r in rec["cycles"]] == [0, 1]
+    first = rec["cycles"][0]
+    assert 0 < first["ess_fraction"] <= 1 and set(first["basins"]) == {"C7eq", "C5", "alpha_R", "alpha_L"}
+    assert sum(b["reweighted"] for b in first["basins"].values()) == pytest.approx(1.0)
+    assert (out / "cycle.png").stat().st_size > 0 and (out / "backmapper.pt").is_file()
+    new, meta = load_cg_potential(out / "cg.pt")
+    old, _ = load_cg_potential(tiny_cg)
+    assert meta["training"]["cycle"]["cycles"] == 1
+    X = torch.as_tensor(tiny_ala2["mapping"].project(tiny_ala2["traj"].xyz[:5].astype(np.float64)), dtype=torch.float32)
+    assert torch.isfinite(new.energy(X)).all()
+    if first["refit"]["best_epoch"] >= 0:
+        assert not torch.allclose(new.log_prob(X), old.log_prob(X))
+    else:
+        torch.testing.assert_close(new.log_prob(X), old.log_prob(X))
+
+
+def test_cycle_refuses_models_of_other_mappings(tiny_ala2, tmp_path, capsys):
+    """A CG potential of other beads, or of fewer beads, than the backmapper's is refused by name."""
+    from openmm_backmap.cli import main
+
+    other = _cg_file(tiny_ala2, tmp_path / "other.pt", [[4], [6], [8], [10], [14], [18]])
+    five = _cg_file(tiny_ala2, tmp_path / "five.pt", [[4], [6], [8], [14], [16]])
+    base = ["cycle", "--model", str(tiny_ala2["model"]), "--out", str(tmp_path / "o"), "--cycles", "1"]
+    assert main([*base, "--cg-model", str(other)]) == 2
+    assert "bead 5" in capsys.readouterr().err
+    assert main([*base, "--cg-model", str(five)]) == 2
+    err = capsys.readouterr().err
+    assert "6 beads" in err and "5" in err and "different mappings" in err
+
+
+def test_from_run_refits_and_refuses_bad_runs(tiny_ala2, tiny_cg, tmp_path, capsys):
+    """--from-run refits to a run whose rows match the trajectory's frames; a file with fewer rows,
+    and a run whose weights are all zero (saying which frames and basins), are refused."""
+    import json
+
+    from openmm_backmap.cli import main
+    from openmm_backmap.io.model_files import load_cg_potential
+
+    dcd = str(tiny_ala2["paths"]["dcd"])
+    n = tiny_ala2["traj"].n_frames
+    rng = np.random.default_rng(0)
+    good = _csv(tmp_path / "good.csv", rng.normal(0.0, 1.0, n))
+    base = ["cycle", "--cg-model", str(tiny_cg), "--model", str(tiny_ala2["model"]), "--epochs", "1"]
+    assert main([*base, "--from-run", str(good), dcd, "--out", str(tmp_path / "r")]) == 0
+    summary = json.loads((tmp_path / "r" / "refit.json").read_text())
+    assert summary["run"]["n"] == n and 0 < summary["run"]["ess_fraction"] <= 1
+    load_cg_potential(tmp_path / "r" / "cg.pt")
+
+    short = _csv(tmp_path / "short.csv", rng.normal(0.0, 1.0, n - 3))
+    assert main([*base, "--from-run", str(short), dcd, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert f"{n - 3} rows" in err and f"{n} frames" in err
+
+    zero = _csv(tmp_path / "zero.csv", [float("-inf")] * n)
+    assert main([*base, "--from-run", str(zero), dcd, "--out", str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err
+    assert "every importance weight" in err and f"frames 0-{n - 1}" in err and "never visits" in err

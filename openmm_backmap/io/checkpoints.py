@@ -211,16 +211,23 @@ def cg_potential_from_file(path: str | Path) -> tuple[CGFlowPotential, dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CG potential {path} does not exist")
-    try:
+    if path.suffix == ".ckpt":
         model, ckpt = load_cg_checkpoint(path)
         return model, ckpt["spec"]
-    except ValueError:
-        pass
-    module, meta, files = read_model_file(path, kind=CG_KIND)
+    try:
+        module, meta, files = read_model_file(path, kind=CG_KIND)
+    except ValueError as err:
+        try:
+            model, ckpt = load_cg_checkpoint(path)
+        except ValueError:
+            raise err from None
+        return model, ckpt["spec"]
     kw = dict(meta["model"])
     kw["priors"] = {k: v for k, v in (meta.get("priors") or {}).items() if k in DEFAULT_PRIORS}
     model = CGFlowPotential(kw.pop("n_cg"), kw.pop("cg_bonds"), **kw)
-    state = module.state_dict()
+    # the scripted module also lists the non-persistent buffers the constructor rebuilds
+    keys = set(model.state_dict())
+    state = {k: v for k, v in module.state_dict().items() if k in keys}
     if any(v.is_floating_point() and v.dtype == torch.float64 for v in state.values()):
         model = model.double()
     model.load_state_dict(state)

@@ -749,3 +749,68 @@ def plot_cycles(history: list[dict], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- command line
+def add_arguments(p) -> None:
+    """The options of ``openmm-backmap cycle``."""
+    d = CycleSettings
+    p.add_argument("--model", help="backmapper model file (.pt) with the AA System embedded (or --aa-system)")
+    p.add_argument("--cg-model", required=True, help="CG potential: model file (.pt) or train-cg checkpoint")
+    p.add_argument("--aa-system", help="AA OpenMM System XML (default: the one embedded in --model)")
+    p.add_argument(
+        "--from-run",
+        nargs=2,
+        metavar=("ENERGY_CSV", "TRAJECTORY"),
+        help="refit once to a reporter run: its energy CSV and the AA trajectory it wrote",
+    )
+    p.add_argument("--topology", help="AA topology (PDB) of --from-run's trajectory (default: from --model)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--cycles", type=int, default=d.cycles, help=f"refits of the CG flow (default {d.cycles})")
+    p.add_argument("--samples", type=int, default=d.samples, help=f"CG draws per cycle (default {d.samples})")
+    p.add_argument("--per-frame", type=int, default=d.per_frame, help="reconstructions per CG draw (default 1)")
+    p.add_argument(
+        "--defensive", type=float, default=d.defensive, help=f"fraction drawn from the widened flow ({d.defensive})"
+    )
+    p.add_argument("--tau", type=float, default=d.tau, help=f"latent scale of the widened flow (default {d.tau})")
+    p.add_argument(
+        "--ess-target", type=float, default=d.ess_target, help=f"ESS/N below which weights are tempered ({d.ess_target})"
+    )
+    p.add_argument("--pool", type=int, default=d.pool, help=f"cycles whose samples each refit uses (default {d.pool})")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"refit epochs per cycle (default {d.epochs})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help=f"refit learning rate (default {d.lr:g})")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+
+
+def run(args) -> int:
+    """``openmm-backmap cycle``: :func:`cycle_from_files`, or :func:`refit_from_run` with ``--from-run``."""
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
+    settings = CycleSettings(
+        cycles=max(args.cycles, 1) if args.from_run else args.cycles,
+        samples=args.samples,
+        per_frame=args.per_frame,
+        defensive=args.defensive,
+        tau=args.tau,
+        ess_target=args.ess_target,
+        pool=args.pool,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    if args.from_run:
+        energy_csv, trajectory = args.from_run
+        for path in (energy_csv, trajectory, args.cg_model):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{path} does not exist")
+        if args.model is None and args.topology is None:
+            raise ValueError("--from-run needs the AA topology: give --topology aa.pdb or --model backmapper.pt")
+        refit_from_run(energy_csv, trajectory, args.cg_model, args.out, args.topology, args.model, settings)
+        return 0
+    if args.model is None:
+        raise ValueError("give --model backmapper.pt (or --from-run ENERGY_CSV TRAJECTORY)")
+    cycle_from_files(args.model, args.cg_model, args.out, settings, args.aa_system)
+    return 0
