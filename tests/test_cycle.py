@@ -334,3 +334,41 @@ def test_from_run_refits_and_refuses_bad_runs(tiny_ala2, tiny_cg, tmp_path, caps
     assert main([*base, "--from-run", str(zero), dcd, "--out", str(tmp_path / "z")]) == 2
     err = capsys.readouterr().err
     assert "every importance weight" in err and f"frames 0-{n - 1}" in err and "never visits" in err
+
+
+def test_cycle_refines_a_backmapper_checkpoint(tiny_ala2, tiny_cg, tmp_path, capsys):
+    """With --refine-backmapper the backmapper checkpoint is refined each cycle and exported as the
+    last cycle's backmapper.pt (its log q changes); a .pt backmapper cannot be refined."""
+    import json
+
+    from openmm_backmap.cli import main
+    from openmm_backmap.io.backmap_model import load_model
+    from openmm_backmap.io.checkpoints import make_spec, save_checkpoint
+    from openmm_backmap.models.backmapper import Backmapper
+    from openmm_backmap.openmm.energies import constraints_from_system, load_system
+
+    traj, mapping = tiny_ala2["traj"], tiny_ala2["mapping"]
+    torch.manual_seed(0)
+    net = Backmapper.from_data(
+        mapping,
+        traj.xyz.astype(np.float64),
+        constraints=constraints_from_system(load_system(tiny_ala2["system_xml"])),
+        n_layers=2,
+        hidden=16,
+        n_hidden=1,
+    )
+    ckpt = tmp_path / "bm.ckpt"
+    save_checkpoint(ckpt, net, make_spec(net, 300.0, reference_xyz=traj.xyz[0], system_xml=tiny_ala2["system_xml"]))
+    out = tmp_path / "ref"
+    argv = ["cycle", "--model", str(ckpt), "--cg-model", str(tiny_cg), "--cycles", "1", "--samples", "64"]
+    argv += ["--epochs", "1", "--batch-size", "64", "--refine-backmapper", "3", "--out", str(out)]
+    assert main(argv) == 0
+    rec = json.loads((out / "cycle.json").read_text())
+    assert rec["cycles"][0]["backmapper_refit"]["steps"] == 3
+    refined = load_model(out / "backmapper.pt", device="cpu")
+    X = torch.as_tensor(mapping.project(traj.xyz[:4].astype(np.float64)), dtype=torch.float32)
+    x = torch.as_tensor(traj.xyz[:4])
+    assert not torch.allclose(refined.module.log_prob(x, X), net.float().log_prob(x, X).detach())
+    bad = ["cycle", "--model", str(tiny_ala2["model"]), "--cg-model", str(tiny_cg), "--refine-backmapper", "3"]
+    assert main([*bad, "--out", str(tmp_path / "bad")]) == 2
+    assert ".ckpt" in capsys.readouterr().err

@@ -86,6 +86,10 @@ class CycleSettings:
         pairs scores the epochs (weighted NLL), the best epoch is kept.
     seed
         Seeds the draws and the refits.
+    refine_steps, refine_lr
+        Backmapper refinement per cycle (0: none): reverse-KL steps on exp(-beta U_AA) at the cycle's
+        CG draws plus the NLL of the cycle's pairs resampled by weight (the weighted samples), through
+        :func:`~openmm_backmap.training.backmapper.refine_energy`; needs a backmapper checkpoint.
     """
 
     cycles: int = 6
@@ -100,6 +104,8 @@ class CycleSettings:
     lr: float = 5e-4
     val_fraction: float = 0.1
     seed: int = 0
+    refine_steps: int = 0
+    refine_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         for name in ("cycles", "samples", "per_frame", "pool", "epochs", "batch_size"):
@@ -111,6 +117,8 @@ class CycleSettings:
             raise ValueError(f"CycleSettings: tau must be >= 1, got {self.tau}")
         if not 0.0 < self.ess_target <= 1.0:
             raise ValueError(f"CycleSettings: ess_target must be in (0, 1], got {self.ess_target}")
+        if self.refine_steps < 0:
+            raise ValueError(f"CycleSettings: refine_steps must be >= 0, got {self.refine_steps}")
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"CycleSettings: val_fraction must be in (0, 0.5), got {self.val_fraction}")
 
@@ -391,6 +399,7 @@ def run_cycles(
     observables: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
     on_cycle: Callable[[int, dict], None] | None = None,
     log: Callable[[str], None] = print,
+    refine: Callable[[np.ndarray, np.ndarray, np.ndarray], dict] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``settings.cycles`` cycles (module docstring) and evaluate the flow before each refit and
     after the last.
@@ -409,7 +418,10 @@ def run_cycles(
     observables
         Per basin, boolean indicators of a batch of AA positions (numpy); None for none.
     on_cycle
-        Called as ``on_cycle(c, record)`` after each evaluation (c = 0 .. cycles), before the refit.
+        Called as ``on_cycle(c, record)`` after each evaluation (c = 0 .. cycles) and its refit.
+    refine
+        Optional backmapper refinement after each refit: ``refine(X, x, w)`` with the cycle's CG
+        draws, their reconstructions and normalised weights; returns a summary.
 
     Returns
     -------
@@ -462,6 +474,9 @@ def run_cycles(
                 refit["priors_widened"] = widen_priors(family.module, Xp[heavy])
             record["lambda"] = lam
             record["refit"] = {k2: v for k2, v in refit.items() if k2 != "history"}
+            if refine is not None:
+                summary = refine(X_safe.detach().cpu().double().numpy(), x_np, _normalized(log_w))
+                record["backmapper_refit"] = {k2: v for k2, v in summary.items() if k2 != "history"}
         record["seconds"] = time.time() - t0
         history.append(record)
         log(_summary_line(record))
@@ -471,7 +486,8 @@ def run_cycles(
 
 
 def _summary_line(r: dict) -> str:
-    text = f"cycle {r['cycle']}: ESS/N {r['ess_fraction']:.3f}, KL fwd {r['kl_forward']:.3f} rev {r['kl_reverse']:.3f} nats"
+    text = f"cycle {r['cycle']}: ESS/N {r['ess_fraction']:.3f}"
+    text += f", KL fwd {r['kl_forward']:.3f} rev {r['kl_reverse']:.3f} nats"
     if "lambda" in r:
         text += f", lambda {r['lambda']:.3f}"
     for name, b in (r.get("basins") or {}).items():
@@ -554,35 +570,83 @@ def cycle_from_files(
     threads: int | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """What ``openmm-backmap cycle`` runs: the cycle on a backmapper model file and a CG potential
-    (``.pt`` model file or ``train-cg`` checkpoint), with the AA System embedded in the backmapper or
-    given as ``aa_system`` (XML).
+    """What ``openmm-backmap cycle`` runs: the cycle on a backmapper (model file, or ``train``
+    checkpoint ``.ckpt``: needed for ``settings.refine_steps``) and a CG potential (``.pt`` model file
+    or ``train-cg`` checkpoint), with the AA System embedded in the backmapper or given as
+    ``aa_system`` (XML).
 
     Writes to the folder ``out``: ``cycle.json`` (settings and one record per evaluation, rewritten
     every cycle), ``cycle.png``, ``cg_cycle<c>.pt`` after each refit, and at the end ``cg.pt`` (the
     last cycle's CG potential: runs in ``compile``, the reporter and the hybrid sampler) and
-    ``backmapper.pt`` (a copy of the backmapper, the one the weights were computed with).
+    ``backmapper.pt`` (the backmapper of the last cycle: refined, or a copy of the input's model file).
     """
     from openmm_backmap.io.backmap_model import load_model
+    from openmm_backmap.io.checkpoints import load_checkpoint
+    from openmm_backmap.io.model_files import export_model
+    from openmm_backmap.io.pdb import topology_from_pdb
+    from openmm_backmap.mapping import CGMapping
     from openmm_backmap.openmm.energies import ReducedEnergy, aa_energy, check_system_matches, load_system
 
     if threads:
         torch.set_num_threads(int(threads))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    bm = load_model(model, device="cpu")
+    if Path(model).suffix == ".ckpt":
+        net, bm_ckpt = load_checkpoint(model)
+        bm_spec = bm_ckpt["spec"]
+        net = net.float().eval()
+        topology = topology_from_pdb(bm_spec["topology_pdb"])
+        mapping = CGMapping.from_dict(bm_spec["mapping"], topology)
+        temperature, system_xml = float(bm_spec["temperature"]), bm_spec.get("system_xml")
+        meta = {"n_cg": net.n_cg, "mapping": bm_spec["mapping"], "temperature": temperature}
+        sampler = net
+    else:
+        if settings.refine_steps:
+            raise ValueError(f"refining the backmapper needs its training checkpoint (.ckpt), not {model}")
+        bm = load_model(model, device="cpu")
+        net, bm_spec, topology, mapping = None, None, bm.topology, bm.mapping
+        temperature, system_xml, meta, sampler = bm.temperature, bm.system_xml, bm.metadata, bm.module
+    elements = [a.element.symbol if a.element is not None else "" for a in topology.atoms]
     cg, spec = _load_cg(cg_model)
-    check_models_match(bm.metadata, spec, str(model), str(cg_model))
-    if aa_system is None and bm.system_xml is None:
+    check_models_match(meta, spec, str(model), str(cg_model))
+    if aa_system is None and system_xml is None:
         raise ValueError(f"{model} embeds no AA System: give --aa-system system.xml")
-    system = load_system(Path(aa_system).read_text() if aa_system is not None else bm.system_xml)
-    check_system_matches(system, bm.metadata["elements"], f"the AA System {aa_system or '(embedded)'}", str(model))
-    energy = ReducedEnergy(aa_energy(system), bm.temperature)
+    system = load_system(Path(aa_system).read_text() if aa_system is not None else system_xml)
+    check_system_matches(system, elements, f"the AA System {aa_system or '(embedded)'}", str(model))
+    u_aa = aa_energy(system)
+    energy = ReducedEnergy(u_aa, temperature)
     dtype = torch.float32
 
     def backmap(X: Tensor, k: int) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
-            return bm.module.sample(X.to(dtype), int(k))
+            return sampler.sample(X.to(dtype), int(k))
+
+    refine = None
+    if settings.refine_steps and net is not None:
+        from openmm_backmap.training.backmapper import refine_energy
+
+        def refine(X: np.ndarray, x: np.ndarray, w: np.ndarray) -> dict:
+            # the weighted samples, resampled by weight, keep q(x | X) covering where p puts mass
+            pick = np.random.default_rng(settings.seed).choice(len(w), size=len(w), p=w / w.sum())
+            pairs = (x[pick], mapping.project(x[pick]))
+            net.train()
+            summary = refine_energy(
+                net,
+                bm_spec,
+                u_aa,
+                X,
+                temperature,
+                steps=settings.refine_steps,
+                batch_size=64,
+                lr=settings.refine_lr,
+                t_start=temperature,
+                ml_data=pairs,
+                ml_weight=0.3,
+                seed=settings.seed,
+                progress=False,
+            )
+            net.eval()
+            return summary
 
     def reduced(x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -593,7 +657,7 @@ def cycle_from_files(
         "backmapper": str(model),
         "cg_model": str(cg_model),
         "aa_system": str(aa_system) if aa_system else "embedded",
-        "temperature_K": bm.temperature,
+        "temperature_K": temperature,
         "settings": asdict(settings),
     }
     history: list[dict] = []
@@ -605,9 +669,12 @@ def cycle_from_files(
         if c < settings.cycles:
             _export(cg, spec, out / f"cg_cycle{c + 1}.pt", {"cycle": c + 1, "source": str(cg_model)})
 
-    run_cycles(family, backmap, reduced, bm.mapping.project, settings, basin_observable(bm.topology), on_cycle, log)
+    run_cycles(family, backmap, reduced, mapping.project, settings, basin_observable(topology), on_cycle, log, refine)
     _export(cg, spec, out / "cg.pt", {"cycles": settings.cycles, "source": str(cg_model), "final": history[-1]})
-    (out / "backmapper.pt").write_bytes(Path(model).read_bytes())
+    if net is not None:
+        export_model(net, bm_spec, out / "backmapper.pt")
+    else:
+        (out / "backmapper.pt").write_bytes(Path(model).read_bytes())
     log(f"written: {out / 'cycle.json'}, {out / 'cycle.png'}, {out / 'cg.pt'}, {out / 'backmapper.pt'}")
     return history
 
@@ -755,7 +822,9 @@ def plot_cycles(history: list[dict], path: str | Path) -> None:
 def add_arguments(p) -> None:
     """The options of ``openmm-backmap cycle``."""
     d = CycleSettings
-    p.add_argument("--model", help="backmapper model file (.pt) with the AA System embedded (or --aa-system)")
+    p.add_argument(
+        "--model", help="backmapper: model file (.pt) or train checkpoint (.ckpt), with its AA System (or --aa-system)"
+    )
     p.add_argument("--cg-model", required=True, help="CG potential: model file (.pt) or train-cg checkpoint")
     p.add_argument("--aa-system", help="AA OpenMM System XML (default: the one embedded in --model)")
     p.add_argument(
@@ -774,13 +843,23 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--tau", type=float, default=d.tau, help=f"latent scale of the widened flow (default {d.tau})")
     p.add_argument(
-        "--ess-target", type=float, default=d.ess_target, help=f"ESS/N below which weights are tempered ({d.ess_target})"
+        "--ess-target",
+        type=float,
+        default=d.ess_target,
+        help=f"ESS/N below which weights are tempered ({d.ess_target})",
     )
     p.add_argument("--pool", type=int, default=d.pool, help=f"cycles whose samples each refit uses (default {d.pool})")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"refit epochs per cycle (default {d.epochs})")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help=f"refit learning rate (default {d.lr:g})")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--refine-backmapper",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also refine the backmapper each cycle (reverse KL + weighted NLL steps); --model must be its .ckpt",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
 
 
@@ -800,6 +879,7 @@ def run(args) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
+        refine_steps=args.refine_backmapper,
     )
     if args.from_run:
         energy_csv, trajectory = args.from_run
