@@ -332,6 +332,14 @@ def weighted_refit(
     if len(tr) == 0:
         tr = va
     dtype = next(model.parameters()).dtype
+    # a pair the current model gives no finite density (a far-out draw) cannot enter a likelihood
+    with torch.no_grad():
+        lq0 = torch.cat([model.log_prob(torch.as_tensor(X[s : s + 4096], dtype=dtype)) for s in range(0, len(X), 4096)])
+    finite = torch.isfinite(lq0).cpu().numpy()
+    dropped = int((~finite).sum())
+    tr, va = tr[finite[tr]], va[finite[va]]
+    if len(tr) == 0 or len(va) == 0:
+        raise ValueError("weighted refit: the model gives no finite density to the weighted pairs")
     X_tr = torch.as_tensor(X[tr], dtype=dtype)
     X_va = torch.as_tensor(X[va], dtype=dtype)
     # weights scaled to mean 1 on each part: the batch mean of w_i (-log q_i) is then unbiased
@@ -360,7 +368,7 @@ def weighted_refit(
     summary = fit_epochs(
         model,
         len(tr),
-        lambda idx, gen: -(w_tr[idx] * model.log_prob(X_tr[idx])).mean(),
+        lambda idx, gen: _weighted_nll(model, X_tr[idx], w_tr[idx]),
         last_epoch_wins,
         settings,
         spec,
@@ -375,7 +383,18 @@ def weighted_refit(
     summary.pop("best_val_nll", None)
     summary.pop("best_epoch", None)
     summary["n_pairs"] = int(len(w))
+    summary["dropped_nonfinite"] = dropped
     return summary
+
+
+def _weighted_nll(model: torch.nn.Module, X: Tensor, w: Tensor) -> Tensor:
+    """Batch mean of w_i (-log q(X_i)); a pair whose density went non-finite during the fit is left
+    out of the step rather than turning it into NaN."""
+    lq = model.log_prob(X)
+    ok = torch.isfinite(lq)
+    if not bool(ok.all()):  # again without them: no NaN can reach the gradient
+        lq, w = model.log_prob(X[ok]), w[ok]
+    return -(w * lq).sum() / max(int(X.shape[0]), 1)
 
 
 @torch.no_grad()
