@@ -610,7 +610,7 @@ def _cmd_entropy(args) -> int:
 
 
 def _add_cycle(sub) -> None:
-    from openmm_backmap.training.cycle import add_arguments
+    from openmm_backmap.training.cycle_files import add_arguments
 
     p = sub.add_parser(
         "cycle",
@@ -625,7 +625,7 @@ def _add_cycle(sub) -> None:
 
 
 def _cmd_cycle(args) -> int:
-    from openmm_backmap.training.cycle import run
+    from openmm_backmap.training.cycle_files import run
 
     return int(run(args) or 0)
 
