@@ -861,6 +861,27 @@ def _cmd_entropy(args) -> int:
     return int(run(args) or 0)
 
 
+def _add_cycle(sub) -> None:
+    from openmm_backmap.training.cycle_files import add_arguments
+
+    p = sub.add_parser(
+        "cycle",
+        help="cycle coarse graining: refit the CG flow potential to its own backmapped, reweighted samples",
+        description="Each cycle draws independent samples of the CG flow (a defensive mixture with a widened "
+        "copy), backmaps them, weights them by exp(-beta U_AA) / (q(X) q(x | X)) and refits the flow by weighted "
+        "maximum likelihood toward the exact CG marginal; writes cycle.json, cycle.png and the last cycle's "
+        "cg.pt. With --from-run, refits once to a reporter run (energy CSV + AA trajectory).",
+    )
+    add_arguments(p)
+    p.set_defaults(func=_cmd_cycle)
+
+
+def _cmd_cycle(args) -> int:
+    from openmm_backmap.training.cycle_files import run
+
+    return int(run(args) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from openmm_backmap import __version__
 
@@ -889,6 +910,7 @@ _COMMANDS = [
     _add_hybrid,
     _add_peptides,
     _add_entropy,
+    _add_cycle,
 ]
 
 

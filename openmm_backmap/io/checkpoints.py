@@ -243,3 +243,60 @@ def export_checkpoint(checkpoint: str | Path, path: str | Path, cg_path: str | P
         model, ckpt = load_checkpoint(checkpoint)
         export_model(model, ckpt["spec"], path)
     return kind
+
+
+def cg_potential_from_file(path: str | Path) -> tuple[CGFlowPotential, dict]:
+    """(trainable CG flow potential, its spec) from a ``train-cg`` checkpoint or an exported ``.pt``
+    CG-potential model file: the model file's metadata rebuilds the architecture, priors and spec
+    (what :func:`~openmm_backmap.io.model_files.export_cg` needs to write it again) and its state
+    dict fills in the parameters, statistics and prior bounds.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    ValueError
+        The file is neither kind of CG-potential file.
+    """
+    from openmm_backmap.io.model_files import read_model_file
+    from openmm_backmap.models.cg_potential import DEFAULT_PRIORS
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CG potential {path} does not exist")
+    if path.suffix == ".ckpt":
+        model, ckpt = load_cg_checkpoint(path)
+        return model, ckpt["spec"]
+    try:
+        module, meta, files = read_model_file(path, kind=CG_KIND)
+    except ValueError as err:
+        try:
+            model, ckpt = load_cg_checkpoint(path)
+        except ValueError:
+            raise err from None
+        return model, ckpt["spec"]
+    kw = dict(meta["model"])
+    kw["priors"] = {k: v for k, v in (meta.get("priors") or {}).items() if k in DEFAULT_PRIORS}
+    model = CGFlowPotential(kw.pop("n_cg"), kw.pop("cg_bonds"), **kw)
+    # the scripted module also lists the non-persistent buffers the constructor rebuilds
+    keys = set(model.state_dict())
+    state = {k: v for k, v in module.state_dict().items() if k in keys}
+    if any(v.is_floating_point() and v.dtype == torch.float64 for v in state.values()):
+        model = model.double()
+    model.load_state_dict(state)
+    spec: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "kind": CG_KIND,
+        "version": CHECKPOINT_VERSION,
+        "model": copy.deepcopy(model.spec),
+        "temperature": float(meta["temperature"]),
+        "mapping": meta.get("mapping"),
+        "topology_pdb": None,
+        "cg_topology_pdb": files.get("cg_topology.pdb") or None,
+        "bead_names": meta.get("bead_names"),
+        "masses": meta.get("masses"),
+        "cg_bond_range_nm": meta.get("cg_bond_range_nm"),
+        "training": meta.get("training", {}),
+        "data": meta.get("data"),
+    }
+    return model.eval(), spec

@@ -1,0 +1,266 @@
+"""Cycle coarse graining on alanine dipeptide: the validation behind benchmarks/RESULTS.md ("Cycle").
+
+The cycle itself is the command line (``openmm-backmap cycle``); this script measures its results:
+
+* ``umbrella``: umbrella sampling along phi (MBAR), the reference phi profile and basin populations;
+* ``profile``: phi free-energy profiles of CG potentials from independent samples of their flows,
+  beside the umbrella profile and a held-out MD histogram, as a PNG and JSON;
+* ``simulate``: an OpenMM CG simulation with a CG potential (``.pt`` or compiled ``.pt2``) as the force
+  and a BackmapReporter, and the run's basin populations, raw and reweighted from its energy file.
+
+Example (the commands of RESULTS.md)::
+
+    python benchmarks/bench_cycle.py umbrella --ps 100 --out umbrella.json
+    python benchmarks/bench_cycle.py profile --cg cg_md.pt cycle/cg.pt --labels MD cycle \\
+        --umbrella umbrella.json --md seed2/ala2.dcd seed2/ala2.pdb --out profile
+    python benchmarks/bench_cycle.py simulate --cg cycle/cg.pt2 --model cycle/backmapper.pt \\
+        --start seed1/ala2.pdb --steps 20000 --out sim
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# reference basin populations (benchmarks/RESULTS.md: 240 ns MD for C7eq and alpha_R, umbrella for alpha_L)
+REFERENCE = {"C7eq": 0.4534, "C5": 0.5451, "alpha_R": 0.00068, "alpha_L": 0.00884}
+
+
+def delta_kT(p: float, ref: float) -> float:
+    """-ln(p / ref): the free-energy error of a population in kT (inf when p is 0)."""
+    return float(-math.log(p / ref)) if p > 0 else float("inf")
+
+
+def phi_bead_indices(mapping) -> list[int]:
+    """Bead indices of the four atoms of the first phi dihedral (each must be a bead by itself)."""
+    from openmm_backmap.analysis.basins import backbone_torsions
+
+    phi_atoms = backbone_torsions(mapping.topology)[0]
+    psi_atoms = backbone_torsions(mapping.topology)[1]
+    single = {int(g[0]): b for b, g in enumerate(mapping.groups) if len(g) == 1}
+    missing = [a for a in phi_atoms + psi_atoms if a not in single]
+    if missing:
+        raise ValueError(f"phi/psi atoms {missing} are not beads by themselves: the CG flow does not fix phi")
+    return [single[a] for a in phi_atoms] + [single[a] for a in psi_atoms]
+
+
+def cg_dihedrals(X: np.ndarray, idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(phi, psi) in degrees from CG positions X (N, n_cg, 3) and the 8 bead indices of phi and psi."""
+    import mdtraj as md
+
+    top = md.Topology()
+    chain = top.add_chain()
+    res = top.add_residue("CG", chain)
+    for k in range(X.shape[1]):
+        top.add_atom(f"B{k}", md.element.carbon, res)
+    t = md.Trajectory(X.astype(np.float32), top)
+    ang = np.degrees(md.compute_dihedrals(t, np.array([idx[:4], idx[4:]])))
+    return ang[:, 0], ang[:, 1]
+
+
+def profile_of(phi: np.ndarray, weights: np.ndarray | None = None, bins: int = 72):
+    """(bin centres in degrees, free energy in kT with its minimum at 0; inf where empty)."""
+    h, e = np.histogram(phi, bins=bins, range=(-180.0, 180.0), weights=weights)
+    with np.errstate(divide="ignore"):
+        f = -np.log(h / h.max())
+    return 0.5 * (e[1:] + e[:-1]), f
+
+
+def cmd_umbrella(args) -> None:
+    from openmm_backmap.systems.umbrella import umbrella_basin_populations
+
+    t0 = time.time()
+    res = umbrella_basin_populations(
+        "ala2", n_windows=args.windows, ps_per_window=args.ps, equilibrate_ps=args.equilibrate, progress=False
+    )
+    res["seconds"] = time.time() - t0
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    print({k: round(v["population"], 5) for k, v in res["basins"].items()}, f"{res['seconds']:.0f} s")
+
+
+def cmd_profile(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from openmm_backmap.analysis.basins import basin_indicators
+    from openmm_backmap.io.checkpoints import cg_potential_from_file
+    from openmm_backmap.mapping import CGMapping
+    from openmm_backmap.training.cycle import TemperedFlow
+
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    labels = args.labels or [Path(p).stem for p in args.cg]
+    import mdtraj as md
+
+    top = md.load_topology(args.md[1])
+    result: dict = {"samples": args.samples, "reference": REFERENCE, "models": {}}
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for k, (path, label) in enumerate(zip(args.cg, labels)):
+        model, spec = cg_potential_from_file(path)
+        mapping = CGMapping.from_dict(spec["mapping"], top)
+        idx = phi_bead_indices(mapping)
+        fam = TemperedFlow(model)
+        phis, psis = [], []
+        for s in range(0, args.samples, 10000):
+            X, _ = fam.sample(min(10000, args.samples - s), 1.0)
+            a, b = cg_dihedrals(X.double().numpy(), idx)
+            phis.append(a)
+            psis.append(b)
+        phi, psi = np.concatenate(phis), np.concatenate(psis)
+        ind = basin_indicators(phi, psi)
+        n = len(phi)
+        pops = {}
+        for name, m in ind.items():
+            p = float(m.mean())
+            pops[name] = {
+                "population": p,
+                "error": math.sqrt(max(p * (1 - p), 0.0) / n),
+                "count": int(m.sum()),
+                "dF_kT": delta_kT(p, REFERENCE[name]),
+            }
+        c, f = profile_of(phi)
+        result["models"][label] = {"path": str(path), "basins": pops, "phi_deg": c.tolist(), "F_kT": f.tolist()}
+        ax.plot(c, f, "-", color=f"C{k}", label=f"CG flow: {label}")
+        print(label, {k2: (round(v["population"], 5), round(v["dF_kT"], 2)) for k2, v in pops.items()})
+    if args.umbrella:
+        um = json.loads(Path(args.umbrella).read_text())
+        prof = um["phi_profile"]
+        f = np.asarray(prof["free_energy_kT"], dtype=float)
+        ax.plot(prof["phi_deg"], f - np.nanmin(f[np.isfinite(f)]), "k-", lw=2, label="AA umbrella (MBAR)")
+        result["umbrella"] = {"path": args.umbrella, "basins": um["basins"], "settings": um["settings"]}
+    if args.md:
+        from openmm_backmap.analysis.basins import backbone_dihedrals
+
+        t = md.load(args.md[0], top=args.md[1])
+        phi_md, _ = backbone_dihedrals(t)
+        c, f = profile_of(phi_md[:, 0])
+        ax.plot(c, f, "k:", label=f"AA MD, held out ({t.n_frames} frames)")
+    ax.set_xlabel("phi (degrees)")
+    ax.set_ylabel("free energy (kT)")
+    ax.set_ylim(-0.5, 14)
+    ax.set_xlim(-180, 180)
+    ax.legend(fontsize=8)
+    ax.set_title("alanine dipeptide, six-bead CG: phi profile")
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+def cmd_simulate(args) -> None:
+    import mdtraj as md
+    import openmm
+    from openmm import app, unit
+
+    from openmm_backmap.analysis.basins import backbone_dihedrals, basin_indicators
+    from openmm_backmap.io.backmap_model import load_model
+    from openmm_backmap.io.energy_file import read_energy_file
+    from openmm_backmap.openmm.forces import create_cg_system
+    from openmm_backmap.openmm.reporter import BackmapReporter
+    from openmm_backmap.training.cycle import evaluate_weights
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bm = load_model(args.model, device="cpu")
+    start = md.load(args.start)
+    X0 = bm.mapping.project(start.xyz.astype(np.float64))[0]
+    system = create_cg_system(bm.mapping.masses(), str(args.cg))
+    integrator = openmm.LangevinMiddleIntegrator(
+        300 * unit.kelvin, args.friction / unit.picosecond, args.timestep_fs * unit.femtoseconds
+    )
+    integrator.setRandomNumberSeed(args.seed)
+    sim = app.Simulation(
+        bm.mapping.cg_topology.to_openmm(), system, integrator, openmm.Platform.getPlatformByName("Reference")
+    )
+    sim.context.setPositions(X0)
+    sim.context.setVelocitiesToTemperature(300 * unit.kelvin, args.seed)
+    sim.reporters.append(app.DCDReporter(str(out / "cg.dcd"), args.interval))
+    reporter = BackmapReporter(
+        out / "aa.dcd",
+        args.interval,
+        model=str(args.model),
+        samplesPerFrame=args.samples,
+        energyFile=out / "weights.csv",
+        seed=args.seed,
+    )
+    sim.reporters.append(reporter)
+    t0 = time.time()
+    with reporter:
+        sim.step(args.steps)
+    seconds = time.time() - t0
+    rows = read_energy_file(out / "weights.csv")
+    aa = md.load(str(out / "aa.dcd"), top=bm.topology)
+    phi, psi = backbone_dihedrals(aa)
+    ind = {k: v.mean(1) for k, v in basin_indicators(phi, psi).items()}
+    stats = evaluate_weights(rows["log_w"], ind)
+    cg = md.load(str(out / "cg.dcd"), top=bm.mapping.cg_topology)
+    bonds = np.array(bm.mapping.cg_bonds())
+    r = np.linalg.norm(cg.xyz[:, bonds[:, 0]] - cg.xyz[:, bonds[:, 1]], axis=-1)
+    result = {
+        "cg_model": str(args.cg),
+        "model": str(args.model),
+        "steps": args.steps,
+        "timestep_fs": args.timestep_fs,
+        "friction_per_ps": args.friction,
+        "seconds": seconds,
+        "ms_per_step": 1e3 * seconds / args.steps,
+        "aa_frames": int(aa.n_frames),
+        "cg_bond_range_nm": [float(r.min()), float(r.max())],
+        "finite_energies": bool(np.isfinite(rows["u_cg_kjmol"]).all()),
+        "ess_fraction": stats["ess_fraction"],
+        "basins": stats["basins"],
+    }
+    for name, b in result["basins"].items():
+        b["dF_kT_reweighted"] = delta_kT(b["reweighted"], REFERENCE[name])
+        b["dF_kT_raw"] = delta_kT(b["raw"], REFERENCE[name])
+    (out / "simulate.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "basins"}))
+    for name, b in result["basins"].items():
+        print(name, f"raw {b['raw']:.4f} reweighted {b['reweighted']:.4f} +- {b['reweighted_error']:.4f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    u = sub.add_parser("umbrella")
+    u.add_argument("--windows", type=int, default=36)
+    u.add_argument("--ps", type=float, default=100.0, help="ps per window")
+    u.add_argument("--equilibrate", type=float, default=10.0, help="ps per window before sampling")
+    u.add_argument("--out", required=True)
+    u.set_defaults(func=cmd_umbrella)
+    f = sub.add_parser("profile")
+    f.add_argument("--cg", nargs="+", required=True, help="CG potentials (.pt or .ckpt)")
+    f.add_argument("--labels", nargs="+")
+    f.add_argument("--umbrella", help="JSON written by the umbrella stage")
+    f.add_argument("--md", nargs=2, metavar=("DCD", "PDB"), required=True, help="held-out AA MD (and its topology)")
+    f.add_argument("--samples", type=int, default=50000)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", required=True, help="output stem (.png and .json)")
+    f.set_defaults(func=cmd_profile)
+    s = sub.add_parser("simulate")
+    s.add_argument("--cg", required=True, help="CG potential (.pt or compiled .pt2)")
+    s.add_argument("--model", required=True, help="backmapper model file (.pt)")
+    s.add_argument("--start", required=True, help="AA PDB whose projection starts the run")
+    s.add_argument("--steps", type=int, default=20000)
+    s.add_argument("--interval", type=int, default=100)
+    s.add_argument("--samples", type=int, default=4, help="reconstructions per reported frame")
+    s.add_argument("--timestep-fs", type=float, default=1.0)
+    s.add_argument("--friction", type=float, default=10.0)
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_simulate)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,536 @@
+"""Cycle coarse graining: the CG flow potential refitted to its own backmapped, reweighted samples.
+
+One cycle (:func:`run_cycles`):
+
+1. draw CG configurations X from a proposal built on the current CG flow q_theta(X): a defensive
+   mixture (1 - eps) q_theta + eps q_theta,tau, where q_theta,tau is the same flow with its Gaussian
+   latent variables widened by tau (its density stays exact; circular latents are uniform already
+   and are left as they are);
+2. backmap each X with the conditional flow, x ~ q(x | X);
+3. weight each pair by log w = -beta U_AA(x) - log q(x | X) - log q_prop(X): self-normalised, the
+   weights turn the pairs into samples of exp(-beta U_AA), whatever the proposal and the backmapper;
+4. refit q_theta by weighted maximum likelihood on the CG projections M x of the pairs of the last
+   ``pool`` cycles (each cycle self-normalised and weighted by its ESS). Maximising
+   sum_i w_i log q_theta(M x_i) minimises the relative entropy KL(p_CG || q_theta), whose minimum is
+   the exact CG marginal p_CG(X) = int delta(M x - X) exp(-beta U_AA(x)) dx / Z, the potential of
+   mean force; so the exact marginal is a fixed point of the cycle;
+5. guard against weight degeneracy with ESS-based tempering of the weights: when a cycle's ESS/N is
+   below ``ess_target`` the refit uses w^lambda with the largest lambda in (0, 1] whose ESS/N reaches
+   the target (a partial step toward p along the geometric path q^(1 - lambda) p^lambda); lambda = 1,
+   the exact step, as soon as the proposal is good enough.
+
+Before the first refit and after every refit the current flow is evaluated on its own independent
+samples: ESS/N, basin populations of the flow (raw) and reweighted (with standard errors), and two
+KL estimates of the joint proposal q_theta(X) q(x | X) against exp(-beta U_AA) (upper bounds on the
+CG marginal's). :mod:`openmm_backmap.training.cycle_files` runs the cycle on files (the
+``openmm-backmap cycle`` command) and refits a CG flow to a reporter run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.special import logsumexp
+from torch import Tensor
+
+from openmm_backmap.analysis.reweighting import kish_ess, normalized_weights
+from openmm_backmap.geometry import distances
+from openmm_backmap.models.cg_potential import ANGLE_EDGE, CGFlowPotential
+from openmm_backmap.training.loop import FitSettings, fit_epochs
+
+__all__ = [
+    "CycleSettings",
+    "MixtureProposal",
+    "TemperedFlow",
+    "ess_tempering",
+    "evaluate_weights",
+    "run_cycles",
+    "weighted_refit",
+    "widen_priors",
+    "zero_weight_message",
+]
+
+
+# ---------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class CycleSettings:
+    """Settings of :func:`run_cycles`.
+
+    Attributes
+    ----------
+    cycles
+        Refits of the CG flow (the models are evaluated cycles + 1 times).
+    samples
+        CG configurations drawn per cycle; ``per_frame`` reconstructions of each.
+    defensive, tau
+        Fraction eps of the draws from the widened flow q_theta,tau, and its latent scale tau (>= 1).
+    ess_target
+        ESS/N below which the refit tempers the weights (w^lambda, lambda < 1).
+    pool
+        Cycles whose samples the refit uses (the current one and up to pool - 1 before it).
+    epochs, batch_size, lr, val_fraction
+        Weighted maximum likelihood through the training loop; a random ``val_fraction`` of the pooled
+        pairs scores the epochs (weighted NLL), the best epoch is kept.
+    seed
+        Seeds the draws and the refits.
+    refine_steps, refine_lr
+        Backmapper refinement per cycle (0: none): reverse-KL steps on exp(-beta U_AA) at the cycle's
+        CG draws plus the NLL of the cycle's pairs resampled by weight (the weighted samples), through
+        :func:`~openmm_backmap.training.backmapper.refine_energy`; needs a backmapper checkpoint.
+    """
+
+    cycles: int = 6
+    samples: int = 8192
+    per_frame: int = 1
+    defensive: float = 0.2
+    tau: float = 1.5
+    ess_target: float = 0.2
+    pool: int = 3
+    epochs: int = 20
+    batch_size: int = 512
+    lr: float = 5e-4
+    val_fraction: float = 0.1
+    seed: int = 0
+    refine_steps: int = 0
+    refine_lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        for name in ("cycles", "samples", "per_frame", "pool", "epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"CycleSettings: {name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.defensive < 1.0:
+            raise ValueError(f"CycleSettings: defensive must be in [0, 1), got {self.defensive}")
+        if self.tau < 1.0:
+            raise ValueError(f"CycleSettings: tau must be >= 1, got {self.tau}")
+        if not 0.0 < self.ess_target <= 1.0:
+            raise ValueError(f"CycleSettings: ess_target must be in (0, 1], got {self.ess_target}")
+        if self.refine_steps < 0:
+            raise ValueError(f"CycleSettings: refine_steps must be >= 0, got {self.refine_steps}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ValueError(f"CycleSettings: val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+
+# ---------------------------------------------------------------------------- proposals
+class TemperedFlow:
+    """A :class:`~openmm_backmap.models.cg_potential.CGFlowPotential` and its latent-widened twins.
+
+    ``sample(n, tau)`` draws the flow with its standard-normal latent variables scaled by ``tau``;
+    ``log_prob(X, tau)`` is that proposal's exact density (nats, the measure of
+    :meth:`CGFlowPotential.log_prob`). tau = 1 is the flow itself. ``module`` is the trainable model.
+    """
+
+    def __init__(self, model: CGFlowPotential) -> None:
+        self.module = model
+
+    def _base_log_prob(self, u: Tensor, tau: float) -> Tensor:
+        circ = self.module.base.circular
+        normal = -0.5 * torch.square(u / tau) - 0.5 * math.log(2.0 * math.pi) - math.log(tau)
+        uniform = torch.where(
+            (u < -math.pi) | (u > math.pi),
+            torch.full_like(u, -math.inf),
+            torch.full_like(u, -math.log(2.0 * math.pi)),
+        )
+        return torch.sum(torch.where(circ, uniform, normal), dim=-1)
+
+    @torch.no_grad()
+    def sample(self, n: int, tau: float = 1.0) -> tuple[Tensor, Tensor]:
+        """X (n, n_cg, 3) nm in the flow's canonical frame and log q_tau(X) (n,) nats."""
+        m = self.module
+        dtype, device = m._model_dtype(), m.ic.shift.device
+        u = m.base.sample(n, dtype, device)
+        u = torch.where(m.base.circular, u, u * tau)
+        z, ladj_flow = m.flow.inverse(u, torch.zeros(n, 0, dtype=dtype, device=device))
+        X, ladj_ic = m.ic.inverse(z, torch.zeros(n, 0, 3, dtype=dtype, device=device))
+        return X, self._base_log_prob(u, tau) - ladj_flow - ladj_ic
+
+    @torch.no_grad()
+    def log_prob(self, X: Tensor, tau: float = 1.0) -> Tensor:
+        """log q_tau(X) (n,) nats for X (n, n_cg, 3) nm."""
+        m = self.module
+        X = X.to(m._model_dtype())
+        z, ladj_ic = m.ic(X)
+        u, ladj_flow = m.flow(z, m._context(X))
+        return self._base_log_prob(u, tau) + ladj_flow + ladj_ic
+
+
+class MixtureProposal:
+    """The defensive mixture (1 - eps) q + eps q_tau of a proposal family (:class:`TemperedFlow` or
+    any object with ``sample(n, tau)`` and ``log_prob(X, tau)``).
+
+    Draws are stratified: round(eps n) from q_tau, the rest from q; the mixture density is the
+    proposal density of the pooled draws (deterministic multiple importance sampling).
+    """
+
+    def __init__(self, family: Any, eps: float, tau: float) -> None:
+        self.family, self.eps, self.tau = family, float(eps), float(tau)
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor, np.ndarray]:
+        """X (n, ...), log q_mix(X) (n,), and a boolean array marking the draws of q itself."""
+        n_wide = round(self.eps * n) if self.tau > 1.0 else 0
+        X0, _ = self.family.sample(n - n_wide, 1.0)
+        parts = [X0]
+        if n_wide:
+            parts.append(self.family.sample(n_wide, self.tau)[0])
+        X = torch.cat(parts)
+        own = np.zeros(n, dtype=bool)
+        own[: n - n_wide] = True
+        return X, self.log_prob(X), own
+
+    def log_prob(self, X: Tensor) -> Tensor:
+        lq = self.family.log_prob(X, 1.0)
+        if self.eps == 0.0 or self.tau == 1.0:
+            return lq
+        lw = self.family.log_prob(X, self.tau)
+        return torch.logaddexp(lq + math.log1p(-self.eps), lw + math.log(self.eps))
+
+
+# ---------------------------------------------------------------------------- weights and statistics
+def ess_tempering(log_w: np.ndarray, target: float) -> float:
+    """The largest lambda in (0, 1] with Kish ESS(lambda log w) / N >= target (1 when ESS/N of the
+    full weights reaches it); bisection on lambda, the ESS falling as lambda grows."""
+    log_w = np.asarray(log_w, dtype=np.float64)
+    finite = log_w[np.isfinite(log_w)]
+    if finite.size == 0:
+        raise ValueError("every weight is zero: nothing to temper")
+    n = log_w.size
+    if kish_ess(finite) / n >= target:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if kish_ess(mid * finite) / n >= target:
+            lo = mid
+        else:
+            hi = mid
+    return max(lo, 1e-6)
+
+
+def evaluate_weights(
+    log_w: np.ndarray, indicators: dict[str, np.ndarray] | None = None, own: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Statistics of one batch of weighted samples.
+
+    Parameters
+    ----------
+    log_w
+        Importance log-weights (n,) (-inf for an impossible sample).
+    indicators
+        Per basin, a boolean (n,) array; None for no basins.
+    own
+        Marks the samples that are independent draws of the CG flow itself (raw populations).
+
+    Returns
+    -------
+    dict
+        ``n``, ``ess``, ``ess_fraction``, ``kl_forward`` (sum w log(N w), self-normalised w: an
+        estimate of KL(p || q) of the joint proposal, nats), ``kl_reverse`` (log mean w - mean log w:
+        KL(q || p) up to the estimate of log Z, nats), and per basin ``raw`` (population among the
+        ``own`` draws and its binomial error) and ``reweighted`` (self-normalised estimate and its
+        delta-method standard error sqrt(sum w_i^2 (f_i - mu)^2)).
+    """
+    lw = np.asarray(log_w, dtype=np.float64)
+    n = lw.size
+    w = normalized_weights(lw)
+    finite = np.isfinite(lw)
+    out: dict[str, Any] = {"n": int(n), "n_zero_weight": int((~finite).sum())}
+    out["ess"] = kish_ess(lw)
+    out["ess_fraction"] = out["ess"] / max(n, 1)
+    pos = w > 0
+    out["kl_forward"] = float(np.sum(w[pos] * np.log(n * w[pos]))) if pos.any() else float("nan")
+    out["kl_reverse"] = (
+        float(logsumexp(lw[finite]) - math.log(finite.sum()) - lw[finite].mean()) if finite.any() else float("nan")
+    )
+    if indicators:
+        own = np.ones(n, dtype=bool) if own is None else np.asarray(own, dtype=bool)
+        basins = {}
+        for name, ind in indicators.items():
+            f = np.asarray(ind, dtype=np.float64).reshape(n)
+            m_own = max(int(own.sum()), 1)
+            p_raw = float(f[own].mean()) if own.any() else float("nan")
+            mu = float(np.sum(w * f))
+            basins[name] = {
+                "raw": p_raw,
+                "raw_error": math.sqrt(max(p_raw * (1.0 - p_raw), 0.0) / m_own),
+                "raw_count": int(f[own].sum()),
+                "reweighted": mu,
+                "reweighted_error": float(np.sqrt(np.sum(w * w * (f - mu) ** 2))),
+                "count": int(f.sum()),
+            }
+        out["basins"] = basins
+        out["unvisited_basins"] = [k for k, v in basins.items() if v["count"] == 0]
+    return out
+
+
+def zero_weight_message(log_w: np.ndarray, what: str, indicators: dict[str, np.ndarray] | None) -> str:
+    """Why every weight is zero: how many are -inf / NaN, the frame range, and the basins sampled."""
+    lw = np.asarray(log_w, dtype=np.float64)
+    text = (
+        f"every importance weight of {what} is zero ({int(np.isnan(lw).sum())} NaN, "
+        f"{int(np.isneginf(lw).sum())} -inf, {int(np.isposinf(lw).sum())} +inf log-weights; frames 0-{lw.size - 1})"
+    )
+    if indicators:
+        seen = [k for k, v in indicators.items() if np.asarray(v).any()]
+        never = [k for k, v in indicators.items() if not np.asarray(v).any()]
+        text += f"; the samples lie in {', '.join(seen) or 'no basin'}"
+        if never:
+            text += f" and the CG model never visits {', '.join(never)}"
+    return text + ": the CG model and the AA energy do not overlap (wrong System, units or temperature?)"
+
+
+# ---------------------------------------------------------------------------- refit
+def weighted_refit(
+    model: torch.nn.Module,
+    X: np.ndarray,
+    weights: np.ndarray,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    val_fraction: float,
+    seed: int,
+) -> dict[str, Any]:
+    """Weighted maximum likelihood: minimise -sum_i w_i log q(X_i) / sum_i w_i over the parameters of
+    ``model`` (anything with ``log_prob(X)``), through :func:`~openmm_backmap.training.loop.fit_epochs`.
+
+    A random ``val_fraction`` of the pairs (at least one) is held out. The last epoch's parameters are
+    kept: a cycle's improvement (hundredths of a nat) is smaller than the noise of a weighted held-out
+    NLL, so keeping the "best" epoch would mostly keep noise. The held-out NLL guards against a refit
+    that goes wrong: when it ends more than three standard errors above its start, the starting
+    parameters are restored (``reverted`` in the summary). Returns the loop's summary with
+    ``val_nll_start``, ``val_nll_end`` and ``val_nll_error`` (nats).
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    keep = w > 0
+    if not keep.any():
+        raise ValueError("weighted refit: every weight is zero")
+    X, w = np.asarray(X)[keep], w[keep]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(w))
+    n_val = max(1, int(round(val_fraction * len(w))))
+    va, tr = order[:n_val], order[n_val:]
+    if len(tr) == 0:
+        tr = va
+    dtype = next(model.parameters()).dtype
+    # a pair the current model gives no finite density (a far-out draw) cannot enter a likelihood
+    with torch.no_grad():
+        lq0 = torch.cat([model.log_prob(torch.as_tensor(X[s : s + 4096], dtype=dtype)) for s in range(0, len(X), 4096)])
+    finite = torch.isfinite(lq0).cpu().numpy()
+    dropped = int((~finite).sum())
+    tr, va = tr[finite[tr]], va[finite[va]]
+    if len(tr) == 0 or len(va) == 0:
+        raise ValueError("weighted refit: the model gives no finite density to the weighted pairs")
+    X_tr = torch.as_tensor(X[tr], dtype=dtype)
+    X_va = torch.as_tensor(X[va], dtype=dtype)
+    # weights scaled to mean 1 on each part: the batch mean of w_i (-log q_i) is then unbiased
+    w_tr = torch.as_tensor(w[tr] / w[tr].mean(), dtype=dtype)
+    w_va = torch.as_tensor(w[va] / w[va].sum(), dtype=dtype)
+
+    def held_out() -> tuple[float, float]:
+        with torch.no_grad():
+            nll = -model.log_prob(X_va).double()
+        wv = w_va.double()
+        mean = float((wv * nll).sum())
+        return mean, float(torch.sqrt(torch.sum(wv * wv * (nll - mean) ** 2)))
+
+    start_state = copy.deepcopy(model.state_dict())
+    model.eval()
+    val_start, _ = held_out()
+    calls = [0]
+
+    def last_epoch_wins() -> float:
+        # fit_epochs keeps the lowest score: a falling counter makes it keep the last epoch
+        calls[0] += 1
+        return -float(calls[0])
+
+    settings = FitSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=False)
+    spec: dict[str, Any] = {}
+    summary = fit_epochs(
+        model,
+        len(tr),
+        lambda idx, gen: _weighted_nll(model, X_tr[idx], w_tr[idx]),
+        last_epoch_wins,
+        settings,
+        spec,
+        desc="cycle",
+        stage="cycle",
+    )
+    val_end, err = held_out()
+    summary.update(val_nll_start=val_start, val_nll_end=val_end, val_nll_error=err, reverted=False)
+    if val_end > val_start + 3.0 * err:
+        model.load_state_dict(start_state)
+        summary["reverted"] = True
+    summary.pop("best_val_nll", None)
+    summary.pop("best_epoch", None)
+    summary["n_pairs"] = int(len(w))
+    summary["dropped_nonfinite"] = dropped
+    return summary
+
+
+def _weighted_nll(model: torch.nn.Module, X: Tensor, w: Tensor) -> Tensor:
+    """Batch mean of w_i (-log q(X_i)); a pair whose density went non-finite during the fit is left
+    out of the step rather than turning it into NaN."""
+    lq = model.log_prob(X)
+    ok = torch.isfinite(lq)
+    if not bool(ok.all()):  # again without them: no NaN can reach the gradient
+        lq, w = model.log_prob(X[ok]), w[ok]
+    return -(w * lq).sum() / max(int(X.shape[0]), 1)
+
+
+@torch.no_grad()
+def widen_priors(model: CGFlowPotential, X: np.ndarray) -> dict[str, int]:
+    """Widen (never narrow) the prior walls of ``model`` so that the CG positions X (N, n_cg, 3) nm lie
+    inside them with the model's margins: a basin the data never reached must not be walled off.
+    Returns how many bond, angle and pair bounds moved."""
+    X = torch.as_tensor(np.asarray(X), dtype=model.bond_lo.dtype)
+    pri = model.spec["priors"]
+    moved = {"bonds": 0, "angles": 0, "pairs": 0}
+    if len(X) == 0:
+        return moved
+    if model.bond_idx.shape[0]:
+        r = distances(X[:, model.bond_idx[:, 0]], X[:, model.bond_idx[:, 1]])
+        lo = torch.minimum(model.bond_lo, torch.clamp(r.min(0).values - pri["bond_margin_nm"], min=0.0))
+        hi = torch.maximum(model.bond_hi, r.max(0).values + pri["bond_margin_nm"])
+        moved["bonds"] = int(((lo != model.bond_lo) | (hi != model.bond_hi)).sum())
+        model.bond_lo.copy_(lo)
+        model.bond_hi.copy_(hi)
+    if model.angle_idx.shape[0]:
+        a = model._angles(X)
+        amin, amax = a.min(0).values, a.max(0).values
+        # as fit_statistics: the margin, but never closer to 0 or pi than ANGLE_EDGE unless the samples are
+        lo = torch.minimum(torch.clamp(amin - pri["angle_margin_rad"], min=ANGLE_EDGE), amin)
+        hi = torch.maximum(torch.clamp(amax + pri["angle_margin_rad"], max=math.pi - ANGLE_EDGE), amax)
+        lo, hi = torch.minimum(model.angle_lo, lo), torch.maximum(model.angle_hi, hi)
+        moved["angles"] = int(((lo != model.angle_lo) | (hi != model.angle_hi)).sum())
+        model.angle_lo.copy_(lo)
+        model.angle_hi.copy_(hi)
+    if model.pair_idx.shape[0]:
+        d = distances(X[:, model.pair_idx[:, 0]], X[:, model.pair_idx[:, 1]])
+        lo = torch.minimum(model.pair_min, torch.clamp(d.min(0).values - pri["pair_margin_nm"], min=0.0))
+        moved["pairs"] = int((lo != model.pair_min).sum())
+        model.pair_min.copy_(lo)
+    return moved
+
+
+# ---------------------------------------------------------------------------- the cycle
+def run_cycles(
+    family: Any,
+    backmapper: Callable[[Tensor, int], tuple[Tensor, Tensor]],
+    reduced_energy: Callable[[Tensor], Tensor],
+    project: Callable[[np.ndarray], np.ndarray],
+    settings: CycleSettings = CycleSettings(),
+    observables: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
+    on_cycle: Callable[[int, dict], None] | None = None,
+    log: Callable[[str], None] = print,
+    refine: Callable[[np.ndarray, np.ndarray, np.ndarray], dict] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``settings.cycles`` cycles (module docstring) and evaluate the flow before each refit and
+    after the last.
+
+    Parameters
+    ----------
+    family
+        The CG proposal family: ``module`` (the trainable CG flow, with ``log_prob(X)``),
+        ``sample(n, tau)`` and ``log_prob(X, tau)`` (:class:`TemperedFlow` for a CG flow potential).
+    backmapper
+        ``backmapper(X, k) -> (x, log q(x | X))``: k reconstructions per CG frame (frame-major).
+    reduced_energy
+        ``u(x) = U_AA(x) / kT`` (dimensionless) for a batch of AA positions.
+    project
+        The mapping X = M x on numpy arrays (N, n_aa, 3) -> (N, n_cg, 3).
+    observables
+        Per basin, boolean indicators of a batch of AA positions (numpy); None for none.
+    on_cycle
+        Called as ``on_cycle(c, record)`` after each evaluation (c = 0 .. cycles) and its refit.
+    refine
+        Optional backmapper refinement after each refit: ``refine(X, x, w)`` with the cycle's CG
+        draws, their reconstructions and normalised weights; returns a summary.
+
+    Returns
+    -------
+    list of dict
+        One record per evaluation: the :func:`evaluate_weights` statistics, ``lambda``, ``refit``
+        (the loop summary) and ``seconds``.
+
+    Raises
+    ------
+    ValueError
+        Every weight of a cycle is zero (the message names the basins the samples reach and miss).
+    """
+    s = settings
+    torch.manual_seed(s.seed)
+    pool: list[tuple[np.ndarray, np.ndarray]] = []
+    history: list[dict[str, Any]] = []
+    for c in range(s.cycles + 1):
+        t0 = time.time()
+        last = c == s.cycles
+        # the last evaluation draws the final flow alone: its raw populations are its own
+        proposal = MixtureProposal(family, 0.0 if last else s.defensive, s.tau)
+        family.module.eval()
+        with torch.no_grad():
+            X, log_prop, own = proposal.sample(s.samples)
+            ok = torch.isfinite(X).flatten(1).all(1) & torch.isfinite(log_prop)
+            X_safe = torch.where(ok[:, None, None], X, X[ok][:1].expand_as(X)) if ok.any() else X
+            x, log_q = backmapper(X_safe, s.per_frame)
+            u = reduced_energy(x.to(torch.float64))
+        k = s.per_frame
+        log_w = -u.double().cpu().numpy() - log_q.double().cpu().numpy() - np.repeat(log_prop.double().cpu().numpy(), k)
+        log_w = np.where(np.repeat(ok.cpu().numpy(), k) & np.isfinite(log_w), log_w, -np.inf)
+        x_np = x.detach().cpu().double().numpy()
+        ind = observables(x_np) if observables is not None else None
+        record = evaluate_weights(log_w, ind, np.repeat(own, k))
+        record["cycle"] = c
+        # the flow's own draws weighted against the flow alone: the CG potential + backmapper as a
+        # Boltzmann generator (the same as the record's at the last evaluation, which draws the flow only)
+        with torch.no_grad():
+            own_t = torch.as_tensor(own)
+            lq_flow = family.log_prob(X[own_t], 1.0).double().cpu().numpy()
+        own_k = np.repeat(own, k)
+        lw_flow = np.where(
+            np.isfinite(log_w[own_k]),
+            -u.double().cpu().numpy()[own_k] - log_q.double().cpu().numpy()[own_k] - np.repeat(lq_flow, k),
+            -np.inf,
+        )
+        flow = evaluate_weights(lw_flow)
+        record["flow"] = {key: flow[key] for key in ("n", "ess", "ess_fraction", "kl_forward", "kl_reverse")}
+        if record["ess"] == 0.0:
+            raise ValueError(zero_weight_message(log_w, f"cycle {c}", ind))
+        if not last:
+            lam = ess_tempering(log_w, s.ess_target)
+            pool.append((project(x_np), lam * log_w))
+            pool = pool[-s.pool :]
+            # each cycle self-normalised, weighted by its ESS (consistent for lambda = 1)
+            Xp = np.concatenate([p[0] for p in pool])
+            wp = np.concatenate([normalized_weights(p[1]) * kish_ess(p[1]) for p in pool])
+            refit = weighted_refit(
+                family.module, Xp, wp, s.epochs, s.batch_size, s.lr, s.val_fraction, s.seed + 1000 * c
+            )
+            if isinstance(family.module, CGFlowPotential):
+                heavy = wp >= 0.01 * wp[wp > 0].mean()
+                refit["priors_widened"] = widen_priors(family.module, Xp[heavy])
+            record["lambda"] = lam
+            record["refit"] = {k2: v for k2, v in refit.items() if k2 != "history"}
+            if refine is not None:
+                summary = refine(X_safe.detach().cpu().double().numpy(), x_np, normalized_weights(log_w))
+                record["backmapper_refit"] = {k2: v for k2, v in summary.items() if k2 != "history"}
+        record["seconds"] = time.time() - t0
+        history.append(record)
+        log(_summary_line(record))
+        if on_cycle is not None:
+            on_cycle(c, record)
+    return history
+
+
+def _summary_line(r: dict) -> str:
+    text = f"cycle {r['cycle']}: ESS/N {r['ess_fraction']:.3f} (flow's own {r['flow']['ess_fraction']:.3f})"
+    text += f", KL fwd {r['kl_forward']:.3f} rev {r['kl_reverse']:.3f} nats"
+    if "lambda" in r:
+        text += f", lambda {r['lambda']:.3f}"
+    for name, b in (r.get("basins") or {}).items():
+        text += f"; {name} {b['raw']:.4f} raw / {b['reweighted']:.4f} rw"
+    return text + f" ({r['seconds']:.0f} s)"

@@ -1,0 +1,374 @@
+"""Cycle coarse graining: the exact fixed point on a linear-Gaussian toy, the proposal densities of
+the CG flow, and the refusal of inputs that cannot be cycled."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from openmm_backmap.training.cycle import (
+    CycleSettings,
+    MixtureProposal,
+    TemperedFlow,
+    ess_tempering,
+    evaluate_weights,
+    run_cycles,
+    widen_priors,
+)
+
+# ---------------------------------------------------------------------------- linear-Gaussian toy
+# AA: two particles a, b in 3D with u(x) = |a - MU|^2 / (2 SA^2) + |b - a - D|^2 / (2 SB^2) (reduced).
+# Mapping X = a (a slice mapping). Exact CG marginal: X ~ N(MU, SA^2 I), closed form.
+MU = torch.tensor([0.5, -0.2, 0.1], dtype=torch.float64)
+SA, SB = 0.3, 0.1
+D = torch.tensor([0.15, 0.0, -0.05], dtype=torch.float64)
+
+
+def reduced_energy(x):
+    a, b = x[:, 0], x[:, 1]
+    return ((a - MU) ** 2).sum(-1) / (2 * SA**2) + ((b - a - D) ** 2).sum(-1) / (2 * SB**2)
+
+
+def gaussian_log_density(v, mean, std):
+    """Log density (nats) of independent normals, summed over the last axis."""
+    return (-0.5 * ((v - mean) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+class Backmap:
+    """q(b | X) = N(X + shift, (scale SB)^2), a = X: exact for shift = D and scale = 1."""
+
+    def __init__(self, shift, scale):
+        self.shift, self.scale = shift, scale
+
+    def __call__(self, X, k):
+        X = X.repeat_interleave(k, 0).reshape(-1, 3)
+        std = torch.full((3,), self.scale * SB, dtype=torch.float64)
+        b = X + self.shift + std * torch.randn_like(X)
+        return torch.stack([X, b], 1), gaussian_log_density(b, X + self.shift, std)
+
+
+class GaussianCG(nn.Module):
+    """A Gaussian CG model over one bead with learnable mean and per-axis log standard deviation;
+    ``sample(n, tau)`` / ``log_prob(X, tau)`` widen it by tau, like :class:`TemperedFlow`."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.mean = nn.Parameter(torch.as_tensor(mean, dtype=torch.float64).clone())
+        self.log_std = nn.Parameter(torch.log(torch.as_tensor(std, dtype=torch.float64)).clone())
+
+    def log_prob(self, X, tau=1.0):
+        return gaussian_log_density(X.reshape(-1, 3), self.mean, tau * torch.exp(self.log_std))
+
+
+class GaussianFamily:
+    def __init__(self, module):
+        self.module = module
+
+    @torch.no_grad()
+    def sample(self, n, tau):
+        X = self.module.mean + tau * torch.exp(self.module.log_std) * torch.randn(n, 3, dtype=torch.float64)
+        return X[:, None], self.module.log_prob(X, tau)
+
+    @torch.no_grad()
+    def log_prob(self, X, tau):
+        return self.module.log_prob(X, tau)
+
+
+def project(x):
+    return x[:, :1]
+
+
+def test_exact_models_give_constant_weights():
+    """With the exact CG marginal and the exact conditional, log w = -u - log q(x|X) - log q(X) is
+    the constant log Z of the toy for every sample: ESS/N = 1 and both KL estimates vanish."""
+    torch.manual_seed(0)
+    family = GaussianFamily(GaussianCG(MU, [SA] * 3))
+    X, log_q_cg = family.sample(500, 1.0)
+    x, log_q = Backmap(D, 1.0)(X, 2)
+    log_w = (-reduced_energy(x) - log_q - log_q_cg.repeat_interleave(2)).numpy()
+    log_z = 6 * 0.5 * math.log(2 * math.pi) + 3 * math.log(SA) + 3 * math.log(SB)
+    np.testing.assert_allclose(log_w, log_z, atol=1e-9)
+    stats = evaluate_weights(log_w)
+    assert stats["ess_fraction"] == pytest.approx(1.0, abs=1e-12)
+    assert abs(stats["kl_forward"]) < 1e-9 and abs(stats["kl_reverse"]) < 1e-9
+
+
+def test_cycle_reaches_the_exact_marginal_from_a_wrong_start():
+    """From a CG model 1.3 sigma off and 40 % too narrow, with a biased and too broad backmapper,
+    the cycle converges to the closed-form marginal N(MU, SA^2) within statistical error, and the
+    ESS/N of its own samples rises from cycle to cycle."""
+    torch.manual_seed(1)
+    cg = GaussianCG(MU + 0.4, [0.6 * SA] * 3)
+    settings = CycleSettings(
+        cycles=6,
+        samples=3000,
+        defensive=0.2,
+        tau=1.5,
+        ess_target=0.2,
+        pool=2,
+        epochs=12,
+        batch_size=500,
+        lr=0.04,
+        seed=3,
+    )
+    history = run_cycles(
+        GaussianFamily(cg), Backmap(D + 0.05, 1.4), reduced_energy, project, settings, log=lambda s: None
+    )
+    ess = [r["ess_fraction"] for r in history]
+    assert ess[0] < 0.2 and ess[-1] > 0.45, ess
+    assert history[0]["lambda"] < 1.0 and history[-2]["lambda"] == 1.0
+    # statistical error of the fitted moments: ~ SA / sqrt(ESS of the pooled samples)
+    n_eff = history[-2]["ess"] * settings.pool
+    with torch.no_grad():
+        mean_err = (cg.mean - MU).abs().max().item()
+        std = torch.exp(cg.log_std)
+    assert mean_err < 5 * SA / math.sqrt(n_eff), (cg.mean, n_eff)
+    np.testing.assert_allclose(std.numpy(), SA, rtol=5 / math.sqrt(2 * n_eff) + 0.01)
+    # the start was far off: the cycle moved the mean by more than 30 standard errors
+    assert (cg.mean - (MU + 0.4)).abs().min().item() > 30 * SA / math.sqrt(n_eff)
+
+
+def test_cycle_keeps_the_exact_marginal():
+    """Started at the exact marginal (the fixed point), refits stay on it within statistical error."""
+    torch.manual_seed(2)
+    cg = GaussianCG(MU, [SA] * 3)
+    settings = CycleSettings(cycles=2, samples=4000, defensive=0.2, pool=2, epochs=8, batch_size=500, lr=0.01, seed=5)
+    history = run_cycles(GaussianFamily(cg), Backmap(D, 1.0), reduced_energy, project, settings, log=lambda s: None)
+    assert all(r["ess_fraction"] > 0.9 for r in history)
+    with torch.no_grad():
+        assert (cg.mean - MU).abs().max().item() < 5 * SA / math.sqrt(8000)
+        np.testing.assert_allclose(torch.exp(cg.log_std).numpy(), SA, rtol=0.04)
+
+
+def test_ess_tempering():
+    """lambda = 1 when the weights are good enough, else the largest lambda reaching the target."""
+    rng = np.random.default_rng(0)
+    lw = rng.normal(0.0, 3.0, 2000)
+    lam = ess_tempering(lw, 0.3)
+    from openmm_backmap.analysis.reweighting import kish_ess
+
+    assert 0 < lam < 1
+    assert kish_ess(lam * lw) / lw.size == pytest.approx(0.3, abs=1e-3)
+    assert ess_tempering(rng.normal(0.0, 0.1, 2000), 0.3) == 1.0
+    with pytest.raises(ValueError, match="zero"):
+        ess_tempering(np.full(5, -np.inf), 0.3)
+
+
+def test_weighted_basin_statistics():
+    """Reweighted populations and their delta-method errors against a direct computation."""
+    rng = np.random.default_rng(1)
+    lw = rng.normal(0.0, 1.0, 400)
+    ind = {"A": rng.random(400) < 0.3}
+    ind["B"] = ~ind["A"]
+    own = np.arange(400) < 300
+    s = evaluate_weights(lw, ind, own)
+    w = np.exp(lw) / np.exp(lw).sum()
+    f = ind["A"].astype(float)
+    mu = (w * f).sum()
+    assert s["basins"]["A"]["reweighted"] == pytest.approx(mu)
+    assert s["basins"]["A"]["reweighted_error"] == pytest.approx(np.sqrt((w**2 * (f - mu) ** 2).sum()))
+    assert s["basins"]["A"]["raw"] == pytest.approx(f[:300].mean())
+    assert s["basins"]["A"]["reweighted"] + s["basins"]["B"]["reweighted"] == pytest.approx(1.0)
+    assert s["kl_forward"] == pytest.approx((w * np.log(400 * w)).sum())
+
+
+# ---------------------------------------------------------------------------- the CG flow as a proposal
+@pytest.fixture(scope="module")
+def small_flow():
+    from openmm_backmap.models.cg_potential import CGFlowPotential
+
+    rng = np.random.default_rng(0)
+    base = np.array([[0, 0, 0], [0.15, 0, 0], [0.2, 0.14, 0], [0.35, 0.15, 0.05], [0.4, 0.3, 0.1]], dtype=np.float64)
+    X = base + 0.01 * rng.normal(size=(300, 5, 3))
+    torch.manual_seed(0)
+    return CGFlowPotential.from_data(X, [(0, 1), (1, 2), (2, 3), (3, 4)], n_layers=2, hidden=16, n_hidden=1), X
+
+
+def test_tempered_flow_densities(small_flow):
+    """tau = 1 is the flow itself; the widened proposal's log density matches what its sampler
+    reports; and it integrates to one over the latent space (a Monte Carlo check through the
+    ratio identity E_q[q_tau / q] = 1)."""
+    model, _ = small_flow
+    fam = TemperedFlow(model)
+    torch.manual_seed(1)
+    X, lq = fam.sample(200, 1.0)
+    torch.testing.assert_close(fam.log_prob(X, 1.0), model.log_prob(X).detach(), rtol=0, atol=1e-3)
+    torch.testing.assert_close(lq, model.log_prob(X).detach(), rtol=0, atol=1e-3)
+    Xw, lqw = fam.sample(200, 1.6)
+    torch.testing.assert_close(fam.log_prob(Xw, 1.6), lqw, rtol=0, atol=1e-3)
+    Xq, _ = fam.sample(20000, 1.0)
+    ratio = torch.exp(fam.log_prob(Xq, 1.2).double() - fam.log_prob(Xq, 1.0).double())
+    assert float(ratio.mean()) == pytest.approx(1.0, abs=0.05)
+    mix = MixtureProposal(fam, 0.25, 1.6)
+    Xm, lm, own = mix.sample(400)
+    assert own.sum() == 300
+    expect = torch.logaddexp(fam.log_prob(Xm, 1.0) + math.log(0.75), fam.log_prob(Xm, 1.6) + math.log(0.25))
+    torch.testing.assert_close(lm, expect)
+
+
+def test_widen_priors_only_widens(small_flow):
+    """Samples outside the walls move them out to the samples plus the margin; samples inside leave
+    them as they are, and the walls never move in."""
+    import copy
+
+    model, X = small_flow
+    model = copy.deepcopy(model)
+    before = {k: getattr(model, k).clone() for k in ("bond_lo", "bond_hi", "pair_min", "angle_lo", "angle_hi")}
+    assert widen_priors(model, X[:50]) == {"bonds": 0, "angles": 0, "pairs": 0}
+    far = X[:3].copy()
+    far[:, 4] += np.array([0.2, 0.0, 0.0])  # stretch the last bond by up to 0.2 nm
+    moved = widen_priors(model, far)
+    assert moved["bonds"] >= 1
+    r = np.linalg.norm(far[:, 4] - far[:, 3], axis=-1).max()
+    assert float(model.bond_hi[3]) == pytest.approx(r + model.spec["priors"]["bond_margin_nm"], rel=1e-5)
+    assert torch.all(model.bond_lo <= before["bond_lo"]) and torch.all(model.bond_hi >= before["bond_hi"])
+    assert torch.all(model.pair_min <= before["pair_min"])
+    assert float(model.prior_energy(torch.as_tensor(far, dtype=model.bond_lo.dtype)).abs().max()) == 0.0
+
+
+def test_settings_refuse_nonsense():
+    with pytest.raises(ValueError, match="defensive"):
+        CycleSettings(defensive=1.0)
+    with pytest.raises(ValueError, match="tau"):
+        CycleSettings(tau=0.5)
+    with pytest.raises(ValueError, match="cycles"):
+        CycleSettings(cycles=0)
+
+
+# ---------------------------------------------------------------------------- files and bad input
+def _csv(path, log_w):
+    from openmm_backmap.io.energy_file import ENERGY_COLUMNS
+
+    rows = [",".join(ENERGY_COLUMNS)]
+    rows += [f"{10 * k},{0.01 * k:.6f},0,-1.0,-50.0,10.0,{v}" for k, v in enumerate(log_w)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _cg_file(tiny_ala2, path, groups):
+    """A small CG flow potential of the tiny ALA2 run on the beads ``groups`` (atom indices)."""
+    from openmm_backmap.io.checkpoints import make_cg_spec
+    from openmm_backmap.io.model_files import export_cg
+    from openmm_backmap.mapping import CGMapping
+    from openmm_backmap.models.cg_potential import CGFlowPotential
+
+    traj = tiny_ala2["traj"]
+    mapping = CGMapping(traj.topology, [list(g) for g in groups])
+    X = mapping.project(traj.xyz.astype(np.float64))
+    torch.manual_seed(0)
+    model = CGFlowPotential.from_data(X, mapping.cg_bonds(), n_layers=1, hidden=8, n_hidden=1)
+    export_cg(model, make_cg_spec(model, mapping, reference_xyz=traj.xyz[0]), path)
+    return path
+
+
+def test_cycle_command_end_to_end(tiny_ala2, tiny_cg, tmp_path):
+    """`openmm-backmap cycle` on the small models: one record per evaluation with ESS, KL and the
+    four basins, a PNG, and a last-cycle CG potential that loads as a model file and gives the
+    refitted flow's energies (its flow is the input's only when the refit was reverted)."""
+    import json
+
+    from openmm_backmap.cli import main
+    from openmm_backmap.io.model_files import load_cg_potential
+
+    out = tmp_path / "cyc"
+    argv = ["cycle", "--model", str(tiny_ala2["model"]), "--cg-model", str(tiny_cg), "--cycles", "1"]
+    argv += ["--samples", "128", "--epochs", "1", "--batch-size", "64", "--out", str(out), "--threads", "1"]
+    assert main(argv) == 0
+    rec = json.loads((out / "cycle.json").read_text())
+    assert [r["cycle"] for r in rec["cycles"]] == [0, 1]
+    first = rec["cycles"][0]
+    assert 0 < first["ess_fraction"] <= 1 and set(first["basins"]) == {"C7eq", "C5", "alpha_R", "alpha_L"}
+    assert sum(b["reweighted"] for b in first["basins"].values()) == pytest.approx(1.0)
+    assert (out / "cycle.png").stat().st_size > 0 and (out / "backmapper.pt").is_file()
+    new, meta = load_cg_potential(out / "cg.pt")
+    old, _ = load_cg_potential(tiny_cg)
+    assert meta["training"]["cycle"]["cycles"] == 1
+    X = torch.as_tensor(tiny_ala2["mapping"].project(tiny_ala2["traj"].xyz[:5].astype(np.float64)), dtype=torch.float32)
+    assert torch.isfinite(new.energy(X)).all()
+    if not first["refit"]["reverted"]:
+        assert not torch.allclose(new.log_prob(X), old.log_prob(X))
+    else:
+        torch.testing.assert_close(new.log_prob(X), old.log_prob(X))
+
+
+def test_cycle_refuses_models_of_other_mappings(tiny_ala2, tmp_path, capsys):
+    """A CG potential of other beads, or of fewer beads, than the backmapper's is refused by name."""
+    from openmm_backmap.cli import main
+
+    other = _cg_file(tiny_ala2, tmp_path / "other.pt", [[4], [6], [8], [10], [14], [18]])
+    five = _cg_file(tiny_ala2, tmp_path / "five.pt", [[4], [6], [8], [14], [16]])
+    base = ["cycle", "--model", str(tiny_ala2["model"]), "--out", str(tmp_path / "o"), "--cycles", "1"]
+    assert main([*base, "--cg-model", str(other)]) == 2
+    assert "bead 5" in capsys.readouterr().err
+    assert main([*base, "--cg-model", str(five)]) == 2
+    err = capsys.readouterr().err
+    assert "6 beads" in err and "5" in err and "different mappings" in err
+
+
+def test_from_run_refits_and_refuses_bad_runs(tiny_ala2, tiny_cg, tmp_path, capsys):
+    """--from-run refits to a run whose rows match the trajectory's frames; a file with fewer rows,
+    and a run whose weights are all zero (saying which frames and basins), are refused."""
+    import json
+
+    from openmm_backmap.cli import main
+    from openmm_backmap.io.model_files import load_cg_potential
+
+    dcd = str(tiny_ala2["paths"]["dcd"])
+    n = tiny_ala2["traj"].n_frames
+    rng = np.random.default_rng(0)
+    good = _csv(tmp_path / "good.csv", rng.normal(0.0, 1.0, n))
+    base = ["cycle", "--cg-model", str(tiny_cg), "--model", str(tiny_ala2["model"]), "--epochs", "1"]
+    assert main([*base, "--from-run", str(good), dcd, "--out", str(tmp_path / "r")]) == 0
+    summary = json.loads((tmp_path / "r" / "refit.json").read_text())
+    assert summary["run"]["n"] == n and 0 < summary["run"]["ess_fraction"] <= 1
+    load_cg_potential(tmp_path / "r" / "cg.pt")
+
+    short = _csv(tmp_path / "short.csv", rng.normal(0.0, 1.0, n - 3))
+    assert main([*base, "--from-run", str(short), dcd, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert f"{n - 3} rows" in err and f"{n} frames" in err
+
+    zero = _csv(tmp_path / "zero.csv", [float("-inf")] * n)
+    assert main([*base, "--from-run", str(zero), dcd, "--out", str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err
+    assert "every importance weight" in err and f"frames 0-{n - 1}" in err and "never visits" in err
+
+
+def test_cycle_refines_a_backmapper_checkpoint(tiny_ala2, tiny_cg, tmp_path, capsys):
+    """With --refine-backmapper the backmapper checkpoint is refined each cycle and exported as the
+    last cycle's backmapper.pt (its log q changes); a .pt backmapper cannot be refined."""
+    import json
+
+    from openmm_backmap.cli import main
+    from openmm_backmap.io.backmap_model import load_model
+    from openmm_backmap.io.checkpoints import make_spec, save_checkpoint
+    from openmm_backmap.models.backmapper import Backmapper
+    from openmm_backmap.openmm.energies import constraints_from_system, load_system
+
+    traj, mapping = tiny_ala2["traj"], tiny_ala2["mapping"]
+    torch.manual_seed(0)
+    net = Backmapper.from_data(
+        mapping,
+        traj.xyz.astype(np.float64),
+        constraints=constraints_from_system(load_system(tiny_ala2["system_xml"])),
+        n_layers=2,
+        hidden=16,
+        n_hidden=1,
+    )
+    ckpt = tmp_path / "bm.ckpt"
+    save_checkpoint(ckpt, net, make_spec(net, 300.0, reference_xyz=traj.xyz[0], system_xml=tiny_ala2["system_xml"]))
+    out = tmp_path / "ref"
+    argv = ["cycle", "--model", str(ckpt), "--cg-model", str(tiny_cg), "--cycles", "1", "--samples", "64"]
+    argv += ["--epochs", "1", "--batch-size", "64", "--refine-backmapper", "3", "--out", str(out)]
+    assert main(argv) == 0
+    rec = json.loads((out / "cycle.json").read_text())
+    assert rec["cycles"][0]["backmapper_refit"]["steps"] == 3
+    refined = load_model(out / "backmapper.pt", device="cpu")
+    X = torch.as_tensor(mapping.project(traj.xyz[:4].astype(np.float64)), dtype=torch.float32)
+    x = torch.as_tensor(traj.xyz[:4])
+    assert not torch.allclose(refined.module.log_prob(x, X), net.float().log_prob(x, X).detach())
+    bad = ["cycle", "--model", str(tiny_ala2["model"]), "--cg-model", str(tiny_cg), "--refine-backmapper", "3"]
+    assert main([*bad, "--out", str(tmp_path / "bad")]) == 2
+    assert ".ckpt" in capsys.readouterr().err
