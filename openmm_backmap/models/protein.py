@@ -163,7 +163,8 @@ class ProteinNet(nn.Module):
     ) -> Tensor:
         """Per-row static part of the first layer, (R, hidden)."""
         e = self.res_emb(res_type) + self.atom_emb(atom) + self.key_emb(key)
-        s = F.one_hot(stage, 3).to(e.dtype)
+        # one-hot of the stage (0, 1, 2) by comparison: traceable, unlike F.one_hot's range check
+        s = (stage.unsqueeze(-1) == torch.arange(3, device=stage.device)).to(e.dtype)
         return self.lin_static(torch.cat([e, self.nb_emb(prev_type), self.nb_emb(next_type), s], dim=-1))
 
     def trunk(self, dyn: Tensor, static: Tensor) -> Tensor:
@@ -227,14 +228,23 @@ class ChainBackmapper(nn.Module):
         self.knn_cutoff = float(knn_cutoff)
         self.n_bins = int(net.n_bins)
         n_rows = int(tree.rows.shape[0])
-        # levels: 1 + the highest level among a row's references and context atoms
+        # levels: 1 + the highest level among a row's references and context atoms. Rows are
+        # visited in order of stage (the tree lists side chains residue by residue, so a stage-2 row
+        # may precede the stage-1 rows of the next residue that its context holds); every
+        # dependency must already have its level, else sampling would read an unplaced atom
         ctx = _context_atoms(chain, tree, set(beads), n_ctx)
         level = np.zeros(self.n_aa, dtype=np.int64)
+        done = np.zeros(self.n_aa, dtype=bool)
+        done[beads] = True
         row_level = np.zeros(n_rows, dtype=np.int64)
-        for n in range(n_rows):
+        for n in np.argsort(tree.stage, kind="stable"):
             deps = list(tree.rows[n, 1:]) + [a for a in ctx[n] if a >= 0]
+            missing = [int(d) for d in deps if not done[d]]
+            if missing:
+                raise RuntimeError(f"row {tree.keys[n]} depends on atoms {missing} placed after it")
             row_level[n] = 1 + max(level[d] for d in deps)
             level[tree.rows[n, 0]] = row_level[n]
+            done[tree.rows[n, 0]] = True
         order = np.argsort(row_level, kind="stable")
         bounds = [0]
         for lv in np.unique(row_level):
@@ -247,6 +257,8 @@ class ChainBackmapper(nn.Module):
         self.register_buffer("beads", torch.as_tensor(beads, dtype=torch.long))
         self.register_buffer("rows", torch.as_tensor(rows, dtype=torch.long))
         self.register_buffer("ctx", torch.as_tensor(np.maximum(ctx, 0), dtype=torch.long))
+        # per row: the NeRF references j, k, l, then the context atoms (one gather in _features)
+        self.register_buffer("gather_idx", torch.cat([self.rows[:, 1:], self.ctx], dim=1))
         self.register_buffer("ctx_mask", torch.as_tensor(ctx >= 0, dtype=torch.get_default_dtype()))
         self.register_buffer("row_res", torch.as_tensor(owner, dtype=torch.long))
         types = [RESIDUE_NAMES.index(n) for n in chain.names]
@@ -346,31 +358,42 @@ class ChainBackmapper(nn.Module):
             mask = torch.cat([mask, torch.zeros(b, self.n_res, pad, dtype=cg.dtype, device=cg.device)], dim=2)
         return pos, types, mask
 
-    def _features(self, x: Tensor, s: int, e: int, knn_pos: Tensor, knn_type: Tensor, knn_mask: Tensor) -> Tensor:
+    def _features(self, x: Tensor, s: int, e: int, knn_pos: Tensor, knn_emb: Tensor, knn_mask: Tensor) -> Tensor:
         """Dynamic features of rows s:e for positions x (B, n_aa, 3): context atoms and nearest
-        anchors in each row's NeRF frame (B, e - s, F)."""
-        rows = self.rows[s:e]
+        anchors in each row's NeRF frame (B, e - s, F). ``knn_emb`` (B, L, k * 4) holds the masked
+        type embeddings of every residue's nearest anchors (:meth:`_knn_embedding`)."""
         b = x.shape[0]
         n = e - s
-        xj = x[:, rows[:, 1]]
-        xk = x[:, rows[:, 2]]
-        xl = x[:, rows[:, 3]]
-        bc = xj - xk
+        # one gather for the three NeRF references and the context atoms of every row
+        g = x[:, self.gather_idx[s:e].reshape(-1)].reshape(b, n, -1, 3)
+        xj = g[:, :, 0]
+        bc = xj - g[:, :, 1]
         bc = bc / torch.linalg.norm(bc, dim=-1, keepdim=True).clamp_min(1e-6)
-        nn_ = torch.linalg.cross(xk - xl, bc, dim=-1)
+        nn_ = torch.linalg.cross(g[:, :, 1] - g[:, :, 2], bc, dim=-1)
         nn_ = nn_ / torch.linalg.norm(nn_, dim=-1, keepdim=True).clamp_min(1e-6)
         mm = torch.linalg.cross(nn_, bc, dim=-1)
-        frame = torch.stack([bc, mm, nn_], dim=-1)  # (B, n, 3, 3): columns are the axes
-        ctx = self.ctx[s:e]
-        p = x[:, ctx.reshape(-1)].reshape(b, n, -1, 3)
         res = self.row_res[s:e]
-        q = torch.cat([p, knn_pos[:, res]], dim=2) - xj.unsqueeze(2)
-        local = torch.matmul(q, frame) / self.length_scale
-        dist = torch.linalg.norm(local, dim=-1, keepdim=True)
+        q = (torch.cat([g[:, :, 3:], knn_pos[:, res]], dim=2) - xj.unsqueeze(2)) * (1.0 / self.length_scale)
+        # coordinates on the frame axes (bc, mm, nn_) as three dot products: a batched matmul of
+        # (points x 3) by 3 x 3 matrices is slower on CPU than these elementwise products
+        local = torch.stack(
+            [
+                torch.sum(q * bc.unsqueeze(2), dim=-1),
+                torch.sum(q * mm.unsqueeze(2), dim=-1),
+                torch.sum(q * nn_.unsqueeze(2), dim=-1),
+            ],
+            dim=-1,
+        )
+        dist = torch.linalg.norm(q, dim=-1, keepdim=True)
         mask = torch.cat([self.ctx_mask[s:e].to(x.dtype).unsqueeze(0).expand(b, n, -1), knn_mask[:, res]], dim=2)
-        f = torch.cat([local, dist, torch.ones_like(dist)], dim=-1) * mask.unsqueeze(-1)
-        kt = self.net.knn_emb(knn_type[:, res]) * knn_mask[:, res].unsqueeze(-1)
-        return torch.cat([f.reshape(b, n, -1), kt.reshape(b, n, -1).to(x.dtype)], dim=-1)
+        mask = mask.unsqueeze(-1)
+        f = torch.cat([local * mask, dist * mask, mask], dim=-1)
+        return torch.cat([f.reshape(b, n, -1), knn_emb[:, res]], dim=-1)
+
+    def _knn_embedding(self, knn_type: Tensor, knn_mask: Tensor) -> Tensor:
+        """Type embeddings of every residue's nearest anchors, zero where masked: (B, L, k * 4)."""
+        kt = self.net.knn_emb(knn_type) * knn_mask.unsqueeze(-1)
+        return kt.reshape(knn_type.shape[0], knn_type.shape[1], -1).to(knn_mask.dtype)
 
     def _static(self) -> Tensor:
         return self.net.static(self.s_res, self.s_atom, self.s_key, self.s_prev, self.s_next, self.s_stage)
@@ -450,7 +473,8 @@ class ChainBackmapper(nn.Module):
         th = angles(xi, xj, x[:, rows[:, 2]])
         ph = dihedrals(xi, xj, x[:, rows[:, 2]], x[:, rows[:, 3]])
         y_r, y_t, y_p, ladj = self._to_y(r, th, ph, 0, e)
-        h = self.net.trunk(self._features(x, 0, e, knn_pos, knn_type, knn_mask), self._static().to(x.dtype))
+        knn_emb = self._knn_embedding(knn_type, knn_mask)
+        h = self.net.trunk(self._features(x, 0, e, knn_pos, knn_emb, knn_mask), self._static().to(x.dtype))
         circ = self.circ.unsqueeze(0).expand_as(y_p)
         u_p, l_p = _spline(y_p, self.net.head_phi(h), circ, False, self.n_bins, self.spline_bound)
         prt = self.net.rt_params(h, ph).reshape(h.shape[0], e, 2, 3 * self.n_bins)
@@ -469,11 +493,12 @@ class ChainBackmapper(nn.Module):
         x = torch.zeros(b, self.n_aa, 3, dtype=cg.dtype, device=cg.device).index_copy(1, self.beads, cg)
         knn_pos, knn_type, knn_mask = self._knn(cg)
         static = self._static().to(cg.dtype)
+        knn_emb = self._knn_embedding(knn_type, knn_mask)
         logq = torch.zeros(b, dtype=cg.dtype, device=cg.device)
         for n in range(len(self.level_bounds) - 1):
             s = self.level_bounds[n]
             e = self.level_bounds[n + 1]
-            h = self.net.trunk(self._features(x, s, e, knn_pos, knn_type, knn_mask), static[s:e])
+            h = self.net.trunk(self._features(x, s, e, knn_pos, knn_emb, knn_mask), static[s:e])
             circ = self.circ[s:e].unsqueeze(0).expand(b, e - s)
             y_p, l_p = _spline(u[:, s:e, 2], self.net.head_phi(h), circ, True, self.n_bins, self.spline_bound)
             # the dihedral itself (not its standardised value) conditions (r, theta)
