@@ -167,8 +167,10 @@ class ProteinNet(nn.Module):
         s = (stage.unsqueeze(-1) == torch.arange(3, device=stage.device)).to(e.dtype)
         return self.lin_static(torch.cat([e, self.nb_emb(prev_type), self.nb_emb(next_type), s], dim=-1))
 
-    def trunk(self, dyn: Tensor, static: Tensor) -> Tensor:
-        h = F.silu(self.lin_dyn(dyn) + static)
+    def trunk(self, dyn: Tensor, static: Tensor, cols: Tensor) -> Tensor:
+        """Hidden features (..., hidden) of rows from dynamic features ``dyn`` whose column c is
+        column ``cols[c]`` of the first layer's dynamic input, and the static part (rows, hidden)."""
+        h = F.silu(F.linear(dyn, self.lin_dyn.weight.index_select(1, cols)) + static)
         return F.silu(self.lin2(h))
 
     def rt_params(self, h: Tensor, phi: Tensor) -> Tensor:
@@ -259,6 +261,11 @@ class ChainBackmapper(nn.Module):
         self.register_buffer("ctx", torch.as_tensor(np.maximum(ctx, 0), dtype=torch.long))
         # per row: the NeRF references j, k, l, then the context atoms (one gather in _features)
         self.register_buffer("gather_idx", torch.cat([self.rows[:, 1:], self.ctx], dim=1))
+        # the first layer's dynamic input lists each point's (x, y, z, distance, mask) in turn, then
+        # the anchors' 4-wide type embeddings; _features builds it component by component
+        n_pts = n_ctx + self.n_knn
+        cols = [5 * p + c for c in range(5) for p in range(n_pts)] + list(range(5 * n_pts, 5 * n_pts + 4 * self.n_knn))
+        self.register_buffer("dyn_cols", torch.as_tensor(cols, dtype=torch.long))
         self.register_buffer("ctx_mask", torch.as_tensor(ctx >= 0, dtype=torch.get_default_dtype()))
         self.register_buffer("row_res", torch.as_tensor(owner, dtype=torch.long))
         types = [RESIDUE_NAMES.index(n) for n in chain.names]
@@ -330,13 +337,13 @@ class ChainBackmapper(nn.Module):
     # ------------------------------------------------------------------ features
     def _knn(self, cg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per residue the n_knn nearest anchors within ``knn_cutoff`` of residues at least 3 apart
-        in sequence: positions (B, L, k, 3), types (B, L, k), mask (B, L, k)."""
+        in sequence: positions coordinate by coordinate (3, B, L, k), types (B, L, k), mask (B, L, k)."""
         a = cg[:, self.anchor_bead]
         b = a.shape[0]
         k = self.n_knn
         if k == 0:
             return (
-                torch.zeros(b, self.n_res, 0, 3, dtype=cg.dtype, device=cg.device),
+                torch.zeros(3, b, self.n_res, 0, dtype=cg.dtype, device=cg.device),
                 torch.zeros(b, self.n_res, 0, dtype=torch.long, device=cg.device),
                 torch.zeros(b, self.n_res, 0, dtype=cg.dtype, device=cg.device),
             )
@@ -356,39 +363,44 @@ class ChainBackmapper(nn.Module):
             pos = torch.cat([pos, torch.zeros(b, self.n_res, pad, 3, dtype=cg.dtype, device=cg.device)], dim=2)
             types = torch.cat([types, torch.zeros(b, self.n_res, pad, dtype=torch.long, device=cg.device)], dim=2)
             mask = torch.cat([mask, torch.zeros(b, self.n_res, pad, dtype=cg.dtype, device=cg.device)], dim=2)
-        return pos, types, mask
+        return pos.permute(3, 0, 1, 2), types, mask
 
     def _features(self, x: Tensor, s: int, e: int, knn_pos: Tensor, knn_emb: Tensor, knn_mask: Tensor) -> Tensor:
         """Dynamic features of rows s:e for positions x (B, n_aa, 3): context atoms and nearest
-        anchors in each row's NeRF frame (B, e - s, F). ``knn_emb`` (B, L, k * 4) holds the masked
-        type embeddings of every residue's nearest anchors (:meth:`_knn_embedding`)."""
+        anchors in each row's NeRF frame (B, e - s, F), in the column order ``dyn_cols`` maps onto
+        the first layer (per point x, y, z, distance, mask, each for all points in turn; then the
+        anchors' type embeddings). ``knn_pos`` (3, B, L, k) holds the nearest anchors coordinate
+        by coordinate and ``knn_emb`` (B, L, k * 4) their masked type embeddings.
+
+        The geometry runs on coordinate planes (3, B, ...): every step is elementwise on contiguous
+        arrays, where a trailing axis of 3 would make each product and sum a strided, unvectorised
+        loop on CPU."""
         b = x.shape[0]
         n = e - s
+        xt = x.permute(2, 0, 1)
         # one gather for the three NeRF references and the context atoms of every row
-        g = x[:, self.gather_idx[s:e].reshape(-1)].reshape(b, n, -1, 3)
-        xj = g[:, :, 0]
-        bc = xj - g[:, :, 1]
-        bc = bc / torch.linalg.norm(bc, dim=-1, keepdim=True).clamp_min(1e-6)
-        nn_ = torch.linalg.cross(g[:, :, 1] - g[:, :, 2], bc, dim=-1)
-        nn_ = nn_ / torch.linalg.norm(nn_, dim=-1, keepdim=True).clamp_min(1e-6)
-        mm = torch.linalg.cross(nn_, bc, dim=-1)
-        res = self.row_res[s:e]
-        q = (torch.cat([g[:, :, 3:], knn_pos[:, res]], dim=2) - xj.unsqueeze(2)) * (1.0 / self.length_scale)
-        # coordinates on the frame axes (bc, mm, nn_) as three dot products: a batched matmul of
-        # (points x 3) by 3 x 3 matrices is slower on CPU than these elementwise products
-        local = torch.stack(
-            [
-                torch.sum(q * bc.unsqueeze(2), dim=-1),
-                torch.sum(q * mm.unsqueeze(2), dim=-1),
-                torch.sum(q * nn_.unsqueeze(2), dim=-1),
-            ],
-            dim=-1,
+        g = xt.index_select(2, self.gather_idx[s:e].reshape(-1)).reshape(3, b, n, -1)
+        xj = g[:, :, :, 0]
+        bc = xj - g[:, :, :, 1]
+        bc = bc / torch.linalg.vector_norm(bc, dim=0).clamp_min(1e-6)
+        kl = g[:, :, :, 1] - g[:, :, :, 2]
+        nn_ = torch.stack([kl[1] * bc[2] - kl[2] * bc[1], kl[2] * bc[0] - kl[0] * bc[2], kl[0] * bc[1] - kl[1] * bc[0]])
+        nn_ = nn_ / torch.linalg.vector_norm(nn_, dim=0).clamp_min(1e-6)
+        mm = torch.stack(
+            [nn_[1] * bc[2] - nn_[2] * bc[1], nn_[2] * bc[0] - nn_[0] * bc[2], nn_[0] * bc[1] - nn_[1] * bc[0]]
         )
-        dist = torch.linalg.norm(q, dim=-1, keepdim=True)
-        mask = torch.cat([self.ctx_mask[s:e].to(x.dtype).unsqueeze(0).expand(b, n, -1), knn_mask[:, res]], dim=2)
-        mask = mask.unsqueeze(-1)
-        f = torch.cat([local * mask, dist * mask, mask], dim=-1)
-        return torch.cat([f.reshape(b, n, -1), knn_emb[:, res]], dim=-1)
+        res = self.row_res[s:e]
+        pts = torch.cat([g[:, :, :, 3:], knn_pos.index_select(2, res)], dim=3)
+        q = (pts - xj.unsqueeze(-1)) * (1.0 / self.length_scale)  # (3, B, n, P)
+        q0, q1, q2 = q[0], q[1], q[2]
+        mask = torch.cat(
+            [self.ctx_mask[s:e].to(x.dtype).unsqueeze(0).expand(b, n, -1), knn_mask.index_select(1, res)], dim=2
+        )
+        lx = (q0 * bc[0].unsqueeze(-1) + q1 * bc[1].unsqueeze(-1) + q2 * bc[2].unsqueeze(-1)) * mask
+        ly = (q0 * mm[0].unsqueeze(-1) + q1 * mm[1].unsqueeze(-1) + q2 * mm[2].unsqueeze(-1)) * mask
+        lz = (q0 * nn_[0].unsqueeze(-1) + q1 * nn_[1].unsqueeze(-1) + q2 * nn_[2].unsqueeze(-1)) * mask
+        dist = torch.linalg.vector_norm(q, dim=0) * mask  # subgradient 0 at a masked point at 0
+        return torch.cat([lx, ly, lz, dist, mask, knn_emb.index_select(1, res)], dim=-1)
 
     def _knn_embedding(self, knn_type: Tensor, knn_mask: Tensor) -> Tensor:
         """Type embeddings of every residue's nearest anchors, zero where masked: (B, L, k * 4)."""
@@ -474,7 +486,9 @@ class ChainBackmapper(nn.Module):
         ph = dihedrals(xi, xj, x[:, rows[:, 2]], x[:, rows[:, 3]])
         y_r, y_t, y_p, ladj = self._to_y(r, th, ph, 0, e)
         knn_emb = self._knn_embedding(knn_type, knn_mask)
-        h = self.net.trunk(self._features(x, 0, e, knn_pos, knn_emb, knn_mask), self._static().to(x.dtype))
+        h = self.net.trunk(
+            self._features(x, 0, e, knn_pos, knn_emb, knn_mask), self._static().to(x.dtype), self.dyn_cols
+        )
         circ = self.circ.unsqueeze(0).expand_as(y_p)
         u_p, l_p = _spline(y_p, self.net.head_phi(h), circ, False, self.n_bins, self.spline_bound)
         prt = self.net.rt_params(h, ph).reshape(h.shape[0], e, 2, 3 * self.n_bins)
@@ -498,7 +512,7 @@ class ChainBackmapper(nn.Module):
         for n in range(len(self.level_bounds) - 1):
             s = self.level_bounds[n]
             e = self.level_bounds[n + 1]
-            h = self.net.trunk(self._features(x, s, e, knn_pos, knn_emb, knn_mask), static[s:e])
+            h = self.net.trunk(self._features(x, s, e, knn_pos, knn_emb, knn_mask), static[s:e], self.dyn_cols)
             circ = self.circ[s:e].unsqueeze(0).expand(b, e - s)
             y_p, l_p = _spline(u[:, s:e, 2], self.net.head_phi(h), circ, True, self.n_bins, self.spline_bound)
             # the dihedral itself (not its standardised value) conditions (r, theta)
