@@ -73,6 +73,7 @@ CIRCULAR_STD = 0.7  # rad: a proper dihedral spreading more than this is circula
 CIRCULAR_REACH = 2.6
 SPLINE_BOUND = 5.0
 LENGTH_SCALE = 0.3  # nm: positions in features are divided by this
+LOGP_BLOCK = 8192  # frames x rows per block of log_prob
 ATOM_NAMES = sorted({a for atoms, _ in TEMPLATES.values() for a in atoms.split()} | {"H2", "H3", "OXT"})
 
 
@@ -302,6 +303,7 @@ class ChainBackmapper(nn.Module):
         self.register_buffer("sp", col("sp"))
         self.n_rows = n_rows
         self.length_scale = float(LENGTH_SCALE)
+        self.logp_block = int(LOGP_BLOCK)
         self.spline_bound = float(SPLINE_BOUND)
 
     # ------------------------------------------------------------------ checks
@@ -488,16 +490,23 @@ class ChainBackmapper(nn.Module):
         ph = dihedrals(xi, xj, x[:, rows[:, 2]], x[:, rows[:, 3]])
         y_r, y_t, y_p, ladj = self._to_y(r, th, ph, 0, e)
         knn_emb = self._knn_embedding(knn_type, knn_mask)
-        h = self.net.trunk(
-            self._features(x, 0, e, knn_pos, knn_emb, knn_mask), self._static().to(x.dtype), self.dyn_cols
-        )
-        circ = self.circ.unsqueeze(0).expand_as(y_p)
-        u_p, l_p = _spline(y_p, self.net.head_phi(h), circ, False, self.n_bins, self.spline_bound)
-        prt = self.net.rt_params(h, ph).reshape(h.shape[0], e, 2, 3 * self.n_bins)
-        line = torch.zeros_like(circ).unsqueeze(-1).expand(-1, -1, 2)
-        u_rt, l_rt = _spline(torch.stack([y_r, y_t], dim=-1), prt, line, False, self.n_bins, self.spline_bound)
-        l_rt = l_rt[..., 0] * self.free.to(x.dtype) + l_rt[..., 1]
-        return self._base(u_rt[..., 0], u_rt[..., 1], u_p, 0, e) + l_p + l_rt + ladj
+        static = self._static().to(x.dtype)
+        # rows in blocks of about LOGP_BLOCK (frames x rows): the feature arrays of a block stay in
+        # cache; every block sees the complete x, so blocks are independent
+        step = max(1, self.logp_block // max(1, x.shape[0]))
+        parts: list[Tensor] = []
+        for s in range(0, e, step):
+            t = min(e, s + step)
+            h = self.net.trunk(self._features(x, s, t, knn_pos, knn_emb, knn_mask), static[s:t], self.dyn_cols)
+            circ = self.circ[s:t].unsqueeze(0).expand(x.shape[0], t - s)
+            u_p, l_p = _spline(y_p[:, s:t], self.net.head_phi(h), circ, False, self.n_bins, self.spline_bound)
+            prt = self.net.rt_params(h, ph[:, s:t]).reshape(h.shape[0], t - s, 2, 3 * self.n_bins)
+            line = torch.zeros_like(circ).unsqueeze(-1).expand(-1, -1, 2)
+            y_rt = torch.stack([y_r[:, s:t], y_t[:, s:t]], dim=-1)
+            u_rt, l_rt = _spline(y_rt, prt, line, False, self.n_bins, self.spline_bound)
+            l_rt = l_rt[..., 0] * self.free[s:t].to(x.dtype) + l_rt[..., 1]
+            parts.append(self._base(u_rt[..., 0], u_rt[..., 1], u_p, s, t) + l_p + l_rt + ladj[:, s:t])
+        return torch.cat(parts, dim=1)
 
     # ------------------------------------------------------------------ sampling
     @torch.jit.export
