@@ -170,7 +170,8 @@ class ProteinNet(nn.Module):
 
     def trunk(self, dyn: Tensor, static: Tensor, cols: Tensor) -> Tensor:
         """Hidden features (..., hidden) of rows from dynamic features ``dyn`` whose column c is
-        column ``cols[c]`` of the first layer's dynamic input, and the static part (rows, hidden)."""
+        column ``cols[c]`` of the first layer's dynamic input, plus the rest of the first layer's
+        pre-activation ``static`` (broadcast to (..., hidden))."""
         h = F.silu(F.linear(dyn, self.lin_dyn.weight.index_select(1, cols)) + static)
         return F.silu(self.lin2(h))
 
@@ -263,10 +264,17 @@ class ChainBackmapper(nn.Module):
         # per row: the NeRF references j, k, l, then the context atoms (one gather in _features)
         self.register_buffer("gather_idx", torch.cat([self.rows[:, 1:], self.ctx], dim=1))
         # the first layer's dynamic input lists each point's (x, y, z, distance, mask) in turn, then
-        # the anchors' 4-wide type embeddings; _features builds it component by component
+        # the anchors' 4-wide type embeddings. Its columns split three ways: the geometry of every
+        # point (_features builds it component by component: all x, all y, all z, all distances),
+        # the masks of the context atoms (fixed per row: folded into the static part) and the masks
+        # and embeddings of the nearest anchors (per residue and frame: once per call)
         n_pts = n_ctx + self.n_knn
-        cols = [5 * p + c for c in range(5) for p in range(n_pts)] + list(range(5 * n_pts, 5 * n_pts + 4 * self.n_knn))
-        self.register_buffer("dyn_cols", torch.as_tensor(cols, dtype=torch.long))
+        geo = [5 * p + c for c in range(4) for p in range(n_pts)]
+        ctx_cols = [5 * p + 4 for p in range(n_ctx)]
+        knn_cols = [5 * p + 4 for p in range(n_ctx, n_pts)] + list(range(5 * n_pts, 5 * n_pts + 4 * self.n_knn))
+        self.register_buffer("geo_cols", torch.as_tensor(geo, dtype=torch.long))
+        self.register_buffer("ctx_mask_cols", torch.as_tensor(ctx_cols, dtype=torch.long))
+        self.register_buffer("knn_cols", torch.as_tensor(knn_cols, dtype=torch.long))
         self.register_buffer("ctx_mask", torch.as_tensor(ctx >= 0, dtype=torch.get_default_dtype()))
         self.register_buffer("row_res", torch.as_tensor(owner, dtype=torch.long))
         types = [RESIDUE_NAMES.index(n) for n in chain.names]
@@ -367,12 +375,11 @@ class ChainBackmapper(nn.Module):
             mask = torch.cat([mask, torch.zeros(b, self.n_res, pad, dtype=cg.dtype, device=cg.device)], dim=2)
         return pos.permute(3, 0, 1, 2), types, mask
 
-    def _features(self, x: Tensor, s: int, e: int, knn_pos: Tensor, knn_emb: Tensor, knn_mask: Tensor) -> Tensor:
-        """Dynamic features of rows s:e for positions x (B, n_aa, 3): context atoms and nearest
-        anchors in each row's NeRF frame (B, e - s, F), in the column order ``dyn_cols`` maps onto
-        the first layer (per point x, y, z, distance, mask, each for all points in turn; then the
-        anchors' type embeddings). ``knn_pos`` (3, B, L, k) holds the nearest anchors coordinate
-        by coordinate and ``knn_emb`` (B, L, k * 4) their masked type embeddings.
+    def _features(self, x: Tensor, s: int, e: int, knn_pos: Tensor, knn_mask: Tensor) -> Tensor:
+        """Geometric features of rows s:e for positions x (B, n_aa, 3): context atoms and nearest
+        anchors in each row's NeRF frame, masked, (B, e - s, 4 P) in the first layer's columns
+        ``geo_cols`` (x of every point, then y, z and distance). ``knn_pos`` (3, B, L, k) holds the
+        nearest anchors coordinate by coordinate.
 
         The geometry runs on coordinate planes (3, B, ...): every step is elementwise on contiguous
         arrays, where a trailing axis of 3 would make each product and sum a strided, unvectorised
@@ -404,12 +411,18 @@ class ChainBackmapper(nn.Module):
         # + 1e-12: a finite gradient at a masked point that sits on x_j (a reduction over the leading
         # axis, as linalg.vector_norm(q, dim=0), is several times slower here)
         dist = torch.sqrt(q0 * q0 + q1 * q1 + q2 * q2 + 1e-12) * mask
-        return torch.cat([lx, ly, lz, dist, mask, knn_emb.index_select(1, res)], dim=-1)
+        return torch.cat([lx, ly, lz, dist], dim=-1)
 
-    def _knn_embedding(self, knn_type: Tensor, knn_mask: Tensor) -> Tensor:
-        """Type embeddings of every residue's nearest anchors, zero where masked: (B, L, k * 4)."""
+    def _pre_activation(self, knn_type: Tensor, knn_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The parts of the first layer that do not depend on the rows' geometry: per row the static
+        part plus the context-mask columns (R, hidden), and per residue and frame the columns of
+        the nearest anchors' masks and masked type embeddings (B, L, hidden)."""
+        w = self.net.lin_dyn.weight
+        static = self._static() + F.linear(self.ctx_mask.to(w.dtype), w.index_select(1, self.ctx_mask_cols))
         kt = self.net.knn_emb(knn_type) * knn_mask.unsqueeze(-1)
-        return kt.reshape(knn_type.shape[0], knn_type.shape[1], -1).to(knn_mask.dtype)
+        kt = kt.reshape(knn_type.shape[0], knn_type.shape[1], -1).to(knn_mask.dtype)
+        per_res = F.linear(torch.cat([knn_mask, kt], dim=-1), w.index_select(1, self.knn_cols).to(kt.dtype))
+        return static, per_res
 
     def _static(self) -> Tensor:
         return self.net.static(self.s_res, self.s_atom, self.s_key, self.s_prev, self.s_next, self.s_stage)
@@ -489,15 +502,16 @@ class ChainBackmapper(nn.Module):
         th = angles(xi, xj, x[:, rows[:, 2]])
         ph = dihedrals(xi, xj, x[:, rows[:, 2]], x[:, rows[:, 3]])
         y_r, y_t, y_p, ladj = self._to_y(r, th, ph, 0, e)
-        knn_emb = self._knn_embedding(knn_type, knn_mask)
-        static = self._static().to(x.dtype)
+        static, per_res = self._pre_activation(knn_type, knn_mask)
+        static = static.to(x.dtype)
         # rows in blocks of about LOGP_BLOCK (frames x rows): the feature arrays of a block stay in
         # cache; every block sees the complete x, so blocks are independent
         step = max(1, self.logp_block // max(1, x.shape[0]))
         parts: list[Tensor] = []
         for s in range(0, e, step):
             t = min(e, s + step)
-            h = self.net.trunk(self._features(x, s, t, knn_pos, knn_emb, knn_mask), static[s:t], self.dyn_cols)
+            pre = static[s:t] + per_res.index_select(1, self.row_res[s:t])
+            h = self.net.trunk(self._features(x, s, t, knn_pos, knn_mask), pre, self.geo_cols)
             circ = self.circ[s:t].unsqueeze(0).expand(x.shape[0], t - s)
             u_p, l_p = _spline(y_p[:, s:t], self.net.head_phi(h), circ, False, self.n_bins, self.spline_bound)
             prt = self.net.rt_params(h, ph[:, s:t]).reshape(h.shape[0], t - s, 2, 3 * self.n_bins)
@@ -517,13 +531,14 @@ class ChainBackmapper(nn.Module):
         b = cg.shape[0]
         x = torch.zeros(b, self.n_aa, 3, dtype=cg.dtype, device=cg.device).index_copy(1, self.beads, cg)
         knn_pos, knn_type, knn_mask = self._knn(cg)
-        static = self._static().to(cg.dtype)
-        knn_emb = self._knn_embedding(knn_type, knn_mask)
+        static, per_res = self._pre_activation(knn_type, knn_mask)
+        static = static.to(cg.dtype)
         logq = torch.zeros(b, dtype=cg.dtype, device=cg.device)
         for n in range(len(self.level_bounds) - 1):
             s = self.level_bounds[n]
             e = self.level_bounds[n + 1]
-            h = self.net.trunk(self._features(x, s, e, knn_pos, knn_emb, knn_mask), static[s:e], self.dyn_cols)
+            pre = static[s:e] + per_res.index_select(1, self.row_res[s:e])
+            h = self.net.trunk(self._features(x, s, e, knn_pos, knn_mask), pre, self.geo_cols)
             circ = self.circ[s:e].unsqueeze(0).expand(b, e - s)
             y_p, l_p = _spline(u[:, s:e, 2], self.net.head_phi(h), circ, True, self.n_bins, self.spline_bound)
             # the dihedral itself (not its standardised value) conditions (r, theta)
