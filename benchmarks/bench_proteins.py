@@ -35,7 +35,7 @@ import torch
 
 from openmm_backmap.models import residues as R
 from openmm_backmap.models.protein import ProteinBackmapper, load_pretrained
-from openmm_backmap.training.protein import chain_permutation, load_peptide
+from openmm_backmap.training.protein import chain_permutation, corpus_ids, load_peptide
 
 KB = 8.314462618e-3  # kJ/(mol K)
 SPEED_SEQUENCE = [
@@ -221,7 +221,7 @@ def bench_quality(model: ProteinBackmapper, heldout: Path, frames: int, ess_fram
 
     torch.set_num_threads(1)
     out = {}
-    for d in sorted(p for p in heldout.iterdir() if (p / "traj.dcd").exists()):
+    for d in (heldout / i for i in corpus_ids(heldout)):  # finished entries only
         names, x, meta = load_peptide(d)
         top = md.load_topology(str(d / "topology.pdb"))
         _, perm = chain_permutation(top)
