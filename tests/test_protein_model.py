@@ -359,10 +359,11 @@ def test_canonical_hydrogen_names_fix_swaps_and_keep_the_energy(chignolin):
     assert energies[0] == pytest.approx(energies[1], abs=1e-6)
 
 
-def test_pretrained_ca_model_loads_and_reconstructs(chignolin):
-    model = load_pretrained("protein-ca")
-    path = Path(__file__).resolve().parent.parent / "openmm_backmap" / "pretrained" / "protein-ca.pt"
-    assert model.mapping == "ca" and path.stat().st_size < 20 * 2**20
+@pytest.mark.parametrize("name,mapping", [("protein-ca", "ca"), ("protein-backbone", "backbone")])
+def test_pretrained_model_loads_and_reconstructs(chignolin, name, mapping):
+    model = load_pretrained(name)
+    path = Path(__file__).resolve().parent.parent / "openmm_backmap" / "pretrained" / f"{name}.pt"
+    assert model.mapping == mapping and path.stat().st_size < 20 * 2**20
     names, x = chignolin
     ch = model.for_sequence(names)
     cg = torch.as_tensor(x[:, ch.beads.numpy()], dtype=torch.float32)
