@@ -180,6 +180,24 @@ def test_samples_exact_beads_equivariant_and_l_chirality(chignolin):
     assert np.all(np.sign(R.signed_volumes(aa_m.numpy(), ca_centres)) == np.sign(R.signed_volumes(x, ca_centres)))
 
 
+def test_trained_like_model_log_prob_of_its_samples_is_their_log_q(chignolin):
+    """With conditioners that depend on their context (perturbed weights), log_prob of a sample is
+    the log q it was drawn with: every context atom a row sees in log_prob is already placed when
+    the row is sampled (in chignolin, the stage-2 side chain of TYR 2 sees the first side-chain
+    atoms of ASP 3, which the residue-ordered tree lists after it)."""
+    model = _model(chignolin, "ca", perturb=0.3)
+    names, x = chignolin
+    ch = model.for_sequence(names)
+    cg = _as_tensor(x[:, ch.beads.numpy()]).repeat(4, 1, 1)
+    torch.manual_seed(3)
+    u = ch.sample_noise(4, torch.float64, torch.device("cpu"))
+    with torch.no_grad():
+        aa, lq = ch.sample_with_noise(cg, u)
+        lp = ch.log_prob(aa, cg)
+    assert torch.all(torch.isfinite(lq))
+    assert torch.allclose(lp, lq, rtol=0.0, atol=1e-8)
+
+
 def _rotation():
     q, _ = np.linalg.qr(np.random.default_rng(5).normal(size=(3, 3)))
     return q * np.sign(np.linalg.det(q))
@@ -341,10 +359,11 @@ def test_canonical_hydrogen_names_fix_swaps_and_keep_the_energy(chignolin):
     assert energies[0] == pytest.approx(energies[1], abs=1e-6)
 
 
-def test_pretrained_ca_model_loads_and_reconstructs(chignolin):
-    model = load_pretrained("protein-ca")
-    path = Path(__file__).resolve().parent.parent / "openmm_backmap" / "pretrained" / "protein-ca.pt"
-    assert model.mapping == "ca" and path.stat().st_size < 20 * 2**20
+@pytest.mark.parametrize("name,mapping", [("protein-ca", "ca"), ("protein-backbone", "backbone")])
+def test_pretrained_model_loads_and_reconstructs(chignolin, name, mapping):
+    model = load_pretrained(name)
+    path = Path(__file__).resolve().parent.parent / "openmm_backmap" / "pretrained" / f"{name}.pt"
+    assert model.mapping == mapping and path.stat().st_size < 20 * 2**20
     names, x = chignolin
     ch = model.for_sequence(names)
     cg = torch.as_tensor(x[:, ch.beads.numpy()], dtype=torch.float32)

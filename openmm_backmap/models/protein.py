@@ -73,6 +73,7 @@ CIRCULAR_STD = 0.7  # rad: a proper dihedral spreading more than this is circula
 CIRCULAR_REACH = 2.6
 SPLINE_BOUND = 5.0
 LENGTH_SCALE = 0.3  # nm: positions in features are divided by this
+LOGP_BLOCK = 8192  # frames x rows per block of log_prob
 ATOM_NAMES = sorted({a for atoms, _ in TEMPLATES.values() for a in atoms.split()} | {"H2", "H3", "OXT"})
 
 
@@ -163,11 +164,15 @@ class ProteinNet(nn.Module):
     ) -> Tensor:
         """Per-row static part of the first layer, (R, hidden)."""
         e = self.res_emb(res_type) + self.atom_emb(atom) + self.key_emb(key)
-        s = F.one_hot(stage, 3).to(e.dtype)
+        # one-hot of the stage (0, 1, 2) by comparison: traceable, unlike F.one_hot's range check
+        s = (stage.unsqueeze(-1) == torch.arange(3, device=stage.device)).to(e.dtype)
         return self.lin_static(torch.cat([e, self.nb_emb(prev_type), self.nb_emb(next_type), s], dim=-1))
 
-    def trunk(self, dyn: Tensor, static: Tensor) -> Tensor:
-        h = F.silu(self.lin_dyn(dyn) + static)
+    def trunk(self, dyn: Tensor, static: Tensor, cols: Tensor) -> Tensor:
+        """Hidden features (..., hidden) of rows from dynamic features ``dyn`` whose column c is
+        column ``cols[c]`` of the first layer's dynamic input, plus the rest of the first layer's
+        pre-activation ``static`` (broadcast to (..., hidden))."""
+        h = F.silu(F.linear(dyn, self.lin_dyn.weight.index_select(1, cols)) + static)
         return F.silu(self.lin2(h))
 
     def rt_params(self, h: Tensor, phi: Tensor) -> Tensor:
@@ -227,14 +232,23 @@ class ChainBackmapper(nn.Module):
         self.knn_cutoff = float(knn_cutoff)
         self.n_bins = int(net.n_bins)
         n_rows = int(tree.rows.shape[0])
-        # levels: 1 + the highest level among a row's references and context atoms
+        # levels: 1 + the highest level among a row's references and context atoms. Rows are
+        # visited in order of stage (the tree lists side chains residue by residue, so a stage-2 row
+        # may precede the stage-1 rows of the next residue that its context holds); every
+        # dependency must already have its level, else sampling would read an unplaced atom
         ctx = _context_atoms(chain, tree, set(beads), n_ctx)
         level = np.zeros(self.n_aa, dtype=np.int64)
+        done = np.zeros(self.n_aa, dtype=bool)
+        done[beads] = True
         row_level = np.zeros(n_rows, dtype=np.int64)
-        for n in np.argsort(tree.stage, kind="stable"):  # a row's dependencies lie in its or earlier stages
+        for n in np.argsort(tree.stage, kind="stable"):
             deps = list(tree.rows[n, 1:]) + [a for a in ctx[n] if a >= 0]
+            missing = [int(d) for d in deps if not done[d]]
+            if missing:
+                raise RuntimeError(f"row {tree.keys[n]} depends on atoms {missing} placed after it")
             row_level[n] = 1 + max(level[d] for d in deps)
             level[tree.rows[n, 0]] = row_level[n]
+            done[tree.rows[n, 0]] = True
         order = np.argsort(row_level, kind="stable")
         bounds = [0]
         for lv in np.unique(row_level):
@@ -247,6 +261,20 @@ class ChainBackmapper(nn.Module):
         self.register_buffer("beads", torch.as_tensor(beads, dtype=torch.long))
         self.register_buffer("rows", torch.as_tensor(rows, dtype=torch.long))
         self.register_buffer("ctx", torch.as_tensor(np.maximum(ctx, 0), dtype=torch.long))
+        # per row: the NeRF references j, k, l, then the context atoms (one gather in _features)
+        self.register_buffer("gather_idx", torch.cat([self.rows[:, 1:], self.ctx], dim=1))
+        # the first layer's dynamic input lists each point's (x, y, z, distance, mask) in turn, then
+        # the anchors' 4-wide type embeddings. Its columns split three ways: the geometry of every
+        # point (_features builds it component by component: all x, all y, all z, all distances),
+        # the masks of the context atoms (fixed per row: folded into the static part) and the masks
+        # and embeddings of the nearest anchors (per residue and frame: once per call)
+        n_pts = n_ctx + self.n_knn
+        geo = [5 * p + c for c in range(4) for p in range(n_pts)]
+        ctx_cols = [5 * p + 4 for p in range(n_ctx)]
+        knn_cols = [5 * p + 4 for p in range(n_ctx, n_pts)] + list(range(5 * n_pts, 5 * n_pts + 4 * self.n_knn))
+        self.register_buffer("geo_cols", torch.as_tensor(geo, dtype=torch.long))
+        self.register_buffer("ctx_mask_cols", torch.as_tensor(ctx_cols, dtype=torch.long))
+        self.register_buffer("knn_cols", torch.as_tensor(knn_cols, dtype=torch.long))
         self.register_buffer("ctx_mask", torch.as_tensor(ctx >= 0, dtype=torch.get_default_dtype()))
         self.register_buffer("row_res", torch.as_tensor(owner, dtype=torch.long))
         types = [RESIDUE_NAMES.index(n) for n in chain.names]
@@ -283,6 +311,7 @@ class ChainBackmapper(nn.Module):
         self.register_buffer("sp", col("sp"))
         self.n_rows = n_rows
         self.length_scale = float(LENGTH_SCALE)
+        self.logp_block = int(LOGP_BLOCK)
         self.spline_bound = float(SPLINE_BOUND)
 
     # ------------------------------------------------------------------ checks
@@ -318,13 +347,13 @@ class ChainBackmapper(nn.Module):
     # ------------------------------------------------------------------ features
     def _knn(self, cg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per residue the n_knn nearest anchors within ``knn_cutoff`` of residues at least 3 apart
-        in sequence: positions (B, L, k, 3), types (B, L, k), mask (B, L, k)."""
+        in sequence: positions coordinate by coordinate (3, B, L, k), types (B, L, k), mask (B, L, k)."""
         a = cg[:, self.anchor_bead]
         b = a.shape[0]
         k = self.n_knn
         if k == 0:
             return (
-                torch.zeros(b, self.n_res, 0, 3, dtype=cg.dtype, device=cg.device),
+                torch.zeros(3, b, self.n_res, 0, dtype=cg.dtype, device=cg.device),
                 torch.zeros(b, self.n_res, 0, dtype=torch.long, device=cg.device),
                 torch.zeros(b, self.n_res, 0, dtype=cg.dtype, device=cg.device),
             )
@@ -344,33 +373,56 @@ class ChainBackmapper(nn.Module):
             pos = torch.cat([pos, torch.zeros(b, self.n_res, pad, 3, dtype=cg.dtype, device=cg.device)], dim=2)
             types = torch.cat([types, torch.zeros(b, self.n_res, pad, dtype=torch.long, device=cg.device)], dim=2)
             mask = torch.cat([mask, torch.zeros(b, self.n_res, pad, dtype=cg.dtype, device=cg.device)], dim=2)
-        return pos, types, mask
+        return pos.permute(3, 0, 1, 2), types, mask
 
-    def _features(self, x: Tensor, s: int, e: int, knn_pos: Tensor, knn_type: Tensor, knn_mask: Tensor) -> Tensor:
-        """Dynamic features of rows s:e for positions x (B, n_aa, 3): context atoms and nearest
-        anchors in each row's NeRF frame (B, e - s, F)."""
-        rows = self.rows[s:e]
+    def _features(self, x: Tensor, s: int, e: int, knn_pos: Tensor, knn_mask: Tensor) -> Tensor:
+        """Geometric features of rows s:e for positions x (B, n_aa, 3): context atoms and nearest
+        anchors in each row's NeRF frame, masked, (B, e - s, 4 P) in the first layer's columns
+        ``geo_cols`` (x of every point, then y, z and distance). ``knn_pos`` (3, B, L, k) holds the
+        nearest anchors coordinate by coordinate.
+
+        The geometry runs on coordinate planes (3, B, ...): every step is elementwise on contiguous
+        arrays, where a trailing axis of 3 would make each product and sum a strided, unvectorised
+        loop on CPU."""
         b = x.shape[0]
         n = e - s
-        xj = x[:, rows[:, 1]]
-        xk = x[:, rows[:, 2]]
-        xl = x[:, rows[:, 3]]
-        bc = xj - xk
-        bc = bc / torch.linalg.norm(bc, dim=-1, keepdim=True).clamp_min(1e-6)
-        nn_ = torch.linalg.cross(xk - xl, bc, dim=-1)
-        nn_ = nn_ / torch.linalg.norm(nn_, dim=-1, keepdim=True).clamp_min(1e-6)
-        mm = torch.linalg.cross(nn_, bc, dim=-1)
-        frame = torch.stack([bc, mm, nn_], dim=-1)  # (B, n, 3, 3): columns are the axes
-        ctx = self.ctx[s:e]
-        p = x[:, ctx.reshape(-1)].reshape(b, n, -1, 3)
+        xt = x.permute(2, 0, 1)
+        # one gather for the three NeRF references and the context atoms of every row
+        g = xt.index_select(2, self.gather_idx[s:e].reshape(-1)).reshape(3, b, n, -1)
+        xj = g[:, :, :, 0]
+        bc = xj - g[:, :, :, 1]
+        bc = bc / torch.sqrt(bc[0] * bc[0] + bc[1] * bc[1] + bc[2] * bc[2]).clamp_min(1e-6)
+        kl = g[:, :, :, 1] - g[:, :, :, 2]
+        nn_ = torch.stack([kl[1] * bc[2] - kl[2] * bc[1], kl[2] * bc[0] - kl[0] * bc[2], kl[0] * bc[1] - kl[1] * bc[0]])
+        nn_ = nn_ / torch.sqrt(nn_[0] * nn_[0] + nn_[1] * nn_[1] + nn_[2] * nn_[2]).clamp_min(1e-6)
+        mm = torch.stack(
+            [nn_[1] * bc[2] - nn_[2] * bc[1], nn_[2] * bc[0] - nn_[0] * bc[2], nn_[0] * bc[1] - nn_[1] * bc[0]]
+        )
         res = self.row_res[s:e]
-        q = torch.cat([p, knn_pos[:, res]], dim=2) - xj.unsqueeze(2)
-        local = torch.matmul(q, frame) / self.length_scale
-        dist = torch.linalg.norm(local, dim=-1, keepdim=True)
-        mask = torch.cat([self.ctx_mask[s:e].to(x.dtype).unsqueeze(0).expand(b, n, -1), knn_mask[:, res]], dim=2)
-        f = torch.cat([local, dist, torch.ones_like(dist)], dim=-1) * mask.unsqueeze(-1)
-        kt = self.net.knn_emb(knn_type[:, res]) * knn_mask[:, res].unsqueeze(-1)
-        return torch.cat([f.reshape(b, n, -1), kt.reshape(b, n, -1).to(x.dtype)], dim=-1)
+        pts = torch.cat([g[:, :, :, 3:], knn_pos.index_select(2, res)], dim=3)
+        q = (pts - xj.unsqueeze(-1)) * (1.0 / self.length_scale)  # (3, B, n, P)
+        q0, q1, q2 = q[0], q[1], q[2]
+        mask = torch.cat(
+            [self.ctx_mask[s:e].to(x.dtype).unsqueeze(0).expand(b, n, -1), knn_mask.index_select(1, res)], dim=2
+        )
+        lx = (q0 * bc[0].unsqueeze(-1) + q1 * bc[1].unsqueeze(-1) + q2 * bc[2].unsqueeze(-1)) * mask
+        ly = (q0 * mm[0].unsqueeze(-1) + q1 * mm[1].unsqueeze(-1) + q2 * mm[2].unsqueeze(-1)) * mask
+        lz = (q0 * nn_[0].unsqueeze(-1) + q1 * nn_[1].unsqueeze(-1) + q2 * nn_[2].unsqueeze(-1)) * mask
+        # + 1e-12: a finite gradient at a masked point that sits on x_j (a reduction over the leading
+        # axis, as linalg.vector_norm(q, dim=0), is several times slower here)
+        dist = torch.sqrt(q0 * q0 + q1 * q1 + q2 * q2 + 1e-12) * mask
+        return torch.cat([lx, ly, lz, dist], dim=-1)
+
+    def _pre_activation(self, knn_type: Tensor, knn_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The parts of the first layer that do not depend on the rows' geometry: per row the static
+        part plus the context-mask columns (R, hidden), and per residue and frame the columns of
+        the nearest anchors' masks and masked type embeddings (B, L, hidden)."""
+        w = self.net.lin_dyn.weight
+        static = self._static() + F.linear(self.ctx_mask.to(w.dtype), w.index_select(1, self.ctx_mask_cols))
+        kt = self.net.knn_emb(knn_type) * knn_mask.unsqueeze(-1)
+        kt = kt.reshape(knn_type.shape[0], knn_type.shape[1], -1).to(knn_mask.dtype)
+        per_res = F.linear(torch.cat([knn_mask, kt], dim=-1), w.index_select(1, self.knn_cols).to(kt.dtype))
+        return static, per_res
 
     def _static(self) -> Tensor:
         return self.net.static(self.s_res, self.s_atom, self.s_key, self.s_prev, self.s_next, self.s_stage)
@@ -450,14 +502,25 @@ class ChainBackmapper(nn.Module):
         th = angles(xi, xj, x[:, rows[:, 2]])
         ph = dihedrals(xi, xj, x[:, rows[:, 2]], x[:, rows[:, 3]])
         y_r, y_t, y_p, ladj = self._to_y(r, th, ph, 0, e)
-        h = self.net.trunk(self._features(x, 0, e, knn_pos, knn_type, knn_mask), self._static().to(x.dtype))
-        circ = self.circ.unsqueeze(0).expand_as(y_p)
-        u_p, l_p = _spline(y_p, self.net.head_phi(h), circ, False, self.n_bins, self.spline_bound)
-        prt = self.net.rt_params(h, ph).reshape(h.shape[0], e, 2, 3 * self.n_bins)
-        line = torch.zeros_like(circ).unsqueeze(-1).expand(-1, -1, 2)
-        u_rt, l_rt = _spline(torch.stack([y_r, y_t], dim=-1), prt, line, False, self.n_bins, self.spline_bound)
-        l_rt = l_rt[..., 0] * self.free.to(x.dtype) + l_rt[..., 1]
-        return self._base(u_rt[..., 0], u_rt[..., 1], u_p, 0, e) + l_p + l_rt + ladj
+        static, per_res = self._pre_activation(knn_type, knn_mask)
+        static = static.to(x.dtype)
+        # rows in blocks of about LOGP_BLOCK (frames x rows): the feature arrays of a block stay in
+        # cache; every block sees the complete x, so blocks are independent
+        step = max(1, self.logp_block // max(1, x.shape[0]))
+        parts: list[Tensor] = []
+        for s in range(0, e, step):
+            t = min(e, s + step)
+            pre = static[s:t] + per_res.index_select(1, self.row_res[s:t])
+            h = self.net.trunk(self._features(x, s, t, knn_pos, knn_mask), pre, self.geo_cols)
+            circ = self.circ[s:t].unsqueeze(0).expand(x.shape[0], t - s)
+            u_p, l_p = _spline(y_p[:, s:t], self.net.head_phi(h), circ, False, self.n_bins, self.spline_bound)
+            prt = self.net.rt_params(h, ph[:, s:t]).reshape(h.shape[0], t - s, 2, 3 * self.n_bins)
+            line = torch.zeros_like(circ).unsqueeze(-1).expand(-1, -1, 2)
+            y_rt = torch.stack([y_r[:, s:t], y_t[:, s:t]], dim=-1)
+            u_rt, l_rt = _spline(y_rt, prt, line, False, self.n_bins, self.spline_bound)
+            l_rt = l_rt[..., 0] * self.free[s:t].to(x.dtype) + l_rt[..., 1]
+            parts.append(self._base(u_rt[..., 0], u_rt[..., 1], u_p, s, t) + l_p + l_rt + ladj[:, s:t])
+        return torch.cat(parts, dim=1)
 
     # ------------------------------------------------------------------ sampling
     @torch.jit.export
@@ -468,12 +531,14 @@ class ChainBackmapper(nn.Module):
         b = cg.shape[0]
         x = torch.zeros(b, self.n_aa, 3, dtype=cg.dtype, device=cg.device).index_copy(1, self.beads, cg)
         knn_pos, knn_type, knn_mask = self._knn(cg)
-        static = self._static().to(cg.dtype)
+        static, per_res = self._pre_activation(knn_type, knn_mask)
+        static = static.to(cg.dtype)
         logq = torch.zeros(b, dtype=cg.dtype, device=cg.device)
         for n in range(len(self.level_bounds) - 1):
             s = self.level_bounds[n]
             e = self.level_bounds[n + 1]
-            h = self.net.trunk(self._features(x, s, e, knn_pos, knn_type, knn_mask), static[s:e])
+            pre = static[s:e] + per_res.index_select(1, self.row_res[s:e])
+            h = self.net.trunk(self._features(x, s, e, knn_pos, knn_mask), pre, self.geo_cols)
             circ = self.circ[s:e].unsqueeze(0).expand(b, e - s)
             y_p, l_p = _spline(u[:, s:e, 2], self.net.head_phi(h), circ, True, self.n_bins, self.spline_bound)
             # the dihedral itself (not its standardised value) conditions (r, theta)

@@ -46,6 +46,7 @@ class TrainConfig:
     n_knn: int = 6
     stats_frames: int = 60
     refresh_every: int = 100
+    init: str = ""
 
 
 def _residue_name(res) -> str:
@@ -124,6 +125,12 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
     peptides = [load_peptide(Path(config.data) / i) for i in ids]
     order = rng.permutation(len(ids))
     val_idx = sorted(order[: config.n_val].tolist()) if len(ids) > config.n_val + 1 else []
+    start = ProteinBackmapper.load(config.init) if config.init else None
+    if start is not None and start.mapping != config.mapping:
+        raise ValueError(f"{config.init} maps {start.mapping!r}, not {config.mapping!r}")
+    if start is not None and getattr(start, "info", {}).get("val_ids"):
+        # continue with the validation peptides of the run that wrote the checkpoint
+        val_idx = sorted(ids.index(i) for i in start.info["val_ids"] if i in ids)
     train_idx = [i for i in range(len(ids)) if i not in val_idx]
     log(f"{len(ids)} peptides: {len(train_idx)} training, validation {[ids[i] for i in val_idx]}")
     examples = []
@@ -132,7 +139,13 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
         take = rng.choice(x.shape[0], min(config.stats_frames, x.shape[0]), replace=False)
         examples.append((names, x[take].astype(np.float64)))
     stats = ProteinBackmapper.fit_statistics(examples, config.mapping)
-    model = ProteinBackmapper(config.mapping, stats, hidden=config.hidden, n_bins=config.n_bins, n_knn=config.n_knn)
+    if start is not None:
+        # keep the checkpoint's weights, embedded keys and statistics; new keys get fresh statistics
+        model = start
+        model.stats.update({k: v for k, v in stats.items() if k not in model.stats})
+        log(f"continuing from {config.init} (step {start.info.get('step', '?')})")
+    else:
+        model = ProteinBackmapper(config.mapping, stats, hidden=config.hidden, n_bins=config.n_bins, n_knn=config.n_knn)
     n_params = sum(p.numel() for p in model.net.parameters())
     log(f"{len(stats)} row keys, {n_params} parameters, mapping {config.mapping}")
     opt = torch.optim.Adam(model.net.parameters(), lr=config.lr)
@@ -179,6 +192,8 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
     step = 0
     info: dict = {
         "config": asdict(config),
+        "init": config.init or None,
+        "init_step": int(start.info.get("step", 0)) if start is not None else 0,
         "train_ids": [ids[i] for i in train_idx],
         "val_ids": [ids[i] for i in val_idx],
     }
