@@ -327,19 +327,6 @@ class TorchSystemEnergy(torch.nn.Module):
         self._cast = {}
         return super()._apply(fn, *args, **kwargs)
 
-    def energies(self, x: np.ndarray) -> np.ndarray:
-        """Energies (B,) kJ/mol of positions (B, n, 3) nm, without forces (+inf where OpenMM cannot
-        evaluate a sample)."""
-        if x.ndim != 3 or x.shape[1:] != (self.n_atoms, 3):
-            raise ValueError(f"positions have shape {x.shape}; the System has {self.n_atoms} atoms")
-        energies = np.full(x.shape[0], np.inf)
-        for b in range(x.shape[0]):
-            if np.isfinite(x[b]).all():
-                self._context.setPositions(x[b])
-                energy = self._context.getState(getEnergy=True).getPotentialEnergy()
-                energies[b] = energy._value  # State energies are in kJ/mol
-        return np.where(np.isfinite(energies), energies, np.inf)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """U(x) in kJ/mol for positions (B, n, 3) or (n, 3) in nm."""
         squeeze = x.dim() == 2
