@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from openmm_backmap.models import residues as R
-from openmm_backmap.models.protein import ProteinBackmapper, load_pretrained, read_cg_pdb
+from openmm_backmap.models.protein import ProteinBackmapper, load_pretrained
 from openmm_backmap.systems.peptides import openmm_topology
 from openmm_backmap.training.protein import chain_positions
 
@@ -277,29 +277,6 @@ def test_unknown_residue_name_is_named(chignolin):
     model = _model(chignolin, "ca")
     with pytest.raises(ValueError, match="XYZ.*position 1"):
         model.for_sequence(["ALA", "XYZ", "GLY"])
-
-
-def _cg_pdb(beads):
-    lines = []
-    for n, (resname, resseq, name, xyz) in enumerate(beads):
-        lines.append(
-            f"ATOM  {n + 1:5d} {name:^4s} {resname:3s} A{resseq:4d}    "
-            f"{xyz[0]:8.3f}{xyz[1]:8.3f}{xyz[2]:8.3f}  1.00  0.00"
-        )
-    return "\n".join(lines) + "\nEND\n"
-
-
-def test_cg_pdb_checks_beads_and_gaps():
-    good = [("ALA", 1, "CA", (0, 0, 0)), ("GLY", 2, "CA", (3.8, 0, 0)), ("SER", 3, "CA", (7.0, 2, 0))]
-    names, xyz = read_cg_pdb(_cg_pdb(good), "ca")
-    assert names == ["ALA", "GLY", "SER"] and xyz.shape == (3, 3)
-    assert xyz[1, 0] == pytest.approx(0.38)
-    with pytest.raises(ValueError, match=r"GLY2 has beads \['CB'\].*'ca' mapping expects \['CA'\]"):
-        read_cg_pdb(_cg_pdb([good[0], ("GLY", 2, "CB", (3.8, 0, 0)), good[2]]), "ca")
-    with pytest.raises(ValueError, match="backbone"):
-        read_cg_pdb(_cg_pdb(good), "backbone")
-    with pytest.raises(ValueError, match="from 2 to 4: a residue is missing"):
-        read_cg_pdb(_cg_pdb([good[0], good[1], ("SER", 4, "CA", (7.0, 2, 0))]), "ca")
 
 
 def test_angstrom_and_gap_coordinates_are_refused(chignolin):

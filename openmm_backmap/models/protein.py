@@ -815,45 +815,4 @@ def load_pretrained(name: str) -> ProteinBackmapper:
     return ProteinBackmapper.load(path)
 
 
-# ----------------------------------------------------------------------------- CG input
-def read_cg_pdb(text: str, mapping: str) -> tuple[list[str], np.ndarray]:
-    """Residue names and bead coordinates (n_cg, 3) nm of a CG PDB (ATOM/HETATM records, Angstrom as
-    the PDB format says) checked against ``mapping``.
-
-    Raises
-    ------
-    ValueError
-        When a residue's beads do not match the mapping (naming the residue and the beads), a
-        residue number is skipped (a missing residue), or a residue name is unknown.
-    """
-    residues: list[tuple[str, str, int, list[tuple[str, np.ndarray]]]] = []
-    for line in text.splitlines():
-        if not line.startswith(("ATOM", "HETATM")):
-            continue
-        name = line[12:16].strip()
-        resname = line[17:21].strip()
-        chain_id = line[21]
-        resseq = int(line[22:26])
-        xyz = np.array([float(line[30:38]), float(line[38:46]), float(line[46:54])]) / 10.0
-        if not residues or residues[-1][1] != chain_id or residues[-1][2] != resseq:
-            residues.append((resname, chain_id, resseq, []))
-        residues[-1][3].append((name, xyz))
-    if not residues:
-        raise ValueError("the CG PDB has no ATOM records")
-    names, coords = [], []
-    for n, (resname, chain_id, resseq, atoms) in enumerate(residues):
-        canon = canonical_name(resname, n)
-        want = list(MAPPINGS[mapping][canon])
-        got = [a for a, _ in atoms]
-        if got != want:
-            raise ValueError(f"residue {resname}{resseq} has beads {got}, but the '{mapping}' mapping expects {want}")
-        if n > 0 and residues[n - 1][1] == chain_id and resseq != residues[n - 1][2] + 1:
-            raise ValueError(
-                f"residue numbers jump from {residues[n - 1][2]} to {resseq}: a residue is missing from the chain"
-            )
-        names.append(resname)
-        coords.extend(xyz for _, xyz in atoms)
-    return names, np.asarray(coords)
-
-
-__all__ = ["CAPS", "ChainBackmapper", "ProteinBackmapper", "ProteinNet", "load_pretrained", "read_cg_pdb"]
+__all__ = ["CAPS", "ChainBackmapper", "ProteinBackmapper", "ProteinNet", "load_pretrained"]
