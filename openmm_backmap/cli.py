@@ -278,6 +278,8 @@ def _cmd_export(args) -> int:
     from openmm_backmap.io.checkpoints import JOINT_KIND, export_checkpoint, joint_cg_path, read_checkpoint
 
     outputs = {"--output": args.output}
+    # the output checked against the checkpoint before the checkpoint is read (and its kind known)
+    _check_outputs(outputs, {"checkpoint": args.checkpoint}, args.overwrite)
     joint = read_checkpoint(args.checkpoint)["spec"].get("kind") == JOINT_KIND
     if joint:
         outputs["--cg-output"] = args.cg_output or str(joint_cg_path(args.output))
