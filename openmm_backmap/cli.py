@@ -187,6 +187,16 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", default="demo", help="output directory (default demo/)")
     p.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--data-free",
+        action="store_true",
+        help="no MD data: train-joint (CG potential and backmapper from the AA energy alone) replaces the "
+        "reference MD and both trainings; the report compares with the project's reference populations",
+    )
+    p.add_argument(
+        "--joint-checkpoint",
+        help="with --data-free: a trained train-joint checkpoint of alanine dipeptide, used instead of training",
+    )
     _add_overwrite(p)
     p.set_defaults(func=_cmd_demo)
 
@@ -194,7 +204,18 @@ def _add_demo(sub) -> None:
 def _cmd_demo(args) -> int:
     from openmm_backmap.demo import run_demo
 
-    _check_out_dir("--out", args.out, {}, args.overwrite)
+    if args.joint_checkpoint is not None and not args.data_free:
+        raise ValueError(
+            "--joint-checkpoint is for --data-free: the ordinary demo trains its backmapper and CG potential "
+            "on reference MD, not a joint model"
+        )
+    if args.joint_checkpoint is not None and not Path(args.joint_checkpoint).is_file():
+        raise ValueError(f"--joint-checkpoint {args.joint_checkpoint} does not exist")
+    _check_out_dir("--out", args.out, {"--joint-checkpoint": args.joint_checkpoint}, args.overwrite)
+    if args.data_free:
+        return run_demo(
+            Path(args.out), quick=args.quick, seed=args.seed, data_free=True, joint_checkpoint=args.joint_checkpoint
+        )
     return run_demo(Path(args.out), quick=args.quick, seed=args.seed)
 
 
