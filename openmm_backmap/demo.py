@@ -628,6 +628,9 @@ def run_data_free_demo(
 
     if settings is None:
         settings = DataFreeSettings.quick() if quick else DataFreeSettings.full()
+    topology, system, positions = builtin_system("ala2")
+    if joint_checkpoint is not None:
+        _check_joint_checkpoint(joint_checkpoint, topology)  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     models = out / "models"
@@ -638,9 +641,6 @@ def run_data_free_demo(
     system_dir = out / "system"
 
     def system_stage():
-        topology, system, positions = builtin_system("ala2")
-        if joint_checkpoint is not None:
-            _check_joint_checkpoint(joint_checkpoint, topology)
         x0 = np.asarray(positions.value_in_unit(unit.nanometer), dtype=np.float64)
         x_min, u_min = minimise(system, x0)
         system_dir.mkdir(exist_ok=True)
