@@ -549,6 +549,13 @@ def _add_train_joint(sub) -> None:
         help=f"warm-start epochs with --trajectory (default {d.ml_epochs})",
     )
     p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    p.add_argument(
+        "--select-batch",
+        type=int,
+        default=d.select_batch,
+        help="keep the state at the target with the highest ESS/N of this many fresh samples per check "
+        "(default 0: the lowest reverse-KL estimate)",
+    )
     p.add_argument("--time-limit", type=float, help="stop training after this many seconds")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     _add_overwrite(p)
@@ -592,6 +599,7 @@ def _cmd_train_joint(args) -> int:
         ml_epochs=args.ml_epochs,
         seed=args.seed,
         time_limit=args.time_limit,
+        select_batch=args.select_batch,
     )
     train_joint_from_files(args.topology, args.aa_system, args.mapping, args.out, settings, trajectory=args.trajectory)
     return 0

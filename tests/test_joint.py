@@ -469,3 +469,38 @@ def test_trajectory_warm_start_by_maximum_likelihood(ala2_files, tmp_path):
     ml = spec["training"]["ml"]
     assert ml["epochs"] == 3 and ml["n_train"] == 360 and math.isfinite(ml["best_val_nll"])
     assert spec["training"]["reverse_kl"]["reached_target"]
+
+
+# ----------------------------------------------------------------------------- model selection at the target
+@pytest.mark.parametrize("select_batch", [0, 2048])
+def test_the_model_keeps_the_selected_state_at_the_target(select_batch):
+    """At the target the model ends with the parameters of the check with the lowest reverse-KL
+    estimate (select_batch 0) or the highest ESS/N of select_batch fresh samples, recorded per check."""
+    torch.manual_seed(0)
+    model = ToyJoint(shift=(0.0, 0.0), scale=(1.2, 1.0), hidden=8, bins=6, layers=2, seed=0)
+    states = {}
+
+    def keep(rec, m):
+        states[rec["step"]] = {k: v.clone() for k, v in m.state_dict().items()}
+
+    settings = ReverseKLSettings(
+        max_steps=60, final_steps=60, batch_size=64, eval_batch=256, check_every=10, lr=5e-3, select_batch=select_batch
+    )
+    sched = TemperingSchedule(t_start=T, t_target=T)
+    summary = train_reverse_kl(model, double_well, sched, settings, on_check=keep, log=None)
+    hist = summary["history"]
+    assert len(hist) == 6 and all(h["T"] == T for h in hist)
+    if select_batch:
+        scores = [h["ess_select"] for h in hist]
+        assert all(0.0 < e <= 1.0 for e in scores)
+        assert len(set(scores)) > 1  # the checks differ, so the choice is not trivial
+        best = hist[int(np.argmax(scores))]
+        assert summary["best_ess"] == max(scores)
+    else:
+        assert all("ess_select" not in h for h in hist) and math.isnan(summary["best_ess"])
+        best = hist[int(np.argmin([h["kl_target"] for h in hist]))]
+    assert summary["best_step"] == best["step"] and summary["best_kl"] == best["kl_target"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, states[best["step"]][k]), k
+    with pytest.raises(ValueError, match="select_batch must be 0"):
+        check_budget(sched, ReverseKLSettings(max_steps=60, final_steps=60, select_batch=-1))
