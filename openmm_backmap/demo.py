@@ -798,8 +798,12 @@ def data_free_report_lines(summary: dict, n_cg: int) -> list[str]:
 
 
 def _basin_lines(basins: dict) -> list[str]:
+    """One line per basin; a basin without weight has no dF and says so (it was not sampled), an
+    error that could not be estimated (fewer frames than blocks) is n/a."""
     return [
         f"  {name:<8} {b['reference']:.4f} | {b['raw']:.4f} | {b['reweighted']:.4f} +- "
-        f"{b['reweighted_error']:.4f} | {b['delta_f_kT']:+.2f}"
+        + (f"{b['reweighted_error']:.4f}" if np.isfinite(b["reweighted_error"]) else "n/a")
+        + " | "
+        + (f"{b['delta_f_kT']:+.2f}" if b["reweighted"] > 0 else "none: no sample with weight in this basin")
         for name, b in basins.items()
     ]

@@ -53,6 +53,7 @@ def test_data_free_demo_runs_end_to_end(data_free_demo):
     text = (out / "summary.txt").read_text()
     for line in ("sample ESS/N", "run ESS/N", "conditional ESS", "bond score", "240 ns of MD"):
         assert line in text, line
+    assert "nan" not in text  # an empty basin is named, not given dF = nan
     assert "energy W1: not available (compares the energies of backmapped frames" in text
     assert "mapping entropy of the 6-bead mapping: not available" in text
 
