@@ -213,9 +213,9 @@ def _cmd_demo(args) -> int:
         raise ValueError(f"--joint-checkpoint {args.joint_checkpoint} does not exist")
     _check_out_dir("--out", args.out, {"--joint-checkpoint": args.joint_checkpoint}, args.overwrite)
     if args.data_free:
-        return run_demo(
-            Path(args.out), quick=args.quick, seed=args.seed, data_free=True, joint_checkpoint=args.joint_checkpoint
-        )
+        from openmm_backmap.demo_data_free import run_data_free_demo
+
+        return run_data_free_demo(Path(args.out), args.quick, args.seed, args.joint_checkpoint)
     return run_demo(Path(args.out), quick=args.quick, seed=args.seed)
 
 

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from openmm_backmap.demo import ALA2_REFERENCE_POPULATIONS, DataFreeSettings, DemoSettings, run_demo
+from openmm_backmap.demo import DemoSettings, run_demo
+from openmm_backmap.demo_data_free import ALA2_REFERENCE_POPULATIONS, DataFreeSettings, run_data_free_demo
 from openmm_backmap.training.joint import JointTraining
 
 
@@ -41,7 +42,7 @@ def tiny_settings() -> DataFreeSettings:
 @pytest.fixture(scope="module")
 def data_free_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_df") / "out"
-    assert run_demo(out, data_free=True, seed=3, settings=tiny_settings()) == 0
+    assert run_data_free_demo(out, seed=3, settings=tiny_settings()) == 0
     return out
 
 
@@ -130,10 +131,8 @@ def test_conflicting_options_are_refused(data_free_demo, tmp_path, capsys):
         assert main(["demo", *argv, "--out", str(out)]) == 2, argv
         assert message in capsys.readouterr().err, argv
         assert not (out / "models" / "joint.ckpt").exists()
-    with pytest.raises(ValueError, match="--joint-checkpoint is for --data-free"):
-        run_demo(tmp_path / "x", joint_checkpoint=ckpt)
     with pytest.raises(ValueError, match="takes DataFreeSettings"):
-        run_demo(tmp_path / "y", data_free=True, settings=DemoSettings.quick())
+        run_data_free_demo(tmp_path / "y", settings=DemoSettings.quick())
     with pytest.raises(ValueError, match="takes DemoSettings"):
         run_demo(tmp_path / "z", settings=tiny_settings())
 
@@ -141,7 +140,7 @@ def test_conflicting_options_are_refused(data_free_demo, tmp_path, capsys):
 def test_joint_checkpoint_of_another_molecule_is_refused(data_free_demo, tmp_path):
     import torch
 
-    from openmm_backmap.demo import _check_joint_checkpoint
+    from openmm_backmap.demo_data_free import _check_joint_checkpoint
     from openmm_backmap.systems.builtin import builtin_system
 
     payload = torch.load(data_free_demo / "models" / "joint.ckpt", map_location="cpu", weights_only=False)

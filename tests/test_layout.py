@@ -120,8 +120,9 @@ def test_torch_model_code_does_not_import_openmm():
     assert all(m.startswith(TORCH_SIDE) or m == "openmm_backmap" for m in seen), sorted(seen)
 
 
-def test_the_demo_calls_the_library_not_the_cli():
-    assert "openmm_backmap.cli" not in GRAPH["openmm_backmap.demo"][0]
+def test_the_demos_call_the_library_not_the_cli():
+    for demo in ("openmm_backmap.demo", "openmm_backmap.demo_data_free"):
+        assert "openmm_backmap.cli" not in GRAPH[demo][0]
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
