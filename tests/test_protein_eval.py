@@ -142,9 +142,9 @@ def test_evaluate_binds_a_protein_model_to_the_reference(shipped, chignolin, ref
     assert metrics["nll_per_atom"] == pytest.approx(nll, rel=1e-5)
     assert 0.9 < metrics["bond_score"] <= 1.0 and metrics["chirality_errors_percent"] == 0.0
 
-    # an AA System in the reference's order gives the same energies
+    # an AA System in the reference's order gives the same energies (here with the model bound already)
     _, system = _pdb_order_context()
-    again = evaluate_model(name, reference, None, n_frames=8, samples=4, seed=3, aa_system=system, plots=False)
+    again = evaluate_model(model, reference, None, n_frames=8, samples=4, seed=3, aa_system=system, plots=False)
     assert again["energy_w1_kjmol"] == pytest.approx(metrics["energy_w1_kjmol"], rel=1e-6)
     assert again["conditional_ess"] == pytest.approx(metrics["conditional_ess"], rel=1e-6)
 

@@ -45,8 +45,9 @@ from openmm_backmap.training.protein import chain_permutation
 
 # ---------------------------------------------------------------------------- protein models
 def is_protein_model(model: Any) -> bool:
-    """True for a protein model: a shipped model's name, a protein model file or a :class:`ProteinModel`."""
-    if isinstance(model, ProteinModel):
+    """True for a protein model: a shipped model's name, a protein model file, a :class:`ProteinModel`
+    or one bound to a chain (:class:`ProteinChainModel`)."""
+    if isinstance(model, (ProteinModel, ProteinChainModel)):
         return True
     return not hasattr(model, "sample") and protein_model_path(model) is not None
 
@@ -59,8 +60,9 @@ def bind_protein_model(
     Parameters
     ----------
     model
-        A shipped protein model's name (``protein-ca``, ``protein-backbone``), a protein model file
-        or a :class:`~openmm_backmap.io.backmap_model.ProteinModel`.
+        A shipped protein model's name (``protein-ca``, ``protein-backbone``), a protein model file,
+        a :class:`~openmm_backmap.io.backmap_model.ProteinModel`, or a model already bound (checked
+        against the AA topology's chain).
     aa_topology
         The AA topology (mdtraj or OpenMM, or a file) of the structures to compare with: one chain
         of amber14 residues (histidines named HIS are told apart by their protons).
@@ -80,20 +82,16 @@ def bind_protein_model(
         When the AA topology is not a chain the model knows (naming the residue or atom), or the CG
         topology is another chain.
     """
-    unbound = model if isinstance(model, ProteinModel) else load_model(model)
     top = as_mdtraj_topology(aa_topology)
     if top.n_chains != 1:
         raise ValueError(f"the AA topology has {top.n_chains} chains; a protein model is bound to one chain")
     names, perm = chain_permutation(top)
-    if cg_topology is None:
-        cg = md.Topology()
-        chain = cg.add_chain()
-        for name, res in zip(names, top.residues):
-            residue = cg.add_residue(name, chain, resSeq=res.resSeq)
-            for bead in MAPPINGS[unbound.mapping][name]:
-                cg.add_atom(bead, md.element.get_by_symbol(bead[0]), residue)
-        cg_topology = cg
-    bound = unbound.bind(load_cg_topology(cg_topology), device=device)
+    if isinstance(model, ProteinChainModel):
+        if cg_topology is not None:
+            model.check_cg_topology(cg_topology)
+        bound = model
+    else:
+        bound = _bind(model, names, top, cg_topology, device)
     model_names = [r.name for r in as_mdtraj_topology(bound.topology).residues]
     if model_names != names:
         raise ValueError(
@@ -102,6 +100,20 @@ def bind_protein_model(
     if list(build_chain(names).atom_names) != bound.metadata["atom_names"]:
         raise ValueError("the bound model's atoms are not its chain template's; the protein model file is damaged")
     return bound, perm
+
+
+def _bind(model: Any, names: list[str], top: md.Topology, cg_topology: Any, device: str) -> ProteinChainModel:
+    """``model`` bound to ``cg_topology``, or to the beads of the chain ``names`` of ``top``."""
+    unbound = model if isinstance(model, ProteinModel) else load_model(model)
+    if cg_topology is None:
+        cg = md.Topology()
+        chain = cg.add_chain()
+        for name, res in zip(names, top.residues):
+            residue = cg.add_residue(name, chain, resSeq=res.resSeq)
+            for bead in MAPPINGS[unbound.mapping][name]:
+                cg.add_atom(bead, md.element.get_by_symbol(bead[0]), residue)
+        cg_topology = cg
+    return unbound.bind(load_cg_topology(cg_topology), device=device)
 
 
 def chain_frames(model: ProteinChainModel, xyz: np.ndarray, perm: np.ndarray) -> np.ndarray:
