@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from openmm_backmap.analysis.basins import backbone_dihedrals, basin_indicators
+from openmm_backmap.analysis.entropy import reference_atom_order
 from openmm_backmap.analysis.metrics import (
     bond_score,
     chirality_errors,
@@ -38,9 +39,8 @@ from openmm_backmap.io.backmap_model import ProteinChainModel, ProteinModel, loa
 from openmm_backmap.io.energy_file import read_energy_file
 from openmm_backmap.io.protein_models import load_cg_topology, protein_model_path
 from openmm_backmap.mapping import as_mdtraj_topology
-from openmm_backmap.models.residues import MAPPINGS, build_chain, canonical_hydrogens
+from openmm_backmap.models.residues import MAPPINGS, TEMPLATES, build_chain, canonical_hydrogens
 from openmm_backmap.openmm.energies import aa_energy, check_system_matches, model_system
-from openmm_backmap.training.protein import chain_permutation
 
 
 # ---------------------------------------------------------------------------- protein models
@@ -85,7 +85,7 @@ def bind_protein_model(
     top = as_mdtraj_topology(aa_topology)
     if top.n_chains != 1:
         raise ValueError(f"the AA topology has {top.n_chains} chains; a protein model is bound to one chain")
-    names, perm = chain_permutation(top)
+    names = _chain_names(top)
     if isinstance(model, ProteinChainModel):
         if cg_topology is not None:
             model.check_cg_topology(cg_topology)
@@ -99,7 +99,23 @@ def bind_protein_model(
         )
     if list(build_chain(names).atom_names) != bound.metadata["atom_names"]:
         raise ValueError("the bound model's atoms are not its chain template's; the protein model file is damaged")
-    return bound, perm
+    perm = reference_atom_order(bound, top)
+    return bound, np.arange(bound.n_aa) if perm is None else perm
+
+
+def _chain_names(top: md.Topology) -> list[str]:
+    """Template names of an AA chain's residues (a histidine by its protons: HD1 and HE2 -> HIP,
+    HD1 -> HID, else HIE), naming the residue the templates do not know."""
+    names = []
+    for res in top.residues:
+        name = res.name
+        if name in ("HIS", "HID", "HIE", "HIP"):
+            atoms = {a.name for a in res.atoms}
+            name = "HIP" if {"HD1", "HE2"} <= atoms else "HID" if "HD1" in atoms else "HIE"
+        if name not in TEMPLATES:
+            raise ValueError(f"the AA topology's residue {res} has a name the protein templates do not know")
+        names.append(name)
+    return names
 
 
 def _bind(model: Any, names: list[str], top: md.Topology, cg_topology: Any, device: str) -> ProteinChainModel:
