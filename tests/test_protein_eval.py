@@ -346,3 +346,30 @@ def test_training_starts_from_init(chignolin, tmp_path):
     step = sum(float((d[k] - a[k]).pow(2).sum()) for k in net) ** 0.5
     apart = sum(float((e[k] - a[k]).pow(2).sum()) for k in net) ** 0.5
     assert moved.info["step"] > 0 and 0.0 < step < 0.2 * apart
+
+
+@pytest.mark.parametrize("mapping,name", [("ca", "protein-ca"), ("backbone", "protein-backbone")])
+def test_a_capped_chain_binds_with_its_caps_beads(shipped, mapping, name):
+    """An ACE/NME-capped reference (alanine dipeptide and a longer chain, built by pdbfixer): the
+    model binds with the caps' beads (CA model: ACE CH3, NME C; backbone: ACE CH3 and C, NME N and C),
+    and those beads sit on the reference's atoms; the mapping entropy binds the same way."""
+    from openmm_backmap.analysis.entropy import _cg_topology_for
+    from openmm_backmap.analysis.evaluate import bind_protein_model, chain_frames
+    from openmm_backmap.systems.peptides import build_peptide
+
+    for sequence in (["ALA"], ["ALA", "SER", "LYS"]):
+        omm_top, positions = build_peptide(sequence, "capped")
+        top = md.Topology.from_openmm(omm_top)
+        x = np.asarray(positions.value_in_unit(unit.nanometer))[None]
+        model, perm = bind_protein_model(name, top)
+        caps = {"ca": (["CH3"], ["C"]), "backbone": (["CH3", "C"], ["N", "C"])}[mapping]
+        assert model.metadata["bead_names"][: len(caps[0])] == caps[0]
+        assert model.metadata["bead_names"][-len(caps[1]) :] == caps[1]
+        assert model.n_cg == len(caps[0]) + len(caps[1]) + len(sequence) * (1 if mapping == "ca" else 3)
+        bead_atoms = [a for g in model.mapping.groups for a in g]
+        names = [(a.residue.index, a.name) for a in top.atoms]
+        model_names = [(a.residue.index, a.name) for a in model.topology.atoms]
+        assert [names[perm[a]] for a in bead_atoms] == [model_names[a] for a in bead_atoms]
+        X = model.mapping.project(chain_frames(model, x, perm))
+        np.testing.assert_allclose(X[0], x[0, [perm[a] for a in bead_atoms]], atol=1e-12)
+        assert _cg_topology_for(name, top).metadata["bead_names"] == model.metadata["bead_names"]
