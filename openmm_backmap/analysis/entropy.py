@@ -408,6 +408,7 @@ def reference_atom_order(model: Any, topology: Any) -> np.ndarray | None:
     name), or None when the orders already agree or the model is not a protein model (whose
     topology must then match exactly: :meth:`BackmapModel.check_topology`).
     """
+    from openmm_backmap.analysis.evaluate import chain_atom_order
     from openmm_backmap.io.backmap_model import ProteinChainModel
     from openmm_backmap.mapping import as_mdtraj_topology
 
@@ -418,15 +419,7 @@ def reference_atom_order(model: Any, topology: Any) -> np.ndarray | None:
     except ValueError:
         if not isinstance(model, ProteinChainModel) or top.n_atoms != model.n_aa:
             raise
-    where = {(a.residue.index, a.name): a.index for a in top.atoms}
-    mine = [(a.residue.index, a.name) for a in as_mdtraj_topology(model.topology).atoms]
-    missing = [f"residue {r + 1} {n}" for r, n in mine if (r, n) not in where]
-    if missing:
-        raise ValueError(
-            f"the reference topology lacks atoms of the model's chain ({', '.join(missing[:5])}): "
-            "it is another molecule or another protonation state"
-        )
-    return np.array([where[k] for k in mine], dtype=np.int64)
+    return chain_atom_order(model, top)
 
 
 def _cg_topology_for(model_name: Any, topology: Any):

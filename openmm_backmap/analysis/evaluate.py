@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from openmm_backmap.analysis.basins import backbone_dihedrals, basin_indicators
-from openmm_backmap.analysis.entropy import reference_atom_order
 from openmm_backmap.analysis.metrics import (
     bond_score,
     chirality_errors,
@@ -99,8 +98,34 @@ def bind_protein_model(
         )
     if list(build_chain(names).atom_names) != bound.metadata["atom_names"]:
         raise ValueError("the bound model's atoms are not its chain template's; the protein model file is damaged")
-    perm = reference_atom_order(bound, top)
-    return bound, np.arange(bound.n_aa) if perm is None else perm
+    return bound, chain_atom_order(bound, top)
+
+
+def chain_atom_order(model: ProteinChainModel, topology: Any) -> np.ndarray:
+    """``perm`` with the bound model's atom ``a`` at atom ``perm[a]`` of an AA topology of its chain
+    that may list each residue's atoms in another order (matched by residue and atom name).
+
+    Raises
+    ------
+    ValueError
+        When the topology lacks atoms of the chain (naming them) or has atoms the chain has not.
+    """
+    top = as_mdtraj_topology(topology)
+    where = {(a.residue.index, a.name): a.index for a in top.atoms}
+    mine = [(a.residue.index, a.name) for a in as_mdtraj_topology(model.topology).atoms]
+    missing = [f"residue {r + 1} {n}" for r, n in mine if (r, n) not in where]
+    if missing:
+        raise ValueError(
+            f"the reference topology lacks atoms of the model's chain ({', '.join(missing[:5])}): "
+            "it is another molecule or another protonation state"
+        )
+    if top.n_atoms != len(mine):
+        extra = sorted(set(where) - set(mine))[:5]
+        raise ValueError(
+            f"the reference topology has {top.n_atoms} atoms, the model's chain {len(mine)} (not in the chain: "
+            f"{', '.join(f'residue {r + 1} {n}' for r, n in extra)})"
+        )
+    return np.array([where[k] for k in mine], dtype=np.int64)
 
 
 def _chain_names(top: md.Topology) -> list[str]:
