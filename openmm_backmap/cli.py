@@ -724,13 +724,25 @@ def _add_evaluate(sub) -> None:
         "clash score, chirality errors, energy W1, Ramachandran JS, RMSD, diversity, NLL per atom, "
         "conditional ESS) and plots (ramachandran.png, energies.png, geometry.png) to --out.",
     )
-    p.add_argument("--model", required=True, help="backmapper model file (.pt)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="backmapper model file (.pt), or a protein model (protein-ca, protein-backbone, or its file), "
+        "bound to the reference's chain",
+    )
     p.add_argument("--reference", required=True, help="AA reference trajectory (independent of training)")
     p.add_argument("--topology", required=True, help="AA topology (PDB) of the reference")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--frames", type=_count, default=200, help="reference frames backmapped (default 200)")
     p.add_argument("--samples", type=_count, default=64, help="samples per frame (default 64)")
-    p.add_argument("--aa-system", help="AA System XML for energies (default: the one in the model file)")
+    p.add_argument(
+        "--aa-system",
+        help="AA System XML for energies, atoms in the reference's order (default: the one in the model file; "
+        "amber14 + GBn2 for protein models)",
+    )
+    p.add_argument(
+        "--cg-topology", help="protein models: CG topology (PDB) to bind the model to (default: the reference's beads)"
+    )
     p.add_argument("--seed", type=int, default=0)
     _add_overwrite(p)
     p.set_defaults(func=_cmd_evaluate)
@@ -743,7 +755,8 @@ def _cmd_evaluate(args) -> int:
     from openmm_backmap.io.trajectories import load_trajectory, require_unrestrained
 
     inputs = {"--model": args.model, "--reference": args.reference, "--topology": args.topology}
-    _check_out_dir("--out", args.out, {**inputs, "--aa-system": args.aa_system}, args.overwrite)
+    inputs.update({"--aa-system": args.aa_system, "--cg-topology": args.cg_topology})
+    _check_out_dir("--out", args.out, inputs, args.overwrite)
     require_unrestrained(args.reference, "as a reference ensemble")
     reference = load_trajectory(args.reference, args.topology)
     metrics = evaluate_model(
@@ -754,6 +767,7 @@ def _cmd_evaluate(args) -> int:
         samples=args.samples,
         aa_system=args.aa_system,
         seed=args.seed,
+        cg_topology=args.cg_topology,
     )
     print(json.dumps(metrics, indent=1))
     print(f"report written to {args.out}")
@@ -769,9 +783,20 @@ def _add_hybrid(sub) -> None:
         "(down to CG, a CG move, back up through the backmapper, Metropolis-Hastings). Writes "
         "trajectory.dcd, acceptance.csv and summary.json (basin populations with block-averaged errors).",
     )
-    p.add_argument("--model", required=True, help="backmapper model file (.pt)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="backmapper model file (.pt), or a protein model (protein-ca, protein-backbone, or its file), "
+        "bound to the chain of --start",
+    )
     p.add_argument("--cg-model", required=True, help="CG potential model file (.pt)")
-    p.add_argument("--aa-system", help="AA System XML (default: the one embedded in the model file)")
+    p.add_argument(
+        "--aa-system",
+        help="AA System XML (default: the one embedded in the model file; amber14 + GBn2 for protein models)",
+    )
+    p.add_argument(
+        "--cg-topology", help="protein models: CG topology (PDB) to bind the model to (default: the beads of --start)"
+    )
     p.add_argument("--start", required=True, help="PDB with the starting AA structure")
     p.add_argument("--iterations", type=_count, required=True, help="chain iterations")
     p.add_argument("--out", required=True, help="output directory")
@@ -809,6 +834,7 @@ def _cmd_hybrid(args) -> int:
     from openmm_backmap.sampling.hybrid import HybridRun, run_hybrid
 
     inputs = {"--model": args.model, "--cg-model": args.cg_model, "--aa-system": args.aa_system, "--start": args.start}
+    inputs["--cg-topology"] = args.cg_topology
     _check_out_dir("--out", args.out, inputs, args.overwrite)
     settings = HybridRun(
         iterations=args.iterations,
@@ -822,7 +848,15 @@ def _cmd_hybrid(args) -> int:
         save_every=args.save_every,
         burn_in=args.burn_in,
     )
-    summary = run_hybrid(args.model, args.cg_model, args.start, args.out, settings, aa_system=args.aa_system)
+    summary = run_hybrid(
+        args.model,
+        args.cg_model,
+        args.start,
+        args.out,
+        settings,
+        aa_system=args.aa_system,
+        cg_topology=args.cg_topology,
+    )
     print(json.dumps(summary, indent=1))
     return 0
 

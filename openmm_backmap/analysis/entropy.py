@@ -408,6 +408,7 @@ def reference_atom_order(model: Any, topology: Any) -> np.ndarray | None:
     name), or None when the orders already agree or the model is not a protein model (whose
     topology must then match exactly: :meth:`BackmapModel.check_topology`).
     """
+    from openmm_backmap.analysis.evaluate import chain_atom_order
     from openmm_backmap.io.backmap_model import ProteinChainModel
     from openmm_backmap.mapping import as_mdtraj_topology
 
@@ -418,27 +419,15 @@ def reference_atom_order(model: Any, topology: Any) -> np.ndarray | None:
     except ValueError:
         if not isinstance(model, ProteinChainModel) or top.n_atoms != model.n_aa:
             raise
-    where = {(a.residue.index, a.name): a.index for a in top.atoms}
-    mine = [(a.residue.index, a.name) for a in as_mdtraj_topology(model.topology).atoms]
-    missing = [f"residue {r + 1} {n}" for r, n in mine if (r, n) not in where]
-    if missing:
-        raise ValueError(
-            f"the reference topology lacks atoms of the model's chain ({', '.join(missing[:5])}): "
-            "it is another molecule or another protonation state"
-        )
-    return np.array([where[k] for k in mine], dtype=np.int64)
+    return chain_atom_order(model, top)
 
 
 def _cg_topology_for(model_name: Any, topology: Any):
-    """The CG topology that a protein model's beads make of an AA reference topology."""
-    from openmm_backmap.io.backmap_model import ProteinModel, load_model
-    from openmm_backmap.mapping import as_mdtraj_topology
+    """A protein model bound to the chain of an AA reference topology (every residue's beads, the
+    caps' included: :func:`~openmm_backmap.analysis.evaluate.bind_protein_model`)."""
+    from openmm_backmap.analysis.evaluate import bind_protein_model
 
-    unbound = load_model(model_name)
-    assert isinstance(unbound, ProteinModel)
-    beads = {"ca": "name CA", "backbone": "name N or name CA or name C"}[unbound.mapping]
-    top = as_mdtraj_topology(topology)
-    return unbound.bind(top.subset(top.select(beads)), device="cpu")
+    return bind_protein_model(model_name, topology)[0]
 
 
 def _load_reference(reference: Any, topology: Any = None):
@@ -502,6 +491,8 @@ def mapping_entropy(
         raise ValueError(f"--samples must be >= 2 (got {samples}): the energy route and its bias trend need K >= 2")
     if int(frames) < 4:
         raise ValueError(f"--frames must be at least 4 (got {frames})")
+    from openmm_backmap.analysis.evaluate import chain_frames
+    from openmm_backmap.io.backmap_model import ProteinChainModel
     from openmm_backmap.io.protein_models import protein_model_path
 
     traj, path = _load_reference(reference, topology)
@@ -526,6 +517,8 @@ def mapping_entropy(
         def energy(xyz: np.ndarray) -> np.ndarray:
             return model_energy(np.asarray(xyz)[:, back])
 
+    if isinstance(model, ProteinChainModel):  # equivalent hydrogens named as in training (U unchanged)
+        x_ref = chain_frames(model, x_ref, np.arange(model.n_aa))
     terms = sample_terms(model, x_ref, energy, int(samples), seed=seed)
     result = entropy_from_terms(
         terms["log_q_ref"], terms["u_ref"], terms["u_samples"], terms["log_q_samples"], n_blocks=n_blocks

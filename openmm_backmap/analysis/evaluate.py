@@ -5,6 +5,9 @@ projection is backmapped with K samples each; the metrics (bond and clash scores
 RMSD and diversity, NLL, energy W1, Ramachandran JS, conditional ESS: definitions in
 :mod:`openmm_backmap.analysis.metrics` and :mod:`openmm_backmap.analysis.reweighting`) are computed
 from those samples and written to ``metrics.json``, with the plots of :mod:`openmm_backmap.analysis.plots`.
+A protein model (``protein-ca``, ``protein-backbone`` or a protein model file) is bound to the chain
+of the reference (or of a CG topology) by :func:`bind_protein_model`, and its energies are amber14 +
+GBn2 unless an AA System is given.
 :func:`evaluate_run`: the basin populations of a BackmapReporter run, raw and reweighted, against a
 reference.
 """
@@ -31,9 +34,142 @@ from openmm_backmap.analysis.metrics import (
 )
 from openmm_backmap.analysis.plots import plot_backmapper_report, plot_reweighting_report
 from openmm_backmap.analysis.reweighting import Reweighted, conditional_ess, normalized_weights
-from openmm_backmap.io.backmap_model import load_model
+from openmm_backmap.io.backmap_model import ProteinChainModel, ProteinModel, load_model
 from openmm_backmap.io.energy_file import read_energy_file
-from openmm_backmap.openmm.energies import aa_energy, check_system_matches, load_system
+from openmm_backmap.io.protein_models import load_cg_topology, protein_model_path
+from openmm_backmap.mapping import as_mdtraj_topology
+from openmm_backmap.models.residues import MAPPINGS, TEMPLATES, build_chain, canonical_hydrogens
+from openmm_backmap.openmm.energies import aa_energy, check_system_matches, model_system
+
+
+# ---------------------------------------------------------------------------- protein models
+def is_protein_model(model: Any) -> bool:
+    """True for a protein model: a shipped model's name, a protein model file, a :class:`ProteinModel`
+    or one bound to a chain (:class:`ProteinChainModel`)."""
+    if isinstance(model, (ProteinModel, ProteinChainModel)):
+        return True
+    return not hasattr(model, "sample") and protein_model_path(model) is not None
+
+
+def bind_protein_model(
+    model: Any, aa_topology: Any, cg_topology: Any = None, device: str = "cpu"
+) -> tuple[ProteinChainModel, np.ndarray]:
+    """Bind a protein model to the chain of an AA topology (a reference or a start structure).
+
+    Parameters
+    ----------
+    model
+        A shipped protein model's name (``protein-ca``, ``protein-backbone``), a protein model file,
+        a :class:`~openmm_backmap.io.backmap_model.ProteinModel`, or a model already bound (checked
+        against the AA topology's chain).
+    aa_topology
+        The AA topology (mdtraj or OpenMM, or a file) of the structures to compare with: one chain
+        of amber14 residues (histidines named HIS are told apart by their protons).
+    cg_topology
+        Optional CG topology to bind to instead of the beads of ``aa_topology``; its residues must
+        be the AA topology's.
+
+    Returns
+    -------
+    (model, perm)
+        The bound :class:`~openmm_backmap.io.backmap_model.ProteinChainModel`, and ``perm`` with model
+        atom ``a`` at AA-topology atom ``perm[a]`` (the model lists atoms in amber14 template order).
+
+    Raises
+    ------
+    ValueError
+        When the AA topology is not a chain the model knows (naming the residue or atom), or the CG
+        topology is another chain.
+    """
+    top = as_mdtraj_topology(aa_topology)
+    if top.n_chains != 1:
+        raise ValueError(f"the AA topology has {top.n_chains} chains; a protein model is bound to one chain")
+    names = _chain_names(top)
+    if isinstance(model, ProteinChainModel):
+        if cg_topology is not None:
+            model.check_cg_topology(cg_topology)
+        bound = model
+    else:
+        bound = _bind(model, names, top, cg_topology, device)
+    model_names = [r.name for r in as_mdtraj_topology(bound.topology).residues]
+    if model_names != names:
+        raise ValueError(
+            f"the CG topology's chain {' '.join(model_names)} is not the AA topology's chain {' '.join(names)}"
+        )
+    if list(build_chain(names).atom_names) != bound.metadata["atom_names"]:
+        raise ValueError("the bound model's atoms are not its chain template's; the protein model file is damaged")
+    return bound, chain_atom_order(bound, top)
+
+
+def chain_atom_order(model: ProteinChainModel, topology: Any) -> np.ndarray:
+    """``perm`` with the bound model's atom ``a`` at atom ``perm[a]`` of an AA topology of its chain
+    that may list each residue's atoms in another order (matched by residue and atom name).
+
+    Raises
+    ------
+    ValueError
+        When the topology lacks atoms of the chain (naming them) or has atoms the chain has not.
+    """
+    top = as_mdtraj_topology(topology)
+    where = {(a.residue.index, a.name): a.index for a in top.atoms}
+    mine = [(a.residue.index, a.name) for a in as_mdtraj_topology(model.topology).atoms]
+    missing = [f"residue {r + 1} {n}" for r, n in mine if (r, n) not in where]
+    if missing:
+        raise ValueError(
+            f"the reference topology lacks atoms of the model's chain ({', '.join(missing[:5])}): "
+            "it is another molecule or another protonation state"
+        )
+    if top.n_atoms != len(mine):
+        extra = sorted(set(where) - set(mine))[:5]
+        raise ValueError(
+            f"the reference topology has {top.n_atoms} atoms, the model's chain {len(mine)} (not in the chain: "
+            f"{', '.join(f'residue {r + 1} {n}' for r, n in extra)})"
+        )
+    return np.array([where[k] for k in mine], dtype=np.int64)
+
+
+def _chain_names(top: md.Topology) -> list[str]:
+    """Template names of an AA chain's residues (a histidine by its protons: HD1 and HE2 -> HIP,
+    HD1 -> HID, else HIE), naming the residue the templates do not know."""
+    names = []
+    for res in top.residues:
+        name = res.name
+        if name in ("HIS", "HID", "HIE", "HIP"):
+            atoms = {a.name for a in res.atoms}
+            name = "HIP" if {"HD1", "HE2"} <= atoms else "HID" if "HD1" in atoms else "HIE"
+        if name not in TEMPLATES:
+            raise ValueError(f"the AA topology's residue {res} has a name the protein templates do not know")
+        names.append(name)
+    return names
+
+
+def _bind(model: Any, names: list[str], top: md.Topology, cg_topology: Any, device: str) -> ProteinChainModel:
+    """``model`` bound to ``cg_topology``, or to the beads of the chain ``names`` of ``top``."""
+    unbound = model if isinstance(model, ProteinModel) else load_model(model)
+    if cg_topology is None:
+        cg = md.Topology()
+        chain = cg.add_chain()
+        for name, res in zip(names, top.residues):
+            residue = cg.add_residue(name, chain, resSeq=res.resSeq)
+            for bead in MAPPINGS[unbound.mapping][name]:
+                cg.add_atom(bead, md.element.get_by_symbol(bead[0]), residue)
+        cg_topology = cg
+    return unbound.bind(load_cg_topology(cg_topology), device=device)
+
+
+def chain_frames(model: ProteinChainModel, xyz: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """AA frames (N, n_atoms, 3) in a topology's atom order -> the bound model's order, with
+    equivalent hydrogens named as the model was trained (energies unchanged)."""
+    names = [r.name for r in as_mdtraj_topology(model.topology).residues]
+    return canonical_hydrogens(build_chain(names), np.asarray(xyz)[:, perm])
+
+
+def _in_order(energy, order: np.ndarray):
+    """``energy`` of a System whose particle k is model atom ``order[k]``, on model-order frames."""
+    if np.array_equal(order, np.arange(len(order))):
+        return energy
+    index = torch.as_tensor(order)
+    return lambda x: energy(x[:, index])
 
 
 def _energies(energy, xyz: np.ndarray, batch: int = 2048) -> np.ndarray:
@@ -54,27 +190,40 @@ def evaluate_model(
     aa_system: Any = None,
     seed: int = 0,
     plots: bool = True,
+    cg_topology: Any = None,
 ) -> dict:
     """Score a backmapper on reference frames; returns the metrics dict (and writes the report).
 
     Parameters
     ----------
     model
-        A model file path or a loaded :class:`~openmm_backmap.io.model_files.BackmapModel`.
+        A model file path, a loaded :class:`~openmm_backmap.io.model_files.BackmapModel`, or a
+        protein model (a shipped model's name, a protein model file, a ``ProteinModel``), bound to
+        the reference's chain (:func:`bind_protein_model`).
     reference
         AA reference trajectory of the model's molecule (independent of the training data).
     n_frames, samples
         Frames backmapped (evenly spaced) and samples per frame (K, 64 for the conditional ESS).
     aa_system
-        AA System for energies; by default the one embedded in the model file.
+        AA System for energies, with the reference's atom order; by default the one embedded in the
+        model file, or amber14 + GBn2 built on the chain for a protein model.
+    cg_topology
+        For a protein model: the CG topology to bind it to (default: the reference's beads).
     """
     start = time.perf_counter()
-    if not hasattr(model, "sample"):
+    perm = None  # model atom a is reference atom perm[a] (protein models)
+    if is_protein_model(model):
+        model, perm = bind_protein_model(model, reference.topology, cg_topology)
+    elif not hasattr(model, "sample"):
         model = load_model(model, device="cpu")
-    model.check_topology(reference.topology)
-    top = model.topology
+    if perm is None:
+        model.check_topology(reference.topology)
+        ref_all = reference.xyz.astype(np.float64)
+    else:
+        ref_all = chain_frames(model, reference.xyz.astype(np.float64), perm)
+    top = as_mdtraj_topology(model.topology)
     idx = np.unique(np.linspace(0, reference.n_frames - 1, min(n_frames, reference.n_frames)).round().astype(int))
-    ref = reference.xyz[idx].astype(np.float64)
+    ref = ref_all[idx]
     X = model.mapping.project(ref)
     torch.manual_seed(seed)
     aa, log_q = model.sample(X.astype(np.float32), samples)
@@ -83,7 +232,7 @@ def evaluate_model(
     flat = aa.reshape(-1, model.n_aa, 3)
 
     metrics: dict[str, Any] = {"n_frames": int(len(idx)), "samples_per_frame": int(samples)}
-    metrics["bond_score"] = bond_score(flat, top, reference=reference.xyz.astype(np.float64))
+    metrics["bond_score"] = bond_score(flat, top, reference=ref_all)
     metrics["clash_score_percent"] = clash_score(flat, top)
     metrics["chirality_errors_percent"] = chirality_errors(flat, top, reference=ref)
     rmsd, diversity = rmsd_and_diversity(aa, ref, top)
@@ -95,12 +244,13 @@ def evaluate_model(
         metrics["ramachandran_js"] = ramachandran_js(sample_traj, md.Trajectory(ref.astype(np.float32), top))
     except ValueError:
         sample_traj = None  # no residue with both phi and psi
-    system = aa_system if aa_system is not None else model.system_xml
+    system = model_system(model, aa_system)
     u_aa = u_ref = None
     if system is not None:
-        loaded = load_system(system)
-        check_system_matches(loaded, model.metadata["elements"], "the AA System", f"the model {model.path}")
-        energy = aa_energy(loaded)
+        order = np.arange(model.n_aa) if perm is None or aa_system is None else np.argsort(perm)
+        elements = [model.metadata["elements"][a] for a in order]  # in the System's atom order
+        check_system_matches(system, elements, "the AA System", f"the model {model.path}")
+        energy = _in_order(aa_energy(system), order)
         u_aa = _energies(energy, flat).reshape(len(idx), samples)
         u_ref = _energies(energy, ref)
         metrics["energy_w1_kjmol"] = energy_w1(u_aa[:, 0], u_ref)

@@ -31,6 +31,7 @@ from openmm_backmap.io.backmap_model import load_model
 from openmm_backmap.io.model_files import load_cg_potential, load_torchscript
 from openmm_backmap.openmm.energies import aa_energy, check_system_matches, load_system
 from openmm_backmap.openmm.forces import create_cg_system
+from openmm_backmap.sampling.protein_chains import proposal_model, protein_system
 from openmm_backmap.units import kT
 
 import_openmmtools()
@@ -609,28 +610,48 @@ class _Inputs:
     temperature: float
 
 
-def _load_inputs(model: Any, cg_model: str, start: str, aa_system: Any, temperature: float | None) -> _Inputs:
-    """Load and cross-check the backmapper, the AA System (default: the model file's), the start
+def _load_inputs(
+    model: Any, cg_model: str, start: str, aa_system: Any, temperature: float | None, cg_topology: Any = None
+) -> _Inputs:
+    """Load and cross-check the backmapper, the AA System (default: the model file's; amber14 +
+    GBn2 for a protein model, bound to the start's chain or to ``cg_topology``), the start
     structure and the CG potential model file."""
     from openmm import app
 
-    bm = model if hasattr(model, "sample") else load_model(model, device="cpu")
-    system_src = aa_system if aa_system is not None else bm.system_xml
-    if system_src is None:
-        raise ValueError("the hybrid sampler needs the AA System: the model file embeds none, pass --aa-system")
-    system = load_system(system_src)
-    check_system_matches(system, bm.metadata["elements"], "the AA System", f"the model {bm.path}")
+    from openmm_backmap.analysis.evaluate import bind_protein_model, chain_frames, is_protein_model
+
     pdb = app.PDBFile(str(start))
-    bm.check_topology(pdb.topology)
+    topology = pdb.topology
     x0 = np.asarray(pdb.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+    if is_protein_model(model):
+        bm, perm = bind_protein_model(model, topology, cg_topology)
+        system = protein_system(bm, aa_system, perm)
+        x0 = chain_frames(bm, x0[None], perm)[0]
+        topology = bm.topology.to_openmm()
+    else:
+        bm = model if hasattr(model, "sample") else load_model(model, device="cpu")
+        system_src = aa_system if aa_system is not None else bm.system_xml
+        if system_src is None:
+            raise ValueError("the hybrid sampler needs the AA System: the model file embeds none, pass --aa-system")
+        system = load_system(system_src)
+        check_system_matches(system, bm.metadata["elements"], "the AA System", f"the model {bm.path}")
+        bm.check_topology(pdb.topology)
     cg_module, cg_meta = load_cg_potential(cg_model)
     if int(cg_meta["n_beads"]) != bm.n_cg:
         raise ValueError(f"the CG model has {cg_meta['n_beads']} beads but the backmapper expects {bm.n_cg}")
     temperature = float(temperature if temperature is not None else bm.temperature)
-    return _Inputs(bm, system, pdb.topology, x0, str(cg_model), cg_module, cg_meta, temperature)
+    return _Inputs(bm, system, topology, x0, str(cg_model), cg_module, cg_meta, temperature)
 
 
-def run_hybrid(model: Any, cg_model: str, start: str, out_dir: str, settings: HybridRun, aa_system: Any = None) -> dict:
+def run_hybrid(
+    model: Any,
+    cg_model: str,
+    start: str,
+    out_dir: str,
+    settings: HybridRun,
+    aa_system: Any = None,
+    cg_topology: Any = None,
+) -> dict:
     """Run the hybrid chain(s) of ``settings`` and write ``trajectory.dcd``, ``acceptance.csv`` and
     ``summary.json`` (basin populations with block-averaged errors) to ``out_dir``; returns the summary.
 
@@ -643,7 +664,10 @@ def run_hybrid(model: Any, cg_model: str, start: str, out_dir: str, settings: Hy
     Parameters
     ----------
     model
-        Backmapper model file (or a loaded :class:`~openmm_backmap.io.backmap_model.BackmapModel`).
+        Backmapper model file (or a loaded :class:`~openmm_backmap.io.backmap_model.BackmapModel`),
+        or a protein model (``protein-ca``, ``protein-backbone``, a protein model file), bound to
+        the chain of ``start`` (or of ``cg_topology``); frames are then written in the model's atom
+        order (amber14 templates) and U_AA is amber14 + GBn2 with the model's constraint lengths.
     cg_model
         CG potential model file (``openmm-backmap train-cg`` + ``export``).
     start
@@ -652,13 +676,15 @@ def run_hybrid(model: Any, cg_model: str, start: str, out_dir: str, settings: Hy
         :class:`HybridRun`.
     aa_system
         AA System (object or XML path); by default the one embedded in the model file.
+    cg_topology
+        For a protein model: the CG topology to bind it to (default: the beads of ``start``).
     """
     import json
 
     settings.check()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    inputs = _load_inputs(model, cg_model, start, aa_system, settings.temperature)
+    inputs = _load_inputs(model, cg_model, start, aa_system, settings.temperature, cg_topology)
     run = _run_batched if settings.chains > 1 else _run_single
     summary = run(inputs, settings, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -685,7 +711,7 @@ def _run_single(inputs: _Inputs, s: HybridRun, out: Path) -> dict:
         cg_kernel = CGHamiltonianKernel(
             cg_system, timestep=s.hmc_timestep_fs / 1000.0, n_steps=s.hmc_steps, platform=s.platform
         )
-    resolution = ResolutionMove(bm, bm.mapping, cg_kernel, n_attempts=s.attempts, seed=s.seed)
+    resolution = ResolutionMove(proposal_model(bm), bm.mapping, cg_kernel, n_attempts=s.attempts, seed=s.seed)
     moves = [resolution]
     if s.langevin_steps > 0:
         langevin = mcmc.LangevinDynamicsMove(
@@ -747,7 +773,7 @@ def _run_batched(inputs: _Inputs, s: HybridRun, out: Path) -> dict:
 
     system, chains = inputs.system, s.chains
     sampler = BatchedHybridSampler(
-        inputs.model,
+        proposal_model(inputs.model),
         inputs.cg_module,
         inputs.model.mapping,
         aa_energy(system),
