@@ -149,10 +149,10 @@ def finetune(
         f"{X_train.shape[0]} CG frames, {X_val.shape[0]} held out; minimised U {u_min:.1f} kJ/mol, "
         f"cap {cap / beta:.1f} kJ/mol ({time.time() - t_min:.0f} s)"
     )
-    noise_gen = torch.Generator().manual_seed(config.seed + 1)
-    val_noise = torch.randn(X_val.shape[0] * config.val_samples, chain.n_rows, 3, generator=noise_gen)
-    circ = (torch.rand(val_noise.shape[:2], generator=noise_gen) * 2.0 - 1.0) * math.pi
-    val_noise[..., 2] = torch.where(chain.circ, circ, val_noise[..., 2])
+    # the held-out frames' noise is drawn once: every evaluation compares the models on the same draws
+    torch.manual_seed(config.seed + 1)
+    val_noise = chain.sample_noise(X_val.shape[0] * config.val_samples, torch.float32, torch.device("cpu"))
+    torch.manual_seed(config.seed)
     X_rep = torch.repeat_interleave(X_val, config.val_samples, dim=0)
 
     @torch.no_grad()
