@@ -125,9 +125,9 @@ class ProteinFinetuning:
         Random seed, torch CPU threads, wall-clock limit (s).
     """
 
-    steps: int = 600
+    steps: int = 1000
     batch_frames: int = 16
-    lr: float = 5e-5
+    lr: float = 2e-4
     temperature: float = 300.0
     t_start: float = 1200.0
     anneal_fraction: float = 0.5
