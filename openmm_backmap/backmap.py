@@ -23,11 +23,11 @@ import torch
 from openmm_backmap.io.backmap_model import ProteinChainModel, ProteinModel, load_model
 from openmm_backmap.io.energy_file import write_backmap_energies
 from openmm_backmap.io.pdb import topology_to_pdb
-from openmm_backmap.io.protein_models import check_cg_positions, load_cg_topology
+from openmm_backmap.io.protein_models import CGChain, check_cg_positions, load_cg_topology
 from openmm_backmap.io.trajectories import TRAJECTORY_SUFFIXES
 from openmm_backmap.openmm.energies import aa_energy, model_system
 
-__all__ = ["backmap_trajectory", "topology_path"]
+__all__ = ["backmap_trajectory", "read_cg_frames", "topology_path"]
 
 
 def topology_path(out: str | Path) -> Path | None:
@@ -61,6 +61,41 @@ def _write_replacing(path: Path, write: Callable[[Path], None]) -> Path:
         partial.unlink(missing_ok=True)
         raise
     return partial
+
+
+def read_cg_frames(
+    cg: str | Path, topology, n_beads: int, chain: CGChain | None = None, topology_name: str | Path = "the CG topology"
+) -> np.ndarray:
+    """The frames (N, n_beads, 3) nm, float32, of a CG trajectory file (any format mdtraj reads):
+    the bead count must be ``n_beads``, every coordinate finite, and for a protein ``chain`` the
+    chain geometry plausible (:func:`~openmm_backmap.io.protein_models.check_cg_positions`:
+    Angstrom, missing residues).
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Naming the file (and the frame or residues at fault).
+    """
+    import mdtraj as md
+
+    cg_path = Path(cg)
+    if not cg_path.is_file():
+        raise FileNotFoundError(f"CG trajectory {cg_path} does not exist")
+    try:
+        traj = md.load(str(cg_path), top=topology)
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - mdtraj raises many kinds for mismatched files
+        raise ValueError(f"cannot read {cg_path} with the CG topology {topology_name}: {err}") from err
+    if traj.n_atoms != n_beads:
+        raise ValueError(f"the CG trajectory {cg_path} has {traj.n_atoms} beads but the model expects {n_beads}")
+    X = traj.xyz.astype(np.float32)
+    if not np.all(np.isfinite(X)):
+        frame = int(np.argwhere(~np.isfinite(X))[0][0])
+        raise ValueError(f"the CG trajectory {cg_path} contains NaN or infinite coordinates (first in frame {frame})")
+    if chain is not None:
+        check_cg_positions(X, chain, f"the CG trajectory {cg_path}")
+    return X
 
 
 def backmap_trajectory(
@@ -106,40 +141,26 @@ def backmap_trajectory(
         _check_writable(energies, "energies file")
     model = load_model(model_path, device=device)
     cg_path = Path(cg)
-    if not cg_path.is_file():
-        raise FileNotFoundError(f"CG trajectory {cg_path} does not exist")
     top = load_cg_topology(cg_topology)
     if isinstance(model, ProteinModel):
         model = model.bind(top, device=device)
     else:
         model.check_cg_topology(top)
-    try:
-        traj = md.load(str(cg_path), top=top)
-    except ValueError:
-        raise
-    except Exception as err:  # noqa: BLE001 - mdtraj raises many kinds for mismatched files
-        raise ValueError(f"cannot read {cg_path} with the CG topology {cg_topology}: {err}") from err
-    if traj.n_atoms != model.n_cg:
-        raise ValueError(f"the CG trajectory has {traj.n_atoms} beads but the model expects {model.n_cg}")
-    X = traj.xyz.astype(np.float32)
-    if not np.all(np.isfinite(X)):
-        frame = int(np.argwhere(~np.isfinite(X))[0][0])
-        raise ValueError(f"the CG trajectory contains NaN or infinite coordinates (first in frame {frame})")
-    if isinstance(model, ProteinChainModel):
-        check_cg_positions(X, model.cg_chain, f"the CG trajectory {cg_path}")
+    chain = model.cg_chain if isinstance(model, ProteinChainModel) else None
+    X = read_cg_frames(cg_path, top, model.n_cg, chain, cg_topology)
     system = model_system(model) if energies is not None else None
     energy = aa_energy(system) if system is not None else None
     frames_per_batch = max(1, int(batch_size) // int(samples))
     if compile:
         if model.temporal:
             raise ValueError("compile works for independent sampling, not for temporal models")
-        model.compile(min(frames_per_batch, traj.n_frames) * int(samples))
+        model.compile(min(frames_per_batch, len(X)) * int(samples))
     torch.manual_seed(int(seed))
     aa_all, lq_all, u_all = [], [], []
-    bar = tqdm(total=traj.n_frames, desc="backmap", unit="frame", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(X), desc="backmap", unit="frame", disable=not progress, dynamic_ncols=True)
     if model.temporal:
         prev = None
-        for f in range(traj.n_frames):
+        for f in range(len(X)):
             cg_f = torch.as_tensor(X[f : f + 1]).repeat(int(samples), 1, 1)
             if prev is None:
                 aa, lq = model.sample(cg_f[:1], int(samples))
@@ -150,11 +171,11 @@ def backmap_trajectory(
             lq_all.append(lq.cpu().numpy())
             bar.update(1)
     else:
-        for s in range(0, traj.n_frames, frames_per_batch):
+        for s in range(0, len(X), frames_per_batch):
             aa, lq = model.sample(torch.as_tensor(X[s : s + frames_per_batch]), int(samples))
             aa_all.append(aa.cpu().numpy())
             lq_all.append(lq.cpu().numpy())
-            bar.update(min(frames_per_batch, traj.n_frames - s))
+            bar.update(min(frames_per_batch, len(X) - s))
     bar.close()
     aa = np.concatenate(aa_all).astype(np.float32)
     lq = np.concatenate(lq_all)
@@ -169,7 +190,7 @@ def backmap_trajectory(
         )
     # Both files are written beside their targets first and replace them only when both are
     # complete: a failed write (full disk, a writer's error) leaves any earlier files as they were.
-    counts = f"{len(aa)} frames of {model.n_aa} atoms, from {traj.n_frames} CG frames x {samples} samples"
+    counts = f"{len(aa)} frames of {model.n_aa} atoms, from {len(X)} CG frames x {samples} samples"
     n = int(samples)
     written = []
     try:
@@ -196,7 +217,7 @@ def backmap_trajectory(
     if energies is not None and not u_all:
         print("note: the model embeds no AA System, so the energies file has no U_AA column")
     return {
-        "n_frames": int(traj.n_frames),
+        "n_frames": int(len(X)),
         "n_samples": int(len(aa)),
         "out": str(out),
         "topology": None if pdb is None else str(pdb),

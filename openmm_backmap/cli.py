@@ -7,13 +7,14 @@ heavy imports happen inside the command so ``openmm-backmap --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 from openmm_backmap.io.trajectories import TRAJECTORY_SUFFIXES
-from openmm_backmap.training.config import BackmapperTraining, CGPotentialTraining
+from openmm_backmap.training.config import BackmapperTraining, CGPotentialTraining, ProteinFinetuning
 
 # Trajectory formats the backmap command writes (mdtraj's savers by suffix).
 
@@ -947,6 +948,69 @@ def _cmd_cycle(args) -> int:
     return int(run(args) or 0)
 
 
+# ---------------------------------------------------------------------------- finetune
+def _add_finetune(sub) -> None:
+    from openmm_backmap.training.config import ProteinFinetuning as d
+
+    p = sub.add_parser(
+        "finetune",
+        help="refine a protein model for one protein from its CG frames alone (reverse KL on amber14 + GBn2)",
+        description="Fine-tunes protein-ca, protein-backbone (or a protein model file) for the chain of "
+        "--cg-topology by reverse KL against amber14 + GBn2 at --temperature, tempered from --t-start, "
+        "conditioned on the frames of --cg (for example a CG run of the protein): no all-atom data. The last "
+        "--val-fraction of the frames is held out to select the best state. Writes a protein model file "
+        "that loads by path wherever a model is accepted.",
+    )
+    p.add_argument("--model", required=True, help="protein-ca, protein-backbone, or a protein model file")
+    p.add_argument("--cg", required=True, help="CG trajectory of the protein (any format mdtraj reads), nm")
+    p.add_argument("--cg-topology", required=True, help="CG topology (PDB): one chain, beads of the model's mapping")
+    p.add_argument("--out", required=True, help="the fine-tuned protein model file to write (.pt)")
+    p.add_argument("--steps", type=_count, default=d.steps, help=f"optimiser steps (default {d.steps})")
+    p.add_argument(
+        "--batch", type=_count, default=d.batch_frames, help=f"CG frames per step (default {d.batch_frames})"
+    )
+    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
+    p.add_argument("--temperature", type=float, default=d.temperature, help=f"target K (default {d.temperature})")
+    p.add_argument("--t-start", type=float, default=d.t_start, help=f"tempering start K (default {d.t_start})")
+    p.add_argument(
+        "--val-fraction", type=float, default=d.val_fraction, help=f"frames held out (default {d.val_fraction})"
+    )
+    p.add_argument(
+        "--eval-every", type=_count, default=d.eval_every, help=f"steps between evaluations ({d.eval_every})"
+    )
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=_count, default=d.threads, help=f"torch CPU threads (default {d.threads})")
+    p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
+    _add_overwrite(p)
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _cmd_finetune(args) -> int:
+    from openmm_backmap.training.finetune import finetune_files
+
+    _check_outputs(
+        {"--out": args.out},
+        {"--model": args.model, "--cg": args.cg, "--cg-topology": args.cg_topology},
+        args.overwrite,
+        {"--out": (".pt",)},
+    )
+    config = ProteinFinetuning(
+        steps=args.steps,
+        batch_frames=args.batch,
+        lr=args.lr,
+        temperature=args.temperature,
+        t_start=args.t_start,
+        val_fraction=args.val_fraction,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        threads=args.threads,
+        time_limit=math.inf if args.time_limit is None else args.time_limit,
+    )
+    config.check()
+    finetune_files(args.model, args.cg, args.cg_topology, args.out, config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from openmm_backmap import __version__
 
@@ -971,6 +1035,7 @@ _COMMANDS = [
     _add_train_joint,
     _add_info,
     _add_backmap,
+    _add_finetune,
     _add_evaluate,
     _add_hybrid,
     _add_peptides,

@@ -229,6 +229,30 @@ def test_every_branch_matches_openmm(kind):
     assert e_err < 1e-9 and f_err < 1e-9, (e_err, f_err)
 
 
+def test_negative_scaled_radius_matches_openmm():
+    """GBn2 gives sulfur a negative screening factor (scaled radius s_j < 0), so an atom nearer to
+    it than |s_j| has U = r + s_j < 0: a pair OpenMM's step(r + sr2 - or1) leaves out. The torch
+    energy must leave it out too, finite (a log of U < 0 had made it NaN), forces included."""
+    from openmm.app.internal.customgbforces import GBSAGBn2Force
+
+    x = np.array([[0.0, 0.0, 0.0], [0.08, 0.0, 0.0], [0.0, 0.3, 0.05], [0.25, 0.2, -0.1]])
+    system = openmm.System()
+    force = GBSAGBn2Force(solventDielectric=78.5, soluteDielectric=1.0, SA="ACE")
+    for q, radius, screen in [(-0.27, 0.18, -0.703839), (0.3, 0.12, 1.09), (0.2, 0.15, 1.0), (-0.23, 0.17, 0.9)]:
+        system.addParticle(12.0)
+        force.addParticle([q, radius, screen, 1.0, 0.8, 4.85])
+    force.finalize()
+    system.addForce(force)
+    force = system.getForce(0)
+    params = read_gb_parameters(force)
+    assert params.scaled_radius[0] < 0 and 0.08 + params.scaled_radius[0] < 0  # the pair (1, 0) has U < 0
+    ref_e, ref_f = _openmm(system, x[None])
+    e, f = _torch(GeneralizedBornEnergy(force), x[None])
+    assert np.all(np.isfinite(e)) and np.all(np.isfinite(f))
+    e_err, f_err = _errors(e, f, ref_e, ref_f)
+    assert e_err < 1e-9 and f_err < 1e-9, (e_err, f_err)
+
+
 @pytest.fixture(scope="module")
 def ala2_gb():
     """Alanine dipeptide (22 atoms) with amber14 + GBn2 and with amber99sb + GBSAOBCForce."""

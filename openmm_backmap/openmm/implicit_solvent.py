@@ -435,7 +435,10 @@ class GeneralizedBornEnergy(torch.nn.Module):
         r_minus_s = r - sr
         gap = r_minus_s.abs()
         lower = torch.maximum(rho, gap)
-        inv_u, inv_l = upper.reciprocal(), lower.reciprocal()
+        # a pair with U = r + s_j < rho_i is masked out below (OpenMM's step(r + sr2 - or1)); with a
+        # negative scaled radius s_j, U can be negative there, and log(L / U) would be NaN, which the
+        # mask cannot remove (NaN * 0 = NaN): the pair's terms are computed at U = rho_i instead
+        inv_u, inv_l = torch.maximum(upper, rho).reciprocal(), lower.reciprocal()
         inv_u2, inv_l2 = inv_u.square(), inv_l.square()
         c = inv_u2 - inv_l2
         b4 = torch.addcmul(r, p["sr2_j"], inv_r, value=-1.0)  # r - s^2/r

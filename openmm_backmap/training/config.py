@@ -6,9 +6,10 @@ defaults from these classes, so the CLI, the demo and Python callers share one s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-__all__ = ["BackmapperTraining", "CGPotentialTraining"]
+__all__ = ["BackmapperTraining", "CGPotentialTraining", "ProteinFinetuning"]
 
 
 def _require_counts(settings, names: tuple[str, ...]) -> None:
@@ -100,3 +101,58 @@ class CGPotentialTraining:
 
     def __post_init__(self) -> None:
         _require_counts(self, ("stride", "hidden", "layers", "bins", "epochs", "batch_size"))
+
+
+@dataclass
+class ProteinFinetuning:
+    """Settings of :func:`~openmm_backmap.training.finetune.finetune` (``openmm-backmap finetune``).
+
+    Attributes
+    ----------
+    steps, batch_frames, lr
+        Optimiser steps, CG frames per step (one sample each), Adam learning rate.
+    temperature, t_start, anneal_fraction
+        Target and starting temperature (K); the geometric anneal takes this fraction of the steps.
+    cap_dof
+        Reduced energies grow logarithmically above the minimised energy plus this many kT per free
+        degree of freedom.
+    grad_clip
+        Gradient-norm clip.
+    val_fraction, val_frames, val_samples, eval_every
+        The last fraction of the CG frames is held out; up to ``val_frames`` of them, with
+        ``val_samples`` samples each, are evaluated every ``eval_every`` steps after the anneal.
+    seed, threads, time_limit
+        Random seed, torch CPU threads, wall-clock limit (s).
+    """
+
+    steps: int = 1000
+    batch_frames: int = 16
+    lr: float = 2e-4
+    temperature: float = 300.0
+    t_start: float = 1200.0
+    anneal_fraction: float = 0.5
+    cap_dof: float = 2.0
+    grad_clip: float = 10.0
+    val_fraction: float = 0.2
+    val_frames: int = 16
+    val_samples: int = 8
+    eval_every: int = 50
+    seed: int = 0
+    threads: int = 1
+    time_limit: float = math.inf
+
+    def check(self) -> None:
+        """Raise ValueError naming the first setting that cannot work."""
+        if self.steps < 1 or self.batch_frames < 1:
+            raise ValueError(f"steps and batch_frames must be >= 1, got {self.steps} and {self.batch_frames}")
+        if not (self.temperature > 0 and self.t_start >= self.temperature):
+            raise ValueError(
+                f"the tempering starts at {self.t_start} K and must end at {self.temperature} K: "
+                "t_start must be at least the temperature, both positive"
+            )
+        if not 0.0 < self.anneal_fraction <= 1.0:
+            raise ValueError(f"anneal_fraction must be in (0, 1], got {self.anneal_fraction}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not self.lr > 0 or not self.cap_dof > 0 or not self.grad_clip > 0:
+            raise ValueError("lr, cap_dof and grad_clip must be positive")
