@@ -15,6 +15,7 @@ import numpy as np
 import openmm
 import pytest
 import torch
+from _backmap_helpers import tiny_protein_model
 from openmm import app, unit
 
 import openmm_backmap.io.protein_models as protein_models
@@ -31,27 +32,6 @@ from openmm_backmap.training.protein import chain_positions
 CHIGNOLIN = Path(__file__).resolve().parent.parent / "openmm_backmap" / "data" / "chignolin.pdb"
 
 
-def _tiny_model(mapping: str, names, x: np.ndarray, steps: int = 15) -> ProteinBackmapper:
-    """Statistics from noisy copies of one structure, then a few maximum-likelihood steps."""
-    rng = np.random.default_rng(0)
-    xs = x + rng.normal(0.0, 0.005, (32,) + x.shape[1:])
-    torch.manual_seed(0)
-    model = ProteinBackmapper(mapping, ProteinBackmapper.fit_statistics([(names, xs)], mapping), hidden=16, n_bins=4)
-    chain = model.for_sequence(names)
-    aa = torch.as_tensor(xs, dtype=torch.float32)
-    cg = aa[:, chain.beads]
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(steps):
-        loss = -chain.log_prob(aa, cg).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    assert losses[-1] < losses[0]
-    return model
-
-
 @pytest.fixture(scope="module")
 def chignolin():
     traj = md.load(str(CHIGNOLIN))
@@ -64,7 +44,7 @@ def pretrained_dir(chignolin, tmp_path_factory):
     folder = tmp_path_factory.mktemp("pretrained")
     names, x = chignolin
     for mapping, name in (("ca", "protein-ca"), ("backbone", "protein-backbone")):
-        _tiny_model(mapping, names, x).save(folder / f"{name}.pt")
+        tiny_protein_model(mapping, names, x).save(folder / f"{name}.pt")
     return folder
 
 
@@ -248,7 +228,7 @@ def test_every_row_is_sampled_after_what_it_sees(chignolin):
     not the density of its sample. Chignolin has adjacent residues whose side chains are placed in
     different stages out of residue order (THR7 after TRP8)."""
     names, x = chignolin
-    model = _tiny_model("ca", names, x).double()
+    model = tiny_protein_model("ca", names, x).double()
     rng = np.random.default_rng(0)
     from openmm_backmap.models.residues import STANDARD
 

@@ -18,6 +18,7 @@ import numpy as np
 import openmm
 import pytest
 import torch
+from _backmap_helpers import tiny_protein_model
 from openmm import app, unit
 
 import openmm_backmap.io.protein_models as protein_models
@@ -35,23 +36,6 @@ CHIGNOLIN = Path(__file__).resolve().parent.parent / "openmm_backmap" / "data" /
 T = 300.0
 
 
-def _tiny_model(mapping: str, names, x: np.ndarray, steps: int = 15) -> ProteinBackmapper:
-    """Statistics from noisy copies of one structure, then a few maximum-likelihood steps."""
-    rng = np.random.default_rng(0)
-    xs = x + rng.normal(0.0, 0.005, (32,) + x.shape[1:])
-    torch.manual_seed(0)
-    model = ProteinBackmapper(mapping, ProteinBackmapper.fit_statistics([(names, xs)], mapping), hidden=16, n_bins=4)
-    chain = model.for_sequence(names)
-    aa = torch.as_tensor(xs, dtype=torch.float32)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        loss = -chain.log_prob(aa, aa[:, chain.beads]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model
-
-
 @pytest.fixture(scope="module")
 def chignolin():
     """(PDB trajectory, residue names, positions (1, n, 3) nm in the templates' order)."""
@@ -65,7 +49,7 @@ def pretrained_dir(chignolin, tmp_path_factory):
     folder = tmp_path_factory.mktemp("pretrained")
     _, names, x = chignolin
     for mapping, name in (("ca", "protein-ca"), ("backbone", "protein-backbone")):
-        _tiny_model(mapping, names, x).save(folder / f"{name}.pt")
+        tiny_protein_model(mapping, names, x).save(folder / f"{name}.pt")
     return folder
 
 

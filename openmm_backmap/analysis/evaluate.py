@@ -38,7 +38,7 @@ from openmm_backmap.io.backmap_model import ProteinChainModel, ProteinModel, loa
 from openmm_backmap.io.energy_file import read_energy_file
 from openmm_backmap.io.protein_models import load_cg_topology, protein_model_path
 from openmm_backmap.mapping import as_mdtraj_topology
-from openmm_backmap.models.residues import MAPPINGS, TEMPLATES, build_chain, canonical_hydrogens
+from openmm_backmap.models.residues import MAPPINGS, build_chain, canonical_hydrogens, residue_template_name
 from openmm_backmap.openmm.energies import aa_energy, check_system_matches, model_system
 
 
@@ -84,7 +84,9 @@ def bind_protein_model(
     top = as_mdtraj_topology(aa_topology)
     if top.n_chains != 1:
         raise ValueError(f"the AA topology has {top.n_chains} chains; a protein model is bound to one chain")
-    names = _chain_names(top)
+    names = [
+        residue_template_name(r.name, [a.name for a in r.atoms], f"the AA topology's residue {r}") for r in top.residues
+    ]
     if isinstance(model, ProteinChainModel):
         if cg_topology is not None:
             model.check_cg_topology(cg_topology)
@@ -126,21 +128,6 @@ def chain_atom_order(model: ProteinChainModel, topology: Any) -> np.ndarray:
             f"{', '.join(f'residue {r + 1} {n}' for r, n in extra)})"
         )
     return np.array([where[k] for k in mine], dtype=np.int64)
-
-
-def _chain_names(top: md.Topology) -> list[str]:
-    """Template names of an AA chain's residues (a histidine by its protons: HD1 and HE2 -> HIP,
-    HD1 -> HID, else HIE), naming the residue the templates do not know."""
-    names = []
-    for res in top.residues:
-        name = res.name
-        if name in ("HIS", "HID", "HIE", "HIP"):
-            atoms = {a.name for a in res.atoms}
-            name = "HIP" if {"HD1", "HE2"} <= atoms else "HID" if "HD1" in atoms else "HIE"
-        if name not in TEMPLATES:
-            raise ValueError(f"the AA topology's residue {res} has a name the protein templates do not know")
-        names.append(name)
-    return names
 
 
 def _bind(model: Any, names: list[str], top: md.Topology, cg_topology: Any, device: str) -> ProteinChainModel:

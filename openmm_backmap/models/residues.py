@@ -158,6 +158,24 @@ CHIRAL = {
 }
 
 
+def residue_template_name(name: str, atom_names, what: str = "residue") -> str:
+    """The template name of a residue of an all-atom structure, given its atom names: a histidine
+    (HIS, HID, HIE or HIP) by its protons (HD1 and HE2: HIP, HD1 only: HID, else HIE), any other
+    residue by its name.
+
+    Raises
+    ------
+    ValueError
+        For a name the templates do not know, naming ``what`` (the residue as the caller knows it).
+    """
+    if name in ("HIS", "HID", "HIE", "HIP"):
+        atoms = set(atom_names)
+        name = "HIP" if {"HD1", "HE2"} <= atoms else "HID" if "HD1" in atoms else "HIE"
+    if name not in TEMPLATES:
+        raise ValueError(f"{what} has a name the protein templates do not know")
+    return name
+
+
 def canonical_name(name: str, position: int | None = None) -> str:
     """The template name of a residue name (``HIS`` -> ``HIE``).
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from openmm_backmap.models.protein import ProteinBackmapper
-from openmm_backmap.models.residues import TEMPLATES, build_chain, canonical_hydrogens
+from openmm_backmap.models.residues import build_chain, canonical_hydrogens, residue_template_name
 
 
 @dataclass
@@ -49,17 +49,6 @@ class TrainConfig:
     init: str = ""
 
 
-def _residue_name(res) -> str:
-    """Template name of an mdtraj residue (HIS by its protons: HD1 and HE2 -> HIP, HD1 -> HID)."""
-    name = res.name
-    if name in ("HIS", "HID", "HIE", "HIP"):
-        atoms = {a.name for a in res.atoms}
-        name = "HIP" if {"HD1", "HE2"} <= atoms else "HID" if "HD1" in atoms else "HIE"
-    if name not in TEMPLATES:
-        raise ValueError(f"residue {res} has a name the protein templates do not know")
-    return name
-
-
 def chain_permutation(topology) -> tuple[list[str], np.ndarray]:
     """Residue names of an mdtraj topology and the permutation ``perm`` with chain atom a at
     topology index ``perm[a]`` (chain order: amber14 templates).
@@ -70,7 +59,7 @@ def chain_permutation(topology) -> tuple[list[str], np.ndarray]:
         When the topology's atoms are not those of the chain built from its residue names.
     """
     residues = list(topology.residues)
-    names = [_residue_name(r) for r in residues]
+    names = [residue_template_name(r.name, [a.name for a in r.atoms], f"residue {r}") for r in residues]
     chain = build_chain(names)
     index = {(a.residue.index, a.name): a.index for a in topology.atoms}
     perm = []
