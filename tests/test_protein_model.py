@@ -353,3 +353,37 @@ def test_pretrained_model_loads_and_reconstructs(chignolin, name, mapping):
     ref = np.linalg.norm(x[:, bonds[:, 0]] - x[:, bonds[:, 1]], axis=-1)
     assert np.mean(np.abs(lengths / ref - 1) <= 0.1) > 0.95
     assert torch.isfinite(lq).all()
+
+
+def test_one_residue_chain_uses_the_rows_of_longer_chains():
+    """ACE-X-NME places ACE's C and X's C against NME's C and ACE's CH3, atoms a longer chain has as
+    C-alphas (rows no corpus peptide has): they take the statistics and embeddings of their cap
+    analogs, not the defaults, so alanine dipeptide through protein-ca gets its closure bonds right
+    (with the defaults, ALA N-CA and NME N-C came out 0.34 nm long in every sample)."""
+    from openmm import unit
+
+    from openmm_backmap.models.protein import DEFAULT_STATS
+    from openmm_backmap.systems.builtin import builtin_system
+
+    assert R.cap_analog_keys("ALA:C<CA,+1C,-1CH3") == [
+        "ALA:C<CA,+1CA,-1CH3",
+        "ALA:C<CA,+1C,-1CA",
+        "ALA:C<CA,+1CA,-1CA",
+    ]
+    assert R.cap_analog_keys("ALA:N<-1C,CA,-1CH3") == ["ALA:N<-1C,CA,-1CA"]  # -1C: ACE's carbonyl, kept
+    assert R.cap_analog_keys("ALA:CB<CA,N,C") == []
+    model = load_pretrained("protein-ca")
+    names = ["ACE", "ALA", "NME"]
+    tree = R.build_tree(R.build_chain(names), "ca")
+    assert all(model.lookup(k) is not DEFAULT_STATS for k in tree.keys)
+    assert all(model.embedding_index(k) < len(model.keys) for k in tree.keys)
+    topology, _, positions = builtin_system("ala2")
+    _, x = chain_positions(md.Topology.from_openmm(topology), np.array([positions.value_in_unit(unit.nanometer)]))
+    ch = model.for_sequence(names)
+    chain = R.build_chain(names)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        aa, _ = ch.sample(torch.as_tensor(x[:, ch.beads.numpy()], dtype=torch.float32), 64)
+    for a, b in ((chain.atom(1, "N"), chain.atom(1, "CA")), (chain.atom(2, "N"), chain.atom(2, "C"))):
+        d = torch.linalg.norm(aa[:, a] - aa[:, b], dim=-1)
+        assert float((torch.abs(d / 0.147 - 1.0) < 0.1).float().mean()) > 0.9

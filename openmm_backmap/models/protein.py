@@ -62,6 +62,7 @@ from openmm_backmap.models.residues import (
     build_chain,
     build_tree,
     canonical_name,
+    cap_analog_keys,
     generic_key,
 )
 
@@ -285,9 +286,8 @@ class ChainBackmapper(nn.Module):
         res_of_atom = chain.atom_residue[rows[:, 0]]
         self.register_buffer("s_res", torch.as_tensor([types[r] for r in res_of_atom], dtype=torch.long))
         self.register_buffer("s_atom", torch.as_tensor([ATOM_NAMES.index(chain.atom_names[a]) for a in rows[:, 0]]))
-        key_index = tables["key_index"]
         self.register_buffer(
-            "s_key", torch.as_tensor([key_index.get(tree.keys[o], len(key_index)) for o in order], dtype=torch.long)
+            "s_key", torch.as_tensor([tables["embedding_index"](tree.keys[o]) for o in order], dtype=torch.long)
         )
         self.register_buffer("s_prev", torch.as_tensor([types[r - 1] if r > 0 else none for r in owner]))
         self.register_buffer("s_next", torch.as_tensor([types[r + 1] if r + 1 < self.n_res else none for r in owner]))
@@ -706,21 +706,35 @@ class ProteinBackmapper(nn.Module):
         )
         # the row keys with their own embedding (fixed at construction; later keys share one)
         self.keys = list(keys) if keys is not None else sorted(k for k in self.stats if not k.startswith("*:"))
+        self._key_index = {k: i for i, k in enumerate(self.keys)}
         self.net = ProteinNet(len(self.keys), n_ctx, n_knn, hidden, n_bins, emb)
         self._chains: dict[tuple[str, ...], ChainBackmapper] = {}
 
     def lookup(self, key: str) -> dict:
-        """Statistics of a row key, falling back to the residue-independent key, then to defaults."""
-        if key in self.stats:
-            return self.stats[key]
-        return self.stats.get(generic_key(key), DEFAULT_STATS)
+        """Statistics of a row key, falling back to the residue-independent key, then to the
+        cap-analog keys (:func:`~openmm_backmap.models.residues.cap_analog_keys`, each residue
+        specific then independent), then to defaults."""
+        for k in (key, *cap_analog_keys(key)):
+            for candidate in (k, generic_key(k)):
+                if candidate in self.stats:
+                    return self.stats[candidate]
+        return DEFAULT_STATS
+
+    def embedding_index(self, key: str) -> int:
+        """Index of a row key's embedding: its own, else its first cap analog's
+        (:func:`~openmm_backmap.models.residues.cap_analog_keys`), else the shared one of unseen keys."""
+        index = self._key_index
+        for k in (key, *cap_analog_keys(key)):
+            if k in index:
+                return index[k]
+        return len(index)
 
     def for_sequence(self, residue_names: Sequence[str]) -> ChainBackmapper:
         """The scriptable :class:`ChainBackmapper` of a chain (residue names in order; HIS means HIE;
         no cap means a charged terminus). It shares this model's weights; chains are cached."""
         names = tuple(canonical_name(n, i) for i, n in enumerate(residue_names))
         if names not in self._chains:
-            tables = {"key_index": {k: i for i, k in enumerate(self.keys)}, "lookup": self.lookup}
+            tables = {"embedding_index": self.embedding_index, "lookup": self.lookup}
             self._chains[names] = ChainBackmapper(
                 self.net,
                 build_chain(names),

@@ -364,6 +364,24 @@ def generic_key(key: str) -> str:
     return "*:" + key.split(":", 1)[1]
 
 
+def cap_analog_keys(key: str) -> list[str]:
+    """Row keys that place an atom the same way with a chain residue's C-alpha where ``key`` has a
+    cap's anchor: ACE's CH3 and NME's C are bonded to the peptide group as a C-alpha is, so a
+    reference ``-1CH3`` or ``+1C`` / ``+2C`` (a cap's anchor: no other atom named so is referenced
+    across residues) stands where a longer chain has ``-1CA`` or ``+1CA`` / ``+2CA``. Single
+    substitutions first, then all; ``key`` itself is not listed. A one-residue chain (ACE-X-NME)
+    has rows no longer chain has; their analogs carry what longer chains taught."""
+    head, refs = key.split("<", 1)
+    parts = refs.split(",")
+    swaps = [n for n, p in enumerate(parts) if (p[0] == "-" and p[2:] == "CH3") or (p[0] == "+" and p[2:] == "C")]
+    out = []
+    for n in swaps:
+        out.append(head + "<" + ",".join(p[:2] + "CA" if k == n else p for k, p in enumerate(parts)))
+    if len(swaps) > 1:
+        out.append(head + "<" + ",".join(p[:2] + "CA" if k in swaps else p for k, p in enumerate(parts)))
+    return out
+
+
 def build_tree(chain: Chain, mapping: str) -> Tree:
     """The staged placement rows of every non-bead atom of ``chain`` under ``mapping``.
 
