@@ -44,11 +44,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from openmm_backmap.analysis.reweighting import conditional_ess
 from openmm_backmap.models.protein import ProteinBackmapper
 from openmm_backmap.training.config import ProteinFinetuning
 from openmm_backmap.units import kT as kT_of
 
-__all__ = ["chain_system", "conditional_ess", "finetune", "finetune_files"]
+__all__ = ["chain_system", "finetune", "finetune_files"]
 
 
 def chain_system(chain_module, constrained: bool = True):
@@ -63,12 +64,6 @@ def chain_system(chain_module, constrained: bool = True):
     return app.ForceField(*FORCE_FIELD).createSystem(
         top.to_openmm(), nonbondedMethod=app.NoCutoff, constraints=app.HBonds if constrained else None
     )
-
-
-def conditional_ess(log_w: torch.Tensor) -> torch.Tensor:
-    """Kish ESS / n of importance weights exp(log_w) (F, n) per frame -> (F,)."""
-    w = torch.exp(log_w - log_w.max(dim=1, keepdim=True).values)
-    return w.sum(dim=1) ** 2 / (w * w).sum(dim=1) / log_w.shape[1]
 
 
 def _soft_cap(u: torch.Tensor, cap: float) -> torch.Tensor:
@@ -161,12 +156,12 @@ def finetune(
         aa, lq = chain.sample_with_noise(X_rep, val_noise)
         u = energy(aa.double())
         model.train()
-        red = beta * u
-        log_w = (-red - lq.double()).reshape(X_val.shape[0], config.val_samples)
+        shape = (X_val.shape[0], config.val_samples)
+        u_f, lq_f = u.numpy().reshape(shape), lq.double().numpy().reshape(shape)
         return {
-            "val_kl": float(torch.median(red + lq.double())),
+            "val_kl": float(torch.median(beta * u + lq.double())),
             "val_median_u": float(torch.median(u)),
-            "val_ess": float(conditional_ess(log_w).mean()),
+            "val_ess": conditional_ess(u_f, lq_f, config.temperature),
         }
 
     opt = torch.optim.Adam(model.net.parameters(), lr=config.lr)
