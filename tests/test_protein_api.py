@@ -409,6 +409,9 @@ def test_finetune_refines_from_cg_frames_alone(shipped, chignolin, tmp_path, cap
     model = load_model(tmp_path / "mine.pt", cg_topology=tmp_path / "cg.pdb", device="cpu")
     aa, lq = model.sample(X[:2].astype(np.float32), 3, seed=1)
     np.testing.assert_allclose(model.log_prob(aa, np.repeat(X[:2], 3, axis=0).astype(np.float32)), lq, atol=5e-2)
+    capsys.readouterr()
+    assert cli.main(["info", str(tmp_path / "mine.pt")]) == 0
+    assert f"fine-tuned on {'-'.join(names)}: 40 steps" in capsys.readouterr().out
     # the output is refused before any work when it exists or is the model it reads
     assert cli.main(argv) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err

@@ -388,9 +388,22 @@ class ProteinModel:
                 + ("CA (ACE: CH3, NME: C)" if self.mapping == "ca" else "N, CA, C (ACE: CH3, C; NME: N, C)"),
                 f"  architecture: {json.dumps(d['architecture'])}",
                 "  training: " + ", ".join(f"{k}={_fmt(v)}" for k, v in tr.items()),
+                *self._finetune_lines(d["training"].get("finetune")),
                 "  bind it to a chain: load_model(name, cg_topology=...), or --cg-topology on the command line",
             ]
         )
+
+    @staticmethod
+    def _finetune_lines(record: dict | None) -> list[str]:
+        """What `finetune` recorded: the chain, the steps, the held-out figures before and after."""
+        if not record:
+            return []
+        a, b = record["start"], record["best"]
+        return [
+            f"  fine-tuned on {'-'.join(record['sequence'])}: {record['steps_run']} steps, best step "
+            f"{record['best_step']}; held-out median U_AA {a['val_median_u']:.1f} -> {b['val_median_u']:.1f} "
+            f"kJ/mol, conditional ESS {a['val_ess']:.3f} -> {b['val_ess']:.3f}"
+        ]
 
     def __repr__(self) -> str:
         return f"ProteinModel({self.name!r}, mapping={self.mapping!r})"
