@@ -75,3 +75,11 @@ def tiny_protein_model(mapping: str, names, x, steps: int = 15):
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
     return model
+
+
+def save_tiny_pretrained(folder, names, x):
+    """Tiny ``protein-ca`` and ``protein-backbone`` files (:func:`tiny_protein_model`) in ``folder``,
+    to stand in for the shipped ones (monkeypatch ``io.protein_models.PRETRAINED_DIR`` to it)."""
+    for mapping, name in (("ca", "protein-ca"), ("backbone", "protein-backbone")):
+        tiny_protein_model(mapping, names, x).save(folder / f"{name}.pt")
+    return folder

@@ -18,7 +18,7 @@ import numpy as np
 import openmm
 import pytest
 import torch
-from _backmap_helpers import tiny_protein_model
+from _backmap_helpers import save_tiny_pretrained
 from openmm import app, unit
 
 import openmm_backmap.io.protein_models as protein_models
@@ -46,11 +46,8 @@ def chignolin():
 
 @pytest.fixture(scope="module")
 def pretrained_dir(chignolin, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pretrained")
     _, names, x = chignolin
-    for mapping, name in (("ca", "protein-ca"), ("backbone", "protein-backbone")):
-        tiny_protein_model(mapping, names, x).save(folder / f"{name}.pt")
-    return folder
+    return save_tiny_pretrained(tmp_path_factory.mktemp("pretrained"), names, x)
 
 
 @pytest.fixture
