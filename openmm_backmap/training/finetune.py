@@ -46,7 +46,9 @@ import torch
 
 from openmm_backmap.analysis.reweighting import conditional_ess
 from openmm_backmap.models.protein import ProteinBackmapper
+from openmm_backmap.training.backmapper import soft_clip
 from openmm_backmap.training.config import ProteinFinetuning
+from openmm_backmap.training.joint import minimise
 from openmm_backmap.units import kT as kT_of
 
 __all__ = ["chain_system", "finetune", "finetune_files"]
@@ -64,31 +66,6 @@ def chain_system(chain_module, constrained: bool = True):
     return app.ForceField(*FORCE_FIELD).createSystem(
         top.to_openmm(), nonbondedMethod=app.NoCutoff, constraints=app.HBonds if constrained else None
     )
-
-
-def _soft_cap(u: torch.Tensor, cap: float) -> torch.Tensor:
-    u = torch.nan_to_num(u, nan=cap + 50.0, posinf=cap + 50.0)
-    return torch.where(u > cap, cap + torch.log1p(torch.clamp(u - cap, min=0.0)), u)
-
-
-def _minimised_energy(system, x: np.ndarray) -> float:
-    """The lowest energy (kJ/mol) reached by minimising each configuration of x (n, n_aa, 3) nm.
-    ``system`` should have no constraints: OpenMM's minimiser enforces them by repeated restrained
-    minimisations, minutes from a clashing start; the hydrogen bonds' harmonic terms are near zero
-    at the minimum, so the energy is close to the constrained one."""
-    import openmm
-    from openmm import unit
-
-    ctx = openmm.Context(
-        system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"), {"Threads": "1"}
-    )
-    best = math.inf
-    for xi in x:
-        ctx.setPositions(xi.astype(np.float64))
-        openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, 1000)
-        e = ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
-        best = min(best, e)
-    return best
 
 
 def finetune(
@@ -137,7 +114,10 @@ def finetune(
     with torch.no_grad():
         seeds, _ = chain.sample(X_train[:: max(1, X_train.shape[0] // 4)][:4], 1)
     t_min = time.time()
-    u_min = _minimised_energy(chain_system(chain, constrained=False), seeds.double().numpy())
+    # the floor of the cap: the lowest energy the seeds minimise to (harmonic hydrogen bonds instead
+    # of constraints, which OpenMM's minimiser enforces by slow repeated restrained minimisations)
+    unconstrained = chain_system(chain, constrained=False)
+    u_min = min(minimise(unconstrained, xi, 10.0, 1000, "CPU")[1] for xi in seeds.double().numpy())
     cap = beta * u_min + config.cap_dof * n_dof
     log(
         f"fine-tuning {len(residue_names)} residues ({chain.n_aa} atoms, {n_dof} free degrees of freedom) on "
@@ -182,7 +162,7 @@ def finetune(
         red = b_t * u
         finite = red.detach()[torch.isfinite(red.detach())]
         cap_t = max(cap * b_t / beta, float(torch.quantile(finite, 0.75)) if finite.numel() else -math.inf)
-        loss = torch.mean(_soft_cap(red, cap_t) + lq.double())
+        loss = torch.mean(soft_clip(red, cap_t) + lq.double())
         opt.zero_grad()
         if torch.isfinite(loss):
             loss.backward()

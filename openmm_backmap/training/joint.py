@@ -584,16 +584,22 @@ def load_structure(topology: str | Path):
     return traj, x0
 
 
-def minimise(system, x0: np.ndarray, tolerance: float = 1.0) -> tuple[np.ndarray, float]:
-    """Local energy minimum near ``x0`` (nm) on OpenMM's Reference platform: (positions, U kJ/mol)."""
+def minimise(
+    system, x0: np.ndarray, tolerance: float = 1.0, max_iterations: int = 0, platform: str = "Reference"
+) -> tuple[np.ndarray, float]:
+    """Local energy minimum near ``x0`` (nm): (positions, U kJ/mol). ``tolerance`` in kJ/mol/nm,
+    ``max_iterations`` 0 for no limit. For a System with constraints OpenMM repeats restrained
+    minimisations until they hold, minutes from a clashing start: give an unconstrained System when
+    only the energy is wanted."""
     import openmm
     from openmm import unit
 
     integ = openmm.VerletIntegrator(0.001)
-    ctx = openmm.Context(system, integ, openmm.Platform.getPlatformByName("Reference"))
+    properties = {"Threads": "1"} if platform == "CPU" else {}
+    ctx = openmm.Context(system, integ, openmm.Platform.getPlatformByName(platform), properties)
     ctx.setPositions(x0 * unit.nanometer)
     ctx.applyConstraints(1e-8)
-    openmm.LocalEnergyMinimizer.minimize(ctx, tolerance)
+    openmm.LocalEnergyMinimizer.minimize(ctx, tolerance, max_iterations)
     st = ctx.getState(getPositions=True, getEnergy=True)
     x = np.asarray(st.getPositions(asNumpy=True).value_in_unit(unit.nanometer), dtype=np.float64)
     return x, float(st.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
