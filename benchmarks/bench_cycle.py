@@ -5,6 +5,8 @@ The cycle itself is the command line (``openmm-backmap cycle``); this script mea
 * ``umbrella``: umbrella sampling along phi (MBAR), the reference phi profile and basin populations;
 * ``profile``: phi free-energy profiles of CG potentials from independent samples of their flows,
   beside the umbrella profile and a held-out MD histogram, as a PNG and JSON;
+* ``stability``: batched 1 fs Langevin dynamics of CG potentials from held-out MD frames
+  (:func:`openmm_backmap.sampling.langevin.dynamics_check`): how many replicas run away;
 * ``simulate``: an OpenMM CG simulation with a CG potential (``.pt`` or compiled ``.pt2``) as the force
   and a BackmapReporter, and the run's basin populations, raw and reweighted from its energy file.
 
@@ -15,6 +17,8 @@ Example (the commands of RESULTS.md)::
         --umbrella umbrella.json --md seed2/ala2.dcd seed2/ala2.pdb --out profile
     python benchmarks/bench_cycle.py simulate --cg cycle/cg.pt2 --model cycle/backmapper.pt \\
         --start seed1/ala2.pdb --steps 20000 --out sim
+    python benchmarks/bench_cycle.py stability --cg cg_md.pt cycle/cg.pt \
+        --md seed2/ala2.dcd seed2/ala2.pdb --out stability.json
 """
 
 from __future__ import annotations
@@ -227,6 +231,35 @@ def cmd_simulate(args) -> None:
         print(name, f"raw {b['raw']:.4f} reweighted {b['reweighted']:.4f} +- {b['reweighted_error']:.4f}")
 
 
+def cmd_stability(args) -> None:
+    import mdtraj as md
+
+    from openmm_backmap.io.checkpoints import cg_potential_from_file
+    from openmm_backmap.mapping import CGMapping
+    from openmm_backmap.sampling.langevin import dynamics_check
+
+    torch.set_num_threads(1)
+    traj = md.load(args.md[0], top=args.md[1])
+    results = []
+    for path in args.cg:
+        model, spec = cg_potential_from_file(path)
+        model = model.double().eval()
+        mapping = CGMapping.from_dict(spec["mapping"], traj.topology)
+        rng = np.random.default_rng(args.seed)
+        frames = traj.xyz[rng.choice(traj.n_frames, size=args.replicas, replace=False)].astype(np.float64)
+        X = torch.as_tensor(mapping.project(frames))
+        t0 = time.time()
+        out = dynamics_check(model.energy, X, mapping.masses(), args.temperature, args.steps, seed=args.seed)
+        out.update(cg=str(path), seconds=time.time() - t0)
+        results.append(out)
+        print(
+            f"{path}: {out['failed']} of {out['replicas']} replicas ran away in {out['steps']} steps of "
+            f"{out['timestep_fs']:g} fs (first at step {out['first_failure_step']}); {out['seconds']:.0f} s",
+            flush=True,
+        )
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -245,6 +278,16 @@ def main() -> None:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", required=True, help="output stem (.png and .json)")
     f.set_defaults(func=cmd_profile)
+    k = sub.add_parser("stability")
+    k.add_argument("--cg", nargs="+", required=True, help="CG potentials (.pt or .ckpt)")
+    k.add_argument("--md", nargs=2, metavar=("DCD", "PDB"), required=True, help="AA MD whose frames start the runs")
+    k.add_argument("--replicas", type=int, default=64)
+    k.add_argument("--steps", type=int, default=10000, help="1 fs steps")
+    k.add_argument("--temperature", type=float, default=300.0)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--out", required=True, help="JSON")
+    k.set_defaults(func=cmd_stability)
+
     s = sub.add_parser("simulate")
     s.add_argument("--cg", required=True, help="CG potential (.pt or compiled .pt2)")
     s.add_argument("--model", required=True, help="backmapper model file (.pt)")

@@ -130,6 +130,40 @@ def test_cycle_reaches_the_exact_marginal_from_a_wrong_start():
     assert (cg.mean - (MU + 0.4)).abs().min().item() > 30 * SA / math.sqrt(n_eff)
 
 
+def test_a_refit_that_fails_the_dynamics_check_is_undone():
+    """run_cycles hands each refitted model to ``check`` with frames drawn by weight; a refit whose
+    check says unstable is undone (the parameters are the pre-refit ones, ``reverted`` is set), one
+    that passes is kept."""
+    seen = []
+
+    def verdict(stable):
+        def check(module, X):
+            seen.append(np.asarray(X).shape)
+            return {"stable": stable}
+
+        return check
+
+    settings = CycleSettings(cycles=1, samples=600, pool=1, epochs=4, batch_size=200, lr=0.05, seed=0, check_replicas=7)
+    for stable in (False, True):
+        torch.manual_seed(0)
+        cg = GaussianCG(MU + 0.4, [0.6 * SA] * 3)
+        start = {k: v.clone() for k, v in cg.state_dict().items()}
+        history = run_cycles(
+            GaussianFamily(cg),
+            Backmap(D, 1.0),
+            reduced_energy,
+            project,
+            settings,
+            log=lambda s: None,
+            check=verdict(stable),
+        )
+        refit = history[0]["refit"]
+        assert refit["dynamics_check"] == {"stable": stable} and refit["reverted"] is (not stable)
+        moved = any(not torch.equal(start[k], v) for k, v in cg.state_dict().items())
+        assert moved is stable
+    assert seen == [(7, 1, 3), (7, 1, 3)]
+
+
 def test_cycle_keeps_the_exact_marginal():
     """Started at the exact marginal (the fixed point), refits stay on it within statistical error."""
     torch.manual_seed(2)
@@ -361,10 +395,13 @@ def test_cycle_refines_a_backmapper_checkpoint(tiny_ala2, tiny_cg, tmp_path, cap
     save_checkpoint(ckpt, net, make_spec(net, 300.0, reference_xyz=traj.xyz[0], system_xml=tiny_ala2["system_xml"]))
     out = tmp_path / "ref"
     argv = ["cycle", "--model", str(ckpt), "--cg-model", str(tiny_cg), "--cycles", "1", "--samples", "64"]
-    argv += ["--epochs", "1", "--batch-size", "64", "--refine-backmapper", "3", "--out", str(out)]
+    argv += ["--epochs", "1", "--batch-size", "64", "--refine-backmapper", "3", "--refine-spread", "0.5"]
+    argv += ["--check-steps", "20", "--out", str(out)]
     assert main(argv) == 0
     rec = json.loads((out / "cycle.json").read_text())
-    assert rec["cycles"][0]["backmapper_refit"]["steps"] == 3
+    assert rec["cycles"][0]["backmapper_refit"]["steps"] == 3 and rec["settings"]["refine_spread"] == 0.5
+    check = rec["cycles"][0]["refit"].get("dynamics_check")
+    assert rec["cycles"][0]["refit"]["reverted"] or (check["replicas"] == 32 and check["steps"] == 20)
     refined = load_model(out / "backmapper.pt", device="cpu")
     X = torch.as_tensor(mapping.project(traj.xyz[:4].astype(np.float64)), dtype=torch.float32)
     x = torch.as_tensor(traj.xyz[:4])
@@ -372,3 +409,33 @@ def test_cycle_refines_a_backmapper_checkpoint(tiny_ala2, tiny_cg, tmp_path, cap
     bad = ["cycle", "--model", str(tiny_ala2["model"]), "--cg-model", str(tiny_cg), "--refine-backmapper", "3"]
     assert main([*bad, "--out", str(tmp_path / "bad")]) == 2
     assert ".ckpt" in capsys.readouterr().err
+
+
+def test_spread_torsions_redraws_only_the_rotatable_dihedrals(tiny_ala2, tiny_cg):
+    """spread_torsions keeps every bond, angle and stiff dihedral (the chirality improper) of the CG
+    frames and redraws the rotatable dihedrals uniformly on the circle."""
+    from openmm_backmap.io.model_files import load_cg_potential
+    from openmm_backmap.training.cycle import ROTATABLE_SPREAD, spread_torsions
+
+    model, _ = load_cg_potential(tiny_cg)
+    model = model.double()
+    X = torch.as_tensor(tiny_ala2["mapping"].project(tiny_ala2["traj"].xyz.astype(np.float64)))
+    X = X[torch.arange(4000) % len(X)]
+    Y = spread_torsions(model, X, torch.Generator().manual_seed(0))
+    ic = model.ic
+    zx, zy = ic(X)[0], ic(Y)[0]
+    rotatable = (ic.kind == 2) & ((ic.scale > ROTATABLE_SPREAD) | ic.circular)
+    assert rotatable.any() and ((ic.kind == 2) & ~rotatable).any()
+    torch.testing.assert_close(zy[:, ~rotatable], zx[:, ~rotatable], atol=1e-6, rtol=0)
+    angle = zy[:, rotatable] * ic.scale[rotatable] + ic.shift[rotatable]
+    n = len(Y)
+    # uniform on the circle: first two circular moments vanish, every quarter holds about n / 4
+    for k in (1, 2):
+        assert torch.cos(k * angle).mean(0).abs().max() < 4.0 / math.sqrt(n)
+        assert torch.sin(k * angle).mean(0).abs().max() < 4.0 / math.sqrt(n)
+    quarter = torch.floor((torch.remainder(angle, 2 * math.pi)) / (math.pi / 2))
+    for q in range(4):
+        frac = (quarter == q).double().mean(0)
+        assert (frac - 0.25).abs().max() < 4.0 * math.sqrt(0.25 * 0.75 / n)
+    with pytest.raises(ValueError, match="rotatable"):
+        spread_torsions(model, X[:3], min_spread=10.0)

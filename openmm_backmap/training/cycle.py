@@ -52,6 +52,7 @@ __all__ = [
     "ess_tempering",
     "evaluate_weights",
     "run_cycles",
+    "spread_torsions",
     "weighted_refit",
     "widen_priors",
     "zero_weight_message",
@@ -84,6 +85,16 @@ class CycleSettings:
         Backmapper refinement per cycle (0: none): reverse-KL steps on exp(-beta U_AA) at the cycle's
         CG draws plus the NLL of the cycle's pairs resampled by weight (the weighted samples), through
         :func:`~openmm_backmap.training.backmapper.refine_energy`; needs a backmapper checkpoint.
+    check_steps, check_replicas
+        Dynamics check of every refitted CG potential (0 steps: none): ``check_replicas`` replicas of
+        1 fs Langevin dynamics for ``check_steps`` steps (:func:`~openmm_backmap.sampling.langevin.dynamics_check`);
+        a refit whose dynamics run away is undone.
+    refine_spread
+        Fraction of the refinement's CG frames whose rotatable dihedrals are redrawn uniformly
+        (:func:`spread_torsions`): the backmapper learns the basins the CG flow has not reached yet, so
+        that the cycle's first draws there get the weights they deserve. The conditional optimum
+        q(x | X) = p(x | X) does not depend on which X the reverse KL is averaged over, so this changes
+        where the backmapper is good, not what it converges to.
     """
 
     cycles: int = 6
@@ -100,6 +111,9 @@ class CycleSettings:
     seed: int = 0
     refine_steps: int = 0
     refine_lr: float = 1e-4
+    refine_spread: float = 0.0
+    check_steps: int = 0
+    check_replicas: int = 32
 
     def __post_init__(self) -> None:
         for name in ("cycles", "samples", "per_frame", "pool", "epochs", "batch_size"):
@@ -111,8 +125,12 @@ class CycleSettings:
             raise ValueError(f"CycleSettings: tau must be >= 1, got {self.tau}")
         if not 0.0 < self.ess_target <= 1.0:
             raise ValueError(f"CycleSettings: ess_target must be in (0, 1], got {self.ess_target}")
+        if self.check_steps < 0 or self.check_replicas < 1:
+            raise ValueError("CycleSettings: check_steps must be >= 0 and check_replicas >= 1")
         if self.refine_steps < 0:
             raise ValueError(f"CycleSettings: refine_steps must be >= 0, got {self.refine_steps}")
+        if not 0.0 <= self.refine_spread <= 1.0:
+            raise ValueError(f"CycleSettings: refine_spread must be in [0, 1], got {self.refine_spread}")
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"CycleSettings: val_fraction must be in (0, 0.5), got {self.val_fraction}")
 
@@ -417,6 +435,37 @@ def widen_priors(model: CGFlowPotential, X: np.ndarray) -> dict[str, int]:
     return moved
 
 
+# fitted spread (rad) above which a dihedral of the CG flow's Z-matrix counts as rotatable; below it
+# lie the stiff dihedrals (impropers that carry chirality, planar groups), which are never redrawn
+ROTATABLE_SPREAD = 0.25
+
+
+@torch.no_grad()
+def spread_torsions(
+    model: CGFlowPotential, X: Tensor, generator: torch.Generator | None = None, min_spread: float = ROTATABLE_SPREAD
+) -> Tensor:
+    """CG frames X (n, n_cg, 3) nm with every rotatable dihedral of ``model``'s Z-matrix redrawn
+    uniformly on (-pi, pi], bonds, angles and stiff dihedrals kept.
+
+    A dihedral is rotatable when the flow treats it as circular or its fitted spread (the
+    standardisation scale) exceeds ``min_spread`` rad. The frames cover torsion basins the data and
+    the flow never reached (alpha_L of alanine dipeptide from 300 K MD), for conditioning a
+    backmapper there; they carry no density and must not enter importance weights.
+    """
+    ic = model.ic
+    dtype = ic.scale.dtype
+    X = torch.as_tensor(X).to(dtype)
+    z, _ = ic(X)
+    rotatable = (ic.kind == 2) & ((ic.scale > min_spread) | ic.circular)
+    dims = torch.nonzero(rotatable).flatten()
+    if dims.numel() == 0:
+        raise ValueError(f"the CG flow has no rotatable dihedral (fitted spread > {min_spread} rad) to spread")
+    angle = (torch.rand(len(z), dims.numel(), generator=generator, dtype=dtype) * 2.0 - 1.0) * math.pi
+    z[:, dims] = angle / ic.scale[dims]
+    X_new, _ = ic.inverse(z, torch.zeros(len(z), 0, 3, dtype=dtype))
+    return X_new
+
+
 # ---------------------------------------------------------------------------- the cycle
 def run_cycles(
     family: Any,
@@ -428,6 +477,7 @@ def run_cycles(
     on_cycle: Callable[[int, dict], None] | None = None,
     log: Callable[[str], None] = print,
     refine: Callable[[np.ndarray, np.ndarray, np.ndarray], dict] | None = None,
+    check: Callable[[torch.nn.Module, np.ndarray], dict] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``settings.cycles`` cycles (module docstring) and evaluate the flow before each refit and
     after the last.
@@ -450,6 +500,11 @@ def run_cycles(
     refine
         Optional backmapper refinement after each refit: ``refine(X, x, w)`` with the cycle's CG
         draws, their reconstructions and normalised weights; returns a summary.
+    check
+        Optional dynamics check of each refitted CG flow: ``check(module, X)`` with
+        ``settings.check_replicas`` starting frames drawn by weight from the refit's pairs; a result
+        whose ``stable`` is False undoes the refit (``reverted`` in the record), so that no cycle hands
+        on a potential whose dynamics come apart (:func:`~openmm_backmap.sampling.langevin.dynamics_check`).
 
     Returns
     -------
@@ -507,12 +562,22 @@ def run_cycles(
             # each cycle self-normalised, weighted by its ESS (consistent for lambda = 1)
             Xp = np.concatenate([p[0] for p in pool])
             wp = np.concatenate([normalized_weights(p[1]) * kish_ess(p[1]) for p in pool])
+            before = copy.deepcopy(family.module.state_dict())
             refit = weighted_refit(
                 family.module, Xp, wp, s.epochs, s.batch_size, s.lr, s.val_fraction, s.seed + 1000 * c
             )
             if isinstance(family.module, CGFlowPotential):
                 heavy = wp >= 0.01 * wp[wp > 0].mean()
                 refit["priors_widened"] = widen_priors(family.module, Xp[heavy])
+            if check is not None and not refit["reverted"]:
+                # starting frames drawn by weight: where the refitted potential's dynamics will run
+                rng = np.random.default_rng(s.seed + 7919 * c)
+                start = Xp[rng.choice(len(wp), size=s.check_replicas, p=wp / wp.sum())]
+                refit["dynamics_check"] = check(family.module, start)
+                if not refit["dynamics_check"]["stable"]:
+                    family.module.load_state_dict(before)
+                    refit["reverted"] = True
+                    log(f"cycle {c}: the refitted CG potential failed the dynamics check, refit undone")
             record["lambda"] = lam
             record["refit"] = {k2: v for k2, v in refit.items() if k2 != "history"}
             if refine is not None:

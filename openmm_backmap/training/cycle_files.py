@@ -28,6 +28,7 @@ from openmm_backmap.training.cycle import (
     ess_tempering,
     evaluate_weights,
     run_cycles,
+    spread_torsions,
     weighted_refit,
     widen_priors,
     zero_weight_message,
@@ -178,12 +179,18 @@ def cycle_from_files(
             # the weighted samples, resampled by weight, keep q(x | X) covering where p puts mass
             pick = np.random.default_rng(settings.seed).choice(len(w), size=len(w), p=w / w.sum())
             pairs = (x[pick], mapping.project(x[pick]))
+            frames = X
+            n_spread = round(settings.refine_spread * len(X))
+            if n_spread:
+                gen = torch.Generator().manual_seed(settings.seed + len(X))
+                spread = spread_torsions(cg, torch.as_tensor(X[:n_spread]), gen).double().numpy()
+                frames = np.concatenate([X[n_spread:], spread])
             net.train()
             summary = refine_energy(
                 net,
                 bm_spec,
                 u_aa,
-                X,
+                frames,
                 temperature,
                 steps=settings.refine_steps,
                 batch_size=64,
@@ -196,6 +203,22 @@ def cycle_from_files(
             )
             net.eval()
             return summary
+
+    check = None
+    if settings.check_steps:
+        from openmm_backmap.sampling.langevin import dynamics_check
+
+        def check(module: torch.nn.Module, X: np.ndarray) -> dict:
+            # the exported force's energy (flow and priors) in double precision, as OpenMM would run it
+            model = copy.deepcopy(module).double().eval()
+            return dynamics_check(
+                model.energy,
+                torch.as_tensor(X),
+                mapping.masses(),
+                temperature,
+                settings.check_steps,
+                seed=settings.seed,
+            )
 
     def reduced(x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -218,7 +241,9 @@ def cycle_from_files(
         if c < settings.cycles:
             _export(cg, spec, out / f"cg_cycle{c + 1}.pt", {"cycle": c + 1, "source": str(cg_model)})
 
-    run_cycles(family, backmap, reduced, mapping.project, settings, basin_observable(topology), on_cycle, log, refine)
+    run_cycles(
+        family, backmap, reduced, mapping.project, settings, basin_observable(topology), on_cycle, log, refine, check
+    )
     _export(cg, spec, out / "cg.pt", {"cycles": settings.cycles, "source": str(cg_model), "final": history[-1]})
     if net is not None:
         export_model(net, bm_spec, out / "backmapper.pt")
@@ -411,6 +436,25 @@ def add_arguments(p) -> None:
         metavar="STEPS",
         help="also refine the backmapper each cycle (reverse KL + weighted NLL steps); --model must be its .ckpt",
     )
+    p.add_argument(
+        "--refine-lr", type=float, default=d.refine_lr, help=f"backmapper refinement learning rate ({d.refine_lr:g})"
+    )
+    p.add_argument(
+        "--refine-spread",
+        type=float,
+        default=d.refine_spread,
+        metavar="FRACTION",
+        help="fraction of the refinement's CG frames with their rotatable dihedrals redrawn uniformly, so the "
+        f"backmapper learns basins the CG flow has not reached yet (default {d.refine_spread})",
+    )
+    p.add_argument(
+        "--check-steps",
+        type=int,
+        default=d.check_steps,
+        metavar="STEPS",
+        help="after each refit, run this many 1 fs Langevin steps of the CG potential from weighted frames "
+        f"({d.check_replicas} replicas) and undo a refit whose dynamics run away (default {d.check_steps}: no check)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
 
 
@@ -431,6 +475,9 @@ def run(args) -> int:
         lr=args.lr,
         seed=args.seed,
         refine_steps=args.refine_backmapper,
+        refine_lr=args.refine_lr,
+        refine_spread=args.refine_spread,
+        check_steps=args.check_steps,
     )
     if args.from_run:
         energy_csv, trajectory = args.from_run
