@@ -6,14 +6,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.special import logsumexp
 from torch import nn
 
+from openmm_backmap.analysis.reweighting import kish_ess
 from openmm_backmap.training.cycle import (
     CycleSettings,
     MixtureProposal,
     TemperedFlow,
     ess_tempering,
     evaluate_weights,
+    frame_weights,
     run_cycles,
     widen_priors,
 )
@@ -93,6 +96,28 @@ def test_exact_models_give_constant_weights():
     stats = evaluate_weights(log_w)
     assert stats["ess_fraction"] == pytest.approx(1.0, abs=1e-12)
     assert abs(stats["kl_forward"]) < 1e-9 and abs(stats["kl_reverse"]) < 1e-9
+
+
+def test_frame_weights_average_the_reconstructions():
+    """A CG draw's weight is the mean of its reconstructions' weights. With the exact CG marginal
+    and a biased backmapper, the pair weights vary (ESS/N well under 1) while the draw weights, each
+    the fibre integral by importance sampling over K = 64 reconstructions, are nearly constant:
+    p_CG(X) / q(X) = Z. Observables are averaged by weight within a draw; a draw with no finite
+    pair weight gets weight zero."""
+    torch.manual_seed(4)
+    family = GaussianFamily(GaussianCG(MU, [SA] * 3))
+    X, log_q_cg = family.sample(400, 1.0)
+    k = 64
+    x, log_q = Backmap(D + 0.08, 1.3)(X, k)
+    pair = (-reduced_energy(x) - log_q - log_q_cg.repeat_interleave(k)).numpy()
+    log_w, frame_of = frame_weights(pair, k)
+    np.testing.assert_allclose(log_w, logsumexp(pair.reshape(-1, k), 1) - math.log(k))
+    assert kish_ess(pair) / pair.size < 0.6 and kish_ess(log_w) / log_w.size > 0.95
+    log_z = 6 * 0.5 * math.log(2 * math.pi) + 3 * math.log(SA) + 3 * math.log(SB)
+    assert abs(np.median(log_w) - log_z) < 0.1
+    lw, avg = frame_weights(np.array([0.0, math.log(3.0), -np.inf, -np.inf]), 2)
+    np.testing.assert_allclose(lw, [math.log(2.0), -np.inf])
+    np.testing.assert_allclose(avg(np.array([1.0, 0.0, 1.0, 3.0])), [0.25, 2.0])
 
 
 def test_cycle_reaches_the_exact_marginal_from_a_wrong_start():
@@ -308,11 +333,12 @@ def test_cycle_command_end_to_end(tiny_ala2, tiny_cg, tmp_path):
 
     out = tmp_path / "cyc"
     argv = ["cycle", "--model", str(tiny_ala2["model"]), "--cg-model", str(tiny_cg), "--cycles", "1"]
-    argv += ["--samples", "128", "--epochs", "1", "--batch-size", "64", "--out", str(out), "--threads", "1"]
-    assert main(argv) == 0
+    argv += ["--samples", "128", "--per-frame", "2", "--epochs", "1", "--batch-size", "64", "--out", str(out)]
+    assert main([*argv, "--threads", "1"]) == 0
     rec = json.loads((out / "cycle.json").read_text())
     assert [r["cycle"] for r in rec["cycles"]] == [0, 1]
     first = rec["cycles"][0]
+    assert first["n"] == 128 and first["per_frame"] == 2 and 0 < first["pair_ess_fraction"] <= 1
     assert 0 < first["ess_fraction"] <= 1 and set(first["basins"]) == {"C7eq", "C5", "alpha_R", "alpha_L"}
     assert sum(b["reweighted"] for b in first["basins"].values()) == pytest.approx(1.0)
     assert (out / "cycle.png").stat().st_size > 0 and (out / "backmapper.pt").is_file()

@@ -9,6 +9,9 @@ One cycle (:func:`run_cycles`):
 2. backmap each X with the conditional flow, x ~ q(x | X);
 3. weight each pair by log w = -beta U_AA(x) - log q(x | X) - log q_prop(X): self-normalised, the
    weights turn the pairs into samples of exp(-beta U_AA), whatever the proposal and the backmapper;
+   with K reconstructions per draw, the draw's weight is the mean of its K pair weights, an unbiased
+   estimate of p_CG(X) / q_prop(X) (the fibre integral done by importance sampling) whose variance
+   falls with K; the basin indicators are averaged over the K by weight;
 4. refit q_theta by weighted maximum likelihood on the CG projections M x of the pairs of the last
    ``pool`` cycles (each cycle self-normalised and weighted by its ESS). Maximising
    sum_i w_i log q_theta(M x_i) minimises the relative entropy KL(p_CG || q_theta), whose minimum is
@@ -51,6 +54,7 @@ __all__ = [
     "TemperedFlow",
     "ess_tempering",
     "evaluate_weights",
+    "frame_weights",
     "run_cycles",
     "spread_torsions",
     "weighted_refit",
@@ -68,8 +72,9 @@ class CycleSettings:
     ----------
     cycles
         Refits of the CG flow (the models are evaluated cycles + 1 times).
-    samples
-        CG configurations drawn per cycle; ``per_frame`` reconstructions of each.
+    samples, per_frame
+        CG configurations drawn per cycle, and reconstructions of each: a draw's weight is the mean of
+        its reconstructions' weights (:func:`frame_weights`), so the cycle's ESS/N counts CG draws.
     defensive, tau
         Fraction eps of the draws from the widened flow q_theta,tau, and its latent scale tau (>= 1).
     ess_target
@@ -300,6 +305,33 @@ def zero_weight_message(log_w: np.ndarray, what: str, indicators: dict[str, np.n
         if never:
             text += f" and the CG model never visits {', '.join(never)}"
     return text + ": the CG model and the AA energy do not overlap (wrong System, units or temperature?)"
+
+
+def frame_weights(pair_log_w: np.ndarray, k: int) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """Importance log-weights of CG draws from the log-weights of their k reconstructions each.
+
+    ``pair_log_w`` (n k,), frame-major, holds log w_ij = -u(x_ij) - log q(x_ij | X_i) - log q_prop(X_i).
+    The draw's log-weight is log (1/k) sum_j w_ij: an unbiased estimate of p_CG(X_i) / q_prop(X_i) up
+    to the constant Z, whatever k (the reconstructions integrate the fibre over M x = X_i; more of them
+    only lower its variance). Returns the (n,) log-weights and a function that turns a per-pair
+    observable (n k,) into the draw's self-normalised average over its reconstructions (the plain
+    mean where every pair weight of the draw is zero).
+    """
+    lw = np.asarray(pair_log_w, dtype=np.float64).reshape(-1, k)
+    finite = np.isfinite(lw)
+    top = np.where(finite, lw, -np.inf).max(1, keepdims=True)
+    any_finite = finite.any(1)
+    top = np.where(any_finite[:, None], top, 0.0)
+    p = np.where(finite, np.exp(lw - top), 0.0)
+    total = p.sum(1)
+    log_w = np.where(any_finite, np.log(np.where(any_finite, total, 1.0)) + top[:, 0] - math.log(k), -np.inf)
+    share = np.where(any_finite[:, None], p / np.where(any_finite, total, 1.0)[:, None], 1.0 / k)
+
+    def frame_of(values: np.ndarray) -> np.ndarray:
+        v = np.asarray(values, dtype=np.float64).reshape(-1, k)
+        return (share * v).sum(1)
+
+    return log_w, frame_of
 
 
 # ---------------------------------------------------------------------------- refit
@@ -534,22 +566,26 @@ def run_cycles(
             x, log_q = backmapper(X_safe, s.per_frame)
             u = reduced_energy(x.to(torch.float64))
         k = s.per_frame
-        log_w = -u.double().cpu().numpy() - log_q.double().cpu().numpy() - np.repeat(log_prop.double().cpu().numpy(), k)
-        log_w = np.where(np.repeat(ok.cpu().numpy(), k) & np.isfinite(log_w), log_w, -np.inf)
+        pair_log_w = (
+            -u.double().cpu().numpy() - log_q.double().cpu().numpy() - np.repeat(log_prop.double().cpu().numpy(), k)
+        )
+        pair_log_w = np.where(np.repeat(ok.cpu().numpy(), k) & np.isfinite(pair_log_w), pair_log_w, -np.inf)
         x_np = x.detach().cpu().double().numpy()
+        log_w, frame_of = frame_weights(pair_log_w, k)
         ind = observables(x_np) if observables is not None else None
-        record = evaluate_weights(log_w, ind, np.repeat(own, k))
+        if ind is not None:
+            ind = {name: frame_of(v) for name, v in ind.items()}
+        record = evaluate_weights(log_w, ind, own)
         record["cycle"] = c
+        record["per_frame"] = k
+        record["pair_ess_fraction"] = kish_ess(pair_log_w) / max(pair_log_w.size, 1)
         # the flow's own draws weighted against the flow alone: the CG potential + backmapper as a
         # Boltzmann generator (the same as the record's at the last evaluation, which draws the flow only)
         with torch.no_grad():
             own_t = torch.as_tensor(own)
             lq_flow = family.log_prob(X[own_t], 1.0).double().cpu().numpy()
-        own_k = np.repeat(own, k)
         lw_flow = np.where(
-            np.isfinite(log_w[own_k]),
-            -u.double().cpu().numpy()[own_k] - log_q.double().cpu().numpy()[own_k] - np.repeat(lq_flow, k),
-            -np.inf,
+            np.isfinite(log_w[own]), log_w[own] + log_prop.double().cpu().numpy()[own] - lq_flow, -np.inf
         )
         flow = evaluate_weights(lw_flow)
         record["flow"] = {key: flow[key] for key in ("n", "ess", "ess_fraction", "kl_forward", "kl_reverse")}
@@ -557,7 +593,8 @@ def run_cycles(
             raise ValueError(zero_weight_message(log_w, f"cycle {c}", ind))
         if not last:
             lam = ess_tempering(log_w, s.ess_target)
-            pool.append((project(x_np), lam * log_w))
+            # the CG projections of the first reconstruction of each draw (M x = X for every one of them)
+            pool.append((project(x_np[::k]), lam * log_w))
             pool = pool[-s.pool :]
             # each cycle self-normalised, weighted by its ESS (consistent for lambda = 1)
             Xp = np.concatenate([p[0] for p in pool])
@@ -581,7 +618,7 @@ def run_cycles(
             record["lambda"] = lam
             record["refit"] = {k2: v for k2, v in refit.items() if k2 != "history"}
             if refine is not None:
-                summary = refine(X_safe.detach().cpu().double().numpy(), x_np, normalized_weights(log_w))
+                summary = refine(X_safe.detach().cpu().double().numpy(), x_np, normalized_weights(pair_log_w))
                 record["backmapper_refit"] = {k2: v for k2, v in summary.items() if k2 != "history"}
         record["seconds"] = time.time() - t0
         history.append(record)
@@ -593,6 +630,8 @@ def run_cycles(
 
 def _summary_line(r: dict) -> str:
     text = f"cycle {r['cycle']}: ESS/N {r['ess_fraction']:.3f} (flow's own {r['flow']['ess_fraction']:.3f})"
+    if r.get("per_frame", 1) > 1:
+        text += f", pairs' ESS/N {r['pair_ess_fraction']:.3f}"
     text += f", KL fwd {r['kl_forward']:.3f} rev {r['kl_reverse']:.3f} nats"
     if "lambda" in r:
         text += f", lambda {r['lambda']:.3f}"
