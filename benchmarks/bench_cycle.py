@@ -5,6 +5,8 @@ The cycle itself is the command line (``openmm-backmap cycle``); this script mea
 * ``umbrella``: umbrella sampling along phi (MBAR), the reference phi profile and basin populations;
 * ``profile``: phi free-energy profiles of CG potentials from independent samples of their flows,
   beside the umbrella profile and a held-out MD histogram, as a PNG and JSON;
+* ``ess``: ESS/N of fresh draws of a CG flow with K reconstructions each (the draw's weight the mean
+  of its reconstructions', :func:`openmm_backmap.training.cycle.frame_weights`) and of the pairs;
 * ``stability``: batched 1 fs Langevin dynamics of CG potentials from held-out MD frames
   (:func:`openmm_backmap.sampling.langevin.dynamics_check`): how many replicas run away;
 * ``simulate``: an OpenMM CG simulation with a CG potential (``.pt`` or compiled ``.pt2``) as the force
@@ -231,6 +233,53 @@ def cmd_simulate(args) -> None:
         print(name, f"raw {b['raw']:.4f} reweighted {b['reweighted']:.4f} +- {b['reweighted_error']:.4f}")
 
 
+def cmd_ess(args) -> None:
+    from openmm_backmap.analysis.reweighting import kish_ess
+    from openmm_backmap.io.backmap_model import load_model
+    from openmm_backmap.io.checkpoints import cg_potential_from_file
+    from openmm_backmap.openmm.energies import ReducedEnergy, aa_energy, load_system
+    from openmm_backmap.training.cycle import TemperedFlow, frame_weights
+
+    cg, _ = cg_potential_from_file(args.cg)
+    bm = load_model(args.model, device="cpu")
+    energy = ReducedEnergy(aa_energy(load_system(bm.system_xml)), bm.temperature)
+    torch.manual_seed(args.seed)
+    X, log_q_cg = TemperedFlow(cg).sample(args.samples, 1.0)
+    k_max = max(args.k)
+    with torch.no_grad():
+        x, log_q = bm.module.sample(X.float(), k_max)
+        u = energy(x.double())
+    pairs = (-u - log_q.double()).reshape(len(X), k_max).numpy() - log_q_cg.double().numpy()[:, None]
+    rows = []
+    for k in args.k:
+        log_w, _ = frame_weights(pairs[:, :k].ravel(), k)
+        rows.append(
+            {
+                "k": k,
+                "draws_ess_fraction": kish_ess(log_w) / len(log_w),
+                "pairs_ess_fraction": kish_ess(pairs[:, :k].ravel()) / (k * len(X)),
+            }
+        )
+        row = rows[-1]
+        print(
+            f"K = {k}: ESS/N of the draws {row['draws_ess_fraction']:.3f}, of the pairs {row['pairs_ess_fraction']:.3f}"
+        )
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "cg": str(args.cg),
+                    "model": str(args.model),
+                    "samples": args.samples,
+                    "seed": args.seed,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
+
+
 def cmd_stability(args) -> None:
     import mdtraj as md
 
@@ -278,6 +327,15 @@ def main() -> None:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", required=True, help="output stem (.png and .json)")
     f.set_defaults(func=cmd_profile)
+    e = sub.add_parser("ess")
+    e.add_argument("--cg", required=True, help="CG potential (.pt or .ckpt)")
+    e.add_argument("--model", required=True, help="backmapper model file (.pt)")
+    e.add_argument("--samples", type=int, default=8000)
+    e.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8], help="reconstructions per draw")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", help="JSON")
+    e.set_defaults(func=cmd_ess)
+
     k = sub.add_parser("stability")
     k.add_argument("--cg", nargs="+", required=True, help="CG potentials (.pt or .ckpt)")
     k.add_argument("--md", nargs=2, metavar=("DCD", "PDB"), required=True, help="AA MD whose frames start the runs")
