@@ -7,6 +7,11 @@ The cycle itself is the command line (``openmm-backmap cycle``); this script mea
   beside the umbrella profile and a held-out MD histogram, as a PNG and JSON;
 * ``ess``: ESS/N of fresh draws of a CG flow with K reconstructions each (the draw's weight the mean
   of its reconstructions', :func:`openmm_backmap.training.cycle.frame_weights`) and of the pairs;
+* ``alpha-l``: why the cycle does not reach alpha_L. AA frames in alpha_L (1,000 K MD, then 4 ps at
+  300 K from each alpha_L frame, keeping those still in alpha_L; a diagnosis, never training data)
+  against held-out MD frames: the CG flow's log q(X), and the fibre integral log int exp(-u) over
+  M x = X estimated by importance sampling with the backmapper and by annealed importance sampling
+  (random-walk Metropolis in the backmapper's latent space, beads fixed);
 * ``stability``: batched 1 fs Langevin dynamics of CG potentials from held-out MD frames
   (:func:`openmm_backmap.sampling.langevin.dynamics_check`): how many replicas run away;
 * ``simulate``: an OpenMM CG simulation with a CG potential (``.pt`` or compiled ``.pt2``) as the force
@@ -280,6 +285,106 @@ def cmd_ess(args) -> None:
         )
 
 
+def _fibre_log_z_ais(net, energy, X: torch.Tensor, chains: int, steps: int, seed: int) -> np.ndarray:
+    """log int exp(-u(x)) dx over the fibre of each CG frame (n,), by AIS from q(x | X) to exp(-u):
+    targets N(u) w(x(u))^beta in the backmapper's latent u (w = exp(-u) / q), beta = (t / T)^2, two
+    random-walk Metropolis steps per temperature (circular latents wrapped), step sizes adapted per
+    chain toward half acceptance; the estimate is the log mean of the chains' AIS weights."""
+    gen = torch.Generator().manual_seed(seed)
+    Xr = X.float().repeat_interleave(chains, 0)
+    circ = net.base.circular
+
+    def log_w(u):
+        with torch.no_grad():
+            x, lq = net.sample_with_noise(Xr, u)
+            lw = -energy(x.double()) - lq.double()
+        return torch.where(torch.isfinite(lw), lw, torch.full_like(lw, -1e30))
+
+    def log_base(u):
+        return torch.where(circ, torch.zeros_like(u), -0.5 * u * u).sum(1).double()
+
+    u = net.base.sample(len(Xr), torch.float32, torch.device("cpu"))
+    lw = log_w(u)
+    log_ais = torch.zeros(len(Xr), dtype=torch.float64)
+    beta = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64) ** 2
+    step = torch.full((len(Xr), 1), 0.3)
+    for t in range(1, steps + 1):
+        log_ais += (beta[t] - beta[t - 1]) * lw
+        for _ in range(2):
+            new = u + step * torch.randn(u.shape, generator=gen)
+            new = torch.where(circ, torch.remainder(new + math.pi, 2 * math.pi) - math.pi, new)
+            lw_new = log_w(new)
+            ratio = log_base(new) + beta[t] * lw_new - log_base(u) - beta[t] * lw
+            take = torch.log(torch.rand(len(Xr), generator=gen, dtype=torch.float64)) < ratio
+            u, lw = torch.where(take[:, None], new, u), torch.where(take, lw_new, lw)
+            step = step * torch.where(take, 1.02, 0.98)[:, None].float()
+    return (torch.logsumexp(log_ais.reshape(len(X), chains), 1) - math.log(chains)).numpy()
+
+
+def cmd_alpha_l(args) -> None:
+    import mdtraj as md
+    import openmm
+    from openmm import unit
+
+    from openmm_backmap.analysis.basins import backbone_dihedrals, basin_indicators
+    from openmm_backmap.io.backmap_model import load_model
+    from openmm_backmap.io.checkpoints import cg_potential_from_file
+    from openmm_backmap.openmm.energies import ReducedEnergy, aa_energy, load_system
+
+    torch.set_num_threads(1)
+    bm = load_model(args.model, device="cpu")
+    cg, _ = cg_potential_from_file(args.cg)
+    system = load_system(bm.system_xml)
+    md_traj = md.load(args.md[0], top=args.md[1])
+    top = md_traj.topology
+
+    def run(T, steps, x0, seed, every):
+        integrator = openmm.LangevinMiddleIntegrator(T * unit.kelvin, 5 / unit.picosecond, 0.002 * unit.picoseconds)
+        integrator.setRandomNumberSeed(seed)
+        ctx = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("Reference"))
+        ctx.setPositions(x0)
+        ctx.setVelocitiesToTemperature(T * unit.kelvin, seed)
+        frames = []
+        for _ in range(steps // every):
+            integrator.step(every)
+            frames.append(ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+        return np.asarray(frames)
+
+    def in_alpha_l(xyz):
+        phi, psi = backbone_dihedrals(md.Trajectory(xyz.astype(np.float32), top))
+        return basin_indicators(phi, psi)["alpha_L"][:, 0].astype(bool)
+
+    hot = run(1000.0, 200000, md_traj.xyz[0].astype(np.float64), args.seed, 100)
+    starts = np.flatnonzero(in_alpha_l(hot))
+    frames = []
+    for i in starts[:: max(1, len(starts) // 12)][:12]:
+        relaxed = run(300.0, 2000, hot[i], int(i) + 1, 200)
+        frames += list(relaxed[in_alpha_l(relaxed)][-3:])
+    alpha_l = np.asarray(frames)[: args.frames]
+    held_out = md_traj.xyz[:: max(1, md_traj.n_frames // args.frames)][: args.frames].astype(np.float64)
+    energy = ReducedEnergy(aa_energy(system), bm.temperature)
+    out = {"alpha_l_frames": len(alpha_l), "hot_alpha_l_frames": int(len(starts))}
+    for name, xyz in (("alpha_L", alpha_l), ("MD", held_out)):
+        X = torch.as_tensor(bm.mapping.project(xyz))
+        with torch.no_grad():
+            log_q_cg = cg.log_prob(X).double().numpy()
+            x, lq = bm.module.sample(X.float(), args.k)
+            lw = (-energy(x.double()) - lq.double()).reshape(len(X), args.k)
+        w = torch.softmax(lw, 1)
+        t0 = time.time()
+        ais = _fibre_log_z_ais(bm.module, energy, X, args.chains, args.ais_steps, args.seed)
+        row = {
+            "log_q_cg_median": float(np.median(log_q_cg)),
+            "log_z_is_median": float(np.median((torch.logsumexp(lw, 1) - math.log(args.k)).numpy())),
+            "conditional_ess_median": float(torch.median(1.0 / (w * w).sum(1)) / args.k),
+            "log_z_ais_median": float(np.median(ais)),
+            "ais_seconds": time.time() - t0,
+        }
+        out[name] = row
+        print(name, {k: round(v, 3) for k, v in row.items()}, flush=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+
+
 def cmd_stability(args) -> None:
     import mdtraj as md
 
@@ -335,6 +440,18 @@ def main() -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="JSON")
     e.set_defaults(func=cmd_ess)
+
+    a = sub.add_parser("alpha-l")
+    a.add_argument("--cg", required=True, help="CG potential (.pt or .ckpt)")
+    a.add_argument("--model", required=True, help="backmapper model file (.pt) with its AA System")
+    a.add_argument("--md", nargs=2, metavar=("DCD", "PDB"), required=True, help="held-out AA MD (and its topology)")
+    a.add_argument("--frames", type=int, default=16)
+    a.add_argument("--k", type=int, default=256, help="importance samples per frame")
+    a.add_argument("--chains", type=int, default=8, help="AIS chains per frame")
+    a.add_argument("--ais-steps", type=int, default=800, help="AIS temperatures (two Metropolis steps each)")
+    a.add_argument("--seed", type=int, default=1)
+    a.add_argument("--out", required=True, help="JSON")
+    a.set_defaults(func=cmd_alpha_l)
 
     k = sub.add_parser("stability")
     k.add_argument("--cg", nargs="+", required=True, help="CG potentials (.pt or .ckpt)")
