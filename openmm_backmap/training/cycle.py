@@ -91,7 +91,8 @@ class CycleSettings:
         CG draws plus the NLL of the cycle's pairs resampled by weight (the weighted samples), through
         :func:`~openmm_backmap.training.backmapper.refine_energy`; needs a backmapper checkpoint.
     check_steps, check_replicas
-        Dynamics check of every refitted CG potential (0 steps: none): ``check_replicas`` replicas of
+        Dynamics check of every refitted CG potential (0 steps: none; the check needs a ``check``
+        callable in :func:`run_cycles`, which the ``cycle`` command supplies): ``check_replicas`` replicas of
         1 fs Langevin dynamics for ``check_steps`` steps (:func:`~openmm_backmap.sampling.langevin.dynamics_check`);
         a refit whose dynamics run away is undone.
     refine_spread
@@ -117,7 +118,7 @@ class CycleSettings:
     refine_steps: int = 0
     refine_lr: float = 1e-4
     refine_spread: float = 0.0
-    check_steps: int = 0
+    check_steps: int = 1000
     check_replicas: int = 32
 
     def __post_init__(self) -> None:
