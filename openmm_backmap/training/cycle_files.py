@@ -453,7 +453,7 @@ def add_arguments(p) -> None:
         default=d.check_steps,
         metavar="STEPS",
         help="after each refit, run this many 1 fs Langevin steps of the CG potential from weighted frames "
-        f"({d.check_replicas} replicas) and undo a refit whose dynamics run away (default {d.check_steps}; 0: no check)",
+        f"({d.check_replicas} replicas) and undo a refit whose dynamics run away ({d.check_steps}; 0: no check)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
 
