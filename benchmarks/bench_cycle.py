@@ -243,13 +243,17 @@ def cmd_ess(args) -> None:
     from openmm_backmap.io.backmap_model import load_model
     from openmm_backmap.io.checkpoints import cg_potential_from_file
     from openmm_backmap.openmm.energies import ReducedEnergy, aa_energy, load_system
-    from openmm_backmap.training.cycle import TemperedFlow, frame_weights
+    from openmm_backmap.training.cycle import MixtureProposal, TemperedFlow, frame_weights
 
     cg, _ = cg_potential_from_file(args.cg)
     bm = load_model(args.model, device="cpu")
     energy = ReducedEnergy(aa_energy(load_system(bm.system_xml)), bm.temperature)
     torch.manual_seed(args.seed)
-    X, log_q_cg = TemperedFlow(cg).sample(args.samples, 1.0)
+    family = TemperedFlow(cg, args.widen_lengths)
+    if args.defensive > 0:
+        X, log_q_cg, _ = MixtureProposal(family, args.defensive, args.tau).sample(args.samples)
+    else:
+        X, log_q_cg = family.sample(args.samples, 1.0)
     k_max = max(args.k)
     with torch.no_grad():
         x, log_q = bm.module.sample(X.float(), k_max)
@@ -438,6 +442,9 @@ def main() -> None:
     e.add_argument("--samples", type=int, default=8000)
     e.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8], help="reconstructions per draw")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--defensive", type=float, default=0.0, help="draw from the cycle's defensive mixture instead")
+    e.add_argument("--tau", type=float, default=1.5)
+    e.add_argument("--widen-lengths", action="store_true", help="widen the bond-length latents too")
     e.add_argument("--out", help="JSON")
     e.set_defaults(func=cmd_ess)
 

@@ -267,6 +267,33 @@ def test_tempered_flow_densities(small_flow):
     torch.testing.assert_close(lm, expect)
 
 
+def test_tempered_flow_can_leave_the_bond_lengths_as_they_are(small_flow):
+    """With widen_lengths=False the widened proposal keeps the latents of bond lengths at scale 1:
+    its log density still matches its sampler's and integrates to one, and its bond lengths spread
+    as the flow's own while its bond angles spread wider."""
+    from openmm_backmap.geometry import distances
+
+    model, _ = small_flow
+    fam = TemperedFlow(model, widen_lengths=False)
+    torch.manual_seed(2)
+    Xw, lqw = fam.sample(300, 1.6)
+    torch.testing.assert_close(fam.log_prob(Xw, 1.6), lqw, rtol=0, atol=1e-3)
+    Xq, _ = fam.sample(20000, 1.0)
+    ratio = torch.exp(fam.log_prob(Xq, 1.3).double() - fam.log_prob(Xq, 1.0).double())
+    assert float(ratio.mean()) == pytest.approx(1.0, abs=0.05)
+    X1, _ = fam.sample(4000, 1.0)
+    X3, _ = fam.sample(4000, 3.0)
+    Xall, _ = TemperedFlow(model).sample(4000, 3.0)
+
+    def spread(X):
+        b = distances(X[:, model.bond_idx[:, 0]], X[:, model.bond_idx[:, 1]]).std(0)
+        return b, model._angles(X).std(0)
+
+    (b1, a1), (b3, a3), (ball, _) = spread(X1), spread(X3), spread(Xall)
+    assert torch.all(b3 < 1.3 * b1) and torch.all(ball > 2.0 * b1)
+    assert torch.all(a3 > 1.8 * a1)
+
+
 def test_widen_priors_only_widens(small_flow):
     """Samples outside the walls move them out to the samples plus the margin; samples inside leave
     them as they are, and the walls never move in."""

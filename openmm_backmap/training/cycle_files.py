@@ -224,7 +224,7 @@ def cycle_from_files(
         with torch.no_grad():
             return energy(x)
 
-    family = TemperedFlow(cg)
+    family = TemperedFlow(cg, settings.widen_lengths)
     header = {
         "backmapper": str(model),
         "cg_model": str(cg_model),
@@ -419,6 +419,11 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--tau", type=float, default=d.tau, help=f"latent scale of the widened flow (default {d.tau})")
     p.add_argument(
+        "--widen-lengths",
+        action="store_true",
+        help="widen the bond-length latents of the widened flow too (default: only angles and dihedrals)",
+    )
+    p.add_argument(
         "--ess-target",
         type=float,
         default=d.ess_target,
@@ -468,6 +473,7 @@ def run(args) -> int:
         per_frame=args.per_frame,
         defensive=args.defensive,
         tau=args.tau,
+        widen_lengths=args.widen_lengths,
         ess_target=args.ess_target,
         pool=args.pool,
         epochs=args.epochs,
