@@ -362,6 +362,9 @@ def plot_cycles(history: list[dict], path: str | Path) -> None:
     ax = axes[0, 0]
     ax.plot(c, [r["ess_fraction"] for r in history], "o-", label="ESS/N (cycle's draws)")
     ax.plot(c, [r["flow"]["ess_fraction"] for r in history], "d-", color="C4", label="ESS/N (flow's own draws)")
+    if any(r.get("per_frame", 1) > 1 for r in history):
+        pairs = [r.get("pair_ess_fraction", np.nan) for r in history]
+        ax.plot(c, pairs, "o:", color="C0", alpha=0.6, label="ESS/N (single reconstructions)")
     ax.set_xlabel("cycle")
     ax.set_ylabel("ESS/N")
     ax.set_ylim(0, 1)
