@@ -327,13 +327,13 @@ def _fibre_log_z_ais(net, energy, X: torch.Tensor, chains: int, steps: int, seed
 
 def cmd_alpha_l(args) -> None:
     import mdtraj as md
-    import openmm
     from openmm import unit
 
     from openmm_backmap.analysis.basins import backbone_dihedrals, basin_indicators
     from openmm_backmap.io.backmap_model import load_model
     from openmm_backmap.io.checkpoints import cg_potential_from_file
     from openmm_backmap.openmm.energies import ReducedEnergy, aa_energy, load_system
+    from openmm_backmap.systems.reference import langevin_context
 
     torch.set_num_threads(1)
     bm = load_model(args.model, device="cpu")
@@ -343,11 +343,7 @@ def cmd_alpha_l(args) -> None:
     top = md_traj.topology
 
     def run(T, steps, x0, seed, every):
-        integrator = openmm.LangevinMiddleIntegrator(T * unit.kelvin, 5 / unit.picosecond, 0.002 * unit.picoseconds)
-        integrator.setRandomNumberSeed(seed)
-        ctx = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("Reference"))
-        ctx.setPositions(x0)
-        ctx.setVelocitiesToTemperature(T * unit.kelvin, seed)
+        ctx, integrator = langevin_context(system, x0, T, 5.0, 2.0, seed, "Reference")
         frames = []
         for _ in range(steps // every):
             integrator.step(every)

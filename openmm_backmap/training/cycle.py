@@ -159,7 +159,7 @@ class TemperedFlow:
     reconstruction each, and from 0.60-0.63 to 0.63-0.64 with four (benchmarks/RESULTS.md).
     """
 
-    def __init__(self, model: CGFlowPotential, widen_lengths: bool = True) -> None:
+    def __init__(self, model: CGFlowPotential, widen_lengths: bool = False) -> None:
         self.module = model
         self.widen_lengths = bool(widen_lengths)
 
@@ -335,14 +335,13 @@ def frame_weights(pair_log_w: np.ndarray, k: int) -> tuple[np.ndarray, Callable[
     mean where every pair weight of the draw is zero).
     """
     lw = np.asarray(pair_log_w, dtype=np.float64).reshape(-1, k)
-    finite = np.isfinite(lw)
-    top = np.where(finite, lw, -np.inf).max(1, keepdims=True)
-    any_finite = finite.any(1)
-    top = np.where(any_finite[:, None], top, 0.0)
-    p = np.where(finite, np.exp(lw - top), 0.0)
-    total = p.sum(1)
-    log_w = np.where(any_finite, np.log(np.where(any_finite, total, 1.0)) + top[:, 0] - math.log(k), -np.inf)
-    share = np.where(any_finite[:, None], p / np.where(any_finite, total, 1.0)[:, None], 1.0 / k)
+    lw = np.where(np.isfinite(lw), lw, -np.inf)
+    seen = np.isfinite(lw).any(1)
+    total = np.full(len(lw), -np.inf)
+    total[seen] = logsumexp(lw[seen], axis=1)
+    share = np.full(lw.shape, 1.0 / k)
+    share[seen] = np.exp(lw[seen] - total[seen, None])
+    log_w = total - math.log(k)
 
     def frame_of(values: np.ndarray) -> np.ndarray:
         v = np.asarray(values, dtype=np.float64).reshape(-1, k)
@@ -583,9 +582,8 @@ def run_cycles(
             x, log_q = backmapper(X_safe, s.per_frame)
             u = reduced_energy(x.to(torch.float64))
         k = s.per_frame
-        pair_log_w = (
-            -u.double().cpu().numpy() - log_q.double().cpu().numpy() - np.repeat(log_prop.double().cpu().numpy(), k)
-        )
+        log_prop_np = log_prop.double().cpu().numpy()
+        pair_log_w = -u.double().cpu().numpy() - log_q.double().cpu().numpy() - np.repeat(log_prop_np, k)
         pair_log_w = np.where(np.repeat(ok.cpu().numpy(), k) & np.isfinite(pair_log_w), pair_log_w, -np.inf)
         x_np = x.detach().cpu().double().numpy()
         log_w, frame_of = frame_weights(pair_log_w, k)
@@ -601,9 +599,7 @@ def run_cycles(
         with torch.no_grad():
             own_t = torch.as_tensor(own)
             lq_flow = family.log_prob(X[own_t], 1.0).double().cpu().numpy()
-        lw_flow = np.where(
-            np.isfinite(log_w[own]), log_w[own] + log_prop.double().cpu().numpy()[own] - lq_flow, -np.inf
-        )
+        lw_flow = np.where(np.isfinite(log_w[own]), log_w[own] + log_prop_np[own] - lq_flow, -np.inf)
         flow = evaluate_weights(lw_flow)
         record["flow"] = {key: flow[key] for key in ("n", "ess", "ess_fraction", "kl_forward", "kl_reverse")}
         if record["ess"] == 0.0:
