@@ -2,7 +2,8 @@
 
 Speed: sampling (with log q) and log_prob of a 20-residue peptide at a batch of 256 CG frames, with
 1 and 2 torch threads, in residues per second (frames x residues / time): per second of wall time
-(best of repeats) and per second of process CPU time, with the load average.
+(best of repeats) and per second of process CPU time, with the load average. Both for the
+TorchScript module that ``backmap``, ``load_model`` and the reporter run and for the eager module.
 
 Quality (``--heldout DIR``, a directory of corpus entries: topology.pdb, traj.dcd, system.xml):
 one sample per CG frame, no minimisation, for each held-out peptide:
@@ -24,6 +25,7 @@ Run: ``python benchmarks/bench_proteins.py --model protein-ca [--heldout DIR] [-
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -79,12 +81,36 @@ def _trace(n: int, rng: np.random.Generator) -> np.ndarray:
     return x
 
 
+def _time_calls(ch, cg: torch.Tensor, repeats: int) -> dict[str, list[float]]:
+    """Wall and process CPU seconds of ``repeats`` calls of sample(cg, 1) and log_prob(aa, cg)."""
+    times: dict[str, list[float]] = {"sample": [], "log_prob": [], "sample_cpu": [], "log_prob_cpu": []}
+    with torch.inference_mode():
+        aa, _ = ch.sample(cg[:8], 1)
+        ch.log_prob(aa, cg[:8])
+        aa, _ = ch.sample(cg, 1)  # warm-up at full size (TorchScript profiles its first calls)
+        ch.log_prob(aa, cg)
+        for _ in range(repeats):
+            for kind in ("sample", "log_prob"):
+                t, c = time.perf_counter(), time.process_time()
+                if kind == "sample":
+                    aa, _ = ch.sample(cg, 1)
+                else:
+                    ch.log_prob(aa, cg)
+                times[kind].append(time.perf_counter() - t)
+                times[kind + "_cpu"].append(time.process_time() - c)
+    return times
+
+
 def bench_speed(model: ProteinBackmapper, batch: int = 256, repeats: int = 5) -> dict:
     """Residues per second for sample(cg, 1) (with log q) and log_prob at ``batch`` frames, 1 and 2
-    threads: per second of wall time (best of ``repeats``) and per second of process CPU time (which
-    a loaded machine inflates less), with the 1-minute load average at the start."""
+    threads, for the TorchScript module that ``backmap``, ``load_model`` and the reporter run (the
+    bound chain through ``torch.jit.script``, as ``chain_model_bytes`` writes it; keys
+    ``..._script_...``) and for the eager module (keys ``..._eager_...``): per second of wall time
+    (best of ``repeats``) and per second of process CPU time (which a loaded machine inflates less),
+    with the 1-minute load average at the start."""
     names = SPEED_SEQUENCE
     ch = model.for_sequence(names).float().eval()
+    modules = {"script": torch.jit.script(copy.deepcopy(ch)), "eager": ch}
     rng = np.random.default_rng(0)
     anchors = _trace(len(names), rng)
     if model.mapping == "ca":
@@ -99,28 +125,17 @@ def bench_speed(model: ProteinBackmapper, batch: int = 256, repeats: int = 5) ->
         cg1 = np.asarray(cg1)
     cg = torch.as_tensor(cg1, dtype=torch.float32).unsqueeze(0).repeat(batch, 1, 1)
     out = {"sequence_length": len(names), "batch": batch, "n_atoms": ch.n_aa, "load_average": os.getloadavg()[0]}
+    res = batch * len(names)
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        with torch.inference_mode():
-            aa, _ = ch.sample(cg[:8], 1)
-            ch.log_prob(aa, cg[:8])
-            times: dict[str, list[float]] = {"sample": [], "log_prob": [], "sample_cpu": [], "log_prob_cpu": []}
-            for _ in range(repeats):
-                for kind in ("sample", "log_prob"):
-                    t, c = time.perf_counter(), time.process_time()
-                    if kind == "sample":
-                        aa, _ = ch.sample(cg, 1)
-                    else:
-                        ch.log_prob(aa, cg)
-                    times[kind].append(time.perf_counter() - t)
-                    times[kind + "_cpu"].append(time.process_time() - c)
-        res = batch * len(names)
-        # wall time (best of the repeats: on a shared machine the others measure the neighbours),
-        # and process CPU time per thread used
-        for kind in ("sample", "log_prob"):
-            out[f"{kind}_residues_per_s_{threads}t"] = res / min(times[kind])
-            out[f"{kind}_residues_per_cpu_s_{threads}t"] = res / min(times[kind + "_cpu"])
-        out[f"sample_structures_per_s_{threads}t"] = batch / min(times["sample"])
+        for label, module in modules.items():
+            times = _time_calls(module, cg, repeats)
+            # wall time (best of the repeats: on a shared machine the others measure the neighbours),
+            # and process CPU time per thread used
+            for kind in ("sample", "log_prob"):
+                out[f"{kind}_{label}_residues_per_s_{threads}t"] = res / min(times[kind])
+                out[f"{kind}_{label}_residues_per_cpu_s_{threads}t"] = res / min(times[kind + "_cpu"])
+            out[f"sample_{label}_structures_per_s_{threads}t"] = batch / min(times["sample"])
     return out
 
 

@@ -169,11 +169,12 @@ class ProteinNet(nn.Module):
         s = (stage.unsqueeze(-1) == torch.arange(3, device=stage.device)).to(e.dtype)
         return self.lin_static(torch.cat([e, self.nb_emb(prev_type), self.nb_emb(next_type), s], dim=-1))
 
-    def trunk(self, dyn: Tensor, static: Tensor, cols: Tensor) -> Tensor:
-        """Hidden features (..., hidden) of rows from dynamic features ``dyn`` whose column c is
-        column ``cols[c]`` of the first layer's dynamic input, plus the rest of the first layer's
-        pre-activation ``static`` (broadcast to (..., hidden))."""
-        h = F.silu(F.linear(dyn, self.lin_dyn.weight.index_select(1, cols)) + static)
+    def trunk(self, dyn: Tensor, static: Tensor, weight: Tensor) -> Tensor:
+        """Hidden features (..., hidden) of rows from dynamic features ``dyn`` and ``weight``, the
+        columns of the first layer's dynamic weight that multiply them (``lin_dyn.weight`` indexed
+        by the columns ``dyn`` holds), plus the rest of the first layer's pre-activation ``static``
+        (broadcast to (..., hidden))."""
+        h = F.silu(F.linear(dyn, weight) + static)
         return F.silu(self.lin2(h))
 
     def rt_params(self, h: Tensor, phi: Tensor) -> Tensor:
@@ -400,29 +401,33 @@ class ChainBackmapper(nn.Module):
         )
         res = self.row_res[s:e]
         pts = torch.cat([g[:, :, :, 3:], knn_pos.index_select(2, res)], dim=3)
-        q = (pts - xj.unsqueeze(-1)) * (1.0 / self.length_scale)  # (3, B, n, P)
-        q0, q1, q2 = q[0], q[1], q[2]
         mask = torch.cat(
             [self.ctx_mask[s:e].to(x.dtype).unsqueeze(0).expand(b, n, -1), knn_mask.index_select(1, res)], dim=2
         )
-        lx = (q0 * bc[0].unsqueeze(-1) + q1 * bc[1].unsqueeze(-1) + q2 * bc[2].unsqueeze(-1)) * mask
-        ly = (q0 * mm[0].unsqueeze(-1) + q1 * mm[1].unsqueeze(-1) + q2 * mm[2].unsqueeze(-1)) * mask
-        lz = (q0 * nn_[0].unsqueeze(-1) + q1 * nn_[1].unsqueeze(-1) + q2 * nn_[2].unsqueeze(-1)) * mask
-        # + 1e-12: a finite gradient at a masked point that sits on x_j (a reduction over the leading
-        # axis, as linalg.vector_norm(q, dim=0), is several times slower here)
+        # masked offsets in length units: a masked point's components are exactly zero (the mask is
+        # 0 or 1, so folding it into the scale changes no bit of the unmasked ones)
+        q = (pts - xj.unsqueeze(-1)) * (mask * (1.0 / self.length_scale))  # (3, B, n, P)
+        q0, q1, q2 = q[0], q[1], q[2]
+        lx = q0 * bc[0].unsqueeze(-1) + q1 * bc[1].unsqueeze(-1) + q2 * bc[2].unsqueeze(-1)
+        ly = q0 * mm[0].unsqueeze(-1) + q1 * mm[1].unsqueeze(-1) + q2 * mm[2].unsqueeze(-1)
+        lz = q0 * nn_[0].unsqueeze(-1) + q1 * nn_[1].unsqueeze(-1) + q2 * nn_[2].unsqueeze(-1)
+        # + 1e-12: a finite gradient at a masked point (q = 0; a reduction over the leading axis, as
+        # linalg.vector_norm(q, dim=0), is several times slower here)
         dist = torch.sqrt(q0 * q0 + q1 * q1 + q2 * q2 + 1e-12) * mask
         return torch.cat([lx, ly, lz, dist], dim=-1)
 
-    def _pre_activation(self, knn_type: Tensor, knn_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def _pre_activation(self, knn_type: Tensor, knn_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The parts of the first layer that do not depend on the rows' geometry: per row the static
-        part plus the context-mask columns (R, hidden), and per residue and frame the columns of
-        the nearest anchors' masks and masked type embeddings (B, L, hidden)."""
+        part plus the context-mask columns (R, hidden), per residue and frame the columns of the
+        nearest anchors' masks and masked type embeddings (B, L, hidden), and the weight columns
+        that multiply the geometry (hidden, 4 P), in the dtype of ``knn_mask``."""
         w = self.net.lin_dyn.weight
+        dt = knn_mask.dtype
         static = self._static() + F.linear(self.ctx_mask.to(w.dtype), w.index_select(1, self.ctx_mask_cols))
         kt = self.net.knn_emb(knn_type) * knn_mask.unsqueeze(-1)
-        kt = kt.reshape(knn_type.shape[0], knn_type.shape[1], -1).to(knn_mask.dtype)
-        per_res = F.linear(torch.cat([knn_mask, kt], dim=-1), w.index_select(1, self.knn_cols).to(kt.dtype))
-        return static, per_res
+        kt = kt.reshape(knn_type.shape[0], knn_type.shape[1], -1).to(dt)
+        per_res = F.linear(torch.cat([knn_mask, kt], dim=-1), w.index_select(1, self.knn_cols).to(dt))
+        return static.to(dt), per_res, w.index_select(1, self.geo_cols).to(dt)
 
     def _static(self) -> Tensor:
         return self.net.static(self.s_res, self.s_atom, self.s_key, self.s_prev, self.s_next, self.s_stage)
@@ -502,8 +507,7 @@ class ChainBackmapper(nn.Module):
         th = angles(xi, xj, x[:, rows[:, 2]])
         ph = dihedrals(xi, xj, x[:, rows[:, 2]], x[:, rows[:, 3]])
         y_r, y_t, y_p, ladj = self._to_y(r, th, ph, 0, e)
-        static, per_res = self._pre_activation(knn_type, knn_mask)
-        static = static.to(x.dtype)
+        static, per_res, w_geo = self._pre_activation(knn_type, knn_mask)
         # rows in blocks of about LOGP_BLOCK (frames x rows): the feature arrays of a block stay in
         # cache; every block sees the complete x, so blocks are independent
         step = max(1, self.logp_block // max(1, x.shape[0]))
@@ -511,7 +515,7 @@ class ChainBackmapper(nn.Module):
         for s in range(0, e, step):
             t = min(e, s + step)
             pre = static[s:t] + per_res.index_select(1, self.row_res[s:t])
-            h = self.net.trunk(self._features(x, s, t, knn_pos, knn_mask), pre, self.geo_cols)
+            h = self.net.trunk(self._features(x, s, t, knn_pos, knn_mask), pre, w_geo)
             circ = self.circ[s:t].unsqueeze(0).expand(x.shape[0], t - s)
             u_p, l_p = _spline(y_p[:, s:t], self.net.head_phi(h), circ, False, self.n_bins, self.spline_bound)
             prt = self.net.rt_params(h, ph[:, s:t]).reshape(h.shape[0], t - s, 2, 3 * self.n_bins)
@@ -531,14 +535,13 @@ class ChainBackmapper(nn.Module):
         b = cg.shape[0]
         x = torch.zeros(b, self.n_aa, 3, dtype=cg.dtype, device=cg.device).index_copy(1, self.beads, cg)
         knn_pos, knn_type, knn_mask = self._knn(cg)
-        static, per_res = self._pre_activation(knn_type, knn_mask)
-        static = static.to(cg.dtype)
+        static, per_res, w_geo = self._pre_activation(knn_type, knn_mask)
         logq = torch.zeros(b, dtype=cg.dtype, device=cg.device)
         for n in range(len(self.level_bounds) - 1):
             s = self.level_bounds[n]
             e = self.level_bounds[n + 1]
             pre = static[s:e] + per_res.index_select(1, self.row_res[s:e])
-            h = self.net.trunk(self._features(x, s, e, knn_pos, knn_mask), pre, self.geo_cols)
+            h = self.net.trunk(self._features(x, s, e, knn_pos, knn_mask), pre, w_geo)
             circ = self.circ[s:e].unsqueeze(0).expand(b, e - s)
             y_p, l_p = _spline(u[:, s:e, 2], self.net.head_phi(h), circ, True, self.n_bins, self.spline_bound)
             # the dihedral itself (not its standardised value) conditions (r, theta)
