@@ -664,7 +664,7 @@ def _add_backmap(sub) -> None:
     p.add_argument(
         "--cg-topology",
         required=True,
-        help="CG topology (PDB) of the beads; for protein models one chain, three-letter residue names "
+        help="CG topology (PDB) of the beads; for protein models one or more chains, three-letter residue names "
         "(HIS = HIE; HID, HIP; ACE/NME caps, else charged termini), beads named as their atoms",
     )
     p.add_argument(
@@ -963,7 +963,9 @@ def _add_finetune(sub) -> None:
     )
     p.add_argument("--model", required=True, help="protein-ca, protein-backbone, or a protein model file")
     p.add_argument("--cg", required=True, help="CG trajectory of the protein (any format mdtraj reads), nm")
-    p.add_argument("--cg-topology", required=True, help="CG topology (PDB): one chain, beads of the model's mapping")
+    p.add_argument(
+        "--cg-topology", required=True, help="CG topology (PDB): one or more chains, beads of the model's mapping"
+    )
     p.add_argument("--out", required=True, help="the fine-tuned protein model file to write (.pt)")
     p.add_argument("--steps", type=_count, default=d.steps, help=f"optimiser steps (default {d.steps})")
     p.add_argument(

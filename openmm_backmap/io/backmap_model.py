@@ -348,12 +348,13 @@ class ProteinModel:
         self.mapping = self.protein.mapping
 
     def bind(self, cg_topology, device: str | torch.device | None = None) -> ProteinChainModel:
-        """The model of the chain in ``cg_topology`` (mdtraj or OpenMM topology, or a file).
+        """The model of the chain, or the chains, in ``cg_topology`` (mdtraj or OpenMM topology, or a
+        file).
 
         Raises
         ------
         ValueError
-            When the topology is not one chain of known residues with this model's beads
+            When a chain of the topology is not a chain of known residues with this model's beads
             (:func:`~openmm_backmap.io.protein_models.read_cg_chain`).
         """
         chain = read_cg_chain(cg_topology, self.mapping, f"the CG topology (for {self.name})")
@@ -410,8 +411,9 @@ class ProteinModel:
 
 
 class ProteinChainModel(BackmapModel):
-    """A :class:`ProteinModel` bound to one chain: a :class:`BackmapModel` whose AA topology is built
-    from the CG chain's residue names (amber14 names) and whose CG inputs are checked as a chain
+    """A :class:`ProteinModel` bound to one chain or a complex of several: a :class:`BackmapModel`
+    whose AA topology is built from the CG chains' residue names (amber14 names) and whose CG inputs
+    are checked chain by chain
     (Angstrom coordinates, missing residues; :func:`~openmm_backmap.io.protein_models.check_cg_positions`).
     Its AA energy is the force field in ``metadata["force_field"]`` (amber14 + GBn2).
 
@@ -438,12 +440,15 @@ class ProteinChainModel(BackmapModel):
         return ProteinChainModel(self.protein_model, self.cg_chain, device=device)
 
     def check_cg_topology(self, topology) -> None:
-        """Raise ValueError unless a CG topology is this model's chain (residues and beads)."""
+        """Raise ValueError unless a CG topology is this model's chain or chains (residues and beads)."""
         chain = read_cg_chain(topology, self.cg_chain.mapping)
-        if chain.names != self.cg_chain.names:
+        if chain.sequences != self.cg_chain.sequences:
+
+            def residues(c: CGChain) -> str:  # chains separated by " / "
+                return " / ".join(" ".join(q) for q in c.sequences)
+
             raise ValueError(
-                f"the CG topology's residues {' '.join(chain.names)} are not the model's chain "
-                f"{' '.join(self.cg_chain.names)}"
+                f"the CG topology's residues {residues(chain)} are not the model's chain {residues(self.cg_chain)}"
             )
 
     def check_cg(self, X: np.ndarray, what: str = "CG coordinates") -> None:
@@ -456,7 +461,8 @@ class ProteinChainModel(BackmapModel):
 
     def __repr__(self) -> str:
         return (
-            f"ProteinChainModel({self.protein_model.name!r}, {len(self.cg_chain.names)} residues, "
+            f"ProteinChainModel({self.protein_model.name!r}, {len(self.cg_chain.names)} residues in "
+            f"{len(self.cg_chain.lengths)} chain(s), "
             f"n_aa={self.n_aa}, n_cg={self.n_cg}, device={self.device})"
         )
 

@@ -9,7 +9,9 @@ chain as an ordinary backmapper model file (TorchScript with ``metadata.json`` a
 
 What a CG topology must hold (checked, with errors that name the residue):
 
-* one chain, residues in order with consecutive residue numbers (a jump is a missing residue);
+* one or more chains (a complex: the chains are backmapped together, each residue seeing the
+  nearest residues of every chain), each with its residues in order and consecutive residue
+  numbers (a jump is a missing residue);
 * three-letter residue names: the 20 standard amino acids, HID/HIE/HIP (HIS is read as HIE), and
   the caps ACE (first) and NME (last);
 * per residue the beads of the model's mapping, named as the atoms they sit on, in this order:
@@ -41,7 +43,7 @@ from openmm_backmap.io.model_files import MODEL_FORMAT, MODEL_FORMAT_VERSION, _w
 from openmm_backmap.io.pdb import topology_to_pdb
 from openmm_backmap.models.protein import FORMAT as PROTEIN_FORMAT
 from openmm_backmap.models.protein import PRETRAINED_DIR, ProteinBackmapper
-from openmm_backmap.models.residues import CAP_ANCHOR, MAPPINGS, canonical_name
+from openmm_backmap.models.residues import CAP_ANCHOR, MAPPINGS, canonical_name, chain_label
 
 __all__ = [
     "CA_CA_NM",
@@ -122,12 +124,12 @@ def load_protein_model(path: str | Path) -> ProteinBackmapper:
 # ---------------------------------------------------------------------------- the CG chain
 @dataclass(frozen=True)
 class CGChain:
-    """The chain of a CG topology.
+    """The chain, or chains, of a CG topology.
 
     Attributes
     ----------
     names
-        Residue names as given (``HIS`` kept), one per residue.
+        Residue names as given (``HIS`` kept), one per residue, chain after chain.
     res_seq
         Residue numbers.
     bead_names
@@ -136,6 +138,10 @@ class CGChain:
         Index (among the beads) of each residue's anchor bead (CA; CH3 of ACE, C of NME).
     mapping
         ``ca`` or ``backbone``.
+    lengths
+        Residues per chain, in order (one entry for a single chain).
+    chain_ids
+        The chains' identifiers as the topology gives them (PDB chain letters), or A, B, ...
     """
 
     names: tuple[str, ...]
@@ -143,9 +149,33 @@ class CGChain:
     bead_names: tuple[str, ...]
     anchors: tuple[int, ...]
     mapping: str
+    lengths: tuple[int, ...] = ()
+    chain_ids: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.lengths:
+            object.__setattr__(self, "lengths", (len(self.names),))
+        if not self.chain_ids:
+            object.__setattr__(self, "chain_ids", tuple(chain_label(n) for n in range(len(self.lengths))))
+
+    @property
+    def sequences(self) -> list[list[str]]:
+        """Residue names per chain."""
+        ends = np.cumsum((0, *self.lengths))
+        return [list(self.names[a:b]) for a, b in zip(ends[:-1], ends[1:])]
+
+    @property
+    def linked(self) -> np.ndarray:
+        """Indices r of consecutive residues r, r + 1 of one chain."""
+        last = np.cumsum(self.lengths) - 1
+        return np.setdiff1d(np.arange(len(self.names) - 1), last)
 
     def label(self, r: int) -> str:
-        return f"{self.names[r]}{self.res_seq[r]}"
+        """The residue's name and number, with its chain's identifier in a complex."""
+        if len(self.lengths) == 1:
+            return f"{self.names[r]}{self.res_seq[r]}"
+        c = int(np.searchsorted(np.cumsum(self.lengths), r, side="right"))
+        return f"{self.names[r]}{self.res_seq[r]} of chain {self.chain_ids[c]}"
 
 
 def load_cg_topology(topology):
@@ -173,54 +203,61 @@ def load_cg_topology(topology):
 
 
 def read_cg_chain(topology, mapping: str, what: str = "the CG topology") -> CGChain:
-    """The chain of a CG topology (mdtraj or OpenMM topology, or a file), checked against ``mapping``.
+    """The chain, or the chains of a complex, of a CG topology (mdtraj or OpenMM topology, or a
+    file), checked against ``mapping``.
 
     Raises
     ------
     ValueError
-        For several chains, an unknown residue name, beads that do not match the mapping (naming the
-        residue, its beads and the expected ones), a jump in residue numbers (a missing residue), a
-        cap away from its end, or fewer than two residues.
+        For an unknown residue name, beads that do not match the mapping (naming the residue, its
+        beads and the expected ones), a jump in residue numbers (a missing residue), a cap away from
+        its end of its chain, a chain of fewer than two residues, or beads out of chain and residue
+        order; each names the chain when there are several.
     """
     top = load_cg_topology(topology)
     chains = [c for c in top.chains if c.n_atoms]
-    if len(chains) != 1:
-        raise ValueError(
-            f"{what} has {len(chains)} chains; a protein model backmaps one chain (select one chain's "
-            "beads, e.g. the reporter's atomSubset)"
-        )
-    residues = list(chains[0].residues)
-    if len(residues) < 2:
-        raise ValueError(f"{what} has {len(residues)} residue(s); a chain needs at least two")
-    names, seqs, beads, anchors = [], [], [], []
-    for r, res in enumerate(residues):
-        try:
-            canon = canonical_name(res.name)
-        except ValueError as err:
-            raise ValueError(f"{what}: residue {res.name}{res.resSeq} (number {r + 1} in the chain): {err}") from None
-        want = list(MAPPINGS[mapping][canon])
-        got = [a.name for a in res.atoms]
-        if got != want:
-            raise ValueError(
-                f"{what}: residue {res.name}{res.resSeq} has beads {got}, but the '{mapping}' mapping expects "
-                f"{want} (beads are named as the atoms they sit on, in that order)"
-            )
-        if r > 0 and res.resSeq != residues[r - 1].resSeq + 1:
-            prev = residues[r - 1]
-            raise ValueError(
-                f"{what}: residue numbers jump from {prev.name}{prev.resSeq} to {res.name}{res.resSeq}: "
-                "a residue is missing from the chain (the model needs the unbroken chain)"
-            )
-        if canon == "ACE" and r != 0 or canon == "NME" and r != len(residues) - 1:
-            raise ValueError(f"{what}: cap {res.name}{res.resSeq} is not at its end of the chain")
-        anchors.append(len(beads) + want.index(CAP_ANCHOR.get(canon, "CA")))
-        beads.extend(got)
-        names.append(res.name)
-        seqs.append(int(res.resSeq))
+    if not chains:
+        raise ValueError(f"{what} holds no chain with beads")
+    ids = [str(getattr(c, "chain_id", None) or chain_label(n)) for n, c in enumerate(chains)]
+    if len(set(ids)) != len(ids):
+        ids = [chain_label(n) for n in range(len(chains))]
+    names, seqs, beads, anchors, lengths = [], [], [], [], []
+    for n, ch in enumerate(chains):
+        where = what if len(chains) == 1 else f"{what}, chain {ids[n]}"
+        residues = list(ch.residues)
+        if len(residues) < 2:
+            raise ValueError(f"{where} has {len(residues)} residue(s); a chain needs at least two")
+        for r, res in enumerate(residues):
+            try:
+                canon = canonical_name(res.name)
+            except ValueError as err:
+                raise ValueError(
+                    f"{where}: residue {res.name}{res.resSeq} (number {r + 1} in the chain): {err}"
+                ) from None
+            want = list(MAPPINGS[mapping][canon])
+            got = [a.name for a in res.atoms]
+            if got != want:
+                raise ValueError(
+                    f"{where}: residue {res.name}{res.resSeq} has beads {got}, but the '{mapping}' mapping "
+                    f"expects {want} (beads are named as the atoms they sit on, in that order)"
+                )
+            if r > 0 and res.resSeq != residues[r - 1].resSeq + 1:
+                prev = residues[r - 1]
+                raise ValueError(
+                    f"{where}: residue numbers jump from {prev.name}{prev.resSeq} to {res.name}{res.resSeq}: "
+                    "a residue is missing from the chain (the model needs the unbroken chain)"
+                )
+            if canon == "ACE" and r != 0 or canon == "NME" and r != len(residues) - 1:
+                raise ValueError(f"{where}: cap {res.name}{res.resSeq} is not at its end of the chain")
+            anchors.append(len(beads) + want.index(CAP_ANCHOR.get(canon, "CA")))
+            beads.extend(got)
+            names.append(res.name)
+            seqs.append(int(res.resSeq))
+        lengths.append(len(residues))
     order = [a.index for c in chains for a in c.atoms]
     if order != sorted(order) or top.n_atoms != len(beads):
-        raise ValueError(f"{what}: the beads of the chain are not consecutive in residue order")
-    return CGChain(tuple(names), tuple(seqs), tuple(beads), tuple(anchors), mapping)
+        raise ValueError(f"{what}: the beads are not consecutive in chain and residue order")
+    return CGChain(tuple(names), tuple(seqs), tuple(beads), tuple(anchors), mapping, tuple(lengths), tuple(ids))
 
 
 def check_cg_positions(X: np.ndarray, chain: CGChain, what: str = "CG coordinates") -> None:
@@ -237,7 +274,8 @@ def check_cg_positions(X: np.ndarray, chain: CGChain, what: str = "CG coordinate
     if X.ndim == 2:
         X = X[None]
     a = X[:, list(chain.anchors)]
-    d = np.linalg.norm(a[:, 1:] - a[:, :-1], axis=-1)
+    linked = chain.linked
+    d = np.linalg.norm(a[:, linked + 1] - a[:, linked], axis=-1)
     if not d.size:
         return
     median = float(np.median(d))
@@ -247,25 +285,29 @@ def check_cg_positions(X: np.ndarray, chain: CGChain, what: str = "CG coordinate
             f"{CA_CA_NM} nm): the coordinates look like Angstrom; give them in nm (divide by 10)"
         )
     if float(d.max()) > GAP_NM:
-        f, r = np.unravel_index(int(np.argmax(d)), d.shape)
+        f, k = np.unravel_index(int(np.argmax(d)), d.shape)
+        r = int(linked[k])
         raise ValueError(
-            f"{what}: the C-alpha beads of {chain.label(r)} and {chain.label(r + 1)} are {d[f, r]:.2f} nm apart"
+            f"{what}: the C-alpha beads of {chain.label(r)} and {chain.label(r + 1)} are {d[f, k]:.2f} nm apart"
             f"{f' in frame {f}' if X.shape[0] > 1 else ''} (expected about {CA_CA_NM} nm): a residue is missing "
             "between them or the chain is broken"
         )
 
 
 # ---------------------------------------------------------------------------- the bound chain as a model file
-def chain_topology(module, res_seq) -> object:
-    """The AA mdtraj topology of a bound chain module (amber14 names, residue numbers ``res_seq``)."""
+def chain_topology(module, res_seq, chain_ids=None) -> object:
+    """The AA mdtraj topology of a bound chain module (amber14 names, residue numbers ``res_seq``;
+    one mdtraj chain per chain of a complex, identified by ``chain_ids`` when given)."""
     import mdtraj as md
 
     ch = module.chain
+    n_chains = max(1, len(ch.parts))
     top = md.Topology()
-    chain = top.add_chain()
+    chains = [top.add_chain(chain_id=None if chain_ids is None else str(chain_ids[n])) for n in range(n_chains)]
+    of_residue = ch.residue_chain
     atoms = []
     for r, name in enumerate(ch.names):
-        res = top.add_residue(name, chain, resSeq=int(res_seq[r]))
+        res = top.add_residue(name, chains[of_residue[r]], resSeq=int(res_seq[r]))
         for a in sorted(ch.residue_atoms[r].values()):
             atoms.append(top.add_atom(ch.atom_names[a], md.element.get_by_symbol(ch.elements[a]), res))
     for a, b in ch.bonds:
@@ -285,8 +327,8 @@ def chain_model_bytes(protein: ProteinBackmapper, chain: CGChain, source: str) -
 
     if protein.mapping != chain.mapping:
         raise ValueError(f"the model uses the '{protein.mapping}' mapping, the chain was read for '{chain.mapping}'")
-    module = copy.deepcopy(protein.for_sequence(list(chain.names))).float().eval()
-    top = chain_topology(module, chain.res_seq)
+    module = copy.deepcopy(protein.for_chains(chain.sequences)).float().eval()
+    top = chain_topology(module, chain.res_seq, chain.chain_ids)
     scripted = torch.jit.script(module)
     beads = module.beads.tolist()
     free = module.free.tolist()
@@ -322,7 +364,13 @@ def chain_model_bytes(protein: ProteinBackmapper, chain: CGChain, source: str) -
         "cg_bond_range_nm": None,
         "has_system": False,
         "force_field": list(FORCE_FIELD),
-        "protein": {"source": source, "mapping": chain.mapping, "residue_names": list(chain.names)},
+        "protein": {
+            "source": source,
+            "mapping": chain.mapping,
+            "residue_names": list(chain.names),
+            "chain_lengths": list(chain.lengths),
+            "chain_ids": list(chain.chain_ids),
+        },
         "architecture": dict(protein.config),
         "training": dict(getattr(protein, "info", {}) or {}),
     }

@@ -34,6 +34,12 @@ Cost. All rows of a level are one batched tensor operation over [frames, rows]; 
 Python loop over residues or samples. The k-nearest-anchor search is a dense [L, L] distance
 matrix per frame (cheap below a few hundred residues, the only part not linear in L).
 
+Complexes. Several chains are bound as one module (:meth:`ProteinBackmapper.for_chains`): each
+chain is placed as it would be alone (its own termini and rows), and the nearest anchors a residue
+sees include the other chains' (sequence neighbours are excluded within a chain only), so the
+packing of chains against each other conditions the reconstruction; chains further apart than the
+anchor cutoff are reconstructed with exactly the density each has alone.
+
 No OpenMM here; :class:`ChainBackmapper` scripts with ``torch.jit.script``.
 """
 
@@ -58,8 +64,10 @@ from openmm_backmap.models.residues import (
     RESIDUE_NAMES,
     TEMPLATES,
     Chain,
+    Tree,
     bead_atoms,
     build_chain,
+    build_chains,
     build_tree,
     canonical_name,
     cap_analog_keys,
@@ -290,8 +298,19 @@ class ChainBackmapper(nn.Module):
         self.register_buffer(
             "s_key", torch.as_tensor([tables["embedding_index"](tree.keys[o]) for o in order], dtype=torch.long)
         )
-        self.register_buffer("s_prev", torch.as_tensor([types[r - 1] if r > 0 else none for r in owner]))
-        self.register_buffer("s_next", torch.as_tensor([types[r + 1] if r + 1 < self.n_res else none for r in owner]))
+        # sequence neighbours within a chain (the chains of a complex are not bonded)
+        cid = chain.residue_chain
+        has_prev = [r > 0 and cid[r - 1] == cid[r] for r in range(self.n_res)]
+        has_next = [r + 1 < self.n_res and cid[r + 1] == cid[r] for r in range(self.n_res)]
+        self.register_buffer("s_prev", torch.as_tensor([types[r - 1] if has_prev[r] else none for r in owner]))
+        self.register_buffer("s_next", torch.as_tensor([types[r + 1] if has_next[r] else none for r in owner]))
+        # residues that are not nearest-anchor candidates of each other: within 2 in one chain
+        seq = np.arange(self.n_res)
+        near = (np.abs(seq[:, None] - seq[None, :]) <= 2) & (cid[:, None] == cid[None, :])
+        self.register_buffer("near", torch.as_tensor(near))
+        # consecutive residues of one chain (their anchors are about 0.38 nm apart)
+        linked = [r for r in range(self.n_res - 1) if has_next[r]]
+        self.register_buffer("linked", torch.as_tensor(linked, dtype=torch.long))
         self.register_buffer("s_stage", torch.as_tensor(tree.stage[order], dtype=torch.long))
         st = [tables["lookup"](tree.keys[o]) for o in order]
         dt = torch.get_default_dtype()
@@ -324,9 +343,9 @@ class ChainBackmapper(nn.Module):
                 + " beads for this chain, got "
                 + str(list(cg.shape))
             )
-        if cg.shape[0] > 0 and self.n_res > 1:
+        if cg.shape[0] > 0 and self.linked.shape[0] > 0:
             a = cg[:, self.anchor_bead]
-            d = torch.linalg.norm(a[:, 1:] - a[:, :-1], dim=-1)
+            d = torch.linalg.norm(a[:, self.linked + 1] - a[:, self.linked], dim=-1)
             far = float(torch.max(d))
             if far > 2.0:
                 raise ValueError(
@@ -334,7 +353,7 @@ class ChainBackmapper(nn.Module):
                     "0.38 nm): the CG coordinates look like Angstrom; convert them to nm"
                 )
             if far > 0.6:
-                gap = int(torch.argmax(torch.max(d, dim=0)[0]))
+                gap = int(self.linked[int(torch.argmax(torch.max(d, dim=0)[0]))])
                 raise ValueError(
                     "C-alpha beads of residues "
                     + str(gap)
@@ -348,7 +367,7 @@ class ChainBackmapper(nn.Module):
     # ------------------------------------------------------------------ features
     def _knn(self, cg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per residue the n_knn nearest anchors within ``knn_cutoff`` of residues at least 3 apart
-        in sequence: positions coordinate by coordinate (3, B, L, k), types (B, L, k), mask (B, L, k)."""
+        in sequence within a chain (or in another chain): positions coordinate by coordinate (3, B, L, k), types (B, L, k), mask (B, L, k)."""
         a = cg[:, self.anchor_bead]
         b = a.shape[0]
         k = self.n_knn
@@ -359,9 +378,7 @@ class ChainBackmapper(nn.Module):
                 torch.zeros(b, self.n_res, 0, dtype=cg.dtype, device=cg.device),
             )
         d = torch.cdist(a, a)
-        idx = torch.arange(self.n_res, device=cg.device)
-        near = torch.abs(idx.unsqueeze(0) - idx.unsqueeze(1)) <= 2
-        d = torch.where(near.unsqueeze(0), torch.full_like(d, 1e6), d)
+        d = torch.where(self.near.unsqueeze(0), torch.full_like(d, 1e6), d)
         kk = min(k, self.n_res)
         dist, nb = torch.topk(d, kk, dim=-1, largest=False)
         mask = (dist < self.knn_cutoff).to(cg.dtype)
@@ -601,6 +618,24 @@ def _context_atoms(chain: Chain, tree, beads: set[int], n_ctx: int) -> np.ndarra
     for rows of stage 2 the first three side-chain heavy atoms of residues owner-1 and owner+1, and
     for side-chain rows the backbone N, C, O of residues owner-1 .. owner+1 (so a long side chain
     sees its own and its neighbours' peptide groups)."""
+    if chain.parts:  # each chain's rows see their own chain (the tree lists the chains in turn)
+        out, a0, r0, n0 = [], 0, 0, 0
+        for part in chain.parts:
+            n1 = n0 + int(np.sum((tree.owner >= r0) & (tree.owner < r0 + part.n_residues)))
+            sub = Tree(
+                tree.rows[n0:n1] - a0,
+                tree.stage[n0:n1],
+                tree.owner[n0:n1] - r0,
+                tree.keys[n0:n1],
+                tree.fixed[n0:n1],
+                tree.branch[n0:n1],
+                tree.chiral[n0:n1],
+            )
+            own = {b - a0 for b in beads if a0 <= b < a0 + part.n_atoms}
+            ctx = _context_atoms(part, sub, own, n_ctx)
+            out.append(np.where(ctx >= 0, ctx + a0, -1))
+            a0, r0, n0 = a0 + part.n_atoms, r0 + part.n_residues, n1
+        return np.concatenate(out)
     n_graph = n_ctx - 20
     rows, stage, owner = tree.rows, tree.stage, tree.owner
     n_res = chain.n_residues
@@ -711,7 +746,7 @@ class ProteinBackmapper(nn.Module):
         self.keys = list(keys) if keys is not None else sorted(k for k in self.stats if not k.startswith("*:"))
         self._key_index = {k: i for i, k in enumerate(self.keys)}
         self.net = ProteinNet(len(self.keys), n_ctx, n_knn, hidden, n_bins, emb)
-        self._chains: dict[tuple[str, ...], ChainBackmapper] = {}
+        self._chains: dict[tuple[tuple[str, ...], ...], ChainBackmapper] = {}
 
     def lookup(self, key: str) -> dict:
         """Statistics of a row key, falling back to the residue-independent key, then to the
@@ -735,19 +770,25 @@ class ProteinBackmapper(nn.Module):
     def for_sequence(self, residue_names: Sequence[str]) -> ChainBackmapper:
         """The scriptable :class:`ChainBackmapper` of a chain (residue names in order; HIS means HIE;
         no cap means a charged terminus). It shares this model's weights; chains are cached."""
-        names = tuple(canonical_name(n, i) for i, n in enumerate(residue_names))
-        if names not in self._chains:
+        return self.for_chains([residue_names])
+
+    def for_chains(self, sequences: Sequence[Sequence[str]]) -> ChainBackmapper:
+        """The scriptable :class:`ChainBackmapper` of one chain or of a complex of several (one
+        sequence of residue names per chain, in the order of their beads; see the module notes on
+        complexes). It shares this model's weights; bound chains are cached."""
+        key = tuple(tuple(canonical_name(n, i) for i, n in enumerate(seq)) for seq in sequences)
+        if key not in self._chains:
             tables = {"embedding_index": self.embedding_index, "lookup": self.lookup}
-            self._chains[names] = ChainBackmapper(
+            self._chains[key] = ChainBackmapper(
                 self.net,
-                build_chain(names),
+                build_chains(key),
                 self.mapping,
                 tables,
                 self.config["n_knn"],
                 self.config["n_ctx"],
                 self.config["knn_cutoff"],
             )
-        return self._chains[names]
+        return self._chains[key]
 
     # ------------------------------------------------------------------ statistics
     @staticmethod

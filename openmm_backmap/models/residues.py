@@ -223,7 +223,11 @@ class Chain:
     bonds
         (i, j) pairs, i < j, including peptide bonds.
     nterm, cterm
-        Whether the chain has a charged N (C) terminus, i.e. no ACE (NME) cap.
+        Whether the chain has a charged N (C) terminus, i.e. no ACE (NME) cap (of a complex: its
+        first chain's N terminus, its last chain's C terminus).
+    parts
+        The chains of a complex (:func:`join_chains`), in order; empty for a single chain. Atoms and
+        residues of a complex are those of its parts, one after the other.
     """
 
     names: list[str]
@@ -235,6 +239,7 @@ class Chain:
     nterm: bool
     cterm: bool
     neighbours: list[list[int]] = field(default_factory=list)
+    parts: list[Chain] = field(default_factory=list)
 
     @property
     def n_atoms(self) -> int:
@@ -243,6 +248,12 @@ class Chain:
     @property
     def n_residues(self) -> int:
         return len(self.names)
+
+    @property
+    def residue_chain(self) -> np.ndarray:
+        """(n_residues,) the index of the chain each residue belongs to (all 0 for one chain)."""
+        lengths = [p.n_residues for p in self.parts] or [self.n_residues]
+        return np.repeat(np.arange(len(lengths)), lengths)
 
     def anchor(self, r: int) -> int:
         """The anchor atom of residue r: CA, or the methyl carbon of a cap."""
@@ -307,6 +318,66 @@ def build_chain(residue_names: Sequence[str]) -> Chain:
         cterm,
         neighbours,
     )
+
+
+def join_chains(chains: Sequence[Chain]) -> Chain:
+    """The complex of several chains (no bonds between them): one :class:`Chain` whose atoms and
+    residues are those of ``chains`` in order, with ``parts`` listing them. One chain is returned
+    as it is."""
+    chains = list(chains)
+    if not chains:
+        raise ValueError("a complex needs at least one chain")
+    if len(chains) == 1:
+        return chains[0]
+    names: list[str] = []
+    atom_names: list[str] = []
+    elements: list[str] = []
+    atom_residue: list[np.ndarray] = []
+    per_residue: list[dict[str, int]] = []
+    bonds: list[tuple[int, int]] = []
+    neighbours: list[list[int]] = []
+    for c in chains:
+        if c.parts:
+            raise ValueError("join_chains takes single chains, not complexes")
+        a0, r0 = len(atom_names), len(names)
+        names.extend(c.names)
+        atom_names.extend(c.atom_names)
+        elements.extend(c.elements)
+        atom_residue.append(c.atom_residue + r0)
+        per_residue.extend({k: v + a0 for k, v in res.items()} for res in c.residue_atoms)
+        bonds.extend((a + a0, b + a0) for a, b in c.bonds)
+        neighbours.extend([v + a0 for v in nb] for nb in c.neighbours)
+    return Chain(
+        names,
+        atom_names,
+        elements,
+        np.concatenate(atom_residue),
+        per_residue,
+        bonds,
+        chains[0].nterm,
+        chains[-1].cterm,
+        neighbours,
+        chains,
+    )
+
+
+def build_chains(sequences: Sequence[Sequence[str]]) -> Chain:
+    """The :class:`Chain` of one sequence of residue names, or the complex (:func:`join_chains`)
+    of several, each built by :func:`build_chain`; errors name the chain (A, B, ...)."""
+    if len(sequences) == 1:
+        return build_chain(sequences[0])
+    chains = []
+    for n, seq in enumerate(sequences):
+        try:
+            chains.append(build_chain(seq))
+        except ValueError as err:
+            raise ValueError(f"chain {chain_label(n)}: {err}") from None
+    return join_chains(chains)
+
+
+def chain_label(n: int) -> str:
+    """The PDB-style letter of the n-th chain (A, B, ..., Z, then numbers)."""
+    return chr(ord("A") + n) if n < 26 else str(n)
 
 
 # ----------------------------------------------------------------------------- beads
@@ -391,6 +462,8 @@ def build_tree(chain: Chain, mapping: str) -> Tree:
         When a C-alpha trace is too short to orient a peptide plane (fewer than three residues
         under ``ca``).
     """
+    if chain.parts:
+        return _join_trees([build_tree(p, mapping) for p in chain.parts], chain.parts)
     beads = set(bead_atoms(chain, mapping)[0])
     n_res = chain.n_residues
     A = [chain.anchor(r) for r in range(n_res)]
@@ -460,6 +533,21 @@ def build_tree(chain: Chain, mapping: str) -> Tree:
     chiral = branch & np.asarray([int(j) in centres for j in arr[:, 1]], dtype=bool)
     return Tree(
         arr, np.asarray([row[4] for row in rows]), np.asarray([row[5] for row in rows]), keys, fixed, branch, chiral
+    )
+
+
+def _join_trees(trees: Sequence[Tree], chains: Sequence[Chain]) -> Tree:
+    """The tree of a complex: the chains' trees one after the other, atoms and owners offset."""
+    a_off = np.cumsum([0] + [c.n_atoms for c in chains])
+    r_off = np.cumsum([0] + [c.n_residues for c in chains])
+    return Tree(
+        np.concatenate([t.rows + a_off[n] for n, t in enumerate(trees)]),
+        np.concatenate([t.stage for t in trees]),
+        np.concatenate([t.owner + r_off[n] for n, t in enumerate(trees)]),
+        [k for t in trees for k in t.keys],
+        np.concatenate([t.fixed for t in trees]),
+        np.concatenate([t.branch for t in trees]),
+        np.concatenate([t.chiral for t in trees]),
     )
 
 

@@ -823,21 +823,23 @@ def default_corpus_sequences(seed: int = 2024, n_peptides: int = 60) -> list[Pep
 
 
 def openmm_topology(residue_names: list[str] | tuple[str, ...], chain=None):
-    """An ``openmm.app.Topology`` of the chain (atoms, elements, residues, bonds; no positions).
+    """An ``openmm.app.Topology`` of the chain, or of the chains of a complex ``chain`` (atoms,
+    elements, residues, bonds; no positions).
 
     Residue names are the template names (HID/HIE/HIP for histidine), which amber14's force field
     matches directly; the termini follow from the caps as in :func:`openmm_backmap.models.residues.build_chain`.
     """
     from openmm import app
 
-    from openmm_backmap.models.residues import build_chain
+    from openmm_backmap.models.residues import build_chain, chain_label
 
     chain = chain or build_chain(residue_names)
     top = app.Topology()
-    omm_chain = top.addChain("A")
+    omm_chains = [top.addChain(chain_label(n)) for n in range(max(1, len(chain.parts)))]
+    of_residue = chain.residue_chain
     atoms = []
     for r, name in enumerate(chain.names):
-        res = top.addResidue(name, omm_chain, id=str(r + 1))
+        res = top.addResidue(name, omm_chains[of_residue[r]], id=str(r + 1))
         for a in sorted(chain.residue_atoms[r].values()):
             atoms.append(top.addAtom(chain.atom_names[a], app.Element.getBySymbol(chain.elements[a]), res))
     for a, b in chain.bonds:

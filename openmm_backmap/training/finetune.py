@@ -70,13 +70,14 @@ def chain_system(chain_module, constrained: bool = True):
 
 def finetune(
     model: ProteinBackmapper,
-    residue_names: list[str],
+    residue_names: list[str] | list[list[str]],
     cg_frames: np.ndarray,
     out: str | Path,
     config: ProteinFinetuning | None = None,
     log=print,
 ) -> dict:
-    """Refine ``model`` in place for the chain ``residue_names`` by reverse KL against amber14 + GBn2,
+    """Refine ``model`` in place for the chain ``residue_names`` (or the complex of chains, one list
+    of names per chain) by reverse KL against amber14 + GBn2,
     conditioned on ``cg_frames`` (N, n_cg, 3) nm, and write the best state to ``out`` (a protein
     model file, written atomically). Returns the summary (also stored in the file's training record
     under ``finetune``) with the per-evaluation history.
@@ -96,7 +97,8 @@ def finetune(
     model.float().train()
     for p in model.net.parameters():
         p.requires_grad_(True)
-    chain = model.for_sequence(residue_names)
+    sequences = [list(residue_names)] if isinstance(residue_names[0], str) else [list(q) for q in residue_names]
+    chain = model.for_chains(sequences)
     if X.ndim != 3 or X.shape[1:] != (chain.n_cg, 3):
         raise ValueError(f"CG frames must have shape (N, {chain.n_cg}, 3) for this chain, got {X.shape}")
     if X.shape[0] < 2:
@@ -120,7 +122,7 @@ def finetune(
     u_min = min(minimise(unconstrained, xi, 10.0, 1000, "CPU")[1] for xi in seeds.double().numpy())
     cap = beta * u_min + config.cap_dof * n_dof
     log(
-        f"fine-tuning {len(residue_names)} residues ({chain.n_aa} atoms, {n_dof} free degrees of freedom) on "
+        f"fine-tuning {chain.n_res} residues ({chain.n_aa} atoms, {n_dof} free degrees of freedom) on "
         f"{X_train.shape[0]} CG frames, {X_val.shape[0]} held out; minimised U {u_min:.1f} kJ/mol, "
         f"cap {cap / beta:.1f} kJ/mol ({time.time() - t_min:.0f} s)"
     )
@@ -195,7 +197,8 @@ def finetune(
     for p in model.net.parameters():
         p.requires_grad_(False)
     summary = {
-        "sequence": list(residue_names),
+        "sequence": [n for q in sequences for n in q],
+        "chain_lengths": [len(q) for q in sequences],
         "config": asdict(config),
         "steps_run": step,
         "seconds": time.time() - t0,
@@ -258,6 +261,6 @@ def finetune_files(
     top = load_cg_topology(cg_topology)
     chain = read_cg_chain(top, protein.mapping, f"the CG topology {cg_topology} (for {model})")
     X = read_cg_frames(cg, top, len(chain.bead_names), chain, cg_topology)
-    summary = finetune(protein, list(chain.names), X, out, config, log)
+    summary = finetune(protein, chain.sequences, X, out, config, log)
     summary["model"] = str(model)
     return summary
