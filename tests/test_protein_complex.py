@@ -186,7 +186,7 @@ def test_complex_bad_input_names_the_chain(shipped, tmp_path):
         run(jump, X)
     gap = X.copy()
     gap[0, 12:] += 0.5  # SER102 - LYS103 of chain B 0.8 nm apart
-    with pytest.raises(ValueError, match=r"C-alpha beads of SER102 of chain B and LYS103 of chain B are 0\.\d+ nm apart"):
+    with pytest.raises(ValueError, match=r"beads of SER102 of chain B and LYS103 of chain B are 0\.\d+ nm apart"):
         run(good, gap)
     far = X.copy()
     far[0, 10:] += 3.0  # the chains apart: fine

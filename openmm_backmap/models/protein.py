@@ -367,7 +367,8 @@ class ChainBackmapper(nn.Module):
     # ------------------------------------------------------------------ features
     def _knn(self, cg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per residue the n_knn nearest anchors within ``knn_cutoff`` of residues at least 3 apart
-        in sequence within a chain (or in another chain): positions coordinate by coordinate (3, B, L, k), types (B, L, k), mask (B, L, k)."""
+        in sequence within a chain (or in another chain): positions coordinate by coordinate
+        (3, B, L, k), types (B, L, k), mask (B, L, k)."""
         a = cg[:, self.anchor_bead]
         b = a.shape[0]
         k = self.n_knn
