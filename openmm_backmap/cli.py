@@ -31,6 +31,17 @@ def _count(text: str) -> int:
     return value
 
 
+def _count0(text: str) -> int:
+    """An argparse type: an integer >= 0 (steps or cycles of an optional stage; 0 turns it off)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _steps(text: str) -> int:
     """An argparse type: an integer >= 0 (a number of MD steps, where 0 means none)."""
     try:
@@ -557,6 +568,42 @@ def _add_train_joint(sub) -> None:
         help="keep the state at the target with the highest ESS/N of this many fresh samples per check "
         "(default 0: the lowest reverse-KL estimate)",
     )
+    p.add_argument(
+        "--refine-steps",
+        type=_count0,
+        default=d.refine_steps,
+        help="after the tempered training: reverse-KL steps of the backmapper alone at the target, on fixed "
+        f"draws of the CG flow (default {d.refine_steps}: none)",
+    )
+    p.add_argument(
+        "--refine-frames",
+        type=_count,
+        default=d.refine_frames,
+        help=f"CG draws the refinement conditions on (default {d.refine_frames})",
+    )
+    p.add_argument(
+        "--cycles",
+        type=_count0,
+        default=d.cycles,
+        help="then cycles of importance-weighted maximum likelihood of the CG flow at the target (the `cycle` "
+        f"command's loop; default {d.cycles}: none)",
+    )
+    p.add_argument(
+        "--cycle-samples", type=_count, default=d.cycle_samples, help=f"CG draws per cycle (default {d.cycle_samples})"
+    )
+    p.add_argument(
+        "--cycle-per-frame",
+        type=_count,
+        default=d.cycle_per_frame,
+        help=f"reconstructions per CG draw in a cycle (default {d.cycle_per_frame})",
+    )
+    p.add_argument(
+        "--cycle-refine-steps",
+        type=_count0,
+        default=d.cycle_refine_steps,
+        help="backmapper refinement steps in each cycle: reverse KL plus the NLL of the pairs resampled by "
+        f"weight (default {d.cycle_refine_steps}: none)",
+    )
     p.add_argument("--time-limit", type=float, help="stop training after this many seconds")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     _add_overwrite(p)
@@ -601,6 +648,12 @@ def _cmd_train_joint(args) -> int:
         seed=args.seed,
         time_limit=args.time_limit,
         select_batch=args.select_batch,
+        refine_steps=args.refine_steps,
+        refine_frames=args.refine_frames,
+        cycles=args.cycles,
+        cycle_samples=args.cycle_samples,
+        cycle_per_frame=args.cycle_per_frame,
+        cycle_refine_steps=args.cycle_refine_steps,
     )
     train_joint_from_files(args.topology, args.aa_system, args.mapping, args.out, settings, trajectory=args.trajectory)
     return 0

@@ -504,3 +504,65 @@ def test_the_model_keeps_the_selected_state_at_the_target(select_batch):
         assert torch.equal(v, states[best["step"]][k]), k
     with pytest.raises(ValueError, match="select_batch must be 0"):
         check_budget(sched, ReverseKLSettings(max_steps=60, final_steps=60, select_batch=-1))
+
+
+# ----------------------------------------------------------------------------- stages at the target
+def _conditional_kl(model, energy, X, seed=5):
+    """Reverse KL estimate E_X E_{x ~ q(.|X)} [beta U + log q(x | X)] on fixed CG frames X."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        x, lq = model.bm.sample(X, 8)
+        return float(torch.mean(energy(x) / KT + lq))
+
+
+def test_refinement_at_the_target_lowers_the_conditional_reverse_kl(tiny_joint):
+    """refine_at_target trains the backmapper alone (the CG flow is untouched) and lowers the reverse
+    KL of q(x | X) against exp(-beta U) on CG frames it did not train on."""
+    from openmm_backmap.io.checkpoints import load_joint_checkpoint
+    from openmm_backmap.openmm.energies import aa_energy
+    from openmm_backmap.training.joint import JointTraining, refine_at_target
+
+    ckpt, _ = tiny_joint
+    model, saved = load_joint_checkpoint(ckpt)
+    energy = aa_energy(saved["spec"]["backmapper"]["system_xml"])
+    torch.manual_seed(11)
+    with torch.no_grad():
+        X = model.cg.sample(128)[0].to(model.dtype)
+    cg_before = {k: v.clone() for k, v in model.cg.state_dict().items()}
+    before = _conditional_kl(model, energy, X)
+    s = JointTraining(refine_steps=150, refine_frames=512, refine_lr=2e-3, seed=3)
+    out = refine_at_target(model, saved["spec"], energy, s, log=lambda m: None)
+    after = _conditional_kl(model, energy, X)
+    assert out["steps"] == 150
+    assert after < before - 1.0, (before, after)
+    assert all(torch.equal(cg_before[k], v) for k, v in model.cg.state_dict().items())
+
+
+def test_train_joint_runs_the_stages_at_the_target_and_records_them(ala2_files, tmp_path):
+    """--refine-steps and --cycles: the checkpoint records the refinement and one record per cycle
+    evaluation (ESS/N of the draws and of the pairs, the refit's tempering), and exports as before."""
+    from openmm_backmap.cli import main
+    from openmm_backmap.io.checkpoints import read_checkpoint
+
+    ckpt = tmp_path / "staged.ckpt"
+    argv = ["train-joint", "--topology", str(ala2_files / "ala2.pdb"), "--aa-system"]
+    argv += [str(ala2_files / "ala2_system.xml"), "--mapping", str(ala2_files / "six_bead.json")]
+    argv += ["--out", str(ckpt), "--t-start", str(T), "--steps", "4", "--final-steps", "2", "--check-every", "2"]
+    argv += ["--batch-size", "16", "--eval-batch", "32", "--layers", "2", "--hidden", "16", "--cg-layers", "2"]
+    argv += ["--cg-hidden", "16", "--refine-steps", "5", "--refine-frames", "64", "--cycles", "2"]
+    argv += ["--cycle-samples", "200", "--cycle-per-frame", "2", "--cycle-refine-steps", "3", "--threads", "1"]
+    assert main(argv) == 0
+    rkl = read_checkpoint(ckpt)["spec"]["training"]["reverse_kl"]
+    assert rkl["refine"]["steps"] == 5
+    assert [c["cycle"] for c in rkl["cycles"]] == [0, 1, 2]
+    assert all(0.0 < c["ess_fraction"] <= 1.0 and 0.0 < c["pair_ess_fraction"] <= 1.0 for c in rkl["cycles"])
+    assert all(0.0 < c["lambda"] <= 1.0 for c in rkl["cycles"][:2]) and "lambda" not in rkl["cycles"][2]
+    assert [c.get("refine_steps") for c in rkl["cycles"]] == [3, 3, None]  # the backmapper, each refit
+    assert main(["export", str(ckpt), "-o", str(tmp_path / "bm.pt")]) == 0
+    assert (tmp_path / "bm_cg.pt").is_file()
+    with pytest.raises(SystemExit):
+        main(argv[:-8] + ["--cycles", "-1"])
+    from openmm_backmap.training.joint import JointTraining
+
+    with pytest.raises(ValueError, match="cycle_per_frame must be >= 1"):
+        JointTraining(cycle_per_frame=0)

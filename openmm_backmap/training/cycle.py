@@ -515,6 +515,57 @@ def spread_torsions(
 
 
 # ---------------------------------------------------------------------------- the cycle
+def backmapper_refinement(
+    net: torch.nn.Module,
+    spec: dict,
+    energy: Callable[[Tensor], Tensor],
+    project: Callable[[np.ndarray], np.ndarray],
+    temperature: float,
+    settings: CycleSettings,
+    cg: CGFlowPotential | None = None,
+) -> Callable[[np.ndarray, np.ndarray, np.ndarray], dict]:
+    """The ``refine`` callable of :func:`run_cycles` for a backmapper ``net`` (training spec ``spec``):
+    ``settings.refine_steps`` steps of :func:`~openmm_backmap.training.backmapper.refine_energy` at the
+    cycle's CG draws (a ``settings.refine_spread`` fraction of them with their torsions spread by
+    :func:`spread_torsions`, which needs ``cg``), reverse KL on U_AA (``energy``, kJ/mol) plus the NLL
+    of the cycle's pairs resampled by weight: the weighted samples keep q(x | X) covering where p puts
+    mass, where the reverse KL alone narrows it and leaves the weights a heavy tail."""
+    from openmm_backmap.training.backmapper import refine_energy
+
+    if settings.refine_spread > 0 and cg is None:
+        raise ValueError("refine_spread needs the CG flow (cg=) to spread the torsions of")
+
+    def refine(X: np.ndarray, x: np.ndarray, w: np.ndarray) -> dict:
+        pick = np.random.default_rng(settings.seed).choice(len(w), size=len(w), p=w / w.sum())
+        pairs = (x[pick], project(x[pick]))
+        frames = X
+        n_spread = round(settings.refine_spread * len(X))
+        if n_spread:
+            gen = torch.Generator().manual_seed(settings.seed + len(X))
+            spread = spread_torsions(cg, torch.as_tensor(X[:n_spread]), gen).double().numpy()
+            frames = np.concatenate([X[n_spread:], spread])
+        net.train()
+        summary = refine_energy(
+            net,
+            spec,
+            energy,
+            frames,
+            temperature,
+            steps=settings.refine_steps,
+            batch_size=64,
+            lr=settings.refine_lr,
+            t_start=temperature,
+            ml_data=pairs,
+            ml_weight=0.3,
+            seed=settings.seed,
+            progress=False,
+        )
+        net.eval()
+        return summary
+
+    return refine
+
+
 def run_cycles(
     family: Any,
     backmapper: Callable[[Tensor, int], tuple[Tensor, Tensor]],

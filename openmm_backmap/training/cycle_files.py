@@ -25,10 +25,10 @@ from openmm_backmap.models.cg_potential import CGFlowPotential
 from openmm_backmap.training.cycle import (
     CycleSettings,
     TemperedFlow,
+    backmapper_refinement,
     ess_tempering,
     evaluate_weights,
     run_cycles,
-    spread_torsions,
     weighted_refit,
     widen_priors,
     zero_weight_message,
@@ -173,36 +173,7 @@ def cycle_from_files(
 
     refine = None
     if settings.refine_steps and net is not None:
-        from openmm_backmap.training.backmapper import refine_energy
-
-        def refine(X: np.ndarray, x: np.ndarray, w: np.ndarray) -> dict:
-            # the weighted samples, resampled by weight, keep q(x | X) covering where p puts mass
-            pick = np.random.default_rng(settings.seed).choice(len(w), size=len(w), p=w / w.sum())
-            pairs = (x[pick], mapping.project(x[pick]))
-            frames = X
-            n_spread = round(settings.refine_spread * len(X))
-            if n_spread:
-                gen = torch.Generator().manual_seed(settings.seed + len(X))
-                spread = spread_torsions(cg, torch.as_tensor(X[:n_spread]), gen).double().numpy()
-                frames = np.concatenate([X[n_spread:], spread])
-            net.train()
-            summary = refine_energy(
-                net,
-                bm_spec,
-                u_aa,
-                frames,
-                temperature,
-                steps=settings.refine_steps,
-                batch_size=64,
-                lr=settings.refine_lr,
-                t_start=temperature,
-                ml_data=pairs,
-                ml_weight=0.3,
-                seed=settings.seed,
-                progress=False,
-            )
-            net.eval()
-            return summary
+        refine = backmapper_refinement(net, bm_spec, u_aa, mapping.project, temperature, settings, cg)
 
     check = None
     if settings.check_steps:

@@ -498,6 +498,19 @@ class JointTraining:
         Samples drawn at the end: CG prior bounds, bead ranges and the reported ESS/N.
     checkpoint_every
         Tempering checks between intermediate checkpoints.
+    refine_steps, refine_frames, refine_lr
+        After the tempered reverse KL: steps of reverse KL of the backmapper alone at the target,
+        conditioned on ``refine_frames`` fixed draws of q(X) (0 steps: none). Given X the target is
+        close to unimodal, so the mode-seeking reverse KL is safe there, and the conditional ESS rises.
+    cycles, cycle_samples, cycle_per_frame, cycle_refine_steps
+        Then cycles of importance-weighted maximum likelihood of the CG flow
+        (:func:`~openmm_backmap.training.cycle.run_cycles`, the ``cycle`` command's loop and its
+        defaults otherwise): ``cycle_samples`` draws of q(X), ``cycle_per_frame`` reconstructions
+        each, weights exp(-beta U_AA) / (q(X) q(x | X)), and a dynamics check of every refit; with
+        ``cycle_refine_steps`` the backmapper too, each cycle, by reverse KL plus the NLL of the
+        pairs resampled by weight (:func:`~openmm_backmap.training.cycle.backmapper_refinement`).
+        These are mass-covering (forward-KL) terms at the target, where the reverse KL alone drops
+        mass and leaves the weights a heavy tail (0 cycles: none).
     seed
         Seeds masks, seed ensemble and samples.
     """
@@ -526,7 +539,22 @@ class JointTraining:
     n_final: int = 8192
     checkpoint_every: int = 10
     select_batch: int = 0
+    refine_steps: int = 0
+    refine_frames: int = 16384
+    refine_lr: float = 3e-4
+    cycles: int = 0
+    cycle_samples: int = 5000
+    cycle_per_frame: int = 4
+    cycle_refine_steps: int = 0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("refine_steps", "cycles", "cycle_refine_steps"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"JointTraining: {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("refine_frames", "cycle_samples", "cycle_per_frame"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"JointTraining: {name} must be >= 1, got {getattr(self, name)}")
 
     def schedule(self) -> TemperingSchedule:
         return TemperingSchedule(
@@ -617,6 +645,93 @@ def draw(model, energy, n: int, batch: int = 2048) -> dict[str, np.ndarray]:
         parts["log_qX"].append(lqX.double().numpy())
         parts["log_qx"].append(lqx.double().numpy())
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def refine_at_target(model, spec: dict, energy, settings: JointTraining, log: Callable[[str], None] = print) -> dict:
+    """Reverse KL of the joint model's backmapper alone at the target temperature, conditioned on
+    ``settings.refine_frames`` fixed draws of its CG flow (the last 256 of them select the best state),
+    through :func:`~openmm_backmap.training.backmapper.refine_energy` (from 1.5 x the target over the
+    first fifth of the steps). Returns its summary without the history."""
+    from openmm_backmap.training.backmapper import refine_energy
+
+    s = settings
+    t0 = time.time()
+    torch.manual_seed(s.seed + 17)
+    model.eval()
+    with torch.no_grad():
+        X = torch.cat(
+            [model.cg.sample(min(4096, s.refine_frames + 256 - k))[0] for k in range(0, s.refine_frames + 256, 4096)]
+        )
+    X = X.to(model.dtype).numpy()
+    out = refine_energy(
+        model.bm,
+        spec["backmapper"],
+        energy,
+        X[: s.refine_frames],
+        s.temperature,
+        steps=s.refine_steps,
+        batch_size=128,
+        lr=s.refine_lr,
+        t_start=1.5 * s.temperature,
+        anneal_fraction=0.2,
+        val_frames=X[s.refine_frames :],
+        eval_every=100,
+        seed=s.seed,
+        progress=False,
+    )
+    model.eval()
+    out = {k: v for k, v in out.items() if k != "history"}
+    out["seconds"] = time.time() - t0
+    log(f"backmapper refined at {s.temperature} K: {s.refine_steps} steps on {s.refine_frames} CG draws")
+    return out
+
+
+def cycles_at_target(
+    model, spec: dict, cg_map, energy, settings: JointTraining, log: Callable[[str], None] = print
+) -> list[dict]:
+    """``settings.cycles`` cycles of importance-weighted maximum likelihood of the joint model's CG
+    flow at the target (:func:`~openmm_backmap.training.cycle.run_cycles` with the ``cycle``
+    command's defaults, ``cycle_samples`` draws and ``cycle_per_frame`` reconstructions per cycle,
+    every refit checked by :func:`~openmm_backmap.sampling.langevin.dynamics_check`; with
+    ``cycle_refine_steps`` the backmapper refined each cycle). Returns the cycles' records."""
+    from openmm_backmap.sampling.langevin import dynamics_check
+    from openmm_backmap.training.cycle import CycleSettings, TemperedFlow, backmapper_refinement, run_cycles
+
+    s = settings
+    cs = CycleSettings(
+        cycles=s.cycles,
+        samples=s.cycle_samples,
+        per_frame=s.cycle_per_frame,
+        refine_steps=s.cycle_refine_steps,
+        seed=s.seed,
+    )
+    beta = 1.0 / kT(s.temperature)
+    masses = cg_map.masses()
+
+    def backmap(X: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            return model.bm.sample(X.to(model.dtype), int(k))
+
+    def reduced(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return beta * torch.cat([energy(x[i : i + 4096].to(model.dtype)) for i in range(0, len(x), 4096)])
+
+    def check(module: torch.nn.Module, X: np.ndarray) -> dict:
+        # the exported force's energy (flow and priors) in double precision, as OpenMM would run it
+        return dynamics_check(
+            copy.deepcopy(module).double().eval().energy,
+            torch.as_tensor(X),
+            masses,
+            s.temperature,
+            cs.check_steps,
+            seed=s.seed,
+        )
+
+    refine = None
+    if cs.refine_steps:
+        refine = backmapper_refinement(model.bm, spec["backmapper"], energy, cg_map.project, s.temperature, cs)
+    model.eval()
+    return run_cycles(TemperedFlow(model.cg), backmap, reduced, cg_map.project, cs, None, None, log, refine, check)
 
 
 def warm_start(model, x: np.ndarray, settings: JointTraining, spec: dict, progress: bool = False) -> dict:
@@ -737,6 +852,10 @@ def train_joint_from_files(
             save_checkpoint(out, m, spec, stage="reverse-kl")
 
     summary = train_reverse_kl(model, energy, schedule, rkl, u_ref=u_min, on_check=on_check, log=log)
+    if s.refine_steps:
+        summary["refine"] = refine_at_target(model, spec, energy, s, log)
+    if s.cycles:
+        summary["cycles"] = cycles_at_target(model, spec, cg_map, energy, s, log)
     final = draw(model, energy, s.n_final)
     lw = -final["u"] / kT(s.temperature) - final["log_qX"] - final["log_qx"]
     ess = kish_ess(np.where(np.isfinite(lw), lw, -np.inf)) / len(lw)
@@ -748,7 +867,15 @@ def train_joint_from_files(
     spec["cg"]["cg_bond_range_nm"] = cg_range
     spec["backmapper"]["cg_bond_range_nm"] = cg_range
     wall, cpu = time.time() - t_wall, time.process_time() - t_cpu
-    info = {k: v for k, v in summary.items() if k != "history"}
+    info = {k: v for k, v in summary.items() if k not in ("history", "cycles")}
+    if "cycles" in summary:
+        info["cycles"] = [
+            {
+                **{k: r[k] for k in ("cycle", "ess_fraction", "pair_ess_fraction", "lambda", "seconds") if k in r},
+                **({"refine_steps": r["backmapper_refit"]["steps"]} if "backmapper_refit" in r else {}),
+            }
+            for r in summary["cycles"]
+        ]
     info.update(final_ess_per_n=ess, n_final=int(s.n_final), wall_seconds=wall, cpu_seconds=cpu, u_min_kjmol=u_min)
     spec["training"]["reverse_kl"] = info
     spec["cg"]["training"] = {"joint": info}
