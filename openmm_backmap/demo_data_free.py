@@ -67,6 +67,10 @@ class DataFreeSettings:
                 lr=1e-3,
                 n_final=4096,
                 time_limit=1500.0,
+                refine_steps=8000,
+                cycles=8,
+                cycle_samples=5000,
+                cycle_per_frame=4,
             ),
             cg_steps=500_000,
             cg_steps_torchscript=40_000,
@@ -96,6 +100,11 @@ class DataFreeSettings:
                 lr=1e-3,
                 n_final=512,
                 time_limit=120.0,
+                refine_steps=10,
+                refine_frames=64,
+                cycles=1,
+                cycle_samples=100,
+                cycle_per_frame=2,
             ),
             cg_steps=2_000,
             cg_steps_torchscript=2_000,
@@ -304,8 +313,12 @@ def run_data_free_demo(
             replace(settings.joint, seed=seed),
         )
         reached = "reached" if summary["reached_target"] else "did NOT reach"
+        j = settings.joint
+        stages_at_target = (
+            f"; then {j.refine_steps} backmapper steps and {j.cycles} cycles at the target" if j.cycles else ""
+        )
         return None, (
-            f"{reached} {settings.joint.temperature:g} K in {summary['steps']} steps; "
+            f"{reached} {settings.joint.temperature:g} K in {summary['steps']} steps{stages_at_target}; "
             f"ESS/N {summary['final']['ess_per_n']:.3f} of {settings.joint.n_final} samples; checkpoint {ckpt}"
         )
 

@@ -13,7 +13,8 @@ from openmm_backmap.training.joint import JointTraining
 
 
 def tiny_settings() -> DataFreeSettings:
-    """A few training steps at the target, a 200-step CG run: plumbing, not quality."""
+    """A few training steps at the target (and of each stage after it), a 200-step CG run: plumbing,
+    not quality."""
     return DataFreeSettings(
         joint=JointTraining(
             t_start=300.0,
@@ -27,6 +28,11 @@ def tiny_settings() -> DataFreeSettings:
             cg_layers=2,
             cg_hidden=16,
             n_final=256,
+            refine_steps=3,
+            refine_frames=32,
+            cycles=1,
+            cycle_samples=64,
+            cycle_per_frame=2,
         ),
         cg_steps=200,
         cg_steps_torchscript=200,
@@ -55,6 +61,7 @@ def test_data_free_demo_runs_end_to_end(data_free_demo):
     for line in ("sample ESS/N", "run ESS/N", "conditional ESS", "bond score", "240 ns of MD"):
         assert line in text, line
     assert "nan" not in text  # an empty basin is named, not given dF = nan
+    assert "then 3 backmapper steps and 1 cycles at the target" in text
     assert "energy W1: not available (compares the energies of backmapped frames" in text
     assert "mapping entropy of the 6-bead mapping: not available" in text
 
