@@ -18,6 +18,7 @@ from openmm_backmap.training.cycle import (
     evaluate_weights,
     frame_weights,
     run_cycles,
+    weighted_refit,
     widen_priors,
 )
 
@@ -187,6 +188,30 @@ def test_a_refit_that_fails_the_dynamics_check_is_undone():
         moved = any(not torch.equal(start[k], v) for k, v in cg.state_dict().items())
         assert moved is stable
     assert seen == [(7, 1, 3), (7, 1, 3)]
+
+
+class BoxDensity(nn.Module):
+    """Uniform density on [-h, h] (h = exp(log_h)): its weighted NLL, log 2h, falls as the box
+    shrinks, so a refit shrinks it past the data, and held-out points end outside (density 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_h = nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def log_prob(self, X: torch.Tensor) -> torch.Tensor:
+        h = torch.exp(self.log_h)
+        inside = torch.abs(X.flatten(1)).amax(1) < h if X.shape[0] else torch.zeros(0, dtype=torch.bool)
+        return torch.where(inside, -torch.log(2.0 * h).expand(X.shape[0]), torch.full_like(h, -math.inf))
+
+
+def test_a_refit_that_gives_held_out_pairs_no_density_is_undone():
+    """A refit after which a held-out pair has density zero (held-out NLL infinite, its error not
+    finite either) is undone, not kept."""
+    X = np.random.default_rng(0).uniform(-0.99, 0.99, size=(400, 1, 1))
+    model = BoxDensity()
+    out = weighted_refit(model, X, np.ones(len(X)), epochs=30, batch_size=50, lr=0.05, val_fraction=0.2, seed=1)
+    assert not math.isfinite(out["val_nll_end"])
+    assert out["reverted"] and float(model.log_h) == 0.0
 
 
 def test_cycle_keeps_the_exact_marginal():

@@ -428,7 +428,7 @@ def weighted_refit(
     )
     val_end, err = held_out()
     summary.update(val_nll_start=val_start, val_nll_end=val_end, val_nll_error=err, reverted=False)
-    if val_end > val_start + 3.0 * err:
+    if refit_went_wrong(val_start, val_end, err):
         model.load_state_dict(start_state)
         summary["reverted"] = True
     summary.pop("best_val_nll", None)
@@ -436,6 +436,13 @@ def weighted_refit(
     summary["n_pairs"] = int(len(w))
     summary["dropped_nonfinite"] = dropped
     return summary
+
+
+def refit_went_wrong(val_start: float, val_end: float, error: float) -> bool:
+    """Whether a refit's held-out weighted NLL ended more than three standard errors above its start,
+    or not finite (a held-out pair the refitted model gives no density: its error is then not
+    finite either, and no comparison with it can catch the failure)."""
+    return not math.isfinite(val_end) or (math.isfinite(error) and val_end > val_start + 3.0 * error)
 
 
 def _weighted_nll(model: torch.nn.Module, X: Tensor, w: Tensor) -> Tensor:
