@@ -195,3 +195,46 @@ def test_complex_bad_input_names_the_chain(shipped, tmp_path):
     other = _complex_pdb(tmp_path / "other.pdb", [good[1], good[0]], X[0])
     with pytest.raises(ValueError, match=r"residues ALA SER LYS GLY / GLY TYR .* are not the model's chain GLY TYR"):
         model.check_cg_topology(other)
+
+
+def test_reporter_backmaps_a_complex_in_a_cg_simulation(shipped, tmp_path):
+    """BackmapReporter(model="protein-ca") on a CG Simulation of two chains (CA beads, harmonic bonds
+    within each chain): the model binds the complex from the Simulation's topology, the frames carry
+    both chains' atoms, and u_aa is OpenMM's amber14 + GBn2 energy of the written frame."""
+    from openmm_backmap.io.energy_file import read_energy_file
+    from openmm_backmap.openmm.reporter import BackmapReporter
+
+    X = _frames(1)[0]
+    top = app.Topology()
+    for c, (names, first) in enumerate(((FIRST, 1), (UNCAPPED, 101))):
+        chain = top.addChain(chr(65 + c))
+        for r, name in enumerate(names):
+            top.addAtom("CA", app.Element.getBySymbol("C"), top.addResidue(name, chain, id=str(first + r)))
+    system = openmm.System()
+    bonds = openmm.HarmonicBondForce()
+    for _ in range(len(X)):
+        system.addParticle(110.0)
+    for r in list(range(len(FIRST) - 1)) + list(range(len(FIRST), len(X) - 1)):
+        bonds.addBond(r, r + 1, float(np.linalg.norm(X[r + 1] - X[r])), 2000.0)
+    system.addForce(bonds)
+    integ = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 5.0 / unit.picosecond, 0.001 * unit.picoseconds)
+    integ.setRandomNumberSeed(4)
+    sim = app.Simulation(top, system, integ, openmm.Platform.getPlatformByName("Reference"))
+    sim.context.setPositions(X)
+    reporter = BackmapReporter(tmp_path / "aa.dcd", 5, model="protein-ca", energyFile=tmp_path / "w.csv")
+    sim.reporters.append(reporter)
+    sim.step(10)
+    reporter.close()
+    model = reporter.model
+    assert model.cg_chain.lengths == (len(FIRST), len(UNCAPPED)) and model.topology.n_chains == 2
+    aa = md.load_dcd(str(tmp_path / "aa.dcd"), top=model.topology)
+    rows = read_energy_file(tmp_path / "w.csv")
+    assert aa.n_frames == 2 == len(rows["step"])
+    system_aa = app.ForceField("amber14-all.xml", "implicit/gbn2.xml").createSystem(
+        model.topology.to_openmm(), nonbondedMethod=app.NoCutoff, constraints=app.HBonds
+    )
+    ctx = openmm.Context(system_aa, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    for s in range(2):
+        ctx.setPositions(aa.xyz[s].astype(np.float64))
+        u = ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+        assert rows["u_aa_kjmol"][s] == pytest.approx(u, rel=1e-4, abs=0.05)
