@@ -83,3 +83,22 @@ def save_tiny_pretrained(folder, names, x):
     for mapping, name in (("ca", "protein-ca"), ("backbone", "protein-backbone")):
         tiny_protein_model(mapping, names, x).save(folder / f"{name}.pt")
     return folder
+
+
+def assert_amber_gbn2_energies(topology, xyz_nm, energies, frames) -> None:
+    """Each of ``frames`` of ``xyz_nm`` (N, n_atoms, 3) has the amber14 + GBn2 energy (no cutoff,
+    HBonds; OpenMM's Reference platform) given in ``energies`` (kJ/mol; rel 1e-4, abs 0.05):
+    ``topology`` is an OpenMM topology with amber14 names."""
+    import numpy as np
+    import openmm
+    import pytest
+    from openmm import app, unit
+
+    system = app.ForceField("amber14-all.xml", "implicit/gbn2.xml").createSystem(
+        topology, nonbondedMethod=app.NoCutoff, constraints=app.HBonds
+    )
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    for s in frames:
+        ctx.setPositions(np.asarray(xyz_nm[s], dtype=np.float64))
+        u = ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+        assert energies[s] == pytest.approx(u, rel=1e-4, abs=0.05), s

@@ -15,7 +15,7 @@ import numpy as np
 import openmm
 import pytest
 import torch
-from _backmap_helpers import save_tiny_pretrained
+from _backmap_helpers import assert_amber_gbn2_energies, save_tiny_pretrained
 from openmm import app, unit
 
 import openmm_backmap.io.protein_models as protein_models
@@ -156,14 +156,7 @@ def test_backmap_command_on_a_complex(shipped, tmp_path, capsys):
     rows = np.genfromtxt(tmp_path / "e.csv", delimiter=",", names=True)
     lq = model.log_prob(aa.xyz, np.repeat(X, k, axis=0).astype(np.float32))
     np.testing.assert_allclose(rows["log_q"], lq, rtol=1e-4, atol=5e-2)
-    system = app.ForceField("amber14-all.xml", "implicit/gbn2.xml").createSystem(
-        aa_pdb.topology, nonbondedMethod=app.NoCutoff, constraints=app.HBonds
-    )
-    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
-    for s in (0, n_frames * k - 1):
-        ctx.setPositions(aa.xyz[s].astype(np.float64))
-        u = ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
-        assert rows["u_aa_kjmol"][s] == pytest.approx(u, rel=1e-4, abs=0.05)
+    assert_amber_gbn2_energies(aa_pdb.topology, aa.xyz, rows["u_aa_kjmol"], (0, n_frames * k - 1))
 
 
 def test_complex_bad_input_names_the_chain(shipped, tmp_path):
@@ -230,11 +223,4 @@ def test_reporter_backmaps_a_complex_in_a_cg_simulation(shipped, tmp_path):
     aa = md.load_dcd(str(tmp_path / "aa.dcd"), top=model.topology)
     rows = read_energy_file(tmp_path / "w.csv")
     assert aa.n_frames == 2 == len(rows["step"])
-    system_aa = app.ForceField("amber14-all.xml", "implicit/gbn2.xml").createSystem(
-        model.topology.to_openmm(), nonbondedMethod=app.NoCutoff, constraints=app.HBonds
-    )
-    ctx = openmm.Context(system_aa, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
-    for s in range(2):
-        ctx.setPositions(aa.xyz[s].astype(np.float64))
-        u = ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
-        assert rows["u_aa_kjmol"][s] == pytest.approx(u, rel=1e-4, abs=0.05)
+    assert_amber_gbn2_energies(model.topology.to_openmm(), aa.xyz, rows["u_aa_kjmol"], range(2))
