@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from openmm_backmap.training.config import BackmapperTraining, CGPotentialTraining
 
 
@@ -233,7 +235,6 @@ def run_demo(out: Path, quick: bool = False, seed: int = 1, settings: DemoSettin
     """
     if settings is not None and not isinstance(settings, DemoSettings):
         raise ValueError("the ordinary demo takes DemoSettings")
-    import numpy as np
 
     from openmm_backmap.analysis.entropy import report_mapping_entropy
     from openmm_backmap.analysis.evaluate import evaluate_model, evaluate_run
@@ -353,11 +354,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 1, settings: DemoSettin
     summary = stages.run("7. report", evaluate)
     table = stages.table()
     lines = [table, "", "basin populations (AA reference | raw reconstructions | reweighted +- error | dF in kT)"]
-    for name, b in summary["reweighting"]["basins"].items():
-        lines.append(
-            f"  {name:<8} {b['reference']:.4f} | {b['raw']:.4f} | {b['reweighted']:.4f} +- "
-            f"{b['reweighted_error']:.4f} | {b['delta_f_kT']:+.2f}"
-        )
+    lines += basin_lines(summary["reweighting"]["basins"])
     h = summary["mapping_entropy"]
     lines.append(
         f"mapping entropy of the {mapping.n_cg}-bead mapping ({h['n_frames']} validation frames, K = {h['samples']}): "
@@ -370,3 +367,23 @@ def run_demo(out: Path, quick: bool = False, seed: int = 1, settings: DemoSettin
     print("\n" + text)
     print(f"\noutputs in {out.resolve()} (report in {report.resolve()})")
     return 0
+
+
+def basin_lines(basins: dict) -> list[str]:
+    """The report's line per basin (reference | raw | reweighted +- error | dF in kT). dF is said to be
+    missing, with the reason, where the reference or the reweighted samples have no weight in the basin,
+    and an error that could not be estimated (fewer frames than blocks) is n/a."""
+
+    def delta_f(b: dict) -> str:
+        if b["reference"] <= 0:
+            return "none: the reference has no frame in this basin"
+        if b["reweighted"] <= 0:
+            return "none: no sample with weight in this basin"
+        return f"{b['delta_f_kT']:+.2f}"
+
+    return [
+        f"  {name:<8} {b['reference']:.4f} | {b['raw']:.4f} | {b['reweighted']:.4f} +- "
+        + (f"{b['reweighted_error']:.4f}" if np.isfinite(b["reweighted_error"]) else "n/a")
+        + f" | {delta_f(b)}"
+        for name, b in basins.items()
+    ]

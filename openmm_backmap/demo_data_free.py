@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openmm_backmap.demo import _Stages, compile_cg_force, run_cg_simulation
+from openmm_backmap.demo import _Stages, basin_lines, compile_cg_force, run_cg_simulation
 from openmm_backmap.training.joint import JointTraining
 
 # Basin populations of alanine dipeptide in vacuum at 300 K (benchmarks/RESULTS.md, "Basin populations"):
@@ -421,12 +421,12 @@ def data_free_report_lines(summary: dict, n_cg: int) -> list[str]:
         "model, not of MD)",
         "basin populations of the joint model's samples (reference | raw | reweighted +- bootstrap error | dF in kT)",
     ]
-    lines += _basin_lines(model["basins"])
+    lines += basin_lines(model["basins"])
     lines.append(
         f"basin populations of the CG run, {run['n_samples']} AA frames, run ESS/N {run['ess_fraction']:.2f} "
         "(reference | raw reconstructions | reweighted +- block error | dF in kT)"
     )
-    lines += _basin_lines(run["basins"])
+    lines += basin_lines(run["basins"])
     lines += [
         "reference populations: C7eq, C5, alpha_R from 240 ns of MD, alpha_L from umbrella sampling "
         "(benchmarks/RESULTS.md); no MD runs in this demo",
@@ -434,15 +434,3 @@ def data_free_report_lines(summary: dict, n_cg: int) -> list[str]:
         f"mapping entropy of the {n_cg}-bead mapping: not available ({NOT_AVAILABLE['mapping_entropy']})",
     ]
     return lines
-
-
-def _basin_lines(basins: dict) -> list[str]:
-    """One line per basin; a basin without weight has no dF and says so (it was not sampled), an
-    error that could not be estimated (fewer frames than blocks) is n/a."""
-    return [
-        f"  {name:<8} {b['reference']:.4f} | {b['raw']:.4f} | {b['reweighted']:.4f} +- "
-        + (f"{b['reweighted_error']:.4f}" if np.isfinite(b["reweighted_error"]) else "n/a")
-        + " | "
-        + (f"{b['delta_f_kT']:+.2f}" if b["reweighted"] > 0 else "none: no sample with weight in this basin")
-        for name, b in basins.items()
-    ]

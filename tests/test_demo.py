@@ -162,3 +162,18 @@ def test_joint_checkpoint_of_another_molecule_is_refused(data_free_demo, tmp_pat
     torch.save(payload, other)
     with pytest.raises(ValueError, match="another molecule"):
         _check_joint_checkpoint(other, builtin_system("ala2")[0])
+
+
+def test_basin_lines_name_a_missing_delta_f():
+    from openmm_backmap.demo import basin_lines
+
+    basins = {
+        "C7eq": {"reference": 0.45, "raw": 0.5, "reweighted": 0.4, "reweighted_error": 0.01, "delta_f_kT": 0.118},
+        "alpha_L": {"reference": 0.0, "raw": 0.02, "reweighted": 0.002, "reweighted_error": 0.001},
+        "alpha_R": {"reference": 0.001, "raw": 0.0, "reweighted": 0.0, "reweighted_error": float("nan")},
+    }
+    lines = basin_lines(basins)
+    assert lines[0] == "  C7eq     0.4500 | 0.5000 | 0.4000 +- 0.0100 | +0.12"
+    assert lines[1].endswith("| none: the reference has no frame in this basin")
+    assert lines[2].endswith("+- n/a | none: no sample with weight in this basin")
+    assert not any("nan" in line for line in lines)
