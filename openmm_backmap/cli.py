@@ -782,7 +782,7 @@ def _add_evaluate(sub) -> None:
         "--model",
         required=True,
         help="backmapper model file (.pt), or a protein model (protein-ca, protein-backbone, or its file), "
-        "bound to the reference's chain",
+        "bound to the reference's chain or chains",
     )
     p.add_argument("--reference", required=True, help="AA reference trajectory (independent of training)")
     p.add_argument("--topology", required=True, help="AA topology (PDB) of the reference")
@@ -841,7 +841,7 @@ def _add_hybrid(sub) -> None:
         "--model",
         required=True,
         help="backmapper model file (.pt), or a protein model (protein-ca, protein-backbone, or its file), "
-        "bound to the chain of --start",
+        "bound to the chain or chains of --start",
     )
     p.add_argument("--cg-model", required=True, help="CG potential model file (.pt)")
     p.add_argument(

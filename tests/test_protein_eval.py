@@ -28,7 +28,7 @@ from openmm_backmap.analysis.reweighting import conditional_ess
 from openmm_backmap.cli import main
 from openmm_backmap.io.backmap_model import ProteinChainModel, load_model
 from openmm_backmap.models.protein import ProteinBackmapper
-from openmm_backmap.models.residues import build_chain, canonical_hydrogens
+from openmm_backmap.models.residues import build_chain, build_chains, canonical_hydrogens
 from openmm_backmap.training.protein import TrainConfig, chain_positions, train
 from openmm_backmap.units import kT
 
@@ -168,20 +168,25 @@ def test_evaluate_refuses_a_chain_it_cannot_bind(shipped, chignolin, reference, 
 
 
 # ----------------------------------------------------------------------------- hybrid
-@pytest.fixture(scope="module")
-def cg_flow(pretrained_dir, chignolin, reference, tmp_path_factory):
-    """A small CG flow potential over chignolin's C-alphas, exported as a model file."""
+def _ca_cg_topology(sequences: list[list[str]]) -> md.Topology:
+    """A CG topology of C-alpha beads, one chain per sequence."""
+    cg = md.Topology()
+    for names in sequences:
+        chain = cg.add_chain()
+        for r, n in enumerate(names):
+            cg.add_atom("CA", md.element.carbon, cg.add_residue(n, chain, resSeq=r + 1))
+    return cg
+
+
+def _cg_flow_file(pretrained_dir: Path, cg: md.Topology, x: np.ndarray, path: Path) -> Path:
+    """A small CG flow potential over the C-alphas of ``cg``, fitted to noisy copies of the AA
+    positions x (1, n, 3) nm (model order) and exported as a model file."""
     from openmm_backmap.io.backmap_model import ProteinModel
     from openmm_backmap.io.checkpoints import make_cg_spec
     from openmm_backmap.io.model_files import export_cg
     from openmm_backmap.models.cg_potential import CGFlowPotential
     from openmm_backmap.training.cg_potential import train_cg
 
-    _, names, x = chignolin
-    cg = md.Topology()
-    chain = cg.add_chain()
-    for r, n in enumerate(names):
-        cg.add_atom("CA", md.element.carbon, cg.add_residue(n, chain, resSeq=r + 1))
     bound = ProteinModel("protein-ca", pretrained_dir / "protein-ca.pt").bind(cg, device="cpu")
     rng = np.random.default_rng(1)
     X = bound.mapping.project(x[0] + rng.normal(0.0, 0.01, (64,) + x.shape[1:]))
@@ -189,9 +194,15 @@ def cg_flow(pretrained_dir, chignolin, reference, tmp_path_factory):
     model = CGFlowPotential.from_data(X, bound.mapping.cg_bonds(), temperature=T, n_layers=2, hidden=16, n_hidden=1)
     spec = make_cg_spec(model, bound.mapping, reference_xyz=x[0])
     train_cg(model, spec, X[:48], X[48:], epochs=2, progress=False)
-    path = tmp_path_factory.mktemp("cg") / "cg.pt"
     export_cg(model, spec, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def cg_flow(pretrained_dir, chignolin, tmp_path_factory):
+    """A small CG flow potential over chignolin's C-alphas, exported as a model file."""
+    _, names, x = chignolin
+    return _cg_flow_file(pretrained_dir, _ca_cg_topology([names]), x, tmp_path_factory.mktemp("cg") / "cg.pt")
 
 
 def test_hybrid_state_of_a_protein_model_is_amber14_gbn2_and_its_log_q(shipped, chignolin, cg_flow):
@@ -274,6 +285,80 @@ def test_hybrid_command_runs_a_protein_model(shipped, cg_flow, tmp_path, capsys)
 
 def _ca_topology(top: md.Topology) -> md.Topology:
     return top.subset(top.select("name CA"))
+
+
+# ----------------------------------------------------------------------------- complexes
+@pytest.fixture(scope="module")
+def complex_reference(reference):
+    """Two chignolin chains 4 nm apart (the PDB's atom order in each), eight noisy frames."""
+    other = md.Trajectory(reference.xyz + np.float32([4.0, 0.0, 0.0]), reference.topology)
+    both = reference.stack(other)
+    assert both.topology.n_chains == 2
+    return both
+
+
+def _context_of(top: md.Topology):
+    """An OpenMM Context of amber14 + GBn2 on a topology as it is (its atom order, termini per chain)."""
+    system = app.ForceField("amber14-all.xml", "implicit/gbn2.xml").createSystem(
+        top.to_openmm(), nonbondedMethod=app.NoCutoff, constraints=app.HBonds
+    )
+    return openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+
+
+def test_evaluate_and_hybrid_bind_a_complex(shipped, pretrained_dir, chignolin, complex_reference, tmp_path, capsys):
+    """A reference of two chains binds the protein model to both (each with its termini): the
+    samples redrawn with the seed, their energies from an OpenMM Context on the reference's own
+    two-chain topology, and the report's energy W1, conditional ESS and NLL recomputed from them
+    agree; the hybrid sampler starts from a two-chain structure with U_AA equal to OpenMM's and
+    runs; a CG topology of one of the chains is refused, naming both."""
+    _, names, _ = chignolin
+    metrics = evaluate_model("protein-ca", complex_reference, None, n_frames=8, samples=4, seed=3, plots=False)
+
+    model = load_model("protein-ca", cg_topology=_ca_cg_topology([names, names]), device="cpu")
+    perm = _to_model_order(model, complex_reference.topology)
+    ref = canonical_hydrogens(build_chains([names, names]), complex_reference.xyz[:, perm].astype(np.float64))
+    torch.manual_seed(3)
+    aa, log_q = model.sample(model.mapping.project(ref).astype(np.float32), 4)
+    ctx = _context_of(complex_reference.topology)
+    back = np.argsort(perm)
+    u_aa = np.array([_energy(ctx, x[back]) for x in aa]).reshape(8, 4)
+    u_ref = np.array([_energy(ctx, x) for x in complex_reference.xyz])
+    assert metrics["energy_w1_kjmol"] == pytest.approx(energy_w1(u_aa[:, 0], u_ref), rel=1e-4, abs=1e-3)
+    assert metrics["conditional_ess"] == pytest.approx(conditional_ess(u_aa, log_q.reshape(8, 4), T), rel=1e-4)
+    nll = -model.log_prob(ref.astype(np.float32)).astype(np.float64).mean() / model.n_aa
+    assert metrics["nll_per_atom"] == pytest.approx(nll, rel=1e-5)
+
+    # the hybrid sampler from a two-chain start, with a CG flow over both chains' C-alphas
+    from openmm_backmap.openmm.energies import aa_energy
+    from openmm_backmap.sampling.hybrid import _load_inputs
+
+    start = tmp_path / "complex.pdb"
+    complex_reference[0].save_pdb(str(start))
+    flow = _cg_flow_file(pretrained_dir, _ca_cg_topology([names, names]), ref[:1], tmp_path / "cg2.pt")
+    inputs = _load_inputs("protein-ca", str(flow), str(start), None, None)
+    pdb = app.PDBFile(str(start))
+    x_pdb = np.asarray(pdb.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+    start_ctx = _context_of(md.load(str(start)).topology)
+    u_model = float(aa_energy(inputs.system)(torch.as_tensor(inputs.x0[None])).item())
+    assert u_model == pytest.approx(_energy(start_ctx, x_pdb), rel=1e-4)
+    out = tmp_path / "h"
+    argv = ["hybrid", "--model", "protein-ca", "--cg-model", str(flow), "--start", str(start)]
+    argv += ["--iterations", "2", "--out", str(out), "--langevin-steps", "2", "--attempts", "2", "--seed", "1"]
+    assert main(argv) == 0, capsys.readouterr().err
+    traj = md.load(str(out / "trajectory.dcd"), top=model.topology)
+    assert traj.n_frames == 2 and np.all(np.isfinite(traj.xyz))
+
+    # a CG topology of one chain for a reference of two
+    with pytest.raises(ValueError, match=r"is not the AA topology's chain GLY .* / GLY"):
+        evaluate_model(
+            "protein-ca",
+            complex_reference,
+            None,
+            n_frames=2,
+            samples=2,
+            cg_topology=_ca_cg_topology([names]),
+            plots=False,
+        )
 
 
 # ----------------------------------------------------------------------------- warm-started training

@@ -5,7 +5,7 @@ projection is backmapped with K samples each; the metrics (bond and clash scores
 RMSD and diversity, NLL, energy W1, Ramachandran JS, conditional ESS: definitions in
 :mod:`openmm_backmap.analysis.metrics` and :mod:`openmm_backmap.analysis.reweighting`) are computed
 from those samples and written to ``metrics.json``, with the plots of :mod:`openmm_backmap.analysis.plots`.
-A protein model (``protein-ca``, ``protein-backbone`` or a protein model file) is bound to the chain
+A protein model (``protein-ca``, ``protein-backbone`` or a protein model file) is bound to the chain or chains
 of the reference (or of a CG topology) by :func:`bind_protein_model`, and its energies are amber14 +
 GBn2 unless an AA System is given.
 :func:`evaluate_run`: the basin populations of a BackmapReporter run, raw and reweighted, against a
@@ -38,7 +38,7 @@ from openmm_backmap.io.backmap_model import ProteinChainModel, ProteinModel, loa
 from openmm_backmap.io.energy_file import read_energy_file
 from openmm_backmap.io.protein_models import load_cg_topology, protein_model_path
 from openmm_backmap.mapping import as_mdtraj_topology
-from openmm_backmap.models.residues import MAPPINGS, build_chain, canonical_hydrogens, residue_template_name
+from openmm_backmap.models.residues import MAPPINGS, build_chains, canonical_hydrogens, residue_template_name
 from openmm_backmap.openmm.energies import aa_energy, check_system_matches, model_system
 
 
@@ -64,7 +64,7 @@ def bind_protein_model(
         against the AA topology's chain).
     aa_topology
         The AA topology (mdtraj or OpenMM, or a file) of the structures to compare with: one chain
-        of amber14 residues (histidines named HIS are told apart by their protons).
+        of amber14 residues or several (a complex; histidines named HIS are told apart by their protons).
     cg_topology
         Optional CG topology to bind to instead of the beads of ``aa_topology``; its residues must
         be the AA topology's.
@@ -82,23 +82,27 @@ def bind_protein_model(
         topology is another chain.
     """
     top = as_mdtraj_topology(aa_topology)
-    if top.n_chains != 1:
-        raise ValueError(f"the AA topology has {top.n_chains} chains; a protein model is bound to one chain")
-    names = [
-        residue_template_name(r.name, [a.name for a in r.atoms], f"the AA topology's residue {r}") for r in top.residues
+    sequences = [
+        [residue_template_name(r.name, [a.name for a in r.atoms], f"the AA topology's residue {r}") for r in c.residues]
+        for c in top.chains
+        if c.n_residues
     ]
     if isinstance(model, ProteinChainModel):
         if cg_topology is not None:
             model.check_cg_topology(cg_topology)
         bound = model
     else:
-        bound = _bind(model, names, top, cg_topology, device)
-    model_names = [r.name for r in as_mdtraj_topology(bound.topology).residues]
-    if model_names != names:
+        bound = _bind(model, sequences, top, cg_topology, device)
+    model_sequences = bound_sequences(bound)
+    if model_sequences != sequences:
+
+        def residues(chains: list[list[str]]) -> str:  # chains separated by " / "
+            return " / ".join(" ".join(q) for q in chains)
+
         raise ValueError(
-            f"the CG topology's chain {' '.join(model_names)} is not the AA topology's chain {' '.join(names)}"
+            f"the CG topology's chain {residues(model_sequences)} is not the AA topology's chain {residues(sequences)}"
         )
-    if list(build_chain(names).atom_names) != bound.metadata["atom_names"]:
+    if list(build_chains(sequences).atom_names) != bound.metadata["atom_names"]:
         raise ValueError("the bound model's atoms are not its chain template's; the protein model file is damaged")
     return bound, chain_atom_order(bound, top)
 
@@ -130,25 +134,31 @@ def chain_atom_order(model: ProteinChainModel, topology: Any) -> np.ndarray:
     return np.array([where[k] for k in mine], dtype=np.int64)
 
 
-def _bind(model: Any, names: list[str], top: md.Topology, cg_topology: Any, device: str) -> ProteinChainModel:
-    """``model`` bound to ``cg_topology``, or to the beads of the chain ``names`` of ``top``."""
+def _bind(model: Any, sequences: list[list[str]], top: md.Topology, cg_topology: Any, device: str) -> ProteinChainModel:
+    """``model`` bound to ``cg_topology``, or to the beads of the chains ``sequences`` of ``top``."""
     unbound = model if isinstance(model, ProteinModel) else load_model(model)
     if cg_topology is None:
         cg = md.Topology()
-        chain = cg.add_chain()
-        for name, res in zip(names, top.residues):
-            residue = cg.add_residue(name, chain, resSeq=res.resSeq)
-            for bead in MAPPINGS[unbound.mapping][name]:
-                cg.add_atom(bead, md.element.get_by_symbol(bead[0]), residue)
+        aa_chains = [c for c in top.chains if c.n_residues]
+        for names, aa_chain in zip(sequences, aa_chains):
+            chain = cg.add_chain(chain_id=getattr(aa_chain, "chain_id", None))
+            for name, res in zip(names, aa_chain.residues):
+                residue = cg.add_residue(name, chain, resSeq=res.resSeq)
+                for bead in MAPPINGS[unbound.mapping][name]:
+                    cg.add_atom(bead, md.element.get_by_symbol(bead[0]), residue)
         cg_topology = cg
     return unbound.bind(load_cg_topology(cg_topology), device=device)
+
+
+def bound_sequences(model: ProteinChainModel) -> list[list[str]]:
+    """The residue names (amber14 templates) of a bound model's chains, chain by chain."""
+    return [[r.name for r in c.residues] for c in as_mdtraj_topology(model.topology).chains if c.n_residues]
 
 
 def chain_frames(model: ProteinChainModel, xyz: np.ndarray, perm: np.ndarray) -> np.ndarray:
     """AA frames (N, n_atoms, 3) in a topology's atom order -> the bound model's order, with
     equivalent hydrogens named as the model was trained (energies unchanged)."""
-    names = [r.name for r in as_mdtraj_topology(model.topology).residues]
-    return canonical_hydrogens(build_chain(names), np.asarray(xyz)[:, perm])
+    return canonical_hydrogens(build_chains(bound_sequences(model)), np.asarray(xyz)[:, perm])
 
 
 def _in_order(energy, order: np.ndarray):
