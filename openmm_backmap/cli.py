@@ -582,6 +582,13 @@ def _add_train_joint(sub) -> None:
         help=f"CG draws the refinement conditions on (default {d.refine_frames})",
     )
     p.add_argument(
+        "--refine-tau",
+        type=float,
+        default=d.refine_tau,
+        help="draw the refinement's CG frames from the flow with its angle and dihedral latents widened by this "
+        f"factor (>= 1; default {d.refine_tau:g}: the flow itself)",
+    )
+    p.add_argument(
         "--cycles",
         type=_count0,
         default=d.cycles,
@@ -650,6 +657,7 @@ def _cmd_train_joint(args) -> int:
         select_batch=args.select_batch,
         refine_steps=args.refine_steps,
         refine_frames=args.refine_frames,
+        refine_tau=args.refine_tau,
         cycles=args.cycles,
         cycle_samples=args.cycle_samples,
         cycle_per_frame=args.cycle_per_frame,

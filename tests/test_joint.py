@@ -538,6 +538,49 @@ def test_refinement_at_the_target_lowers_the_conditional_reverse_kl(tiny_joint):
     assert all(torch.equal(cg_before[k], v) for k, v in model.cg.state_dict().items())
 
 
+def test_refinement_frames_from_the_widened_flow(tiny_joint, monkeypatch):
+    """refine_tau > 1: the refinement trains on frames of the widened flow (angles and dihedrals
+    widened, so on average less probable under the flow, with wider bond angles) and selects its
+    state on frames of the flow itself; tau < 1 is refused."""
+    import openmm_backmap.training.backmapper as backmapper
+    from openmm_backmap.io.checkpoints import load_joint_checkpoint
+    from openmm_backmap.training.joint import JointTraining, refine_at_target
+
+    ckpt, _ = tiny_joint
+    model, saved = load_joint_checkpoint(ckpt)
+    seen = {}
+
+    def angle_spread(X: np.ndarray) -> float:  # std of the C1-N-CA bond angle (beads 0, 1, 2 are bonded)
+        a, b = X[:, 0] - X[:, 1], X[:, 2] - X[:, 1]
+        cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        return float(np.std(np.arccos(np.clip(cos, -1.0, 1.0))))
+
+    def capture(bm, spec, energy, frames, temperature, **kw):
+        seen["train"], seen["val"] = frames, kw["val_frames"]
+        return {"steps": 0}
+
+    monkeypatch.setattr(backmapper, "refine_energy", capture)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        own = model.cg.sample(2048)[0].to(model.dtype)
+        own_lq = model.cg.log_prob(own)
+    for tau in (1.0, 1.5):
+        refine_at_target(model, saved["spec"], None, JointTraining(refine_frames=2048, refine_tau=tau), lambda m: None)
+        with torch.no_grad():
+            lq_train = model.cg.log_prob(torch.as_tensor(seen["train"])).mean().item()
+            lq_val = model.cg.log_prob(torch.as_tensor(seen["val"])).mean().item()
+        assert seen["train"].shape == (2048, 6, 3) and seen["val"].shape == (256, 6, 3)
+        assert abs(lq_val - own_lq.mean().item()) < 1.0
+        if tau == 1.0:
+            assert abs(lq_train - own_lq.mean().item()) < 0.5
+            spread_own = angle_spread(seen["train"])
+        else:
+            assert lq_train < own_lq.mean().item() - 1.0
+            assert angle_spread(seen["train"]) > 1.2 * spread_own
+    with pytest.raises(ValueError, match="refine_tau must be >= 1"):
+        JointTraining(refine_tau=0.5)
+
+
 def test_train_joint_runs_the_stages_at_the_target_and_records_them(ala2_files, tmp_path):
     """--refine-steps and --cycles: the checkpoint records the refinement and one record per cycle
     evaluation (ESS/N of the draws and of the pairs, the refit's tempering), and exports as before."""
@@ -549,11 +592,13 @@ def test_train_joint_runs_the_stages_at_the_target_and_records_them(ala2_files, 
     argv += [str(ala2_files / "ala2_system.xml"), "--mapping", str(ala2_files / "six_bead.json")]
     argv += ["--out", str(ckpt), "--t-start", str(T), "--steps", "4", "--final-steps", "2", "--check-every", "2"]
     argv += ["--batch-size", "16", "--eval-batch", "32", "--layers", "2", "--hidden", "16", "--cg-layers", "2"]
-    argv += ["--cg-hidden", "16", "--refine-steps", "5", "--refine-frames", "64", "--cycles", "2"]
+    argv += ["--cg-hidden", "16", "--refine-steps", "5", "--refine-frames", "64", "--refine-tau", "1.5"]
+    argv += ["--cycles", "2"]
     argv += ["--cycle-samples", "200", "--cycle-per-frame", "2", "--cycle-refine-steps", "3", "--threads", "1"]
     assert main(argv) == 0
-    rkl = read_checkpoint(ckpt)["spec"]["training"]["reverse_kl"]
-    assert rkl["refine"]["steps"] == 5
+    training = read_checkpoint(ckpt)["spec"]["training"]
+    rkl = training["reverse_kl"]
+    assert rkl["refine"]["steps"] == 5 and training["settings"]["refine_tau"] == 1.5
     assert [c["cycle"] for c in rkl["cycles"]] == [0, 1, 2]
     assert all(0.0 < c["ess_fraction"] <= 1.0 and 0.0 < c["pair_ess_fraction"] <= 1.0 for c in rkl["cycles"])
     assert all(0.0 < c["lambda"] <= 1.0 for c in rkl["cycles"][:2]) and "lambda" not in rkl["cycles"][2]

@@ -498,10 +498,14 @@ class JointTraining:
         Samples drawn at the end: CG prior bounds, bead ranges and the reported ESS/N.
     checkpoint_every
         Tempering checks between intermediate checkpoints.
-    refine_steps, refine_frames, refine_lr
+    refine_steps, refine_frames, refine_lr, refine_tau
         After the tempered reverse KL: steps of reverse KL of the backmapper alone at the target,
         conditioned on ``refine_frames`` fixed draws of q(X) (0 steps: none). Given X the target is
         close to unimodal, so the mode-seeking reverse KL is safe there, and the conditional ESS rises.
+        With ``refine_tau`` > 1 the frames are drawn from the flow with its bond-angle and dihedral
+        latents widened by that factor (:class:`~openmm_backmap.training.cycle.TemperedFlow`), so
+        that frames the flow rarely draws get reconstructions too; any distribution of frames leaves
+        the conditional target unchanged. The frames that select the best state are drawn from q(X).
     cycles, cycle_samples, cycle_per_frame, cycle_refine_steps
         Then cycles of importance-weighted maximum likelihood of the CG flow
         (:func:`~openmm_backmap.training.cycle.run_cycles`, the ``cycle`` command's loop and its
@@ -542,6 +546,7 @@ class JointTraining:
     refine_steps: int = 0
     refine_frames: int = 16384
     refine_lr: float = 3e-4
+    refine_tau: float = 1.0
     cycles: int = 0
     cycle_samples: int = 5000
     cycle_per_frame: int = 4
@@ -555,6 +560,8 @@ class JointTraining:
         for name in ("refine_frames", "cycle_samples", "cycle_per_frame"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"JointTraining: {name} must be >= 1, got {getattr(self, name)}")
+        if not float(self.refine_tau) >= 1.0:
+            raise ValueError(f"JointTraining: refine_tau must be >= 1 (1: the flow itself), got {self.refine_tau}")
 
     def schedule(self) -> TemperingSchedule:
         return TemperingSchedule(
@@ -649,32 +656,43 @@ def draw(model, energy, n: int, batch: int = 2048) -> dict[str, np.ndarray]:
 
 def refine_at_target(model, spec: dict, energy, settings: JointTraining, log: Callable[[str], None] = print) -> dict:
     """Reverse KL of the joint model's backmapper alone at the target temperature, conditioned on
-    ``settings.refine_frames`` fixed draws of its CG flow (the last 256 of them select the best state),
-    through :func:`~openmm_backmap.training.backmapper.refine_energy` (from 1.5 x the target over the
-    first fifth of the steps). Returns its summary without the history."""
+    ``settings.refine_frames`` fixed draws of its CG flow (widened by ``settings.refine_tau``; 256 more
+    draws of the flow itself select the best state), through
+    :func:`~openmm_backmap.training.backmapper.refine_energy` (from 1.5 x the target over the first
+    fifth of the steps). Returns its summary without the history."""
     from openmm_backmap.training.backmapper import refine_energy
+    from openmm_backmap.training.cycle import TemperedFlow
 
     s = settings
     t0 = time.time()
     torch.manual_seed(s.seed + 17)
     model.eval()
-    with torch.no_grad():
-        X = torch.cat(
-            [model.cg.sample(min(4096, s.refine_frames + 256 - k))[0] for k in range(0, s.refine_frames + 256, 4096)]
-        )
-    X = X.to(model.dtype).numpy()
+    flow = TemperedFlow(model.cg)
+
+    @torch.no_grad()
+    def frames(n: int, tau: float) -> np.ndarray:
+        def chunk(m: int) -> Tensor:
+            return model.cg.sample(m)[0] if tau == 1.0 else flow.sample(m, tau)[0]
+
+        return torch.cat([chunk(min(4096, n - k)) for k in range(0, n, 4096)]).to(model.dtype).numpy()
+
+    if s.refine_tau == 1.0:  # one stream of draws: the last 256 select the state
+        X = frames(s.refine_frames + 256, 1.0)
+        X, X_val = X[: s.refine_frames], X[s.refine_frames :]
+    else:
+        X, X_val = frames(s.refine_frames, s.refine_tau), frames(256, 1.0)
     out = refine_energy(
         model.bm,
         spec["backmapper"],
         energy,
-        X[: s.refine_frames],
+        X,
         s.temperature,
         steps=s.refine_steps,
         batch_size=128,
         lr=s.refine_lr,
         t_start=1.5 * s.temperature,
         anneal_fraction=0.2,
-        val_frames=X[s.refine_frames :],
+        val_frames=X_val,
         eval_every=100,
         seed=s.seed,
         progress=False,
@@ -682,7 +700,8 @@ def refine_at_target(model, spec: dict, energy, settings: JointTraining, log: Ca
     model.eval()
     out = {k: v for k, v in out.items() if k != "history"}
     out["seconds"] = time.time() - t0
-    log(f"backmapper refined at {s.temperature} K: {s.refine_steps} steps on {s.refine_frames} CG draws")
+    widened = f" (angles and dihedrals widened x{s.refine_tau:g})" if s.refine_tau != 1.0 else ""
+    log(f"backmapper refined at {s.temperature} K: {s.refine_steps} steps on {s.refine_frames} CG draws{widened}")
     return out
 
 
