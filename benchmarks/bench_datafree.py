@@ -14,7 +14,7 @@ log w = -U_AA(x) / kT - log q(X) - log q(x | X), and reports
 
 Usage::
 
-    python benchmarks/bench_datafree.py CHECKPOINT --out DIR [--samples 20000] [--reference-dcd a.dcd ...]
+    python benchmarks/bench_datafree.py CHECKPOINT --out DIR [--samples 20000] [--reference-dcd a.dcd ...] [--tail N]
     python benchmarks/bench_datafree.py CHECKPOINT --out DIR --cg-md CG.pt[2] BACKMAPPER.pt --steps N \\
         --reference-dcd a.dcd --reference-pdb a.pdb
 
@@ -38,7 +38,47 @@ import numpy as np
 REFERENCE = {"C7eq": 0.4534, "C5": 0.5451, "alpha_R": 0.00068, "alpha_L": 0.00884}
 
 
-def evaluate(checkpoint: str, out: Path, n_samples: int, seed: int, ref_dcd: list[str], ref_pdb: str | None) -> dict:
+def weight_tail(model, energy, draws: dict, lw: np.ndarray, phi, psi, T: float, n: int, k: int = 512) -> list[dict]:
+    """The n largest joint weights: where they are (phi, psi in degrees, as ``backbone_dihedrals``
+    gives them; log q(X) and its quantile
+    among the draws) and whether the CG flow or the backmapper makes them. Each such CG frame is
+    backmapped k more times: its conditional ESS, and how far the sample's conditional log weight
+    -u - log q(x | X) lies above the frame's log mean conditional weight (near 0: the weight comes
+    from q(X), the CG flow; large: from the backmapper's tail)."""
+    import torch
+
+    from openmm_backmap.analysis.reweighting import kish_ess
+    from openmm_backmap.units import kT
+
+    beta = 1.0 / kT(T)
+    total = np.logaddexp.reduce(lw[np.isfinite(lw)])
+    rows = []
+    for i in np.argsort(-lw)[:n]:
+        X = torch.as_tensor(draws["X"][i : i + 1]).to(model.dtype)
+        with torch.no_grad():
+            x, lq = model.bm.sample(X, k)
+            u = beta * energy(x.reshape(-1, *x.shape[-2:])).double().numpy()
+        cw = -u - lq.reshape(-1).double().numpy()
+        cw = np.where(np.isfinite(cw), cw, -np.inf)
+        log_mean = np.logaddexp.reduce(cw) - math.log(len(cw))
+        rows.append(
+            {
+                "weight_share": float(np.exp(lw[i] - total)),
+                "log_w_above_median": float(lw[i] - np.median(lw[np.isfinite(lw)])),
+                "phi_deg": float(phi[i]),
+                "psi_deg": float(psi[i]),
+                "log_qX": float(draws["log_qX"][i]),
+                "log_qX_quantile": float(np.mean(draws["log_qX"] < draws["log_qX"][i])),
+                "conditional_ess": float(kish_ess(cw) / len(cw)),
+                "above_frame_mean_nats": float(-beta * draws["u"][i] - draws["log_qx"][i] - log_mean),
+            }
+        )
+    return rows
+
+
+def evaluate(
+    checkpoint: str, out: Path, n_samples: int, seed: int, ref_dcd: list[str], ref_pdb: str | None, tail: int = 0
+) -> dict:
     import mdtraj as md
     import torch
 
@@ -94,6 +134,8 @@ def evaluate(checkpoint: str, out: Path, n_samples: int, seed: int, ref_dcd: lis
             for k in ("final_T", "reached_target", "steps", "wall_seconds", "cpu_seconds", "final_ess_per_n")
         },
     }
+    if tail:
+        result["tail"] = weight_tail(model, energy, s, lw, phi, psi, T, tail)
     out.mkdir(parents=True, exist_ok=True)
     (out / "datafree_ala2.json").write_text(json.dumps(result, indent=1))
     plot(out / "datafree_ala2_fes.png", phi, psi, w, T, ref_dcd, ref_pdb, result)
@@ -205,6 +247,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reference-dcd", nargs="*", default=[])
     ap.add_argument("--reference-pdb")
+    ap.add_argument(
+        "--tail", type=int, default=0, help="report the N largest weights: where they are and what makes them"
+    )
     args = ap.parse_args()
     import torch
 
@@ -233,7 +278,9 @@ def main() -> None:
                 f"{b['reference_project']:.5f} | {b['delta_kT_project']:.2f} |"
             )
         return
-    result = evaluate(args.checkpoint, Path(args.out), args.samples, args.seed, args.reference_dcd, args.reference_pdb)
+    result = evaluate(
+        args.checkpoint, Path(args.out), args.samples, args.seed, args.reference_dcd, args.reference_pdb, args.tail
+    )
     print(json.dumps(result, indent=1))
     print("| basin | raw | reweighted | reference | abs log ratio (kT) |")
     print("|---|---|---|---|---|")
