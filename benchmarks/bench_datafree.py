@@ -14,7 +14,8 @@ log w = -U_AA(x) / kT - log q(X) - log q(x | X), and reports
 
 Usage::
 
-    python benchmarks/bench_datafree.py CHECKPOINT --out DIR [--samples 20000] [--reference-dcd a.dcd ...] [--tail N]
+    python benchmarks/bench_datafree.py CHECKPOINT --out DIR [--samples 20000] [--reference-dcd a.dcd ...] \
+        [--tail N] [--basin-weights]
     python benchmarks/bench_datafree.py CHECKPOINT --out DIR --cg-md CG.pt[2] BACKMAPPER.pt --steps N \\
         --reference-dcd a.dcd --reference-pdb a.pdb
 
@@ -76,8 +77,50 @@ def weight_tail(model, energy, draws: dict, lw: np.ndarray, phi, psi, T: float, 
     return rows
 
 
+def basin_frame_weights(model, energy, draws: dict, ind: dict, T: float, n: int = 64, k: int = 64) -> dict:
+    """Per basin, up to n of the model's own CG frames there, each backmapped k times: the median frame
+    log weight log mean_k exp(-u - log q(x | X)) - log q(X) relative to C7eq's, and the median
+    conditional ESS/N. A basin whose frames sit many nats below C7eq's carries almost no weight, and
+    when its conditional ESS is fair that is the CG frames' geometry (their fibre integrals), not the
+    backmapper's tail."""
+    import torch
+
+    from openmm_backmap.units import kT
+
+    beta = 1.0 / kT(T)
+    out = {}
+    for name, mask in ind.items():
+        idx = np.flatnonzero(mask)[:n]
+        if len(idx) == 0:
+            out[name] = {"frames": 0}
+            continue
+        X = torch.as_tensor(draws["X"][idx]).to(model.dtype)
+        with torch.no_grad():
+            x, lq = model.bm.sample(X, k)
+            u = beta * energy(x.reshape(-1, *x.shape[-2:])).double().numpy().reshape(len(idx), k)
+        cw = -u - lq.double().numpy().reshape(len(idx), k)
+        cw = np.where(np.isfinite(cw), cw, -np.inf)
+        log_sum = np.logaddexp.reduce(cw, axis=1)
+        frame = log_sum - math.log(k) - draws["log_qX"][idx]
+        ess = np.exp(2.0 * log_sum - np.logaddexp.reduce(2.0 * cw, axis=1)) / k
+        out[name] = {"frames": int(len(idx)), "median_frame_log_w": float(np.median(frame))}
+        out[name]["median_conditional_ess"] = float(np.median(ess))
+    ref = out.get("C7eq", {}).get("median_frame_log_w")
+    for v in out.values():
+        if ref is not None and "median_frame_log_w" in v:
+            v["below_c7eq_nats"] = float(ref - v["median_frame_log_w"])
+    return out
+
+
 def evaluate(
-    checkpoint: str, out: Path, n_samples: int, seed: int, ref_dcd: list[str], ref_pdb: str | None, tail: int = 0
+    checkpoint: str,
+    out: Path,
+    n_samples: int,
+    seed: int,
+    ref_dcd: list[str],
+    ref_pdb: str | None,
+    tail: int = 0,
+    basin_weights: bool = False,
 ) -> dict:
     import mdtraj as md
     import torch
@@ -136,6 +179,8 @@ def evaluate(
     }
     if tail:
         result["tail"] = weight_tail(model, energy, s, lw, phi, psi, T, tail)
+    if basin_weights:
+        result["basin_frame_weights"] = basin_frame_weights(model, energy, s, ind, T)
     out.mkdir(parents=True, exist_ok=True)
     (out / "datafree_ala2.json").write_text(json.dumps(result, indent=1))
     plot(out / "datafree_ala2_fes.png", phi, psi, w, T, ref_dcd, ref_pdb, result)
@@ -250,6 +295,11 @@ def main() -> None:
     ap.add_argument(
         "--tail", type=int, default=0, help="report the N largest weights: where they are and what makes them"
     )
+    ap.add_argument(
+        "--basin-weights",
+        action="store_true",
+        help="per basin, 64 of the model's CG frames backmapped 64 times: frame log weights against C7eq's",
+    )
     args = ap.parse_args()
     import torch
 
@@ -279,7 +329,14 @@ def main() -> None:
             )
         return
     result = evaluate(
-        args.checkpoint, Path(args.out), args.samples, args.seed, args.reference_dcd, args.reference_pdb, args.tail
+        args.checkpoint,
+        Path(args.out),
+        args.samples,
+        args.seed,
+        args.reference_dcd,
+        args.reference_pdb,
+        args.tail,
+        args.basin_weights,
     )
     print(json.dumps(result, indent=1))
     print("| basin | raw | reweighted | reference | abs log ratio (kT) |")
