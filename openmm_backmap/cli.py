@@ -32,18 +32,7 @@ def _count(text: str) -> int:
 
 
 def _count0(text: str) -> int:
-    """An argparse type: an integer >= 0 (steps or cycles of an optional stage; 0 turns it off)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _steps(text: str) -> int:
-    """An argparse type: an integer >= 0 (a number of MD steps, where 0 means none)."""
+    """An argparse type: an integer >= 0 (MD steps, steps or cycles of an optional stage; 0 means none)."""
     try:
         value = int(text)
     except ValueError:
@@ -406,7 +395,7 @@ def _add_train(sub) -> None:
     p.add_argument("--temporal", action="store_true", help="also condition on the previous AA frame")
     p.add_argument(
         "--energy-steps",
-        type=_steps,
+        type=_count0,
         default=d.energy_steps,
         help=f"energy-refinement steps with --aa-system (default {d.energy_steps}; 0 = ML only)",
     )
@@ -585,8 +574,9 @@ def _add_train_joint(sub) -> None:
         "--refine-tau",
         type=float,
         default=d.refine_tau,
-        help="draw the refinement's CG frames from the flow with its angle and dihedral latents widened by this "
-        f"factor (>= 1; default {d.refine_tau:g}: the flow itself)",
+        help="draw the refinement's CG frames from the flow with its bond-angle latents and those of its narrow "
+        f"(not circular) dihedrals widened by this factor, as the cycle's widened copy (>= 1; default "
+        f"{d.refine_tau:g}: the flow itself)",
     )
     p.add_argument(
         "--cycles",
@@ -868,7 +858,7 @@ def _add_hybrid(sub) -> None:
         default="flow",
         help="CG move: independent draws from the CG flow, or HMC on the CG System (default flow)",
     )
-    p.add_argument("--langevin-steps", type=_steps, default=250, help="AA Langevin steps per iteration (default 250)")
+    p.add_argument("--langevin-steps", type=_count0, default=250, help="AA Langevin steps per iteration (default 250)")
     p.add_argument("--attempts", type=_count, default=1, help="resolution moves per iteration (default 1)")
     p.add_argument("--temperature", type=float, help="kelvin (default: the model's)")
     p.add_argument("--seed", type=int, default=0)

@@ -74,6 +74,46 @@ def test_log_q_equals_autograd_log_det(chignolin, mapping, names):
     assert float(ch.log_prob(x, cg)[0].detach()) == pytest.approx(float(log_q[0].detach()), abs=1e-6)
 
 
+@pytest.mark.parametrize(
+    "mapping,names", [("ca", ["TYR", "ASP", "PRO", "GLU"]), ("backbone", ["ACE", "THR", "GLY", "NME"])]
+)
+def test_complex_log_q_equals_autograd_log_det(chignolin, mapping, names):
+    """Two copies of the chain 0.6 nm apart bound as one complex, so that each chain's rows see the
+    other chain's anchors: sampling stays a bijection whose log q is log p_base(u) - log |det dx/du|
+    (autograd, float64), and log_prob agrees; the chains do condition each other (log q differs
+    from the sum of the chains' own by more than a nat)."""
+    model = _model(chignolin, mapping, perturb=0.3)
+    ch = model.for_chains([names, names])
+    ch.free.fill_(True)
+    one = _as_tensor(chignolin[1][:, _beads_from_chignolin(chignolin, mapping)])
+    cg = torch.cat([one, one + torch.tensor([0.0, 0.6, 0.0], dtype=torch.float64)], dim=1)
+    torch.manual_seed(2)
+    u = ch.sample_noise(1, torch.float64, torch.device("cpu"))
+    placed = ch.rows[:, 0]
+
+    def f(v):
+        x, _ = ch.sample_with_noise(cg, v.reshape(1, -1, 3))
+        return x[0, placed].reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(f, u.reshape(-1), vectorize=True)
+    _, logdet = torch.linalg.slogdet(jac)
+    x, log_q = ch.sample_with_noise(cg, u)
+    base = torch.where(
+        ch.circ,
+        torch.full_like(u[0, :, 2], -math.log(2 * math.pi)),
+        -0.5 * u[0, :, 2] ** 2 - 0.5 * math.log(2 * math.pi),
+    )
+    base = base.sum() + (-0.5 * u[0, :, :2] ** 2 - 0.5 * math.log(2 * math.pi)).sum()
+    assert float(log_q[0].detach()) == pytest.approx(float(base - logdet), abs=1e-6)
+    assert float(ch.log_prob(x, cg)[0].detach()) == pytest.approx(float(log_q[0].detach()), abs=1e-6)
+    single = model.for_sequence(names)
+    single.free.fill_(True)
+    n_aa, n_cg = single.n_aa, single.n_cg
+    with torch.no_grad():
+        own = single.log_prob(x[:, :n_aa], cg[:, :n_cg]) + single.log_prob(x[:, n_aa:], cg[:, n_cg:])
+        assert abs(float(ch.log_prob(x, cg)[0]) - float(own[0])) > 1.0
+
+
 def _beads_from_chignolin(chignolin, mapping):
     """Bead atoms (chignolin indices) for a 4-residue chain: C-alphas of residues 1-4 (``ca``), or
     CA, C of residue 4 / N, CA, C of 5 and 6 / N, CA of 7 standing for ACE-THR-GLY-NME

@@ -502,9 +502,11 @@ class JointTraining:
         After the tempered reverse KL: steps of reverse KL of the backmapper alone at the target,
         conditioned on ``refine_frames`` fixed draws of q(X) (0 steps: none). Given X the target is
         close to unimodal, so the mode-seeking reverse KL is safe there, and the conditional ESS rises.
-        With ``refine_tau`` > 1 the frames are drawn from the flow with its bond-angle and dihedral
-        latents widened by that factor (:class:`~openmm_backmap.training.cycle.TemperedFlow`), so
-        that frames the flow rarely draws get reconstructions too; any distribution of frames leaves
+        With ``refine_tau`` > 1 the frames are drawn from the flow with its bond-angle latents and
+        those of its narrow (not circular) dihedrals widened by that factor
+        (:class:`~openmm_backmap.training.cycle.TemperedFlow`; the widely spread dihedrals such as
+        phi and psi keep their uniform latents), so that frames the flow rarely draws get
+        reconstructions too; any distribution of frames leaves
         the conditional target unchanged. The frames that select the best state are drawn from q(X).
     cycles, cycle_samples, cycle_per_frame, cycle_refine_steps
         Then cycles of importance-weighted maximum likelihood of the CG flow
@@ -670,17 +672,11 @@ def refine_at_target(model, spec: dict, energy, settings: JointTraining, log: Ca
     flow = TemperedFlow(model.cg)
 
     @torch.no_grad()
-    def frames(n: int, tau: float) -> np.ndarray:
-        def chunk(m: int) -> Tensor:
-            return model.cg.sample(m)[0] if tau == 1.0 else flow.sample(m, tau)[0]
+    def frames(n: int, tau: float) -> np.ndarray:  # in chunks of 4,096 draws
+        X = torch.cat([flow.sample(min(4096, n - k), tau)[0] for k in range(0, n, 4096)])
+        return X.to(model.dtype).numpy()
 
-        return torch.cat([chunk(min(4096, n - k)) for k in range(0, n, 4096)]).to(model.dtype).numpy()
-
-    if s.refine_tau == 1.0:  # one stream of draws: the last 256 select the state
-        X = frames(s.refine_frames + 256, 1.0)
-        X, X_val = X[: s.refine_frames], X[s.refine_frames :]
-    else:
-        X, X_val = frames(s.refine_frames, s.refine_tau), frames(256, 1.0)
+    X, X_val = frames(s.refine_frames, s.refine_tau), frames(256, 1.0)
     out = refine_energy(
         model.bm,
         spec["backmapper"],
@@ -700,7 +696,7 @@ def refine_at_target(model, spec: dict, energy, settings: JointTraining, log: Ca
     model.eval()
     out = {k: v for k, v in out.items() if k != "history"}
     out["seconds"] = time.time() - t0
-    widened = f" (angles and dihedrals widened x{s.refine_tau:g})" if s.refine_tau != 1.0 else ""
+    widened = f" (angle and narrow dihedral latents widened x{s.refine_tau:g})" if s.refine_tau != 1.0 else ""
     log(f"backmapper refined at {s.temperature} K: {s.refine_steps} steps on {s.refine_frames} CG draws{widened}")
     return out
 
