@@ -44,50 +44,11 @@ def _as_tensor(x):
 
 
 # ----------------------------------------------------------------------------- exact log q
-@pytest.mark.parametrize(
-    "mapping,names", [("ca", ["TYR", "ASP", "PRO", "GLU"]), ("backbone", ["ACE", "THR", "GLY", "NME"])]
-)
-def test_log_q_equals_autograd_log_det(chignolin, mapping, names):
-    """With every bond free, sampling is a bijection from base noise to the Cartesian positions of
-    the placed atoms: log q = log p_base(u) - log |det dx/du| (autograd, float64)."""
-    model = _model(chignolin, mapping, perturb=0.3)
-    ch = model.for_sequence(names)
+def _assert_log_q_is_autograd_log_det(ch, cg: torch.Tensor) -> torch.Tensor:
+    """With every bond of ``ch`` free, sampling is a bijection from base noise to the Cartesian
+    positions of the placed atoms: assert log q = log p_base(u) - log |det dx/du| (autograd,
+    float64) and log_prob = log q for one draw at ``cg``; returns that draw x (1, n_aa, 3)."""
     ch.free.fill_(True)
-    torch.manual_seed(1)
-    cg = _as_tensor(chignolin[1][:, _beads_from_chignolin(chignolin, mapping)])
-    u = ch.sample_noise(1, torch.float64, torch.device("cpu"))
-    placed = ch.rows[:, 0]
-
-    def f(v):
-        x, _ = ch.sample_with_noise(cg, v.reshape(1, -1, 3))
-        return x[0, placed].reshape(-1)
-
-    jac = torch.autograd.functional.jacobian(f, u.reshape(-1), vectorize=True)
-    _, logdet = torch.linalg.slogdet(jac)
-    x, log_q = ch.sample_with_noise(cg, u)
-    circ = ch.circ
-    base = torch.where(
-        circ, torch.full_like(u[0, :, 2], -math.log(2 * math.pi)), -0.5 * u[0, :, 2] ** 2 - 0.5 * math.log(2 * math.pi)
-    )
-    base = base.sum() + (-0.5 * u[0, :, :2] ** 2 - 0.5 * math.log(2 * math.pi)).sum()
-    assert float(log_q[0].detach()) == pytest.approx(float(base - logdet), abs=1e-6)
-    assert float(ch.log_prob(x, cg)[0].detach()) == pytest.approx(float(log_q[0].detach()), abs=1e-6)
-
-
-@pytest.mark.parametrize(
-    "mapping,names", [("ca", ["TYR", "ASP", "PRO", "GLU"]), ("backbone", ["ACE", "THR", "GLY", "NME"])]
-)
-def test_complex_log_q_equals_autograd_log_det(chignolin, mapping, names):
-    """Two copies of the chain 0.6 nm apart bound as one complex, so that each chain's rows see the
-    other chain's anchors: sampling stays a bijection whose log q is log p_base(u) - log |det dx/du|
-    (autograd, float64), and log_prob agrees; the chains do condition each other (log q differs
-    from the sum of the chains' own by more than a nat)."""
-    model = _model(chignolin, mapping, perturb=0.3)
-    ch = model.for_chains([names, names])
-    ch.free.fill_(True)
-    one = _as_tensor(chignolin[1][:, _beads_from_chignolin(chignolin, mapping)])
-    cg = torch.cat([one, one + torch.tensor([0.0, 0.6, 0.0], dtype=torch.float64)], dim=1)
-    torch.manual_seed(2)
     u = ch.sample_noise(1, torch.float64, torch.device("cpu"))
     placed = ch.rows[:, 0]
 
@@ -106,6 +67,35 @@ def test_complex_log_q_equals_autograd_log_det(chignolin, mapping, names):
     base = base.sum() + (-0.5 * u[0, :, :2] ** 2 - 0.5 * math.log(2 * math.pi)).sum()
     assert float(log_q[0].detach()) == pytest.approx(float(base - logdet), abs=1e-6)
     assert float(ch.log_prob(x, cg)[0].detach()) == pytest.approx(float(log_q[0].detach()), abs=1e-6)
+    return x.detach()
+
+
+@pytest.mark.parametrize(
+    "mapping,names", [("ca", ["TYR", "ASP", "PRO", "GLU"]), ("backbone", ["ACE", "THR", "GLY", "NME"])]
+)
+def test_log_q_equals_autograd_log_det(chignolin, mapping, names):
+    """With every bond free, sampling is a bijection from base noise to the Cartesian positions of
+    the placed atoms: log q = log p_base(u) - log |det dx/du| (autograd, float64)."""
+    model = _model(chignolin, mapping, perturb=0.3)
+    torch.manual_seed(1)
+    cg = _as_tensor(chignolin[1][:, _beads_from_chignolin(chignolin, mapping)])
+    _assert_log_q_is_autograd_log_det(model.for_sequence(names), cg)
+
+
+@pytest.mark.parametrize(
+    "mapping,names", [("ca", ["TYR", "ASP", "PRO", "GLU"]), ("backbone", ["ACE", "THR", "GLY", "NME"])]
+)
+def test_complex_log_q_equals_autograd_log_det(chignolin, mapping, names):
+    """Two copies of the chain 0.6 nm apart bound as one complex, so that each chain's rows see the
+    other chain's anchors: sampling stays a bijection whose log q is log p_base(u) - log |det dx/du|
+    (autograd, float64), and log_prob agrees; the chains do condition each other (log q differs
+    from the sum of the chains' own by more than a nat)."""
+    model = _model(chignolin, mapping, perturb=0.3)
+    one = _as_tensor(chignolin[1][:, _beads_from_chignolin(chignolin, mapping)])
+    cg = torch.cat([one, one + torch.tensor([0.0, 0.6, 0.0], dtype=torch.float64)], dim=1)
+    torch.manual_seed(2)
+    ch = model.for_chains([names, names])
+    x = _assert_log_q_is_autograd_log_det(ch, cg)
     single = model.for_sequence(names)
     single.free.fill_(True)
     n_aa, n_cg = single.n_aa, single.n_cg
