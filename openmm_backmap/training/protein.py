@@ -6,8 +6,23 @@ negative log-likelihood (per residue) of a batch of frames from each of several 
 peptides are held out for validation, and the model with the lowest validation NLL is written to
 the output file (format of :meth:`ProteinBackmapper.save`) whenever it improves.
 
-Run ``python -m openmm_backmap.training.protein --data DIR --out FILE [--mapping ca]``.
-No OpenMM here: trajectories are read with mdtraj.
+With ``energy_weight`` w > 0 each step also adds w times the reverse KL per residue against
+amber14 + GBn2 (the corpus's force field) at the corpus's CG frames:
+
+    L = E_data[-log q(x | X)] / n + w E_X E_{x ~ q(.|X)}[beta U_AA(x) + log q(x | X)] / n,
+
+the forward KL (coverage of the data) plus the reverse KL (samples where the Boltzmann density is),
+the combination Boltzmann generators train with. Maximum likelihood alone leaves a tail of samples
+whose atoms overlap (an energy far above the data's at no cost in likelihood); the energy term
+pushes them out, for every residue type at once, so that what it learns transfers to sequences no
+corpus peptide has. The guard rails are those of ``finetune``: reduced energies above a cap grow
+logarithmically (the cap is the larger of the peptide's median reference energy plus ``cap_dof``
+kT per free degree of freedom and the batch's upper quartile) and the gradient norm is clipped.
+The model kept is then the one with the lowest validation objective (NLL plus w times the median of
+beta U + log q per residue over one sample per validation frame, fixed noise).
+
+Run ``python -m openmm_backmap.training.protein --data DIR --out FILE [--mapping ca] [--energy-weight W]``.
+Trajectories are read with mdtraj; OpenMM only builds the energy term's Systems.
 """
 
 from __future__ import annotations
@@ -22,18 +37,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from openmm_backmap.models.protein import ProteinBackmapper
+from openmm_backmap.models.protein import ChainBackmapper, ProteinBackmapper
 from openmm_backmap.models.residues import build_chain, canonical_hydrogens, residue_template_name
+from openmm_backmap.training.backmapper import soft_clip
+from openmm_backmap.units import kT as kT_of
 
 
 @dataclass
 class TrainConfig:
-    """Settings of :func:`train` (times in s)."""
+    """Settings of :func:`train` (times in s). Training stops at ``time_limit`` or after ``max_steps``
+    steps (0: no step limit); the learning rate follows a cosine from ``lr`` to ``lr / 20`` over
+    whichever comes first. ``energy_weight`` > 0 adds the reverse-KL term (module docstring) on
+    ``energy_frames`` CG frames (one sample each) of each of ``energy_peptides`` peptides per step,
+    at ``temperature`` K, with the cap's ``cap_dof`` kT per free degree of freedom."""
 
     data: str
     out: str
     mapping: str = "ca"
     time_limit: float = 2700.0
+    max_steps: int = 0
     batch_frames: int = 32
     peptides_per_step: int = 4
     lr: float = 2e-3
@@ -47,6 +69,11 @@ class TrainConfig:
     stats_frames: int = 60
     refresh_every: int = 100
     init: str = ""
+    energy_weight: float = 0.0
+    energy_peptides: int = 2
+    energy_frames: int = 8
+    temperature: float = 300.0
+    cap_dof: float = 1.0
 
 
 def chain_permutation(topology) -> tuple[list[str], np.ndarray]:
@@ -104,6 +131,44 @@ def corpus_ids(data: str | Path) -> list[str]:
     return list(ids["finished"] if isinstance(ids, dict) else ids)
 
 
+class CorpusEnergies:
+    """The reverse-KL term of corpus training: per peptide, the batched torch energy of its
+    amber14 + GBn2 System (bonds to hydrogen constrained, as the corpus ran and the model holds them)
+    and the cap of its reduced energies, both built on first use and kept.
+
+    The cap is beta times the median energy of up to 16 of the peptide's own frames plus
+    ``cap_dof`` per free degree of freedom (those the flow places)."""
+
+    def __init__(self, temperature: float, cap_dof: float) -> None:
+        self.beta = 1.0 / kT_of(temperature)
+        self.cap_dof = cap_dof
+        self._energy: dict[str, tuple[torch.nn.Module, float]] = {}
+
+    def of(self, key: str, chain: ChainBackmapper, frames: torch.Tensor) -> tuple[torch.nn.Module, float]:
+        """(energy module, reduced-energy cap) of peptide ``key`` bound as ``chain``."""
+        if key not in self._energy:
+            from openmm_backmap.openmm.energies import TorchSystemEnergy
+            from openmm_backmap.training.finetune import chain_system
+
+            system = chain_system(chain)
+            energy = TorchSystemEnergy(system).double()
+            with torch.no_grad():
+                u_ref = energy(frames[:: max(1, frames.shape[0] // 16)][:16].double())
+            n_dof = 3 * system.getNumParticles() - system.getNumConstraints() - 3 * chain.n_cg
+            self._energy[key] = (energy, self.beta * float(u_ref.median()) + self.cap_dof * n_dof)
+        return self._energy[key]
+
+    def reduced(self, key: str, chain: ChainBackmapper, frames: torch.Tensor, aa: torch.Tensor) -> torch.Tensor:
+        """beta U_AA(aa) per sample, soft-clipped above the larger of the peptide's cap and the
+        batch's upper quartile (not differentiated); non-finite energies become large finite ones."""
+        energy, cap = self.of(key, chain, frames)
+        red = self.beta * energy(aa.double())
+        finite = red.detach()[torch.isfinite(red.detach())]
+        if finite.numel():
+            cap = max(cap, float(torch.quantile(finite, 0.75)))
+        return soft_clip(red, cap)
+
+
 def train(config: TrainConfig, log=print) -> ProteinBackmapper:
     """Train a :class:`ProteinBackmapper` on the corpus ``config.data``; the best model (lowest
     validation NLL per residue) is saved to ``config.out`` whenever it improves. Returns it."""
@@ -140,19 +205,37 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
     opt = torch.optim.Adam(model.net.parameters(), lr=config.lr)
     tensors = [torch.as_tensor(p[1]) for p in peptides]
     val_frames = {i: tensors[i][:: max(1, tensors[i].shape[0] // 64)] for i in val_idx}
+    energies = CorpusEnergies(config.temperature, config.cap_dof) if config.energy_weight > 0 else None
+    val_noise: dict[int, torch.Tensor] = {}
 
-    def val_nll() -> float:
+    def validate() -> dict:
+        """The validation NLL per residue and, with the energy term, the median of (beta U + log q)
+        per residue over one sample per frame (the same noise every time); ``objective`` is the NLL
+        plus the energy weight times that median."""
         if not val_idx:
-            return float("nan")
-        tot, n = 0.0, 0
+            return {"objective": float("nan")}
+        tot, n, kl = 0.0, 0, []
         with torch.no_grad():
             for i in val_idx:
                 ch = model.for_sequence(peptides[i][0])
                 x = val_frames[i]
-                lp = ch.log_prob(x, ch.project(x))
+                X = ch.project(x)
+                lp = ch.log_prob(x, X)
                 tot += -float(lp.sum()) / ch.n_res
                 n += x.shape[0]
-        return tot / n
+                if energies is not None:
+                    if i not in val_noise:
+                        with torch.random.fork_rng():
+                            torch.manual_seed(config.seed + 1 + i)
+                            val_noise[i] = ch.sample_noise(x.shape[0], x.dtype, x.device)
+                    aa, lq = ch.sample_with_noise(X, val_noise[i])
+                    red = energies.reduced(ids[i], ch, tensors[i], aa)
+                    kl.append((red + lq.double()) / ch.n_res)
+        out = {"nll": tot / n}
+        if kl:
+            out["reverse_kl"] = float(torch.cat(kl).median())
+        out["objective"] = out["nll"] + config.energy_weight * out.get("reverse_kl", 0.0)
+        return out
 
     def refresh() -> None:
         """Add peptides the corpus finished since the start to the training set; statistics of row
@@ -188,10 +271,11 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
     }
     while True:
         elapsed = time.time() - t0
-        if elapsed > config.time_limit:
+        if elapsed > config.time_limit or (config.max_steps and step >= config.max_steps):
             break
+        done = max(elapsed / config.time_limit, step / config.max_steps if config.max_steps else 0.0)
         for g in opt.param_groups:
-            g["lr"] = config.lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * elapsed / config.time_limit)))
+            g["lr"] = config.lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * done)))
         opt.zero_grad()
         loss_total = 0.0
         for i in rng.choice(train_idx, config.peptides_per_step):
@@ -204,28 +288,54 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
                 raise FloatingPointError(f"non-finite loss on peptide {ids[i]} at step {step}")
             loss.backward()
             loss_total += float(loss.detach())
+        if energies is not None:
+            for i in rng.choice(train_idx, config.energy_peptides):
+                ch = model.for_sequence(peptides[i][0])
+                xt = tensors[i]
+                take = torch.as_tensor(rng.choice(xt.shape[0], min(config.energy_frames, xt.shape[0]), replace=False))
+                aa, lq = ch.sample(ch.project(xt[take]), 1)
+                red = energies.reduced(ids[i], ch, xt, aa)
+                loss = (red + lq.double()).mean() / ch.n_res * (config.energy_weight / config.energy_peptides)
+                if torch.isfinite(loss):
+                    loss.backward()
+                    loss_total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(model.net.parameters(), 10.0)
         opt.step()
         step += 1
         if config.refresh_every and step % config.refresh_every == 0:
             refresh()
         if step % config.val_every == 0:
-            v = val_nll()
+            val = validate()
+            v = val["objective"]
             improved = v < best or not val_idx
             if improved:
                 best = v
-                info.update(step=step, val_nll_per_residue=v, elapsed_s=time.time() - t0)
+                info.update(step=step, elapsed_s=time.time() - t0, **_val_record(val))
                 model.save(config.out, extra=info)
-            log(
-                f"step {step} t {time.time() - t0:.0f}s train {loss_total:.3f} val {v:.3f} per residue"
-                + (" (saved)" if improved else "")
-            )
-    v = val_nll()
+            saved = " (saved)" if improved else ""
+            log(f"step {step} t {time.time() - t0:.0f}s train {loss_total:.3f} {_val_line(val)}{saved}")
+    val = validate()
+    v = val["objective"]
     if v < best or not val_idx:
-        info.update(step=step, val_nll_per_residue=v, elapsed_s=time.time() - t0)
+        info.update(step=step, elapsed_s=time.time() - t0, **_val_record(val))
         model.save(config.out, extra=info)
-    log(f"done: {step} steps, best validation NLL {min(best, v):.3f} nats per residue")
+    log(f"done: {step} steps, best validation objective {min(best, v):.3f} nats per residue")
     return ProteinBackmapper.load(config.out)
+
+
+def _val_record(val: dict) -> dict:
+    """The training record's validation fields (per residue)."""
+    out = {"val_nll_per_residue": val.get("nll", float("nan")), "val_objective_per_residue": val["objective"]}
+    if "reverse_kl" in val:
+        out["val_reverse_kl_per_residue"] = val["reverse_kl"]
+    return out
+
+
+def _val_line(val: dict) -> str:
+    line = f"val NLL {val.get('nll', float('nan')):.3f}"
+    if "reverse_kl" in val:
+        line += f", median beta U + log q {val['reverse_kl']:.3f}, objective {val['objective']:.3f}"
+    return line + " per residue"
 
 
 def main(argv: list[str] | None = None) -> None:
