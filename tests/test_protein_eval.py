@@ -414,6 +414,30 @@ def test_training_starts_from_init(chignolin, tmp_path):
     assert moved.info["step"] > 0 and 0.0 < step < 0.2 * apart
 
 
+def test_a_late_validation_peptide_of_the_checkpoint_is_never_trained_on(chignolin, tmp_path, monkeypatch):
+    """`--init` on a corpus still being written: a validation peptide of the checkpoint that the
+    corpus finishes during the run joins the validation set, not the training set."""
+    import openmm_backmap.training.protein as protein_training
+
+    data = _corpus(tmp_path / "corpus", chignolin, n=4)
+    base = dict(data=str(data), mapping="ca", n_val=1, batch_frames=8, peptides_per_step=1, stats_frames=8)
+    base.update(hidden=16, n_bins=4, val_every=4, refresh_every=3, seed=3, time_limit=600.0)
+    first = train(TrainConfig(out=str(tmp_path / "a.pt"), max_steps=4, **base), log=lambda m: None)
+    (late,) = first.info["val_ids"]
+    finished = [f"p{k}" for k in range(4)]
+    calls = []
+
+    def growing_corpus(folder):
+        calls.append(folder)
+        return [i for i in finished if i != late] if len(calls) == 1 else finished
+
+    monkeypatch.setattr(protein_training, "corpus_ids", growing_corpus)
+    later = train(TrainConfig(out=str(tmp_path / "b.pt"), max_steps=8, init=str(tmp_path / "a.pt"), **base))
+    assert len(calls) > 1
+    assert later.info["val_ids"] == [late] and late not in later.info["train_ids"]
+    assert sorted(later.info["train_ids"] + [late]) == finished
+
+
 def test_energy_term_is_amber_gbn2_and_lowers_the_samples_energy(chignolin, tmp_path):
     """`energy_weight`: the reverse-KL term's reduced energy of corpus frames is beta times OpenMM's
     amber14 + GBn2 energy (the frames in the templates' order, OpenMM's in the PDB's); the same steps

@@ -182,9 +182,12 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
     start = ProteinBackmapper.load(config.init) if config.init else None
     if start is not None and start.mapping != config.mapping:
         raise ValueError(f"{config.init} maps {start.mapping!r}, not {config.mapping!r}")
+    pending_val: set[str] = set()
     if start is not None and getattr(start, "info", {}).get("val_ids"):
-        # continue with the validation peptides of the run that wrote the checkpoint
+        # continue with the validation peptides of the run that wrote the checkpoint; those the
+        # corpus has not finished yet join the validation set (never the training set) when they do
         val_idx = sorted(ids.index(i) for i in start.info["val_ids"] if i in ids)
+        pending_val = {i for i in start.info["val_ids"] if i not in ids}
     train_idx = [i for i in range(len(ids)) if i not in val_idx]
     log(f"{len(ids)} peptides: {len(train_idx)} training, validation {[ids[i] for i in val_idx]}")
     examples = []
@@ -237,27 +240,39 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
         out["objective"] = out["nll"] + config.energy_weight * out.get("reverse_kl", 0.0)
         return out
 
-    def refresh() -> None:
-        """Add peptides the corpus finished since the start to the training set; statistics of row
-        keys not seen before are fitted on them (known keys keep theirs)."""
+    def refresh() -> bool:
+        """Add peptides the corpus finished since the start to the training set (a validation
+        peptide of the checkpoint to the validation set); statistics of row keys not seen before are
+        fitted on the training ones (known keys keep theirs). Returns whether the validation set grew."""
         new = [i for i in corpus_ids(config.data) if i not in ids]
         if not new:
-            return
+            return False
         examples = []
+        grew = False
         for i in new:
             names, x, meta = load_peptide(Path(config.data) / i)
             ids.append(i)
             peptides.append((names, x, meta))
             tensors.append(torch.as_tensor(x))
+            if i in pending_val:
+                val_idx.append(len(ids) - 1)
+                val_frames[len(ids) - 1] = tensors[-1][:: max(1, x.shape[0] // 64)]
+                info["val_ids"] = [ids[k] for k in val_idx]
+                grew = True
+                continue
             train_idx.append(len(ids) - 1)
             take = rng.choice(x.shape[0], min(config.stats_frames, x.shape[0]), replace=False)
             examples.append((names, x[take].astype(np.float64)))
-        fresh = ProteinBackmapper.fit_statistics(examples, config.mapping)
+        fresh = ProteinBackmapper.fit_statistics(examples, config.mapping) if examples else {}
         added = {k: v for k, v in fresh.items() if k not in model.stats}
         model.stats.update(added)
         model._chains.clear()
         info["train_ids"] = [ids[i] for i in train_idx]
-        log(f"added peptides {new} ({len(added)} new row keys); {len(train_idx)} training peptides")
+        log(
+            f"added peptides {new} ({len(added)} new row keys); {len(train_idx)} training peptides, "
+            f"validation {info['val_ids']}"
+        )
+        return grew
 
     t0 = time.time()
     best = math.inf
@@ -302,8 +317,8 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
         torch.nn.utils.clip_grad_norm_(model.net.parameters(), 10.0)
         opt.step()
         step += 1
-        if config.refresh_every and step % config.refresh_every == 0:
-            refresh()
+        if config.refresh_every and step % config.refresh_every == 0 and refresh():
+            best = math.inf  # objectives over a larger validation set do not compare with the old ones
         if step % config.val_every == 0:
             val = validate()
             v = val["objective"]
