@@ -324,6 +324,58 @@ def test_angstrom_and_gap_coordinates_are_refused(chignolin):
         ch.sample(cg[:, :9], 1)
 
 
+def _dihedral_deg(x: np.ndarray, i: int, j: int, k: int, m: int) -> float:
+    b1, b2, b3 = x[j] - x[i], x[k] - x[j], x[m] - x[k]
+    n1, n2 = np.cross(b1, b2), np.cross(b2, b3)
+    return math.degrees(math.atan2(np.linalg.norm(b2) * np.dot(b1, n2), np.dot(n1, n2)))
+
+
+def test_proline_ring_hangs_from_the_amide_plane(chignolin):
+    """PRO's CD is placed from its N against the C of the residue before (N is planar: in chignolin
+    the dihedral CD-N-CA-C(-1) is within 15 degrees of 180, a narrow, branch row), the pucker by
+    CG from CD alone; an N-terminal PRO takes its own C. Every ring atom is placed once, after its
+    references (build_tree checks that)."""
+    names, x = chignolin
+    chain = R.build_chain(names)
+    tree = R.build_tree(chain, "ca")
+    r = names.index("PRO")
+    rows = {tree.keys[n]: n for n in range(len(tree.keys)) if chain.atom_residue[tree.rows[n, 0]] == r}
+    assert {"PRO:CB<CA,N,C", "PRO:CD<N,CA,-1C", "PRO:CG<CD,N,CA"} <= set(rows)
+    n = rows["PRO:CD<N,CA,-1C"]
+    assert tree.branch[n] and not tree.chiral[n] and tree.chiral[rows["PRO:CB<CA,N,C"]]
+    assert abs(abs(_dihedral_deg(x[0], *tree.rows[n])) - 180.0) < 15.0
+    assert not tree.branch[rows["PRO:CG<CD,N,CA"]]
+    first = R.build_tree(R.build_chain(["PRO", "ALA", "GLY"]), "ca")
+    assert "PRO:CD<N,CA,C" in first.keys and "PRO:CG<CD,N,CA" in first.keys
+
+
+def test_new_row_keys_get_embeddings_without_changing_the_density(chignolin, tmp_path):
+    """`add_keys` (training continued on rows a saved model never had): each new key gets its own
+    embedding, starting from the shared one of unseen keys, so log q is unchanged; generic and known
+    keys are skipped; the grown model saves and loads."""
+    names, x = chignolin
+    model = _model(chignolin, "ca", perturb=0.1)
+    other = ["ACE", "PRO", "TRP", "NME"]
+    ch = model.for_sequence(other)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        cg = _as_tensor(x[:1, model.for_sequence(names).beads.numpy()][:, :4]).repeat(4, 1, 1)
+        aa, lq = ch.sample(cg, 1)
+    unseen = [k for k in R.build_tree(R.build_chain(other), "ca").keys if model.embedding_index(k) == len(model.keys)]
+    assert unseen
+    added = model.add_keys(unseen + ["*:CB<CA,N,C", model.keys[0]])
+    assert added == list(dict.fromkeys(unseen))
+    assert [model.embedding_index(k) for k in added] == list(range(len(model.keys) - len(added), len(model.keys)))
+    ch2 = model.for_sequence(other)
+    with torch.no_grad():
+        assert torch.allclose(ch2.log_prob(aa, cg), lq, atol=1e-9)
+        assert torch.allclose(ch2.log_prob(aa, cg), ch.log_prob(aa, cg), atol=1e-9)
+    loaded = ProteinBackmapper.load(model.save(tmp_path / "grown.pt")).double()
+    assert loaded.keys == model.keys
+    with torch.no_grad():
+        assert torch.allclose(loaded.for_sequence(other).log_prob(aa, cg), lq, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- files
 def test_save_load_round_trip(chignolin, tmp_path):
     model = _model(chignolin, "ca", perturb=0.1)

@@ -759,6 +759,22 @@ class ProteinBackmapper(nn.Module):
                     return self.stats[candidate]
         return DEFAULT_STATS
 
+    def add_keys(self, keys: Sequence[str]) -> list[str]:
+        """Give row keys that have none an embedding of their own (for training to continue on
+        chains whose rows a saved model never had), each starting from the shared embedding of
+        unseen keys, so the model's densities are unchanged until training moves them. Generic
+        ``*:`` keys and keys that already have one are skipped; returns the keys added."""
+        new = [k for k in dict.fromkeys(keys) if not k.startswith("*:") and k not in self._key_index]
+        if new:
+            weight = self.net.key_emb.weight.data
+            unseen = weight[-1:]
+            grown = torch.cat([weight[:-1], unseen.expand(len(new), -1), unseen], dim=0).clone()
+            self.net.key_emb = nn.Embedding.from_pretrained(grown, freeze=False)
+            self.keys.extend(new)
+            self._key_index = {k: i for i, k in enumerate(self.keys)}
+            self._chains.clear()
+        return new
+
     def embedding_index(self, key: str) -> int:
         """Index of a row key's embedding: its own, else its first cap analog's
         (:func:`~openmm_backmap.models.residues.cap_analog_keys`), else the shared one of unseen keys."""

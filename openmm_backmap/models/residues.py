@@ -560,13 +560,24 @@ def _side_chain_rows(chain: Chain, r: int, stage: int, add, placed: set[int]) ->
     if name in CAPS:
         ch3 = atoms[CAP_ANCHOR[name]]
         parent = {ch3: atoms["C"] if name == "ACE" else atoms["N"]}
-        heavy_order: list[int] = []
     else:
         ca, n, c = atoms["CA"], atoms["N"], atoms["C"]
         parent = {ca: n}
-        heavy_order = []
         cb = atoms.get("CB")
-        if cb is not None:
+        if name == "PRO":
+            # The ring from the amide plane: N is planar, so CD lies in the plane of N's other bonds,
+            # opposite the C of the residue before across N-CA (an improper, narrow dihedral; at an
+            # N terminus a proper one about N-CA from the residue's own C). The pucker is then one
+            # dihedral, CG's about CD-N, and the ring bond CG-CB closes implicitly. (Placed from
+            # CB, CD's position would follow from two free dihedrals and the ring could open onto
+            # the residue before.)
+            cd, cg = atoms["CD"], atoms["CG"]
+            before = [x for x in nb[n] if x not in own and not is_h[x]]
+            add(cb, ca, n, c, stage, r)
+            add(cd, n, ca, before[0] if before else c, stage, r)
+            add(cg, cd, n, ca, stage, r)
+            parent.update({cb: ca, cd: n, cg: cd})
+        elif cb is not None:
             add(cb, ca, n, c, stage, r)
             parent[cb] = ca
             # breadth first over the side chain's heavy atoms (never back into the backbone)
@@ -583,7 +594,6 @@ def _side_chain_rows(chain: Chain, r: int, stage: int, add, placed: set[int]) ->
                             m = _proper_ref(chain, k, p, placed)
                         add(a, p, k, m, stage, r)
                         parent[a] = p
-                        heavy_order.append(a)
                         queue.append(a)
     # hydrogens in template order
     for a in sorted(own):

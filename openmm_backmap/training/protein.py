@@ -200,7 +200,11 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
         # keep the checkpoint's weights, embedded keys and statistics; new keys get fresh statistics
         model = start
         model.stats.update({k: v for k, v in stats.items() if k not in model.stats})
-        log(f"continuing from {config.init} (step {start.info.get('step', '?')})")
+        added = model.add_keys(sorted(stats))
+        log(
+            f"continuing from {config.init} (step {start.info.get('step', '?')}); "
+            f"{len(added)} row keys new to it get embeddings of their own"
+        )
     else:
         model = ProteinBackmapper(config.mapping, stats, hidden=config.hidden, n_bins=config.n_bins, n_knn=config.n_knn)
     n_params = sum(p.numel() for p in model.net.parameters())
