@@ -736,7 +736,7 @@ def generate_corpus(
                 meta["steps_per_s"],
                 meta["cpu_steps_per_s"],
                 time.time() - t0,
-                len(done),
+                sum(s.id in done for s in specs),  # the manifest may list other calls' peptides too
                 len(specs),
             )
         return _write_manifest(out_dir)
