@@ -236,6 +236,50 @@ def test_corpus_writes_layout_with_finite_energies_and_resumes(tmp_path, forcefi
     assert "skip a (finished)" in (tmp_path / "gen.log").read_text()
 
 
+def test_manifest_writers_in_parallel_leave_one_whole_manifest(tmp_path):
+    """Several threads (as several corpus jobs) writing one corpus's manifest at once: every write
+    succeeds, the manifest is whole JSON listing every finished entry, no temporary file is left."""
+    import threading
+
+    for k in range(6):
+        (tmp_path / f"p{k}").mkdir()
+        (tmp_path / f"p{k}" / "meta.json").write_text("{}")
+    (tmp_path / "p9.tmp").mkdir()
+    errors = []
+
+    def write():
+        try:
+            for _ in range(50):
+                P._write_manifest(tmp_path)
+        except Exception as exc:  # noqa: BLE001 - any failure of a writer fails the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert json.loads((tmp_path / "manifest.json").read_text()) == {"finished": [f"p{k}" for k in range(6)]}
+    assert not list(tmp_path.glob(".manifest.*"))
+
+
+def test_trans_proline_set_puts_every_type_before_a_trans_proline():
+    """The corpus's X-Pro set: every residue type but proline once directly before a proline, all
+    X-Pro bonds trans, caps and charged termini, no held-out 3-residue window; deterministic."""
+    specs = P.trans_proline_sequences(2024)
+    assert [s.sequence for s in specs] == [s.sequence for s in P.trans_proline_sequences(2024)]
+    before = [s.sequence[s.sequence.index("PRO") - 1] for s in specs]
+    assert sorted(before) == sorted(r for r in P.STANDARD_RESIDUES if r != "PRO")
+    assert all(not s.cis_prolines and s.temperature == 300.0 for s in specs)
+    assert {s.termini for s in specs} == {"charged", "capped"}
+    words = P._heldout_words(3)
+    for s in specs:
+        letters = "".join(P.ONE_LETTER[r] for r in s.sequence)
+        assert not any(letters[i : i + 3] in words for i in range(len(letters) - 2))
+    assert not {s.id for s in specs} & {s.id for s in P.default_corpus_sequences(2024)}
+
+
 def test_default_corpus_covers_every_type_and_avoids_heldout_subsequences():
     specs = P.default_corpus_sequences(2024)
     assert [(s.sequence, s.cis_prolines) for s in specs] == [
