@@ -19,7 +19,11 @@ one sample per CG frame, no minimisation, for each held-out peptide:
 * conditional ESS: for ``--ess-frames`` frames, 64 samples each, Kish ESS of
   exp(-U_AA / kT - log q) divided by 64, averaged over frames.
 
-Run: ``python benchmarks/bench_proteins.py --model protein-ca [--heldout DIR] [--frames 100]``.
+With ``--worst-pairs K``, per peptide the K atom pairs (names, residue offset) that most often carry
+a sample's largest Lennard-Jones plus Coulomb pair energy, with their median distance and energy:
+where the energy of the reconstructions goes.
+
+Run: ``python benchmarks/bench_proteins.py --model protein-ca [--heldout DIR] [--frames 100] [--worst-pairs 5]``.
 """
 
 from __future__ import annotations
@@ -231,7 +235,75 @@ def _energy_function(system_xml: str, perm: np.ndarray):
     return energy
 
 
-def bench_quality(model: ProteinBackmapper, heldout: Path, frames: int, ess_frames: int) -> dict:
+COULOMB = 138.935456  # kJ/mol nm / e^2
+
+
+def nonbonded_pairs(system_xml: str, perm: np.ndarray):
+    """Per-pair Lennard-Jones plus Coulomb energy (kJ/mol, no cutoff, exceptions as the
+    NonbondedForce lists them, excluded pairs zero) of positions x (n_atoms, 3) nm in chain order:
+    returns a function x -> (pairs (P, 2), energies (P,)). GB terms are left out: at a clash the
+    r^-12 term is what carries the energy."""
+    import openmm
+    from openmm import unit
+
+    system = openmm.XmlSerializer.deserialize(system_xml)
+    nb = next(f for f in system.getForces() if isinstance(f, openmm.NonbondedForce))
+    inv = np.empty_like(perm)
+    inv[perm] = np.arange(perm.size)  # topology index -> chain index
+    n = system.getNumParticles()
+    q, sig, eps = np.zeros(n), np.zeros(n), np.zeros(n)
+    for t in range(n):
+        c, sg, ep = nb.getParticleParameters(t)
+        a = inv[t]
+        q[a] = c.value_in_unit(unit.elementary_charge)
+        sig[a] = sg.value_in_unit(unit.nanometer)
+        eps[a] = ep.value_in_unit(unit.kilojoule_per_mole)
+    qq = q[:, None] * q[None, :]
+    s = 0.5 * (sig[:, None] + sig[None, :])
+    e = np.sqrt(eps[:, None] * eps[None, :])
+    for k in range(nb.getNumExceptions()):
+        i, j, c, sg, ep = nb.getExceptionParameters(k)
+        a, b = inv[i], inv[j]
+        qq[a, b] = qq[b, a] = c.value_in_unit(unit.elementary_charge**2)
+        s[a, b] = s[b, a] = sg.value_in_unit(unit.nanometer)
+        e[a, b] = e[b, a] = ep.value_in_unit(unit.kilojoule_per_mole)
+    iu = np.triu_indices(n, 1)
+    qq, s, e = qq[iu], s[iu], e[iu]
+    pairs = np.stack(iu, axis=1)
+
+    def pair_energies(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        r = np.linalg.norm(x[iu[0]] - x[iu[1]], axis=-1).clip(1e-4)
+        sr6 = (s / r) ** 6
+        return pairs, 4.0 * e * (sr6 * sr6 - sr6) + COULOMB * qq / r
+
+    return pair_energies
+
+
+def worst_pairs(chain, aa: np.ndarray, pair_energies, k: int) -> list[dict]:
+    """The atom pairs (residue:atom names and residue offset) that most often carry a sample's
+    largest non-bonded pair energy, over samples aa (N, n_atoms, 3): the k most frequent, with how
+    often, their median distance (nm) and median pair energy (kJ/mol)."""
+    seen: dict[tuple, list[tuple[float, float]]] = {}
+    for x in aa:
+        pairs, u = pair_energies(x)
+        m = int(np.argmax(u))
+        a, b = (int(v) for v in pairs[m])
+        ra, rb = int(chain.atom_residue[a]), int(chain.atom_residue[b])
+        key = (f"{chain.names[ra]}:{chain.atom_names[a]}", f"{chain.names[rb]}:{chain.atom_names[b]}", rb - ra)
+        seen.setdefault(key, []).append((float(np.linalg.norm(x[a] - x[b])), float(u[m])))
+    top = sorted(seen.items(), key=lambda kv: -len(kv[1]))[:k]
+    return [
+        {
+            "pair": f"{a} - {b} (residue {off:+d})",
+            "samples": len(v),
+            "median_distance_nm": float(np.median([d for d, _ in v])),
+            "median_energy_kjmol": float(np.median([u for _, u in v])),
+        }
+        for (a, b, off), v in top
+    ]
+
+
+def bench_quality(model: ProteinBackmapper, heldout: Path, frames: int, ess_frames: int, n_worst: int = 0) -> dict:
     import mdtraj as md
 
     torch.set_num_threads(1)
@@ -246,6 +318,12 @@ def bench_quality(model: ProteinBackmapper, heldout: Path, frames: int, ess_fram
         temperature = float(meta.get("temperature_K", 300.0))
         energy = _energy_function((d / "system.xml").read_text(), perm)
         out[d.name] = {"sequence": "-".join(names), **quality(ch, xr, names, energy, KB * temperature, ess_frames)}
+        if n_worst:
+            torch.manual_seed(0)
+            with torch.no_grad():
+                aa, _ = ch.sample(torch.as_tensor(xr[:, ch.beads.numpy()], dtype=torch.float32), 1)
+            pair_energies = nonbonded_pairs((d / "system.xml").read_text(), perm)
+            out[d.name]["worst_pairs"] = worst_pairs(ch.chain, aa.double().numpy(), pair_energies, n_worst)
     return out
 
 
@@ -258,6 +336,13 @@ def main() -> None:
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--batch", type=int, default=256, help="CG frames per call in the speed test")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--worst-pairs",
+        type=int,
+        default=0,
+        metavar="K",
+        help="per held-out peptide, the K atom pairs that most often carry a sample's largest non-bonded energy",
+    )
     args = parser.parse_args()
     model = _model(args.model)
     results = {"model": args.model, "mapping": model.mapping}
@@ -265,7 +350,7 @@ def main() -> None:
         results["speed"] = bench_speed(model, args.batch)
         print(json.dumps(results["speed"], indent=1), flush=True)
     if args.heldout:
-        results["quality"] = bench_quality(model, Path(args.heldout), args.frames, args.ess_frames)
+        results["quality"] = bench_quality(model, Path(args.heldout), args.frames, args.ess_frames, args.worst_pairs)
         print(json.dumps(results["quality"], indent=1), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
