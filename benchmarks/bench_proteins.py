@@ -20,7 +20,7 @@ one sample per CG frame, no minimisation, for each held-out peptide:
   exp(-U_AA / kT - log q) divided by 64, averaged over frames.
 
 With ``--worst-pairs K``, per peptide the K atom pairs (names, residue offset) that most often carry
-a sample's largest Lennard-Jones plus Coulomb pair energy, with their median distance and energy:
+a sample's largest Lennard-Jones pair energy (the steric clash), with their median distance and energy:
 where the energy of the reconstructions goes.
 
 Run: ``python benchmarks/bench_proteins.py --model protein-ca [--heldout DIR] [--frames 100] [--worst-pairs 5]``.
@@ -239,10 +239,10 @@ COULOMB = 138.935456  # kJ/mol nm / e^2
 
 
 def nonbonded_pairs(system_xml: str, perm: np.ndarray):
-    """Per-pair Lennard-Jones plus Coulomb energy (kJ/mol, no cutoff, exceptions as the
+    """Per-pair Lennard-Jones and Coulomb energies (kJ/mol, no cutoff, exceptions as the
     NonbondedForce lists them, excluded pairs zero) of positions x (n_atoms, 3) nm in chain order:
-    returns a function x -> (pairs (P, 2), energies (P,)). GB terms are left out: at a clash the
-    r^-12 term is what carries the energy."""
+    returns a function x -> (pairs (P, 2), LJ (P,), Coulomb (P,)); their sum over pairs is the
+    NonbondedForce energy."""
     import openmm
     from openmm import unit
 
@@ -271,21 +271,22 @@ def nonbonded_pairs(system_xml: str, perm: np.ndarray):
     qq, s, e = qq[iu], s[iu], e[iu]
     pairs = np.stack(iu, axis=1)
 
-    def pair_energies(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def pair_energies(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         r = np.linalg.norm(x[iu[0]] - x[iu[1]], axis=-1).clip(1e-4)
         sr6 = (s / r) ** 6
-        return pairs, 4.0 * e * (sr6 * sr6 - sr6) + COULOMB * qq / r
+        return pairs, 4.0 * e * (sr6 * sr6 - sr6), COULOMB * qq / r
 
     return pair_energies
 
 
 def worst_pairs(chain, aa: np.ndarray, pair_energies, k: int) -> list[dict]:
     """The atom pairs (residue:atom names and residue offset) that most often carry a sample's
-    largest non-bonded pair energy, over samples aa (N, n_atoms, 3): the k most frequent, with how
-    often, their median distance (nm) and median pair energy (kJ/mol)."""
+    largest Lennard-Jones pair energy (the steric clash; Coulomb pairs in vacuum are large and
+    mostly screened by the GB term), over samples aa (N, n_atoms, 3): the k most frequent, with how
+    often, their median distance (nm) and median LJ energy (kJ/mol)."""
     seen: dict[tuple, list[tuple[float, float]]] = {}
     for x in aa:
-        pairs, u = pair_energies(x)
+        pairs, u, _ = pair_energies(x)
         m = int(np.argmax(u))
         a, b = (int(v) for v in pairs[m])
         ra, rb = int(chain.atom_residue[a]), int(chain.atom_residue[b])
@@ -341,7 +342,7 @@ def main() -> None:
         type=int,
         default=0,
         metavar="K",
-        help="per held-out peptide, the K atom pairs that most often carry a sample's largest non-bonded energy",
+        help="per held-out peptide, the K atom pairs that most often carry a sample's largest LJ pair energy",
     )
     args = parser.parse_args()
     model = _model(args.model)
