@@ -882,7 +882,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ns", type=float, default=None, help="production ns per training peptide (default: sized to ~1 h)"
     )
-    parser.add_argument("--n-peptides", type=int, default=None, help="number of training peptides")
+    parser.add_argument(
+        "--n-peptides",
+        type=int,
+        default=None,
+        help="number of random training peptides (default 48; the 21 trans X-Pro peptides come on top)",
+    )
     parser.add_argument("--save-interval-ps", type=float, default=0.5)
     parser.add_argument("--timestep-fs", type=float, default=4.0)
     parser.add_argument("--hydrogen-mass", type=float, default=4.0, help="HMR mass (amu)")
