@@ -11,6 +11,7 @@ figure below also checks that reference frames are put into the model's order.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mdtraj as md
@@ -441,6 +442,22 @@ def test_a_late_validation_peptide_of_the_checkpoint_is_never_trained_on(chignol
     assert len(calls) > 1
     assert later.info["val_ids"] == [late] and late not in later.info["train_ids"]
     assert sorted(later.info["train_ids"] + [late]) == finished
+
+
+def test_reduced_energies_are_damped_above_the_floor_or_the_upper_quartile():
+    """The guard rail of reverse KL (finetune and corpus training): energies at or below the larger
+    of the floor and the batch's upper quartile of finite values pass unchanged, those above grow
+    as cap + log(1 + u - cap); non-finite ones become large finite ones."""
+    from openmm_backmap.training.backmapper import soft_clip_above_quartile
+
+    u = torch.arange(100, dtype=torch.float64)
+    cap = float(torch.quantile(u, 0.75))  # 74.25
+    out = soft_clip_above_quartile(u, 10.0)
+    assert torch.equal(out[u <= cap], u[u <= cap])
+    assert float(out[99]) == pytest.approx(cap + math.log1p(99 - cap))
+    assert torch.equal(soft_clip_above_quartile(u, 200.0), u)  # a floor above the batch: nothing damped
+    bad = soft_clip_above_quartile(torch.tensor([1.0, 2.0, float("nan"), float("inf")]), 0.0)
+    assert torch.isfinite(bad).all() and bad[2] > bad[1] and bad[3] > bad[1]
 
 
 def test_energy_term_is_amber_gbn2_and_lowers_the_samples_energy(chignolin, tmp_path):

@@ -202,6 +202,17 @@ def soft_clip(u: Tensor, cap: float) -> Tensor:
     return torch.where(u > cap, cap + torch.log1p(torch.clamp(u - cap, min=0.0)), u)
 
 
+def soft_clip_above_quartile(u: Tensor, floor: float) -> Tensor:
+    """:func:`soft_clip` of reduced energies u at the larger of ``floor`` and the batch's upper
+    quartile of its finite values (not differentiated): only the worst quarter of a batch is damped
+    when most samples lie above the floor, so the damped energy term cannot lose to the entropy term
+    and let the samples spread until they clash (reverse KL's guard rail in ``finetune`` and in
+    corpus training)."""
+    finite = u.detach()[torch.isfinite(u.detach())]
+    cap = max(floor, float(torch.quantile(finite, 0.75))) if finite.numel() else floor
+    return soft_clip(u, cap)
+
+
 def refine_energy(
     model: Backmapper,
     spec: dict,

@@ -35,7 +35,6 @@ model is accepted; its training record names the sequence it was tuned on.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 from dataclasses import asdict
@@ -46,7 +45,7 @@ import torch
 
 from openmm_backmap.analysis.reweighting import conditional_ess
 from openmm_backmap.models.protein import ProteinBackmapper
-from openmm_backmap.training.backmapper import soft_clip
+from openmm_backmap.training.backmapper import soft_clip_above_quartile
 from openmm_backmap.training.config import ProteinFinetuning
 from openmm_backmap.training.joint import minimise
 from openmm_backmap.units import kT as kT_of
@@ -161,10 +160,7 @@ def finetune(
         idx = torch.randint(0, X_train.shape[0], (config.batch_frames,), generator=gen)
         aa, lq = chain.sample(X_train[idx], 1)
         u = energy(aa.double())
-        red = b_t * u
-        finite = red.detach()[torch.isfinite(red.detach())]
-        cap_t = max(cap * b_t / beta, float(torch.quantile(finite, 0.75)) if finite.numel() else -math.inf)
-        loss = torch.mean(soft_clip(red, cap_t) + lq.double())
+        loss = torch.mean(soft_clip_above_quartile(b_t * u, cap * b_t / beta) + lq.double())
         opt.zero_grad()
         if torch.isfinite(loss):
             loss.backward()

@@ -39,7 +39,7 @@ import torch
 
 from openmm_backmap.models.protein import ChainBackmapper, ProteinBackmapper
 from openmm_backmap.models.residues import build_chain, canonical_hydrogens, residue_template_name
-from openmm_backmap.training.backmapper import soft_clip
+from openmm_backmap.training.backmapper import soft_clip_above_quartile
 from openmm_backmap.units import kT as kT_of
 
 
@@ -162,16 +162,13 @@ class CorpusEnergies:
         """beta U_AA(aa) per sample, soft-clipped above the larger of the peptide's cap and the
         batch's upper quartile (not differentiated); non-finite energies become large finite ones."""
         energy, cap = self.of(key, chain, frames)
-        red = self.beta * energy(aa.double())
-        finite = red.detach()[torch.isfinite(red.detach())]
-        if finite.numel():
-            cap = max(cap, float(torch.quantile(finite, 0.75)))
-        return soft_clip(red, cap)
+        return soft_clip_above_quartile(self.beta * energy(aa.double()), cap)
 
 
 def train(config: TrainConfig, log=print) -> ProteinBackmapper:
     """Train a :class:`ProteinBackmapper` on the corpus ``config.data``; the best model (lowest
-    validation NLL per residue) is saved to ``config.out`` whenever it improves. Returns it."""
+    validation objective: the NLL per residue, plus with the energy term its weighted median) is
+    saved to ``config.out`` whenever it improves. Returns it."""
     torch.set_num_threads(config.threads)
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
@@ -270,6 +267,8 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
         fresh = ProteinBackmapper.fit_statistics(examples, config.mapping) if examples else {}
         added = {k: v for k, v in fresh.items() if k not in model.stats}
         model.stats.update(added)
+        # new keys share the unseen-key embedding until a later run (--init) gives them their own:
+        # growing the table here would leave the optimiser with the old parameter
         model._chains.clear()
         info["train_ids"] = [ids[i] for i in train_idx]
         log(
