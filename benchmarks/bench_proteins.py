@@ -161,8 +161,11 @@ def _omega(x: np.ndarray, chain: R.Chain) -> tuple[np.ndarray, np.ndarray]:
     return om, np.asarray(pro)
 
 
-def quality(ch, x_ref: np.ndarray, names: list[str], energy, kT: float, ess_frames: int) -> dict:
-    """Metrics of one sample per frame of x_ref (N, n_atoms, 3) nm, chain order."""
+def quality(
+    ch, x_ref: np.ndarray, names: list[str], energy, kT: float, ess_frames: int, pair_energies=None, n_worst: int = 0
+) -> dict:
+    """Metrics of one sample per frame of x_ref (N, n_atoms, 3) nm, chain order; with
+    ``pair_energies`` (:func:`nonbonded_pairs`) and ``n_worst``, also the worst pairs of those samples."""
     chain = ch.chain
     cg = torch.as_tensor(x_ref[:, ch.beads.numpy()], dtype=torch.float32)
     with torch.no_grad():
@@ -201,6 +204,8 @@ def quality(ch, x_ref: np.ndarray, names: list[str], energy, kT: float, ess_fram
         "median_dU_per_residue": float((np.median(u_s) - np.median(u_r)) / chain.n_residues),
         "mean_log_q": float(lq.mean()),
     }
+    if pair_energies is not None and n_worst:
+        out["worst_pairs"] = worst_pairs(chain, aa, pair_energies, n_worst)
     # conditional ESS with 64 samples per frame
     ess = []
     pick = np.linspace(0, x_ref.shape[0] - 1, ess_frames).astype(int)
@@ -318,13 +323,9 @@ def bench_quality(model: ProteinBackmapper, heldout: Path, frames: int, ess_fram
         ch = model.for_sequence(names).float().eval()
         temperature = float(meta.get("temperature_K", 300.0))
         energy = _energy_function((d / "system.xml").read_text(), perm)
-        out[d.name] = {"sequence": "-".join(names), **quality(ch, xr, names, energy, KB * temperature, ess_frames)}
-        if n_worst:
-            torch.manual_seed(0)
-            with torch.no_grad():
-                aa, _ = ch.sample(torch.as_tensor(xr[:, ch.beads.numpy()], dtype=torch.float32), 1)
-            pair_energies = nonbonded_pairs((d / "system.xml").read_text(), perm)
-            out[d.name]["worst_pairs"] = worst_pairs(ch.chain, aa.double().numpy(), pair_energies, n_worst)
+        pairs = nonbonded_pairs((d / "system.xml").read_text(), perm) if n_worst else None
+        metrics = quality(ch, xr, names, energy, KB * temperature, ess_frames, pairs, n_worst)
+        out[d.name] = {"sequence": "-".join(names), **metrics}
     return out
 
 
