@@ -420,6 +420,35 @@ def test_training_starts_from_init(chignolin, tmp_path):
     assert moved.info["step"] > 0 and 0.0 < step < 0.2 * apart
 
 
+def test_training_converts_a_checkpoint_to_the_current_tree(chignolin, tmp_path):
+    """`--init` of a tree-version-1 checkpoint with `--tree-version 2`: the model written has version
+    2, the rows only version 2 has (odd residues' C from their N, proline's CG from CD and CB) get
+    statistics and embeddings of their own, and the weights the two trees share start where the
+    checkpoint left them (zero steps change nothing else). Without `--tree-version` a checkpoint
+    keeps its own tree; a shipped model's name is accepted as `--init`."""
+    data = _corpus(tmp_path / "corpus", chignolin)
+    base = dict(data=str(data), mapping="ca", n_val=0, batch_frames=8, peptides_per_step=1, stats_frames=8)
+    base.update(hidden=16, n_bins=4, val_every=10**6, refresh_every=0, seed=3)
+    train(TrainConfig(out=str(tmp_path / "v1.pt"), max_steps=2, tree_version=1, **base), log=lambda m: None)
+    v1 = ProteinBackmapper.load(tmp_path / "v1.pt")
+    assert v1.config["tree_version"] == 1 and "TYR:C<CA,+1CA,N" not in v1.keys
+    kept = train(TrainConfig(out=str(tmp_path / "k.pt"), time_limit=0.0, init=str(tmp_path / "v1.pt"), **base))
+    assert kept.config["tree_version"] == 1
+    conv = train(
+        TrainConfig(out=str(tmp_path / "v2.pt"), time_limit=0.0, init=str(tmp_path / "v1.pt"), tree_version=2, **base)
+    )
+    v2 = ProteinBackmapper.load(tmp_path / "v2.pt")
+    assert conv.config["tree_version"] == v2.config["tree_version"] == 2
+    for key in ("TYR:C<CA,+1CA,N", "PRO:CG<CD,CB,N"):
+        assert key in v2.keys and key in v2.stats and v2.embedding_index(key) < len(v2.keys)
+    assert v2.keys[: len(v1.keys)] == v1.keys
+    a, b = v1.net.state_dict(), v2.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "key_emb.weight")
+    assert torch.equal(a["key_emb.weight"][:-1], b["key_emb.weight"][: len(v1.keys)])
+    named = train(TrainConfig(**{**base, "out": str(tmp_path / "n.pt"), "time_limit": 0.0, "init": "protein-ca"}))
+    assert named.info["init"] == "protein-ca"
+
+
 def test_a_late_validation_peptide_of_the_checkpoint_is_never_trained_on(chignolin, tmp_path, monkeypatch):
     """`--init` on a corpus still being written: a validation peptide of the checkpoint that the
     corpus finishes during the run joins the validation set, not the training set."""

@@ -23,16 +23,16 @@ def chignolin():
     return names, x.astype(np.float64)
 
 
-def _model(chignolin, mapping, noise=0.004, n_frames=40, seed=0, perturb=0.0, **kw):
+def _model(chignolin, mapping, noise=0.004, n_frames=40, seed=0, perturb=0.0, tree_version=R.TREE_VERSION, **kw):
     """A model whose statistics are fitted on noisy copies of chignolin (so keys of chignolin's
     residues are bounded or circular as data say), with network weights perturbed so that the
     splines are not the identity."""
     names, x = chignolin
     rng = np.random.default_rng(seed)
     xs = x + rng.normal(0.0, noise, (n_frames,) + x.shape[1:])
-    stats = ProteinBackmapper.fit_statistics([(names, xs)], mapping)
+    stats = ProteinBackmapper.fit_statistics([(names, xs)], mapping, tree_version)
     torch.manual_seed(seed)
-    model = ProteinBackmapper(mapping, stats, hidden=32, **kw).double()
+    model = ProteinBackmapper(mapping, stats, hidden=32, tree_version=tree_version, **kw).double()
     with torch.no_grad():
         for p in model.net.parameters():
             p.add_(perturb * torch.randn_like(p))
@@ -71,12 +71,18 @@ def _assert_log_q_is_autograd_log_det(ch, cg: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "mapping,names", [("ca", ["TYR", "ASP", "PRO", "GLU"]), ("backbone", ["ACE", "THR", "GLY", "NME"])]
+    "mapping,names,version",
+    [
+        ("ca", ["TYR", "ASP", "PRO", "GLU"], 2),
+        ("ca", ["TYR", "ASP", "PRO", "GLU"], 1),
+        ("backbone", ["ACE", "THR", "PRO", "NME"], 2),
+    ],
 )
-def test_log_q_equals_autograd_log_det(chignolin, mapping, names):
+def test_log_q_equals_autograd_log_det(chignolin, mapping, names, version):
     """With every bond free, sampling is a bijection from base noise to the Cartesian positions of
-    the placed atoms: log q = log p_base(u) - log |det dx/du| (autograd, float64)."""
-    model = _model(chignolin, mapping, perturb=0.3)
+    the placed atoms: log q = log p_base(u) - log |det dx/du| (autograd, float64), in either
+    placement-tree version."""
+    model = _model(chignolin, mapping, perturb=0.3, tree_version=version)
     torch.manual_seed(1)
     cg = _as_tensor(chignolin[1][:, _beads_from_chignolin(chignolin, mapping)])
     _assert_log_q_is_autograd_log_det(model.for_sequence(names), cg)
@@ -332,21 +338,88 @@ def _dihedral_deg(x: np.ndarray, i: int, j: int, k: int, m: int) -> float:
 
 def test_proline_ring_hangs_from_the_amide_plane(chignolin):
     """PRO's CD is placed from its N against the C of the residue before (N is planar: in chignolin
-    the dihedral CD-N-CA-C(-1) is within 15 degrees of 180, a narrow, branch row), the pucker by
-    CG from CD alone; an N-terminal PRO takes its own C. Every ring atom is placed once, after its
-    references (build_tree checks that)."""
+    the dihedral CD-N-CA-C(-1) is within 15 degrees of 180, a narrow, branch row); an N-terminal
+    PRO takes its own C. CG closes the ring from CD and CB (tree version 2: the angle CG-CD-CB
+    sets the ring bond CB-CG) or by a dihedral about CD-N (version 1). Every ring atom is placed
+    once, after its references (build_tree checks that)."""
     names, x = chignolin
     chain = R.build_chain(names)
-    tree = R.build_tree(chain, "ca")
     r = names.index("PRO")
-    rows = {tree.keys[n]: n for n in range(len(tree.keys)) if chain.atom_residue[tree.rows[n, 0]] == r}
-    assert {"PRO:CB<CA,N,C", "PRO:CD<N,CA,-1C", "PRO:CG<CD,N,CA"} <= set(rows)
-    n = rows["PRO:CD<N,CA,-1C"]
-    assert tree.branch[n] and not tree.chiral[n] and tree.chiral[rows["PRO:CB<CA,N,C"]]
-    assert abs(abs(_dihedral_deg(x[0], *tree.rows[n])) - 180.0) < 15.0
-    assert not tree.branch[rows["PRO:CG<CD,N,CA"]]
-    first = R.build_tree(R.build_chain(["PRO", "ALA", "GLY"]), "ca")
-    assert "PRO:CD<N,CA,C" in first.keys and "PRO:CG<CD,N,CA" in first.keys
+    for version, cg_key in ((2, "PRO:CG<CD,CB,N"), (1, "PRO:CG<CD,N,CA")):
+        tree = R.build_tree(chain, "ca", version)
+        rows = {tree.keys[n]: n for n in range(len(tree.keys)) if chain.atom_residue[tree.rows[n, 0]] == r}
+        assert {"PRO:CB<CA,N,C", "PRO:CD<N,CA,-1C", cg_key} <= set(rows)
+        n = rows["PRO:CD<N,CA,-1C"]
+        assert tree.branch[n] and not tree.chiral[n] and tree.chiral[rows["PRO:CB<CA,N,C"]]
+        assert abs(abs(_dihedral_deg(x[0], *tree.rows[n])) - 180.0) < 15.0
+        assert not tree.chiral[rows[cg_key]]
+        first = R.build_tree(R.build_chain(["PRO", "ALA", "GLY"]), "ca", version)
+        assert "PRO:CD<N,CA,C" in first.keys and cg_key in first.keys
+
+
+def test_tree_version_2_draws_each_n_ca_c_angle_from_a_placed_n(chignolin):
+    """Tree version 2 under ``ca``: the planes of even residues first (phase 0), then each odd
+    residue's plane places its C by a dihedral about CA(i)-CA(i+1) relative to the N its neighbour
+    put down, and its conditioner sees that N and the next residue's C; the C-terminal C hangs from
+    its own N likewise. Every N-CA-C angle of the chain is then made by a row that sees both atoms.
+    Version 1 keeps the old rows; ``backbone`` places its planes the same way in both."""
+    from openmm_backmap.models.protein import _context_atoms
+
+    names = ["GLY", "TYR", "ASP", "PRO", "GLU", "LYS"]
+    chain = R.build_chain(names)
+    tree = R.build_tree(chain, "ca", 2)
+    old = R.build_tree(chain, "ca", 1)
+    assert not old.phase.any() and "ASP:C<CA,+1CA,-1CA" in old.keys
+    c_rows = {int(chain.atom_residue[tree.rows[n, 0]]): n for n, k in enumerate(tree.keys) if ":C<" in k}
+    for r, n in c_rows.items():
+        i, j, k, m = tree.rows[n]
+        odd = r % 2 == 1 or r == len(names) - 1
+        assert tree.phase[n] == int(odd) and tree.stage[n] == 0
+        assert (m == chain.atom(r, "N")) == odd, tree.keys[n]
+    assert tree.keys[c_rows[1]] == "TYR:C<CA,+1CA,N" and tree.keys[c_rows[5]] == "LYS:C<CA,-1CA,N"
+    # placement order: every reference placed before the row that uses it
+    placed = set(R.bead_atoms(chain, "ca")[0])
+    for n in tree.placement_order():
+        assert set(tree.rows[n, 1:].tolist()) <= placed
+        placed.add(int(tree.rows[n, 0]))
+    ctx = _context_atoms(chain, tree, set(R.bead_atoms(chain, "ca")[0]), 26)
+    n = c_rows[3]  # PRO's plane (odd) sees PRO's N (plane 2) and GLU's C (plane 4)
+    assert {chain.atom(3, "N"), chain.atom(4, "C")} <= set(ctx[n].tolist())
+    n = c_rows[2]  # ASP's plane (even) sees no atom of an odd plane
+    assert not set(ctx[n].tolist()) & {chain.atom(2, "N"), chain.atom(3, "C")}
+    bb = [R.build_tree(chain, "backbone", v) for v in (1, 2)]
+    pro_cg = [k for k in bb[0].keys if k.startswith("PRO:CG<")]
+    assert pro_cg == ["PRO:CG<CD,N,CA"] and [k for k in bb[1].keys if k.startswith("PRO:CG<")] == ["PRO:CG<CD,CB,N"]
+    assert [k for k in bb[0].keys if k not in pro_cg] == [k for k in bb[1].keys if not k.startswith("PRO:CG<")]
+    assert not bb[1].phase.any()
+    with pytest.raises(ValueError, match="unknown placement-tree version 7"):
+        R.build_tree(chain, "ca", 7)
+
+
+def test_models_keep_their_tree_version_and_convert_on_request(chignolin, tmp_path):
+    """A file records its tree version and loads with it; one written before versions (none in its
+    configuration) loads as version 1; ``set_tree_version`` converts a model, whose new rows start
+    from the unseen-key embedding, and log_prob of its own samples is its log q."""
+    names, x = chignolin
+    model = _model(chignolin, "ca", perturb=0.1, tree_version=1)
+    loaded = ProteinBackmapper.load(model.save(tmp_path / "v1.pt"))
+    assert loaded.config["tree_version"] == 1
+    data = torch.load(str(tmp_path / "v1.pt"), weights_only=True)
+    del data["config"]["tree_version"]
+    torch.save(data, str(tmp_path / "legacy.pt"))
+    legacy = ProteinBackmapper.load(tmp_path / "legacy.pt")
+    assert legacy.config["tree_version"] == 1
+    legacy.set_tree_version(2)
+    ch = legacy.double().for_sequence(names)
+    assert "TYR:C<CA,+1CA,N" in ch.keys and "PRO:CG<CD,CB,N" in ch.keys
+    assert ProteinBackmapper.load(legacy.save(tmp_path / "v2.pt")).config["tree_version"] == 2
+    cg = _as_tensor(x[:, ch.beads.numpy()])
+    torch.manual_seed(3)
+    with torch.no_grad():
+        aa, lq = ch.sample(cg.repeat(3, 1, 1), 1)
+        assert torch.allclose(ch.log_prob(aa, cg.repeat(3, 1, 1)), lq, atol=1e-8)
+    with pytest.raises(ValueError, match="unknown placement-tree version"):
+        legacy.set_tree_version(3)
 
 
 def test_new_row_keys_get_embeddings_without_changing_the_density(chignolin, tmp_path):
@@ -456,9 +529,9 @@ def test_one_residue_chain_uses_the_rows_of_longer_chains():
     assert R.cap_analog_keys("ALA:CB<CA,N,C") == []
     model = load_pretrained("protein-ca")
     names = ["ACE", "ALA", "NME"]
-    tree = R.build_tree(R.build_chain(names), "ca")
-    assert all(model.lookup(k) is not DEFAULT_STATS for k in tree.keys)
-    assert all(model.embedding_index(k) < len(model.keys) for k in tree.keys)
+    keys = model.for_sequence(names).keys
+    assert all(model.lookup(k) is not DEFAULT_STATS for k in keys)
+    assert all(model.embedding_index(k) < len(model.keys) for k in keys)
     topology, _, positions = builtin_system("ala2")
     _, x = chain_positions(md.Topology.from_openmm(topology), np.array([positions.value_in_unit(unit.nanometer)]))
     ch = model.for_sequence(names)

@@ -63,6 +63,7 @@ from openmm_backmap.models.residues import (
     MAPPINGS,
     RESIDUE_NAMES,
     TEMPLATES,
+    TREE_VERSION,
     Chain,
     Tree,
     bead_atoms,
@@ -140,6 +141,11 @@ DEFAULT_STATS = {
     "r0": 0.101, "mr": math.log(0.145), "sr": 0.1, "mt": float(_logit(np.array(1.92 / math.pi))),
     "st": 0.3, "circ": True, "mu": 0.0, "h": math.pi, "mp": 0.0, "sp": 1.0, "n": 0,
 }  # fmt: skip
+
+
+def _check_tree_version(version: int) -> None:
+    if version not in (1, TREE_VERSION):
+        raise ValueError(f"unknown placement-tree version {version!r}; this package has 1 and {TREE_VERSION}")
 
 
 # ----------------------------------------------------------------------------- network
@@ -224,7 +230,15 @@ class ChainBackmapper(nn.Module):
     __jit_ignored_attributes__ = ["chain", "atom_names", "bead_names", "residue_names", "keys", "order"]
 
     def __init__(
-        self, net: ProteinNet, chain: Chain, mapping: str, tables: dict, n_knn: int, n_ctx: int, knn_cutoff: float
+        self,
+        net: ProteinNet,
+        chain: Chain,
+        mapping: str,
+        tables: dict,
+        n_knn: int,
+        n_ctx: int,
+        knn_cutoff: float,
+        tree_version: int = TREE_VERSION,
     ) -> None:
         super().__init__()
         self.net = net
@@ -233,7 +247,7 @@ class ChainBackmapper(nn.Module):
         self.atom_names = list(chain.atom_names)
         self.residue_names = list(chain.names)
         beads, self.bead_names, bead_res = bead_atoms(chain, mapping)
-        tree = build_tree(chain, mapping)
+        tree = build_tree(chain, mapping, tree_version)
         self.keys = tree.keys
         self.n_aa = int(chain.n_atoms)
         self.n_cg = len(beads)
@@ -243,15 +257,15 @@ class ChainBackmapper(nn.Module):
         self.n_bins = int(net.n_bins)
         n_rows = int(tree.rows.shape[0])
         # levels: 1 + the highest level among a row's references and context atoms. Rows are
-        # visited in order of stage (the tree lists side chains residue by residue, so a stage-2 row
-        # may precede the stage-1 rows of the next residue that its context holds); every
-        # dependency must already have its level, else sampling would read an unplaced atom
+        # visited in order of stage and phase (the tree lists side chains residue by residue, so a
+        # stage-2 row may precede the stage-1 rows of the next residue that its context holds);
+        # every dependency must already have its level, else sampling would read an unplaced atom
         ctx = _context_atoms(chain, tree, set(beads), n_ctx)
         level = np.zeros(self.n_aa, dtype=np.int64)
         done = np.zeros(self.n_aa, dtype=bool)
         done[beads] = True
         row_level = np.zeros(n_rows, dtype=np.int64)
-        for n in np.argsort(tree.stage, kind="stable"):
+        for n in tree.placement_order():
             deps = list(tree.rows[n, 1:]) + [a for a in ctx[n] if a >= 0]
             missing = [int(d) for d in deps if not done[d]]
             if missing:
@@ -615,7 +629,8 @@ class ChainBackmapper(nn.Module):
 def _context_atoms(chain: Chain, tree, beads: set[int], n_ctx: int) -> np.ndarray:
     """(R, n_ctx) static context atoms of every row (-1 = none): the ``n_ctx - 20`` nearest atoms in
     the bond graph among those available (beads, atoms of earlier stages in residues owner-1 ..
-    owner+1, earlier rows of the same stage and owner), the anchors of residues owner-2 .. owner+2,
+    owner+1, earlier rows of the same stage and owner, for backbone rows of phase 1 the atoms of
+    phase 0), the anchors of residues owner-2 .. owner+2,
     for rows of stage 2 the first three side-chain heavy atoms of residues owner-1 and owner+1, and
     for side-chain rows the backbone N, C, O of residues owner-1 .. owner+1 (so a long side chain
     sees its own and its neighbours' peptide groups)."""
@@ -631,6 +646,7 @@ def _context_atoms(chain: Chain, tree, beads: set[int], n_ctx: int) -> np.ndarra
                 tree.fixed[n0:n1],
                 tree.branch[n0:n1],
                 tree.chiral[n0:n1],
+                tree.phase[n0:n1],
             )
             own = {b - a0 for b in beads if a0 <= b < a0 + part.n_atoms}
             ctx = _context_atoms(part, sub, own, n_ctx)
@@ -638,10 +654,12 @@ def _context_atoms(chain: Chain, tree, beads: set[int], n_ctx: int) -> np.ndarra
             a0, r0, n0 = a0 + part.n_atoms, r0 + part.n_residues, n1
         return np.concatenate(out)
     n_graph = n_ctx - 20
-    rows, stage, owner = tree.rows, tree.stage, tree.owner
+    rows, stage, owner, phase = tree.rows, tree.stage, tree.owner, tree.phase
     n_res = chain.n_residues
     stage_of = np.full(chain.n_atoms, -1, dtype=np.int64)
     stage_of[rows[:, 0]] = stage
+    phase_of = np.full(chain.n_atoms, -1, dtype=np.int64)
+    phase_of[rows[:, 0]] = phase
     first_heavy: dict[int, list[int]] = {}
     for n in range(rows.shape[0]):
         a = rows[n, 0]
@@ -671,6 +689,7 @@ def _context_atoms(chain: Chain, tree, beads: set[int], n_ctx: int) -> np.ndarra
             if v in (a, j) or abs(int(chain.atom_residue[v]) - o) > 1:
                 continue
             ok = v in beads or (0 <= stage_of[v] < s) or v in same
+            ok = ok or (s == 0 and phase[n] == 1 and stage_of[v] == 0 and phase_of[v] == 0)
             if ok:
                 cand.append((dv, chain.elements[v] == "H", v))
         cand.sort()
@@ -710,6 +729,9 @@ class ProteinBackmapper(nn.Module):
     hidden, n_bins, emb, n_ctx, n_knn
         Width of the conditioner, spline bins, embedding size, static context atoms per row
         (at least 24), nearest anchors per residue and their cutoff (nm).
+    tree_version
+        The placement tree (:func:`~openmm_backmap.models.residues.build_tree`): the current one by
+        default; files written before trees had versions hold version 1.
     keys
         Row keys with an embedding of their own (default: the residue-specific keys of ``stats``);
         keys added to the statistics later share the embedding of unseen keys.
@@ -726,8 +748,10 @@ class ProteinBackmapper(nn.Module):
         n_knn: int = 6,
         knn_cutoff: float = 1.0,
         keys: Sequence[str] | None = None,
+        tree_version: int = TREE_VERSION,
     ) -> None:
         super().__init__()
+        _check_tree_version(tree_version)
         if mapping not in MAPPINGS:
             raise ValueError(f"unknown protein mapping {mapping!r}; choose one of {', '.join(MAPPINGS)}")
         if n_ctx < 24:
@@ -742,6 +766,7 @@ class ProteinBackmapper(nn.Module):
             n_ctx=int(n_ctx),
             n_knn=int(n_knn),
             knn_cutoff=float(knn_cutoff),
+            tree_version=int(tree_version),
         )
         # the row keys with their own embedding (fixed at construction; later keys share one)
         self.keys = list(keys) if keys is not None else sorted(k for k in self.stats if not k.startswith("*:"))
@@ -775,6 +800,15 @@ class ProteinBackmapper(nn.Module):
             self._chains.clear()
         return new
 
+    def set_tree_version(self, version: int) -> None:
+        """Change the placement tree (:func:`~openmm_backmap.models.residues.build_tree`). Rows the
+        new tree has and the model lacks fall back to the statistics and embedding of unseen keys
+        until fitted statistics and :meth:`add_keys` give them their own (training with ``--init``)."""
+        _check_tree_version(version)
+        if int(version) != self.config["tree_version"]:
+            self.config["tree_version"] = int(version)
+            self._chains.clear()
+
     def embedding_index(self, key: str) -> int:
         """Index of a row key's embedding: its own, else its first cap analog's
         (:func:`~openmm_backmap.models.residues.cap_analog_keys`), else the shared one of unseen keys."""
@@ -804,19 +838,23 @@ class ProteinBackmapper(nn.Module):
                 self.config["n_knn"],
                 self.config["n_ctx"],
                 self.config["knn_cutoff"],
+                self.config["tree_version"],
             )
         return self._chains[key]
 
     # ------------------------------------------------------------------ statistics
     @staticmethod
-    def fit_statistics(examples: Sequence[tuple[Sequence[str], np.ndarray]], mapping: str) -> dict:
+    def fit_statistics(
+        examples: Sequence[tuple[Sequence[str], np.ndarray]], mapping: str, tree_version: int = TREE_VERSION
+    ) -> dict:
         """Row-key statistics from examples (residue names, positions (N, n_atoms, 3) nm in chain
-        order); residue-independent ``*:`` keys pool every residue as a fallback."""
+        order) for the trees of ``mapping`` and ``tree_version``; residue-independent ``*:`` keys
+        pool every residue as a fallback."""
         pooled: dict[str, list[np.ndarray]] = {}
         branch: dict[str, bool] = {}
         for names, x in examples:
             chain = build_chain(names)
-            tree = build_tree(chain, mapping)
+            tree = build_tree(chain, mapping, tree_version)
             r, th, ph = _raw_values(np.asarray(x), tree.rows)
             for n, key in enumerate(tree.keys):
                 for k in (key, generic_key(key)):
@@ -866,7 +904,9 @@ class ProteinBackmapper(nn.Module):
             raise ValueError(f"{path} is not an {FORMAT} file")
         if int(data.get("format_version", 0)) > FORMAT_VERSION:
             raise ValueError(f"{path}: format version {data['format_version']} is newer than this package reads")
-        model = cls(stats=json.loads(data["stats"]), keys=data["keys"], **data["config"])
+        # files written before trees had versions hold version 1
+        config = {"tree_version": 1, **data["config"]}
+        model = cls(stats=json.loads(data["stats"]), keys=data["keys"], **config)
         model.net.load_state_dict(data["state_dict"])
         model.info = data.get("extra", {})
         return model

@@ -419,6 +419,10 @@ class Tree:
     chiral
         (R,) a branch row on a chiral centre j (C-alpha, or C-beta of ILE and THR): its dihedral
         sets the handedness of j.
+    phase
+        (R,) within the backbone stage, 0 for rows placed first and 1 for rows placed after them
+        that see them (tree version 2 under ``ca``: the peptide planes of odd residues and the C
+        terminus); all 0 otherwise.
     """
 
     rows: np.ndarray
@@ -428,6 +432,16 @@ class Tree:
     fixed: np.ndarray
     branch: np.ndarray
     chiral: np.ndarray
+    phase: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.phase is None:
+            self.phase = np.zeros(len(self.keys), dtype=np.int64)
+
+    def placement_order(self) -> np.ndarray:
+        """Row indices by stage, then phase, else in tree order: every row's references come
+        before it."""
+        return np.lexsort((np.arange(len(self.keys)), self.phase, self.stage))
 
 
 def generic_key(key: str) -> str:
@@ -453,21 +467,43 @@ def cap_analog_keys(key: str) -> list[str]:
     return out
 
 
-def build_tree(chain: Chain, mapping: str) -> Tree:
+TREE_VERSION = 2  # the placement tree of new models; files record theirs (before versions: 1)
+
+
+def build_tree(chain: Chain, mapping: str, version: int = TREE_VERSION) -> Tree:
     """The staged placement rows of every non-bead atom of ``chain`` under ``mapping``.
+
+    Under ``ca`` the backbone stage places each peptide plane (C, O of residue i, N, H of i + 1)
+    from the C-alpha beads. The tree ``version`` says how:
+
+    1. Every plane from the beads alone, so the N-CA-C angle of a residue, which its two planes
+       make together, is never drawn as such; proline's CG by a dihedral about CD-N, the ring
+       bond CB-CG closing implicitly.
+    2. Alternating planes: those of even residues first (phase 0); the plane of an odd residue i
+       then places its C by a dihedral about CA(i)-CA(i+1) relative to the N that the plane
+       before put down, and its conditioner sees both neighbouring planes (phase 1); the
+       C-terminal C hangs from its residue's N likewise. Every N-CA-C angle is made by a row that
+       sees both of its atoms. Proline's CG from CD and CB (``CG<CD,CB,N``): the ring-closing
+       distance CB-CG is set by a drawn angle at CD rather than by a dihedral.
+
+    Under ``backbone`` (N, CA, C beads) the planes hang from the beads in both versions.
 
     Raises
     ------
     ValueError
         When a C-alpha trace is too short to orient a peptide plane (fewer than three residues
-        under ``ca``).
+        under ``ca``), or for an unknown ``version``.
     """
+    if version not in (1, 2):
+        raise ValueError(f"unknown placement-tree version {version!r}; this package has 1 and {TREE_VERSION}")
     if chain.parts:
-        return _join_trees([build_tree(p, mapping) for p in chain.parts], chain.parts)
+        return _join_trees([build_tree(p, mapping, version) for p in chain.parts], chain.parts)
     beads = set(bead_atoms(chain, mapping)[0])
     n_res = chain.n_residues
     A = [chain.anchor(r) for r in range(n_res)]
     rows: list[tuple[int, int, int, int, int, int]] = []
+    phases: list[int] = []
+    phase = 0
     placed = set(beads)
 
     def has(r: int, name: str) -> bool:
@@ -483,16 +519,24 @@ def build_tree(chain: Chain, mapping: str) -> Tree:
         if i in placed:
             raise AssertionError(f"atom {chain.atom_names[i]} placed twice")
         rows.append((i, j, k, m, stage, owner))
+        phases.append(phase)
         placed.add(i)
 
     if mapping == "ca" and n_res < 3:
         raise ValueError(f"the 'ca' mapping needs at least three C-alpha beads (caps count), got {n_res}")
     last = n_res - 1
-    # stage 0: backbone
-    for i in range(n_res - 1):
+    alternating = mapping == "ca" and version >= 2
+    # stage 0: backbone (alternating: even residues' planes, then odd residues' planes)
+    plane_order = list(range(n_res - 1))
+    if alternating:
+        plane_order = plane_order[0::2] + plane_order[1::2]
+    for i in plane_order:
         c = at(i, "C")
         if mapping == "ca":
+            phase = i % 2 if alternating else 0
             ref = A[i - 1] if i > 0 else A[i + 2]
+            if phase == 1:
+                ref = at(i, "N")
             add(c, A[i], A[i + 1], ref, 0, i)
             n_next = at(i + 1, "N")
             add(n_next, c, A[i + 1], A[i], 0, i)
@@ -505,11 +549,13 @@ def build_tree(chain: Chain, mapping: str) -> Tree:
     if chain.cterm:
         c = at(last, "C")
         if mapping == "ca":
-            add(c, A[last], A[last - 1], A[last - 2], 0, last)
+            phase = 1 if alternating else 0
+            add(c, A[last], A[last - 1], at(last, "N") if alternating else A[last - 2], 0, last)
             add(at(last, "O"), c, A[last], A[last - 1], 0, last)
         else:
             add(at(last, "O"), c, A[last], at(last, "N"), 0, last)
         add(at(last, "OXT"), c, A[last], at(last, "O"), 0, last)
+    phase = 0
     if chain.nterm:
         n, c = at(0, "N"), at(0, "C")
         if mapping == "ca":
@@ -522,7 +568,7 @@ def build_tree(chain: Chain, mapping: str) -> Tree:
     # stages 1 and 2: side chains (and cap methyl hydrogens), even residues before odd ones
     for r in range(n_res):
         stage = 1 + r % 2
-        _side_chain_rows(chain, r, stage, add, placed)
+        _side_chain_rows(chain, r, stage, add, placed, version)
 
     arr = np.asarray([row[:4] for row in rows], dtype=np.int64).reshape(-1, 4)
     keys = [_row_key(chain, row[0], row[1:4]) for row in rows]
@@ -532,7 +578,14 @@ def build_tree(chain: Chain, mapping: str) -> Tree:
     centres = set(chiral_centres(chain)[:, 0].tolist())
     chiral = branch & np.asarray([int(j) in centres for j in arr[:, 1]], dtype=bool)
     return Tree(
-        arr, np.asarray([row[4] for row in rows]), np.asarray([row[5] for row in rows]), keys, fixed, branch, chiral
+        arr,
+        np.asarray([row[4] for row in rows]),
+        np.asarray([row[5] for row in rows]),
+        keys,
+        fixed,
+        branch,
+        chiral,
+        np.asarray(phases, dtype=np.int64),
     )
 
 
@@ -548,10 +601,11 @@ def _join_trees(trees: Sequence[Tree], chains: Sequence[Chain]) -> Tree:
         np.concatenate([t.fixed for t in trees]),
         np.concatenate([t.branch for t in trees]),
         np.concatenate([t.chiral for t in trees]),
+        np.concatenate([t.phase for t in trees]),
     )
 
 
-def _side_chain_rows(chain: Chain, r: int, stage: int, add, placed: set[int]) -> None:
+def _side_chain_rows(chain: Chain, r: int, stage: int, add, placed: set[int], version: int) -> None:
     name = chain.names[r]
     atoms = chain.residue_atoms[r]
     nb = chain.neighbours
@@ -567,15 +621,19 @@ def _side_chain_rows(chain: Chain, r: int, stage: int, add, placed: set[int]) ->
         if name == "PRO":
             # The ring from the amide plane: N is planar, so CD lies in the plane of N's other bonds,
             # opposite the C of the residue before across N-CA (an improper, narrow dihedral; at an
-            # N terminus a proper one about N-CA from the residue's own C). The pucker is then one
-            # dihedral, CG's about CD-N, and the ring bond CG-CB closes implicitly. (Placed from
-            # CB, CD's position would follow from two free dihedrals and the ring could open onto
-            # the residue before.)
+            # N terminus a proper one about N-CA from the residue's own C). CG then closes the
+            # ring: bonded to CD, at an angle CG-CD-CB that sets the ring bond CB-CG (version 1:
+            # a dihedral about CD-N, the bond closing implicitly), the pucker its dihedral about
+            # CD-CB. (Placed from CB, CD's position would follow from two free dihedrals and the
+            # ring could open onto the residue before.)
             cd, cg = atoms["CD"], atoms["CG"]
             before = [x for x in nb[n] if x not in own and not is_h[x]]
             add(cb, ca, n, c, stage, r)
             add(cd, n, ca, before[0] if before else c, stage, r)
-            add(cg, cd, n, ca, stage, r)
+            if version >= 2:
+                add(cg, cd, cb, n, stage, r)
+            else:
+                add(cg, cd, n, ca, stage, r)
             parent.update({cb: ca, cd: n, cg: cd})
         elif cb is not None:
             add(cb, ca, n, c, stage, r)
@@ -640,8 +698,9 @@ def equivalent_hydrogen_pairs(chain: Chain) -> np.ndarray:
     """(n, 5) rows (a, b, j, k, l): hydrogens a < b placed from the same references j, k, l
     (methylene pairs such as HB2/HB3, the second and third hydrogen of a methyl or NH3+ group,
     glycine's HA2/HA3). The force field treats a and b alike, so swapping their names leaves the
-    energy unchanged; :func:`canonical_hydrogens` fixes which is which."""
-    tree = build_tree(chain, "ca")
+    energy unchanged; :func:`canonical_hydrogens` fixes which is which (by the rows of tree
+    version 1, so that data keep one naming whatever the version of a model)."""
+    tree = build_tree(chain, "ca", 1)
     by_refs: dict[tuple[int, int, int], list[int]] = {}
     for i, j, k, m in tree.rows:
         if chain.elements[i] == "H":

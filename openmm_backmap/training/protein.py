@@ -37,8 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from openmm_backmap.io.protein_models import protein_model_path
 from openmm_backmap.models.protein import ChainBackmapper, ProteinBackmapper
-from openmm_backmap.models.residues import build_chain, canonical_hydrogens, residue_template_name
+from openmm_backmap.models.residues import TREE_VERSION, build_chain, canonical_hydrogens, residue_template_name
 from openmm_backmap.training.backmapper import soft_clip_above_quartile
 from openmm_backmap.units import kT as kT_of
 
@@ -49,7 +50,10 @@ class TrainConfig:
     steps (0: no step limit); the learning rate follows a cosine from ``lr`` to ``lr / 20`` over
     whichever comes first. ``energy_weight`` > 0 adds the reverse-KL term (module docstring) on
     ``energy_frames`` CG frames (one sample each) of each of ``energy_peptides`` peptides per step,
-    at ``temperature`` K, with the cap's ``cap_dof`` kT per free degree of freedom."""
+    at ``temperature`` K, with the cap's ``cap_dof`` kT per free degree of freedom. ``tree_version``
+    is the model's placement tree (:func:`~openmm_backmap.models.residues.build_tree`); 0 means the
+    ``init`` model's, else the current one; another converts the ``init`` model (rows it never had
+    get embeddings and statistics of their own)."""
 
     data: str
     out: str
@@ -69,6 +73,7 @@ class TrainConfig:
     stats_frames: int = 60
     refresh_every: int = 100
     init: str = ""
+    tree_version: int = 0
     energy_weight: float = 0.0
     energy_peptides: int = 2
     energy_frames: int = 8
@@ -176,7 +181,7 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
     peptides = [load_peptide(Path(config.data) / i) for i in ids]
     order = rng.permutation(len(ids))
     val_idx = sorted(order[: config.n_val].tolist()) if len(ids) > config.n_val + 1 else []
-    start = ProteinBackmapper.load(config.init) if config.init else None
+    start = ProteinBackmapper.load(protein_model_path(config.init) or config.init) if config.init else None
     if start is not None and start.mapping != config.mapping:
         raise ValueError(f"{config.init} maps {start.mapping!r}, not {config.mapping!r}")
     pending_val: set[str] = set()
@@ -192,10 +197,12 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
         names, x, _ = peptides[i]
         take = rng.choice(x.shape[0], min(config.stats_frames, x.shape[0]), replace=False)
         examples.append((names, x[take].astype(np.float64)))
-    stats = ProteinBackmapper.fit_statistics(examples, config.mapping)
+    version = config.tree_version or (start.config["tree_version"] if start is not None else TREE_VERSION)
+    stats = ProteinBackmapper.fit_statistics(examples, config.mapping, version)
     if start is not None:
         # keep the checkpoint's weights, embedded keys and statistics; new keys get fresh statistics
         model = start
+        model.set_tree_version(version)
         model.stats.update({k: v for k, v in stats.items() if k not in model.stats})
         added = model.add_keys(sorted(stats))
         log(
@@ -203,9 +210,11 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
             f"{len(added)} row keys new to it get embeddings of their own"
         )
     else:
-        model = ProteinBackmapper(config.mapping, stats, hidden=config.hidden, n_bins=config.n_bins, n_knn=config.n_knn)
+        model = ProteinBackmapper(
+            config.mapping, stats, hidden=config.hidden, n_bins=config.n_bins, n_knn=config.n_knn, tree_version=version
+        )
     n_params = sum(p.numel() for p in model.net.parameters())
-    log(f"{len(stats)} row keys, {n_params} parameters, mapping {config.mapping}")
+    log(f"{len(stats)} row keys, {n_params} parameters, mapping {config.mapping}, tree version {version}")
     opt = torch.optim.Adam(model.net.parameters(), lr=config.lr)
     tensors = [torch.as_tensor(p[1]) for p in peptides]
     val_frames = {i: tensors[i][:: max(1, tensors[i].shape[0] // 64)] for i in val_idx}
@@ -264,7 +273,7 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
             train_idx.append(len(ids) - 1)
             take = rng.choice(x.shape[0], min(config.stats_frames, x.shape[0]), replace=False)
             examples.append((names, x[take].astype(np.float64)))
-        fresh = ProteinBackmapper.fit_statistics(examples, config.mapping) if examples else {}
+        fresh = ProteinBackmapper.fit_statistics(examples, config.mapping, version) if examples else {}
         added = {k: v for k, v in fresh.items() if k not in model.stats}
         model.stats.update(added)
         # new keys share the unseen-key embedding until a later run (--init) gives them their own:
