@@ -72,6 +72,7 @@ from openmm_backmap.models.residues import (
     build_tree,
     canonical_name,
     cap_analog_keys,
+    check_tree_version,
     generic_key,
 )
 
@@ -141,11 +142,6 @@ DEFAULT_STATS = {
     "r0": 0.101, "mr": math.log(0.145), "sr": 0.1, "mt": float(_logit(np.array(1.92 / math.pi))),
     "st": 0.3, "circ": True, "mu": 0.0, "h": math.pi, "mp": 0.0, "sp": 1.0, "n": 0,
 }  # fmt: skip
-
-
-def _check_tree_version(version: int) -> None:
-    if version not in (1, TREE_VERSION):
-        raise ValueError(f"unknown placement-tree version {version!r}; this package has 1 and {TREE_VERSION}")
 
 
 # ----------------------------------------------------------------------------- network
@@ -751,7 +747,7 @@ class ProteinBackmapper(nn.Module):
         tree_version: int = TREE_VERSION,
     ) -> None:
         super().__init__()
-        _check_tree_version(tree_version)
+        check_tree_version(tree_version)
         if mapping not in MAPPINGS:
             raise ValueError(f"unknown protein mapping {mapping!r}; choose one of {', '.join(MAPPINGS)}")
         if n_ctx < 24:
@@ -804,7 +800,7 @@ class ProteinBackmapper(nn.Module):
         """Change the placement tree (:func:`~openmm_backmap.models.residues.build_tree`). Rows the
         new tree has and the model lacks fall back to the statistics and embedding of unseen keys
         until fitted statistics and :meth:`add_keys` give them their own (training with ``--init``)."""
-        _check_tree_version(version)
+        check_tree_version(version)
         if int(version) != self.config["tree_version"]:
             self.config["tree_version"] = int(version)
             self._chains.clear()

@@ -470,6 +470,12 @@ def cap_analog_keys(key: str) -> list[str]:
 TREE_VERSION = 2  # the placement tree of new models; files record theirs (before versions: 1)
 
 
+def check_tree_version(version: int) -> None:
+    """Raise ValueError unless ``version`` is a placement-tree version this package builds."""
+    if version not in range(1, TREE_VERSION + 1):
+        raise ValueError(f"unknown placement-tree version {version!r}; this package builds 1 to {TREE_VERSION}")
+
+
 def build_tree(chain: Chain, mapping: str, version: int = TREE_VERSION) -> Tree:
     """The staged placement rows of every non-bead atom of ``chain`` under ``mapping``.
 
@@ -494,8 +500,7 @@ def build_tree(chain: Chain, mapping: str, version: int = TREE_VERSION) -> Tree:
         When a C-alpha trace is too short to orient a peptide plane (fewer than three residues
         under ``ca``), or for an unknown ``version``.
     """
-    if version not in (1, 2):
-        raise ValueError(f"unknown placement-tree version {version!r}; this package has 1 and {TREE_VERSION}")
+    check_tree_version(version)
     if chain.parts:
         return _join_trees([build_tree(p, mapping, version) for p in chain.parts], chain.parts)
     beads = set(bead_atoms(chain, mapping)[0])
