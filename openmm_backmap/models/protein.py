@@ -625,11 +625,11 @@ class ChainBackmapper(nn.Module):
 def _context_atoms(chain: Chain, tree, beads: set[int], n_ctx: int) -> np.ndarray:
     """(R, n_ctx) static context atoms of every row (-1 = none): the ``n_ctx - 20`` nearest atoms in
     the bond graph among those available (beads, atoms of earlier stages in residues owner-1 ..
-    owner+1, earlier rows of the same stage and owner, for backbone rows of phase 1 the atoms of
-    phase 0), the anchors of residues owner-2 .. owner+2,
-    for rows of stage 2 the first three side-chain heavy atoms of residues owner-1 and owner+1, and
-    for side-chain rows the backbone N, C, O of residues owner-1 .. owner+1 (so a long side chain
-    sees its own and its neighbours' peptide groups)."""
+    owner+1, earlier rows of the same stage and owner, for backbone rows of phase 1 the backbone
+    atoms of phase 0), the anchors of residues owner-2 .. owner+2, for rows of stage 2 the first
+    three side-chain heavy atoms of residues owner-1 and owner+1, and for side-chain rows the
+    backbone N, C, O of residues owner-1 .. owner+1 (so a long side chain sees its own and its
+    neighbours' peptide groups)."""
     if chain.parts:  # each chain's rows see their own chain (the tree lists the chains in turn)
         out, a0, r0, n0 = [], 0, 0, 0
         for part in chain.parts:

@@ -539,9 +539,7 @@ def build_tree(chain: Chain, mapping: str, version: int = TREE_VERSION) -> Tree:
         c = at(i, "C")
         if mapping == "ca":
             phase = i % 2 if alternating else 0
-            ref = A[i - 1] if i > 0 else A[i + 2]
-            if phase == 1:
-                ref = at(i, "N")
+            ref = at(i, "N") if phase == 1 else (A[i - 1] if i > 0 else A[i + 2])
             add(c, A[i], A[i + 1], ref, 0, i)
             n_next = at(i + 1, "N")
             add(n_next, c, A[i + 1], A[i], 0, i)
