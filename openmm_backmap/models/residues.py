@@ -10,8 +10,9 @@ methyl hydrogens H1, H2, H3 and NME's methyl carbon C. Residues follow each othe
 
 The internal-coordinate tree places every atom that is not a CG bead from three reference atoms
 ``(j, k, l)`` (bond i-j, angle i-j-k, dihedral i-j-k-l), in stages: stage 0 the backbone (for the
-``ca`` mapping the peptide planes between consecutive C-alpha beads, for ``backbone`` the carbonyl O
-and amide H), stage 1 the side chains (with H-alpha) of even residues, stage 2 those of odd ones.
+``ca`` mapping the peptide planes between consecutive C-alpha beads, in tree version 2 those of
+even residues before those of odd ones, for ``backbone`` the carbonyl O and amide H), stage 1 the
+side chains (with H-alpha) of even residues, stage 2 those of odd ones (:func:`build_tree`).
 The anchor of every residue is its C-alpha (the methyl carbon for the caps: ACE CH3, NME C).
 Atoms bonded to C-alpha (HA, CB) are placed by dihedrals about CA-N relative to C, so the
 handedness of C-alpha follows from the construction.
