@@ -104,7 +104,9 @@ def test_geometry_survives_minimisation(built, forcefield):
         e0 = context.getState(getEnergy=True).getPotentialEnergy()
         openmm.LocalEnergyMinimizer.minimize(context, 10.0, 100)
         state = context.getState(getEnergy=True, getPositions=True)
-        assert state.getPotentialEnergy() < e0
+        # build_peptide returns minimised positions, so a second minimisation can only keep the
+        # energy, within the CPU platform's rounding (it came out 1e-5 kJ/mol higher in one CI run)
+        assert state.getPotentialEnergy() <= e0 + 1e-3 * unit.kilojoule_per_mole
         _assert_geometry(topology, state.getPositions(asNumpy=True), seq, termini, cis)
 
 
