@@ -433,11 +433,7 @@ class Tree:
     fixed: np.ndarray
     branch: np.ndarray
     chiral: np.ndarray
-    phase: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if self.phase is None:
-            self.phase = np.zeros(len(self.keys), dtype=np.int64)
+    phase: np.ndarray
 
     def placement_order(self) -> np.ndarray:
         """Row indices by stage, then phase, else in tree order: every row's references come
