@@ -449,6 +449,27 @@ def test_training_converts_a_checkpoint_to_the_current_tree(chignolin, tmp_path)
     assert named.info["init"] == "protein-ca"
 
 
+def test_training_widens_a_checkpoint(chignolin, tmp_path):
+    """`--init` with a larger `--hidden` continues at that width from the checkpoint's densities
+    (zero steps: the same log q); `--hidden 0` keeps the checkpoint's width; a smaller one is refused."""
+    _, names, x = chignolin
+    data = _corpus(tmp_path / "corpus", chignolin)
+    base = dict(data=str(data), mapping="ca", n_val=0, batch_frames=8, peptides_per_step=1, stats_frames=8)
+    base.update(n_bins=4, val_every=10**6, refresh_every=0, seed=3)
+    narrow = train(TrainConfig(out=str(tmp_path / "a.pt"), max_steps=2, hidden=16, **base), log=lambda m: None)
+    init = str(tmp_path / "a.pt")
+    wide = train(TrainConfig(out=str(tmp_path / "w.pt"), time_limit=0.0, init=init, hidden=24, **base))
+    assert wide.config["hidden"] == 24 and wide.net.lin2.weight.shape == (24, 24)
+    a, b = narrow.for_sequence(names), wide.for_sequence(names)
+    xt = torch.as_tensor(x[:4], dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(b.log_prob(xt, b.project(xt)), a.log_prob(xt, a.project(xt)), rtol=1e-5)
+    kept = train(TrainConfig(out=str(tmp_path / "k.pt"), time_limit=0.0, init=init, hidden=0, **base))
+    assert kept.config["hidden"] == 16
+    with pytest.raises(ValueError, match="cannot narrow the conditioner from 16 to 8"):
+        train(TrainConfig(out=str(tmp_path / "n.pt"), time_limit=0.0, init=init, hidden=8, **base))
+
+
 def test_a_late_validation_peptide_of_the_checkpoint_is_never_trained_on(chignolin, tmp_path, monkeypatch):
     """`--init` on a corpus still being written: a validation peptide of the checkpoint that the
     corpus finishes during the run joins the validation set, not the training set."""

@@ -449,6 +449,48 @@ def test_new_row_keys_get_embeddings_without_changing_the_density(chignolin, tmp
         assert torch.allclose(loaded.for_sequence(other).log_prob(aa, cg), lq, rtol=1e-5)
 
 
+def test_widening_keeps_the_density_and_trains_the_new_units(chignolin, tmp_path):
+    """`widen` (training continued at a larger width): log q is unchanged, every new weight gets a
+    gradient from the likelihood (none is dead), the wider model saves and loads with its width,
+    and narrowing is refused."""
+    names, x = chignolin
+    model = _model(chignolin, "ca", perturb=0.1)
+    ch = model.for_sequence(names)
+    cg = _as_tensor(x[:, ch.beads.numpy()])
+    xt = _as_tensor(x)
+    with torch.no_grad():
+        before = ch.log_prob(xt, cg)
+    old = model.config["hidden"]
+    model.widen(old + 8, seed=1)
+    wide_state = {k: v.clone() for k, v in model.net.state_dict().items()}
+    wide = model.for_sequence(names)
+    assert model.net.lin2.weight.shape == (old + 8, old + 8)
+    with torch.no_grad():
+        assert torch.allclose(wide.log_prob(xt, cg), before, rtol=0, atol=1e-9)
+    # the first gradient reaches the weights out of the new units; once those moved, the weights
+    # into them too
+    net = model.net
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    for step in range(2):
+        opt.zero_grad()
+        (-wide.log_prob(xt, cg).sum()).backward()
+        out_of_new = (
+            net.lin2.weight.grad[:old, old:],
+            net.head_phi.weight.grad[:, old:],
+            net.lin_rt.weight.grad[:, old : old + 8],
+        )
+        into_new = (net.lin_static.weight.grad[old:], net.lin_dyn.weight.grad[old:], net.lin2.weight.grad[old:])
+        assert all(g.abs().sum() > 0 for g in out_of_new + (into_new if step else ()))
+        opt.step()
+    model.net.load_state_dict(wide_state)
+    loaded = ProteinBackmapper.load(model.save(tmp_path / "wide.pt")).double()
+    assert loaded.config["hidden"] == old + 8
+    with torch.no_grad():
+        assert torch.allclose(loaded.for_sequence(names).log_prob(xt, cg), before, rtol=1e-5)
+    with pytest.raises(ValueError, match=f"cannot narrow the conditioner from {old + 8} to {old}"):
+        model.widen(old)
+
+
 # ----------------------------------------------------------------------------- files
 def test_save_load_round_trip(chignolin, tmp_path):
     model = _model(chignolin, "ca", perturb=0.1)

@@ -170,6 +170,50 @@ class ProteinNet(nn.Module):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
 
+    def widen(self, hidden: int, init_std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Grow the conditioner to ``hidden`` units in place, leaving every output unchanged: the new
+        units of both trunk layers get small random incoming weights (``init_std``) and zero
+        outgoing ones, so they carry gradient from the first step of further training but change
+        no density until it moves them."""
+        old = self.lin2.out_features
+        if hidden < old:
+            raise ValueError(f"cannot narrow the conditioner from {old} to {hidden} units")
+        if hidden == old:
+            return
+        extra = hidden - old
+
+        def grown(layer: nn.Linear, rows: int, cols: int) -> nn.Linear:
+            """``layer`` with ``rows`` new random outputs and ``cols`` new inputs (appended), the old
+            outputs ignoring the new inputs."""
+            like = {"dtype": layer.weight.dtype, "device": layer.weight.device}
+            out = nn.Linear(layer.in_features + cols, layer.out_features + rows, layer.bias is not None, **like)
+            with torch.no_grad():
+                w = torch.zeros_like(out.weight)
+                w[: layer.out_features, : layer.in_features] = layer.weight
+                w[layer.out_features :] = init_std * torch.randn(rows, w.shape[1], generator=generator).to(**like)
+                out.weight.copy_(w)
+                if layer.bias is not None:
+                    out.bias.zero_()
+                    out.bias[: layer.out_features] = layer.bias
+            return out
+
+        def grown_inputs(layer: nn.Linear, first: int, cols: int) -> nn.Linear:
+            """``layer`` with ``cols`` zero input columns inserted after its first ``first``."""
+            like = {"dtype": layer.weight.dtype, "device": layer.weight.device}
+            out = nn.Linear(layer.in_features + cols, layer.out_features, layer.bias is not None, **like)
+            with torch.no_grad():
+                w = layer.weight
+                out.weight.copy_(torch.cat([w[:, :first], w.new_zeros(w.shape[0], cols), w[:, first:]], dim=1))
+                if layer.bias is not None:
+                    out.bias.copy_(layer.bias)
+            return out
+
+        self.lin_static = grown(self.lin_static, extra, 0)
+        self.lin_dyn = grown(self.lin_dyn, extra, 0)
+        self.lin2 = grown(self.lin2, extra, extra)
+        self.head_phi = grown_inputs(self.head_phi, old, extra)
+        self.lin_rt = grown_inputs(self.lin_rt, old, extra)  # its inputs: hidden, then cos/sin phi
+
     def static(
         self, res_type: Tensor, atom: Tensor, key: Tensor, prev_type: Tensor, next_type: Tensor, stage: Tensor
     ) -> Tensor:
@@ -795,6 +839,13 @@ class ProteinBackmapper(nn.Module):
             self._key_index = {k: i for i, k in enumerate(self.keys)}
             self._chains.clear()
         return new
+
+    def widen(self, hidden: int, seed: int = 0) -> None:
+        """Grow the conditioner to ``hidden`` units without changing any density
+        (:meth:`ProteinNet.widen`), for training to continue at a larger width."""
+        self.net.widen(int(hidden), generator=torch.Generator().manual_seed(seed))
+        self.config["hidden"] = int(hidden)
+        self._chains.clear()
 
     def set_tree_version(self, version: int) -> None:
         """Change the placement tree (:func:`~openmm_backmap.models.residues.build_tree`). Rows the

@@ -44,6 +44,9 @@ from openmm_backmap.training.backmapper import soft_clip_above_quartile
 from openmm_backmap.units import kT as kT_of
 
 
+DEFAULT_HIDDEN = 96  # conditioner width of a model trained from scratch
+
+
 @dataclass
 class TrainConfig:
     """Settings of :func:`train` (times in s). Training stops at ``time_limit`` or after ``max_steps``
@@ -53,7 +56,9 @@ class TrainConfig:
     at ``temperature`` K, with the cap's ``cap_dof`` kT per free degree of freedom. ``tree_version``
     is the model's placement tree (:func:`~openmm_backmap.models.residues.build_tree`); 0 means the
     ``init`` model's, else the current one; another converts the ``init`` model (rows it never had
-    get embeddings and statistics of their own)."""
+    get embeddings and statistics of their own). ``hidden`` is the conditioner's width: 0 means the
+    ``init`` model's (else ``DEFAULT_HIDDEN``); a larger one widens the ``init`` model without
+    changing its densities (:meth:`ProteinBackmapper.widen`), a smaller one is refused."""
 
     data: str
     out: str
@@ -67,7 +72,7 @@ class TrainConfig:
     n_val: int = 4
     seed: int = 0
     threads: int = 1
-    hidden: int = 96
+    hidden: int = 0
     n_bins: int = 8
     n_knn: int = 6
     stats_frames: int = 60
@@ -209,9 +214,17 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
             f"continuing from {config.init} (step {start.info.get('step', '?')}); "
             f"{len(added)} row keys new to it get embeddings of their own"
         )
+        if config.hidden and config.hidden != model.config["hidden"]:
+            log(f"conditioner widened from {model.config['hidden']} to {config.hidden} units")
+            model.widen(config.hidden, config.seed)
     else:
         model = ProteinBackmapper(
-            config.mapping, stats, hidden=config.hidden, n_bins=config.n_bins, n_knn=config.n_knn, tree_version=version
+            config.mapping,
+            stats,
+            hidden=config.hidden or DEFAULT_HIDDEN,
+            n_bins=config.n_bins,
+            n_knn=config.n_knn,
+            tree_version=version,
         )
     n_params = sum(p.numel() for p in model.net.parameters())
     log(f"{len(stats)} row keys, {n_params} parameters, mapping {config.mapping}, tree version {version}")
