@@ -43,7 +43,6 @@ from openmm_backmap.models.residues import TREE_VERSION, build_chain, canonical_
 from openmm_backmap.training.backmapper import soft_clip_above_quartile
 from openmm_backmap.units import kT as kT_of
 
-
 DEFAULT_HIDDEN = 96  # conditioner width of a model trained from scratch
 
 
