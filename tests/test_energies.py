@@ -95,6 +95,47 @@ def test_gradient_matches_finite_differences(ala2_frames):
         assert abs(fd - grad[0, a, c].item()) < 1e-4 * max(1.0, abs(fd))
 
 
+def test_linear_pair_core_keeps_the_energy_outside_and_a_steady_push_inside(ala2_frames):
+    """`pair_core`: thermal frames (no pair near the core) keep the exact energy and forces; two atoms
+    pushed into each other cost the core energy plus the tangent's (finite, continuous at r_c), with
+    a gradient that matches finite differences and keeps pushing them apart; a bad core is refused."""
+    system, frames = ala2_frames
+    exact, cored = TorchSystemEnergy(system), TorchSystemEnergy(system, pair_core=100.0)
+    x = torch.tensor(frames, dtype=torch.float64, requires_grad=True)
+    u = cored(x)
+    np.testing.assert_allclose(u.detach().numpy(), exact(x).detach().numpy(), rtol=1e-12)
+    (g_core,) = torch.autograd.grad(u.sum(), x)
+    (g_exact,) = torch.autograd.grad(exact(x).sum(), x)
+    np.testing.assert_allclose(g_core.numpy(), g_exact.numpy(), rtol=1e-10, atol=1e-9)
+    # two opposite charges with a Lennard-Jones wall, pushed into each other along x
+    pair = openmm.System()
+    nb = openmm.NonbondedForce()
+    for q in (0.5, -0.5):
+        pair.addParticle(12.0)
+        nb.addParticle(q, 0.3, 0.5)
+    pair.addForce(nb)
+    two_exact, two = TorchSystemEnergy(pair), TorchSystemEnergy(pair, pair_core=100.0)
+    r_c = float(two.pair_rc[0])
+    y6 = (0.3 / r_c) ** 6
+    assert 2.0 * y6 * (y6 - 1.0) == pytest.approx(100.0)  # 4 eps (y^2 - y) at r_c
+
+    def at(r: float) -> torch.Tensor:
+        return torch.tensor([[0.0, 0.0, 0.0], [r, 0.0, 0.0]], dtype=torch.float64)
+
+    assert float(two(at(r_c + 1e-9))) == pytest.approx(float(two(at(r_c - 1e-9))), abs=1e-4)  # continuous
+    assert float(two(at(1.5 * r_c))) == pytest.approx(float(two_exact(at(1.5 * r_c))), rel=1e-12)
+    deep = [float(two(at(f * r_c))) for f in (0.9, 0.5, 0.1)]
+    assert deep[0] < deep[1] < deep[2] < 1e4  # finite, rising steadily (the exact wall: ~1e12 at 0.1 r_c)
+    for f in (0.9, 0.3):
+        y = at(f * r_c).requires_grad_(True)
+        (g,) = torch.autograd.grad(two(y), y)
+        h = 1e-6
+        fd = (float(two(at(f * r_c + h))) - float(two(at(f * r_c - h)))) / (2 * h)
+        assert float(g[1, 0]) == pytest.approx(fd, rel=1e-6) and fd < -1000.0  # dU/dr: a steady push out
+    with pytest.raises(ValueError, match="pair_core must be a positive energy"):
+        TorchSystemEnergy(system, pair_core=0.0)
+
+
 def test_implicit_solvent_system_falls_back_to_bridge():
     # GBn (Amber igb=7) is a CustomGBForce the torch energy does not implement (GBn2 and OBC2 it does)
     topology, _, positions = builtin_system("chignolin")

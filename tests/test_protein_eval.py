@@ -514,7 +514,8 @@ def test_energy_term_is_amber_gbn2_and_lowers_the_samples_energy(chignolin, tmp_
     """`energy_weight`: the reverse-KL term's reduced energy of corpus frames is beta times OpenMM's
     amber14 + GBn2 energy (the frames in the templates' order, OpenMM's in the PDB's); the same steps
     from the same start with the term give samples of lower energy than maximum likelihood alone; the
-    training record holds the validation NLL, the median beta U + log q and their weighted sum."""
+    training record holds the validation NLL, the median beta U + log q and their weighted sum. Linear
+    pair cores leave the corpus frames' energies unchanged."""
     from openmm_backmap.training.protein import CorpusEnergies
 
     traj, names, _ = chignolin
@@ -533,6 +534,10 @@ def test_energy_term_is_amber_gbn2_and_lowers_the_samples_energy(chignolin, tmp_
     ctx, _ = _pdb_order_context()
     expected = [_energy(ctx, frames.xyz[k]) / kT(T) for k in range(4)]
     np.testing.assert_allclose(reduced, expected, rtol=1e-4)
+    # with linear pair cores (`pair_core_kt`) thermal frames keep their energy exactly
+    cored = CorpusEnergies(T, cap_dof=1.0, pair_core_kt=20.0)
+    np.testing.assert_allclose(cored.reduced("p0", chain, x, x[:4]).numpy(), reduced, rtol=1e-12)
+    assert cored.of("p0", chain, x)[0].pair_core == pytest.approx(20.0 * kT(T))
 
     def median_energy(path: Path) -> float:
         chain = ProteinBackmapper.load(path).for_sequence(names)

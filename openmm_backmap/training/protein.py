@@ -52,7 +52,10 @@ class TrainConfig:
     steps (0: no step limit); the learning rate follows a cosine from ``lr`` to ``lr / 20`` over
     whichever comes first. ``energy_weight`` > 0 adds the reverse-KL term (module docstring) on
     ``energy_frames`` CG frames (one sample each) of each of ``energy_peptides`` peptides per step,
-    at ``temperature`` K, with the cap's ``cap_dof`` kT per free degree of freedom. ``tree_version``
+    at ``temperature`` K, with the cap's ``cap_dof`` kT per free degree of freedom and, when
+    ``pair_core_kt`` > 0, non-bonded pairs with a linear core above that many kT (the ``pair_core``
+    of :class:`~openmm_backmap.openmm.energies.TorchSystemEnergy`: atoms inside each other keep a
+    gradient that pushes them apart). ``tree_version``
     is the model's placement tree (:func:`~openmm_backmap.models.residues.build_tree`); 0 means the
     ``init`` model's, else the current one; another converts the ``init`` model (rows it never had
     get embeddings and statistics of their own). ``hidden`` is the conditioner's width: 0 means the
@@ -83,6 +86,7 @@ class TrainConfig:
     energy_frames: int = 8
     temperature: float = 300.0
     cap_dof: float = 1.0
+    pair_core_kt: float = 0.0
 
 
 def chain_permutation(topology) -> tuple[list[str], np.ndarray]:
@@ -146,11 +150,13 @@ class CorpusEnergies:
     and the cap of its reduced energies, both built on first use and kept.
 
     The cap is beta times the median energy of up to 16 of the peptide's own frames plus
-    ``cap_dof`` per free degree of freedom (those the flow places)."""
+    ``cap_dof`` per free degree of freedom (those the flow places). With ``pair_core_kt`` > 0 the
+    energy gives non-bonded pairs a linear core above that many kT (see :class:`TrainConfig`)."""
 
-    def __init__(self, temperature: float, cap_dof: float) -> None:
+    def __init__(self, temperature: float, cap_dof: float, pair_core_kt: float = 0.0) -> None:
         self.beta = 1.0 / kT_of(temperature)
         self.cap_dof = cap_dof
+        self.pair_core = pair_core_kt / self.beta if pair_core_kt > 0 else None
         self._energy: dict[str, tuple[torch.nn.Module, float]] = {}
 
     def of(self, key: str, chain: ChainBackmapper, frames: torch.Tensor) -> tuple[torch.nn.Module, float]:
@@ -160,7 +166,7 @@ class CorpusEnergies:
             from openmm_backmap.training.finetune import chain_system
 
             system = chain_system(chain)
-            energy = TorchSystemEnergy(system).double()
+            energy = TorchSystemEnergy(system, pair_core=self.pair_core).double()
             with torch.no_grad():
                 u_ref = energy(frames[:: max(1, frames.shape[0] // 16)][:16].double())
             n_dof = 3 * system.getNumParticles() - system.getNumConstraints() - 3 * chain.n_cg
@@ -230,7 +236,9 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
     opt = torch.optim.Adam(model.net.parameters(), lr=config.lr)
     tensors = [torch.as_tensor(p[1]) for p in peptides]
     val_frames = {i: tensors[i][:: max(1, tensors[i].shape[0] // 64)] for i in val_idx}
-    energies = CorpusEnergies(config.temperature, config.cap_dof) if config.energy_weight > 0 else None
+    energies = (
+        CorpusEnergies(config.temperature, config.cap_dof, config.pair_core_kt) if config.energy_weight > 0 else None
+    )
     val_noise: dict[int, torch.Tensor] = {}
 
     def validate() -> dict:
