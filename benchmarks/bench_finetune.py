@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=ProteinFinetuning.steps)
     parser.add_argument("--lr", type=float, default=ProteinFinetuning.lr)
     parser.add_argument("--t-start", type=float, default=ProteinFinetuning.t_start)
+    parser.add_argument("--pair-core-kt", type=float, default=ProteinFinetuning.pair_core_kt)
     parser.add_argument("--out", default=None, help="write the results as JSON here (and models beside it)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -63,7 +64,11 @@ def main() -> None:
         )
         t0 = time.time()
         summary = finetune(
-            model, names, X_tune, out_model, ProteinFinetuning(steps=args.steps, lr=args.lr, t_start=args.t_start)
+            model,
+            names,
+            X_tune,
+            out_model,
+            ProteinFinetuning(steps=args.steps, lr=args.lr, t_start=args.t_start, pair_core_kt=args.pair_core_kt),
         )
         seconds = time.time() - t0
         ch = model.for_sequence(names).float().eval()

@@ -1031,6 +1031,13 @@ def _add_finetune(sub) -> None:
     p.add_argument(
         "--eval-every", type=_count, default=d.eval_every, help=f"steps between evaluations ({d.eval_every})"
     )
+    p.add_argument(
+        "--pair-core-kt",
+        type=float,
+        default=d.pair_core_kt,
+        help="if > 0, non-bonded pairs above this many kT get a linear core in the loss, so clashing "
+        f"atoms keep a gradient apart (default {d.pair_core_kt}: the exact energy)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=_count, default=d.threads, help=f"torch CPU threads (default {d.threads})")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
@@ -1055,6 +1062,7 @@ def _cmd_finetune(args) -> int:
         t_start=args.t_start,
         val_fraction=args.val_fraction,
         eval_every=args.eval_every,
+        pair_core_kt=args.pair_core_kt,
         seed=args.seed,
         threads=args.threads,
         time_limit=math.inf if args.time_limit is None else args.time_limit,

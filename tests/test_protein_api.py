@@ -416,6 +416,10 @@ def test_finetune_bad_input_is_named(shipped, chignolin, tmp_path, capsys):
         (["--model", "protein-ca", "--cg", str(tmp_path / "none.dcd")], r"none\.dcd does not exist"),
         (["--model", "protein-backbone", "--cg", str(tmp_path / "angstrom.dcd")], r"cg\.pdb"),
         (["--model", "protein-ca", "--cg", str(tmp_path / "angstrom.dcd"), "--t-start", "200"], r"t_start"),
+        (
+            ["--model", "protein-ca", "--cg", str(tmp_path / "angstrom.dcd"), "--pair-core-kt", "-1"],
+            r"pair_core_kt must be",
+        ),
     ]
     for extra, message in cases:
         assert cli.main(base + extra) == 2

@@ -118,6 +118,10 @@ class ProteinFinetuning:
         degree of freedom.
     grad_clip
         Gradient-norm clip.
+    pair_core_kt
+        When > 0, the loss's energy gives non-bonded pairs a linear core above this many kT (the
+        ``pair_core`` of :class:`~openmm_backmap.openmm.energies.TorchSystemEnergy`), so atoms inside
+        each other keep a gradient that pushes them apart; evaluations use the exact energy.
     val_fraction, val_frames, val_samples, eval_every
         The last fraction of the CG frames is held out; up to ``val_frames`` of them, with
         ``val_samples`` samples each, are evaluated every ``eval_every`` steps after the anneal.
@@ -133,6 +137,7 @@ class ProteinFinetuning:
     anneal_fraction: float = 0.5
     cap_dof: float = 2.0
     grad_clip: float = 10.0
+    pair_core_kt: float = 0.0
     val_fraction: float = 0.2
     val_frames: int = 16
     val_samples: int = 8
@@ -156,3 +161,5 @@ class ProteinFinetuning:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not self.lr > 0 or not self.cap_dof > 0 or not self.grad_clip > 0:
             raise ValueError("lr, cap_dof and grad_clip must be positive")
+        if not self.pair_core_kt >= 0:
+            raise ValueError(f"pair_core_kt must be >= 0 (0: the exact energy), got {self.pair_core_kt}")

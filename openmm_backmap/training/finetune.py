@@ -23,6 +23,8 @@ Guard rails reverse KL needs on molecules:
   damped energy term cannot hold against the entropy term -log q, and the samples spread until
   they clash (runaway energies); above the quartile only the worst quarter is damped;
 * gradient-norm clipping;
+* optionally (``pair_core_kt``) a linear core on every non-bonded pair in the loss's energy, so that
+  atoms placed inside each other keep a gradient that pushes them apart;
 * **model selection**: every ``eval_every`` steps after the anneal, on held-out CG frames (the last
   ``val_fraction`` of the frames, fixed noise), the median over samples of beta U + log q (a
   robust reverse-KL estimate: a mean would follow the few clashing samples); the best parameters
@@ -111,6 +113,9 @@ def finetune(
 
     energy = TorchSystemEnergy(system).double()
     beta = 1.0 / kT_of(config.temperature)
+    # the loss's energy: with linear pair cores when asked (evaluations keep the exact one)
+    core = config.pair_core_kt / beta if config.pair_core_kt > 0 else None
+    loss_energy = TorchSystemEnergy(system, pair_core=core).double() if core is not None else energy
     n_dof = 3 * system.getNumParticles() - system.getNumConstraints() - 3 * chain.n_cg
     with torch.no_grad():
         seeds, _ = chain.sample(X_train[:: max(1, X_train.shape[0] // 4)][:4], 1)
@@ -159,7 +164,7 @@ def finetune(
         b_t = 1.0 / kT_of(T)
         idx = torch.randint(0, X_train.shape[0], (config.batch_frames,), generator=gen)
         aa, lq = chain.sample(X_train[idx], 1)
-        u = energy(aa.double())
+        u = loss_energy(aa.double())
         loss = torch.mean(soft_clip_above_quartile(b_t * u, cap * b_t / beta) + lq.double())
         opt.zero_grad()
         if torch.isfinite(loss):
