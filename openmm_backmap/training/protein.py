@@ -151,32 +151,41 @@ class CorpusEnergies:
 
     The cap is beta times the median energy of up to 16 of the peptide's own frames plus
     ``cap_dof`` per free degree of freedom (those the flow places). With ``pair_core_kt`` > 0 the
-    energy gives non-bonded pairs a linear core above that many kT (see :class:`TrainConfig`)."""
+    loss's energy gives non-bonded pairs a linear core above that many kT (see :class:`TrainConfig`);
+    validation asks for the exact energy."""
 
     def __init__(self, temperature: float, cap_dof: float, pair_core_kt: float = 0.0) -> None:
         self.beta = 1.0 / kT_of(temperature)
         self.cap_dof = cap_dof
         self.pair_core = pair_core_kt / self.beta if pair_core_kt > 0 else None
-        self._energy: dict[str, tuple[torch.nn.Module, float]] = {}
+        self._energy: dict[str, tuple[torch.nn.Module, torch.nn.Module, float]] = {}
 
-    def of(self, key: str, chain: ChainBackmapper, frames: torch.Tensor) -> tuple[torch.nn.Module, float]:
-        """(energy module, reduced-energy cap) of peptide ``key`` bound as ``chain``."""
+    def of(
+        self, key: str, chain: ChainBackmapper, frames: torch.Tensor
+    ) -> tuple[torch.nn.Module, torch.nn.Module, float]:
+        """(the loss's energy module, the exact one, reduced-energy cap) of peptide ``key`` bound as
+        ``chain`` (the two modules are one without pair cores)."""
         if key not in self._energy:
             from openmm_backmap.openmm.energies import TorchSystemEnergy
             from openmm_backmap.training.finetune import chain_system
 
             system = chain_system(chain)
-            energy = TorchSystemEnergy(system, pair_core=self.pair_core).double()
+            exact = TorchSystemEnergy(system).double()
+            loss = TorchSystemEnergy(system, pair_core=self.pair_core).double() if self.pair_core else exact
             with torch.no_grad():
-                u_ref = energy(frames[:: max(1, frames.shape[0] // 16)][:16].double())
+                u_ref = exact(frames[:: max(1, frames.shape[0] // 16)][:16].double())
             n_dof = 3 * system.getNumParticles() - system.getNumConstraints() - 3 * chain.n_cg
-            self._energy[key] = (energy, self.beta * float(u_ref.median()) + self.cap_dof * n_dof)
+            self._energy[key] = (loss, exact, self.beta * float(u_ref.median()) + self.cap_dof * n_dof)
         return self._energy[key]
 
-    def reduced(self, key: str, chain: ChainBackmapper, frames: torch.Tensor, aa: torch.Tensor) -> torch.Tensor:
-        """beta U_AA(aa) per sample, soft-clipped above the larger of the peptide's cap and the
-        batch's upper quartile (not differentiated); non-finite energies become large finite ones."""
-        energy, cap = self.of(key, chain, frames)
+    def reduced(
+        self, key: str, chain: ChainBackmapper, frames: torch.Tensor, aa: torch.Tensor, exact: bool = False
+    ) -> torch.Tensor:
+        """beta U_AA(aa) per sample (the loss's energy, or with ``exact`` the System's), soft-clipped
+        above the larger of the peptide's cap and the batch's upper quartile (not differentiated);
+        non-finite energies become large finite ones."""
+        loss, exact_energy, cap = self.of(key, chain, frames)
+        energy = exact_energy if exact else loss
         return soft_clip_above_quartile(self.beta * energy(aa.double()), cap)
 
 
@@ -262,7 +271,7 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
                             torch.manual_seed(config.seed + 1 + i)
                             val_noise[i] = ch.sample_noise(x.shape[0], x.dtype, x.device)
                     aa, lq = ch.sample_with_noise(X, val_noise[i])
-                    red = energies.reduced(ids[i], ch, tensors[i], aa)
+                    red = energies.reduced(ids[i], ch, tensors[i], aa, exact=True)
                     kl.append((red + lq.double()) / ch.n_res)
         out = {"nll": tot / n}
         if kl:
