@@ -468,6 +468,8 @@ def test_training_widens_a_checkpoint(chignolin, tmp_path):
     assert kept.config["hidden"] == 16
     with pytest.raises(ValueError, match="cannot narrow the conditioner from 16 to 8"):
         train(TrainConfig(out=str(tmp_path / "n.pt"), time_limit=0.0, init=init, hidden=8, **base))
+    with pytest.raises(ValueError, match="pair_core_kt and hidden must be >= 0"):
+        train(TrainConfig(out=str(tmp_path / "n.pt"), time_limit=0.0, init=init, pair_core_kt=-1.0, **base))
 
 
 def test_a_late_validation_peptide_of_the_checkpoint_is_never_trained_on(chignolin, tmp_path, monkeypatch):

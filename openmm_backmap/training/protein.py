@@ -55,10 +55,10 @@ class TrainConfig:
     at ``temperature`` K, with the cap's ``cap_dof`` kT per free degree of freedom and, when
     ``pair_core_kt`` > 0, non-bonded pairs with a linear core above that many kT (the ``pair_core``
     of :class:`~openmm_backmap.openmm.energies.TorchSystemEnergy`: atoms inside each other keep a
-    gradient that pushes them apart). ``tree_version``
-    is the model's placement tree (:func:`~openmm_backmap.models.residues.build_tree`); 0 means the
-    ``init`` model's, else the current one; another converts the ``init`` model (rows it never had
-    get embeddings and statistics of their own). ``hidden`` is the conditioner's width: 0 means the
+    gradient that pushes them apart). ``tree_version`` is the model's placement tree
+    (:func:`~openmm_backmap.models.residues.build_tree`); 0 means the ``init`` model's, else the
+    current one; another converts the ``init`` model (rows it never had get embeddings and
+    statistics of their own). ``hidden`` is the conditioner's width: 0 means the
     ``init`` model's (else ``DEFAULT_HIDDEN``); a larger one widens the ``init`` model without
     changing its densities (:meth:`ProteinBackmapper.widen`), a smaller one is refused."""
 
@@ -193,6 +193,11 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
     """Train a :class:`ProteinBackmapper` on the corpus ``config.data``; the best model (lowest
     validation objective: the NLL per residue, plus with the energy term its weighted median) is
     saved to ``config.out`` whenever it improves. Returns it."""
+    if config.pair_core_kt < 0 or config.hidden < 0:
+        raise ValueError(
+            f"pair_core_kt and hidden must be >= 0 (0: exact energy, the init model's width), "
+            f"got {config.pair_core_kt} and {config.hidden}"
+        )
     torch.set_num_threads(config.threads)
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
