@@ -181,11 +181,11 @@ class ProteinNet(nn.Module):
         if hidden == old:
             return
         extra = hidden - old
+        like = {"dtype": self.lin2.weight.dtype, "device": self.lin2.weight.device}
 
         def grown(layer: nn.Linear, rows: int, cols: int) -> nn.Linear:
             """``layer`` with ``rows`` new random outputs and ``cols`` new inputs (appended), the old
             outputs ignoring the new inputs."""
-            like = {"dtype": layer.weight.dtype, "device": layer.weight.device}
             out = nn.Linear(layer.in_features + cols, layer.out_features + rows, layer.bias is not None, **like)
             with torch.no_grad():
                 w = torch.zeros_like(out.weight)
@@ -199,7 +199,6 @@ class ProteinNet(nn.Module):
 
         def grown_inputs(layer: nn.Linear, first: int, cols: int) -> nn.Linear:
             """``layer`` with ``cols`` zero input columns inserted after its first ``first``."""
-            like = {"dtype": layer.weight.dtype, "device": layer.weight.device}
             out = nn.Linear(layer.in_features + cols, layer.out_features, layer.bias is not None, **like)
             with torch.no_grad():
                 w = layer.weight
