@@ -445,7 +445,10 @@ def test_training_converts_a_checkpoint_to_the_current_tree(chignolin, tmp_path)
     a, b = v1.net.state_dict(), v2.net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if k != "key_emb.weight")
     assert torch.equal(a["key_emb.weight"][:-1], b["key_emb.weight"][: len(v1.keys)])
-    named = train(TrainConfig(**{**base, "out": str(tmp_path / "n.pt"), "time_limit": 0.0, "init": "protein-ca"}))
+    # a shipped model by name, at its own width (`hidden` 0)
+    named = train(
+        TrainConfig(**{**base, "out": str(tmp_path / "n.pt"), "time_limit": 0.0, "init": "protein-ca", "hidden": 0})
+    )
     assert named.info["init"] == "protein-ca"
 
 
