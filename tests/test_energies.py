@@ -100,7 +100,11 @@ def test_linear_pair_core_keeps_the_energy_outside_and_a_steady_push_inside(ala2
     pushed into each other cost the core energy plus the tangent's (finite, continuous at r_c), with
     a gradient that matches finite differences and keeps pushing them apart; a bad core is refused."""
     system, frames = ala2_frames
-    exact, cored = TorchSystemEnergy(system), TorchSystemEnergy(system, pair_core=100.0)
+    exact = TorchSystemEnergy(system)
+
+    def cored(y: torch.Tensor) -> torch.Tensor:
+        return exact(y, pair_core=100.0)
+
     x = torch.tensor(frames, dtype=torch.float64, requires_grad=True)
     u = cored(x)
     np.testing.assert_allclose(u.detach().numpy(), exact(x).detach().numpy(), rtol=1e-12)
@@ -114,8 +118,12 @@ def test_linear_pair_core_keeps_the_energy_outside_and_a_steady_push_inside(ala2
         pair.addParticle(12.0)
         nb.addParticle(q, 0.3, 0.5)
     pair.addForce(nb)
-    two_exact, two = TorchSystemEnergy(pair), TorchSystemEnergy(pair, pair_core=100.0)
-    r_c = float(two.pair_rc[0])
+    two_exact = TorchSystemEnergy(pair)
+
+    def two(y: torch.Tensor) -> torch.Tensor:
+        return two_exact(y, pair_core=100.0)
+
+    r_c = float(TorchSystemEnergy.core_distances(two_exact.pair_sig, two_exact.pair_4eps, 100.0)[0])
     y6 = (0.3 / r_c) ** 6
     assert 2.0 * y6 * (y6 - 1.0) == pytest.approx(100.0)  # 4 eps (y^2 - y) at r_c
 
@@ -133,7 +141,7 @@ def test_linear_pair_core_keeps_the_energy_outside_and_a_steady_push_inside(ala2
         fd = (float(two(at(f * r_c + h))) - float(two(at(f * r_c - h)))) / (2 * h)
         assert float(g[1, 0]) == pytest.approx(fd, rel=1e-6) and fd < -1000.0  # dU/dr: a steady push out
     with pytest.raises(ValueError, match="pair_core must be a positive energy"):
-        TorchSystemEnergy(system, pair_core=0.0)
+        exact(x, pair_core=0.0)
 
 
 def test_implicit_solvent_system_falls_back_to_bridge():

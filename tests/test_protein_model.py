@@ -507,6 +507,29 @@ def test_save_load_round_trip(chignolin, tmp_path):
         load_pretrained("nope")
 
 
+def test_a_save_that_fails_keeps_the_earlier_file(chignolin, tmp_path, monkeypatch):
+    """`save` writes beside the target and moves the file over it when complete: a write that dies
+    half-way (a full disk, a killed process) leaves the earlier model readable and no partial file."""
+    model = _model(chignolin, "ca", perturb=0.1)
+    path = model.save(tmp_path / "m.pt")
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def dies_half_way(obj, f):
+        real_save(obj, f)
+        with open(f, "r+b") as fh:
+            fh.truncate(100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        model.save(path, extra={"step": 2})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+    assert ProteinBackmapper.load(path).keys == model.keys
+
+
 def test_canonical_hydrogen_names_fix_swaps_and_keep_the_energy(chignolin):
     """Swapping the names of equivalent hydrogens (HB2/HB3 ...) leaves the amber14 energy unchanged,
     and canonical naming undoes any such swap."""

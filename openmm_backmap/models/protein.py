@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -914,23 +915,28 @@ class ProteinBackmapper(nn.Module):
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path, extra: dict | None = None) -> Path:
-        """Write weights, configuration and statistics (format ``openmm-backmap-protein``)."""
+        """Write weights, configuration and statistics (format ``openmm-backmap-protein``). The file
+        is written beside ``path`` and moved over it when complete, so a killed process or a full
+        disk leaves any earlier file at ``path`` intact."""
         path = Path(path)
         state = {
             k: v.detach().to(torch.float32) if v.is_floating_point() else v for k, v in self.net.state_dict().items()
         }
-        torch.save(
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "config": self.config,
-                "stats": json.dumps(self.stats),
-                "keys": self.keys,
-                "state_dict": state,
-                "extra": extra or {},
-            },
-            str(path),
-        )
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        record = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": self.config,
+            "stats": json.dumps(self.stats),
+            "keys": self.keys,
+            "state_dict": state,
+            "extra": extra or {},
+        }
+        try:
+            torch.save(record, str(partial))
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
         return path
 
     @classmethod

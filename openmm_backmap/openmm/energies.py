@@ -211,23 +211,19 @@ class TorchSystemEnergy(torch.nn.Module):
     not contribute energy (CMMotionRemover, barostats) are ignored; anything else unsupported raises
     ValueError naming the force (use :class:`OpenMMBridgeEnergy` for those Systems).
 
-    ``pair_core`` (kJ/mol, default None: the System's energy exactly) gives every non-bonded pair with
-    a Lennard-Jones term a linear core for training: closer than the distance r_c at which its
-    Lennard-Jones energy reaches ``pair_core``, the pair's Lennard-Jones and Coulomb terms continue
-    along their tangents at r_c. The energy is unchanged wherever no pair is above ``pair_core``
-    (every configuration with Boltzmann weight, for a core of tens of kT), while two atoms inside
-    each other cost a finite energy whose gradient pushes them apart with a force that does not fade
-    (the r^-12 wall makes such energies so large that a clipped loss gives them no gradient at all),
-    and the Coulomb attraction of opposite charges cannot run away once the wall is linear.
+    ``forward(x, pair_core=E)`` (kJ/mol; default None: the System's energy exactly) gives every
+    non-bonded pair with a Lennard-Jones term a linear core for training: closer than the distance
+    r_c at which its Lennard-Jones energy reaches E, the pair's Lennard-Jones and Coulomb terms
+    continue along their tangents at r_c. The energy is unchanged wherever no pair is above E (every
+    configuration with Boltzmann weight, for a core of tens of kT), while two atoms inside each
+    other cost a finite energy whose gradient pushes them apart with a force that does not fade (the
+    r^-12 wall makes such energies so large that a clipped loss gives them no gradient at all), and
+    the Coulomb attraction of opposite charges cannot run away once the wall is linear.
     """
 
-    def __init__(self, system: Any, pair_core: float | None = None) -> None:
+    def __init__(self, system: Any) -> None:
         super().__init__()
         from openmm import unit
-
-        if pair_core is not None and not pair_core > 0:
-            raise ValueError(f"pair_core must be a positive energy in kJ/mol, got {pair_core}")
-        self.pair_core = pair_core
 
         system = load_system(system)
         bad = unsupported_forces(system)
@@ -306,14 +302,6 @@ class TorchSystemEnergy(torch.nn.Module):
         self.register_buffer("pair_qq", torch.as_tensor(pair_a[:, 2], dtype=f64))
         self.register_buffer("pair_sig", torch.as_tensor(pair_a[:, 3], dtype=f64))
         self.register_buffer("pair_4eps", torch.as_tensor(pair_a[:, 4], dtype=f64))
-        # the core distance r_c of each pair: 4 eps (y^2 - y) = pair_core with y = (sigma / r_c)^6
-        # (0 without a core or a Lennard-Jones term: such pairs keep their exact energy)
-        r_c = np.zeros(pair_a.shape[0])
-        if pair_core is not None:
-            lj = pair_a[:, 4] > 0
-            y = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * pair_core / np.where(lj, pair_a[:, 4], 1.0)))
-            r_c = np.where(lj, pair_a[:, 3] * y ** (-1.0 / 6.0), 0.0)
-        self.register_buffer("pair_rc", torch.as_tensor(r_c, dtype=f64))
         self.implicit_solvent = torch.nn.ModuleList([GeneralizedBornEnergy(f) for f in gb_forces])
         for name, idx, cols in (
             ("bond", "bond_idx", ("i", "j")),
@@ -340,7 +328,6 @@ class TorchSystemEnergy(torch.nn.Module):
                 "pair_qq",
                 "pair_sig",
                 "pair_4eps",
-                "pair_rc",
             )
             self._cast[key] = {n: getattr(self, n).to(dtype)[:, None] for n in names}
         return self._cast[key]
@@ -350,23 +337,18 @@ class TorchSystemEnergy(torch.nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     @staticmethod
-    def _linear_core(r: torch.Tensor, p: dict) -> torch.Tensor:
-        """Pair energies (K, B) at distances r with the linear core of ``pair_core``: inside r_c the
-        Lennard-Jones and Coulomb terms follow their tangents at r_c (class docstring)."""
-        r_c = p["pair_rc"]
-        inside = r < r_c
-        # evaluated at max(r, r_c) inside the core (there the tangent takes over), so no term
-        # reaches the r^-12 wall and the unused branch has a finite gradient
-        rr = torch.where(inside, r_c.expand_as(r), r)
-        inv_r = 1.0 / rr
-        s6 = (p["pair_sig"] * inv_r) ** 6
-        u = p["pair_qq"] * inv_r + p["pair_4eps"] * (s6 * s6 - s6)
-        slope = -p["pair_qq"] * inv_r * inv_r + p["pair_4eps"] * inv_r * (6.0 * s6 - 12.0 * s6 * s6)
-        return torch.where(inside, u + slope * (r - r_c), u)
+    def core_distances(sigma: torch.Tensor, four_eps: torch.Tensor, pair_core: float) -> torch.Tensor:
+        """The distance r_c at which each pair's Lennard-Jones energy 4 eps (y^2 - y), y =
+        (sigma / r)^6, reaches ``pair_core``; 0 for pairs without a Lennard-Jones term."""
+        lj = four_eps > 0
+        y = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * pair_core / torch.where(lj, four_eps, torch.ones_like(four_eps))))
+        return torch.where(lj, sigma * y ** (-1.0 / 6.0), torch.zeros_like(sigma))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """U(x) in kJ/mol for positions (B, n, 3) or (n, 3) in nm (with ``pair_core``, the energy
-        with linear pair cores)."""
+    def forward(self, x: torch.Tensor, pair_core: float | None = None) -> torch.Tensor:
+        """U(x) in kJ/mol for positions (B, n, 3) or (n, 3) in nm; with ``pair_core`` (kJ/mol) the
+        energy with linear pair cores (class docstring)."""
+        if pair_core is not None and not pair_core > 0:
+            raise ValueError(f"pair_core must be a positive energy in kJ/mol, got {pair_core}")
         squeeze = x.dim() == 2
         if squeeze:
             x = x.unsqueeze(0)
@@ -386,12 +368,15 @@ class TorchSystemEnergy(torch.nn.Module):
             energy = energy + (p["torsion_k"] * (1.0 + torch.cos(p["torsion_n"] * phi - p["torsion_p0"]))).sum(0)
         if self.pair_idx.shape[0] > 0:
             r = _distances(xt, self.pair_i, self.pair_j)
-            if self.pair_core is not None:
-                pair_u = self._linear_core(r, p)
-            else:
-                inv_r = 1.0 / r
-                s6 = (p["pair_sig"] * inv_r) ** 6
-                pair_u = p["pair_qq"] * inv_r + p["pair_4eps"] * (s6 * s6 - s6)
+            r_c = None if pair_core is None else self.core_distances(p["pair_sig"], p["pair_4eps"], pair_core)
+            # inside a core the terms are evaluated at r_c (the tangent takes over below), so none
+            # reaches the r^-12 wall and the unused branch keeps a finite gradient
+            inv_r = 1.0 / (r if r_c is None else torch.maximum(r, r_c))
+            s6 = (p["pair_sig"] * inv_r) ** 6
+            pair_u = p["pair_qq"] * inv_r + p["pair_4eps"] * (s6 * s6 - s6)
+            if r_c is not None:
+                slope = -p["pair_qq"] * inv_r * inv_r + p["pair_4eps"] * inv_r * (6.0 * s6 - 12.0 * s6 * s6)
+                pair_u = torch.where(r < r_c, pair_u + slope * (r - r_c), pair_u)
             energy = energy + pair_u.sum(0)
         for gb in self.implicit_solvent:
             energy = energy + gb(x)

@@ -37,7 +37,6 @@ model is accepted; its training record names the sequence it was tuned on.
 from __future__ import annotations
 
 import copy
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -114,8 +113,7 @@ def finetune(
     energy = TorchSystemEnergy(system).double()
     beta = 1.0 / kT_of(config.temperature)
     # the loss's energy: with linear pair cores when asked (evaluations keep the exact one)
-    core = config.pair_core_kt / beta if config.pair_core_kt > 0 else None
-    loss_energy = TorchSystemEnergy(system, pair_core=core).double() if core is not None else energy
+    pair_core = config.pair_core_kt / beta if config.pair_core_kt > 0 else None
     n_dof = 3 * system.getNumParticles() - system.getNumConstraints() - 3 * chain.n_cg
     with torch.no_grad():
         seeds, _ = chain.sample(X_train[:: max(1, X_train.shape[0] // 4)][:4], 1)
@@ -164,7 +162,7 @@ def finetune(
         b_t = 1.0 / kT_of(T)
         idx = torch.randint(0, X_train.shape[0], (config.batch_frames,), generator=gen)
         aa, lq = chain.sample(X_train[idx], 1)
-        u = loss_energy(aa.double())
+        u = energy(aa.double(), pair_core=pair_core)
         loss = torch.mean(soft_clip_above_quartile(b_t * u, cap * b_t / beta) + lq.double())
         opt.zero_grad()
         if torch.isfinite(loss):
@@ -211,12 +209,7 @@ def finetune(
     }
     info = dict(getattr(model, "info", {}) or {})
     info["finetune"] = {k: v for k, v in summary.items() if k != "history"}
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    try:
-        model.save(partial, extra=info)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
+    model.save(out, extra=info)  # written whole or not at all
     model.info = info
     log(
         f"best step {best['step']}: val KL {best['val_kl']:.1f} (start {start['val_kl']:.1f}), median U "

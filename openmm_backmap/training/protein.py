@@ -158,35 +158,31 @@ class CorpusEnergies:
         self.beta = 1.0 / kT_of(temperature)
         self.cap_dof = cap_dof
         self.pair_core = pair_core_kt / self.beta if pair_core_kt > 0 else None
-        self._energy: dict[str, tuple[torch.nn.Module, torch.nn.Module, float]] = {}
+        self._energy: dict[str, tuple[torch.nn.Module, float]] = {}
 
-    def of(
-        self, key: str, chain: ChainBackmapper, frames: torch.Tensor
-    ) -> tuple[torch.nn.Module, torch.nn.Module, float]:
-        """(the loss's energy module, the exact one, reduced-energy cap) of peptide ``key`` bound as
-        ``chain`` (the two modules are one without pair cores)."""
+    def of(self, key: str, chain: ChainBackmapper, frames: torch.Tensor) -> tuple[torch.nn.Module, float]:
+        """(energy module, reduced-energy cap) of peptide ``key`` bound as ``chain``."""
         if key not in self._energy:
             from openmm_backmap.openmm.energies import TorchSystemEnergy
             from openmm_backmap.training.finetune import chain_system
 
             system = chain_system(chain)
-            exact = TorchSystemEnergy(system).double()
-            loss = TorchSystemEnergy(system, pair_core=self.pair_core).double() if self.pair_core else exact
+            energy = TorchSystemEnergy(system).double()
             with torch.no_grad():
-                u_ref = exact(frames[:: max(1, frames.shape[0] // 16)][:16].double())
+                u_ref = energy(frames[:: max(1, frames.shape[0] // 16)][:16].double())
             n_dof = 3 * system.getNumParticles() - system.getNumConstraints() - 3 * chain.n_cg
-            self._energy[key] = (loss, exact, self.beta * float(u_ref.median()) + self.cap_dof * n_dof)
+            self._energy[key] = (energy, self.beta * float(u_ref.median()) + self.cap_dof * n_dof)
         return self._energy[key]
 
     def reduced(
         self, key: str, chain: ChainBackmapper, frames: torch.Tensor, aa: torch.Tensor, exact: bool = False
     ) -> torch.Tensor:
-        """beta U_AA(aa) per sample (the loss's energy, or with ``exact`` the System's), soft-clipped
-        above the larger of the peptide's cap and the batch's upper quartile (not differentiated);
-        non-finite energies become large finite ones."""
-        loss, exact_energy, cap = self.of(key, chain, frames)
-        energy = exact_energy if exact else loss
-        return soft_clip_above_quartile(self.beta * energy(aa.double()), cap)
+        """beta U_AA(aa) per sample (with the loss's pair cores, or with ``exact`` without),
+        soft-clipped above the larger of the peptide's cap and the batch's upper quartile (not
+        differentiated); non-finite energies become large finite ones."""
+        energy, cap = self.of(key, chain, frames)
+        u = energy(aa.double(), pair_core=None if exact else self.pair_core)
+        return soft_clip_above_quartile(self.beta * u, cap)
 
 
 def train(config: TrainConfig, log=print) -> ProteinBackmapper:
