@@ -282,6 +282,27 @@ def test_trans_proline_set_puts_every_type_before_a_trans_proline():
     assert not {s.id for s in specs} & {s.id for s in P.default_corpus_sequences(2024)}
 
 
+def test_long_peptides_cover_every_type_and_avoid_heldout_windows():
+    """The corpus's longer peptides: 10-14 residues, every residue type (histidines apart), trans,
+    300 K, both termini, no held-out 3-residue window, ids apart from the other sets; deterministic,
+    and a longer list starts with the shorter one."""
+    specs = P.long_peptide_sequences(2024, 12)
+    assert [s.sequence for s in specs] == [s.sequence for s in P.long_peptide_sequences(2024, 5)] + [
+        s.sequence for s in specs[5:]
+    ]
+    assert sorted({len(s.sequence) for s in specs}) == list(P.LONG_LENGTHS)
+    assert {r for s in specs for r in s.sequence} == set(P.STANDARD_RESIDUES)
+    assert all(not s.cis_prolines and s.temperature == 300.0 for s in specs)
+    assert {s.termini for s in specs} == {"charged", "capped"}
+    words = P._heldout_words(3)
+    for s in specs:
+        letters = "".join(P.ONE_LETTER[r] for r in s.sequence)
+        assert not any(letters[i : i + 3] in words for i in range(len(letters) - 2))
+        assert all(a != b for a, b in zip(s.sequence, s.sequence[1:]))
+    others = P.default_corpus_sequences(2024) + P.trans_proline_sequences(2024)
+    assert not {s.id for s in specs} & {s.id for s in others}
+
+
 def test_default_corpus_covers_every_type_and_avoids_heldout_subsequences():
     specs = P.default_corpus_sequences(2024)
     assert [(s.sequence, s.cis_prolines) for s in specs] == [

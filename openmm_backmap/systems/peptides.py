@@ -787,6 +787,24 @@ def _heldout_words(k: int) -> set[str]:
     return words
 
 
+def _draw_sequence(rng: np.random.Generator, length: int, counts: dict[str, int]) -> list[str] | None:
+    """A random sequence that prefers the least-used residue types of ``counts`` (HID, HIE, HIP
+    counted apart) and never repeats a residue in a row; None (and ``counts`` unchanged) when it
+    holds a 3-residue window of a held-out sequence, else ``counts`` is updated."""
+    names: list[str] = []
+    for _ in range(length):
+        weights = np.array([1.0 / (1.0 + counts[r]) ** 2 for r in STANDARD_RESIDUES])
+        if names:
+            weights[STANDARD_RESIDUES.index(names[-1])] = 0.0
+        names.append(STANDARD_RESIDUES[int(rng.choice(len(weights), p=weights / weights.sum()))])
+    letters = "".join(ONE_LETTER[r] for r in names)
+    if any(letters[i : i + 3] in _heldout_words(3) for i in range(len(letters) - 2)):
+        return None
+    for r in names:
+        counts[r] += 1
+    return names
+
+
 def default_corpus_sequences(seed: int = 2024, n_peptides: int = 60) -> list[PeptideSpec]:
     """Deterministic training corpus: short peptides covering every residue in varied neighbours.
 
@@ -797,25 +815,14 @@ def default_corpus_sequences(seed: int = 2024, n_peptides: int = 60) -> list[Pep
     3-residue window of a held-out sequence, so held-out peptides are not subsequences of it.
     """
     rng = np.random.default_rng(seed)
-    forbidden = _heldout_words(3)
     specs: list[PeptideSpec] = []
     counts = {r: 0 for r in STANDARD_RESIDUES}
     n_cis = 0
     while len(specs) < n_peptides:
         k = len(specs)
-        length = int(rng.choice(_LENGTHS, p=_LENGTH_WEIGHTS))
-        # Prefer the least-used residue types (HID, HIE, HIP counted apart) for even coverage.
-        names: list[str] = []
-        for _ in range(length):
-            weights = np.array([1.0 / (1.0 + counts[r]) ** 2 for r in STANDARD_RESIDUES])
-            if names:
-                weights[STANDARD_RESIDUES.index(names[-1])] = 0.0  # no immediate repeats
-            names.append(STANDARD_RESIDUES[int(rng.choice(len(weights), p=weights / weights.sum()))])
-        letters = "".join(ONE_LETTER[r] for r in names)
-        if any(letters[i : i + 3] in forbidden for i in range(len(letters) - 2)):
+        names = _draw_sequence(rng, int(rng.choice(_LENGTHS, p=_LENGTH_WEIGHTS)), counts)
+        if names is None:
             continue
-        for r in names:
-            counts[r] += 1
         termini = TERMINI[k % 2]
         first = 0 if termini == "capped" else 1  # a charged N-terminal Pro has no omega
         pro = [i for i, r in enumerate(names) if r == "PRO" and i >= first]
@@ -848,6 +855,26 @@ def trans_proline_sequences(seed: int = 2024) -> list[PeptideSpec]:
             if not any(letters[i : i + 3] in forbidden for i in range(len(letters) - 2)):
                 break
         specs.append(PeptideSpec(f"tp{k:02d}", names, TERMINI[k % 2]))
+    return specs
+
+
+LONG_LENGTHS = (10, 11, 12, 13, 14)
+
+
+def long_peptide_sequences(seed: int = 2024, n_peptides: int = 12) -> list[PeptideSpec]:
+    """Longer peptides (10-14 residues, ids ``lp00``...) at 300 K, long enough to fold back on
+    themselves: in GBn2 a 14-mer collapses within ~100 ps (held-out ho02: radius of gyration 1.2 to
+    0.7 nm), and the short corpus peptides never show a residue packed against one far along the
+    chain. Residues drawn for even coverage as in :func:`default_corpus_sequences`, alternating
+    charged termini and caps, all X-Pro bonds trans, no 3-residue window of a held-out sequence."""
+    rng = np.random.default_rng(seed + 2)
+    counts = {r: 0 for r in STANDARD_RESIDUES}
+    specs: list[PeptideSpec] = []
+    while len(specs) < n_peptides:
+        k = len(specs)
+        names = _draw_sequence(rng, LONG_LENGTHS[k % len(LONG_LENGTHS)], counts)
+        if names is not None:
+            specs.append(PeptideSpec(f"lp{k:02d}", names, TERMINI[k % 2]))
     return specs
 
 
@@ -888,6 +915,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="number of random training peptides (default 48; the 21 trans X-Pro peptides come on top)",
     )
+    parser.add_argument(
+        "--n-long",
+        type=int,
+        default=0,
+        help="number of longer (10-14 residue) peptides that fold back on themselves (ids lp00...; default 0)",
+    )
+    parser.add_argument("--long-ps", type=float, default=150.0, help="production ps per longer peptide")
     parser.add_argument("--save-interval-ps", type=float, default=0.5)
     parser.add_argument("--timestep-fs", type=float, default=4.0)
     parser.add_argument("--hydrogen-mass", type=float, default=4.0, help="HMR mass (amu)")
@@ -929,6 +963,9 @@ def run(args: argparse.Namespace) -> None:
         specs = default_corpus_sequences(args.seed, args.n_peptides or DEFAULT_N_PEPTIDES)
         config = MDConfig(**{**asdict(base), "production_ps": ns * 1000.0})
         generate_corpus(specs + trans_proline_sequences(args.seed), out / "train", config)
+        if args.n_long:
+            config = MDConfig(**{**asdict(base), "production_ps": args.long_ps})
+            generate_corpus(long_peptide_sequences(args.seed, args.n_long), out / "train", config)
     if args.heldout or args.heldout_only:
         config = MDConfig(
             **{**asdict(base), "production_ps": args.heldout_ps, "save_interval_ps": 1.0, "seed": args.seed + 7}
