@@ -357,6 +357,50 @@ def test_proline_ring_hangs_from_the_amide_plane(chignolin):
         assert "PRO:CD<N,CA,C" in first.keys and cg_key in first.keys
 
 
+def test_only_impropers_on_a_chiral_centre_are_chiral_rows(chignolin):
+    """A row is bounded as setting a chiral centre j only when the atom it places and both its
+    references are substituents of j; C placed from its C-alpha against the next C-alpha (under
+    ``ca``) has the backbone's freedom and is not (bounding it gave valid frames of a 10-mer
+    log q = -inf)."""
+    names, _ = chignolin
+    chain = R.build_chain(names)
+    centres = set(R.chiral_centres(chain)[:, 0].tolist())
+    for mapping in ("ca", "backbone"):
+        for version in (1, 2):
+            tree = R.build_tree(chain, mapping, version)
+            for n in np.flatnonzero(tree.chiral):
+                i, j, k, m = (int(a) for a in tree.rows[n])
+                assert j in centres and {i, k, m} <= set(chain.neighbours[j]), tree.keys[n]
+            assert any(tree.chiral)
+    tree = R.build_tree(chain, "ca", 2)
+    c_rows = [n for n, key in enumerate(tree.keys) if key.split(":")[1].startswith("C<CA,+1CA")]
+    assert c_rows and not any(tree.chiral[c_rows])
+
+
+def test_released_bounds_give_density_beyond_the_old_interval(chignolin):
+    """A model that bounds a dihedral which fresh statistics do not (a model fitted before a row
+    stopped counting as chiral) gives frames beyond the interval log q = -inf; release_bounds takes
+    the fresh statistics for it (and only for it), after which log q is finite."""
+    model = _model(chignolin, "ca", perturb=0.1)
+    names, x = chignolin
+    ch = model.for_sequence(names)
+    key = next(k for k in ch.keys if k.split(":")[1].startswith("C<CA,+1CA"))
+    fresh = {k: dict(v) for k, v in model.stats.items()}
+    n = ch.keys.index(key)
+    i, j, k, m = (int(a) for a in ch.rows[n])
+    phi = float(_dihedral_deg(x[0], i, j, k, m))
+    model.stats[key] = {**model.stats[key], "circ": False, "h": 1.5, "mu": math.radians(phi) + 2.0}
+    model._chains.clear()
+    cg = _as_tensor(x[:, model.for_sequence(names).beads.numpy()])
+    with torch.no_grad():
+        assert torch.isneginf(model.for_sequence(names).log_prob(_as_tensor(x), cg)).all()
+        chiral_key = next(k for k in ch.keys if k.endswith(":CB<CA,N,C"))
+        assert model.stats[chiral_key]["h"] < math.pi  # bounded in both: stays
+        assert model.release_bounds(fresh) == [key]
+        assert torch.isfinite(model.for_sequence(names).log_prob(_as_tensor(x), cg)).all()
+        assert model.release_bounds(fresh) == []
+
+
 def test_tree_version_2_draws_each_n_ca_c_angle_from_a_placed_n(chignolin):
     """Tree version 2 under ``ca``: the planes of even residues first (phase 0), then each odd
     residue's plane places its C by a dihedral about CA(i)-CA(i+1) relative to the N its neighbour

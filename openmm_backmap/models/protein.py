@@ -840,6 +840,22 @@ class ProteinBackmapper(nn.Module):
             self._chains.clear()
         return new
 
+    def release_bounds(self, stats: dict) -> list[str]:
+        """Replace the statistics of keys whose dihedral this model bounds to its narrow branch
+        interval while freshly fitted ``stats`` do not (a row no longer classed as setting a chiral
+        centre, or data reaching further than ``BRANCH_REACH``): there the model gave valid
+        structures no density (log q = -inf). Their densities change; training continues from
+        there. Returns the keys replaced."""
+
+        def narrow(v: dict) -> bool:
+            return not v["circ"] and v["h"] < math.pi
+
+        released = sorted(k for k, v in self.stats.items() if narrow(v) and k in stats and not narrow(stats[k]))
+        if released:
+            self.stats.update({k: stats[k] for k in released})
+            self._chains.clear()
+        return released
+
     def widen(self, hidden: int, seed: int = 0) -> None:
         """Grow the conditioner to ``hidden`` units without changing any density
         (:meth:`ProteinNet.widen`), for training to continue at a larger width."""

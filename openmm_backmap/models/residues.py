@@ -418,8 +418,9 @@ class Tree:
     branch
         (R,) the dihedral reference l is bonded to j (an improper-like, narrow dihedral).
     chiral
-        (R,) a branch row on a chiral centre j (C-alpha, or C-beta of ILE and THR): its dihedral
-        sets the handedness of j.
+        (R,) a branch row on a chiral centre j (C-alpha, or C-beta of ILE and THR) whose angle
+        reference k is bonded to j too (i, k and l are substituents of j): its dihedral sets the
+        handedness of j.
     phase
         (R,) within the backbone stage, 0 for rows placed first and 1 for rows placed after them
         that see them (tree version 2 under ``ca``: the peptide planes of odd residues and the C
@@ -576,7 +577,11 @@ def build_tree(chain: Chain, mapping: str, version: int = TREE_VERSION) -> Tree:
     fixed = ~(heavy[arr[:, 0]] & heavy[arr[:, 1]])
     branch = np.asarray([int(m) in chain.neighbours[int(j)] for _, j, _, m in arr], dtype=bool)
     centres = set(chiral_centres(chain)[:, 0].tolist())
-    chiral = branch & np.asarray([int(j) in centres for j in arr[:, 1]], dtype=bool)
+    # the dihedral sets j's handedness only when i, k and l are all bonded to j (an improper);
+    # C placed from its C-alpha against the next residue's C-alpha (k not bonded to j) has the
+    # backbone's freedom: bounding it cut off valid structures of longer chains (log q = -inf)
+    improper = np.asarray([int(k) in chain.neighbours[int(j)] for _, j, k, _ in arr], dtype=bool)
+    chiral = branch & improper & np.asarray([int(j) in centres for j in arr[:, 1]], dtype=bool)
     return Tree(
         arr,
         np.asarray([row[4] for row in rows]),

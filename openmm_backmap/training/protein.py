@@ -229,6 +229,9 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
             f"continuing from {config.init} (step {start.info.get('step', '?')}); "
             f"{len(added)} row keys new to it get embeddings of their own"
         )
+        released = model.release_bounds(stats)
+        if released:
+            log(f"dihedrals no longer bounded to a narrow interval (statistics refitted): {released}")
         if config.hidden and config.hidden != model.config["hidden"]:
             log(f"conditioner widened from {model.config['hidden']} to {config.hidden} units")
             model.widen(config.hidden, config.seed)
