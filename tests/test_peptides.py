@@ -266,6 +266,14 @@ def test_manifest_writers_in_parallel_leave_one_whole_manifest(tmp_path):
     assert not list(tmp_path.glob(".manifest.*"))
 
 
+def _assert_no_heldout_window(specs):
+    """No sequence of ``specs`` holds a 3-residue window of a held-out sequence."""
+    words = P._heldout_words(3)
+    for s in specs:
+        letters = "".join(P.ONE_LETTER[r] for r in s.sequence)
+        assert not any(letters[i : i + 3] in words for i in range(len(letters) - 2)), s.id
+
+
 def test_trans_proline_set_puts_every_type_before_a_trans_proline():
     """The corpus's X-Pro set: every residue type but proline once directly before a proline, all
     X-Pro bonds trans, caps and charged termini, no held-out 3-residue window; deterministic."""
@@ -275,10 +283,7 @@ def test_trans_proline_set_puts_every_type_before_a_trans_proline():
     assert sorted(before) == sorted(r for r in P.STANDARD_RESIDUES if r != "PRO")
     assert all(not s.cis_prolines and s.temperature == 300.0 for s in specs)
     assert {s.termini for s in specs} == {"charged", "capped"}
-    words = P._heldout_words(3)
-    for s in specs:
-        letters = "".join(P.ONE_LETTER[r] for r in s.sequence)
-        assert not any(letters[i : i + 3] in words for i in range(len(letters) - 2))
+    _assert_no_heldout_window(specs)
     assert not {s.id for s in specs} & {s.id for s in P.default_corpus_sequences(2024)}
 
 
@@ -294,11 +299,8 @@ def test_long_peptides_cover_every_type_and_avoid_heldout_windows():
     assert {r for s in specs for r in s.sequence} == set(P.STANDARD_RESIDUES)
     assert all(not s.cis_prolines and s.temperature == 300.0 for s in specs)
     assert {s.termini for s in specs} == {"charged", "capped"}
-    words = P._heldout_words(3)
-    for s in specs:
-        letters = "".join(P.ONE_LETTER[r] for r in s.sequence)
-        assert not any(letters[i : i + 3] in words for i in range(len(letters) - 2))
-        assert all(a != b for a, b in zip(s.sequence, s.sequence[1:]))
+    _assert_no_heldout_window(specs)
+    assert all(a != b for s in specs for a, b in zip(s.sequence, s.sequence[1:]))
     others = P.default_corpus_sequences(2024) + P.trans_proline_sequences(2024)
     assert not {s.id for s in specs} & {s.id for s in others}
 
