@@ -1,5 +1,6 @@
 """Peptide builder geometry, amber14 + GBn2 systems, and the resumable corpus generator."""
 
+import argparse
 import json
 import os
 
@@ -303,6 +304,20 @@ def test_long_peptides_cover_every_type_and_avoid_heldout_windows():
     assert all(a != b for s in specs for a, b in zip(s.sequence, s.sequence[1:]))
     others = P.default_corpus_sequences(2024) + P.trans_proline_sequences(2024)
     assert not {s.id for s in specs} & {s.id for s in others}
+
+
+def test_peptides_command_adds_the_long_set_with_its_own_length(tmp_path, monkeypatch):
+    """`peptides --n-long 3 --long-ps 40` generates the default sets, then lp00-lp02 for 40 ps each,
+    into the same training directory (generation itself is tested above)."""
+    calls = []
+    monkeypatch.setattr(P, "generate_corpus", lambda specs, out, config: calls.append((specs, out, config)))
+    parser = argparse.ArgumentParser()
+    P.add_arguments(parser)
+    P.run(parser.parse_args(["--out", str(tmp_path), "--platform", "Reference", "--n-long", "3", "--long-ps", "40"]))
+    (short, out, config), (long, out_long, config_long) = calls
+    assert out == out_long == tmp_path / "train"
+    assert [s.id for s in long] == ["lp00", "lp01", "lp02"] and config_long.production_ps == 40.0
+    assert config.production_ps == 1000.0 * P.DEFAULT_NS and len(short) == P.DEFAULT_N_PEPTIDES + 21
 
 
 def test_default_corpus_covers_every_type_and_avoids_heldout_subsequences():
