@@ -317,6 +317,7 @@ def test_peptides_command_adds_the_long_set_with_its_own_length(tmp_path, monkey
     (short, out, config), (long, out_long, config_long) = calls
     assert out == out_long == tmp_path / "train"
     assert [s.id for s in long] == ["lp00", "lp01", "lp02"] and config_long.production_ps == 40.0
+    assert config_long.seed != config.seed
     assert config.production_ps == 1000.0 * P.DEFAULT_NS and len(short) == P.DEFAULT_N_PEPTIDES + 21
 
 

@@ -964,7 +964,8 @@ def run(args: argparse.Namespace) -> None:
         config = MDConfig(**{**asdict(base), "production_ps": ns * 1000.0})
         generate_corpus(specs + trans_proline_sequences(args.seed), out / "train", config)
         if args.n_long:
-            config = MDConfig(**{**asdict(base), "production_ps": args.long_ps})
+            # seeds of their own: generate_corpus numbers each list's runs from its config's seed
+            config = MDConfig(**{**asdict(base), "production_ps": args.long_ps, "seed": args.seed + 3})
             generate_corpus(long_peptide_sequences(args.seed, args.n_long), out / "train", config)
     if args.heldout or args.heldout_only:
         config = MDConfig(
