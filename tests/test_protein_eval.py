@@ -499,6 +499,27 @@ def test_a_late_validation_peptide_of_the_checkpoint_is_never_trained_on(chignol
     assert sorted(later.info["train_ids"] + [late]) == finished
 
 
+def test_validation_corpus_joins_validation_and_is_never_trained_on(chignolin, tmp_path):
+    """`--val-data DIR`: DIR's peptides are validated (their NLL counts in the objective) and are
+    not training peptides; an id also in the training corpus is refused by name."""
+    data = _corpus(tmp_path / "corpus", chignolin, n=2)
+    extra = tmp_path / "long"
+    _corpus(extra, chignolin, n=1)
+    (extra / "p0").rename(extra / "lp0")
+    (extra / "manifest.json").write_text(json.dumps({"finished": ["lp0"]}))
+    base = dict(data=str(data), mapping="ca", n_val=0, batch_frames=8, peptides_per_step=1, stats_frames=8)
+    base.update(hidden=16, n_bins=4, val_every=2, refresh_every=0, seed=3)
+    lines = []
+    model = train(TrainConfig(out=str(tmp_path / "a.pt"), max_steps=2, val_data=str(extra), **base), log=lines.append)
+    assert model.info["val_ids"] == ["lp0"] and sorted(model.info["train_ids"]) == ["p0", "p1"]
+    assert math.isfinite(model.info["val_nll_per_residue"])
+    assert any("validation ['lp0']" in line for line in lines)
+    (extra / "lp0").rename(extra / "p0")
+    (extra / "manifest.json").write_text(json.dumps({"finished": ["p0"]}))
+    with pytest.raises(ValueError, match=f"validation peptide p0 of {extra} is also in the training corpus"):
+        train(TrainConfig(out=str(tmp_path / "b.pt"), max_steps=1, val_data=str(extra), **base))
+
+
 def test_reduced_energies_are_damped_above_the_floor_or_the_upper_quartile():
     """The guard rail of reverse KL (finetune and corpus training): energies at or below the larger
     of the floor and the batch's upper quartile of finite values pass unchanged, those above grow

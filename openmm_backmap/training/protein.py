@@ -60,7 +60,9 @@ class TrainConfig:
     current one; another converts the ``init`` model (rows it never had get embeddings and
     statistics of their own). ``hidden`` is the conditioner's width: 0 means the
     ``init`` model's (else ``DEFAULT_HIDDEN``); a larger one widens the ``init`` model without
-    changing its densities (:meth:`ProteinBackmapper.widen`), a smaller one is refused."""
+    changing its densities (:meth:`ProteinBackmapper.widen`), a smaller one is refused.
+    ``val_data`` is a corpus directory whose finished peptides join the validation set and are
+    never trained on (for example longer chains than the corpus's validation peptides)."""
 
     data: str
     out: str
@@ -87,6 +89,7 @@ class TrainConfig:
     temperature: float = 300.0
     cap_dof: float = 1.0
     pair_core_kt: float = 0.0
+    val_data: str = ""
 
 
 def chain_permutation(topology) -> tuple[list[str], np.ndarray]:
@@ -211,6 +214,14 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
         val_idx = sorted(ids.index(i) for i in start.info["val_ids"] if i in ids)
         pending_val = {i for i in start.info["val_ids"] if i not in ids}
     train_idx = [i for i in range(len(ids)) if i not in val_idx]
+    for i in corpus_ids(config.val_data) if config.val_data else []:
+        if i in ids:
+            raise ValueError(
+                f"validation peptide {i} of {config.val_data} is also in the training corpus {config.data}"
+            )
+        ids.append(i)
+        peptides.append(load_peptide(Path(config.val_data) / i))
+        val_idx.append(len(ids) - 1)
     log(f"{len(ids)} peptides: {len(train_idx)} training, validation {[ids[i] for i in val_idx]}")
     examples = []
     for i in train_idx:
