@@ -933,8 +933,11 @@ def _cmd_peptides(args) -> int:
 
     if args.n_peptides is not None and args.n_peptides < 1:
         raise ValueError(f"--n-peptides must be >= 1, got {args.n_peptides}")
-    if args.n_long < 0 or args.long_ps <= 0:
-        raise ValueError(f"--n-long must be >= 0 and --long-ps > 0, got {args.n_long} and {args.long_ps}")
+    for option, n in (("--n-long", args.n_long), ("--n-helical", args.n_helical)):
+        if n < 0:
+            raise ValueError(f"{option} must be >= 0, got {n}")
+    if args.long_ps <= 0:
+        raise ValueError(f"--long-ps must be > 0, got {args.long_ps}")
     _check_out_dir("--out", args.out, {}, overwrite=True)  # resumable: what is there is continued
     run(args)
     return 0

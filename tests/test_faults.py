@@ -683,10 +683,10 @@ def test_peptides_count_below_one_is_refused(tmp_path, monkeypatch, capsys):
 def test_peptides_bad_long_set_is_refused(tmp_path, monkeypatch, capsys):
     from openmm_backmap.cli import main
 
-    for option, value in (("--n-long", "-1"), ("--long-ps", "0")):
+    for option, value, rule in (("--n-long", "-1", ">= 0"), ("--n-helical", "-3", ">= 0"), ("--long-ps", "0", "> 0")):
         argv = _dir_argv(tmp_path, monkeypatch, "peptides", tmp_path / "corpus", option, value)
         assert main(argv) == 2
-        assert "--n-long must be >= 0 and --long-ps > 0" in capsys.readouterr().err
+        assert f"{option} must be {rule}, got {value}" in capsys.readouterr().err
     assert not (tmp_path / "corpus" / "train").exists()
 
 

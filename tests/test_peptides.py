@@ -288,36 +288,66 @@ def test_trans_proline_set_puts_every_type_before_a_trans_proline():
     assert not {s.id for s in specs} & {s.id for s in P.default_corpus_sequences(2024)}
 
 
-def test_long_peptides_cover_every_type_and_avoid_heldout_windows():
-    """The corpus's longer peptides: 10-14 residues, every residue type (histidines apart), trans,
-    300 K, both termini, no held-out 3-residue window, ids apart from the other sets; deterministic,
-    and a longer list starts with the shorter one."""
-    specs = P.long_peptide_sequences(2024, 12)
-    assert [s.sequence for s in specs] == [s.sequence for s in P.long_peptide_sequences(2024, 5)] + [
+@pytest.mark.parametrize("start", ["extended", "helix"])
+def test_long_peptides_cover_every_type_and_avoid_heldout_windows(start):
+    """The corpus's longer peptides (strands and helices): 10-14 residues, every residue type
+    (histidines apart), trans, 300 K, both termini, no held-out 3-residue window, ids apart from the
+    other sets; deterministic, and a longer list starts with the shorter one."""
+    specs = P.long_peptide_sequences(2024, 12, start)
+    assert [s.sequence for s in specs] == [s.sequence for s in P.long_peptide_sequences(2024, 5, start)] + [
         s.sequence for s in specs[5:]
     ]
+    assert {s.start for s in specs} == {start}
+    assert all(s.id.startswith("hx" if start == "helix" else "lp") for s in specs)
     assert sorted({len(s.sequence) for s in specs}) == list(P.LONG_LENGTHS)
     assert {r for s in specs for r in s.sequence} == set(P.STANDARD_RESIDUES)
     assert all(not s.cis_prolines and s.temperature == 300.0 for s in specs)
     assert {s.termini for s in specs} == {"charged", "capped"}
     _assert_no_heldout_window(specs)
     assert all(a != b for s in specs for a, b in zip(s.sequence, s.sequence[1:]))
+    other_start = "extended" if start == "helix" else "helix"
     others = P.default_corpus_sequences(2024) + P.trans_proline_sequences(2024)
+    others += P.long_peptide_sequences(2024, 12, other_start)
     assert not {s.id for s in specs} & {s.id for s in others}
+    assert not {tuple(s.sequence) for s in specs} & {tuple(s.sequence) for s in others}
 
 
-def test_peptides_command_adds_the_long_set_with_its_own_length(tmp_path, monkeypatch):
-    """`peptides --n-long 3 --long-ps 40` generates the default sets, then lp00-lp02 for 40 ps each,
-    into the same training directory (generation itself is tested above)."""
+def test_helical_build_is_an_alpha_helix_with_trans_l_geometry(forcefield):
+    """``start="helix"``: after the builder's minimisation the inner residues keep alpha-helical
+    phi/psi and CA(i)-CA(i+4) near the helix's 0.62 nm, with the same trans/L checks as strands;
+    an unknown start is refused by name."""
+    import mdtraj as md
+
+    seq = ["ALA", "GLU", "LEU", "LYS", "ALA", "TRP", "GLN", "SER", "ALA"]
+    topology, positions = P.build_peptide(seq, "capped", forcefield=forcefield, start="helix")
+    _assert_geometry(topology, positions, seq, "capped", [])
+    traj = md.Trajectory(np.asarray(positions.value_in_unit(unit.nanometer))[None], md.Topology.from_openmm(topology))
+    phi = np.degrees(md.compute_phi(traj)[1][0])[1:-1]
+    psi = np.degrees(md.compute_psi(traj)[1][0])[1:-1]
+    assert np.all((phi > -90) & (phi < -30)) and np.all((psi > -75) & (psi < -15)), (phi, psi)
+    ca = traj.topology.select("name CA")
+    d = md.compute_distances(traj, [(ca[i], ca[i + 4]) for i in range(len(ca) - 4)])[0]
+    assert np.all(np.abs(d - 0.62) < 0.08), d
+    with pytest.raises(ValueError, match="start must be one of"):
+        P.build_peptide(seq, "capped", forcefield=forcefield, start="sheet")
+
+
+def test_peptides_command_adds_the_long_sets_with_their_own_length(tmp_path, monkeypatch):
+    """`peptides --n-long 3 --n-helical 2 --long-ps 40` generates the default sets, then lp00-lp02
+    and the helices hx00, hx01 for 40 ps each, into the same training directory, each list with MD
+    seeds of its own (generation itself is tested above)."""
     calls = []
     monkeypatch.setattr(P, "generate_corpus", lambda specs, out, config: calls.append((specs, out, config)))
     parser = argparse.ArgumentParser()
     P.add_arguments(parser)
-    P.run(parser.parse_args(["--out", str(tmp_path), "--platform", "Reference", "--n-long", "3", "--long-ps", "40"]))
-    (short, out, config), (long, out_long, config_long) = calls
-    assert out == out_long == tmp_path / "train"
+    argv = ["--out", str(tmp_path), "--platform", "Reference", "--n-long", "3", "--n-helical", "2", "--long-ps", "40"]
+    P.run(parser.parse_args(argv))
+    (short, out, config), (long, out_long, config_long), (helical, out_helical, config_helical) = calls
+    assert out == out_long == out_helical == tmp_path / "train"
     assert [s.id for s in long] == ["lp00", "lp01", "lp02"] and config_long.production_ps == 40.0
-    assert config_long.seed != config.seed
+    assert [s.id for s in helical] == ["hx00", "hx01"] and config_helical.production_ps == 40.0
+    assert {s.start for s in long} == {"extended"} and {s.start for s in helical} == {"helix"}
+    assert len({config.seed, config_long.seed, config_helical.seed}) == 3
     assert config.production_ps == 1000.0 * P.DEFAULT_NS and len(short) == P.DEFAULT_N_PEPTIDES + 21
 
 

@@ -92,8 +92,12 @@ TERMINI = ("charged", "capped")
 # Backbone internal coordinates (Angstrom, degrees; Engh & Huber values).
 _BOND = {"N-CA": 1.458, "CA-C": 1.525, "C-N": 1.329}
 _ANGLE = {"N-CA-C": 111.2, "CA-C-N": 116.2, "C-N-CA": 121.7}
-_EXTENDED = (-120.0, 130.0)  # (phi, psi) of the built strand, degrees
-_PRO_PHI, _PRO_PSI = -65.0, 140.0  # proline's ring fixes phi near -65 degrees (PPII psi)
+# (phi, psi) in degrees of the built backbone, for residues other than proline and for proline
+# (its ring fixes phi near -65 degrees): an extended strand (proline in PPII) or an alpha helix.
+BACKBONE_STARTS = {
+    "extended": ((-120.0, 130.0), (-65.0, 140.0)),
+    "helix": ((-57.0, -47.0), (-65.0, -40.0)),
+}
 
 # Signs of the triple products that define the natural stereocentres (see ``_chirality``):
 # CA of L residues: (N-CA) x (C-CA) . (CB-CA); Ile CB (3S): (CA-CB) x (CG1-CB) . (CG2-CB);
@@ -155,11 +159,13 @@ def _full_sequence(sequence: list[str], termini: str) -> list[str]:
     return ["ACE", *residues, "NME"] if termini == "capped" else residues
 
 
-def _backbone_pdb(full: list[str], cis_bonds: set[int]) -> str:
-    """PDB text with N, CA, C of every residue (CH3, C of ACE; N, C of NME) on an extended strand.
+def _backbone_pdb(full: list[str], cis_bonds: set[int], start: str = "extended") -> str:
+    """PDB text with N, CA, C of every residue (CH3, C of ACE; N, C of NME) on the backbone
+    ``start`` names in ``BACKBONE_STARTS``.
 
     ``cis_bonds`` holds indices i (into ``full``) whose preceding peptide bond (i-1, i) is cis.
     """
+    torsions, pro_torsions = BACKBONE_STARTS[start]
     # Each residue contributes (atom name, role) with role in {"N", "CA", "C"}.
     roles = []
     for name in full:
@@ -173,7 +179,7 @@ def _backbone_pdb(full: list[str], cis_bonds: set[int]) -> str:
     chain: list[np.ndarray] = []  # positions along N-CA-C-N-CA-C...
     chain_roles: list[str] = []
     for i, name in enumerate(full):
-        phi = _PRO_PHI if name == "PRO" else _EXTENDED[0]
+        phi = (pro_torsions if name == "PRO" else torsions)[0]
         for atom_name, role in roles[i]:
             if not chain:
                 pos = np.zeros(3)
@@ -188,7 +194,7 @@ def _backbone_pdb(full: list[str], cis_bonds: set[int]) -> str:
                 key = f"{chain_roles[-1]}-{role}"
                 ang = _ANGLE[f"{chain_roles[-2]}-{chain_roles[-1]}-{role}"]
                 if role == "N":  # psi(i-1) = N(i-1)-CA(i-1)-C(i-1)-N(i); ACE has no N
-                    torsion = _PRO_PSI if full[i - 1] == "PRO" else _EXTENDED[1]
+                    torsion = (pro_torsions if full[i - 1] == "PRO" else torsions)[1]
                 elif role == "CA":  # omega CA(i-1)-C(i-1)-N(i)-CA(i)
                     torsion = 0.0 if i in cis_bonds else 180.0
                 else:  # role == "C": phi(i) = C(i-1)-N(i)-CA(i)-C(i)
@@ -365,8 +371,9 @@ def build_peptide(
     max_attempts: int = 20,
     relax: bool = True,
     seed: int = 0,
+    start: str = "extended",
 ):
-    """Build an all-atom peptide (amber14 names, hydrogens at pH 7) on an extended backbone.
+    """Build an all-atom peptide (amber14 names, hydrogens at pH 7) on an extended or helical backbone.
 
     Parameters
     ----------
@@ -387,6 +394,8 @@ def build_peptide(
         check it again; the returned positions are the minimised ones.
     seed : int
         First pdbfixer seed.
+    start : {"extended", "helix"}
+        Backbone torsions of the build (``BACKBONE_STARTS``): an extended strand or an alpha helix.
 
     Returns
     -------
@@ -398,11 +407,14 @@ def build_peptide(
     ------
     ValueError
         Unknown residue name (with its position), a cis request on a non-proline or first residue,
-        or a built geometry with a non-trans omega or a non-L stereocentre (naming the residue).
+        an unknown ``start``, or a built geometry with a non-trans omega or a non-L stereocentre
+        (naming the residue).
     """
     from openmm import app, unit
     from pdbfixer import PDBFixer
 
+    if start not in BACKBONE_STARTS:
+        raise ValueError(f"start must be one of {tuple(BACKBONE_STARTS)}, got {start!r}")
     full = _full_sequence(list(sequence), termini)
     offset = 1 if termini == "capped" else 0
     cis_full = set()
@@ -413,7 +425,7 @@ def build_peptide(
             raise ValueError(f"cis proline at position {i} has no preceding peptide bond")
         cis_full.add(i + offset)
     ff = forcefield or make_forcefield()
-    pdb_text = _backbone_pdb(full, cis_full)
+    pdb_text = _backbone_pdb(full, cis_full, start)
     variants = [name if name in ("HID", "HIE", "HIP", "CYS") else None for name in full]
     error = None
     # pdbfixer's relaxation of added atoms is stochastic and can leave a clash whose minimisation
@@ -611,13 +623,15 @@ def measure_speed(
 
 @dataclass
 class PeptideSpec:
-    """One corpus entry: residues (no caps), termini kind, cis prolines, temperature (K)."""
+    """One corpus entry: residues (no caps), termini kind, cis prolines, temperature (K), and the
+    backbone the MD starts from (a key of ``BACKBONE_STARTS``)."""
 
     id: str
     sequence: list[str]
     termini: str = "charged"
     cis_prolines: list[int] = field(default_factory=list)
     temperature: float = 300.0
+    start: str = "extended"
 
 
 def _write_manifest(out_dir: Path) -> list[str]:
@@ -650,7 +664,9 @@ def generate_peptide(
         shutil.rmtree(tmp_dir)
     tmp_dir.mkdir(parents=True)
     ff = forcefield or make_forcefield()
-    topology, positions = build_peptide(spec.sequence, spec.termini, spec.cis_prolines, ff, seed=build_seed)
+    topology, positions = build_peptide(
+        spec.sequence, spec.termini, spec.cis_prolines, ff, seed=build_seed, start=spec.start
+    )
     offset = 1 if spec.termini == "capped" else 0
     cis_topology = [i + offset for i in spec.cis_prolines]
     run_config = MDConfig(**{**asdict(config), "temperature": spec.temperature})
@@ -667,6 +683,7 @@ def generate_peptide(
         "termini": spec.termini,
         "cis_pro": cis_topology,
         "temperature_K": spec.temperature,
+        "start": spec.start,
         "timestep_fs": run_config.timestep_fs,
         "hmr_mass_amu": run_config.hydrogen_mass,
         "friction_per_ps": run_config.friction_per_ps,
@@ -861,20 +878,27 @@ def trans_proline_sequences(seed: int = 2024) -> list[PeptideSpec]:
 LONG_LENGTHS = (10, 11, 12, 13, 14)
 
 
-def long_peptide_sequences(seed: int = 2024, n_peptides: int = 12) -> list[PeptideSpec]:
-    """Longer peptides (10-14 residues, ids ``lp00``...) at 300 K, long enough to fold back on
-    themselves: in GBn2 a 14-mer collapses within ~100 ps (held-out ho02: radius of gyration 1.2 to
-    0.7 nm), and the short corpus peptides never show a residue packed against one far along the
-    chain. Residues drawn for even coverage as in :func:`default_corpus_sequences`, alternating
-    charged termini and caps, all X-Pro bonds trans, no 3-residue window of a held-out sequence."""
-    rng = np.random.default_rng(seed + 2)
+def long_peptide_sequences(seed: int = 2024, n_peptides: int = 12, start: str = "extended") -> list[PeptideSpec]:
+    """Longer peptides (10-14 residues) at 300 K, long enough to fold back on themselves: in GBn2 a
+    14-mer collapses within ~100 ps (held-out ho02: radius of gyration 1.2 to 0.7 nm), and the short
+    corpus peptides never show a residue packed against one far along the chain. Residues drawn for
+    even coverage as in :func:`default_corpus_sequences`, alternating charged termini and caps, all
+    X-Pro bonds trans, no 3-residue window of a held-out sequence.
+
+    ``start="extended"`` (ids ``lp00``...) builds them as strands; ``start="helix"`` (ids
+    ``hx00``..., sequences drawn apart) as alpha helices, whose i, i+3 and i+4 side chains pack
+    against each other from the first frame: 150 ps from a strand rarely reaches such contacts."""
+    if start not in BACKBONE_STARTS:
+        raise ValueError(f"start must be one of {tuple(BACKBONE_STARTS)}, got {start!r}")
+    helix = start == "helix"
+    rng = np.random.default_rng(seed + (4 if helix else 2))
     counts = {r: 0 for r in STANDARD_RESIDUES}
     specs: list[PeptideSpec] = []
     while len(specs) < n_peptides:
         k = len(specs)
         names = _draw_sequence(rng, LONG_LENGTHS[k % len(LONG_LENGTHS)], counts)
         if names is not None:
-            specs.append(PeptideSpec(f"lp{k:02d}", names, TERMINI[k % 2]))
+            specs.append(PeptideSpec(f"{'hx' if helix else 'lp'}{k:02d}", names, TERMINI[k % 2], start=start))
     return specs
 
 
@@ -921,7 +945,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="number of longer (10-14 residue) peptides that fold back on themselves (ids lp00...; default 0)",
     )
-    parser.add_argument("--long-ps", type=float, default=150.0, help="production ps per longer peptide")
+    parser.add_argument(
+        "--n-helical",
+        type=int,
+        default=0,
+        help="number of longer (10-14 residue) peptides built as alpha helices (ids hx00...; default 0)",
+    )
+    parser.add_argument("--long-ps", type=float, default=150.0, help="production ps per longer (and helical) peptide")
     parser.add_argument("--save-interval-ps", type=float, default=0.5)
     parser.add_argument("--timestep-fs", type=float, default=4.0)
     parser.add_argument("--hydrogen-mass", type=float, default=4.0, help="HMR mass (amu)")
@@ -963,10 +993,11 @@ def run(args: argparse.Namespace) -> None:
         specs = default_corpus_sequences(args.seed, args.n_peptides or DEFAULT_N_PEPTIDES)
         config = MDConfig(**{**asdict(base), "production_ps": ns * 1000.0})
         generate_corpus(specs + trans_proline_sequences(args.seed), out / "train", config)
-        if args.n_long:
-            # seeds of their own: generate_corpus numbers each list's runs from its config's seed
-            config = MDConfig(**{**asdict(base), "production_ps": args.long_ps, "seed": args.seed + 3})
-            generate_corpus(long_peptide_sequences(args.seed, args.n_long), out / "train", config)
+        # seeds of their own: generate_corpus numbers each list's runs from its config's seed
+        for n, start, offset in ((args.n_long, "extended", 3), (args.n_helical, "helix", 5)):
+            if n:
+                config = MDConfig(**{**asdict(base), "production_ps": args.long_ps, "seed": args.seed + offset})
+                generate_corpus(long_peptide_sequences(args.seed, n, start), out / "train", config)
     if args.heldout or args.heldout_only:
         config = MDConfig(
             **{**asdict(base), "production_ps": args.heldout_ps, "save_interval_ps": 1.0, "seed": args.seed + 7}
