@@ -21,9 +21,13 @@ one sample per CG frame, no minimisation, for each held-out peptide:
 
 With ``--worst-pairs K``, per peptide the K atom pairs (names, residue offset) that most often carry
 a sample's largest Lennard-Jones pair energy (the steric clash), with their median distance and energy:
-where the energy of the reconstructions goes.
+where the energy of the reconstructions goes. With ``--terms K``, per peptide the median energy of
+each force of the System (bonds, angles, torsions, non-bonded, GB) in the reconstructions minus that
+in the reference frames, per residue, and the K kinds of bond (atom names, residue offset) whose
+median harmonic energy exceeds the reference's most.
 
-Run: ``python benchmarks/bench_proteins.py --model protein-ca [--heldout DIR] [--frames 100] [--worst-pairs 5]``.
+Run: ``python benchmarks/bench_proteins.py --model protein-ca [--heldout DIR] [--frames 100]
+[--worst-pairs 5] [--terms 5]``.
 """
 
 from __future__ import annotations
@@ -162,10 +166,21 @@ def _omega(x: np.ndarray, chain: R.Chain) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quality(
-    ch, x_ref: np.ndarray, names: list[str], energy, kT: float, ess_frames: int, pair_energies=None, n_worst: int = 0
+    ch,
+    x_ref: np.ndarray,
+    names: list[str],
+    energy,
+    kT: float,
+    ess_frames: int,
+    pair_energies=None,
+    n_worst: int = 0,
+    terms=None,
+    n_bonds: int = 0,
 ) -> dict:
     """Metrics of one sample per frame of x_ref (N, n_atoms, 3) nm, chain order; with
-    ``pair_energies`` (:func:`nonbonded_pairs`) and ``n_worst``, also the worst pairs of those samples."""
+    ``pair_energies`` (:func:`nonbonded_pairs`) and ``n_worst``, also the worst pairs of those
+    samples; with ``terms`` (:func:`energy_terms`), the excess of each force and the ``n_bonds``
+    kinds of bond with the largest excess (:func:`term_excess`)."""
     chain = ch.chain
     cg = torch.as_tensor(x_ref[:, ch.beads.numpy()], dtype=torch.float32)
     with torch.no_grad():
@@ -206,6 +221,8 @@ def quality(
     }
     if pair_energies is not None and n_worst:
         out["worst_pairs"] = worst_pairs(chain, aa, pair_energies, n_worst)
+    if terms is not None:
+        out.update(term_excess(chain, aa, x_ref, terms, n_bonds))
     # conditional ESS with 64 samples per frame
     ess = []
     pick = np.linspace(0, x_ref.shape[0] - 1, ess_frames).astype(int)
@@ -238,6 +255,80 @@ def _energy_function(system_xml: str, perm: np.ndarray):
         return out
 
     return energy
+
+
+def energy_terms(system_xml: str, perm: np.ndarray):
+    """The energy of each force of the System apart: returns a function x (N, n_atoms, 3) nm in
+    chain order -> {force class name: (N,) kJ/mol} (forces of one class summed), and the
+    HarmonicBondForce's bonds as chain-index pairs (P, 2), lengths (P,) nm and constants (P,)
+    kJ/mol/nm^2, so that bond energies can be split bond by bond."""
+    import openmm
+    from openmm import unit
+
+    system = openmm.XmlSerializer.deserialize(system_xml)
+    names = []
+    for i, f in enumerate(system.getForces()):
+        f.setForceGroup(i)
+        names.append(type(f).__name__)
+    ctx = openmm.Context(
+        system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"), {"Threads": "1"}
+    )
+    inv = np.empty_like(perm)
+    inv[perm] = np.arange(perm.size)  # chain atom a sits at topology index perm[a]
+    bonds, r0, k = [], [], []
+    for f in system.getForces():
+        if isinstance(f, openmm.HarmonicBondForce):
+            for b in range(f.getNumBonds()):
+                i, j, length, const = f.getBondParameters(b)
+                bonds.append((inv[i], inv[j]))
+                r0.append(length.value_in_unit(unit.nanometer))
+                k.append(const.value_in_unit(unit.kilojoule_per_mole / unit.nanometer**2))
+
+    def by_force(x: np.ndarray) -> dict[str, np.ndarray]:
+        out = {n: np.zeros(x.shape[0]) for n in names}
+        for f in range(x.shape[0]):
+            ctx.setPositions(x[f][inv])
+            for g, n in enumerate(names):
+                state = ctx.getState(getEnergy=True, groups={g})
+                out[n][f] += state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+        return out
+
+    return by_force, (np.asarray(bonds, dtype=int).reshape(-1, 2), np.asarray(r0), np.asarray(k))
+
+
+def term_excess(chain, aa: np.ndarray, x_ref: np.ndarray, terms, n_bonds: int) -> dict:
+    """Per force, the median energy of samples aa minus that of reference frames x_ref, per residue
+    (kJ/mol), and the ``n_bonds`` kinds of bond (atom names, residue offset) whose summed median
+    harmonic energy exceeds the reference's most: count, excess per residue, and each bond's median
+    energy averaged over the bonds of the kind, for samples and reference."""
+    by_force, (bonds, r0, k) = terms
+    u_s, u_r = by_force(aa), by_force(x_ref)
+    n_res = chain.n_residues
+    out = {"terms_dU_per_residue": {n: float((np.median(u_s[n]) - np.median(u_r[n])) / n_res) for n in u_s}}
+
+    def bond_energy(x: np.ndarray) -> np.ndarray:  # (N, P)
+        return 0.5 * k * (np.linalg.norm(x[:, bonds[:, 0]] - x[:, bonds[:, 1]], axis=-1) - r0) ** 2
+
+    e_s, e_r = np.median(bond_energy(aa), axis=0), np.median(bond_energy(x_ref), axis=0)
+    kinds: dict[tuple, list[int]] = {}
+    for p, (a, b) in enumerate(bonds):
+        ra, rb = int(chain.atom_residue[a]), int(chain.atom_residue[b])
+        backbone = {"N", "CA", "C"}
+        la = chain.atom_names[a] if chain.atom_names[a] in backbone else f"{chain.names[ra]}:{chain.atom_names[a]}"
+        lb = chain.atom_names[b] if chain.atom_names[b] in backbone else f"{chain.names[rb]}:{chain.atom_names[b]}"
+        kinds.setdefault((la, lb, rb - ra), []).append(p)
+    ranked = sorted(kinds.items(), key=lambda kv: -float(np.sum(e_s[kv[1]] - e_r[kv[1]])))[:n_bonds]
+    out["worst_bonds"] = [
+        {
+            "bond": f"{a} - {b} (residue {off:+d})",
+            "count": len(ps),
+            "excess_per_residue": float(np.sum(e_s[ps] - e_r[ps]) / n_res),
+            "bond_median_kjmol": float(np.mean(e_s[ps])),
+            "bond_median_reference_kjmol": float(np.mean(e_r[ps])),
+        }
+        for (a, b, off), ps in ranked
+    ]
+    return out
 
 
 COULOMB = 138.935456  # kJ/mol nm / e^2
@@ -309,7 +400,11 @@ def worst_pairs(chain, aa: np.ndarray, pair_energies, k: int) -> list[dict]:
     ]
 
 
-def bench_quality(model: ProteinBackmapper, heldout: Path, frames: int, ess_frames: int, n_worst: int = 0) -> dict:
+def bench_quality(
+    model: ProteinBackmapper, heldout: Path, frames: int, ess_frames: int, n_worst: int = 0, n_terms: int = -1
+) -> dict:
+    """Quality metrics per finished entry of ``heldout``; ``n_terms`` >= 0 adds the excess of each
+    force and the ``n_terms`` worst kinds of bond (:func:`term_excess`)."""
     import mdtraj as md
 
     torch.set_num_threads(1)
@@ -323,8 +418,10 @@ def bench_quality(model: ProteinBackmapper, heldout: Path, frames: int, ess_fram
         ch = model.for_sequence(names).float().eval()
         temperature = float(meta.get("temperature_K", 300.0))
         energy = _energy_function((d / "system.xml").read_text(), perm)
-        pairs = nonbonded_pairs((d / "system.xml").read_text(), perm) if n_worst else None
-        metrics = quality(ch, xr, names, energy, KB * temperature, ess_frames, pairs, n_worst)
+        xml = (d / "system.xml").read_text()
+        pairs = nonbonded_pairs(xml, perm) if n_worst else None
+        terms = energy_terms(xml, perm) if n_terms >= 0 else None
+        metrics = quality(ch, xr, names, energy, KB * temperature, ess_frames, pairs, n_worst, terms, max(0, n_terms))
         out[d.name] = {"sequence": "-".join(names), **metrics}
     return out
 
@@ -345,6 +442,13 @@ def main() -> None:
         metavar="K",
         help="per held-out peptide, the K atom pairs that most often carry a sample's largest LJ pair energy",
     )
+    parser.add_argument(
+        "--terms",
+        type=int,
+        default=-1,
+        metavar="K",
+        help="per held-out peptide, the excess energy of each force and the K kinds of bond with the largest excess",
+    )
     args = parser.parse_args()
     model = _model(args.model)
     results = {"model": args.model, "mapping": model.mapping}
@@ -352,7 +456,9 @@ def main() -> None:
         results["speed"] = bench_speed(model, args.batch)
         print(json.dumps(results["speed"], indent=1), flush=True)
     if args.heldout:
-        results["quality"] = bench_quality(model, Path(args.heldout), args.frames, args.ess_frames, args.worst_pairs)
+        results["quality"] = bench_quality(
+            model, Path(args.heldout), args.frames, args.ess_frames, args.worst_pairs, args.terms
+        )
         print(json.dumps(results["quality"], indent=1), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

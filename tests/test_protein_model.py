@@ -73,8 +73,11 @@ def _assert_log_q_is_autograd_log_det(ch, cg: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     "mapping,names,version",
     [
+        ("ca", ["TYR", "ASP", "PRO", "GLU"], 3),
         ("ca", ["TYR", "ASP", "PRO", "GLU"], 2),
         ("ca", ["TYR", "ASP", "PRO", "GLU"], 1),
+        ("ca", ["TRP", "HID", "PHE", "ALA"], 3),
+        ("backbone", ["ACE", "THR", "PRO", "NME"], 3),
         ("backbone", ["ACE", "THR", "PRO", "NME"], 2),
     ],
 )
@@ -239,8 +242,9 @@ def _rotation():
     return q * np.sign(np.linalg.det(q))
 
 
-def test_scripted_chain_module_keeps_the_contract(chignolin):
-    model = _model(chignolin, "backbone")
+@pytest.mark.parametrize("mapping,version", [("backbone", 2), ("ca", 3)])
+def test_scripted_chain_module_keeps_the_contract(chignolin, mapping, version):
+    model = _model(chignolin, mapping, tree_version=version)
     names, x = chignolin
     ch = model.for_sequence(names).float()
     scripted = torch.jit.script(ch)
@@ -462,8 +466,14 @@ def test_models_keep_their_tree_version_and_convert_on_request(chignolin, tmp_pa
     with torch.no_grad():
         aa, lq = ch.sample(cg.repeat(3, 1, 1), 1)
         assert torch.allclose(ch.log_prob(aa, cg.repeat(3, 1, 1)), lq, atol=1e-8)
+    legacy.set_tree_version(3)  # pair rows (new keys) start from the unseen-key statistics
+    ch = legacy.double().for_sequence(names)
+    assert "PRO:CG<CD,CB=,N" in ch.keys and bool(ch.pair.any())
+    with torch.no_grad():
+        aa, lq = ch.sample(cg.repeat(3, 1, 1), 1)
+        assert torch.isfinite(lq).all() and torch.allclose(ch.log_prob(aa, cg.repeat(3, 1, 1)), lq, atol=1e-8)
     with pytest.raises(ValueError, match="unknown placement-tree version"):
-        legacy.set_tree_version(3)
+        legacy.set_tree_version(R.LATEST_TREE_VERSION + 1)
 
 
 def test_new_row_keys_get_embeddings_without_changing_the_density(chignolin, tmp_path):
@@ -491,6 +501,13 @@ def test_new_row_keys_get_embeddings_without_changing_the_density(chignolin, tmp
     assert loaded.keys == model.keys
     with torch.no_grad():
         assert torch.allclose(loaded.for_sequence(other).log_prob(aa, cg), lq, rtol=1e-5)
+    # a pair key of tree version 3 starts from the embedding of its row in the older tree
+    old = next(k for k in model.keys if ":N<-1C,CA," in k)
+    pair = old.replace(",CA,", ",CA=,")
+    assert model.add_keys([pair, "PHE:CZ<CE1,CE2=,CD1"]) == [pair, "PHE:CZ<CE1,CE2=,CD1"]
+    weight = model.net.key_emb.weight
+    assert torch.equal(weight[model.embedding_index(pair)], weight[model.embedding_index(old)])
+    assert torch.equal(weight[model.embedding_index("PHE:CZ<CE1,CE2=,CD1")], weight[-1])
 
 
 def test_widening_keeps_the_density_and_trains_the_new_units(chignolin, tmp_path):
@@ -651,3 +668,33 @@ def test_one_residue_chain_uses_the_rows_of_longer_chains():
     for a, b in ((chain.atom(1, "N"), chain.atom(1, "CA")), (chain.atom(2, "N"), chain.atom(2, "C"))):
         d = torch.linalg.norm(aa[:, a] - aa[:, b], dim=-1)
         assert float((torch.abs(d / 0.147 - 1.0) < 0.1).float().mean()) > 0.9
+
+
+@pytest.mark.parametrize("mapping", ["ca", "backbone"])
+def test_tree_version_3_draws_every_heavy_bond_as_a_length(mapping):
+    """Tree version 3: every bond between heavy atoms that are not both beads is drawn as a length,
+    either the row's own bond i-j or, on a ``pair`` row, the bond i-k to its angle reference (the
+    N of each peptide plane under ``ca``, proline's CG, the atom closing each aromatic ring). In
+    version 2 exactly those second bonds followed from other coordinates. Pair keys mark k."""
+    names = ["ACE", *sorted(set(R.RESIDUE_NAMES) - set(R.CAPS)), "NME"]
+    chain = R.build_chain(names)
+    beads = set(R.bead_atoms(chain, mapping)[0])
+    heavy = [e != "H" for e in chain.elements]
+    bonds = {frozenset(b) for b in chain.bonds if heavy[b[0]] and heavy[b[1]] and not set(b) <= beads}
+
+    def drawn(tree):
+        out = {frozenset((int(i), int(j))) for i, j, _, _ in tree.rows}
+        return out | {frozenset((int(i), int(k))) for (i, _, k, _), p in zip(tree.rows, tree.pair) if p}
+
+    v3, v2 = R.build_tree(chain, mapping, 3), R.build_tree(chain, mapping, 2)
+    assert bonds <= drawn(v3)
+    assert not v2.pair.any() and [k.replace("=", "") for k in v3.keys if "=" not in k] == [
+        k for k, p in zip(v2.keys, v3.pair) if not p
+    ]
+    missing = {tuple(sorted(chain.atom_names[a] for a in b)) for b in bonds - drawn(v2)}
+    closing = {("CE2", "CZ"), ("CE1", "NE2"), ("CE2", "NE1"), ("CH2", "CZ3"), ("CB", "CG")}
+    # under ca also each plane's N-CA, and NME's N-C (its C stands where a C-alpha stands)
+    assert missing == (closing | {("CA", "N"), ("C", "N")} if mapping == "ca" else closing)
+    pair_keys = [k for k, p in zip(v3.keys, v3.pair) if p]
+    assert all(k.split("<")[1].split(",")[1].endswith("=") for k in pair_keys)
+    assert "PRO:CG<CD,CB=,N" in pair_keys and ("ASN:N<-1C,CA=,-1CA" in pair_keys) == (mapping == "ca")

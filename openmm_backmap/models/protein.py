@@ -8,8 +8,10 @@ conditioner sees lie at lower levels, so
 
     q(x | X) = prod_rows q(r, theta, phi | context of the row),
 
-and the context of a row depends only on the beads and atoms already placed. Within a row the
-dihedral is drawn first and (r, theta) given it, each by a monotone rational-quadratic spline
+and the context of a row depends only on the beads and atoms already placed. In placement tree 3
+a row whose atom is bonded to its angle reference k as well (a ``pair`` row) draws the bond length
+to k in place of the angle (:func:`pair_angle`), so that no bond follows from other coordinates.
+Within a row the dihedral is drawn first and (r, theta) given it, each by a monotone rational-quadratic spline
 (circular for broad dihedrals). The conditioner of a row is one MLP shared by all rows of all
 residues: it sees the positions of a fixed set of nearby atoms (the nearest placed atoms in the bond
 graph, the anchors of residues i-2..i+2, for odd residues the first side-chain atoms of their
@@ -90,13 +92,41 @@ ATOM_NAMES = sorted({a for atoms, _ in TEMPLATES.values() for a in atoms.split()
 
 
 # ----------------------------------------------------------------------------- statistics
-def _raw_values(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(r nm, theta rad, phi rad) of every row for positions x (N, n_atoms, 3): each (N, R)."""
+def pair_angle(r: Tensor, th: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """The angle-like coordinate of a ``pair`` row (atom i bonded to j and k) and log |d alpha /
+    d theta|: with r = |i - j|, d = |j - k| and theta the angle i-j-k, the bond length
+    s = |i - k| = sqrt(r^2 + d^2 - 2 r d cos theta) lies in (|r - d|, r + d), and
+    alpha = pi (s - |r - d|) / (r + d - |r - d|) in (0, pi) stands where the angle stands in the
+    other rows' coordinates (its logit standardised by the key's statistics). At fixed r and d,
+    alpha is monotone in theta."""
+    s = torch.sqrt((r * r + d * d - 2.0 * r * d * torch.cos(th)).clamp_min(1e-18))
+    lo = torch.abs(r - d)
+    width = (r + d - lo).clamp_min(1e-12)
+    alpha = math.pi * (s - lo) / width
+    # d alpha / d theta = pi (ds/dtheta) / width, ds/dtheta = r d sin(theta) / s
+    log_jac = math.log(math.pi) + torch.log(r * d * torch.sin(th)) - torch.log(s) - torch.log(width)
+    return alpha, log_jac
+
+
+def pair_theta(r: Tensor, alpha: Tensor, d: Tensor) -> Tensor:
+    """The inverse of :func:`pair_angle`: the angle i-j-k of a ``pair`` row from its r, alpha, d."""
+    lo = torch.abs(r - d)
+    s = lo + (r + d - lo) * (alpha / math.pi)
+    c = (r * r + d * d - s * s) / (2.0 * r * d)
+    return torch.acos(c.clamp(-1.0 + 1e-12, 1.0 - 1e-12))
+
+
+def _raw_values(x: np.ndarray, rows: np.ndarray, pair: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """(r nm, theta rad, phi rad) of every row for positions x (N, n_atoms, 3): each (N, R); for
+    ``pair`` rows the angle-like alpha of :func:`pair_angle` stands in place of theta."""
     t = torch.as_tensor(x, dtype=torch.float64)
     i, j, k, m = (torch.as_tensor(rows[:, c]) for c in range(4))
     r = torch.linalg.norm(t[:, i] - t[:, j], dim=-1)
     th = angles(t[:, i], t[:, j], t[:, k])
     ph = dihedrals(t[:, i], t[:, j], t[:, k], t[:, m])
+    if pair is not None and pair.any():
+        alpha, _ = pair_angle(r, th, torch.linalg.norm(t[:, j] - t[:, k], dim=-1))
+        th = torch.where(torch.as_tensor(pair), alpha, th)
     return r.numpy(), th.numpy(), ph.numpy()
 
 
@@ -373,6 +403,8 @@ class ChainBackmapper(nn.Module):
             return torch.as_tensor([float(s[name]) for s in st], dtype=dt)
 
         self.register_buffer("free", torch.as_tensor(~tree.fixed[order], dtype=torch.bool))
+        self.register_buffer("pair", torch.as_tensor(tree.pair[order], dtype=torch.bool))
+        self.has_pair = bool(tree.pair.any())  # trees before version 3 have none: skip their maths
         self.register_buffer("r0", col("r0"))
         self.register_buffer("mr", col("mr"))
         self.register_buffer("sr", col("sr"))
@@ -505,17 +537,26 @@ class ChainBackmapper(nn.Module):
         return self.net.static(self.s_res, self.s_atom, self.s_key, self.s_prev, self.s_next, self.s_stage)
 
     # ------------------------------------------------------------------ per-row transforms
-    def _to_y(self, r: Tensor, th: Tensor, ph: Tensor, s: int, e: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _to_y(
+        self, r: Tensor, th: Tensor, ph: Tensor, d: Tensor, s: int, e: int
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Raw (r, theta, phi) of rows s:e -> standardised (y_r, y_t, y_p) and the log |det| of that
-        map plus the NeRF term -(2 log r + log sin theta) per row (B, n); -inf outside the domain."""
+        map plus the NeRF term -(2 log r + log sin theta) per row (B, n); -inf outside the domain.
+        ``d`` (B, n) is the distance j-k, which ``pair`` rows need (:func:`pair_angle`)."""
         dt = r.dtype
         free = self.free[s:e]
+        pair = self.pair[s:e]
         lr = torch.log(r)
         y_r = (lr - self.mr[s:e].to(dt)) / self.sr[s:e].to(dt)
         ladj = torch.where(free, -lr - torch.log(self.sr[s:e].to(dt)), torch.zeros_like(lr))
-        lt = torch.log(th) - torch.log(math.pi - th)
+        a = th
+        if self.has_pair:
+            alpha, log_jac = pair_angle(r, th, d)
+            a = torch.where(pair, alpha, th)
+            ladj = ladj + torch.where(pair, log_jac, torch.zeros_like(log_jac))
+        lt = torch.log(a) - torch.log(math.pi - a)
         y_t = (lt - self.mt[s:e].to(dt)) / self.st[s:e].to(dt)
-        ladj = ladj + math.log(math.pi) - torch.log(th) - torch.log(math.pi - th) - torch.log(self.st[s:e].to(dt))
+        ladj = ladj + math.log(math.pi) - torch.log(a) - torch.log(math.pi - a) - torch.log(self.st[s:e].to(dt))
         dev = wrap_angle(ph - self.mu[s:e].to(dt))
         hw = self.hw[s:e].to(dt)
         circ = self.circ[s:e]
@@ -530,14 +571,18 @@ class ChainBackmapper(nn.Module):
         ladj = ladj - 2.0 * torch.log(torch.where(free, r, self.r0[s:e].to(dt))) - torch.log(torch.sin(th))
         return y_r, y_t, y_p, ladj
 
-    def _from_y(self, y_r: Tensor, y_t: Tensor, y_p: Tensor, s: int, e: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _from_y(
+        self, y_r: Tensor, y_t: Tensor, y_p: Tensor, d: Tensor, s: int, e: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The inverse of :meth:`_to_y` (``d``: the distance j-k of each row, (B, n))."""
         dt = y_r.dtype
         r = torch.where(
             self.free[s:e],
             torch.exp(self.mr[s:e].to(dt) + self.sr[s:e].to(dt) * y_r),
             self.r0[s:e].to(dt).expand_as(y_r),
         )
-        th = math.pi * torch.sigmoid(self.mt[s:e].to(dt) + self.st[s:e].to(dt) * y_t)
+        a = math.pi * torch.sigmoid(self.mt[s:e].to(dt) + self.st[s:e].to(dt) * y_t)
+        th = torch.where(self.pair[s:e], pair_theta(r, a, d), a) if self.has_pair else a
         return r, th, self._phi(y_p, s, e)
 
     def _phi(self, y_p: Tensor, s: int, e: int) -> Tensor:
@@ -576,9 +621,10 @@ class ChainBackmapper(nn.Module):
         xi = x[:, rows[:, 0]]
         xj = x[:, rows[:, 1]]
         r = torch.linalg.norm(xi - xj, dim=-1)
-        th = angles(xi, xj, x[:, rows[:, 2]])
-        ph = dihedrals(xi, xj, x[:, rows[:, 2]], x[:, rows[:, 3]])
-        y_r, y_t, y_p, ladj = self._to_y(r, th, ph, 0, e)
+        xk = x[:, rows[:, 2]]
+        th = angles(xi, xj, xk)
+        ph = dihedrals(xi, xj, xk, x[:, rows[:, 3]])
+        y_r, y_t, y_p, ladj = self._to_y(r, th, ph, torch.linalg.norm(xj - xk, dim=-1), 0, e)
         static, per_res, w_geo = self._pre_activation(knn_type, knn_mask)
         # rows in blocks of about LOGP_BLOCK (frames x rows): the feature arrays of a block stay in
         # cache; every block sees the complete x, so blocks are independent
@@ -621,13 +667,16 @@ class ChainBackmapper(nn.Module):
             prt = self.net.rt_params(h, ph).reshape(b, e - s, 2, 3 * self.n_bins)
             line = torch.zeros_like(circ).unsqueeze(-1).expand(-1, -1, 2)
             y_rt, l_rt = _spline(u[:, s:e, :2], prt, line, True, self.n_bins, self.spline_bound)
-            r, th, ph = self._from_y(y_rt[..., 0], y_rt[..., 1], y_p, s, e)
-            _, _, _, ladj = self._to_y(r, th, ph, s, e)
+            rw = self.rows[s:e]
+            xj = x[:, rw[:, 1]]
+            xk = x[:, rw[:, 2]]
+            d = torch.linalg.norm(xj - xk, dim=-1)
+            r, th, ph = self._from_y(y_rt[..., 0], y_rt[..., 1], y_p, d, s, e)
+            _, _, _, ladj = self._to_y(r, th, ph, d, s, e)
             l_rt = l_rt[..., 0] * self.free[s:e].to(cg.dtype) + l_rt[..., 1]
             lq = self._base(u[:, s:e, 0], u[:, s:e, 1], u[:, s:e, 2], s, e) - l_p - l_rt + ladj
             logq = logq + torch.sum(lq, dim=-1)
-            rw = self.rows[s:e]
-            xi = nerf(x[:, rw[:, 1]], x[:, rw[:, 2]], x[:, rw[:, 3]], r, th, ph)
+            xi = nerf(xj, xk, x[:, rw[:, 3]], r, th, ph)
             x = x.index_copy(1, rw[:, 0], xi)
         return x, logq
 
@@ -687,6 +736,7 @@ def _context_atoms(chain: Chain, tree, beads: set[int], n_ctx: int) -> np.ndarra
                 tree.branch[n0:n1],
                 tree.chiral[n0:n1],
                 tree.phase[n0:n1],
+                tree.pair[n0:n1],
             )
             own = {b - a0 for b in beads if a0 <= b < a0 + part.n_atoms}
             ctx = _context_atoms(part, sub, own, n_ctx)
@@ -827,13 +877,17 @@ class ProteinBackmapper(nn.Module):
     def add_keys(self, keys: Sequence[str]) -> list[str]:
         """Give row keys that have none an embedding of their own (for training to continue on
         chains whose rows a saved model never had), each starting from the shared embedding of
-        unseen keys, so the model's densities are unchanged until training moves them. Generic
-        ``*:`` keys and keys that already have one are skipped; returns the keys added."""
+        unseen keys, so the model's densities are unchanged until training moves them; a ``pair``
+        key of tree version 3 (``ALA:N<-1C,CA=,-1CA``) starts from the embedding of the same row
+        in earlier trees (``ALA:N<-1C,CA,-1CA``) when the model has it: the row places the same
+        atom from the same atoms, its second coordinate a monotone function of the old angle.
+        Generic ``*:`` keys and keys that already have one are skipped; returns the keys added."""
         new = [k for k in dict.fromkeys(keys) if not k.startswith("*:") and k not in self._key_index]
         if new:
             weight = self.net.key_emb.weight.data
-            unseen = weight[-1:]
-            grown = torch.cat([weight[:-1], unseen.expand(len(new), -1), unseen], dim=0).clone()
+            unseen = len(self._key_index)
+            start = [self._key_index.get(k.replace("=", ""), unseen) for k in new]
+            grown = torch.cat([weight[:-1], weight[start], weight[-1:]], dim=0).clone()
             self.net.key_emb = nn.Embedding.from_pretrained(grown, freeze=False)
             self.keys.extend(new)
             self._key_index = {k: i for i, k in enumerate(self.keys)}
@@ -918,7 +972,7 @@ class ProteinBackmapper(nn.Module):
         for names, x in examples:
             chain = build_chain(names)
             tree = build_tree(chain, mapping, tree_version)
-            r, th, ph = _raw_values(np.asarray(x), tree.rows)
+            r, th, ph = _raw_values(np.asarray(x), tree.rows, tree.pair)
             for n, key in enumerate(tree.keys):
                 for k in (key, generic_key(key)):
                     pooled.setdefault(k, []).append(np.stack([r[:, n], th[:, n], ph[:, n]]))

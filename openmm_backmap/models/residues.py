@@ -425,6 +425,11 @@ class Tree:
         (R,) within the backbone stage, 0 for rows placed first and 1 for rows placed after them
         that see them (tree version 2 under ``ca``: the peptide planes of odd residues and the C
         terminus); all 0 otherwise.
+    pair
+        (R,) tree version 3: heavy atom i is bonded to its angle reference k as well as to j, so
+        the row draws the bond length i-k in place of the angle i-j-k (every bond of i is drawn,
+        none follows from a combination of drawn coordinates); all False before. Its key marks k
+        with ``=`` (``ALA:N<-1C,CA=,-1CA``).
     """
 
     rows: np.ndarray
@@ -435,6 +440,7 @@ class Tree:
     branch: np.ndarray
     chiral: np.ndarray
     phase: np.ndarray
+    pair: np.ndarray
 
     def placement_order(self) -> np.ndarray:
         """Row indices by stage, then phase, else in tree order: every row's references come
@@ -466,12 +472,13 @@ def cap_analog_keys(key: str) -> list[str]:
 
 
 TREE_VERSION = 2  # the placement tree of new models; files record theirs (before versions: 1)
+LATEST_TREE_VERSION = 3  # the newest tree this package builds
 
 
 def check_tree_version(version: int) -> None:
     """Raise ValueError unless ``version`` is a placement-tree version this package builds."""
-    if version not in range(1, TREE_VERSION + 1):
-        raise ValueError(f"unknown placement-tree version {version!r}; this package builds 1 to {TREE_VERSION}")
+    if version not in range(1, LATEST_TREE_VERSION + 1):
+        raise ValueError(f"unknown placement-tree version {version!r}; this package builds 1 to {LATEST_TREE_VERSION}")
 
 
 def build_tree(chain: Chain, mapping: str, version: int = TREE_VERSION) -> Tree:
@@ -489,8 +496,15 @@ def build_tree(chain: Chain, mapping: str, version: int = TREE_VERSION) -> Tree:
        C-terminal C hangs from its residue's N likewise. Every N-CA-C angle is made by a row that
        sees both of its atoms. Proline's CG from CD and CB (``CG<CD,CB,N``): the ring-closing
        distance CB-CG is set by a drawn angle at CD rather than by a dihedral.
+    3. Version 2's rows, with every bond drawn as a length: a heavy atom bonded to two placed
+       atoms is placed from both (``pair`` rows: the N of a peptide plane from the C before it and
+       its own C-alpha, proline's CG from CD and CB, the atom that closes an aromatic ring from
+       its two ring neighbours, with the dihedral about them against the first one's parent), and
+       draws both bond lengths. Before, the second bond (N-CA, the ring-closing bond) followed
+       from a drawn angle and length, and its spread came out two to ten times the data's in
+       energy.
 
-    Under ``backbone`` (N, CA, C beads) the planes hang from the beads in both versions.
+    Under ``backbone`` (N, CA, C beads) the planes hang from the beads in every version.
 
     Raises
     ------
@@ -572,8 +586,12 @@ def build_tree(chain: Chain, mapping: str, version: int = TREE_VERSION) -> Tree:
         _side_chain_rows(chain, r, stage, add, placed, version)
 
     arr = np.asarray([row[:4] for row in rows], dtype=np.int64).reshape(-1, 4)
-    keys = [_row_key(chain, row[0], row[1:4]) for row in rows]
     heavy = np.asarray([e != "H" for e in chain.elements])
+    pair = np.asarray(
+        [version >= 3 and bool(heavy[[i, j, k]].all()) and int(k) in chain.neighbours[int(i)] for i, j, k, _ in arr],
+        dtype=bool,
+    )
+    keys = [_row_key(chain, row[0], row[1:4], bool(p)) for row, p in zip(rows, pair)]
     fixed = ~(heavy[arr[:, 0]] & heavy[arr[:, 1]])
     branch = np.asarray([int(m) in chain.neighbours[int(j)] for _, j, _, m in arr], dtype=bool)
     centres = set(chiral_centres(chain)[:, 0].tolist())
@@ -591,6 +609,7 @@ def build_tree(chain: Chain, mapping: str, version: int = TREE_VERSION) -> Tree:
         branch,
         chiral,
         np.asarray(phases, dtype=np.int64),
+        pair,
     )
 
 
@@ -607,6 +626,7 @@ def _join_trees(trees: Sequence[Tree], chains: Sequence[Chain]) -> Tree:
         np.concatenate([t.branch for t in trees]),
         np.concatenate([t.chiral for t in trees]),
         np.concatenate([t.phase for t in trees]),
+        np.concatenate([t.pair for t in trees]),
     )
 
 
@@ -650,6 +670,13 @@ def _side_chain_rows(chain: Chain, r: int, stage: int, add, placed: set[int], ve
                 for a in sorted(nb[p]):
                     if a in own and not is_h[a] and a not in placed and chain.atom_names[a] not in BACKBONE_ATOMS:
                         k = parent[p]
+                        # version 3: an atom that closes a ring is placed from both ring neighbours
+                        closing = [x for x in sorted(nb[a]) if x in placed and x != p and not is_h[x] and x in own]
+                        if version >= 3 and closing:
+                            add(a, p, closing[0], k, stage, r)
+                            parent[a] = p
+                            queue.append(a)
+                            continue
                         others = [x for x in sorted(nb[p]) if x in placed and not is_h[x] and x not in (k, a)]
                         if others:
                             m = others[0]
@@ -689,14 +716,19 @@ def _proper_ref(chain: Chain, k: int, p: int, placed: set[int]) -> int:
     return cand[0]
 
 
-def _row_key(chain: Chain, i: int, refs: Sequence[int]) -> str:
+def _row_key(chain: Chain, i: int, refs: Sequence[int], pair: bool = False) -> str:
+    """``RES:ATOM<j,k,l`` with references in other residues carrying their offset; a ``pair`` row
+    (tree version 3: i bonded to k, whose distance it draws) marks k with ``=``."""
     res = int(chain.atom_residue[i])
 
     def label(a: int) -> str:
         off = int(chain.atom_residue[a]) - res
         return chain.atom_names[a] if off == 0 else f"{off:+d}{chain.atom_names[a]}"
 
-    return f"{chain.names[res]}:{chain.atom_names[i]}<" + ",".join(label(int(a)) for a in refs)
+    labels = [label(int(a)) for a in refs]
+    if pair:
+        labels[1] += "="
+    return f"{chain.names[res]}:{chain.atom_names[i]}<" + ",".join(labels)
 
 
 def equivalent_hydrogen_pairs(chain: Chain) -> np.ndarray:
