@@ -445,6 +445,17 @@ def test_training_converts_a_checkpoint_to_the_current_tree(chignolin, tmp_path)
     a, b = v1.net.state_dict(), v2.net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if k != "key_emb.weight")
     assert torch.equal(a["key_emb.weight"][:-1], b["key_emb.weight"][: len(v1.keys)])
+    # on to tree 3: pair rows get statistics of their own and start from their tree-2 row's embedding
+    train(
+        TrainConfig(out=str(tmp_path / "v3.pt"), time_limit=0.0, init=str(tmp_path / "v2.pt"), tree_version=3, **base)
+    )
+    v3 = ProteinBackmapper.load(tmp_path / "v3.pt")
+    assert v3.config["tree_version"] == 3 and v3.keys[: len(v2.keys)] == v2.keys
+    emb2, emb3 = v2.net.key_emb.weight, v3.net.key_emb.weight
+    for key in ("TYR:N<-1C,CA=,-1CA", "PRO:CG<CD,CB=,N", "TRP:CH2<CZ2,CZ3=,CE2"):
+        assert key in v3.keys and key in v3.stats
+    for key in ("TYR:N<-1C,CA=,-1CA", "PRO:CG<CD,CB=,N"):  # same references as a tree-2 row
+        assert torch.equal(emb3[v3.embedding_index(key)], emb2[v2.embedding_index(key.replace("=", ""))])
     # a shipped model by name, at its own width (`hidden` 0)
     named = train(
         TrainConfig(**{**base, "out": str(tmp_path / "n.pt"), "time_limit": 0.0, "init": "protein-ca", "hidden": 0})
