@@ -531,6 +531,28 @@ def test_validation_corpus_joins_validation_and_is_never_trained_on(chignolin, t
         train(TrainConfig(out=str(tmp_path / "b.pt"), max_steps=1, val_data=str(extra), **base))
 
 
+def test_several_corpus_directories_train_together(chignolin, tmp_path, monkeypatch):
+    """`--data A B`: the peptides of both directories are training peptides; an id in two of them
+    is refused naming both directories; the command line passes several directories through."""
+    import openmm_backmap.training.protein as protein_training
+
+    first = _corpus(tmp_path / "short", chignolin, n=2)
+    second = tmp_path / "long"
+    _corpus(second, chignolin, n=1)
+    (second / "p0").rename(second / "lp0")
+    (second / "manifest.json").write_text(json.dumps({"finished": ["lp0"]}))
+    base = dict(mapping="ca", n_val=0, batch_frames=8, peptides_per_step=1, stats_frames=8)
+    base.update(hidden=16, n_bins=4, val_every=10**6, refresh_every=0, seed=3)
+    model = train(TrainConfig(data=(str(first), str(second)), out=str(tmp_path / "a.pt"), max_steps=1, **base))
+    assert sorted(model.info["train_ids"]) == ["lp0", "p0", "p1"]
+    with pytest.raises(ValueError, match=f"peptide p0 is in both {first} and {first}"):
+        train(TrainConfig(data=(str(first), str(first)), out=str(tmp_path / "b.pt"), max_steps=1, **base))
+    seen = []
+    monkeypatch.setattr(protein_training, "train", lambda config, log: seen.append(config))
+    protein_training.main(["--data", str(first), str(second), "--val-data", str(second), "--out", "x.pt"])
+    assert seen[0].data == (str(first), str(second)) and seen[0].val_data == (str(second),)
+
+
 def test_reduced_energies_are_damped_above_the_floor_or_the_upper_quartile():
     """The guard rail of reverse KL (finetune and corpus training): energies at or below the larger
     of the floor and the batch's upper quartile of finite values pass unchanged, those above grow

@@ -1,7 +1,8 @@
 """Maximum-likelihood training of the transferable protein backmapper on a peptide corpus.
 
 Corpus layout: ``<data>/<id>/`` holds ``topology.pdb`` (amber14 names, hydrogens), ``traj.dcd``
-and ``meta.json``; ``<data>/manifest.json`` lists the finished ids. Each optimisation step sums the
+and ``meta.json``; ``<data>/manifest.json`` lists the finished ids. Several corpus directories
+train together (their ids must differ). Each optimisation step sums the
 negative log-likelihood (per residue) of a batch of frames from each of several peptides; a few
 peptides are held out for validation, and the model with the lowest validation NLL is written to
 the output file (format of :meth:`ProteinBackmapper.save`) whenever it improves.
@@ -21,7 +22,7 @@ kT per free degree of freedom and the batch's upper quartile) and the gradient n
 The model kept is then the one with the lowest validation objective (NLL plus w times the median of
 beta U + log q per residue over one sample per validation frame, fixed noise).
 
-Run ``python -m openmm_backmap.training.protein --data DIR --out FILE [--mapping ca] [--energy-weight W]``.
+Run ``python -m openmm_backmap.training.protein --data DIR [DIR ...] --out FILE [--mapping ca] [--energy-weight W]``.
 Trajectories are read with mdtraj; OpenMM only builds the energy term's Systems.
 """
 
@@ -31,6 +32,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,10 +63,11 @@ class TrainConfig:
     statistics of their own). ``hidden`` is the conditioner's width: 0 means the
     ``init`` model's (else ``DEFAULT_HIDDEN``); a larger one widens the ``init`` model without
     changing its densities (:meth:`ProteinBackmapper.widen`), a smaller one is refused.
-    ``val_data`` is a corpus directory whose finished peptides join the validation set and are
-    never trained on (for example longer chains than the corpus's validation peptides)."""
+    ``data`` is a corpus directory or a tuple of them; ``val_data`` one (or a tuple) whose
+    finished peptides join the validation set and are never trained on (for example longer chains
+    than the corpus's validation peptides)."""
 
-    data: str
+    data: str | tuple[str, ...]
     out: str
     mapping: str = "ca"
     time_limit: float = 2700.0
@@ -89,7 +92,7 @@ class TrainConfig:
     temperature: float = 300.0
     cap_dof: float = 1.0
     pair_core_kt: float = 0.0
-    val_data: str = ""
+    val_data: str | tuple[str, ...] = ""
 
 
 def chain_permutation(topology) -> tuple[list[str], np.ndarray]:
@@ -147,6 +150,25 @@ def corpus_ids(data: str | Path) -> list[str]:
     return list(ids["finished"] if isinstance(ids, dict) else ids)
 
 
+def corpus_entries(data: str | Path | Sequence[str | Path]) -> dict[str, Path]:
+    """The finished peptides of one corpus directory or of several, id -> entry directory, in
+    directory then manifest order.
+
+    Raises
+    ------
+    ValueError
+        When two directories hold the same id (naming both).
+    """
+    dirs = [data] if isinstance(data, (str, Path)) else list(data)
+    out: dict[str, Path] = {}
+    for d in dirs:
+        for i in corpus_ids(d):
+            if i in out:
+                raise ValueError(f"peptide {i} is in both {out[i].parent} and {d}: corpus ids must differ")
+            out[i] = Path(d) / i
+    return out
+
+
 class CorpusEnergies:
     """The reverse-KL term of corpus training: per peptide, the batched torch energy of its
     amber14 + GBn2 System (bonds to hydrogen constrained, as the corpus ran and the model holds them)
@@ -200,8 +222,9 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
     torch.set_num_threads(config.threads)
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
-    ids = corpus_ids(config.data)
-    peptides = [load_peptide(Path(config.data) / i) for i in ids]
+    sources = corpus_entries(config.data)
+    ids = list(sources)
+    peptides = [load_peptide(sources[i]) for i in ids]
     order = rng.permutation(len(ids))
     val_idx = sorted(order[: config.n_val].tolist()) if len(ids) > config.n_val + 1 else []
     start = ProteinBackmapper.load(protein_model_path(config.init) or config.init) if config.init else None
@@ -214,13 +237,13 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
         val_idx = sorted(ids.index(i) for i in start.info["val_ids"] if i in ids)
         pending_val = {i for i in start.info["val_ids"] if i not in ids}
     train_idx = [i for i in range(len(ids)) if i not in val_idx]
-    for i in corpus_ids(config.val_data) if config.val_data else []:
-        if i in ids:
+    for i, path in (corpus_entries(config.val_data) if config.val_data else {}).items():
+        if i in sources:
             raise ValueError(
-                f"validation peptide {i} of {config.val_data} is also in the training corpus {config.data}"
+                f"validation peptide {i} of {path.parent} is also in the training corpus {sources[i].parent}"
             )
         ids.append(i)
-        peptides.append(load_peptide(Path(config.val_data) / i))
+        peptides.append(load_peptide(path))
         val_idx.append(len(ids) - 1)
     log(f"{len(ids)} peptides: {len(train_idx)} training, validation {[ids[i] for i in val_idx]}")
     examples = []
@@ -298,13 +321,13 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
         """Add peptides the corpus finished since the start to the training set (a validation
         peptide of the checkpoint to the validation set); statistics of row keys not seen before are
         fitted on the training ones (known keys keep theirs). Returns whether the validation set grew."""
-        new = [i for i in corpus_ids(config.data) if i not in ids]
+        new = {i: path for i, path in corpus_entries(config.data).items() if i not in ids}
         if not new:
             return False
         examples = []
         grew = False
-        for i in new:
-            names, x, meta = load_peptide(Path(config.data) / i)
+        for i, path in new.items():
+            names, x, meta = load_peptide(path)
             ids.append(i)
             peptides.append((names, x, meta))
             tensors.append(torch.as_tensor(x))
@@ -325,7 +348,7 @@ def train(config: TrainConfig, log=print) -> ProteinBackmapper:
         model._chains.clear()
         info["train_ids"] = [ids[i] for i in train_idx]
         log(
-            f"added peptides {new} ({len(added)} new row keys); {len(train_idx)} training peptides, "
+            f"added peptides {list(new)} ({len(added)} new row keys); {len(train_idx)} training peptides, "
             f"validation {info['val_ids']}"
         )
         return grew
@@ -412,14 +435,15 @@ def _val_line(val: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     fields = TrainConfig.__dataclass_fields__
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--data", required=True, nargs="+", help="corpus directories (ids must differ)")
+    parser.add_argument("--val-data", nargs="+", default=(), help="corpus directories for validation only")
     parser.add_argument("--out", required=True)
     for name, f in fields.items():
-        if name in ("data", "out"):
+        if name in ("data", "val_data", "out"):
             continue
         parser.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default)
     args = parser.parse_args(argv)
-    config = TrainConfig(**vars(args))
+    config = TrainConfig(**{**vars(args), "data": tuple(args.data), "val_data": tuple(args.val_data)})
 
     def log(msg: str) -> None:
         print(time.strftime("%H:%M:%S"), msg, flush=True)
