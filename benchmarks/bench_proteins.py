@@ -236,16 +236,26 @@ def quality(
     return out
 
 
+def _chain_context(system, perm: np.ndarray):
+    """A one-thread CPU Context of ``system`` and ``inv``, the chain index of each topology atom
+    (chain atom a sits at topology index perm[a]), so that ``x[inv]`` puts chain-ordered positions
+    in topology order."""
+    import openmm
+
+    ctx = openmm.Context(
+        system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"), {"Threads": "1"}
+    )
+    inv = np.empty_like(perm)
+    inv[perm] = np.arange(perm.size)
+    return ctx, inv
+
+
 def _energy_function(system_xml: str, perm: np.ndarray):
     """U(x) kJ/mol for positions (N, n_atoms, 3) nm in chain order, via an OpenMM Context."""
     import openmm
     from openmm import unit
 
-    system = openmm.XmlSerializer.deserialize(system_xml)
-    integrator = openmm.VerletIntegrator(0.001)
-    ctx = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("CPU"), {"Threads": "1"})
-    inv = np.empty_like(perm)
-    inv[perm] = np.arange(perm.size)  # chain atom a sits at topology index perm[a]
+    ctx, inv = _chain_context(openmm.XmlSerializer.deserialize(system_xml), perm)
 
     def energy(x: np.ndarray) -> np.ndarray:
         out = np.empty(x.shape[0])
@@ -270,11 +280,7 @@ def energy_terms(system_xml: str, perm: np.ndarray):
     for i, f in enumerate(system.getForces()):
         f.setForceGroup(i)
         names.append(type(f).__name__)
-    ctx = openmm.Context(
-        system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"), {"Threads": "1"}
-    )
-    inv = np.empty_like(perm)
-    inv[perm] = np.arange(perm.size)  # chain atom a sits at topology index perm[a]
+    ctx, inv = _chain_context(system, perm)
     bonds, r0, k = [], [], []
     for f in system.getForces():
         if isinstance(f, openmm.HarmonicBondForce):
@@ -310,13 +316,15 @@ def term_excess(chain, aa: np.ndarray, x_ref: np.ndarray, terms, n_bonds: int) -
         return 0.5 * k * (np.linalg.norm(x[:, bonds[:, 0]] - x[:, bonds[:, 1]], axis=-1) - r0) ** 2
 
     e_s, e_r = np.median(bond_energy(aa), axis=0), np.median(bond_energy(x_ref), axis=0)
+
+    def label(a: int) -> str:  # backbone atoms alike in every residue, others with their residue
+        name = chain.atom_names[a]
+        return name if name in ("N", "CA", "C") else f"{chain.names[chain.atom_residue[a]]}:{name}"
+
     kinds: dict[tuple, list[int]] = {}
     for p, (a, b) in enumerate(bonds):
-        ra, rb = int(chain.atom_residue[a]), int(chain.atom_residue[b])
-        backbone = {"N", "CA", "C"}
-        la = chain.atom_names[a] if chain.atom_names[a] in backbone else f"{chain.names[ra]}:{chain.atom_names[a]}"
-        lb = chain.atom_names[b] if chain.atom_names[b] in backbone else f"{chain.names[rb]}:{chain.atom_names[b]}"
-        kinds.setdefault((la, lb, rb - ra), []).append(p)
+        off = int(chain.atom_residue[b]) - int(chain.atom_residue[a])
+        kinds.setdefault((label(a), label(b), off), []).append(p)
     ranked = sorted(kinds.items(), key=lambda kv: -float(np.sum(e_s[kv[1]] - e_r[kv[1]])))[:n_bonds]
     out["worst_bonds"] = [
         {

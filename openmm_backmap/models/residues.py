@@ -670,15 +670,13 @@ def _side_chain_rows(chain: Chain, r: int, stage: int, add, placed: set[int], ve
                 for a in sorted(nb[p]):
                     if a in own and not is_h[a] and a not in placed and chain.atom_names[a] not in BACKBONE_ATOMS:
                         k = parent[p]
-                        # version 3: an atom that closes a ring is placed from both ring neighbours
+                        # version 3: an atom that closes a ring is placed from both ring neighbours,
+                        # the dihedral about them against p's parent
                         closing = [x for x in sorted(nb[a]) if x in placed and x != p and not is_h[x] and x in own]
-                        if version >= 3 and closing:
-                            add(a, p, closing[0], k, stage, r)
-                            parent[a] = p
-                            queue.append(a)
-                            continue
                         others = [x for x in sorted(nb[p]) if x in placed and not is_h[x] and x not in (k, a)]
-                        if others:
+                        if version >= 3 and closing:
+                            k, m = closing[0], k
+                        elif others:
                             m = others[0]
                         else:
                             m = _proper_ref(chain, k, p, placed)

@@ -118,6 +118,12 @@ OMEGA_CIS_MAX_MD = 70.0
 log = logging.getLogger("openmm_backmap.peptides")
 
 
+def _check_start(start: str) -> None:
+    """Raise ValueError unless ``start`` names a backbone of ``BACKBONE_STARTS``."""
+    if start not in BACKBONE_STARTS:
+        raise ValueError(f"start must be one of {tuple(BACKBONE_STARTS)}, got {start!r}")
+
+
 def _place(a: np.ndarray, b: np.ndarray, c: np.ndarray, bond: float, angle: float, torsion: float) -> np.ndarray:
     """Place atom d from a, b, c with |cd| = bond, angle bcd and dihedral abcd (Angstrom, deg)."""
     angle, torsion = math.radians(angle), math.radians(torsion)
@@ -413,8 +419,7 @@ def build_peptide(
     from openmm import app, unit
     from pdbfixer import PDBFixer
 
-    if start not in BACKBONE_STARTS:
-        raise ValueError(f"start must be one of {tuple(BACKBONE_STARTS)}, got {start!r}")
+    _check_start(start)
     full = _full_sequence(list(sequence), termini)
     offset = 1 if termini == "capped" else 0
     cis_full = set()
@@ -888,8 +893,7 @@ def long_peptide_sequences(seed: int = 2024, n_peptides: int = 12, start: str = 
     ``start="extended"`` (ids ``lp00``...) builds them as strands; ``start="helix"`` (ids
     ``hx00``..., sequences drawn apart) as alpha helices, whose i, i+3 and i+4 side chains pack
     against each other from the first frame: 150 ps from a strand rarely reaches such contacts."""
-    if start not in BACKBONE_STARTS:
-        raise ValueError(f"start must be one of {tuple(BACKBONE_STARTS)}, got {start!r}")
+    _check_start(start)
     helix = start == "helix"
     rng = np.random.default_rng(seed + (4 if helix else 2))
     counts = {r: 0 for r in STANDARD_RESIDUES}
