@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -121,16 +122,18 @@ def evaluate(
     ref_pdb: str | None,
     tail: int = 0,
     basin_weights: bool = False,
+    anneal: tuple[int, int] | None = None,
 ) -> dict:
     import mdtraj as md
     import torch
 
     from openmm_backmap.analysis.basins import backbone_dihedrals, basin_indicators
-    from openmm_backmap.analysis.reweighting import kish_ess
+    from openmm_backmap.analysis.reweighting import kish_ess, normalized_weights
     from openmm_backmap.io.checkpoints import load_joint_checkpoint
     from openmm_backmap.io.pdb import topology_from_pdb
     from openmm_backmap.openmm.energies import aa_energy
-    from openmm_backmap.training.joint import draw
+    from openmm_backmap.sampling.annealing import AnnealSettings
+    from openmm_backmap.training.joint import annealed_draws, draw
     from openmm_backmap.units import kT
 
     torch.manual_seed(seed)
@@ -142,29 +145,31 @@ def evaluate(
     lw = -s["u"] / kT(T) - s["log_qX"] - s["log_qx"]
     lw = np.where(np.isfinite(lw), lw, -np.inf)
     ess = kish_ess(lw) / len(lw)
-    w = np.exp(lw - lw[np.isfinite(lw)].max())
-    w /= w.sum()
+    w = normalized_weights(lw)
     top = topology_from_pdb(spec["backmapper"]["topology_pdb"])
-    traj = md.Trajectory(
-        s["x"].astype(np.float32), md.Topology.from_openmm(top) if not isinstance(top, md.Topology) else top
-    )
-    phi, psi = backbone_dihedrals(traj)
-    phi, psi = phi[:, 0], psi[:, 0]
-    ind = basin_indicators(phi, psi)
-    rng = np.random.default_rng(seed)
-    boot = rng.integers(0, len(w), size=(200, len(w)))
-    pops = {}
-    for name, mask in ind.items():
-        p = float(w[mask].sum())
-        pb = np.array([w[b][mask[b]].sum() / w[b].sum() for b in boot])
-        ref = REFERENCE[name]
-        pops[name] = {
-            "raw": float(mask.mean()),
-            "reweighted": p,
-            "error": float(pb.std()),
-            "reference": ref,
-            "delta_kT": float(abs(math.log(p / ref))) if p > 0 else math.inf,
-        }
+
+    def basins(x: np.ndarray):
+        phi, psi = backbone_dihedrals(md.Trajectory(x.astype(np.float32), top))
+        return phi[:, 0], psi[:, 0], basin_indicators(phi[:, 0], psi[:, 0])
+
+    def populations(ind: dict, w: np.ndarray) -> dict:
+        boot = np.random.default_rng(seed).integers(0, len(w), size=(200, len(w)))
+        pops = {}
+        for name, mask in ind.items():
+            p = float(w[mask].sum())
+            pb = np.array([w[b][mask[b]].sum() / w[b].sum() for b in boot])
+            ref = REFERENCE[name]
+            pops[name] = {
+                "raw": float(mask.mean()),
+                "reweighted": p,
+                "error": float(pb.std()),
+                "reference": ref,
+                "delta_kT": float(abs(math.log(p / ref))) if p > 0 else math.inf,
+            }
+        return pops
+
+    phi, psi, ind = basins(s["x"])
+    pops = populations(ind, w)
     rkl = spec["training"].get("reverse_kl", {})
     result = {
         "checkpoint": str(checkpoint),
@@ -181,6 +186,19 @@ def evaluate(
         result["tail"] = weight_tail(model, energy, s, lw, phi, psi, T, tail)
     if basin_weights:
         result["basin_frame_weights"] = basin_frame_weights(model, energy, s, ind, T)
+    if anneal:
+        t0 = time.perf_counter()
+        settings = AnnealSettings(levels=anneal[0], leapfrog=anneal[1])
+        a = annealed_draws(model, energy, n_samples, T, settings, seed)
+        result["annealed"] = {
+            "levels": anneal[0],
+            "leapfrog": anneal[1],
+            "acceptance": a["stats"]["acceptance"],
+            "ess_per_n": float(kish_ess(a["log_w"]) / n_samples),
+            "plain_ess_per_n": float(kish_ess(a["plain_log_w"]) / n_samples),
+            "populations": populations(basins(a["x"])[2], normalized_weights(a["log_w"])),
+            "seconds": time.perf_counter() - t0,
+        }
     out.mkdir(parents=True, exist_ok=True)
     (out / "datafree_ala2.json").write_text(json.dumps(result, indent=1))
     plot(out / "datafree_ala2_fes.png", phi, psi, w, T, ref_dcd, ref_pdb, result)
@@ -300,6 +318,14 @@ def main() -> None:
         action="store_true",
         help="per basin, 64 of the model's CG frames backmapped 64 times: frame log weights against C7eq's",
     )
+    ap.add_argument(
+        "--anneal",
+        nargs=2,
+        type=int,
+        metavar=("LEVELS", "LEAPFROG"),
+        help="also anneal --samples fresh joint samples to exp(-U_AA / kT) (AIS, HMC in internal coordinates) "
+        "and report their ESS/N and AIS-reweighted populations",
+    )
     args = ap.parse_args()
     import torch
 
@@ -337,15 +363,21 @@ def main() -> None:
         args.reference_pdb,
         args.tail,
         args.basin_weights,
+        tuple(args.anneal) if args.anneal else None,
     )
     print(json.dumps(result, indent=1))
-    print("| basin | raw | reweighted | reference | abs log ratio (kT) |")
-    print("|---|---|---|---|---|")
-    for k, v in result["populations"].items():
-        print(
-            f"| {k} | {v['raw']:.4f} | {v['reweighted']:.4f} +- {v['error']:.4f} | {v['reference']:.5f} "
-            f"| {v['delta_kT']:.2f} |"
-        )
+    tables = [("plain importance weights", result)]
+    if "annealed" in result:
+        tables.append(("annealed (AIS weights; raw = annealed states, unweighted)", result["annealed"]))
+    for title, part in tables:
+        print(f"{title}: ESS/N {part['ess_per_n']:.3f}")
+        print("| basin | raw | reweighted | reference | abs log ratio (kT) |")
+        print("|---|---|---|---|---|")
+        for k, v in part["populations"].items():
+            print(
+                f"| {k} | {v['raw']:.4f} | {v['reweighted']:.4f} +- {v['error']:.4f} | {v['reference']:.5f} "
+                f"| {v['delta_kT']:.2f} |"
+            )
 
 
 if __name__ == "__main__":

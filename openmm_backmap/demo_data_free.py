@@ -15,10 +15,12 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from openmm_backmap.demo import _Stages, basin_lines, compile_cg_force, run_cg_simulation
+from openmm_backmap.sampling.annealing import AnnealSettings
 from openmm_backmap.training.joint import JointTraining
 
 # Basin populations of alanine dipeptide in vacuum at 300 K (benchmarks/RESULTS.md, "Basin populations"):
@@ -36,7 +38,10 @@ class DataFreeSettings:
     demo's CG flow size (4 coupling layers of 32 hidden units: the CG run evaluates it every step).
     The report draws ``model_samples`` joint samples for the sample ESS/N and basin populations,
     and measures the conditional ESS with ``conditional_samples`` reconstructions at each of
-    ``eval_frames`` of the model's own CG samples (the data-free path has no MD frames).
+    ``eval_frames`` of the model's own CG samples (the data-free path has no MD frames). Then
+    ``annealed_samples`` more joint samples are annealed to exp(-U_AA / kT) (``anneal_levels``
+    levels, ``anneal_leapfrog`` HMC steps each; :func:`~openmm_backmap.training.joint.annealed_draws`)
+    for the same figures with AIS weights (0: not run).
     """
 
     joint: JointTraining
@@ -48,6 +53,9 @@ class DataFreeSettings:
     model_samples: int
     eval_frames: int
     conditional_samples: int
+    annealed_samples: int = 0
+    anneal_levels: int = 20
+    anneal_leapfrog: int = 5
 
     @classmethod
     def full(cls) -> DataFreeSettings:
@@ -80,6 +88,7 @@ class DataFreeSettings:
             model_samples=20_000,
             eval_frames=200,
             conditional_samples=64,
+            annealed_samples=8_000,
         )
 
     @classmethod
@@ -114,6 +123,9 @@ class DataFreeSettings:
             model_samples=2_000,
             eval_frames=20,
             conditional_samples=16,
+            annealed_samples=500,
+            anneal_levels=4,
+            anneal_leapfrog=3,
         )
 
 
@@ -140,6 +152,8 @@ def joint_model_figures(
     eval_frames: int,
     conditional_samples: int,
     seed: int,
+    annealed_samples: int = 0,
+    anneal: Any = None,
 ) -> dict:
     """The data-free report's figures of a joint model, from its own samples (no MD frames).
 
@@ -158,6 +172,10 @@ def joint_model_figures(
     eval_frames, conditional_samples
         The conditional ESS: ``conditional_samples`` reconstructions by the model file at each of the
         first ``eval_frames`` CG samples X ~ q(X), weighted by exp(-U_AA / kT - log q(x | X)).
+    annealed_samples, anneal
+        Joint samples annealed to exp(-U_AA / kT) with the
+        :class:`~openmm_backmap.sampling.annealing.AnnealSettings` ``anneal``: their ESS/N and
+        AIS-reweighted basin populations under ``annealed`` (0 samples: none).
     """
     import mdtraj as md
     import torch
@@ -168,7 +186,7 @@ def joint_model_figures(
     from openmm_backmap.io.backmap_model import load_model
     from openmm_backmap.io.checkpoints import load_joint_checkpoint
     from openmm_backmap.openmm.energies import aa_energy
-    from openmm_backmap.training.joint import draw
+    from openmm_backmap.training.joint import annealed_draws, draw
     from openmm_backmap.units import kT
 
     start = time.perf_counter()
@@ -186,6 +204,26 @@ def joint_model_figures(
     basins = basin_indicators(phi[:, 0], psi[:, 0])
     boot = np.random.default_rng(seed).integers(0, n_samples, size=(200, n_samples))
     pops = {k: _population_row(v, weights, ALA2_REFERENCE_POPULATIONS[k], boot) for k, v in basins.items()}
+    annealed = None
+    if annealed_samples:
+        t0 = time.perf_counter()
+        a = annealed_draws(model, energy, int(annealed_samples), temperature, anneal, seed)
+        w_a = normalized_weights(a["log_w"])
+        phi_a, psi_a = backbone_dihedrals(md.Trajectory(a["x"].astype(np.float32), top))
+        boot_a = np.random.default_rng(seed).integers(0, len(w_a), size=(200, len(w_a)))
+        annealed = {
+            "samples": int(annealed_samples),
+            "levels": anneal.levels,
+            "leapfrog": anneal.leapfrog,
+            "acceptance": a["stats"]["acceptance"],
+            "ess_fraction": float(kish_ess(a["log_w"]) / len(w_a)),
+            "plain_ess_fraction": float(kish_ess(a["plain_log_w"]) / len(w_a)),
+            "basins": {
+                k: _population_row(v, w_a, ALA2_REFERENCE_POPULATIONS[k], boot_a)
+                for k, v in basin_indicators(phi_a[:, 0], psi_a[:, 0]).items()
+            },
+            "seconds": time.perf_counter() - t0,
+        }
     frames = min(int(eval_frames), n_samples)
     aa, log_q = bm.sample(s["X"][:frames].astype(np.float32), int(conditional_samples), seed=seed)
     with torch.no_grad():
@@ -202,6 +240,7 @@ def joint_model_figures(
         "conditional_ess": conditional_ess(u_aa, log_q.astype(np.float64).reshape(frames, -1), temperature),
         "conditional_frames": frames,
         "conditional_samples": int(conditional_samples),
+        "annealed": annealed,
         "training": {
             k: training.get(k)
             for k in ("final_T", "reached_target", "steps", "wall_seconds", "cpu_seconds", "final_ess_per_n")
@@ -357,6 +396,8 @@ def run_data_free_demo(
             settings.eval_frames,
             settings.conditional_samples,
             seed,
+            settings.annealed_samples,
+            AnnealSettings(levels=settings.anneal_levels, leapfrog=settings.anneal_leapfrog),
         )
         # evaluate_run compares with a reference trajectory's basins; there is none here, so the
         # run's own frames stand in for it and the project's reference populations replace that column
@@ -422,6 +463,15 @@ def data_free_report_lines(summary: dict, n_cg: int) -> list[str]:
         "basin populations of the joint model's samples (reference | raw | reweighted +- bootstrap error | dF in kT)",
     ]
     lines += basin_lines(model["basins"])
+    a = model.get("annealed")
+    if a:
+        lines.append(
+            f"the same with {a['samples']} samples annealed to exp(-U_AA / kT) ({a['levels']} levels x {a['leapfrog']} "
+            f"HMC steps, acceptance {np.mean(a['acceptance']):.2f}): ESS/N {a['ess_fraction']:.3f} (their plain "
+            f"importance weights: {a['plain_ess_fraction']:.3f}); basin populations (reference | annealed, "
+            "unweighted | AIS-reweighted +- bootstrap error | dF in kT)"
+        )
+        lines += basin_lines(a["basins"])
     lines.append(
         f"basin populations of the CG run, {run['n_samples']} AA frames, run ESS/N {run['ess_fraction']:.2f} "
         "(reference | raw reconstructions | reweighted +- block error | dF in kT)"

@@ -42,6 +42,9 @@ def tiny_settings() -> DataFreeSettings:
         model_samples=400,
         eval_frames=6,
         conditional_samples=8,
+        annealed_samples=64,
+        anneal_levels=3,
+        anneal_leapfrog=2,
     )
 
 
@@ -58,7 +61,7 @@ def test_data_free_demo_runs_end_to_end(data_free_demo):
         assert (out / name).is_file(), name
     assert not (out / "reference").exists()  # no MD was run
     text = (out / "summary.txt").read_text()
-    for line in ("sample ESS/N", "run ESS/N", "conditional ESS", "bond score", "240 ns of MD"):
+    for line in ("sample ESS/N", "run ESS/N", "conditional ESS", "bond score", "240 ns of MD", "64 samples annealed"):
         assert line in text, line
     assert "nan" not in text  # an empty basin is named, not given dF = nan
     assert "then 3 backmapper steps and 1 cycles at the target" in text
@@ -79,7 +82,11 @@ def test_data_free_report_figures(data_free_demo):
     assert model["samples"] == 400 and model["conditional_frames"] == 6
     assert 0.0 < model["ess_fraction"] <= 1.0 and 0.0 < model["conditional_ess"] <= 1.0
     assert 0.0 <= model["bond_score"] <= 1.0 and model["training"]["reached_target"] is True
-    for basins in (model["basins"], run["basins"]):
+    annealed = model["annealed"]
+    assert annealed["samples"] == 64 and (annealed["levels"], annealed["leapfrog"]) == (3, 2)
+    assert 0.0 < annealed["ess_fraction"] <= 1.0 and 0.0 < annealed["plain_ess_fraction"] <= 1.0
+    assert all(0.0 <= a <= 1.0 for a in annealed["acceptance"])
+    for basins in (model["basins"], run["basins"], annealed["basins"]):
         assert {k: v["reference"] for k, v in basins.items()} == ALA2_REFERENCE_POPULATIONS
         # the basins partition the plane: raw and reweighted populations each sum to one
         assert math.isclose(sum(v["raw"] for v in basins.values()), 1.0, abs_tol=1e-9)

@@ -269,9 +269,20 @@ class Backmapper(nn.Module):
             raise ValueError("cg must have shape [B, n_cg, 3] with n_cg = " + str(self.n_cg))
 
     # ------------------------------------------------------------------ density
+    @torch.jit.export
+    def to_internal(self, aa: Tensor, cg: Tensor) -> tuple[Tensor, Tensor]:
+        """The fibre's standardised internal coordinates z (B, dim) of atoms aa (B, n_aa, 3) given
+        the beads cg (B, n_cg, 3), and log |det dz/daa| (B,) w.r.t. the fibre's measure."""
+        return self.ic(self._to_pivot_frame(aa, cg))
+
+    @torch.jit.export
+    def from_internal(self, z: Tensor, cg: Tensor) -> tuple[Tensor, Tensor]:
+        """Inverse of :meth:`to_internal`: atoms (B, n_aa, 3) with M aa = cg, and log |det daa/dz|."""
+        y, ladj = self.ic.inverse(z, cg)
+        return self._from_pivot_frame(y, cg), ladj
+
     def _log_prob(self, aa: Tensor, cg: Tensor, context: Tensor) -> Tensor:
-        y = self._to_pivot_frame(aa, cg)
-        z, ladj_ic = self.ic(y)
+        z, ladj_ic = self.to_internal(aa, cg)
         u, ladj_flow = self.flow(z, context)
         return self.base.log_prob(u) + ladj_flow + ladj_ic
 
@@ -297,8 +308,7 @@ class Backmapper(nn.Module):
     # ------------------------------------------------------------------ sampling
     def _sample(self, cg: Tensor, u: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
         z, ladj_flow = self.flow.inverse(u, context)
-        y, ladj_ic = self.ic.inverse(z, cg)
-        aa = self._from_pivot_frame(y, cg)
+        aa, ladj_ic = self.from_internal(z, cg)
         return aa, self.base.log_prob(u) - ladj_flow - ladj_ic
 
     @torch.jit.export

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from openmm_backmap.models.backmapper import Backmapper
 from openmm_backmap.models.cg_potential import CGFlowPotential
 
-__all__ = ["JointModel"]
+__all__ = ["JointCoordinates", "JointModel"]
 
 
 class JointModel(nn.Module):
@@ -66,3 +66,41 @@ class JointModel(nn.Module):
         """log q(M x) + log q(x | M x) (nats) for atoms x (B, n_aa, 3) nm -> (B,)."""
         X = self.bm.project(x)
         return self.cg.log_prob(X.to(self.cg.ic.shift.dtype)).to(x.dtype) + self.bm.log_prob(x, X)
+
+
+class JointCoordinates:
+    """The standardised internal coordinates of a CG flow and a backmapper together: z = (the CG
+    flow's z of X = M x, the backmapper's fibre z of x given X).
+
+    A coordinate map for :func:`~openmm_backmap.sampling.annealing.annealed_importance`: every point
+    z is a molecule with the System's constrained bonds at their lengths, and log |det dx/dz| refers
+    to the measure of :meth:`JointModel.log_prob` (the CG flow's internal degrees of freedom times the
+    fibre's), so densities of x and z differ by exactly that term. Positions come out in the CG
+    flow's canonical frame. ``bm`` may be a TorchScript backmapper that exports ``to_internal`` and
+    ``from_internal``.
+    """
+
+    def __init__(self, cg: CGFlowPotential, bm) -> None:
+        if not hasattr(bm, "from_internal"):
+            raise ValueError(
+                "this backmapper has no internal-coordinate map (from_internal): export it again with this "
+                "version of openmm-backmap, or give its training checkpoint (.ckpt)"
+            )
+        self.cg, self.bm = cg, bm
+        self.n_cg_dim = int(cg.ic.dim)
+        self.bm_dtype = bm.M.dtype
+        self.cg_dtype = cg.ic.shift.dtype
+
+    def to_internal(self, x: Tensor) -> Tensor:
+        X = self.bm.project(x.to(self.bm_dtype))
+        z_cg, _ = self.cg.ic(X.to(self.cg_dtype))
+        z_bm, _ = self.bm.to_internal(x.to(self.bm_dtype), X)
+        return torch.cat([z_cg.to(x.dtype), z_bm.to(x.dtype)], dim=-1)
+
+    def from_internal(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        n = z.shape[0]
+        X, ladj_cg = self.cg.ic.inverse(
+            z[:, : self.n_cg_dim].to(self.cg_dtype), torch.zeros(n, 0, 3, dtype=self.cg_dtype, device=z.device)
+        )
+        x, ladj_bm = self.bm.from_internal(z[:, self.n_cg_dim :].to(self.bm_dtype), X.to(self.bm_dtype))
+        return x.to(z.dtype), ladj_cg.to(z.dtype) + ladj_bm.to(z.dtype)

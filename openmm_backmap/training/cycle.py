@@ -11,7 +11,11 @@ One cycle (:func:`run_cycles`):
    weights turn the pairs into samples of exp(-beta U_AA), whatever the proposal and the backmapper;
    with K reconstructions per draw, the draw's weight is the mean of its K pair weights, an unbiased
    estimate of p_CG(X) / q_prop(X) (the fibre integral done by importance sampling) whose variance
-   falls with K; the basin indicators are averaged over the K by weight;
+   falls with K; the basin indicators are averaged over the K by weight; optionally (``anneal_levels``)
+   every pair is then annealed to exp(-beta U_AA) by annealed importance sampling, so that its atoms
+   and with them its CG frame M x relax to where the AA energy wants them, under an exact AIS weight
+   (:mod:`openmm_backmap.sampling.annealing`): a weight cannot move a draw whose CG geometry the flow
+   has wrong, AIS can;
 4. refit q_theta by weighted maximum likelihood on the CG projections M x of the pairs of the last
    ``pool`` cycles (each cycle self-normalised and weighted by its ESS). Maximising
    sum_i w_i log q_theta(M x_i) minimises the relative entropy KL(p_CG || q_theta), whose minimum is
@@ -46,6 +50,7 @@ from torch import Tensor
 from openmm_backmap.analysis.reweighting import kish_ess, normalized_weights
 from openmm_backmap.geometry import distances
 from openmm_backmap.models.cg_potential import ANGLE_EDGE, CGFlowPotential
+from openmm_backmap.sampling.annealing import AnnealSettings, annealed_importance
 from openmm_backmap.training.loop import FitSettings, fit_epochs
 
 __all__ = [
@@ -122,6 +127,9 @@ class CycleSettings:
     refine_spread: float = 0.0
     check_steps: int = 1000
     check_replicas: int = 32
+    anneal_levels: int = 0
+    anneal_leapfrog: int = 5
+    anneal_step: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("cycles", "samples", "per_frame", "pool", "epochs", "batch_size"):
@@ -141,6 +149,14 @@ class CycleSettings:
             raise ValueError(f"CycleSettings: refine_spread must be in [0, 1], got {self.refine_spread}")
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"CycleSettings: val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.anneal_levels < 0:
+            raise ValueError(f"CycleSettings: anneal_levels must be >= 0, got {self.anneal_levels}")
+        if self.anneal_levels:
+            self.anneal()  # checks the leapfrog steps and the step
+
+    def anneal(self) -> AnnealSettings:
+        """The :class:`~openmm_backmap.sampling.annealing.AnnealSettings` of the cycle's AIS."""
+        return AnnealSettings(levels=self.anneal_levels, leapfrog=self.anneal_leapfrog, step=self.anneal_step)
 
 
 # ---------------------------------------------------------------------------- proposals
@@ -190,9 +206,9 @@ class TemperedFlow:
         X, ladj_ic = m.ic.inverse(z, torch.zeros(n, 0, 3, dtype=dtype, device=device))
         return X, self._base_log_prob(u, tau) - ladj_flow - ladj_ic
 
-    @torch.no_grad()
     def log_prob(self, X: Tensor, tau: float = 1.0) -> Tensor:
-        """log q_tau(X) (n,) nats for X (n, n_cg, 3) nm."""
+        """log q_tau(X) (n,) nats for X (n, n_cg, 3) nm (differentiable w.r.t. X: the cycle's AIS
+        anneals from it)."""
         m = self.module
         X = X.to(m._model_dtype())
         z, ladj_ic = m.ic(X)
@@ -221,7 +237,8 @@ class MixtureProposal:
         X = torch.cat(parts)
         own = np.zeros(n, dtype=bool)
         own[: n - n_wide] = True
-        return X, self.log_prob(X), own
+        with torch.no_grad():
+            return X, self.log_prob(X), own
 
     def log_prob(self, X: Tensor) -> Tensor:
         lq = self.family.log_prob(X, 1.0)
@@ -253,7 +270,10 @@ def ess_tempering(log_w: np.ndarray, target: float) -> float:
 
 
 def evaluate_weights(
-    log_w: np.ndarray, indicators: dict[str, np.ndarray] | None = None, own: np.ndarray | None = None
+    log_w: np.ndarray,
+    indicators: dict[str, np.ndarray] | None = None,
+    own: np.ndarray | None = None,
+    raw_indicators: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Statistics of one batch of weighted samples.
 
@@ -265,6 +285,9 @@ def evaluate_weights(
         Per basin, a boolean (n,) array; None for no basins.
     own
         Marks the samples that are independent draws of the CG flow itself (raw populations).
+    raw_indicators
+        Per basin, the indicators of the ``own`` draws as drawn (``own.sum()`` values), where the
+        weighted samples are not the draws themselves (annealed); None: ``indicators[own]``.
 
     Returns
     -------
@@ -293,12 +316,13 @@ def evaluate_weights(
         for name, ind in indicators.items():
             f = np.asarray(ind, dtype=np.float64).reshape(n)
             m_own = max(int(own.sum()), 1)
-            p_raw = float(f[own].mean()) if own.any() else float("nan")
+            f_raw = f[own] if raw_indicators is None else np.asarray(raw_indicators[name], dtype=np.float64)
+            p_raw = float(f_raw.mean()) if f_raw.size else float("nan")
             mu = float(np.sum(w * f))
             basins[name] = {
                 "raw": p_raw,
                 "raw_error": math.sqrt(max(p_raw * (1.0 - p_raw), 0.0) / m_own),
-                "raw_count": int(f[own].sum()),
+                "raw_count": int(f_raw.sum()),
                 "reweighted": mu,
                 "reweighted_error": float(np.sqrt(np.sum(w * w * (f - mu) ** 2))),
                 "count": int(f.sum()),
@@ -584,6 +608,8 @@ def run_cycles(
     log: Callable[[str], None] = print,
     refine: Callable[[np.ndarray, np.ndarray, np.ndarray], dict] | None = None,
     check: Callable[[torch.nn.Module, np.ndarray], dict] | None = None,
+    fibre_log_prob: Callable[[Tensor, Tensor], Tensor] | None = None,
+    coordinates: Any = None,
 ) -> list[dict[str, Any]]:
     """Run ``settings.cycles`` cycles (module docstring) and evaluate the flow before each refit and
     after the last.
@@ -596,9 +622,11 @@ def run_cycles(
     backmapper
         ``backmapper(X, k) -> (x, log q(x | X))``: k reconstructions per CG frame (frame-major).
     reduced_energy
-        ``u(x) = U_AA(x) / kT`` (dimensionless) for a batch of AA positions.
+        ``u(x) = U_AA(x) / kT`` (dimensionless) for a batch of AA positions; differentiable when the
+        settings anneal.
     project
-        The mapping X = M x on numpy arrays (N, n_aa, 3) -> (N, n_cg, 3).
+        The mapping X = M x on numpy arrays (N, n_aa, 3) -> (N, n_cg, 3), and on torch tensors when
+        the settings anneal.
     observables
         Per basin, boolean indicators of a batch of AA positions (numpy); None for none.
     on_cycle
@@ -611,6 +639,14 @@ def run_cycles(
         ``settings.check_replicas`` starting frames drawn by weight from the refit's pairs; a result
         whose ``stable`` is False undoes the refit (``reverted`` in the record), so that no cycle hands
         on a potential whose dynamics come apart (:func:`~openmm_backmap.sampling.langevin.dynamics_check`).
+    fibre_log_prob
+        ``fibre_log_prob(x, X) -> log q(x | X)`` of the backmapper, differentiable w.r.t. x and X;
+        needed when ``settings.anneal_levels`` > 0 (the density AIS anneals from is
+        log q_prop(M x) + log q(x | M x)).
+    coordinates
+        What the AIS moves (:func:`~openmm_backmap.sampling.annealing.annealed_importance`): for a
+        molecule :class:`~openmm_backmap.models.joint.JointCoordinates` of the CG flow and the
+        backmapper (keeps constrained bonds); None for Cartesian positions.
 
     Returns
     -------
@@ -624,6 +660,8 @@ def run_cycles(
         Every weight of a cycle is zero (the message names the basins the samples reach and miss).
     """
     s = settings
+    if s.anneal_levels and fibre_log_prob is None:
+        raise ValueError("annealing (anneal_levels > 0) needs the backmapper's fibre_log_prob")
     torch.manual_seed(s.seed)
     pool: list[tuple[np.ndarray, np.ndarray]] = []
     history: list[dict[str, Any]] = []
@@ -645,19 +683,33 @@ def run_cycles(
         pair_log_w = np.where(np.repeat(ok.cpu().numpy(), k) & np.isfinite(pair_log_w), pair_log_w, -np.inf)
         x_np = x.detach().cpu().double().numpy()
         log_w, frame_of = frame_weights(pair_log_w, k)
+        plain_log_w = log_w
         ind = observables(x_np) if observables is not None else None
-        if ind is not None:
-            ind = {name: frame_of(v) for name, v in ind.items()}
-        record = evaluate_weights(log_w, ind, own)
+        if s.anneal_levels:
+            # every pair annealed on its own: the relaxed pairs are the weighted sample, one CG frame each
+            x_np, log_w, stats = _anneal_pairs(
+                x, np.isfinite(pair_log_w), proposal, fibre_log_prob, reduced_energy, project, s, c, coordinates
+            )
+            own_pairs = np.repeat(own, k)
+            raw = {name: v[own_pairs] for name, v in ind.items()} if ind is not None else None
+            ind = observables(x_np) if observables is not None else None
+            record = evaluate_weights(log_w, ind, own_pairs, raw)
+            record["anneal"] = stats
+            record["plain_ess_fraction"] = kish_ess(plain_log_w) / max(len(own), 1)
+            k = 1
+        else:
+            if ind is not None:
+                ind = {name: frame_of(v) for name, v in ind.items()}
+            record = evaluate_weights(log_w, ind, own)
         record["cycle"] = c
-        record["per_frame"] = k
+        record["per_frame"] = s.per_frame
         record["pair_ess_fraction"] = kish_ess(pair_log_w) / max(pair_log_w.size, 1)
         # the flow's own draws weighted against the flow alone: the CG potential + backmapper as a
         # Boltzmann generator (the same as the record's at the last evaluation, which draws the flow only)
         with torch.no_grad():
             own_t = torch.as_tensor(own)
             lq_flow = family.log_prob(X[own_t], 1.0).double().cpu().numpy()
-        lw_flow = np.where(np.isfinite(log_w[own]), log_w[own] + log_prop_np[own] - lq_flow, -np.inf)
+        lw_flow = np.where(np.isfinite(plain_log_w[own]), plain_log_w[own] + log_prop_np[own] - lq_flow, -np.inf)
         flow = evaluate_weights(lw_flow)
         record["flow"] = {key: flow[key] for key in ("n", "ess", "ess_fraction", "kl_forward", "kl_reverse")}
         if record["ess"] == 0.0:
@@ -689,7 +741,11 @@ def run_cycles(
             record["lambda"] = lam
             record["refit"] = {k2: v for k2, v in refit.items() if k2 != "history"}
             if refine is not None:
-                summary = refine(X_safe.detach().cpu().double().numpy(), x_np, normalized_weights(pair_log_w))
+                if s.anneal_levels:
+                    X_now, w_now = project(x_np), normalized_weights(log_w)
+                else:
+                    X_now, w_now = X_safe.detach().cpu().double().numpy(), normalized_weights(pair_log_w)
+                summary = refine(X_now, x_np, w_now)
                 record["backmapper_refit"] = {k2: v for k2, v in summary.items() if k2 != "history"}
         record["seconds"] = time.time() - t0
         history.append(record)
@@ -699,10 +755,46 @@ def run_cycles(
     return history
 
 
+def _anneal_pairs(
+    x: Tensor,
+    finite: np.ndarray,
+    proposal: MixtureProposal,
+    fibre_log_prob: Callable[[Tensor, Tensor], Tensor],
+    reduced_energy: Callable[[Tensor], Tensor],
+    project: Callable[[Any], Any],
+    s: CycleSettings,
+    cycle: int,
+    coordinates: Any,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """AIS of the cycle's pairs x (frame-major) from q_prop(M x) q(x | M x) to exp(-u): the relaxed
+    positions (numpy, float64), their log-weights (-inf where the plain weight was zero) and the
+    annealing statistics."""
+    dtype = x.dtype
+
+    def log_q(y: Tensor) -> Tensor:
+        Y = project(y.to(dtype))
+        return proposal.log_prob(Y).to(y.dtype) + fibre_log_prob(y.to(dtype), Y).to(y.dtype)
+
+    def log_p(y: Tensor) -> Tensor:
+        return -reduced_energy(y)
+
+    finite_t = torch.as_tensor(finite)
+    start = x.detach().double()
+    if finite_t.any():
+        start = torch.where(finite_t[:, None, None], start, start[finite_t][:1].expand_as(start))
+    generator = torch.Generator().manual_seed(s.seed + 104729 * (cycle + 1))
+    moved, log_w, stats = annealed_importance(start, log_q, log_p, s.anneal(), generator, coordinates)
+    log_w = torch.where(finite_t, log_w, torch.full_like(log_w, -math.inf))
+    return moved.cpu().numpy(), log_w.cpu().numpy(), stats
+
+
 def _summary_line(r: dict) -> str:
     text = f"cycle {r['cycle']}: ESS/N {r['ess_fraction']:.3f} (flow's own {r['flow']['ess_fraction']:.3f})"
     if r.get("per_frame", 1) > 1:
         text += f", pairs' ESS/N {r['pair_ess_fraction']:.3f}"
+    if "anneal" in r:
+        acc = ", ".join(f"{a:.2f}" for a in r["anneal"]["acceptance"])
+        text += f" (annealed; plain {r['plain_ess_fraction']:.3f}, acceptance {acc})"
     text += f", KL fwd {r['kl_forward']:.3f} rev {r['kl_reverse']:.3f} nats"
     if "lambda" in r:
         text += f", lambda {r['lambda']:.3f}"

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from openmm_backmap.analysis.reweighting import kish_ess, normalized_weights
 from openmm_backmap.models.cg_potential import CGFlowPotential
+from openmm_backmap.models.joint import JointCoordinates
 from openmm_backmap.training.cycle import (
     CycleSettings,
     TemperedFlow,
@@ -191,9 +192,8 @@ def cycle_from_files(
                 seed=settings.seed,
             )
 
-    def reduced(x: Tensor) -> Tensor:
-        with torch.no_grad():
-            return energy(x)
+    def fibre_log_prob(x: Tensor, X: Tensor) -> Tensor:
+        return sampler.log_prob(x.to(dtype), X.to(dtype))
 
     family = TemperedFlow(cg, settings.widen_lengths)
     header = {
@@ -213,7 +213,18 @@ def cycle_from_files(
             _export(cg, spec, out / f"cg_cycle{c + 1}.pt", {"cycle": c + 1, "source": str(cg_model)})
 
     run_cycles(
-        family, backmap, reduced, mapping.project, settings, basin_observable(topology), on_cycle, log, refine, check
+        family,
+        backmap,
+        energy,
+        mapping.project,
+        settings,
+        basin_observable(topology),
+        on_cycle,
+        log,
+        refine,
+        check,
+        fibre_log_prob,
+        JointCoordinates(cg, sampler) if settings.anneal_levels else None,
     )
     _export(cg, spec, out / "cg.pt", {"cycles": settings.cycles, "source": str(cg_model), "final": history[-1]})
     if net is not None:
@@ -434,6 +445,27 @@ def add_arguments(p) -> None:
         help="after each refit, run this many 1 fs Langevin steps of the CG potential from weighted frames "
         f"({d.check_replicas} replicas) and undo a refit whose dynamics run away ({d.check_steps}; 0: no check)",
     )
+    p.add_argument(
+        "--anneal-levels",
+        type=int,
+        default=d.anneal_levels,
+        metavar="T",
+        help="anneal every backmapped draw to exp(-U_AA / kT) by annealed importance sampling with T levels before "
+        "the weights are used (HMC in the models' internal coordinates; 0: plain importance weights, the default)",
+    )
+    p.add_argument(
+        "--anneal-leapfrog",
+        type=int,
+        default=d.anneal_leapfrog,
+        metavar="L",
+        help=f"leapfrog steps of each annealing move (default {d.anneal_leapfrog})",
+    )
+    p.add_argument(
+        "--anneal-step",
+        type=float,
+        default=d.anneal_step,
+        help=f"first leapfrog step, in standard deviations of the internal coordinates (default {d.anneal_step:g})",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
 
 
@@ -458,6 +490,9 @@ def run(args) -> int:
         refine_lr=args.refine_lr,
         refine_spread=args.refine_spread,
         check_steps=args.check_steps,
+        anneal_levels=args.anneal_levels,
+        anneal_leapfrog=args.anneal_leapfrog,
+        anneal_step=args.anneal_step,
     )
     if args.from_run:
         energy_csv, trajectory = args.from_run

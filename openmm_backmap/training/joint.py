@@ -52,6 +52,7 @@ from openmm_backmap.units import kT
 
 __all__ = [
     "JointTraining",
+    "annealed_draws",
     "ReverseKLSettings",
     "TemperingSchedule",
     "reverse_kl_loss",
@@ -656,6 +657,44 @@ def draw(model, energy, n: int, batch: int = 2048) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def annealed_draws(model, energy, n: int, temperature: float, settings, seed: int = 0) -> dict[str, Any]:
+    """n samples of a joint model annealed to exp(-U_AA / kT) (:mod:`~openmm_backmap.sampling.annealing`,
+    HMC in the model's internal coordinates, :class:`~openmm_backmap.models.joint.JointCoordinates`).
+
+    Returns float64 numpy arrays ``x`` (the annealed positions), ``log_w`` (their AIS log-weights:
+    self-normalised, they turn the positions into samples of exp(-U_AA / kT)), ``x0`` and
+    ``plain_log_w`` (the model's own draws and their importance log-weights, for comparison), and the
+    annealing ``stats``. ``energy`` gives kJ/mol and must be differentiable.
+    """
+    from openmm_backmap.models.joint import JointCoordinates
+    from openmm_backmap.sampling.annealing import annealed_importance
+
+    beta = 1.0 / kT(temperature)
+    torch.manual_seed(seed)
+    model.eval()
+    with torch.no_grad():
+        x0, log_q = model.sample(int(n))
+        plain = -beta * energy(x0).double() - log_q.double()
+    dtype = model.dtype
+
+    def log_q_of(x: Tensor) -> Tensor:
+        return model.log_prob(x.to(dtype)).to(x.dtype)
+
+    def log_p_of(x: Tensor) -> Tensor:
+        return -beta * energy(x.to(dtype)).to(x.dtype)
+
+    coordinates = JointCoordinates(model.cg, model.bm)
+    generator = torch.Generator().manual_seed(seed + 1)
+    x, log_w, stats = annealed_importance(x0.double(), log_q_of, log_p_of, settings, generator, coordinates)
+    return {
+        "x": x.numpy(),
+        "log_w": log_w.numpy(),
+        "x0": x0.double().numpy(),
+        "plain_log_w": np.where(torch.isfinite(plain).numpy(), plain.numpy(), -np.inf),
+        "stats": stats,
+    }
+
+
 def refine_at_target(model, spec: dict, energy, settings: JointTraining, log: Callable[[str], None] = print) -> dict:
     """Reverse KL of the joint model's backmapper alone at the target temperature, conditioned on
     ``settings.refine_frames`` fixed draws of its CG flow (widened by ``settings.refine_tau``; 256 more
@@ -709,6 +748,7 @@ def cycles_at_target(
     command's defaults, ``cycle_samples`` draws and ``cycle_per_frame`` reconstructions per cycle,
     every refit checked by :func:`~openmm_backmap.sampling.langevin.dynamics_check`; with
     ``cycle_refine_steps`` the backmapper refined each cycle). Returns the cycles' records."""
+    from openmm_backmap.models.joint import JointCoordinates
     from openmm_backmap.sampling.langevin import dynamics_check
     from openmm_backmap.training.cycle import CycleSettings, TemperedFlow, backmapper_refinement, run_cycles
 
@@ -727,9 +767,8 @@ def cycles_at_target(
         with torch.no_grad():
             return model.bm.sample(X.to(model.dtype), int(k))
 
-    def reduced(x: Tensor) -> Tensor:
-        with torch.no_grad():
-            return beta * torch.cat([energy(x[i : i + 4096].to(model.dtype)) for i in range(0, len(x), 4096)])
+    def reduced(x: Tensor) -> Tensor:  # differentiable: the cycles' AIS moves on it
+        return beta * torch.cat([energy(x[i : i + 4096].to(model.dtype)) for i in range(0, len(x), 4096)]).to(x.dtype)
 
     def check(module: torch.nn.Module, X: np.ndarray) -> dict:
         # the exported force's energy (flow and priors) in double precision, as OpenMM would run it
@@ -746,7 +785,9 @@ def cycles_at_target(
     if cs.refine_steps:
         refine = backmapper_refinement(model.bm, spec["backmapper"], energy, cg_map.project, s.temperature, cs)
     model.eval()
-    return run_cycles(TemperedFlow(model.cg), backmap, reduced, cg_map.project, cs, None, None, log, refine, check)
+    family, fibre = TemperedFlow(model.cg), model.bm.log_prob
+    coordinates = JointCoordinates(model.cg, model.bm)
+    return run_cycles(family, backmap, reduced, cg_map.project, cs, None, None, log, refine, check, fibre, coordinates)
 
 
 def warm_start(model, x: np.ndarray, settings: JointTraining, spec: dict, progress: bool = False) -> dict:
