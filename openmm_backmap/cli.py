@@ -601,6 +601,13 @@ def _add_train_joint(sub) -> None:
         help="backmapper refinement steps in each cycle: reverse KL plus the NLL of the pairs resampled by "
         f"weight (default {d.cycle_refine_steps}: none)",
     )
+    p.add_argument(
+        "--cycle-anneal-levels",
+        type=_count0,
+        default=d.cycle_anneal_levels,
+        help="anneal each cycle's pairs to exp(-U_AA / kT) with this many AIS levels before the refit "
+        f"(default {d.cycle_anneal_levels}: plain importance weights)",
+    )
     p.add_argument("--time-limit", type=float, help="stop training after this many seconds")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     _add_overwrite(p)
@@ -652,6 +659,7 @@ def _cmd_train_joint(args) -> int:
         cycle_samples=args.cycle_samples,
         cycle_per_frame=args.cycle_per_frame,
         cycle_refine_steps=args.cycle_refine_steps,
+        cycle_anneal_levels=args.cycle_anneal_levels,
     )
     train_joint_from_files(args.topology, args.aa_system, args.mapping, args.out, settings, trajectory=args.trajectory)
     return 0

@@ -582,8 +582,9 @@ def test_refinement_frames_from_the_widened_flow(tiny_joint, monkeypatch):
 
 
 def test_train_joint_runs_the_stages_at_the_target_and_records_them(ala2_files, tmp_path):
-    """--refine-steps and --cycles: the checkpoint records the refinement and one record per cycle
-    evaluation (ESS/N of the draws and of the pairs, the refit's tempering), and exports as before."""
+    """--refine-steps and --cycles (annealed): the checkpoint records the refinement and one record per
+    cycle evaluation (ESS/N of the draws and of the pairs, the annealing, the refit's tempering), and
+    exports as before."""
     from openmm_backmap.cli import main
     from openmm_backmap.io.checkpoints import read_checkpoint
 
@@ -593,7 +594,7 @@ def test_train_joint_runs_the_stages_at_the_target_and_records_them(ala2_files, 
     argv += ["--out", str(ckpt), "--t-start", str(T), "--steps", "4", "--final-steps", "2", "--check-every", "2"]
     argv += ["--batch-size", "16", "--eval-batch", "32", "--layers", "2", "--hidden", "16", "--cg-layers", "2"]
     argv += ["--cg-hidden", "16", "--refine-steps", "5", "--refine-frames", "64", "--refine-tau", "1.5"]
-    argv += ["--cycles", "2"]
+    argv += ["--cycles", "2", "--cycle-anneal-levels", "2"]
     argv += ["--cycle-samples", "200", "--cycle-per-frame", "2", "--cycle-refine-steps", "3", "--threads", "1"]
     assert main(argv) == 0
     training = read_checkpoint(ckpt)["spec"]["training"]
@@ -603,6 +604,9 @@ def test_train_joint_runs_the_stages_at_the_target_and_records_them(ala2_files, 
     assert all(0.0 < c["ess_fraction"] <= 1.0 and 0.0 < c["pair_ess_fraction"] <= 1.0 for c in rkl["cycles"])
     assert all(0.0 < c["lambda"] <= 1.0 for c in rkl["cycles"][:2]) and "lambda" not in rkl["cycles"][2]
     assert [c.get("refine_steps") for c in rkl["cycles"]] == [3, 3, None]  # the backmapper, each refit
+    # annealed pairs: each its own sample, with the plain weights' ESS/N beside the AIS one
+    assert all(c["anneal"]["levels"] == 2 and c["n"] == 400 for c in rkl["cycles"])
+    assert all(0.0 < c["plain_ess_fraction"] <= 1.0 for c in rkl["cycles"])
     assert main(["export", str(ckpt), "-o", str(tmp_path / "bm.pt")]) == 0
     assert (tmp_path / "bm_cg.pt").is_file()
     with pytest.raises(SystemExit):

@@ -69,8 +69,8 @@ class AnnealSettings:
     """
 
     levels: int = 20
-    leapfrog: int = 10
-    step: float = 0.05
+    leapfrog: int = 5
+    step: float = 0.15  # the step ALA2's joint models adapt to (0.14-0.17)
     acceptance: float = 0.65
     chunk: int = 4096
 

@@ -129,7 +129,7 @@ class CycleSettings:
     check_replicas: int = 32
     anneal_levels: int = 0
     anneal_leapfrog: int = 5
-    anneal_step: float = 0.05
+    anneal_step: float = 0.15
 
     def __post_init__(self) -> None:
         for name in ("cycles", "samples", "per_frame", "pool", "epochs", "batch_size"):

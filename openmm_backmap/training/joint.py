@@ -509,7 +509,7 @@ class JointTraining:
         phi and psi keep their uniform latents), so that frames the flow rarely draws get
         reconstructions too; any distribution of frames leaves
         the conditional target unchanged. The frames that select the best state are drawn from q(X).
-    cycles, cycle_samples, cycle_per_frame, cycle_refine_steps
+    cycles, cycle_samples, cycle_per_frame, cycle_refine_steps, cycle_anneal_levels
         Then cycles of importance-weighted maximum likelihood of the CG flow
         (:func:`~openmm_backmap.training.cycle.run_cycles`, the ``cycle`` command's loop and its
         defaults otherwise): ``cycle_samples`` draws of q(X), ``cycle_per_frame`` reconstructions
@@ -517,7 +517,9 @@ class JointTraining:
         ``cycle_refine_steps`` the backmapper too, each cycle, by reverse KL plus the NLL of the
         pairs resampled by weight (:func:`~openmm_backmap.training.cycle.backmapper_refinement`).
         These are mass-covering (forward-KL) terms at the target, where the reverse KL alone drops
-        mass and leaves the weights a heavy tail (0 cycles: none).
+        mass and leaves the weights a heavy tail (0 cycles: none). With ``cycle_anneal_levels`` every
+        pair is annealed to exp(-beta U_AA) first (AIS with that many levels of 5-step HMC moves in the
+        model's internal coordinates) and the refit uses the annealed pairs and their AIS weights.
     seed
         Seeds masks, seed ensemble and samples.
     """
@@ -554,10 +556,11 @@ class JointTraining:
     cycle_samples: int = 5000
     cycle_per_frame: int = 4
     cycle_refine_steps: int = 0
+    cycle_anneal_levels: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("refine_steps", "cycles", "cycle_refine_steps"):
+        for name in ("refine_steps", "cycles", "cycle_refine_steps", "cycle_anneal_levels"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"JointTraining: {name} must be >= 0, got {getattr(self, name)}")
         for name in ("refine_frames", "cycle_samples", "cycle_per_frame"):
@@ -758,6 +761,7 @@ def cycles_at_target(
         samples=s.cycle_samples,
         per_frame=s.cycle_per_frame,
         refine_steps=s.cycle_refine_steps,
+        anneal_levels=s.cycle_anneal_levels,
         seed=s.seed,
     )
     beta = 1.0 / kT(s.temperature)
@@ -927,7 +931,20 @@ def train_joint_from_files(
     if "cycles" in summary:
         info["cycles"] = [
             {
-                **{k: r[k] for k in ("cycle", "ess_fraction", "pair_ess_fraction", "lambda", "seconds") if k in r},
+                **{
+                    k: r[k]
+                    for k in (
+                        "cycle",
+                        "n",
+                        "ess_fraction",
+                        "pair_ess_fraction",
+                        "plain_ess_fraction",
+                        "lambda",
+                        "anneal",
+                    )
+                    if k in r
+                },
+                "seconds": r["seconds"],
                 **({"refine_steps": r["backmapper_refit"]["steps"]} if "backmapper_refit" in r else {}),
             }
             for r in summary["cycles"]
