@@ -35,7 +35,9 @@ class DataFreeSettings:
 
     ``joint`` is the ``train-joint`` run: ``full`` uses the settings of the best ALA2 run in
     benchmarks/RESULTS.md (six-bead mapping, 600 K -> 300 K, short final stage) with the ordinary
-    demo's CG flow size (4 coupling layers of 32 hidden units: the CG run evaluates it every step).
+    demo's CG flow size (4 coupling layers of 32 hidden units: the CG run evaluates it every step),
+    and cycles on annealed pairs (20 levels), which keep the flow's own alpha_L population where
+    plain cycles shrink it.
     The report draws ``model_samples`` joint samples for the sample ESS/N and basin populations,
     and measures the conditional ESS with ``conditional_samples`` reconstructions at each of
     ``eval_frames`` of the model's own CG samples (the data-free path has no MD frames). Then
@@ -78,7 +80,8 @@ class DataFreeSettings:
                 refine_steps=8000,
                 cycles=8,
                 cycle_samples=5000,
-                cycle_per_frame=4,
+                cycle_per_frame=1,
+                cycle_anneal_levels=20,
             ),
             cg_steps=500_000,
             cg_steps_torchscript=40_000,
