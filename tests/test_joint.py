@@ -647,6 +647,21 @@ def test_joint_coordinates_map_densities_exactly(tiny_joint):
         torch.testing.assert_close(model.log_prob(x2) + ladj, log_qz, atol=1e-8, rtol=0)
 
 
+def test_joint_coordinates_refuse_a_backmapper_without_the_map(tiny_joint):
+    """A backmapper exported before the internal-coordinate map existed (no ``from_internal``) is
+    refused with what to do, not failed on deep inside the annealing."""
+    from openmm_backmap.io.checkpoints import load_joint_checkpoint
+    from openmm_backmap.models.joint import JointCoordinates
+
+    model, _ = load_joint_checkpoint(tiny_joint[0])
+
+    class OldExport:
+        M = model.bm.M
+
+    with pytest.raises(ValueError, match="export it again"):
+        JointCoordinates(model.cg, OldExport())
+
+
 def test_annealing_in_joint_coordinates_keeps_the_model_density(tiny_joint):
     """HMC on the joint model's internal coordinates with the model itself as both ends leaves it
     invariant: weights all 1, the draws moved, and the distribution of the map's log |det dx/dz|
