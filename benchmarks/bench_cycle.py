@@ -15,7 +15,8 @@ The cycle itself is the command line (``openmm-backmap cycle``); this script mea
 * ``stability``: batched 1 fs Langevin dynamics of CG potentials from held-out MD frames
   (:func:`openmm_backmap.sampling.langevin.dynamics_check`): how many replicas run away;
 * ``simulate``: an OpenMM CG simulation with a CG potential (``.pt`` or compiled ``.pt2``) as the force
-  and a BackmapReporter, and the run's basin populations, raw and reweighted from its energy file.
+  and a BackmapReporter (``--flow-moves cg.pt N``: a flow move every N steps), and the run's basin
+  populations, raw and reweighted from its energy file.
 
 Example (the commands of RESULTS.md)::
 
@@ -203,6 +204,12 @@ def cmd_simulate(args) -> None:
         seed=args.seed,
     )
     sim.reporters.append(reporter)
+    moves = None
+    if args.flow_moves:
+        from openmm_backmap.openmm.flow_moves import CGFlowMoves
+
+        moves = CGFlowMoves(args.flow_moves[0], int(args.flow_moves[1]), seed=args.seed + 1)
+        sim.reporters.append(moves)
     t0 = time.time()
     with reporter:
         sim.step(args.steps)
@@ -226,6 +233,8 @@ def cmd_simulate(args) -> None:
         "aa_frames": int(aa.n_frames),
         "cg_bond_range_nm": [float(r.min()), float(r.max())],
         "finite_energies": bool(np.isfinite(rows["u_cg_kjmol"]).all()),
+        "flow_moves": None if moves is None else moves.nProposed,
+        "flow_acceptance": None if moves is None else moves.acceptanceRate,
         "ess_fraction": stats["ess_fraction"],
         "basins": stats["basins"],
     }
@@ -475,6 +484,12 @@ def main() -> None:
     s.add_argument("--samples", type=int, default=4, help="reconstructions per reported frame")
     s.add_argument("--timestep-fs", type=float, default=1.0)
     s.add_argument("--friction", type=float, default=10.0)
+    s.add_argument(
+        "--flow-moves",
+        nargs=2,
+        metavar=("CG_PT", "INTERVAL"),
+        help="a CGFlowMoves move from the CG flow CG_PT (.pt) every INTERVAL steps",
+    )
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_simulate)

@@ -265,6 +265,7 @@ def cg_md(
     seed: int,
     ref_dcd: list[str],
     ref_pdb: str,
+    flow_moves: tuple[str, int] | None = None,
 ) -> dict:
     """An OpenMM CG simulation with the exported CG potential (``.pt`` or compiled ``.pt2``) and a
     BackmapReporter with the exported backmapper, reweighted to the AA ensemble (the demo's stages)."""
@@ -283,8 +284,17 @@ def cg_md(
     torch.manual_seed(seed)
     with torch.no_grad():
         X, _ = model.cg.sample(1)
-    wall, frames = run_cg_simulation(
-        Path(cg_force), Path(backmapper), mapping, X[0].double().numpy(), out, steps, interval, samples, seed
+    cg_run = run_cg_simulation(
+        Path(cg_force),
+        Path(backmapper),
+        mapping,
+        X[0].double().numpy(),
+        out,
+        steps,
+        interval,
+        samples,
+        seed,
+        flow_moves=flow_moves,
     )
     reference = md.load(ref_dcd, top=ref_pdb)
     run = evaluate_run(out / "aa.dcd", out / "weights.csv", reference.topology, reference, out)
@@ -293,7 +303,15 @@ def cg_md(
         b["delta_kT_project"] = (
             float(abs(math.log(b["reweighted"] / REFERENCE[name]))) if b["reweighted"] > 0 else math.inf
         )
-    result = {"cg_force": str(cg_force), "steps": steps, "wall_seconds": wall, "frames": frames, "run": run}
+    result = {
+        "cg_force": str(cg_force),
+        "steps": steps,
+        "wall_seconds": cg_run.wall,
+        "frames": cg_run.frames,
+        "flow_moves": cg_run.flow_moves,
+        "flow_acceptance": cg_run.flow_acceptance,
+        "run": run,
+    }
     (out / "cg_md.json").write_text(json.dumps(result, indent=1, default=float))
     return result
 
@@ -305,6 +323,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100000, help="CG MD steps (1 fs)")
     ap.add_argument("--interval", type=int, default=200, help="steps between reports")
     ap.add_argument("--per-frame", type=int, default=4, help="reconstructions per reported frame")
+    ap.add_argument(
+        "--flow-moves",
+        nargs=2,
+        metavar=("CG_PT", "INTERVAL"),
+        help="CG MD stage: a CGFlowMoves move from the CG flow CG_PT every INTERVAL steps",
+    )
     ap.add_argument("--out", required=True)
     ap.add_argument("--samples", type=int, default=20000)
     ap.add_argument("--seed", type=int, default=0)
@@ -342,10 +366,14 @@ def main() -> None:
             args.seed,
             args.reference_dcd,
             args.reference_pdb,
+            (args.flow_moves[0], int(args.flow_moves[1])) if args.flow_moves else None,
         )
         run = res["run"]
+        moves = ""
+        if res["flow_moves"] is not None:
+            moves = f", {res['flow_moves']} flow moves ({res['flow_acceptance']:.2f} accepted)"
         print(
-            f"{res['steps']} CG steps in {res['wall_seconds']:.0f} s, {res['frames']} AA samples, "
+            f"{res['steps']} CG steps in {res['wall_seconds']:.0f} s, {res['frames']} AA samples{moves}, "
             f"ESS/N {run['ess_fraction']:.3f}"
         )
         for k, b in run["basins"].items():

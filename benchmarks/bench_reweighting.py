@@ -36,7 +36,7 @@ parts = [load_trajectory(path, args.topology) for path in args.reference]
 ref = parts[0].join(parts[1:]) if len(parts) > 1 else parts[0]
 mapping = CGMapping.from_json(demo / "mapping.json", ref.topology)
 start = mapping.project(ref.xyz[0].astype(np.float64))
-wall, frames = run_cg_simulation(
+run = run_cg_simulation(
     demo / "models" / "cg.pt",
     demo / "models" / "backmapper.pt",
     mapping,
@@ -48,5 +48,5 @@ wall, frames = run_cg_simulation(
     seed=args.seed,
 )
 report = evaluate_run(out / "run" / "aa.dcd", out / "run" / "weights.csv", ref.topology, ref, out / "report")
-report["wall_s"] = wall
+report["wall_s"] = run.wall
 print(json.dumps(report, indent=1))

@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "CGMapping": "openmm_backmap.mapping",
     "BackmapReporter": "openmm_backmap.openmm.reporter",
+    "CGFlowMoves": "openmm_backmap.openmm.flow_moves",
     "load_model": "openmm_backmap.io.backmap_model",
     "create_force": "openmm_backmap.openmm.forces",
     "create_cg_system": "openmm_backmap.openmm.forces",

@@ -112,6 +112,24 @@ class _Stages:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class CGRun:
+    """What :func:`run_cg_simulation` did: wall time (s), AA frames written, flow moves made and the
+    fraction accepted (None without flow moves)."""
+
+    wall: float
+    frames: int
+    flow_moves: int | None = None
+    flow_acceptance: float | None = None
+
+    def describe(self, steps: int, force: str) -> str:
+        us = 1e6 * self.wall / steps
+        text = f"{steps} CG steps with {force} ({us:.0f} us/step with the reporter), {self.frames} AA frames"
+        if self.flow_moves is not None:
+            text += f", {self.flow_moves} flow moves ({100 * self.flow_acceptance:.0f}% accepted)"
+        return text
+
+
 def run_cg_simulation(
     cg_model: Path,
     model: Path,
@@ -125,13 +143,19 @@ def run_cg_simulation(
     temperature: float = 300.0,
     timestep_fs: float = 1.0,
     friction_per_ps: float = 10.0,
-):
-    """A plain OpenMM CG simulation with the CG potential as a force and a BackmapReporter.
+    flow_moves: tuple[Path, int] | None = None,
+) -> CGRun:
+    """An OpenMM CG simulation with the CG potential as a force and a BackmapReporter.
 
     1 fs steps and a 10/ps friction: the learned CG bonds are as stiff as the covalent bonds they
     stand for, and the learned surface stiffens further off the data; at 2 fs and 1/ps Langevin
     dynamics slowly heats it until the molecule comes apart (benchmarks/RESULTS.md). The friction
     changes the dynamics, not the sampled ensemble exp(-U_CG/kT).
+
+    ``flow_moves=(cg.pt, interval)`` adds :class:`~openmm_backmap.openmm.flow_moves.CGFlowMoves`:
+    every ``interval`` steps an independent draw of the CG flow in ``cg.pt`` is proposed (Metropolis,
+    exact for the force the run integrates), so the run crosses the barriers that Langevin dynamics
+    does not cross in its length.
     """
     import openmm
     import torch
@@ -166,6 +190,12 @@ def run_cg_simulation(
         out / "aa.dcd", interval, model=str(model), samplesPerFrame=samples, energyFile=out / "weights.csv", seed=seed
     )
     simulation.reporters.append(reporter)
+    moves = None
+    if flow_moves is not None:
+        from openmm_backmap.openmm.flow_moves import CGFlowMoves
+
+        moves = CGFlowMoves(str(flow_moves[0]), int(flow_moves[1]), seed=seed + 1)
+        simulation.reporters.append(moves)
     chunk = max(interval, steps // 100)
     start = time.perf_counter()
     with reporter, tqdm(total=steps, desc="CG simulation", unit="step", unit_scale=True) as bar:
@@ -176,7 +206,12 @@ def run_cg_simulation(
             done += n
             bar.update(n)
     torch.set_num_threads(threads)
-    return time.perf_counter() - start, reporter.frames_written
+    return CGRun(
+        time.perf_counter() - start,
+        reporter.frames_written,
+        None if moves is None else moves.nProposed,
+        None if moves is None else moves.acceptanceRate,
+    )
 
 
 def compile_cg_force(models: Path, n_cg: int, compile_cg: bool) -> tuple[Path, str]:
@@ -313,7 +348,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 1, settings: DemoSettin
     def simulate():
         start_xyz = mapping.project(traj.xyz[0].astype(np.float64))
         steps = settings.cg_steps if cg_force.suffix == ".pt2" else settings.cg_steps_torchscript
-        wall, frames = run_cg_simulation(
+        run = run_cg_simulation(
             cg_force,
             models / "backmapper.pt",
             mapping,
@@ -324,8 +359,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 1, settings: DemoSettin
             settings.samples_per_frame,
             seed,
         )
-        us = 1e6 * wall / steps
-        return None, f"{steps} CG steps with {cg_force.name} ({us:.0f} us/step with the reporter), {frames} AA frames"
+        return None, run.describe(steps, cg_force.name)
 
     stages.run("6. CG simulation with the BackmapReporter", simulate)
 

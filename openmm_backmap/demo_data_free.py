@@ -43,7 +43,10 @@ class DataFreeSettings:
     ``eval_frames`` of the model's own CG samples (the data-free path has no MD frames). Then
     ``annealed_samples`` more joint samples are annealed to exp(-U_AA / kT) (``anneal_levels``
     levels, ``anneal_leapfrog`` HMC steps each; :func:`~openmm_backmap.training.joint.annealed_draws`)
-    for the same figures with AIS weights (0: not run).
+    for the same figures with AIS weights (0: not run). The CG run adds a flow move
+    (:class:`~openmm_backmap.openmm.flow_moves.CGFlowMoves`, an independent draw of the exported CG
+    flow, Metropolis-tested) every ``flow_move_interval`` steps (0: plain Langevin dynamics), so that
+    it visits alpha_L, which its dynamics do not reach from C7eq in a few nanoseconds.
     """
 
     joint: JointTraining
@@ -58,6 +61,7 @@ class DataFreeSettings:
     annealed_samples: int = 0
     anneal_levels: int = 20
     anneal_leapfrog: int = 5
+    flow_move_interval: int = 0
 
     @classmethod
     def full(cls) -> DataFreeSettings:
@@ -86,7 +90,7 @@ class DataFreeSettings:
             cg_steps=500_000,
             cg_steps_torchscript=40_000,
             compile_cg=True,
-            report_interval=500,
+            report_interval=100,
             samples_per_frame=4,
             model_samples=20_000,
             eval_frames=200,
@@ -94,6 +98,7 @@ class DataFreeSettings:
             annealed_samples=8_000,
             anneal_levels=60,
             anneal_leapfrog=5,
+            flow_move_interval=100,
         )
 
     @classmethod
@@ -131,6 +136,7 @@ class DataFreeSettings:
             annealed_samples=500,
             anneal_levels=4,
             anneal_leapfrog=3,
+            flow_move_interval=100,
         )
 
 
@@ -376,7 +382,7 @@ def run_data_free_demo(
 
     def simulate():
         steps = settings.cg_steps if cg_force.suffix == ".pt2" else settings.cg_steps_torchscript
-        wall, frames = run_cg_simulation(
+        run = run_cg_simulation(
             cg_force,
             models / "backmapper.pt",
             mapping,
@@ -386,11 +392,11 @@ def run_data_free_demo(
             settings.report_interval,
             settings.samples_per_frame,
             seed,
+            flow_moves=(models / "cg.pt", settings.flow_move_interval) if settings.flow_move_interval else None,
         )
-        us = 1e6 * wall / steps
-        return None, f"{steps} CG steps with {cg_force.name} ({us:.0f} us/step with the reporter), {frames} AA frames"
+        return run, run.describe(steps, cg_force.name)
 
-    stages.run("5. CG simulation with the BackmapReporter", simulate)
+    cg_run = stages.run("5. CG simulation with the BackmapReporter", simulate)
 
     def evaluate():
         model = joint_model_figures(
@@ -417,6 +423,11 @@ def run_data_free_demo(
             "reference_populations": dict(ALA2_REFERENCE_POPULATIONS),
             "joint_model": model,
             "reweighting": run,
+            "cg_run": {
+                "flow_move_interval": settings.flow_move_interval or None,
+                "flow_moves": cg_run.flow_moves,
+                "flow_acceptance": cg_run.flow_acceptance,
+            },
             "energy_w1_kjmol": None,
             "mapping_entropy": None,
             "not_available": dict(NOT_AVAILABLE),
@@ -477,8 +488,15 @@ def data_free_report_lines(summary: dict, n_cg: int) -> list[str]:
             "unweighted | AIS-reweighted +- bootstrap error | dF in kT)"
         )
         lines += basin_lines(a["basins"])
+    moves = summary.get("cg_run", {})
+    how = (
+        f"Langevin dynamics with a flow move every {moves['flow_move_interval']} steps ({moves['flow_moves']} moves, "
+        f"{100 * moves['flow_acceptance']:.0f} % accepted), "
+        if moves.get("flow_moves")
+        else "Langevin dynamics, "
+    )
     lines.append(
-        f"basin populations of the CG run, {run['n_samples']} AA frames, run ESS/N {run['ess_fraction']:.2f} "
+        f"basin populations of the CG run ({how}{run['n_samples']} AA frames), run ESS/N {run['ess_fraction']:.2f} "
         "(reference | raw reconstructions | reweighted +- block error | dF in kT)"
     )
     lines += basin_lines(run["basins"])

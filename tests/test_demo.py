@@ -45,6 +45,7 @@ def tiny_settings() -> DataFreeSettings:
         annealed_samples=64,
         anneal_levels=3,
         anneal_leapfrog=2,
+        flow_move_interval=25,
     )
 
 
@@ -61,7 +62,15 @@ def test_data_free_demo_runs_end_to_end(data_free_demo):
         assert (out / name).is_file(), name
     assert not (out / "reference").exists()  # no MD was run
     text = (out / "summary.txt").read_text()
-    for line in ("sample ESS/N", "run ESS/N", "conditional ESS", "bond score", "240 ns of MD", "64 samples annealed"):
+    for line in (
+        "sample ESS/N",
+        "run ESS/N",
+        "conditional ESS",
+        "bond score",
+        "240 ns of MD",
+        "64 samples annealed",
+        "with a flow move every 25 steps (7 moves",
+    ):
         assert line in text, line
     assert "nan" not in text  # an empty basin is named, not given dF = nan
     assert "then 3 backmapper steps and 1 cycles at the target" in text
@@ -103,6 +112,10 @@ def test_data_free_report_figures(data_free_demo):
     w = np.exp(lw - lw.max())
     w /= w.sum()
     assert run["n_samples"] == traj.n_frames == 200 // 50 * 2
+    # the CG run made its flow moves (the move of the last step waits for a next step that never comes)
+    moves = summary["cg_run"]
+    assert moves["flow_move_interval"] == 25 and moves["flow_moves"] == 200 // 25 - 1
+    assert 0.0 <= moves["flow_acceptance"] <= 1.0
     for name, mask in ind.items():
         assert math.isclose(run["basins"][name]["raw"], mask.mean(), abs_tol=1e-12)
         assert math.isclose(run["basins"][name]["reweighted"], w[mask].sum(), abs_tol=1e-9)
