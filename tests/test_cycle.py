@@ -13,6 +13,7 @@ from openmm_backmap.analysis.reweighting import kish_ess
 from openmm_backmap.training.cycle import (
     CycleSettings,
     MixtureProposal,
+    TorsionShiftedFlow,
     TemperedFlow,
     ess_tempering,
     evaluate_weights,
@@ -343,6 +344,113 @@ def test_tempered_flow_densities(small_flow):
     assert own.sum() == 300
     expect = torch.logaddexp(fam.log_prob(Xm, 1.0) + math.log(0.75), fam.log_prob(Xm, 1.6) + math.log(0.25))
     torch.testing.assert_close(lm, expect)
+
+
+def _torsion_flow(spread: float):
+    """A four-bead flow whose one dihedral sits in a basin of width ``spread`` rad around -1.3 rad,
+    trained briefly by maximum likelihood."""
+    from openmm_backmap.geometry import nerf
+    from openmm_backmap.models.cg_potential import CGFlowPotential
+    from openmm_backmap.training.cycle import weighted_refit
+
+    gen = torch.Generator().manual_seed(0)
+    n = 3000
+
+    def noisy(mean, sd):
+        return mean + sd * torch.randn(n, generator=gen, dtype=torch.float64)
+
+    zero = torch.zeros(n, dtype=torch.float64)
+    a = torch.zeros(n, 3, dtype=torch.float64)
+    b = torch.stack([noisy(0.15, 0.003), zero, zero], 1)
+    theta, r = noisy(1.9, 0.05), noisy(0.15, 0.003)
+    c = b + torch.stack([-r * torch.cos(theta), r * torch.sin(theta), zero], 1)
+    d = nerf(c, b, a, noisy(0.15, 0.003), noisy(1.9, 0.05), noisy(-1.3, spread))
+    X = torch.stack([a, b, c, d], 1).numpy()
+    torch.manual_seed(0)
+    model = CGFlowPotential.from_data(X, [(0, 1), (1, 2), (2, 3)], n_layers=2, hidden=16, n_hidden=1)
+    weighted_refit(model, X, np.ones(n), 30, 256, 5e-3, 0.1, 0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def torsion_flow():
+    """The flow has no mass across the barrier: its dihedral basin is 0.35 rad wide."""
+    return _torsion_flow(0.35)
+
+
+def _dihedral(X):
+    from openmm_backmap.geometry import dihedrals
+
+    X = torch.as_tensor(X)
+    return dihedrals(X[:, 0], X[:, 1], X[:, 2], X[:, 3])
+
+
+def test_torsion_shifted_flow_is_an_exact_density(torsion_flow):
+    """q_S turns the rotatable dihedral of q's draws by 120 or 240 degrees: its draws' dihedrals are
+    q's turned, and its log density is normalised with the right Jacobian. The normalisation is
+    checked where q and q_S overlap (a flow whose dihedral spreads 1.2 rad), by E_m[q_S / m] = 1
+    for m = (q + q_S) / 2 and stratified draws of m (the ratio is bounded by 2)."""
+    from scipy.stats import ks_2samp
+
+    model = torsion_flow
+    shifted = TorsionShiftedFlow(model, steps=3)
+    assert shifted.dims.tolist() == [int(torch.nonzero(model.ic.kind == 2).flatten()[0])]
+    torch.manual_seed(3)
+    Xs, lqs = shifted.sample(4000)
+    with torch.no_grad():
+        Xq, _ = model.sample(4000)
+        torch.testing.assert_close(shifted.log_prob(Xs).detach(), lqs)
+        # the geometry: q's dihedrals turned by a random one of the two shifts, wrapped
+        turn = torch.where(torch.rand(4000) < 0.5, 2 * math.pi / 3, 4 * math.pi / 3).to(Xq.dtype)
+        expected = torch.remainder(_dihedral(Xq) + turn + math.pi, 2 * math.pi) - math.pi
+        assert ks_2samp(_dihedral(Xs).numpy(), expected.numpy()).pvalue > 1e-3
+        # q_S puts (almost) nothing in q's basin
+        assert float(((_dihedral(Xs) + 1.3).abs() < 0.5).double().mean()) < 0.01
+
+    broad = _torsion_flow(1.2)
+    with torch.no_grad():
+        shifted = TorsionShiftedFlow(broad, steps=3)
+        Xs, _ = shifted.sample(6000)
+        X = torch.cat([broad.sample(6000)[0], Xs])
+        lq, lqs = broad.log_prob(X).double(), shifted.log_prob(X).double()
+        lm = torch.logaddexp(lq, lqs) - math.log(2.0)
+        ratio = torch.exp(lqs - lm)
+        error = float(ratio.std()) / math.sqrt(len(ratio))
+        assert 0.1 < float(ratio[:6000].mean()) < 1.9  # the two densities overlap: the check has power
+        assert float(ratio.mean()) == pytest.approx(1.0, abs=4 * error)
+        # it can fail: the same check on a density 1.25 times too large
+        wrong = torch.exp(lqs + math.log(1.25) - (torch.logaddexp(lq, lqs + math.log(1.25)) - math.log(2.0)))
+        assert abs(float(wrong.mean()) - 1.0) > 6 * error
+
+
+def test_mixture_with_torsion_shifted_draws(torsion_flow):
+    fam = TemperedFlow(torsion_flow)
+    shifted = TorsionShiftedFlow(torsion_flow, steps=4)
+    assert len(shifted.shifts) == 3
+    mix = MixtureProposal(fam, 0.2, 1.5, 0.3, shifted)
+    torch.manual_seed(4)
+    X, lm, own = mix.sample(1000)
+    assert own.sum() == 500 and own[:500].all()
+    with torch.no_grad():
+        expect = torch.logsumexp(
+            torch.stack(
+                [
+                    fam.log_prob(X, 1.0) + math.log(0.5),
+                    fam.log_prob(X, 1.5) + math.log(0.2),
+                    shifted.log_prob(X) + math.log(0.3),
+                ]
+            ),
+            0,
+        )
+    torch.testing.assert_close(lm, expect)
+    # the last 300 draws are turned: their dihedrals left the flow's basin
+    assert float(((_dihedral(X[700:]) + 1.3).abs() < 0.5).double().mean()) < 0.01
+    with pytest.raises(ValueError, match="needs the TorsionShiftedFlow"):
+        MixtureProposal(fam, 0.2, 1.5, 0.3)
+    with pytest.raises(ValueError, match="defensive \\+ shifted < 1"):
+        CycleSettings(defensive=0.5, shifted=0.5)
+    with pytest.raises(ValueError, match="shift_steps must be >= 2"):
+        CycleSettings(shifted=0.1, shift_steps=1)
 
 
 def test_tempered_flow_can_leave_the_bond_lengths_as_they_are(small_flow):

@@ -1,1 +1,2 @@
-"""OpenMM-facing code: forces and plugin loading, compiled force packages, batched AA energies, the reporter, flow moves in CG runs."""
+"""OpenMM-facing code: forces and plugin loading, compiled force packages, batched AA energies, the
+reporter, flow moves in CG runs."""

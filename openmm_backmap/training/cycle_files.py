@@ -404,6 +404,17 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--tau", type=float, default=d.tau, help=f"latent scale of the widened flow (default {d.tau})")
     p.add_argument(
+        "--shifted",
+        type=float,
+        default=d.shifted,
+        help="fraction drawn from the flow with its rotatable dihedrals turned by multiples of 360 / "
+        "--shift-steps degrees (exact density; reaches torsion basins across barriers the flow has no mass in; "
+        f"default {d.shifted:g})",
+    )
+    p.add_argument(
+        "--shift-steps", type=int, default=d.shift_steps, help=f"turns per rotatable dihedral (default {d.shift_steps})"
+    )
+    p.add_argument(
         "--widen-lengths",
         action="store_true",
         help="widen the bond-length latents of the widened flow too (default: only angles and dihedrals)",
@@ -479,6 +490,8 @@ def run(args) -> int:
         per_frame=args.per_frame,
         defensive=args.defensive,
         tau=args.tau,
+        shifted=args.shifted,
+        shift_steps=args.shift_steps,
         widen_lengths=args.widen_lengths,
         ess_target=args.ess_target,
         pool=args.pool,
