@@ -253,12 +253,19 @@ def _add_train_cg(sub) -> None:
     p.add_argument("--hidden", type=_count, default=d.hidden, help=f"hidden units per layer (default {d.hidden})")
     p.add_argument("--bins", type=_count, default=d.bins, help=f"spline bins (default {d.bins})")
     p.add_argument("--time-limit", type=float, help="stop training after this many seconds")
+    p.add_argument(
+        "--circular-rotors",
+        action="store_true",
+        help="model every dihedral that spreads more than 0.25 rad on the data (a rotor: phi and psi) as a "
+        "circular variable, so that `cycle` can grow torsion basins the data never reached",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_overwrite(p)
     p.set_defaults(func=_cmd_train_cg)
 
 
 def _cmd_train_cg(args) -> int:
+    from openmm_backmap.training.cycle import ROTATABLE_SPREAD
     from openmm_backmap.training.pipeline import train_cg_from_files
 
     _check_outputs(
@@ -278,6 +285,7 @@ def _cmd_train_cg(args) -> int:
         lr=args.lr,
         time_limit=args.time_limit,
         allow_restrained=args.allow_restrained,
+        circular_spread=ROTATABLE_SPREAD if args.circular_rotors else None,
     )
     train_cg_from_files(args.topology, args.trajectory, args.mapping, args.out, settings, progress=not args.no_progress)
     return 0

@@ -13,8 +13,8 @@ from openmm_backmap.analysis.reweighting import kish_ess
 from openmm_backmap.training.cycle import (
     CycleSettings,
     MixtureProposal,
-    TorsionShiftedFlow,
     TemperedFlow,
+    TorsionShiftedFlow,
     ess_tempering,
     evaluate_weights,
     frame_weights,
@@ -346,15 +346,12 @@ def test_tempered_flow_densities(small_flow):
     torch.testing.assert_close(lm, expect)
 
 
-def _torsion_flow(spread: float):
-    """A four-bead flow whose one dihedral sits in a basin of width ``spread`` rad around -1.3 rad,
-    trained briefly by maximum likelihood."""
+def _torsion_data(spread: float, n: int = 3000, turned: float = 0.0) -> np.ndarray:
+    """n four-bead chains whose one dihedral sits in a basin of width ``spread`` rad around -1.3 rad;
+    a fraction ``turned`` of them with the dihedral turned by 150 degrees (a second basin)."""
     from openmm_backmap.geometry import nerf
-    from openmm_backmap.models.cg_potential import CGFlowPotential
-    from openmm_backmap.training.cycle import weighted_refit
 
     gen = torch.Generator().manual_seed(0)
-    n = 3000
 
     def noisy(mean, sd):
         return mean + sd * torch.randn(n, generator=gen, dtype=torch.float64)
@@ -364,11 +361,22 @@ def _torsion_flow(spread: float):
     b = torch.stack([noisy(0.15, 0.003), zero, zero], 1)
     theta, r = noisy(1.9, 0.05), noisy(0.15, 0.003)
     c = b + torch.stack([-r * torch.cos(theta), r * torch.sin(theta), zero], 1)
-    d = nerf(c, b, a, noisy(0.15, 0.003), noisy(1.9, 0.05), noisy(-1.3, spread))
-    X = torch.stack([a, b, c, d], 1).numpy()
+    phi = noisy(-1.3, spread)
+    phi[: round(turned * n)] += 5.0 * math.pi / 6.0
+    d = nerf(c, b, a, noisy(0.15, 0.003), noisy(1.9, 0.05), phi)
+    return torch.stack([a, b, c, d], 1).numpy()
+
+
+def _torsion_flow(spread: float, circular_spread: float | None = None, epochs: int = 30):
+    """A flow on :func:`_torsion_data`, trained briefly by maximum likelihood."""
+    from openmm_backmap.models.cg_potential import CGFlowPotential
+
+    X = _torsion_data(spread)
     torch.manual_seed(0)
-    model = CGFlowPotential.from_data(X, [(0, 1), (1, 2), (2, 3)], n_layers=2, hidden=16, n_hidden=1)
-    weighted_refit(model, X, np.ones(n), 30, 256, 5e-3, 0.1, 0)
+    model = CGFlowPotential.from_data(
+        X, [(0, 1), (1, 2), (2, 3)], circular_spread=circular_spread, n_layers=2, hidden=16, n_hidden=1
+    )
+    weighted_refit(model, X, np.ones(len(X)), epochs, 256, 5e-3, 0.1, 0)
     return model
 
 
@@ -421,6 +429,29 @@ def test_torsion_shifted_flow_is_an_exact_density(torsion_flow):
         # it can fail: the same check on a density 1.25 times too large
         wrong = torch.exp(lqs + math.log(1.25) - (torch.logaddexp(lq, lqs + math.log(1.25)) - math.log(2.0)))
         assert abs(float(wrong.mean()) - 1.0) > 6 * error
+
+
+def test_circular_rotors_let_a_refit_grow_a_basin_across_the_barrier(torsion_flow):
+    """By default a dihedral seen in one basin is a line variable standardised by its spread: the
+    other side of the circle lies beyond the splines' bound, and a weighted refit toward a second
+    basin there cannot grow it. Modelled as circular (``circular_spread``), the same refit does."""
+
+    dih = int(torch.nonzero(torsion_flow.ic.kind == 2).flatten()[0])
+    assert not bool(torsion_flow.ic.circular[dih])
+    circular = _torsion_flow(0.35, circular_spread=0.25, epochs=0)
+    assert bool(circular.ic.circular[dih]) and float(circular.ic.scale[dih]) == 1.0
+    line = _torsion_flow(0.35, epochs=0)
+    # the data of both: the one basin plus 30 % of the chains turned by 150 degrees
+    X = _torsion_data(0.35, 4000, turned=0.3)
+    torch.manual_seed(5)
+    found = {}
+    for name, model in (("line", line), ("circular", circular)):
+        weighted_refit(model, X, np.ones(len(X)), 40, 256, 5e-3, 0.1, 0)
+        with torch.no_grad():
+            d = _dihedral(model.sample(4000)[0])
+        found[name] = float(((d - (-1.3 + 5.0 * math.pi / 6.0)).abs() < 0.6).double().mean())
+    assert 0.2 < found["circular"] < 0.4
+    assert found["line"] < 0.1
 
 
 def test_mixture_with_torsion_shifted_draws(torsion_flow):

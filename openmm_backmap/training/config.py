@@ -85,6 +85,11 @@ class CGPotentialTraining:
     allow_restrained
         Accept trajectories of restrained runs: the potential then samples a broadened X
         distribution (a proposal for reweighting and hybrid sampling), not the potential of mean force.
+    circular_spread
+        Model every CG dihedral whose spread on the data exceeds this (rad) as a circular variable
+        (:meth:`~openmm_backmap.models.cg_potential.CGFlowPotential.from_data`); None: only the
+        dihedrals that spread widely. A potential that ``cycle`` is to grow basins of needs its
+        torsions circular.
     """
 
     stride: int = 1
@@ -98,6 +103,7 @@ class CGPotentialTraining:
     lr: float = 2e-3
     time_limit: float | None = None
     allow_restrained: bool = False
+    circular_spread: float | None = None
 
     def __post_init__(self) -> None:
         _require_counts(self, ("stride", "hidden", "layers", "bins", "epochs", "batch_size"))

@@ -275,6 +275,7 @@ def train_cg_from_files(
     model = CGFlowPotential.from_data(
         pairs["train"],
         cg_map.cg_bonds(),
+        circular_spread=s.circular_spread,
         temperature=s.temperature,
         n_layers=s.layers,
         hidden=s.hidden,
