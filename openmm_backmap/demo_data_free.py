@@ -96,7 +96,7 @@ class DataFreeSettings:
             eval_frames=200,
             conditional_samples=64,
             annealed_samples=8_000,
-            anneal_levels=60,
+            anneal_levels=120,
             anneal_leapfrog=5,
             flow_move_interval=100,
         )
