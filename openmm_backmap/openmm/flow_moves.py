@@ -115,6 +115,8 @@ class CGFlowMoves:
         self._draws: list[tuple[np.ndarray, float]] = []
         self._due: int | None = None
         self._checked = False
+        self._all = np.zeros((0, 0), dtype=np.int64)  # (copies, beads) particles moved, set by _check
+        self._dtype = torch.float64  # the flow's dtype, set by its first draws
         self._beta = 0.0
         self._groups = -1
         self.nProposed = 0
