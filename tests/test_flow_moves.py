@@ -69,7 +69,7 @@ def test_a_chain_of_moves_samples_the_restrained_ensemble(tiny_ala2, tiny_cg):
     moves = CGFlowMoves(tiny_cg, 1, temperature=T, seed=5)
     sim.reporters.append(moves)
     chain = []
-    for _ in range(2500):
+    for _ in range(6000):
         sim.step(1)
         x = sim.context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
         chain.append(np.linalg.norm(x[0] - x[5]))
