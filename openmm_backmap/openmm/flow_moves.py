@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from openmm import unit
 
+from openmm_backmap.geometry import random_rotation
 from openmm_backmap.io.model_files import is_compiled_package, load_cg_potential, load_model_bytes
 from openmm_backmap.openmm.reporter import _copies
-from openmm_backmap.sampling.hybrid import CGFlowKernel, TorchStream
 from openmm_backmap.units import kT
 
 __all__ = ["CGFlowMoves"]
@@ -81,7 +81,8 @@ class CGFlowMoves:
     rigid
         Rotate the draw uniformly and place it on the current centroid (a density invariant under
         rigid motions: vacuum, implicit solvent, a molecule in a box). False uses the draw as it is.
-        The proposal is the hybrid sampler's :class:`~openmm_backmap.sampling.hybrid.CGFlowKernel`.
+    batch
+        Draws made per call to the flow (independent draws: buffering them changes nothing).
 
     Attributes
     ----------
@@ -97,20 +98,25 @@ class CGFlowMoves:
         temperature: float | None = None,
         seed: int | None = None,
         rigid: bool = True,
+        batch: int = 256,
     ) -> None:
         if int(interval) < 1:
             raise ValueError(f"CGFlowMoves: interval must be >= 1 step, got {interval}")
+        if int(batch) < 1:
+            raise ValueError(f"CGFlowMoves: batch must be >= 1, got {batch}")
         self.model = _load_flow(model)
-        self._kernel = CGFlowKernel(self.model, rigid=rigid)
         self._interval = int(interval)
         self._copies = _copies(atomSubset)
         self._temperature = None if temperature is None else float(temperature)
         self._rng = np.random.default_rng(seed)
-        # the flow draws from torch's generator: a stream of its own keeps a seeded run reproducible
-        self._stream = TorchStream(int(self._rng.integers(2**62)))
+        self._generator = torch.Generator().manual_seed(int(self._rng.integers(2**62)))
+        self._rigid = bool(rigid)
+        self._batch = int(batch)
+        self._draws: list[tuple[np.ndarray, float]] = []
         self._due: int | None = None
         self._checked = False
         self._all = np.zeros((0, 0), dtype=np.int64)  # (copies, beads) particles moved, set by _check
+        self._dtype = torch.float64  # the flow's dtype, set by its first draws
         self._beta = 0.0
         self._groups = -1
         self.nProposed = 0
@@ -176,9 +182,27 @@ class CGFlowMoves:
     def _n_cg(self) -> int:
         n_cg = getattr(self.model, "n_cg", None)
         if n_cg is None:
-            with self._stream, torch.no_grad():
-                n_cg = self.model.sample(1)[0].shape[1]
+            n_cg = int(self._draw()[0].shape[0])
         return int(n_cg)
+
+    def _draw(self) -> tuple[np.ndarray, float]:
+        if not self._draws:
+            state = torch.get_rng_state()
+            torch.set_rng_state(self._generator.get_state())
+            try:
+                with torch.no_grad():
+                    X, log_q = self.model.sample(self._batch)
+            finally:
+                self._generator.set_state(torch.get_rng_state())
+                torch.set_rng_state(state)
+            self._dtype = X.dtype
+            X, log_q = X.double().numpy(), log_q.double().numpy()
+            self._draws = [(X[i], float(log_q[i])) for i in range(len(X) - 1, -1, -1)]
+        return self._draws.pop()
+
+    def _log_q(self, X: np.ndarray) -> float:
+        with torch.no_grad():
+            return float(self.model.log_prob(torch.as_tensor(X[None], dtype=self._dtype))[0])
 
     def _energy(self, context) -> float:
         state = context.getState(getEnergy=True, groups=self._groups)
@@ -192,14 +216,16 @@ class CGFlowMoves:
         positions = np.asarray(positions, dtype=np.float64)
         u_old = self._energy(context)
         for atoms in self._all:
-            with self._stream:
-                X_new, c_old, c_new = self._kernel.propose(positions[atoms], self._beta, self._rng)
+            X_new, log_q_new = self._draw()
+            X_old = positions[atoms]
+            log_q_old = self._log_q(X_old)
+            if self._rigid:
+                X_new = (X_new - X_new.mean(0)) @ random_rotation(self._rng).T + X_old.mean(0)
             trial = positions.copy()
             trial[atoms] = X_new
             context.setPositions(trial)
             u_new = self._energy(context)
-            # c = -log q: the hybrid sampler's log_acceptance with u = beta U of the CG System
-            log_a = -self._beta * (u_new - u_old) + c_new - c_old
+            log_a = -self._beta * (u_new - u_old) - log_q_new + log_q_old
             self.nProposed += 1
             if np.isfinite(log_a) and np.log(self._rng.uniform()) < min(log_a, 0.0):
                 self.nAccepted += 1
