@@ -39,6 +39,7 @@ __all__ = [
     "nerf",
     "ic_log_jacobian",
     "wrap_angle",
+    "random_placement",
     "random_rotation",
     "random_rotations",
 ]
@@ -118,6 +119,13 @@ def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
 def random_rotation(rng: np.random.Generator) -> np.ndarray:
     """One rotation matrix drawn uniformly from SO(3) (see :func:`random_rotations`)."""
     return random_rotations(1, rng)[0]
+
+
+def random_placement(X: np.ndarray, centre: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``X`` (n, 3) turned by a uniform random rotation about its centroid and moved so that its
+    centroid is ``centre`` (3,): the rigid part of an independent proposal for a density invariant
+    under rigid motions (the proposal is then symmetric in centroid and orientation)."""
+    return (X - X.mean(0)) @ random_rotation(rng).T + centre
 
 
 def bond_graph(topology) -> list[list[int]]:

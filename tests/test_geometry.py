@@ -137,3 +137,20 @@ def test_random_rotations_are_uniform_rotations():
     # Haar measure: E[R] = 0 and E[R_ij^2] = 1/3
     assert np.abs(r.mean(0)).max() < 0.02 and np.abs((r**2).mean(0) - 1 / 3).max() < 0.01
     assert np.allclose(np.linalg.det(random_rotation(np.random.default_rng(0))), 1.0)
+
+
+def test_random_placement_is_a_rigid_motion_onto_the_centre():
+    from openmm_backmap.geometry import random_placement
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(6, 3)) + 5.0
+    centre = np.array([0.3, -1.0, 2.0])
+    moved = [random_placement(X, centre, rng) for _ in range(4000)]
+    d = np.linalg.norm(X[:, None] - X[None], axis=-1)
+    for Y in moved[:10]:
+        assert np.allclose(Y.mean(0), centre)
+        assert np.allclose(np.linalg.norm(Y[:, None] - Y[None], axis=-1), d)
+        assert np.linalg.det(np.linalg.lstsq(X - X.mean(0), Y - centre, rcond=None)[0]) > 0  # no mirror image
+    # the orientation is uniform: a bead's direction from the centroid averages to zero
+    u = np.stack([Y[0] - centre for Y in moved])
+    assert np.abs(u.mean(0)).max() < 4 * np.linalg.norm(X[0] - X.mean(0)) / np.sqrt(3 * len(u))

@@ -33,9 +33,10 @@ import numpy as np
 import torch
 from openmm import unit
 
-from openmm_backmap.geometry import random_rotation
+from openmm_backmap.geometry import random_placement
 from openmm_backmap.io.model_files import is_compiled_package, load_cg_potential, load_model_bytes
 from openmm_backmap.openmm.reporter import _copies
+from openmm_backmap.rng import TorchStream
 from openmm_backmap.units import kT
 
 __all__ = ["CGFlowMoves"]
@@ -109,7 +110,7 @@ class CGFlowMoves:
         self._copies = _copies(atomSubset)
         self._temperature = None if temperature is None else float(temperature)
         self._rng = np.random.default_rng(seed)
-        self._generator = torch.Generator().manual_seed(int(self._rng.integers(2**62)))
+        self._stream = TorchStream(int(self._rng.integers(2**62)))  # the flow draws from torch's global generator
         self._rigid = bool(rigid)
         self._batch = int(batch)
         self._draws: list[tuple[np.ndarray, float]] = []
@@ -187,14 +188,8 @@ class CGFlowMoves:
 
     def _draw(self) -> tuple[np.ndarray, float]:
         if not self._draws:
-            state = torch.get_rng_state()
-            torch.set_rng_state(self._generator.get_state())
-            try:
-                with torch.no_grad():
-                    X, log_q = self.model.sample(self._batch)
-            finally:
-                self._generator.set_state(torch.get_rng_state())
-                torch.set_rng_state(state)
+            with self._stream, torch.no_grad():
+                X, log_q = self.model.sample(self._batch)
             self._dtype = X.dtype
             X, log_q = X.double().numpy(), log_q.double().numpy()
             self._draws = [(X[i], float(log_q[i])) for i in range(len(X) - 1, -1, -1)]
@@ -220,7 +215,7 @@ class CGFlowMoves:
             X_old = positions[atoms]
             log_q_old = self._log_q(X_old)
             if self._rigid:
-                X_new = (X_new - X_new.mean(0)) @ random_rotation(self._rng).T + X_old.mean(0)
+                X_new = random_placement(X_new, X_old.mean(0), self._rng)
             trial = positions.copy()
             trial[atoms] = X_new
             context.setPositions(trial)

@@ -26,11 +26,12 @@ import torch
 
 from openmm_backmap._compat import import_openmmtools
 from openmm_backmap.analysis.basins import BASINS, backbone_torsions, basin_indicators, basin_populations, block_average
-from openmm_backmap.geometry import random_rotation, random_rotations
+from openmm_backmap.geometry import random_placement, random_rotations
 from openmm_backmap.io.backmap_model import load_model
 from openmm_backmap.io.model_files import load_cg_potential, load_torchscript
 from openmm_backmap.openmm.energies import aa_energy, check_system_matches, load_system
 from openmm_backmap.openmm.forces import create_cg_system
+from openmm_backmap.rng import TorchStream
 from openmm_backmap.sampling.protein_chains import proposal_model, protein_system
 from openmm_backmap.units import kT
 
@@ -75,49 +76,6 @@ def metropolis(log_a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.log(rng.uniform(size=log_a.shape)) < np.minimum(log_a, 0.0)
 
 
-class TorchStream:
-    """A random stream of torch's own, for models that draw from torch's global generator.
-
-    Inside ``with stream:`` torch's CPU generator (and the current CUDA device's, when CUDA is
-    initialised) runs from this stream's state, and the global state is restored on exit: a seeded
-    sampler is reproducible without reseeding torch for the rest of the program. The state pickles.
-    """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = int(seed)
-        self.state = torch.Generator().manual_seed(self.seed).get_state()
-        self.cuda_state: torch.Tensor | None = None
-        self._fork = None
-
-    def __enter__(self) -> TorchStream:
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        self._fork = torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else [])
-        self._fork.__enter__()
-        torch.set_rng_state(self.state)
-        if cuda:
-            if self.cuda_state is None:
-                self.cuda_state = torch.Generator(device="cuda").manual_seed(self.seed).get_state()
-            torch.cuda.set_rng_state(self.cuda_state)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.state = torch.get_rng_state()
-        if self.cuda_state is not None and torch.cuda.is_initialized():
-            self.cuda_state = torch.cuda.get_rng_state()
-        fork, self._fork = self._fork, None
-        fork.__exit__(*exc)
-
-    def __getstate__(self) -> dict:
-        return {
-            "seed": self.seed,
-            "state": self.state.clone(),
-            "cuda_state": None if self.cuda_state is None else self.cuda_state.clone(),
-        }
-
-    def __setstate__(self, state: dict) -> None:
-        self.seed, self.state, self.cuda_state, self._fork = state["seed"], state["state"], state["cuda_state"], None
-
-
 # ---------------------------------------------------------------------------- CG kernels
 class CGFlowKernel:
     """Independent proposals X' ~ q_CG from a CG flow, with c(X) = -log q_CG(X).
@@ -139,7 +97,7 @@ class CGFlowKernel:
             log_q_old = self.model.log_prob(torch.as_tensor(X[None], dtype=Xn.dtype))
         Xn = Xn[0].double().numpy()
         if self.rigid:
-            Xn = (Xn - Xn.mean(0)) @ random_rotation(rng).T + X.mean(0)
+            Xn = random_placement(Xn, X.mean(0), rng)
         return Xn, -float(log_q_old[0]), -float(log_q_new[0])
 
     def __getstate__(self) -> dict:
