@@ -40,8 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# reference basin populations (benchmarks/RESULTS.md: 240 ns MD for C7eq and alpha_R, umbrella for alpha_L)
-REFERENCE = {"C7eq": 0.4534, "C5": 0.5451, "alpha_R": 0.00068, "alpha_L": 0.00884}
+from openmm_backmap.systems.builtin import ALA2_REFERENCE_POPULATIONS
+
+REFERENCE = ALA2_REFERENCE_POPULATIONS  # 240 ns MD for C7eq, C5, alpha_R; umbrella for alpha_L
 
 
 def delta_kT(p: float, ref: float) -> float:

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-# Reference populations (benchmarks/RESULTS.md): 240 ns MD for C7eq and alpha_R, umbrella 36 x 2 ns
-# with MBAR for C5 and alpha_L.
-REFERENCE = {"C7eq": 0.4534, "C5": 0.5451, "alpha_R": 0.00068, "alpha_L": 0.00884}
+from openmm_backmap.systems.builtin import ALA2_REFERENCE_POPULATIONS
+
+REFERENCE = ALA2_REFERENCE_POPULATIONS  # 240 ns MD for C7eq, C5, alpha_R; umbrella for alpha_L
 
 
 def weight_tail(model, energy, draws: dict, lw: np.ndarray, phi, psi, T: float, n: int, k: int = 512) -> list[dict]:

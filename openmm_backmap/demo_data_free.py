@@ -21,12 +21,8 @@ import numpy as np
 
 from openmm_backmap.demo import _Stages, basin_lines, compile_cg_force, run_cg_simulation
 from openmm_backmap.sampling.annealing import AnnealSettings
+from openmm_backmap.systems.builtin import ALA2_REFERENCE_POPULATIONS
 from openmm_backmap.training.joint import JointTraining
-
-# Basin populations of alanine dipeptide in vacuum at 300 K (benchmarks/RESULTS.md, "Basin populations"):
-# C7eq, C5 and alpha_R from 240 ns of unbiased MD, alpha_L (which plain MD does not reach) from umbrella
-# sampling along phi (36 windows x 2 ns, MBAR). The data-free demo runs no MD and compares with these.
-ALA2_REFERENCE_POPULATIONS = {"C7eq": 0.4534, "C5": 0.5451, "alpha_R": 0.00068, "alpha_L": 0.00884}
 
 
 @dataclass(frozen=True)

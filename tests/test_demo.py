@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from openmm_backmap.demo import DemoSettings, run_demo
-from openmm_backmap.demo_data_free import ALA2_REFERENCE_POPULATIONS, DataFreeSettings, run_data_free_demo
+from openmm_backmap.demo_data_free import DataFreeSettings, run_data_free_demo
+from openmm_backmap.systems.builtin import ALA2_REFERENCE_POPULATIONS
 from openmm_backmap.training.joint import JointTraining
 
 

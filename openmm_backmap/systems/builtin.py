@@ -22,6 +22,11 @@ BUILTIN_SYSTEMS = ("ala2", "chignolin")
 # The six-bead alanine dipeptide mapping: atom labels (RESNAME<resSeq>-NAME) and bead names.
 ALA2_SIX_BEADS = ("ACE1-C", "ALA2-N", "ALA2-CA", "ALA2-CB", "ALA2-C", "NME3-N")
 ALA2_SIX_NAMES = ("C1", "N", "CA", "CB", "C", "N2")
+# Basin populations (as :func:`~openmm_backmap.analysis.basins.basin_indicators` defines the basins) of
+# alanine dipeptide in vacuum at 300 K (benchmarks/RESULTS.md, "Basin populations"): C7eq, C5 and
+# alpha_R from 240 ns of unbiased MD, alpha_L (which plain MD does not reach) from umbrella sampling
+# along phi (36 windows x 2 ns, MBAR). The data-free demo and the ALA2 benchmarks compare with these.
+ALA2_REFERENCE_POPULATIONS = {"C7eq": 0.4534, "C5": 0.5451, "alpha_R": 0.00068, "alpha_L": 0.00884}
 
 
 # Windows for restrained reference runs, per basin: ((phi centre, half-width), (psi centre,
