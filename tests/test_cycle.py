@@ -18,6 +18,7 @@ from openmm_backmap.training.cycle import (
     ess_tempering,
     evaluate_weights,
     frame_weights,
+    joint_reverse_kl,
     run_cycles,
     weighted_refit,
     widen_priors,
@@ -65,6 +66,11 @@ class GaussianCG(nn.Module):
 
     def log_prob(self, X, tau=1.0):
         return gaussian_log_density(X.reshape(-1, 3), self.mean, tau * torch.exp(self.log_std))
+
+    def sample(self, n):
+        """n reparameterised draws (n, 1, 3) and their log q: differentiable in the parameters."""
+        X = self.mean + torch.exp(self.log_std) * torch.randn(n, 3, dtype=torch.float64)
+        return X[:, None], self.log_prob(X)
 
 
 class GaussianFamily:
@@ -154,6 +160,61 @@ def test_cycle_reaches_the_exact_marginal_from_a_wrong_start():
     np.testing.assert_allclose(std.numpy(), SA, rtol=5 / math.sqrt(2 * n_eff) + 0.01)
     # the start was far off: the cycle moved the mean by more than 30 standard errors
     assert (cg.mean - (MU + 0.4)).abs().min().item() > 30 * SA / math.sqrt(n_eff)
+
+
+LOG_Z = 6 * 0.5 * math.log(2 * math.pi) + 3 * math.log(SA) + 3 * math.log(SB)  # of exp(-u) over the toy's x
+
+
+def test_joint_reverse_kl_and_its_gradient_match_the_closed_form():
+    """With the exact conditional, the joint reverse KL is KL(N(m, s^2) || N(MU, SA^2)) - log Z: its
+    Monte-Carlo mean and its reparameterised gradient in m and log s agree with the closed forms
+    (d/dm = (m - MU) / SA^2, d/dlog s = s^2 / SA^2 - 1 per axis) within their standard errors."""
+    torch.manual_seed(11)
+    m0, s0 = MU + torch.tensor([0.2, -0.1, 0.05], dtype=torch.float64), torch.tensor([0.2, 0.4, 0.3])
+    cg = GaussianCG(m0, s0)
+    kl = (torch.log(SA / s0) + (s0**2 + (m0 - MU) ** 2) / (2 * SA**2) - 0.5).sum().item()
+    values, grads = [], []
+    for _ in range(200):
+        cg.zero_grad()
+        loss = joint_reverse_kl(cg, lambda X: Backmap(D, 1.0)(X, 1), reduced_energy, 500)
+        loss.backward()
+        values.append(loss.item())
+        grads.append(torch.cat([cg.mean.grad, cg.log_std.grad]).numpy().copy())
+    values, grads = np.array(values), np.stack(grads)
+    assert abs(values.mean() - (kl - LOG_Z)) < 4 * values.std() / math.sqrt(len(values)) + 1e-3
+    exact = np.concatenate([((m0 - MU) / SA**2).numpy(), (s0**2 / SA**2 - 1).numpy()])
+    err = grads.std(0) / math.sqrt(len(grads))
+    assert np.all(np.abs(grads.mean(0) - exact) < 4 * err + 1e-3), (grads.mean(0), exact, err)
+    # the damping of outliers starts 50 kT above the batch median: no toy draw comes near it
+    with pytest.raises(ValueError, match="finite AA energy"):
+        joint_reverse_kl(cg, lambda X: Backmap(D, 1.0)(X, 1), lambda x: torch.full((len(x),), math.nan), 8)
+
+
+def test_cycle_with_the_reverse_kl_term_keeps_the_exact_marginal():
+    """The refit with the joint reverse-KL term added (backmapper biased by a constant shift and
+    width, so its conditional error is the same at every X and the term's minimiser is the exact
+    marginal) still converges to N(MU, SA^2) from a wrong start; without fibre_sample it is refused."""
+    torch.manual_seed(5)
+    cg = GaussianCG(MU + 0.4, [0.6 * SA] * 3)
+    settings = CycleSettings(
+        cycles=5, samples=3000, pool=2, epochs=10, batch_size=500, lr=0.04, seed=3, reverse_kl_weight=1.0
+    )
+    backmap = Backmap(D + 0.05, 1.4)
+    history = run_cycles(
+        GaussianFamily(cg),
+        backmap,
+        reduced_energy,
+        project,
+        settings,
+        log=lambda s: None,
+        fibre_sample=lambda X: backmap(X, 1),
+    )
+    n_eff = history[-2]["ess"] * settings.pool
+    with torch.no_grad():
+        assert (cg.mean - MU).abs().max().item() < 5 * SA / math.sqrt(n_eff) + 0.01, cg.mean
+        np.testing.assert_allclose(torch.exp(cg.log_std).numpy(), SA, rtol=5 / math.sqrt(2 * n_eff) + 0.03)
+    with pytest.raises(ValueError, match="fibre_sample"):
+        run_cycles(GaussianFamily(cg), backmap, reduced_energy, project, settings, log=lambda s: None)
 
 
 def test_annealed_cycle_reaches_the_exact_marginal_with_better_weights():
@@ -661,10 +722,15 @@ def test_from_run_refits_and_refuses_bad_runs(tiny_ala2, tiny_cg, tmp_path, caps
     err = capsys.readouterr().err
     assert "every importance weight" in err and f"frames 0-{n - 1}" in err and "never visits" in err
 
+    assert main([*base, "--from-run", str(good), dcd, "--reverse-kl", "1", "--out", str(tmp_path / "k")]) == 2
+    assert "--reverse-kl" in capsys.readouterr().err
+
 
 def test_cycle_refines_a_backmapper_checkpoint(tiny_ala2, tiny_cg, tmp_path, capsys):
     """With --refine-backmapper the backmapper checkpoint is refined each cycle and exported as the
-    last cycle's backmapper.pt (its log q changes); a .pt backmapper cannot be refined."""
+    last cycle's backmapper.pt (its log q changes) and backmapper.ckpt (the same model, which a later
+    cycle refines further); a .pt backmapper cannot be refined. The refit's reverse-KL term runs
+    through the command (--reverse-kl)."""
     import json
 
     from openmm_backmap.cli import main
@@ -688,16 +754,21 @@ def test_cycle_refines_a_backmapper_checkpoint(tiny_ala2, tiny_cg, tmp_path, cap
     out = tmp_path / "ref"
     argv = ["cycle", "--model", str(ckpt), "--cg-model", str(tiny_cg), "--cycles", "1", "--samples", "64"]
     argv += ["--epochs", "1", "--batch-size", "64", "--refine-backmapper", "3", "--refine-spread", "0.5"]
-    argv += ["--check-steps", "20", "--out", str(out)]
+    argv += ["--check-steps", "20", "--reverse-kl", "0.5", "--reverse-kl-batch", "8", "--out", str(out)]
     assert main(argv) == 0
     rec = json.loads((out / "cycle.json").read_text())
     assert rec["cycles"][0]["backmapper_refit"]["steps"] == 3 and rec["settings"]["refine_spread"] == 0.5
+    assert rec["settings"]["reverse_kl_weight"] == 0.5 and rec["settings"]["reverse_kl_batch"] == 8
     check = rec["cycles"][0]["refit"].get("dynamics_check")
     assert rec["cycles"][0]["refit"]["reverted"] or (check["replicas"] == 32 and check["steps"] == 20)
     refined = load_model(out / "backmapper.pt", device="cpu")
     X = torch.as_tensor(mapping.project(traj.xyz[:4].astype(np.float64)), dtype=torch.float32)
     x = torch.as_tensor(traj.xyz[:4])
     assert not torch.allclose(refined.module.log_prob(x, X), net.float().log_prob(x, X).detach())
+    from openmm_backmap.io.checkpoints import load_checkpoint
+
+    again, _ = load_checkpoint(out / "backmapper.ckpt")
+    torch.testing.assert_close(again.float().log_prob(x, X).detach(), refined.module.log_prob(x, X))
     bad = ["cycle", "--model", str(tiny_ala2["model"]), "--cg-model", str(tiny_cg), "--refine-backmapper", "3"]
     assert main([*bad, "--out", str(tmp_path / "bad")]) == 2
     assert ".ckpt" in capsys.readouterr().err

@@ -20,7 +20,14 @@ One cycle (:func:`run_cycles`):
    ``pool`` cycles (each cycle self-normalised and weighted by its ESS). Maximising
    sum_i w_i log q_theta(M x_i) minimises the relative entropy KL(p_CG || q_theta), whose minimum is
    the exact CG marginal p_CG(X) = int delta(M x - X) exp(-beta U_AA(x)) dx / Z, the potential of
-   mean force; so the exact marginal is a fixed point of the cycle;
+   mean force; so the exact marginal is a fixed point of the cycle. Optionally (``reverse_kl_weight``)
+   every refit step adds the reverse KL of the joint model q_theta(X) q(x | X) against
+   exp(-beta U_AA) on fresh reparameterised draws (the backmapper held fixed): maximum likelihood
+   barely feels mass the flow puts where p has almost none (a fraction eps of the draws costs about
+   eps nats), so a flow fitted by it smears its basins into the low-density gaps between them; the
+   reverse KL moves each such draw downhill. Its minimiser over q_theta is p_CG(X) exp(-KL_X) / Z',
+   with KL_X = KL(q(x | X) || p(x | X)) the backmapper's conditional error at X, so it is exact only
+   for a backmapper equally good everywhere, which is why it is an added term, not the objective;
 5. guard against weight degeneracy with ESS-based tempering of the weights: when a cycle's ESS/N is
    below ``ess_target`` the refit uses w^lambda with the largest lambda in (0, 1] whose ESS/N reaches
    the target (a partial step toward p along the geometric path q^(1 - lambda) p^lambda); lambda = 1,
@@ -51,6 +58,7 @@ from openmm_backmap.analysis.reweighting import kish_ess, normalized_weights
 from openmm_backmap.geometry import distances
 from openmm_backmap.models.cg_potential import ANGLE_EDGE, CGFlowPotential
 from openmm_backmap.sampling.annealing import AnnealSettings, annealed_importance
+from openmm_backmap.training.backmapper import soft_clip_above_quartile
 from openmm_backmap.training.loop import FitSettings, fit_epochs
 
 __all__ = [
@@ -61,6 +69,7 @@ __all__ = [
     "ess_tempering",
     "evaluate_weights",
     "frame_weights",
+    "joint_reverse_kl",
     "run_cycles",
     "spread_torsions",
     "weighted_refit",
@@ -103,6 +112,10 @@ class CycleSettings:
         torsion basins across the barriers that the flow has no mass in yet (alpha_L of alanine
         dipeptide for a flow trained on 300 K MD), with an exact density. Latent widening (``tau``)
         leaves circular latents alone and moves few draws across a barrier.
+    reverse_kl_weight, reverse_kl_batch
+        Weight of the joint reverse-KL term in every refit step (0: none, plain weighted maximum
+        likelihood) and its draws per step (module docstring, step 4); needs ``fibre_sample`` in
+        :func:`run_cycles`.
     check_steps, check_replicas
         Dynamics check of every refitted CG potential (0 steps: none; the check needs a ``check``
         callable in :func:`run_cycles`, which the ``cycle`` command supplies): ``check_replicas`` replicas of
@@ -139,6 +152,8 @@ class CycleSettings:
     anneal_step: float = 0.15
     shifted: float = 0.0
     shift_steps: int = 3
+    reverse_kl_weight: float = 0.0
+    reverse_kl_batch: int = 256
 
     def __post_init__(self) -> None:
         for name in ("cycles", "samples", "per_frame", "pool", "epochs", "batch_size"):
@@ -162,6 +177,11 @@ class CycleSettings:
             raise ValueError(
                 f"CycleSettings: shifted must be in [0, 1) and defensive + shifted < 1, got shifted {self.shifted} "
                 f"with defensive {self.defensive}"
+            )
+        if self.reverse_kl_weight < 0 or self.reverse_kl_batch < 1:
+            raise ValueError(
+                "CycleSettings: reverse_kl_weight must be >= 0 and reverse_kl_batch >= 1, got "
+                f"{self.reverse_kl_weight} and {self.reverse_kl_batch}"
             )
         if self.shift_steps < 2:
             raise ValueError(f"CycleSettings: shift_steps must be >= 2, got {self.shift_steps}")
@@ -474,9 +494,11 @@ def weighted_refit(
     lr: float,
     val_fraction: float,
     seed: int,
+    extra_loss: Callable[[], Tensor] | None = None,
 ) -> dict[str, Any]:
     """Weighted maximum likelihood: minimise -sum_i w_i log q(X_i) / sum_i w_i over the parameters of
-    ``model`` (anything with ``log_prob(X)``), through :func:`~openmm_backmap.training.loop.fit_epochs`.
+    ``model`` (anything with ``log_prob(X)``), through :func:`~openmm_backmap.training.loop.fit_epochs`;
+    ``extra_loss()``, when given, is added to every batch's loss (the cycle's reverse-KL term).
 
     A random ``val_fraction`` of the pairs (at least one) is held out. The last epoch's parameters are
     kept: a cycle's improvement (hundredths of a nat) is smaller than the noise of a weighted held-out
@@ -533,7 +555,7 @@ def weighted_refit(
     summary = fit_epochs(
         model,
         len(tr),
-        lambda idx, gen: _weighted_nll(model, X_tr[idx], w_tr[idx]),
+        lambda idx, gen: _weighted_nll(model, X_tr[idx], w_tr[idx]) + (0.0 if extra_loss is None else extra_loss()),
         last_epoch_wins,
         settings,
         spec,
@@ -557,6 +579,38 @@ def refit_went_wrong(val_start: float, val_end: float, error: float) -> bool:
     or not finite (a held-out pair the refitted model gives no density: its error is then not
     finite either, and no comparison with it can catch the failure)."""
     return not math.isfinite(val_end) or (math.isfinite(error) and val_end > val_start + 3.0 * error)
+
+
+#: reduced energies (kT) above a batch's median by more than this, or above its upper quartile when that is
+#: higher, are damped log-linearly in the cycle's reverse KL (:func:`joint_reverse_kl`)
+REVERSE_KL_CAP_KT = 50.0
+
+
+def joint_reverse_kl(
+    cg: torch.nn.Module,
+    fibre_sample: Callable[[Tensor], tuple[Tensor, Tensor]],
+    reduced_energy: Callable[[Tensor], Tensor],
+    n: int,
+) -> Tensor:
+    """Monte-Carlo reverse KL (nats, up to log Z) of q_theta(X) q(x | X) against exp(-u(x)) on ``n``
+    reparameterised draws, differentiable in the CG flow's parameters through X and through the
+    backmapper's draw x given X.
+
+    ``fibre_sample(X) -> (x, log q(x | X))`` draws one reconstruction per frame, differentiable w.r.t.
+    X; ``reduced_energy(x)`` is u = U_AA / kT. Energies more than :data:`REVERSE_KL_CAP_KT` above the
+    batch median (or above its upper quartile) grow logarithmically, and draws whose terms are not
+    finite are left out, so one clash cannot swamp a step.
+    """
+    X, log_qX = cg.sample(int(n))
+    x, log_qx = fibre_sample(X)
+    u = reduced_energy(x.to(torch.float64))
+    finite = torch.isfinite(u.detach())
+    if not bool(finite.any()):
+        raise ValueError("joint reverse KL: no draw of the batch has a finite AA energy")
+    median = u.detach()[finite].median()
+    u = median + soft_clip_above_quartile(u - median, REVERSE_KL_CAP_KT)
+    total = u + log_qX.to(torch.float64) + log_qx.to(torch.float64)
+    return total[torch.isfinite(total)].mean()
 
 
 def _weighted_nll(model: torch.nn.Module, X: Tensor, w: Tensor) -> Tensor:
@@ -698,6 +752,7 @@ def run_cycles(
     check: Callable[[torch.nn.Module, np.ndarray], dict] | None = None,
     fibre_log_prob: Callable[[Tensor, Tensor], Tensor] | None = None,
     coordinates: Any = None,
+    fibre_sample: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``settings.cycles`` cycles (module docstring) and evaluate the flow before each refit and
     after the last.
@@ -735,6 +790,10 @@ def run_cycles(
         What the AIS moves (:func:`~openmm_backmap.sampling.annealing.annealed_importance`): for a
         molecule :class:`~openmm_backmap.models.joint.JointCoordinates` of the CG flow and the
         backmapper (keeps constrained bonds); None for Cartesian positions.
+    fibre_sample
+        ``fibre_sample(X) -> (x, log q(x | X))``, one reconstruction per frame, differentiable w.r.t. X
+        (the backmapper's parameters need not be: they are not trained by it); needed when
+        ``settings.reverse_kl_weight`` > 0 (:func:`joint_reverse_kl`).
 
     Returns
     -------
@@ -750,6 +809,15 @@ def run_cycles(
     s = settings
     if s.anneal_levels and fibre_log_prob is None:
         raise ValueError("annealing (anneal_levels > 0) needs the backmapper's fibre_log_prob")
+    extra_loss = None
+    if s.reverse_kl_weight:
+        if fibre_sample is None:
+            raise ValueError("the reverse-KL term (reverse_kl_weight > 0) needs the backmapper's fibre_sample")
+
+        def extra_loss() -> Tensor:
+            kl = joint_reverse_kl(family.module, fibre_sample, reduced_energy, s.reverse_kl_batch)
+            return s.reverse_kl_weight * kl
+
     torch.manual_seed(s.seed)
     pool: list[tuple[np.ndarray, np.ndarray]] = []
     history: list[dict[str, Any]] = []
@@ -818,7 +886,7 @@ def run_cycles(
             wp = np.concatenate([normalized_weights(p[1]) * kish_ess(p[1]) for p in pool])
             before = copy.deepcopy(family.module.state_dict())
             refit = weighted_refit(
-                family.module, Xp, wp, s.epochs, s.batch_size, s.lr, s.val_fraction, s.seed + 1000 * c
+                family.module, Xp, wp, s.epochs, s.batch_size, s.lr, s.val_fraction, s.seed + 1000 * c, extra_loss
             )
             if isinstance(family.module, CGFlowPotential):
                 heavy = wp >= 0.01 * wp[wp > 0].mean()

@@ -129,10 +129,11 @@ def cycle_from_files(
     Writes to the folder ``out``: ``cycle.json`` (settings and one record per evaluation, rewritten
     every cycle), ``cycle.png``, ``cg_cycle<c>.pt`` after each refit, and at the end ``cg.pt`` (the
     last cycle's CG potential: runs in ``compile``, the reporter and the hybrid sampler) and
-    ``backmapper.pt`` (the backmapper of the last cycle: refined, or a copy of the input's model file).
+    ``backmapper.pt`` (the backmapper of the last cycle: refined, or a copy of the input's model file),
+    and for a checkpoint input ``backmapper.ckpt`` (the same, which a later cycle can refine further).
     """
     from openmm_backmap.io.backmap_model import load_model
-    from openmm_backmap.io.checkpoints import load_checkpoint
+    from openmm_backmap.io.checkpoints import load_checkpoint, save_checkpoint
     from openmm_backmap.io.model_files import export_model
     from openmm_backmap.io.pdb import topology_from_pdb
     from openmm_backmap.mapping import CGMapping
@@ -195,6 +196,17 @@ def cycle_from_files(
     def fibre_log_prob(x: Tensor, X: Tensor) -> Tensor:
         return sampler.log_prob(x.to(dtype), X.to(dtype))
 
+    def fibre_sample(X: Tensor) -> tuple[Tensor, Tensor]:
+        # differentiable w.r.t. X only: the refit's reverse KL trains the CG flow, not the backmapper
+        trained = [p for p in sampler.parameters() if p.requires_grad]
+        for p in trained:
+            p.requires_grad_(False)
+        try:
+            return sampler.sample(X.to(dtype), 1)
+        finally:
+            for p in trained:
+                p.requires_grad_(True)
+
     family = TemperedFlow(cg, settings.widen_lengths)
     header = {
         "backmapper": str(model),
@@ -225,10 +237,13 @@ def cycle_from_files(
         check,
         fibre_log_prob,
         JointCoordinates(cg, sampler) if settings.anneal_levels else None,
+        fibre_sample,
     )
     _export(cg, spec, out / "cg.pt", {"cycles": settings.cycles, "source": str(cg_model), "final": history[-1]})
     if net is not None:
         export_model(net, bm_spec, out / "backmapper.pt")
+        # the refined backmapper as a checkpoint too: a later `cycle --model` can go on refining it
+        save_checkpoint(out / "backmapper.ckpt", net, bm_spec, stage="cycle")
     else:
         (out / "backmapper.pt").write_bytes(Path(model).read_bytes())
     log(f"written: {out / 'cycle.json'}, {out / 'cycle.png'}, {out / 'cg.pt'}, {out / 'backmapper.pt'}")
@@ -477,6 +492,21 @@ def add_arguments(p) -> None:
         default=d.anneal_step,
         help=f"first leapfrog step, in standard deviations of the internal coordinates (default {d.anneal_step:g})",
     )
+    p.add_argument(
+        "--reverse-kl",
+        type=float,
+        default=d.reverse_kl_weight,
+        metavar="WEIGHT",
+        help="add WEIGHT times the joint reverse KL against exp(-U_AA / kT) (fresh draws of the CG flow, "
+        "backmapped) to every refit step: pulls back mass the flow smears into the gaps between basins, "
+        f"which maximum likelihood barely feels (default {d.reverse_kl_weight:g}: none)",
+    )
+    p.add_argument(
+        "--reverse-kl-batch",
+        type=int,
+        default=d.reverse_kl_batch,
+        help=f"draws per refit step of the reverse-KL term (default {d.reverse_kl_batch})",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
 
 
@@ -506,8 +536,14 @@ def run(args) -> int:
         anneal_levels=args.anneal_levels,
         anneal_leapfrog=args.anneal_leapfrog,
         anneal_step=args.anneal_step,
+        reverse_kl_weight=args.reverse_kl,
+        reverse_kl_batch=args.reverse_kl_batch,
     )
     if args.from_run:
+        if args.reverse_kl:
+            raise ValueError(
+                "--reverse-kl draws from the models: it needs the cycle, not --from-run (a refit to a run)"
+            )
         energy_csv, trajectory = args.from_run
         for path in (energy_csv, trajectory, args.cg_model):
             if not Path(path).is_file():
