@@ -21,13 +21,14 @@ One cycle (:func:`run_cycles`):
    sum_i w_i log q_theta(M x_i) minimises the relative entropy KL(p_CG || q_theta), whose minimum is
    the exact CG marginal p_CG(X) = int delta(M x - X) exp(-beta U_AA(x)) dx / Z, the potential of
    mean force; so the exact marginal is a fixed point of the cycle. Optionally (``reverse_kl_weight``)
-   every refit step adds the reverse KL of the joint model q_theta(X) q(x | X) against
-   exp(-beta U_AA) on fresh reparameterised draws (the backmapper held fixed): maximum likelihood
-   barely feels mass the flow puts where p has almost none (a fraction eps of the draws costs about
-   eps nats), so a flow fitted by it smears its basins into the low-density gaps between them; the
-   reverse KL moves each such draw downhill. Its minimiser over q_theta is p_CG(X) exp(-KL_X) / Z',
-   with KL_X = KL(q(x | X) || p(x | X)) the backmapper's conditional error at X, so it is exact only
-   for a backmapper equally good everywhere, which is why it is an added term, not the objective;
+   every refit step adds the reverse KL of q_theta against the CG marginal, estimated on fresh
+   reparameterised draws with ``reverse_kl_per_frame`` reconstructions each (the backmapper held
+   fixed; :func:`cg_reverse_kl`): maximum likelihood barely feels mass the flow puts where p has
+   almost none (a fraction eps of the draws costs about eps nats), so a flow fitted by it smears its
+   basins into the low-density gaps between them; the reverse KL moves each such draw downhill. With
+   one reconstruction its minimiser is p_CG(X) exp(-KL_X) / Z', KL_X = KL(q(x | X) || p(x | X)) the
+   backmapper's conditional error at X (less mass where the backmapper is worse); more
+   reconstructions shrink that bias. It is an added term, not the objective;
 5. guard against weight degeneracy with ESS-based tempering of the weights: when a cycle's ESS/N is
    below ``ess_target`` the refit uses w^lambda with the largest lambda in (0, 1] whose ESS/N reaches
    the target (a partial step toward p along the geometric path q^(1 - lambda) p^lambda); lambda = 1,
@@ -68,8 +69,8 @@ __all__ = [
     "TemperedFlow",
     "ess_tempering",
     "evaluate_weights",
+    "cg_reverse_kl",
     "frame_weights",
-    "joint_reverse_kl",
     "run_cycles",
     "spread_torsions",
     "weighted_refit",
@@ -112,10 +113,10 @@ class CycleSettings:
         torsion basins across the barriers that the flow has no mass in yet (alpha_L of alanine
         dipeptide for a flow trained on 300 K MD), with an exact density. Latent widening (``tau``)
         leaves circular latents alone and moves few draws across a barrier.
-    reverse_kl_weight, reverse_kl_batch
-        Weight of the joint reverse-KL term in every refit step (0: none, plain weighted maximum
-        likelihood) and its draws per step (module docstring, step 4); needs ``fibre_sample`` in
-        :func:`run_cycles`.
+    reverse_kl_weight, reverse_kl_batch, reverse_kl_per_frame
+        Weight of the reverse-KL term in every refit step (0: none, plain weighted maximum
+        likelihood), its CG draws per step and reconstructions per draw (module docstring, step 4;
+        :func:`cg_reverse_kl`); needs ``fibre_sample`` in :func:`run_cycles`.
     check_steps, check_replicas
         Dynamics check of every refitted CG potential (0 steps: none; the check needs a ``check``
         callable in :func:`run_cycles`, which the ``cycle`` command supplies): ``check_replicas`` replicas of
@@ -154,6 +155,7 @@ class CycleSettings:
     shift_steps: int = 3
     reverse_kl_weight: float = 0.0
     reverse_kl_batch: int = 256
+    reverse_kl_per_frame: int = 1
 
     def __post_init__(self) -> None:
         for name in ("cycles", "samples", "per_frame", "pool", "epochs", "batch_size"):
@@ -178,10 +180,10 @@ class CycleSettings:
                 f"CycleSettings: shifted must be in [0, 1) and defensive + shifted < 1, got shifted {self.shifted} "
                 f"with defensive {self.defensive}"
             )
-        if self.reverse_kl_weight < 0 or self.reverse_kl_batch < 1:
+        if self.reverse_kl_weight < 0 or self.reverse_kl_batch < 1 or self.reverse_kl_per_frame < 1:
             raise ValueError(
-                "CycleSettings: reverse_kl_weight must be >= 0 and reverse_kl_batch >= 1, got "
-                f"{self.reverse_kl_weight} and {self.reverse_kl_batch}"
+                "CycleSettings: reverse_kl_weight must be >= 0, reverse_kl_batch and reverse_kl_per_frame >= 1, got "
+                f"{self.reverse_kl_weight}, {self.reverse_kl_batch} and {self.reverse_kl_per_frame}"
             )
         if self.shift_steps < 2:
             raise ValueError(f"CycleSettings: shift_steps must be >= 2, got {self.shift_steps}")
@@ -582,34 +584,46 @@ def refit_went_wrong(val_start: float, val_end: float, error: float) -> bool:
 
 
 #: reduced energies (kT) above a batch's median by more than this, or above its upper quartile when that is
-#: higher, are damped log-linearly in the cycle's reverse KL (:func:`joint_reverse_kl`)
+#: higher, are damped log-linearly in the cycle's reverse KL (:func:`cg_reverse_kl`)
 REVERSE_KL_CAP_KT = 50.0
 
 
-def joint_reverse_kl(
+def cg_reverse_kl(
     cg: torch.nn.Module,
     fibre_sample: Callable[[Tensor], tuple[Tensor, Tensor]],
     reduced_energy: Callable[[Tensor], Tensor],
     n: int,
+    k: int = 1,
 ) -> Tensor:
-    """Monte-Carlo reverse KL (nats, up to log Z) of q_theta(X) q(x | X) against exp(-u(x)) on ``n``
-    reparameterised draws, differentiable in the CG flow's parameters through X and through the
-    backmapper's draw x given X.
+    """Monte-Carlo reverse KL (nats, up to log Z) of the CG flow q_theta(X) against the CG marginal of
+    exp(-u(x)), on ``n`` reparameterised draws with ``k`` reconstructions each; differentiable in the
+    CG flow's parameters through X and through the backmapper's draws given X.
+
+    The marginal's log density at X is estimated as log mean_j exp(-u(x_j) - log q(x_j | X)), x_j ~
+    q(x | X) (importance sampling of the fibre integral): a lower bound whose gap, averaged over q(X),
+    is the backmapper's conditional error, KL(q(x | X) || p(x | X)) for k = 1 (the joint reverse KL of
+    q(X) q(x | X), whose minimiser over q(X) is p_CG(X) exp(-KL_X) / Z': it puts less mass where the
+    backmapper is worse), and that shrinks toward 0 as k grows (Burda et al.'s importance-weighted
+    bound), so the minimiser approaches p_CG itself.
 
     ``fibre_sample(X) -> (x, log q(x | X))`` draws one reconstruction per frame, differentiable w.r.t.
     X; ``reduced_energy(x)`` is u = U_AA / kT. Energies more than :data:`REVERSE_KL_CAP_KT` above the
-    batch median (or above its upper quartile) grow logarithmically, and draws whose terms are not
+    batch median (or above its upper quartile) grow logarithmically, and frames whose terms are not
     finite are left out, so one clash cannot swamp a step.
     """
-    X, log_qX = cg.sample(int(n))
-    x, log_qx = fibre_sample(X)
+    n, k = int(n), int(k)
+    X, log_qX = cg.sample(n)
+    x, log_qx = fibre_sample(X.repeat_interleave(k, 0))
     u = reduced_energy(x.to(torch.float64))
     finite = torch.isfinite(u.detach())
     if not bool(finite.any()):
-        raise ValueError("joint reverse KL: no draw of the batch has a finite AA energy")
+        raise ValueError("CG reverse KL: no draw of the batch has a finite AA energy")
     median = u.detach()[finite].median()
     u = median + soft_clip_above_quartile(u - median, REVERSE_KL_CAP_KT)
-    total = u + log_qX.to(torch.float64) + log_qx.to(torch.float64)
+    log_w = -u - log_qx.to(torch.float64)
+    log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
+    log_p = torch.logsumexp(log_w.reshape(n, k), dim=1) - math.log(k)
+    total = log_qX.to(torch.float64) - log_p
     return total[torch.isfinite(total)].mean()
 
 
@@ -793,7 +807,7 @@ def run_cycles(
     fibre_sample
         ``fibre_sample(X) -> (x, log q(x | X))``, one reconstruction per frame, differentiable w.r.t. X
         (the backmapper's parameters need not be: they are not trained by it); needed when
-        ``settings.reverse_kl_weight`` > 0 (:func:`joint_reverse_kl`).
+        ``settings.reverse_kl_weight`` > 0 (:func:`cg_reverse_kl`).
 
     Returns
     -------
@@ -815,7 +829,7 @@ def run_cycles(
             raise ValueError("the reverse-KL term (reverse_kl_weight > 0) needs the backmapper's fibre_sample")
 
         def extra_loss() -> Tensor:
-            kl = joint_reverse_kl(family.module, fibre_sample, reduced_energy, s.reverse_kl_batch)
+            kl = cg_reverse_kl(family.module, fibre_sample, reduced_energy, s.reverse_kl_batch, s.reverse_kl_per_frame)
             return s.reverse_kl_weight * kl
 
     torch.manual_seed(s.seed)

@@ -246,7 +246,10 @@ def cycle_from_files(
         save_checkpoint(out / "backmapper.ckpt", net, bm_spec, stage="cycle")
     else:
         (out / "backmapper.pt").write_bytes(Path(model).read_bytes())
-    log(f"written: {out / 'cycle.json'}, {out / 'cycle.png'}, {out / 'cg.pt'}, {out / 'backmapper.pt'}")
+    log(
+        f"written: {out / 'cycle.json'}, {out / 'cycle.png'}, {out / 'cg.pt'}, {out / 'backmapper.pt'}"
+        + (f", {out / 'backmapper.ckpt'}" if net is not None else "")
+    )
     return history
 
 
@@ -507,6 +510,15 @@ def add_arguments(p) -> None:
         default=d.reverse_kl_batch,
         help=f"draws per refit step of the reverse-KL term (default {d.reverse_kl_batch})",
     )
+    p.add_argument(
+        "--reverse-kl-per-frame",
+        type=int,
+        default=d.reverse_kl_per_frame,
+        metavar="K",
+        help="reconstructions per draw of the reverse-KL term: with K > 1 the term estimates the CG marginal's "
+        "density by importance sampling over K reconstructions, which shrinks its bias toward where the "
+        f"backmapper is good (default {d.reverse_kl_per_frame}: the joint reverse KL)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
 
 
@@ -538,6 +550,7 @@ def run(args) -> int:
         anneal_step=args.anneal_step,
         reverse_kl_weight=args.reverse_kl,
         reverse_kl_batch=args.reverse_kl_batch,
+        reverse_kl_per_frame=args.reverse_kl_per_frame,
     )
     if args.from_run:
         if args.reverse_kl:
