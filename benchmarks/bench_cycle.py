@@ -4,7 +4,8 @@ The cycle itself is the command line (``openmm-backmap cycle``); this script mea
 
 * ``umbrella``: umbrella sampling along phi (MBAR), the reference phi profile and basin populations;
 * ``profile``: phi free-energy profiles of CG potentials from independent samples of their flows,
-  beside the umbrella profile and a held-out MD histogram, as a PNG and JSON;
+  beside the umbrella profile and an MD histogram, and the psi histogram at phi < 0 (the gap between
+  C5 and C7eq, where alpha_R lies, on a log scale) of the flows and the MD, as a PNG and JSON;
 * ``ess``: ESS/N of fresh draws of a CG flow with K reconstructions each (the draw's weight the mean
   of its reconstructions', :func:`openmm_backmap.training.cycle.frame_weights`) and of the pairs;
 * ``alpha-l``: why the cycle does not reach alpha_L. AA frames in alpha_L (1,000 K MD, then 4 ps at
@@ -77,6 +78,16 @@ def cg_dihedrals(X: np.ndarray, idx: list[int]) -> tuple[np.ndarray, np.ndarray]
     return ang[:, 0], ang[:, 1]
 
 
+#: psi bin edges (degrees) of the gap histogram of ``profile``
+PSI_EDGES = np.arange(-180.0, 181.0, 15.0)
+
+
+def psi_gap_histogram(phi: np.ndarray, psi: np.ndarray) -> np.ndarray:
+    """Fraction of all frames (not only of phi < 0) in each :data:`PSI_EDGES` bin of psi at phi < 0."""
+    h, _ = np.histogram(psi[phi < 0], PSI_EDGES)
+    return h / max(len(psi), 1)
+
+
 def profile_of(phi: np.ndarray, weights: np.ndarray | None = None, bins: int = 72):
     """(bin centres in degrees, free energy in kT with its minimum at 0; inf where empty)."""
     h, e = np.histogram(phi, bins=bins, range=(-180.0, 180.0), weights=weights)
@@ -115,7 +126,8 @@ def cmd_profile(args) -> None:
 
     top = md.load_topology(args.md[1])
     result: dict = {"samples": args.samples, "reference": REFERENCE, "models": {}}
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, (ax, gap) = plt.subplots(1, 2, figsize=(12, 4.2))
+    psi_centres = 0.5 * (PSI_EDGES[1:] + PSI_EDGES[:-1])
     for k, (path, label) in enumerate(zip(args.cg, labels)):
         model, spec = cg_potential_from_file(path)
         mapping = CGMapping.from_dict(spec["mapping"], top)
@@ -140,8 +152,16 @@ def cmd_profile(args) -> None:
                 "dF_kT": delta_kT(p, REFERENCE[name]),
             }
         c, f = profile_of(phi)
-        result["models"][label] = {"path": str(path), "basins": pops, "phi_deg": c.tolist(), "F_kT": f.tolist()}
+        h = psi_gap_histogram(phi, psi)
+        result["models"][label] = {
+            "path": str(path),
+            "basins": pops,
+            "phi_deg": c.tolist(),
+            "F_kT": f.tolist(),
+            "psi_at_phi_below_0": h.tolist(),
+        }
         ax.plot(c, f, "-", color=f"C{k}", label=f"CG flow: {label}")
+        gap.semilogy(psi_centres, np.where(h > 0, h, np.nan), "-o", ms=3, color=f"C{k}", label=label)
         print(label, {k2: (round(v["population"], 5), round(v["dF_kT"], 2)) for k2, v in pops.items()})
     if args.umbrella:
         um = json.loads(Path(args.umbrella).read_text())
@@ -153,15 +173,25 @@ def cmd_profile(args) -> None:
         from openmm_backmap.analysis.basins import backbone_dihedrals
 
         t = md.load(args.md[0], top=args.md[1])
-        phi_md, _ = backbone_dihedrals(t)
+        phi_md, psi_md = backbone_dihedrals(t)
         c, f = profile_of(phi_md[:, 0])
         ax.plot(c, f, "k:", label=f"AA MD {Path(args.md[0]).name} ({t.n_frames} frames)")
+        h = psi_gap_histogram(phi_md[:, 0], psi_md[:, 0])
+        gap.semilogy(psi_centres, np.where(h > 0, h, np.nan), "k:o", ms=3, label=f"AA MD ({t.n_frames} frames)")
+        result["md"] = {"path": args.md[0], "frames": int(t.n_frames), "psi_at_phi_below_0": h.tolist()}
     ax.set_xlabel("phi (degrees)")
     ax.set_ylabel("free energy (kT)")
     ax.set_ylim(-0.5, 14)
     ax.set_xlim(-180, 180)
     ax.legend(fontsize=8)
     ax.set_title("alanine dipeptide, six-bead CG: phi profile")
+    gap.axvspan(-120, 0, color="0.9", zorder=0)
+    gap.set_xlabel("psi (degrees), phi < 0; shaded: alpha_R")
+    gap.set_ylabel("fraction of all frames per 15-degree bin")
+    gap.set_xlim(-180, 180)
+    gap.legend(fontsize=8)
+    gap.set_title("psi at phi < 0: the gap between the basins")
+    result["psi_edges_deg"] = PSI_EDGES.tolist()
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
