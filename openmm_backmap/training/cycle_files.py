@@ -500,8 +500,8 @@ def add_arguments(p) -> None:
         type=float,
         default=d.reverse_kl_weight,
         metavar="WEIGHT",
-        help="add WEIGHT times the joint reverse KL against exp(-U_AA / kT) (fresh draws of the CG flow, "
-        "backmapped) to every refit step: pulls back mass the flow smears into the gaps between basins, "
+        help="add WEIGHT times the CG flow's reverse KL against the CG marginal of exp(-U_AA / kT) (fresh draws "
+        "of the flow, backmapped) to every refit step: pulls back mass the flow smears into the gaps between basins, "
         f"which maximum likelihood barely feels (default {d.reverse_kl_weight:g}: none)",
     )
     p.add_argument(
