@@ -519,6 +519,15 @@ def add_arguments(p) -> None:
         "density by importance sampling over K reconstructions, which shrinks its bias toward where the "
         f"backmapper is good (default {d.reverse_kl_per_frame}: the joint reverse KL)",
     )
+    p.add_argument(
+        "--estimate-samples",
+        type=int,
+        default=d.estimate_samples,
+        metavar="N",
+        help="after the last cycle, weigh N fresh draws of the final CG flow (--per-frame reconstructions each, "
+        "plain importance weights: cheap for large N) for the final reweighted AA estimate, 'estimate' in "
+        f"cycle.json (default {d.estimate_samples}: none)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
 
 
@@ -551,12 +560,12 @@ def run(args) -> int:
         reverse_kl_weight=args.reverse_kl,
         reverse_kl_batch=args.reverse_kl_batch,
         reverse_kl_per_frame=args.reverse_kl_per_frame,
+        estimate_samples=args.estimate_samples,
     )
     if args.from_run:
-        if args.reverse_kl:
-            raise ValueError(
-                "--reverse-kl draws from the models: it needs the cycle, not --from-run (a refit to a run)"
-            )
+        for flag, value in (("--reverse-kl", args.reverse_kl), ("--estimate-samples", args.estimate_samples)):
+            if value:
+                raise ValueError(f"{flag} draws from the models: it needs the cycle, not --from-run (a refit to a run)")
         energy_csv, trajectory = args.from_run
         for path in (energy_csv, trajectory, args.cg_model):
             if not Path(path).is_file():
