@@ -8,6 +8,10 @@ The cycle itself is the command line (``openmm-backmap cycle``); this script mea
   C5 and C7eq, where alpha_R lies, on a log scale) of the flows and the MD, as a PNG and JSON;
 * ``ess``: ESS/N of fresh draws of a CG flow with K reconstructions each (the draw's weight the mean
   of its reconstructions', :func:`openmm_backmap.training.cycle.frame_weights`) and of the pairs;
+* ``conditional``: where a backmapper is worse, per basin: at CG draws of a flow (a fraction of them
+  with their rotatable dihedrals redrawn uniformly, so every basin has draws), K reconstructions
+  each, the gap log mean_j w_j - mean_j log w_j (a lower bound on KL(q(x | X) || p(x | X)), the bias
+  the cycle's one-reconstruction reverse-KL term carries at X) and the conditional ESS/K;
 * ``alpha-l``: why the cycle does not reach alpha_L. AA frames in alpha_L (1,000 K MD, then 4 ps at
   300 K from each alpha_L frame, keeping those still in alpha_L; a diagnosis, never training data)
   against held-out MD frames: the CG flow's log q(X), and the fibre integral log int exp(-u) over
@@ -26,7 +30,9 @@ Example (the commands of RESULTS.md)::
         --umbrella umbrella.json --md seed2/ala2.dcd seed2/ala2.pdb --out profile
     python benchmarks/bench_cycle.py simulate --cg cycle/cg.pt2 --model cycle/backmapper.pt \\
         --start seed1/ala2.pdb --steps 20000 --out sim
-    python benchmarks/bench_cycle.py stability --cg cg_md.pt cycle/cg.pt \
+    python benchmarks/bench_cycle.py conditional --cg cg_md.pt --model bm.pt cycle/backmapper.pt \\
+        --out conditional.json
+    python benchmarks/bench_cycle.py stability --cg cg_md.pt cycle/cg.pt \\
         --md seed2/ala2.dcd seed2/ala2.pdb --out stability.json
 """
 
@@ -365,6 +371,65 @@ def _fibre_log_z_ais(net, energy, X: torch.Tensor, chains: int, steps: int, seed
     return (torch.logsumexp(log_ais.reshape(len(X), chains), 1) - math.log(chains)).numpy()
 
 
+def cmd_conditional(args) -> None:
+    from openmm_backmap.analysis.basins import basin_indicators
+    from openmm_backmap.io.backmap_model import load_model
+    from openmm_backmap.io.checkpoints import cg_potential_from_file
+    from openmm_backmap.mapping import CGMapping
+    from openmm_backmap.openmm.energies import ReducedEnergy, aa_energy, load_system
+    from openmm_backmap.training.cycle import spread_torsions
+
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    cg, spec = cg_potential_from_file(args.cg)
+    n_spread = round(args.spread * args.samples)
+    with torch.no_grad():
+        X, _ = cg.sample(args.samples)
+        if n_spread:
+            gen = torch.Generator().manual_seed(args.seed)
+            X[:n_spread] = spread_torsions(cg, X[:n_spread], gen).to(X.dtype)
+    result: dict = {"cg": str(args.cg), "samples": args.samples, "spread": args.spread, "k": args.k, "models": {}}
+    for path in args.model:
+        bm = load_model(path, device="cpu")
+        idx = phi_bead_indices(CGMapping.from_dict(spec["mapping"], bm.topology))
+        basins = basin_indicators(*cg_dihedrals(X.double().numpy(), idx))
+        energy = ReducedEnergy(aa_energy(load_system(bm.system_xml)), bm.temperature)
+        gaps, ess = [], []
+        with torch.no_grad():
+            for start in range(0, len(X), 64):
+                x, log_q = bm.module.sample(X[start : start + 64].float(), args.k)
+                lw = (-energy(x.double()) - log_q.double()).reshape(-1, args.k)
+                lw = torch.where(torch.isfinite(lw), lw, torch.full_like(lw, -math.inf))
+                gaps.append((torch.logsumexp(lw, 1) - math.log(args.k) - lw.mean(1)).numpy())
+                w = torch.softmax(lw, 1)
+                ess.append((1.0 / (w * w).sum(1) / args.k).numpy())
+        gap, cond_ess = np.concatenate(gaps), np.concatenate(ess)
+        rows = {}
+        for name, m in basins.items():
+            g = gap[m]
+            if not m.any():
+                continue
+            finite = g[np.isfinite(g)]
+            rows[name] = {
+                "frames": int(m.sum()),
+                "gap_quartiles": np.quantile(finite, [0.25, 0.5, 0.75]).tolist() if finite.size else None,
+                "gap_q90": float(np.quantile(finite, 0.9)) if finite.size else None,
+                "gap_mean_capped": float(np.minimum(finite, args.cap).mean()) if finite.size else None,
+                "frames_no_finite_weight": int((~np.isfinite(g)).sum()),
+                "conditional_ess_median": float(np.median(cond_ess[m])),
+            }
+            r = rows[name]
+            print(
+                f"{path} {name:8s} {r['frames']:5d} frames: gap median {r['gap_quartiles'][1]:.2f} "
+                f"(q90 {r['gap_q90']:.2f}, mean capped at {args.cap:g}: {r['gap_mean_capped']:.2f}) nats, "
+                f"conditional ESS/K {r['conditional_ess_median']:.3f}",
+                flush=True,
+            )
+        result["models"][str(path)] = rows
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
 def cmd_alpha_l(args) -> None:
     import mdtraj as md
     from openmm import unit
@@ -483,6 +548,17 @@ def main() -> None:
     e.add_argument("--widen-lengths", action="store_true", help="widen the bond-length latents too")
     e.add_argument("--out", help="JSON")
     e.set_defaults(func=cmd_ess)
+
+    c = sub.add_parser("conditional")
+    c.add_argument("--cg", required=True, help="CG potential (.pt or .ckpt) whose draws condition the backmappers")
+    c.add_argument("--model", nargs="+", required=True, help="backmapper model files (.pt) with their AA System")
+    c.add_argument("--samples", type=int, default=600)
+    c.add_argument("--spread", type=float, default=0.5, help="fraction of the draws with rotatable dihedrals redrawn")
+    c.add_argument("--k", type=int, default=32, help="reconstructions per draw")
+    c.add_argument("--cap", type=float, default=50.0, help="gap (nats) at which the capped mean clips a draw")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", help="JSON")
+    c.set_defaults(func=cmd_conditional)
 
     a = sub.add_parser("alpha-l")
     a.add_argument("--cg", required=True, help="CG potential (.pt or .ckpt)")
