@@ -219,6 +219,38 @@ def test_cg_reverse_kl_and_its_gradient_match_the_closed_form():
         cg_reverse_kl(cg, lambda X: Backmap(D, 1.0)(X, 1), lambda x: torch.full((len(x),), math.nan), 8)
 
 
+def test_cg_reverse_kl_excess_penalises_only_density_above_the_marginal():
+    """The excess form, mean relu(log q - log p - c) with p normalised on the batch, against closed
+    forms with the exact conditional: a flow narrower than the marginal (log q / p <= 3 log(1 / 0.7) =
+    1.07 < c = 1.5 everywhere) costs exactly nothing and gets no gradient, so the term cannot drain a
+    basin the flow underweights; a flow 1.5 times too broad has r = -3 log 1.5 + 0.625 chi2_3 and the
+    penalty 0.625 E[(chi2_3 - t)+] = 0.625 (3 P(chi2_5 > t) - t P(chi2_3 > t)), t = (c + 3 log 1.5) /
+    0.625, and its gradient narrows the flow without moving its mean."""
+    from scipy.stats import chi2
+
+    torch.manual_seed(13)
+    narrow = GaussianCG(MU, [0.7 * SA] * 3)
+    loss = cg_reverse_kl(narrow, lambda X: Backmap(D, 1.0)(X, 1), reduced_energy, 2000, excess=1.5)
+    loss.backward()
+    assert loss.item() == 0.0 and not narrow.mean.grad.any() and not narrow.log_std.grad.any()
+
+    c = 1.0
+    t = (c + 3 * math.log(1.5)) / 0.625
+    exact = 0.625 * (3 * chi2.sf(t, 5) - t * chi2.sf(t, 3))
+    broad = GaussianCG(MU, [1.5 * SA] * 3)
+    values, grads = [], []
+    for _ in range(40):
+        broad.zero_grad()
+        loss = cg_reverse_kl(broad, lambda X: Backmap(D, 1.0)(X, 1), reduced_energy, 2000, excess=c)
+        loss.backward()
+        values.append(loss.item())
+        grads.append(torch.cat([broad.mean.grad, broad.log_std.grad]).numpy().copy())
+    values, grads = np.array(values), np.stack(grads)
+    assert abs(values.mean() - exact) < 4 * values.std() / math.sqrt(len(values)) + 0.01, (values.mean(), exact)
+    err = grads.std(0) / math.sqrt(len(grads))
+    assert np.all(grads.mean(0)[3:] > 4 * err[3:]) and np.all(np.abs(grads.mean(0)[:3]) < 4 * err[:3] + 1e-3)
+
+
 def test_cg_reverse_kl_bias_from_the_backmapper_shrinks_with_reconstructions():
     """With a backmapper off by a constant shift and width, one reconstruction per draw estimates the
     joint reverse KL: the CG marginal's KL plus the conditional error KL_X (closed form, 0.81 nats).
@@ -778,8 +810,8 @@ def test_cycle_refines_a_backmapper_checkpoint(tiny_ala2, tiny_cg, tmp_path, cap
     """With --refine-backmapper the backmapper checkpoint is refined each cycle and exported as the
     last cycle's backmapper.pt (its log q changes) and backmapper.ckpt (the same model, which a later
     cycle refines further); a .pt backmapper cannot be refined. The refit's reverse-KL term runs
-    through the command (--reverse-kl), and --estimate-samples adds the final flow's estimate to the
-    last record only."""
+    through the command (--reverse-kl, as an excess penalty), and --estimate-samples adds the final
+    flow's estimate to the last record only."""
     import json
 
     from openmm_backmap.cli import main
@@ -804,8 +836,9 @@ def test_cycle_refines_a_backmapper_checkpoint(tiny_ala2, tiny_cg, tmp_path, cap
     argv = ["cycle", "--model", str(ckpt), "--cg-model", str(tiny_cg), "--cycles", "1", "--samples", "64"]
     argv += ["--epochs", "1", "--batch-size", "64", "--refine-backmapper", "3", "--refine-spread", "0.5"]
     argv += ["--check-steps", "20", "--reverse-kl", "0.5", "--reverse-kl-batch", "8", "--out", str(out)]
-    assert main([*argv, "--estimate-samples", "96"]) == 0
+    assert main([*argv, "--reverse-kl-excess", "1", "--estimate-samples", "96"]) == 0
     rec = json.loads((out / "cycle.json").read_text())
+    assert rec["settings"]["reverse_kl_excess"] == 1.0
     estimate = rec["cycles"][-1]["estimate"]
     assert estimate["n"] == 96 and set(estimate["basins"]) == set(rec["cycles"][-1]["basins"])
     assert "estimate" not in rec["cycles"][0] and "estimate of 96 draws" in capsys.readouterr().out

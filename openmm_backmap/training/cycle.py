@@ -123,6 +123,9 @@ class CycleSettings:
         Weight of the reverse-KL term in every refit step (0: none, plain weighted maximum
         likelihood), its CG draws per step and reconstructions per draw (module docstring, step 4;
         :func:`cg_reverse_kl`); needs ``fibre_sample`` in :func:`run_cycles`.
+    reverse_kl_excess
+        None: the term is the reverse KL; c (nats): the excess penalty of :func:`cg_reverse_kl`,
+        which acts only where the flow's density exceeds the marginal's by more than e^c.
     check_steps, check_replicas
         Dynamics check of every refitted CG potential (0 steps: none; the check needs a ``check``
         callable in :func:`run_cycles`, which the ``cycle`` command supplies): ``check_replicas`` replicas of
@@ -162,6 +165,7 @@ class CycleSettings:
     reverse_kl_weight: float = 0.0
     reverse_kl_batch: int = 256
     reverse_kl_per_frame: int = 1
+    reverse_kl_excess: float | None = None
     estimate_samples: int = 0
 
     def __post_init__(self) -> None:
@@ -192,6 +196,8 @@ class CycleSettings:
                 "CycleSettings: reverse_kl_weight must be >= 0, reverse_kl_batch and reverse_kl_per_frame >= 1, got "
                 f"{self.reverse_kl_weight}, {self.reverse_kl_batch} and {self.reverse_kl_per_frame}"
             )
+        if self.reverse_kl_excess is not None and self.reverse_kl_excess < 0:
+            raise ValueError(f"CycleSettings: reverse_kl_excess must be >= 0, got {self.reverse_kl_excess}")
         if self.estimate_samples < 0:
             raise ValueError(f"CycleSettings: estimate_samples must be >= 0, got {self.estimate_samples}")
         if self.shift_steps < 2:
@@ -648,6 +654,7 @@ def cg_reverse_kl(
     reduced_energy: Callable[[Tensor], Tensor],
     n: int,
     k: int = 1,
+    excess: float | None = None,
 ) -> Tensor:
     """Monte-Carlo reverse KL (nats, up to log Z) of the CG flow q_theta(X) against the CG marginal of
     exp(-u(x)), on ``n`` reparameterised draws with ``k`` reconstructions each; differentiable in the
@@ -664,6 +671,12 @@ def cg_reverse_kl(
     X; ``reduced_energy(x)`` is u = U_AA / kT. Energies more than :data:`REVERSE_KL_CAP_KT` above the
     batch median (or above its upper quartile) grow logarithmically, and frames whose terms are not
     finite are left out, so one clash cannot swamp a step.
+
+    With ``excess`` = c (nats) the term is the excess penalty mean relu(r - c) instead, r = log q(X) -
+    log p(X) with p normalised by the batch's own importance estimate of Z: only draws where the flow
+    puts more than e^c times the marginal's density count (the mass smeared into gaps), none where
+    it puts less (a basin the flow underweights costs nothing, so the term cannot drain one; maximum
+    likelihood fills it). It is zero when q <= e^c p everywhere.
     """
     n, k = int(n), int(k)
     X, log_qX = cg.sample(n)
@@ -678,7 +691,11 @@ def cg_reverse_kl(
     log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
     log_p = torch.logsumexp(log_w.reshape(n, k), dim=1) - math.log(k)
     total = log_qX.to(torch.float64) - log_p
-    return total[torch.isfinite(total)].mean()
+    total = total[torch.isfinite(total)]
+    if excess is None:
+        return total.mean()
+    log_z = torch.logsumexp(-total.detach(), 0) - math.log(max(total.numel(), 1))
+    return torch.relu(total + log_z - float(excess)).mean()
 
 
 def _weighted_nll(model: torch.nn.Module, X: Tensor, w: Tensor) -> Tensor:
@@ -884,7 +901,14 @@ def run_cycles(
             raise ValueError("the reverse-KL term (reverse_kl_weight > 0) needs the backmapper's fibre_sample")
 
         def extra_loss() -> Tensor:
-            kl = cg_reverse_kl(family.module, fibre_sample, reduced_energy, s.reverse_kl_batch, s.reverse_kl_per_frame)
+            kl = cg_reverse_kl(
+                family.module,
+                fibre_sample,
+                reduced_energy,
+                s.reverse_kl_batch,
+                s.reverse_kl_per_frame,
+                s.reverse_kl_excess,
+            )
             return s.reverse_kl_weight * kl
 
     torch.manual_seed(s.seed)

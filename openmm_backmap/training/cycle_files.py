@@ -520,6 +520,15 @@ def add_arguments(p) -> None:
         f"backmapper is good (default {d.reverse_kl_per_frame}: the joint reverse KL)",
     )
     p.add_argument(
+        "--reverse-kl-excess",
+        type=float,
+        default=d.reverse_kl_excess,
+        metavar="C",
+        help="make the --reverse-kl term an excess penalty: only draws where the flow's density exceeds the CG "
+        "marginal's by more than C nats count, so that it removes mass from the gaps between basins and never "
+        "drains a basin the flow underweights (default: the plain reverse KL)",
+    )
+    p.add_argument(
         "--estimate-samples",
         type=int,
         default=d.estimate_samples,
@@ -560,6 +569,7 @@ def run(args) -> int:
         reverse_kl_weight=args.reverse_kl,
         reverse_kl_batch=args.reverse_kl_batch,
         reverse_kl_per_frame=args.reverse_kl_per_frame,
+        reverse_kl_excess=args.reverse_kl_excess,
         estimate_samples=args.estimate_samples,
     )
     if args.from_run:
