@@ -11,7 +11,10 @@ The cycle itself is the command line (``openmm-backmap cycle``); this script mea
 * ``conditional``: where a backmapper is worse, per basin: at CG draws of a flow (a fraction of them
   with their rotatable dihedrals redrawn uniformly, so every basin has draws), K reconstructions
   each, the gap log mean_j w_j - mean_j log w_j (a lower bound on KL(q(x | X) || p(x | X)), the bias
-  the cycle's one-reconstruction reverse-KL term carries at X) and the conditional ESS/K;
+  the cycle's one-reconstruction reverse-KL term carries at X) and the conditional ESS/K; and per
+  basin of the flow's own draws, r = log q(X) - log p(X) (the CG marginal by importance sampling over
+  the K reconstructions, normalised by its estimate of Z on the first draws): where r >> 0 the flow
+  puts its mass where the AA energy does not, and a reverse-KL term (plain or excess) removes it;
 * ``alpha-l``: why the cycle does not reach alpha_L. AA frames in alpha_L (1,000 K MD, then 4 ps at
   300 K from each alpha_L frame, keeping those still in alpha_L; a diagnosis, never training data)
   against held-out MD frames: the CG flow's log q(X), and the fibre integral log int exp(-u) over
@@ -426,8 +429,52 @@ def cmd_conditional(args) -> None:
                 flush=True,
             )
         result["models"][str(path)] = rows
+        result["models"][str(path)]["log_q_over_p"] = _flow_excess(cg, bm, energy, idx, args)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _flow_excess(cg, bm, energy, idx, args) -> dict:
+    """Per basin, the median and the fraction above 1 of r = log q(X) - log p_K(X) + log Z_K at the
+    flow's own draws: ``args.ratio_draws`` draws, the first ``args.ratio_z`` of them (an unbiased sample)
+    estimate Z, and of the rest only those in the rare basins (alpha_R, alpha_L) are backmapped."""
+    from openmm_backmap.analysis.basins import basin_indicators
+
+    with torch.no_grad():
+        X, log_q = cg.sample(args.ratio_draws)
+    ind = basin_indicators(*cg_dihedrals(X.double().numpy(), idx))
+    keep = ind["alpha_R"] | ind["alpha_L"]
+    keep[: args.ratio_z] = True
+    X, log_q = X[torch.as_tensor(keep)], log_q[torch.as_tensor(keep)].double().numpy()
+    ind = {name: v[keep] for name, v in ind.items()}
+    log_p = []
+    with torch.no_grad():
+        for start in range(0, len(X), 32):
+            x, lq = bm.module.sample(X[start : start + 32].float(), args.k)
+            lw = (-energy(x.double()) - lq.double()).reshape(-1, args.k)
+            lw = torch.where(torch.isfinite(lw), lw, torch.full_like(lw, -math.inf))
+            log_p.append((torch.logsumexp(lw, 1) - math.log(args.k)).numpy())
+    total = log_q - np.concatenate(log_p)
+    first = total[: args.ratio_z][np.isfinite(total[: args.ratio_z])]
+    log_z = float(np.log(np.mean(np.exp(first.min() - first))) - first.min())
+    r = total + log_z
+    rows = {}
+    for name, m in ind.items():
+        v = r[m & np.isfinite(r)]
+        if v.size:
+            rows[name] = {
+                "draws": int(v.size),
+                "median": float(np.median(v)),
+                "fraction_above_1": float(np.mean(v > 1)),
+            }
+    print(
+        "  flow's own draws, r = log q / p: "
+        + ", ".join(
+            f"{k} {v['median']:+.2f} (r > 1: {v['fraction_above_1']:.2f}, {v['draws']})" for k, v in rows.items()
+        ),
+        flush=True,
+    )
+    return rows
 
 
 def cmd_alpha_l(args) -> None:
@@ -556,6 +603,8 @@ def main() -> None:
     c.add_argument("--spread", type=float, default=0.5, help="fraction of the draws with rotatable dihedrals redrawn")
     c.add_argument("--k", type=int, default=32, help="reconstructions per draw")
     c.add_argument("--cap", type=float, default=50.0, help="gap (nats) at which the capped mean clips a draw")
+    c.add_argument("--ratio-draws", type=int, default=20000, help="flow draws for the log q / p table")
+    c.add_argument("--ratio-z", type=int, default=3000, help="of them, the first ones that estimate Z")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", help="JSON")
     c.set_defaults(func=cmd_conditional)
