@@ -8,6 +8,9 @@ The cycle itself is the command line (``openmm-backmap cycle``); this script mea
   C5 and C7eq, where alpha_R lies, on a log scale) of the flows and the MD, as a PNG and JSON;
 * ``ess``: ESS/N of fresh draws of a CG flow with K reconstructions each (the draw's weight the mean
   of its reconstructions', :func:`openmm_backmap.training.cycle.frame_weights`) and of the pairs;
+* ``estimate``: the AA estimate of (CG flow, backmapper) pairs, :func:`openmm_backmap.training.cycle.flow_estimate`
+  (what ``cycle --estimate-samples`` adds to the last record): per basin the flow's own population and
+  the reweighted one with its error, and dF from the references, for N draws with K reconstructions;
 * ``conditional``: where a backmapper is worse, per basin: at CG draws of a flow (a fraction of them
   with their rotatable dihedrals redrawn uniformly, so every basin has draws), K reconstructions
   each, the gap log mean_j w_j - mean_j log w_j (a lower bound on KL(q(x | X) || p(x | X)), the bias
@@ -33,6 +36,8 @@ Example (the commands of RESULTS.md)::
         --umbrella umbrella.json --md seed2/ala2.dcd seed2/ala2.pdb --out profile
     python benchmarks/bench_cycle.py simulate --cg cycle/cg.pt2 --model cycle/backmapper.pt \\
         --start seed1/ala2.pdb --steps 20000 --out sim
+    python benchmarks/bench_cycle.py estimate --pairs cycle/cg.pt cycle/backmapper.pt --samples 50000 --k 8 \\
+        --out estimate.json
     python benchmarks/bench_cycle.py conditional --cg cg_md.pt --model bm.pt cycle/backmapper.pt \\
         --out conditional.json
     python benchmarks/bench_cycle.py stability --cg cg_md.pt cycle/cg.pt \\
@@ -374,6 +379,44 @@ def _fibre_log_z_ais(net, energy, X: torch.Tensor, chains: int, steps: int, seed
     return (torch.logsumexp(log_ais.reshape(len(X), chains), 1) - math.log(chains)).numpy()
 
 
+def cmd_estimate(args) -> None:
+    from openmm_backmap.io.backmap_model import load_model
+    from openmm_backmap.io.checkpoints import cg_potential_from_file
+    from openmm_backmap.openmm.energies import ReducedEnergy, aa_energy, load_system
+    from openmm_backmap.training.cycle import TemperedFlow, flow_estimate
+    from openmm_backmap.training.cycle_files import basin_observable
+
+    if len(args.pairs) % 2:
+        raise SystemExit("--pairs takes CG potential and backmapper files in pairs")
+    torch.set_num_threads(1)
+    result: dict = {"samples": args.samples, "k": args.k, "seed": args.seed, "reference": REFERENCE, "pairs": []}
+    for cg_path, bm_path in zip(args.pairs[::2], args.pairs[1::2]):
+        torch.manual_seed(args.seed)
+        cg, _ = cg_potential_from_file(cg_path)
+        bm = load_model(bm_path, device="cpu")
+        energy = ReducedEnergy(aa_energy(load_system(bm.system_xml)), bm.temperature)
+
+        def backmap(X, k, module=bm.module):
+            return module.sample(X.float(), k)
+
+        t0 = time.time()
+        est = flow_estimate(TemperedFlow(cg), backmap, energy, args.samples, args.k, basin_observable(bm.topology))
+        est["seconds"] = time.time() - t0
+        for name, b in est["basins"].items():
+            b["dF_raw_kT"] = delta_kT(b["raw"], REFERENCE[name])
+            b["dF_reweighted_kT"] = delta_kT(b["reweighted"], REFERENCE[name])
+        result["pairs"].append({"cg": str(cg_path), "model": str(bm_path), **est})
+        print(f"{cg_path} + {bm_path}: ESS/N {est['ess_fraction']:.3f} ({est['seconds']:.0f} s)")
+        for name, b in est["basins"].items():
+            print(
+                f"  {name:8s} own {b['raw']:.5f} ({b['dF_raw_kT']:+.2f} kT)  reweighted {b['reweighted']:.5f} +- "
+                f"{b['reweighted_error']:.5f} ({b['dF_reweighted_kT']:+.2f} kT)",
+                flush=True,
+            )
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
 def cmd_conditional(args) -> None:
     from openmm_backmap.analysis.basins import basin_indicators
     from openmm_backmap.io.backmap_model import load_model
@@ -595,6 +638,14 @@ def main() -> None:
     e.add_argument("--widen-lengths", action="store_true", help="widen the bond-length latents too")
     e.add_argument("--out", help="JSON")
     e.set_defaults(func=cmd_ess)
+
+    m = sub.add_parser("estimate")
+    m.add_argument("--pairs", nargs="+", required=True, metavar="FILE", help="CG potential, backmapper (.pt), ...")
+    m.add_argument("--samples", type=int, default=50000)
+    m.add_argument("--k", type=int, default=8, help="reconstructions per draw")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", help="JSON")
+    m.set_defaults(func=cmd_estimate)
 
     c = sub.add_parser("conditional")
     c.add_argument("--cg", required=True, help="CG potential (.pt or .ckpt) whose draws condition the backmappers")
