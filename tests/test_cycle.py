@@ -249,6 +249,10 @@ def test_cg_reverse_kl_excess_penalises_only_density_above_the_marginal():
     assert abs(values.mean() - exact) < 4 * values.std() / math.sqrt(len(values)) + 0.01, (values.mean(), exact)
     err = grads.std(0) / math.sqrt(len(grads))
     assert np.all(grads.mean(0)[3:] > 4 * err[3:]) and np.all(np.abs(grads.mean(0)[:3]) < 4 * err[:3] + 1e-3)
+    with pytest.raises(ValueError, match="needs reverse_kl_weight"):
+        CycleSettings(reverse_kl_excess=1.0)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        CycleSettings(reverse_kl_weight=1.0, reverse_kl_excess=-1.0)
 
 
 def test_cg_reverse_kl_bias_from_the_backmapper_shrinks_with_reconstructions():

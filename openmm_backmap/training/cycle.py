@@ -196,8 +196,11 @@ class CycleSettings:
                 "CycleSettings: reverse_kl_weight must be >= 0, reverse_kl_batch and reverse_kl_per_frame >= 1, got "
                 f"{self.reverse_kl_weight}, {self.reverse_kl_batch} and {self.reverse_kl_per_frame}"
             )
-        if self.reverse_kl_excess is not None and self.reverse_kl_excess < 0:
-            raise ValueError(f"CycleSettings: reverse_kl_excess must be >= 0, got {self.reverse_kl_excess}")
+        if self.reverse_kl_excess is not None and (self.reverse_kl_excess < 0 or not self.reverse_kl_weight):
+            raise ValueError(
+                f"CycleSettings: reverse_kl_excess ({self.reverse_kl_excess}) must be >= 0 and shapes the reverse-KL "
+                f"term, so it needs reverse_kl_weight > 0 (got {self.reverse_kl_weight})"
+            )
         if self.estimate_samples < 0:
             raise ValueError(f"CycleSettings: estimate_samples must be >= 0, got {self.estimate_samples}")
         if self.shift_steps < 2:

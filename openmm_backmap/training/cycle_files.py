@@ -525,8 +525,8 @@ def add_arguments(p) -> None:
         default=d.reverse_kl_excess,
         metavar="C",
         help="make the --reverse-kl term an excess penalty: only draws where the flow's density exceeds the CG "
-        "marginal's by more than C nats count, so that it removes mass from the gaps between basins and never "
-        "drains a basin the flow underweights (default: the plain reverse KL)",
+        "marginal's by more than C nats count, so that it removes mass from the gaps between basins and none from "
+        "where the flow's density is at most e^C times the marginal's (default: the plain reverse KL)",
     )
     p.add_argument(
         "--estimate-samples",
