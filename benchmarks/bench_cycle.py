@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import logsumexp
 
 from openmm_backmap.systems.builtin import ALA2_REFERENCE_POPULATIONS
 
@@ -309,10 +310,7 @@ def cmd_ess(args) -> None:
     else:
         X, log_q_cg = family.sample(args.samples, 1.0)
     k_max = max(args.k)
-    with torch.no_grad():
-        x, log_q = bm.module.sample(X.float(), k_max)
-        u = energy(x.double())
-    pairs = (-u - log_q.double()).reshape(len(X), k_max).numpy() - log_q_cg.double().numpy()[:, None]
+    pairs = fibre_log_weights(bm, energy, X, k_max).numpy() - log_q_cg.double().numpy()[:, None]
     rows = []
     for k in args.k:
         log_w, _ = frame_weights(pairs[:, :k].ravel(), k)
@@ -379,6 +377,19 @@ def _fibre_log_z_ais(net, energy, X: torch.Tensor, chains: int, steps: int, seed
     return (torch.logsumexp(log_ais.reshape(len(X), chains), 1) - math.log(chains)).numpy()
 
 
+def fibre_log_weights(bm, energy, X: torch.Tensor, k: int, chunk: int = 64) -> torch.Tensor:
+    """(n, k) log-weights -u(x_j) - log q(x_j | X) of k reconstructions of each CG frame of X, made
+    ``chunk`` frames at a time; -inf where a term is not finite. Their log-mean over j estimates the
+    fibre integral log int_{M x = X} exp(-u) of each frame."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(X), chunk):
+            x, log_q = bm.module.sample(X[start : start + chunk].float(), k)
+            lw = (-energy(x.double()) - log_q.double()).reshape(-1, k)
+            out.append(torch.where(torch.isfinite(lw), lw, torch.full_like(lw, -math.inf)))
+    return torch.cat(out)
+
+
 def cmd_estimate(args) -> None:
     from openmm_backmap.io.backmap_model import load_model
     from openmm_backmap.io.checkpoints import cg_potential_from_file
@@ -440,16 +451,10 @@ def cmd_conditional(args) -> None:
         idx = phi_bead_indices(CGMapping.from_dict(spec["mapping"], bm.topology))
         basins = basin_indicators(*cg_dihedrals(X.double().numpy(), idx))
         energy = ReducedEnergy(aa_energy(load_system(bm.system_xml)), bm.temperature)
-        gaps, ess = [], []
-        with torch.no_grad():
-            for start in range(0, len(X), 64):
-                x, log_q = bm.module.sample(X[start : start + 64].float(), args.k)
-                lw = (-energy(x.double()) - log_q.double()).reshape(-1, args.k)
-                lw = torch.where(torch.isfinite(lw), lw, torch.full_like(lw, -math.inf))
-                gaps.append((torch.logsumexp(lw, 1) - math.log(args.k) - lw.mean(1)).numpy())
-                w = torch.softmax(lw, 1)
-                ess.append((1.0 / (w * w).sum(1) / args.k).numpy())
-        gap, cond_ess = np.concatenate(gaps), np.concatenate(ess)
+        lw = fibre_log_weights(bm, energy, X, args.k)
+        gap = (torch.logsumexp(lw, 1) - math.log(args.k) - lw.mean(1)).numpy()
+        w = torch.softmax(lw, 1)
+        cond_ess = (1.0 / (w * w).sum(1) / args.k).numpy()
         rows = {}
         for name, m in basins.items():
             g = gap[m]
@@ -490,16 +495,10 @@ def _flow_excess(cg, bm, energy, idx, args) -> dict:
     keep[: args.ratio_z] = True
     X, log_q = X[torch.as_tensor(keep)], log_q[torch.as_tensor(keep)].double().numpy()
     ind = {name: v[keep] for name, v in ind.items()}
-    log_p = []
-    with torch.no_grad():
-        for start in range(0, len(X), 32):
-            x, lq = bm.module.sample(X[start : start + 32].float(), args.k)
-            lw = (-energy(x.double()) - lq.double()).reshape(-1, args.k)
-            lw = torch.where(torch.isfinite(lw), lw, torch.full_like(lw, -math.inf))
-            log_p.append((torch.logsumexp(lw, 1) - math.log(args.k)).numpy())
-    total = log_q - np.concatenate(log_p)
+    log_p = (torch.logsumexp(fibre_log_weights(bm, energy, X, args.k), 1) - math.log(args.k)).numpy()
+    total = log_q - log_p
     first = total[: args.ratio_z][np.isfinite(total[: args.ratio_z])]
-    log_z = float(np.log(np.mean(np.exp(first.min() - first))) - first.min())
+    log_z = float(logsumexp(-first) - math.log(first.size))
     r = total + log_z
     rows = {}
     for name, m in ind.items():
@@ -563,8 +562,7 @@ def cmd_alpha_l(args) -> None:
         X = torch.as_tensor(bm.mapping.project(xyz))
         with torch.no_grad():
             log_q_cg = cg.log_prob(X).double().numpy()
-            x, lq = bm.module.sample(X.float(), args.k)
-            lw = (-energy(x.double()) - lq.double()).reshape(len(X), args.k)
+        lw = fibre_log_weights(bm, energy, X, args.k, chunk=len(X))
         w = torch.softmax(lw, 1)
         t0 = time.time()
         ais = _fibre_log_z_ais(bm.module, energy, X, args.chains, args.ais_steps, args.seed)

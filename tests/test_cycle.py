@@ -15,6 +15,7 @@ from openmm_backmap.training.cycle import (
     MixtureProposal,
     TemperedFlow,
     TorsionShiftedFlow,
+    backmapped_pair_weights,
     cg_reverse_kl,
     ess_tempering,
     evaluate_weights,
@@ -104,6 +105,12 @@ def test_exact_models_give_constant_weights():
     stats = evaluate_weights(log_w)
     assert stats["ess_fraction"] == pytest.approx(1.0, abs=1e-12)
     assert abs(stats["kl_forward"]) < 1e-9 and abs(stats["kl_reverse"]) < 1e-9
+    # the cycle's own weighing of backmapped draws gives the same constant; a non-finite draw gets -inf
+    X[3] = math.nan
+    X_safe, x2, pair = backmapped_pair_weights(X, log_q_cg, Backmap(D, 1.0), reduced_energy, 2)
+    assert torch.isfinite(X_safe).all() and x2.shape == (1000, 2, 3)
+    np.testing.assert_allclose(np.delete(pair, [6, 7]), log_z, atol=1e-9)
+    assert np.isneginf(pair[6:8]).all()
 
 
 def test_frame_weights_average_the_reconstructions():

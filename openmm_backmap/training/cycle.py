@@ -67,6 +67,7 @@ __all__ = [
     "MixtureProposal",
     "TorsionShiftedFlow",
     "TemperedFlow",
+    "backmapped_pair_weights",
     "cg_reverse_kl",
     "ess_tempering",
     "evaluate_weights",
@@ -505,6 +506,28 @@ def frame_weights(pair_log_w: np.ndarray, k: int) -> tuple[np.ndarray, Callable[
 
 
 @torch.no_grad()
+def backmapped_pair_weights(
+    X: Tensor,
+    log_prop: Tensor,
+    backmapper: Callable[[Tensor, int], tuple[Tensor, Tensor]],
+    reduced_energy: Callable[[Tensor], Tensor],
+    k: int,
+) -> tuple[Tensor, Tensor, np.ndarray]:
+    """Backmap CG draws X (log density ``log_prop`` under their proposal) k times each and weigh the
+    pairs: log w = -u(x) - log q(x | X) - log q_prop(X), frame-major (n k,), -inf where the draw or its
+    term is not finite. A non-finite draw is replaced by the first finite one before backmapping (its
+    weight stays -inf). Returns (the draws backmapped, x, log w)."""
+    ok = torch.isfinite(X).flatten(1).all(1) & torch.isfinite(log_prop)
+    X_safe = torch.where(ok[:, None, None], X, X[ok][:1].expand_as(X)) if ok.any() else X
+    x, log_q = backmapper(X_safe, k)
+    u = reduced_energy(x.to(torch.float64))
+    pair = -u.double().cpu().numpy() - log_q.double().cpu().numpy()
+    pair -= np.repeat(log_prop.double().cpu().numpy(), k)
+    pair = np.where(np.repeat(ok.cpu().numpy(), k) & np.isfinite(pair), pair, -np.inf)
+    return X_safe, x, pair
+
+
+@torch.no_grad()
 def flow_estimate(
     family: Any,
     backmapper: Callable[[Tensor, int], tuple[Tensor, Tensor]],
@@ -529,15 +552,9 @@ def flow_estimate(
     inds: dict[str, list[np.ndarray]] = {}
     for start in range(0, n, chunk):
         X, log_qX = family.sample(min(chunk, n - start), 1.0)
-        ok = torch.isfinite(X).flatten(1).all(1) & torch.isfinite(log_qX)
-        if not bool(ok.any()):
+        if not bool((torch.isfinite(X).flatten(1).all(1) & torch.isfinite(log_qX)).any()):
             raise ValueError(f"flow_estimate: every draw {start}-{start + len(X) - 1} of the CG flow is non-finite")
-        X = torch.where(ok[:, None, None], X, X[ok][:1].expand_as(X))
-        x, log_q = backmapper(X, k)
-        u = reduced_energy(x.to(torch.float64))
-        pair = -u.double().cpu().numpy() - log_q.double().cpu().numpy()
-        pair -= np.repeat(log_qX.double().cpu().numpy(), k)
-        pair = np.where(np.repeat(ok.cpu().numpy(), k) & np.isfinite(pair), pair, -np.inf)
+        _, x, pair = backmapped_pair_weights(X, log_qX, backmapper, reduced_energy, k)
         log_w, frame_of = frame_weights(pair, k)
         log_ws.append(log_w)
         if observables is not None:
@@ -931,14 +948,9 @@ def run_cycles(
         family.module.eval()
         with torch.no_grad():
             X, log_prop, own = proposal.sample(s.samples)
-            ok = torch.isfinite(X).flatten(1).all(1) & torch.isfinite(log_prop)
-            X_safe = torch.where(ok[:, None, None], X, X[ok][:1].expand_as(X)) if ok.any() else X
-            x, log_q = backmapper(X_safe, s.per_frame)
-            u = reduced_energy(x.to(torch.float64))
         k = s.per_frame
+        X_safe, x, pair_log_w = backmapped_pair_weights(X, log_prop, backmapper, reduced_energy, k)
         log_prop_np = log_prop.double().cpu().numpy()
-        pair_log_w = -u.double().cpu().numpy() - log_q.double().cpu().numpy() - np.repeat(log_prop_np, k)
-        pair_log_w = np.where(np.repeat(ok.cpu().numpy(), k) & np.isfinite(pair_log_w), pair_log_w, -np.inf)
         x_np = x.detach().cpu().double().numpy()
         log_w, frame_of = frame_weights(pair_log_w, k)
         plain_log_w = log_w
