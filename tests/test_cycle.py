@@ -22,6 +22,8 @@ from openmm_backmap.training.cycle import (
     flow_estimate,
     frame_weights,
     run_cycles,
+    stratify,
+    stratum_population_term,
     weighted_refit,
     widen_priors,
 )
@@ -304,6 +306,144 @@ def test_cycle_with_the_reverse_kl_term_keeps_the_exact_marginal():
         assert (cg.mean - MU).abs().max().item() < 5 * SA / math.sqrt(n_eff) + 0.01, cg.mean
         np.testing.assert_allclose(torch.exp(cg.log_std).numpy(), SA, rtol=5 / math.sqrt(2 * n_eff) + 0.03)
     with pytest.raises(ValueError, match="fibre_sample"):
+        run_cycles(GaussianFamily(cg), backmap, reduced_energy, project, settings, log=lambda s: None)
+
+
+def test_stratify_scales_the_weighed_up_basins_and_stiffens_the_populations():
+    """Three strata of weighted pairs: the one above the floor and the one with too few pairs keep
+    their population as the shape weight; the small one with enough pairs gets the floor, its pairs'
+    weights scaled by floor / pi, and the population coefficients are c_b - Lambda pi_b with Lambda
+    = floor / pi_small. With floor 0 nothing changes (plain weighted maximum likelihood)."""
+    labels = np.array([0] * 80 + [1] * 30 + [2] * 5)
+    w = np.concatenate([np.full(80, 1.0), np.full(30, 0.1), np.full(5, 0.2)])
+    total = w.sum()
+    scale, coef, summary = stratify(labels, w, 0.2, 3, min_ess=20.0)
+    pi = np.array([80.0, 3.0, 1.0]) / total
+    np.testing.assert_allclose([s["pi"] for s in summary], pi)
+    np.testing.assert_allclose([s["ess"] for s in summary], [80.0, 30.0, 5.0])
+    c = np.array([pi[0], 0.2, pi[2]])  # stratum 2: ESS 5 < 20
+    np.testing.assert_allclose([s["c"] for s in summary], c)
+    np.testing.assert_allclose(scale, np.concatenate([np.ones(80), np.full(30, 0.2 / pi[1]), np.ones(5)]))
+    np.testing.assert_allclose(coef, c - (0.2 / pi[1]) * pi)
+    assert coef[1] == pytest.approx(0.0, abs=1e-12) and np.all(coef[[0, 2]] < 0)
+    # the scaled weights give each stratum its shape weight c_b
+    np.testing.assert_allclose([np.sum((scale * w)[labels == b]) / total for b in range(3)], c)
+    scale, coef, _ = stratify(labels, w, 0.0, 3)
+    assert np.all(scale == 1.0) and np.all(coef == 0.0)
+    with pytest.raises(ValueError, match="floor"):
+        stratify(labels, w, 1.0, 3)
+    with pytest.raises(ValueError, match="every weight is zero"):
+        stratify(labels, np.zeros_like(w), 0.2, 3)
+
+
+def test_stratum_population_term_gives_the_gradient_of_the_log_population():
+    """On the Gaussian CG model, the surrogate's gradient is grad log Q_b of the stratum b = {X_x >
+    MU_x + 1.5 SA}, Q_b = 1 - Phi(z): w.r.t. the mean phi(z) / (SA Q_b), w.r.t. log sigma
+    z phi(z) / Q_b (closed forms); strata without draws, and coefficients 0, add nothing."""
+    from scipy.stats import norm
+
+    torch.manual_seed(0)
+    cg = GaussianCG(MU, [SA] * 3)
+    cut = float(MU[0]) + 1.5 * SA
+
+    def tail(X):
+        return (X.reshape(-1, 3)[:, 0] > cut).numpy().astype(int)
+
+    stratum_population_term(cg, tail, np.array([0.0, 2.0, 5.0]), 200_000).backward()
+    z, q = 1.5, 1.0 - norm.cdf(1.5)
+    assert cg.mean.grad[0].item() == pytest.approx(2.0 * norm.pdf(z) / (SA * q), rel=0.03)
+    assert cg.log_std.grad[0].item() == pytest.approx(2.0 * z * norm.pdf(z) / q, rel=0.05)
+    # the other axes: zero within noise (the draws in b are not selected on them)
+    assert cg.mean.grad[1:].abs().max().item() < 0.1 and cg.log_std.grad[1:].abs().max().item() < 0.1
+
+
+def _two_torsion_chains(n: int, small: float, psi_small: float, seed: int) -> np.ndarray:
+    """n five-bead chains with two dihedrals (phi, psi) around (-1.3, 1.2) rad, a fraction ``small``
+    of them around (1.3, psi_small): alanine dipeptide's C7eq and a small alpha_L-like basin."""
+    from openmm_backmap.geometry import nerf
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def noisy(mean, sd):
+        return mean + sd * torch.randn(n, generator=gen, dtype=torch.float64)
+
+    zero = torch.zeros(n, dtype=torch.float64)
+    a = torch.zeros(n, 3, dtype=torch.float64)
+    b = torch.stack([noisy(0.15, 0.003), zero, zero], 1)
+    theta, r = noisy(1.9, 0.05), noisy(0.15, 0.003)
+    c = b + torch.stack([-r * torch.cos(theta), r * torch.sin(theta), zero], 1)
+    in_small = torch.arange(n) < round(small * n)
+    phi = torch.where(in_small, noisy(1.3, 0.3), noisy(-1.3, 0.3))
+    psi = torch.where(in_small, noisy(psi_small, 0.3), noisy(1.2, 0.3))
+    d = nerf(c, b, a, noisy(0.15, 0.003), noisy(1.9, 0.05), phi)
+    e = nerf(d, c, b, noisy(0.15, 0.003), noisy(1.9, 0.05), psi)
+    return torch.stack([a, b, c, d, e], 1).numpy()
+
+
+def test_stratified_refit_moves_a_small_basin_that_maximum_likelihood_leaves():
+    """The failure the stratified refit is for: a flow whose small basin (3 %, phi > 0) sits at the
+    big basin's psi, refitted to pairs whose small basin is at psi = -1 rad. In 10 epochs weighted
+    maximum likelihood (3 % of the gradient) leaves most of the small basin at the old psi; the
+    stratified refit (floor 0.3) moves most of it, and both keep its population at 3 %."""
+    from openmm_backmap.geometry import dihedrals
+    from openmm_backmap.models.cg_potential import CGFlowPotential
+
+    def torsions(X):
+        X = torch.as_tensor(X)
+        return dihedrals(X[:, 0], X[:, 1], X[:, 2], X[:, 3]), dihedrals(X[:, 1], X[:, 2], X[:, 3], X[:, 4])
+
+    def basin(X):
+        return (torsions(X)[0] > 0).numpy().astype(int)
+
+    start = _two_torsion_chains(4000, 0.03, 1.2, seed=1)
+    X = _two_torsion_chains(6000, 0.03, -1.0, seed=2)
+    w = np.ones(len(X))
+    found = {}
+    for floor in (0.0, 0.3):
+        torch.manual_seed(0)
+        model = CGFlowPotential.from_data(
+            start, [(0, 1), (1, 2), (2, 3), (3, 4)], circular_spread=0.25, n_layers=4, hidden=32, n_hidden=1
+        )
+        weighted_refit(model, start, np.ones(len(start)), 20, 256, 5e-3, 0.1, 0)
+        torch.manual_seed(5)
+        scale, coef, summary = stratify(basin(X), w, floor, 2)
+        assert summary[1]["pi"] == pytest.approx(0.03)
+        loss = (lambda m=model, c=coef: stratum_population_term(m, basin, c, 1024)) if floor else None
+        weighted_refit(model, X, w, 10, 256, 5e-3, 0.1, 0, loss, scale)
+        with torch.no_grad():
+            phi, psi = torsions(model.sample(20000)[0])
+        small = phi > 0
+        moved = (torch.remainder(psi[small] + 1.0 + math.pi, 2 * math.pi) - math.pi).abs() < 0.6
+        found[floor] = (float(small.double().mean()), float(moved.double().mean()))
+    assert found[0.0][1] < 0.2 and found[0.3][1] > 0.4, found
+    for population, _ in found.values():
+        assert population == pytest.approx(0.03, abs=0.006), found
+
+
+def test_stratified_cycle_keeps_the_exact_marginal():
+    """The stratified refit inside the cycle (strata: the toy's tail X_x > MU_x + SA and the rest,
+    each draw labelled through one reconstruction) still converges to N(MU, SA^2) from a wrong
+    start, records each stratum's population and shape weight, and is refused without observables."""
+    torch.manual_seed(7)
+    cg = GaussianCG(MU + 0.3, [0.7 * SA] * 3)
+    settings = CycleSettings(
+        cycles=5, samples=3000, pool=2, epochs=10, batch_size=500, lr=0.04, seed=3, stratify=0.5, stratify_draws=1000
+    )
+
+    def observables(x):
+        tail = x[:, 0, 0] > float(MU[0]) + SA
+        return {"rest": ~tail, "tail": tail}
+
+    backmap = Backmap(D + 0.05, 1.4)
+    history = run_cycles(GaussianFamily(cg), backmap, reduced_energy, project, settings, observables, log=lambda s: None)
+    strata = history[-2]["refit"]["strata"]
+    assert set(strata) == {"rest", "tail"} and sum(v["pi"] for v in strata.values()) == pytest.approx(1.0)
+    assert strata["tail"]["c"] == 0.5 and strata["rest"]["c"] == pytest.approx(strata["rest"]["pi"])
+    n_eff = history[-2]["ess"] * settings.pool
+    with torch.no_grad():
+        assert (cg.mean - MU).abs().max().item() < 5 * SA / math.sqrt(n_eff) + 0.01, cg.mean
+        np.testing.assert_allclose(torch.exp(cg.log_std).numpy(), SA, rtol=5 / math.sqrt(2 * n_eff) + 0.03)
+    with pytest.raises(ValueError, match="observables"):
         run_cycles(GaussianFamily(cg), backmap, reduced_energy, project, settings, log=lambda s: None)
 
 
@@ -689,6 +829,8 @@ def test_settings_refuse_nonsense():
         CycleSettings(tau=0.5)
     with pytest.raises(ValueError, match="cycles"):
         CycleSettings(cycles=0)
+    with pytest.raises(ValueError, match="stratify"):
+        CycleSettings(stratify=1.0)
 
 
 # ---------------------------------------------------------------------------- files and bad input
@@ -751,13 +893,16 @@ def test_cycle_command_end_to_end(tiny_ala2, tiny_cg, tmp_path):
     out = tmp_path / "cyc"
     argv = ["cycle", "--model", str(tiny_ala2["model"]), "--cg-model", str(tiny_cg), "--cycles", "1"]
     argv += ["--samples", "128", "--per-frame", "2", "--epochs", "1", "--batch-size", "64", "--out", str(out)]
-    assert main([*argv, "--threads", "1"]) == 0
+    assert main([*argv, "--stratify", "0.3", "--stratify-draws", "64", "--threads", "1"]) == 0
     rec = json.loads((out / "cycle.json").read_text())
     assert [r["cycle"] for r in rec["cycles"]] == [0, 1]
     first = rec["cycles"][0]
     assert first["n"] == 128 and first["per_frame"] == 2 and 0 < first["pair_ess_fraction"] <= 1
     assert 0 < first["ess_fraction"] <= 1 and set(first["basins"]) == {"C7eq", "C5", "alpha_R", "alpha_L"}
     assert sum(b["reweighted"] for b in first["basins"].values()) == pytest.approx(1.0)
+    strata = first["refit"]["strata"]  # the refit's strata are the basins, their populations the pool's
+    assert set(strata) == set(first["basins"]) and sum(v["pi"] for v in strata.values()) == pytest.approx(1.0)
+    assert all(v["c"] >= v["pi"] for v in strata.values())
     assert (out / "cycle.png").stat().st_size > 0 and (out / "backmapper.pt").is_file()
     new, meta = load_cg_potential(out / "cg.pt")
     old, _ = load_cg_potential(tiny_cg)
@@ -812,8 +957,8 @@ def test_from_run_refits_and_refuses_bad_runs(tiny_ala2, tiny_cg, tmp_path, caps
     err = capsys.readouterr().err
     assert "every importance weight" in err and f"frames 0-{n - 1}" in err and "never visits" in err
 
-    for flag in ("--reverse-kl", "--estimate-samples"):
-        assert main([*base, "--from-run", str(good), dcd, flag, "1", "--out", str(tmp_path / "k")]) == 2
+    for flag, value in (("--reverse-kl", "1"), ("--estimate-samples", "1"), ("--stratify", "0.3")):
+        assert main([*base, "--from-run", str(good), dcd, flag, value, "--out", str(tmp_path / "k")]) == 2
         assert flag in capsys.readouterr().err
 
 

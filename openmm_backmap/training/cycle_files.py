@@ -537,6 +537,23 @@ def add_arguments(p) -> None:
         "plain importance weights: cheap for large N) for the final reweighted AA estimate, 'estimate' in "
         f"cycle.json (default {d.estimate_samples}: none)",
     )
+    p.add_argument(
+        "--stratify",
+        type=float,
+        default=d.stratify,
+        metavar="F",
+        help="stratify the refit by basin: fit the shape of every basin with at least the share F of the gradient "
+        "(maximum likelihood gives a basin its population's share) while a population term on fresh draws of the "
+        "flow keeps the basins' populations; the same minimiser, the exact marginal "
+        f"(default {d.stratify}: plain weighted maximum likelihood)",
+    )
+    p.add_argument(
+        "--stratify-draws",
+        type=int,
+        default=d.stratify_draws,
+        metavar="N",
+        help=f"draws of the CG flow per refit step for the population term of --stratify (default {d.stratify_draws})",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
 
 
@@ -571,9 +588,15 @@ def run(args) -> int:
         reverse_kl_per_frame=args.reverse_kl_per_frame,
         reverse_kl_excess=args.reverse_kl_excess,
         estimate_samples=args.estimate_samples,
+        stratify=args.stratify,
+        stratify_draws=args.stratify_draws,
     )
     if args.from_run:
-        for flag, value in (("--reverse-kl", args.reverse_kl), ("--estimate-samples", args.estimate_samples)):
+        for flag, value in (
+            ("--reverse-kl", args.reverse_kl),
+            ("--estimate-samples", args.estimate_samples),
+            ("--stratify", args.stratify),
+        ):
             if value:
                 raise ValueError(f"{flag} draws from the models: it needs the cycle, not --from-run (a refit to a run)")
         energy_csv, trajectory = args.from_run
