@@ -435,7 +435,9 @@ def test_stratified_cycle_keeps_the_exact_marginal():
         return {"rest": ~tail, "tail": tail}
 
     backmap = Backmap(D + 0.05, 1.4)
-    history = run_cycles(GaussianFamily(cg), backmap, reduced_energy, project, settings, observables, log=lambda s: None)
+    history = run_cycles(
+        GaussianFamily(cg), backmap, reduced_energy, project, settings, observables, log=lambda s: None
+    )
     strata = history[-2]["refit"]["strata"]
     assert set(strata) == {"rest", "tail"} and sum(v["pi"] for v in strata.values()) == pytest.approx(1.0)
     assert strata["tail"]["c"] == 0.5 and strata["rest"]["c"] == pytest.approx(strata["rest"]["pi"])
