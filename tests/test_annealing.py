@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 
 from openmm_backmap.analysis.reweighting import kish_ess
-from openmm_backmap.sampling.annealing import AnnealSettings, annealed_importance
+from openmm_backmap.sampling.annealing import AnnealSettings, annealed_importance, hmc_at_target
 
 # q: standard normal in (4, 3); p: unnormalised normal with mean MU and per-particle widths SIGMA.
 MU = 0.4
@@ -68,6 +68,27 @@ def test_moves_keep_the_target():
     for i in range(4):
         z = ((x[:, i] - MU) / SIGMA[0, i]).flatten().numpy()
         assert stats.kstest(z, "norm").pvalue > 1e-3
+
+
+def test_hmc_at_target_keeps_p_and_relaxes_a_point_start_to_it():
+    """The resample-move kernels: exact draws of p stay draws of p (KS per particle), and copies of
+    one point (what resampling leaves of a degenerate weight) spread into p within 40 moves (its
+    mean and widths within a few standard errors); acceptance near the target."""
+    torch.manual_seed(5)
+    x0 = MU + SIGMA * torch.randn(3000, 4, 3, dtype=torch.float64)
+    x, info = hmc_at_target(x0, log_p, 10, AnnealSettings(leapfrog=8, step=0.4), torch.Generator().manual_seed(6))
+    assert (x - x0).abs().mean() > 0.1 and info["moves"] == 10
+    for i in range(4):
+        assert stats.kstest(((x[:, i] - MU) / SIGMA[0, i]).flatten().numpy(), "norm").pvalue > 1e-3
+    point = torch.full((3000, 4, 3), MU + 2.0, dtype=torch.float64)
+    x, info = hmc_at_target(point, log_p, 40, AnnealSettings(leapfrog=8, step=0.4), torch.Generator().manual_seed(7))
+    n = x.shape[0] * 3
+    for i in range(4):
+        v = x[:, i].flatten()
+        sd = float(SIGMA[0, i])
+        assert abs(float(v.mean()) - MU) < 4 * sd / math.sqrt(n) + 0.02, (i, float(v.mean()))
+        assert float(v.std()) == pytest.approx(sd, rel=0.06)
+    assert 0.5 < info["acceptance"][0] < 0.9
 
 
 def test_impossible_draws_get_zero_weight_and_stay():

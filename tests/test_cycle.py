@@ -21,6 +21,7 @@ from openmm_backmap.training.cycle import (
     evaluate_weights,
     flow_estimate,
     frame_weights,
+    resample_strata,
     run_cycles,
     stratify,
     stratum_population_term,
@@ -336,6 +337,30 @@ def test_stratify_scales_the_weighed_up_basins_and_stiffens_the_populations():
         stratify(labels, np.zeros_like(w), 0.2, 3)
 
 
+def test_resample_strata_keeps_every_stratum_weight_and_is_unbiased():
+    """A stratum with even weights is kept as it is; one whose weight sits on a few samples is
+    resampled within itself: every stratum's total weight is unchanged, the drawn samples get its
+    mean weight, and over many draws each sample's expected count is n_b w_i / W_b (unbiased)."""
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 100 + [1] * 50)
+    lw = np.concatenate([rng.normal(0.0, 0.1, 100), rng.normal(-3.0, 2.5, 50)])
+    index, new_lw, moved = resample_strata(labels, lw, rng)
+    assert not moved[:100].any() and moved[100:].all()
+    assert np.array_equal(index[:100], np.arange(100)) and np.array_equal(new_lw[:100], lw[:100])
+    assert np.all((index[100:] >= 100) & (index[100:] < 150))
+    assert logsumexp(new_lw[100:]) == pytest.approx(logsumexp(lw[100:]))
+    assert np.allclose(new_lw[100:], new_lw[100])
+    counts = np.zeros(150)
+    for _ in range(4000):
+        index, _, _ = resample_strata(labels, lw, rng)
+        counts += np.bincount(index[100:], minlength=150)
+    expected = 50 * np.exp(lw[100:] - logsumexp(lw[100:]))
+    np.testing.assert_allclose(counts[100:] / 4000, expected, atol=0.03)
+    # a stratum whose every weight is zero, or of one sample, is left alone
+    index, new_lw, moved = resample_strata(np.array([0, 0, 1]), np.array([-np.inf, -np.inf, 0.0]), rng)
+    assert not moved.any() and np.array_equal(index, [0, 1, 2])
+
+
 def test_stratum_population_term_gives_the_gradient_of_the_log_population():
     """On the Gaussian CG model, the surrogate's gradient is grad log Q_b of the stratum b = {X_x >
     MU_x + 1.5 SA}, Q_b = 1 - Phi(z): w.r.t. the mean phi(z) / (SA Q_b), w.r.t. log sigma
@@ -449,11 +474,13 @@ def test_stratified_cycle_keeps_the_exact_marginal():
         run_cycles(GaussianFamily(cg), backmap, reduced_energy, project, settings, log=lambda s: None)
 
 
-def test_annealed_cycle_reaches_the_exact_marginal_with_better_weights():
+@pytest.mark.parametrize("resample_moves", [0, 5])
+def test_annealed_cycle_reaches_the_exact_marginal_with_better_weights(resample_moves):
     """With every pair annealed to exp(-u) (AIS, Cartesian moves) the cycle still has the exact
     marginal as its fixed point and reaches it from the wrong start; its weights are far more even
     than the plain importance weights of the same draws (a biased, too broad backmapper), and the
-    raw populations stay those of the flow's own draws."""
+    raw populations stay those of the flow's own draws. The same with the resample-move step (the
+    first cycle's degenerate halves resampled within themselves and moved at exp(-u))."""
     torch.manual_seed(1)
     cg = GaussianCG(MU + 0.4, [0.6 * SA] * 3)
     backmap = Backmap(D + 0.05, 1.4)
@@ -470,6 +497,7 @@ def test_annealed_cycle_reaches_the_exact_marginal_with_better_weights():
         anneal_levels=10,
         anneal_leapfrog=5,
         anneal_step=0.1,
+        resample_moves=resample_moves,
     )
 
     def fibre_log_prob(x, X):
@@ -477,7 +505,8 @@ def test_annealed_cycle_reaches_the_exact_marginal_with_better_weights():
         return gaussian_log_density(x[:, 1], X[:, 0] + backmap.shift, std)
 
     def below_mean(x):
-        return {"low": x[:, 0, 0] < MU[0].item()}
+        low = x[:, 0, 0] < MU[0].item()
+        return {"low": low, "high": ~low}
 
     history = run_cycles(
         GaussianFamily(cg),
@@ -496,6 +525,8 @@ def test_annealed_cycle_reaches_the_exact_marginal_with_better_weights():
     assert history[0]["basins"]["low"]["raw"] < 0.05  # the start sits 1.3 sigma above MU
     assert abs(history[0]["basins"]["low"]["reweighted"] - 0.5) < 0.1
     assert abs(history[-1]["basins"]["low"]["reweighted"] - 0.5) < 0.05
+    if resample_moves:
+        assert history[0]["resample"]["resampled"]["high"] and history[0]["resample"]["distinct"]["high"] > 10
     with torch.no_grad():
         assert (cg.mean - MU).abs().max().item() < 0.03
         np.testing.assert_allclose(torch.exp(cg.log_std).numpy(), SA, rtol=0.06)
@@ -833,6 +864,8 @@ def test_settings_refuse_nonsense():
         CycleSettings(cycles=0)
     with pytest.raises(ValueError, match="stratify"):
         CycleSettings(stratify=1.0)
+    with pytest.raises(ValueError, match="anneal_levels"):
+        CycleSettings(resample_moves=5)
 
 
 # ---------------------------------------------------------------------------- files and bad input

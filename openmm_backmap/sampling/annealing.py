@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["AnnealSettings", "CartesianCoordinates", "annealed_importance"]
+__all__ = ["AnnealSettings", "CartesianCoordinates", "annealed_importance", "hmc_at_target"]
 
 LogDensity = Callable[[Tensor], Tensor]
 
@@ -210,3 +210,41 @@ def annealed_importance(
         steps.append(step)
     stats = {"levels": s.levels, "leapfrog": s.leapfrog, "acceptance": acc_means, "final_step": steps}
     return torch.cat(xs), torch.cat(ws), stats
+
+
+def hmc_at_target(
+    x0: Tensor,
+    log_p: LogDensity,
+    moves: int,
+    settings: AnnealSettings = AnnealSettings(),
+    generator: torch.Generator | None = None,
+    coordinates=None,
+) -> tuple[Tensor, dict]:
+    """``moves`` HMC moves of every particle x0 (B, n, 3) that leave p invariant (the kernels of
+    :func:`annealed_importance` at b = 1), in ``coordinates``; the step starts at ``settings.step``
+    and adapts between moves as there. Weighted samples of p stay weighted samples of p with their
+    weights unchanged: the move step of a resample-move scheme. Returns the moved positions and
+    ``stats`` (per chunk the mean ``acceptance`` and the ``final_step``)."""
+    s = settings
+    coordinates = CartesianCoordinates() if coordinates is None else coordinates
+
+    def no_q(x: Tensor) -> Tensor:
+        return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+
+    xs, acc_means, steps = [], [], []
+    for start in range(0, len(x0), s.chunk):
+        with torch.no_grad():
+            z = coordinates.to_internal(x0[start : start + s.chunk].detach())
+            x, ladj = coordinates.from_internal(z)
+            state = _State(z, x, no_q(x), log_p(x), ladj)
+        alive = torch.isfinite(state.lp) & torch.isfinite(ladj)
+        step, accepted = float(s.step), []
+        for _ in range(int(moves)):
+            state, acc = _hmc_move(state, coordinates, no_q, log_p, 1.0, step, s.leapfrog, generator)
+            rate = float(acc[alive].double().mean()) if alive.any() else 0.0
+            accepted.append(rate)
+            step *= 1.1 if rate > s.acceptance else 0.9
+        xs.append(state.x)
+        acc_means.append(sum(accepted) / len(accepted) if accepted else float("nan"))
+        steps.append(step)
+    return torch.cat(xs), {"moves": int(moves), "acceptance": acc_means, "final_step": steps}

@@ -62,7 +62,7 @@ from torch import Tensor
 from openmm_backmap.analysis.reweighting import kish_ess, normalized_weights
 from openmm_backmap.geometry import distances
 from openmm_backmap.models.cg_potential import ANGLE_EDGE, CGFlowPotential
-from openmm_backmap.sampling.annealing import AnnealSettings, annealed_importance
+from openmm_backmap.sampling.annealing import AnnealSettings, annealed_importance, hmc_at_target
 from openmm_backmap.training.backmapper import soft_clip_above_quartile
 from openmm_backmap.training.loop import FitSettings, fit_epochs
 
@@ -78,6 +78,7 @@ __all__ = [
     "flow_estimate",
     "frame_weights",
     "run_cycles",
+    "resample_strata",
     "spread_torsions",
     "stratify",
     "stratum_labels",
@@ -142,6 +143,14 @@ class CycleSettings:
         step (each labelled by the basin of one reconstruction) keeps the populations at pi_b. The
         fixed point is the same (the exact marginal); a basin of 1 % gets the gradient it needs to
         take its shape from the weighted pairs.
+    resample_moves
+        0: the refit sees the annealed pairs with their AIS weights. M > 0: every basin whose pairs'
+        Kish ESS is below :data:`RESAMPLE_BELOW` of their number is resampled by weight within the
+        basin (:func:`resample_strata`: its total weight, the basin's population, is kept) and its
+        pairs then make M HMC moves that leave exp(-beta U_AA) invariant
+        (:func:`~openmm_backmap.sampling.annealing.hmc_at_target`), so that a basin whose weight
+        sits on a few pairs hands the refit a spread of pairs (a resample-move step; the
+        record's statistics are those of the annealed pairs before it).
     check_steps, check_replicas
         Dynamics check of every refitted CG potential (0 steps: none; the check needs a ``check``
         callable in :func:`run_cycles`, which the ``cycle`` command supplies): ``check_replicas`` replicas of
@@ -185,6 +194,7 @@ class CycleSettings:
     estimate_samples: int = 0
     stratify: float = 0.0
     stratify_draws: int = 2048
+    resample_moves: int = 0
 
     def __post_init__(self) -> None:
         for name in ("cycles", "samples", "per_frame", "pool", "epochs", "batch_size"):
@@ -223,6 +233,11 @@ class CycleSettings:
             raise ValueError(
                 f"CycleSettings: stratify must be in [0, 1) and stratify_draws >= 1, got {self.stratify} and "
                 f"{self.stratify_draws}"
+            )
+        if self.resample_moves < 0 or (self.resample_moves and not self.anneal_levels):
+            raise ValueError(
+                f"CycleSettings: resample_moves ({self.resample_moves}) must be >= 0 and moves annealed pairs, so it "
+                f"needs anneal_levels > 0 (got {self.anneal_levels})"
             )
         if self.estimate_samples < 0:
             raise ValueError(f"CycleSettings: estimate_samples must be >= 0, got {self.estimate_samples}")
@@ -755,6 +770,40 @@ def _weighted_nll(model: torch.nn.Module, X: Tensor, w: Tensor) -> Tensor:
     return -(w * lq).sum() / max(int(X.shape[0]), 1)
 
 
+#: a basin whose pairs' Kish ESS is below this fraction of their number is resampled and moved
+#: (``CycleSettings.resample_moves``)
+RESAMPLE_BELOW = 0.5
+
+
+def resample_strata(
+    labels: np.ndarray, log_w: np.ndarray, rng: np.random.Generator, below: float = RESAMPLE_BELOW
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Resampling within strata: in every stratum whose Kish ESS is below ``below`` times its number
+    of samples n_b, n_b samples are drawn by weight (systematic resampling) and each gets the
+    stratum's mean weight W_b / n_b; other strata are kept as they are. Every sample i is then
+    expected to be present with its own weight (n_b w_i / W_b copies of weight W_b / n_b), so the
+    result is a weighted sample of the same density, with every stratum's total weight unchanged.
+
+    Returns the indices of the kept or drawn samples (n,), their log-weights, and a mask of the
+    samples that were resampled (the ones a move step should move)."""
+    labels = np.asarray(labels)
+    lw = np.asarray(log_w, dtype=np.float64)
+    index = np.arange(lw.size)
+    new_lw = lw.copy()
+    moved = np.zeros(lw.size, dtype=bool)
+    for b in np.unique(labels):
+        members = np.flatnonzero((labels == b) & np.isfinite(lw))
+        if members.size < 2 or kish_ess(lw[members]) >= below * members.size:
+            continue
+        w = normalized_weights(lw[members])
+        positions = (rng.random() + np.arange(members.size)) / members.size
+        picks = np.minimum(np.searchsorted(np.cumsum(w), positions), members.size - 1)
+        index[members] = members[picks]
+        new_lw[members] = logsumexp(lw[members]) - math.log(members.size)
+        moved[members] = True
+    return index, new_lw, moved
+
+
 #: a stratum's weighted pairs must reach this Kish ESS before the stratified refit weighs its shape up:
 #: a handful of pairs, weighed up, would be fitted as a handful of points
 STRATUM_MIN_ESS = 20.0
@@ -765,6 +814,12 @@ def stratum_labels(indicators: dict[str, np.ndarray]) -> np.ndarray:
     value (basin indicators partition the plane; averaged over residues or reconstructions, the
     basin holding most of them)."""
     values = np.stack([np.asarray(v, dtype=np.float64) for v in indicators.values()])
+    outside = int(np.sum(values.max(axis=0) <= 0.0))
+    if outside:
+        raise ValueError(
+            f"strata: {outside} of {values.shape[1]} samples are in none of {', '.join(indicators)}; the "
+            "indicators must partition the samples"
+        )
     return np.argmax(values, axis=0)
 
 
@@ -1027,8 +1082,11 @@ def run_cycles(
     s = settings
     if s.anneal_levels and fibre_log_prob is None:
         raise ValueError("annealing (anneal_levels > 0) needs the backmapper's fibre_log_prob")
-    if s.stratify and observables is None:
-        raise ValueError("the stratified refit (stratify > 0) needs basin observables: its strata are the basins")
+    if (s.stratify or s.resample_moves) and observables is None:
+        raise ValueError(
+            "the stratified refit (stratify > 0) and the resample-move step (resample_moves > 0) need basin "
+            "observables: their strata are the basins"
+        )
     extra_loss = None
     if s.reverse_kl_weight:
         if fibre_sample is None:
@@ -1088,6 +1146,11 @@ def run_cycles(
             record["anneal"] = stats
             record["plain_ess_fraction"] = kish_ess(plain_log_w) / max(len(own), 1)
             k = 1
+            if s.resample_moves and ind is not None and not last:
+                # the refit's pairs: degenerate basins resampled and moved (the record keeps the AIS sample)
+                x_np, log_w, ind, record["resample"] = _resample_move(
+                    x_np, log_w, ind, observables, reduced_energy, s, c, coordinates, stats
+                )
         else:
             if ind is not None:
                 ind = {name: frame_of(v) for name, v in ind.items()}
@@ -1174,6 +1237,44 @@ def _with_population_term(
         return term if extra_loss is None else term + extra_loss()
 
     return loss
+
+
+def _resample_move(
+    x: np.ndarray,
+    log_w: np.ndarray,
+    ind: dict[str, np.ndarray],
+    observables: Callable[[np.ndarray], dict[str, np.ndarray]],
+    reduced_energy: Callable[[Tensor], Tensor],
+    s: CycleSettings,
+    cycle: int,
+    coordinates: Any,
+    anneal_stats: dict,
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], dict]:
+    """The annealed pairs with their degenerate basins resampled (:func:`resample_strata`) and moved
+    by ``s.resample_moves`` HMC moves at exp(-u), from the AIS's last step; their basin indicators
+    taken again after the moves, and a summary (per basin the ESS before, which were resampled, the
+    moves' acceptance)."""
+    rng = np.random.default_rng(s.seed + 15485863 * (cycle + 1))
+    labels = stratum_labels(ind)
+    index, new_lw, moved = resample_strata(labels, log_w, rng)
+    names = list(ind)
+    summary: dict[str, Any] = {
+        "ess_before": {n: kish_ess(log_w[labels == b]) for b, n in enumerate(names)},
+        "resampled": {n: bool(moved[labels == b].any()) for b, n in enumerate(names)},
+        "distinct": {n: int(np.unique(index[(labels == b) & moved]).size) for b, n in enumerate(names)},
+    }
+    x_new = x[index].copy()
+    if moved.any():
+        step = float(np.mean(anneal_stats["final_step"]))
+        settings = AnnealSettings(levels=1, leapfrog=s.anneal_leapfrog, step=step)
+        generator = torch.Generator().manual_seed(s.seed + 32452843 * (cycle + 1))
+        start = torch.as_tensor(x_new[moved])
+        after, stats = hmc_at_target(
+            start, lambda y: -reduced_energy(y), s.resample_moves, settings, generator, coordinates
+        )
+        x_new[moved] = after.double().cpu().numpy()
+        summary["acceptance"] = stats["acceptance"]
+    return x_new, new_lw, observables(x_new), summary
 
 
 def _anneal_pairs(

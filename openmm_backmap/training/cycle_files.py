@@ -554,6 +554,16 @@ def add_arguments(p) -> None:
         metavar="N",
         help=f"draws of the CG flow per refit step for the population term of --stratify (default {d.stratify_draws})",
     )
+    p.add_argument(
+        "--resample-moves",
+        type=int,
+        default=d.resample_moves,
+        metavar="M",
+        help="with --anneal-levels: resample every basin whose annealed pairs have a Kish ESS below half their "
+        "number by weight within the basin (its population kept) and give its pairs M HMC moves at "
+        "exp(-U_AA / kT) before the refit, so that a basin whose weight sits on a few pairs hands the refit a spread "
+        f"of pairs (default {d.resample_moves}: none)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
 
 
@@ -590,6 +600,7 @@ def run(args) -> int:
         estimate_samples=args.estimate_samples,
         stratify=args.stratify,
         stratify_draws=args.stratify_draws,
+        resample_moves=args.resample_moves,
     )
     if args.from_run:
         for flag, value in (
