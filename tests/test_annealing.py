@@ -91,6 +91,29 @@ def test_hmc_at_target_keeps_p_and_relaxes_a_point_start_to_it():
     assert 0.5 < info["acceptance"][0] < 0.9
 
 
+def test_hmc_at_target_in_a_region_keeps_p_restricted_to_it():
+    """With a region (here x_00 > MU) no particle leaves it, and exact draws of p restricted to it
+    stay such draws: x_00 - MU half-normal, every other coordinate as under p (KS tests)."""
+    torch.manual_seed(8)
+    x0 = MU + SIGMA * torch.randn(3000, 4, 3, dtype=torch.float64)
+    x0[:, 0, 0] = MU + SIGMA[0, 0, 0] * x0[:, 0, 0].sub(MU).abs() / SIGMA[0, 0, 0]
+
+    def region(x):
+        return (x[:, 0, 0] > MU).long()
+
+    x, info = hmc_at_target(
+        x0, log_p, 10, AnnealSettings(leapfrog=8, step=0.4), torch.Generator().manual_seed(9), region=region
+    )
+    assert bool((x[:, 0, 0] > MU).all()) and (x - x0).abs().mean() > 0.1
+    assert stats.kstest(((x[:, 0, 0] - MU) / SIGMA[0, 0, 0]).numpy(), "halfnorm").pvalue > 1e-3
+    for i in range(4):
+        z = ((x[:, i] - MU) / SIGMA[0, i]).numpy()
+        for j in range(3):
+            if (i, j) != (0, 0):
+                assert stats.kstest(z[:, j], "norm").pvalue > 1e-3
+    assert 0.3 < info["acceptance"][0] < 0.95
+
+
 def test_impossible_draws_get_zero_weight_and_stay():
     torch.manual_seed(4)
     x0 = torch.randn(20, 4, 3, dtype=torch.float64)

@@ -135,8 +135,11 @@ def _hmc_move(
     step: float,
     leapfrog: int,
     generator: torch.Generator | None,
+    region: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[_State, Tensor]:
-    """One HMC move of every particle at pi_b; returns the new states and the accepted mask."""
+    """One HMC move of every particle at pi_b; returns the new states and the accepted mask. With
+    ``region`` (positions -> labels), a move that changes a particle's label is rejected: the kernel
+    then leaves pi_b restricted to the particle's region invariant."""
     _, g = _evaluate(state.z, coordinates, log_q, log_p, b)
     z = state.z
     p = torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=generator)
@@ -150,6 +153,8 @@ def _hmc_move(
     h1 = -new.log_density(b) + 0.5 * torch.sum(p * p, dim=dims)
     log_u = torch.log(torch.rand(h0.shape, dtype=h0.dtype, device=h0.device, generator=generator))
     accept = torch.isfinite(h0) & torch.isfinite(h1) & (log_u < h0 - h1)
+    if region is not None:
+        accept = accept & (region(new.x) == region(state.x))
     return state.where(accept, new), accept
 
 
@@ -219,12 +224,16 @@ def hmc_at_target(
     settings: AnnealSettings = AnnealSettings(),
     generator: torch.Generator | None = None,
     coordinates=None,
+    region: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict]:
     """``moves`` HMC moves of every particle x0 (B, n, 3) that leave p invariant (the kernels of
     :func:`annealed_importance` at b = 1), in ``coordinates``; the step starts at ``settings.step``
     and adapts between moves as there. Weighted samples of p stay weighted samples of p with their
-    weights unchanged: the move step of a resample-move scheme. Returns the moved positions and
-    ``stats`` (per chunk the mean ``acceptance`` and the ``final_step``)."""
+    weights unchanged: the move step of a resample-move scheme. With ``region`` (positions (B, n, 3)
+    -> labels (B,)) every particle stays in its region: a move that changes its label is rejected,
+    so the kernel leaves p restricted to that region invariant (weighted samples of a basin stay
+    samples of that basin, however shallow it is). Returns the moved positions and ``stats`` (per
+    chunk the mean ``acceptance`` and the ``final_step``)."""
     s = settings
     coordinates = CartesianCoordinates() if coordinates is None else coordinates
 
@@ -240,7 +249,7 @@ def hmc_at_target(
         alive = torch.isfinite(state.lp) & torch.isfinite(ladj)
         step, accepted = float(s.step), []
         for _ in range(int(moves)):
-            state, acc = _hmc_move(state, coordinates, no_q, log_p, 1.0, step, s.leapfrog, generator)
+            state, acc = _hmc_move(state, coordinates, no_q, log_p, 1.0, step, s.leapfrog, generator, region)
             rate = float(acc[alive].double().mean()) if alive.any() else 0.0
             accepted.append(rate)
             step *= 1.1 if rate > s.acceptance else 0.9

@@ -147,10 +147,11 @@ class CycleSettings:
         0: the refit sees the annealed pairs with their AIS weights. M > 0: every basin whose pairs'
         Kish ESS is below :data:`RESAMPLE_BELOW` of their number is resampled by weight within the
         basin (:func:`resample_strata`: its total weight, the basin's population, is kept) and its
-        pairs then make M HMC moves that leave exp(-beta U_AA) invariant
-        (:func:`~openmm_backmap.sampling.annealing.hmc_at_target`), so that a basin whose weight
-        sits on a few pairs hands the refit a spread of pairs (a resample-move step; the
-        record's statistics are those of the annealed pairs before it).
+        pairs then make M HMC moves that leave exp(-beta U_AA) restricted to the basin invariant
+        (:func:`~openmm_backmap.sampling.annealing.hmc_at_target`; a move out of the basin is
+        rejected), so that a basin whose weight sits on a few pairs hands the refit a spread of
+        pairs (a resample-move step; the record's statistics are those of the annealed pairs
+        before it).
     check_steps, check_replicas
         Dynamics check of every refitted CG potential (0 steps: none; the check needs a ``check``
         callable in :func:`run_cycles`, which the ``cycle`` command supplies): ``check_replicas`` replicas of
@@ -1269,8 +1270,14 @@ def _resample_move(
         settings = AnnealSettings(levels=1, leapfrog=s.anneal_leapfrog, step=step)
         generator = torch.Generator().manual_seed(s.seed + 32452843 * (cycle + 1))
         start = torch.as_tensor(x_new[moved])
+
+        def basin(y: Tensor) -> Tensor:
+            return torch.as_tensor(stratum_labels(observables(y.detach().cpu().double().numpy())))
+
+        # each pair stays in its basin: the moves leave exp(-u) restricted to it invariant, so that a shallow
+        # basin (alpha_R of alanine dipeptide in vacuum) keeps its pairs and its weight stays with them
         after, stats = hmc_at_target(
-            start, lambda y: -reduced_energy(y), s.resample_moves, settings, generator, coordinates
+            start, lambda y: -reduced_energy(y), s.resample_moves, settings, generator, coordinates, basin
         )
         x_new[moved] = after.double().cpu().numpy()
         summary["acceptance"] = stats["acceptance"]
