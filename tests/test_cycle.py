@@ -329,6 +329,10 @@ def test_stratify_scales_the_weighed_up_basins_and_stiffens_the_populations():
     assert coef[1] == pytest.approx(0.0, abs=1e-12) and np.all(coef[[0, 2]] < 0)
     # the scaled weights give each stratum its shape weight c_b
     np.testing.assert_allclose([np.sum((scale * w)[labels == b]) / total for b in range(3)], c)
+    # the boost is bounded: c_b <= max_boost pi_b
+    _, coef, summary = stratify(labels, w, 0.2, 3, min_ess=20.0, max_boost=2.0)
+    assert summary[1]["c"] == pytest.approx(2.0 * pi[1])
+    np.testing.assert_allclose(coef, np.array([pi[0], 2.0 * pi[1], pi[2]]) - 2.0 * pi)
     scale, coef, _ = stratify(labels, w, 0.0, 3)
     assert np.all(scale == 1.0) and np.all(coef == 0.0)
     with pytest.raises(ValueError, match="floor"):

@@ -138,7 +138,8 @@ class CycleSettings:
     stratify, stratify_draws
         0: plain weighted maximum likelihood. f > 0: the stratified refit of :func:`stratify`, the
         basins (the ``observables`` of :func:`run_cycles`) as strata: the shape of every basin whose
-        pairs reach an ESS of :data:`STRATUM_MIN_ESS` is fitted with weight max(pi_b, f) instead of
+        pairs reach an ESS of :data:`STRATUM_MIN_ESS` is fitted with weight max(pi_b, f) (at most
+        :data:`STRATUM_MAX_BOOST` pi_b) instead of
         its population pi_b, and a population term on ``stratify_draws`` fresh draws of the flow per
         step (each labelled by the basin of one reconstruction) keeps the populations at pi_b. The
         fixed point is the same (the exact marginal); a basin of 1 % gets the gradient it needs to
@@ -805,6 +806,10 @@ def resample_strata(
     return index, new_lw, moved
 
 
+#: the most the stratified refit weighs a basin's shape up (c_b / pi_b): the population term's weight, and
+#: with it the noise of its gradient, grows with it
+STRATUM_MAX_BOOST = 20.0
+
 #: a stratum's weighted pairs must reach this Kish ESS before the stratified refit weighs its shape up:
 #: a handful of pairs, weighed up, would be fitted as a handful of points
 STRATUM_MIN_ESS = 20.0
@@ -825,7 +830,12 @@ def stratum_labels(indicators: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def stratify(
-    labels: np.ndarray, weights: np.ndarray, floor: float, n_strata: int, min_ess: float = STRATUM_MIN_ESS
+    labels: np.ndarray,
+    weights: np.ndarray,
+    floor: float,
+    n_strata: int,
+    min_ess: float = STRATUM_MIN_ESS,
+    max_boost: float = STRATUM_MAX_BOOST,
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, float]]]:
     """The stratified refit's weights: per-pair scales of the weights and the population coefficients.
 
@@ -834,8 +844,8 @@ def stratify(
     keeps whatever shape it had there. Written with the flow's conditional q(X | b) = q(X) / Q_b,
     Q_b = int_b q, the same loss is sum_b pi_b (-E_b[log q(X | b)]) + KL(pi || Q) + const: a shape term
     per stratum and a population term. The stratified refit weighs the shape terms by
-    c_b = max(pi_b, floor) instead, and the population term by the largest of the ratios,
-    Lambda = max_b c_b / pi_b,
+    c_b = min(max(pi_b, floor), max_boost pi_b) instead, and the population term by the largest of
+    the ratios, Lambda = max_b c_b / pi_b,
 
         L = sum_b c_b (-E_b[log q] + log Q_b) + Lambda KL(pi || Q)
           = sum_b c_b (-E_b[log q]) + sum_b (c_b - Lambda pi_b) log Q_b + const,
@@ -846,8 +856,11 @@ def stratify(
     from the flow's own draws. Lambda keeps the populations as stiff as the stiffest shape term: a flow
     cannot move one basin's shape without moving mass, and with the population term at weight 1 the
     tenfold shape term of a basin of 3 % (floor 0.3) left that basin at 4.7 % (a four-bead toy; 3.1 %
-    with Lambda). A stratum whose pairs have a Kish ESS below ``min_ess`` keeps c_b = pi_b: a few
-    pairs weighed up would be fitted as points. With every c_b = pi_b (floor 0, or no stratum above
+    with Lambda). The noise of the population term's gradient grows with Lambda, hence the bound
+    ``max_boost`` on c_b / pi_b: on alanine dipeptide, alpha_R (pi 0.0003-0.0013) weighed up to
+    0.1 (Lambda 100-400) spoiled every refit (held-out NLL up by 0.5-2 nats, each refit undone). A
+    stratum whose pairs have a Kish ESS below ``min_ess`` keeps c_b = pi_b: a few pairs weighed up
+    would be fitted as points. With every c_b = pi_b (floor 0, or no stratum above
     its population) Lambda = 1, every coefficient is 0 and the refit is weighted maximum likelihood.
 
     Returns the per-pair scale (n,), the coefficients c_b - Lambda pi_b (n_strata,) and per stratum a
@@ -867,7 +880,7 @@ def stratify(
         wb = w[labels == b]
         pi[b] = wb.sum() / total
         ess = float(wb.sum() ** 2 / np.sum(wb * wb)) if pi[b] > 0 else 0.0
-        c[b] = max(pi[b], floor) if ess >= min_ess else pi[b]
+        c[b] = min(max(pi[b], floor), max_boost * pi[b]) if ess >= min_ess else pi[b]
         if pi[b] > 0:
             scale[labels == b] = c[b] / pi[b]
         summary.append({"pi": float(pi[b]), "c": float(c[b]), "ess": ess})
