@@ -502,6 +502,8 @@ def test_annealed_cycle_reaches_the_exact_marginal_with_better_weights(resample_
         anneal_leapfrog=5,
         anneal_step=0.1,
         resample_moves=resample_moves,
+        estimate_samples=3000,
+        estimate_anneal=True,
     )
 
     def fibre_log_prob(x, X):
@@ -522,6 +524,11 @@ def test_annealed_cycle_reaches_the_exact_marginal_with_better_weights(resample_
         log=lambda s: None,
         fibre_log_prob=fibre_log_prob,
     )
+    # the final estimate annealed: 3,000 fresh draws of the final flow, each pair annealed (k = 1)
+    estimate = history[-1]["estimate"]
+    assert estimate["annealed"] and estimate["n"] == 3000 and estimate["per_frame"] == 1
+    assert abs(estimate["basins"]["low"]["reweighted"] - 0.5) < 4 * estimate["basins"]["low"]["reweighted_error"]
+    assert estimate["ess_fraction"] > 0.5
     # cycle 0: ESS/N 0.16 against 0.005; then 0.71-0.76 against 0.45-0.51 (seed 3)
     assert history[0]["ess_fraction"] > 10 * history[0]["plain_ess_fraction"]
     assert all(r["ess_fraction"] > 1.3 * r["plain_ess_fraction"] for r in history)
@@ -870,6 +877,8 @@ def test_settings_refuse_nonsense():
         CycleSettings(stratify=1.0)
     with pytest.raises(ValueError, match="anneal_levels"):
         CycleSettings(resample_moves=5)
+    with pytest.raises(ValueError, match="estimate_samples > 0 and anneal_levels > 0"):
+        CycleSettings(estimate_samples=100, estimate_anneal=True)
 
 
 # ---------------------------------------------------------------------------- files and bad input

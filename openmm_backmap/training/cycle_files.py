@@ -538,6 +538,13 @@ def add_arguments(p) -> None:
         f"cycle.json (default {d.estimate_samples}: none)",
     )
     p.add_argument(
+        "--estimate-anneal",
+        action="store_true",
+        help="anneal every draw of --estimate-samples (one reconstruction each) with the cycle's AIS "
+        "(--anneal-levels): slower (about 25 ms a draw on alanine dipeptide), and its weights do not inherit "
+        "the backmapper's conditional error in the rare basins",
+    )
+    p.add_argument(
         "--stratify",
         type=float,
         default=d.stratify,
@@ -601,6 +608,7 @@ def run(args) -> int:
         stratify=args.stratify,
         stratify_draws=args.stratify_draws,
         resample_moves=args.resample_moves,
+        estimate_anneal=args.estimate_anneal,
     )
     if args.from_run:
         for flag, value in (
