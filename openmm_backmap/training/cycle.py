@@ -1387,7 +1387,7 @@ def _summary_line(r: dict) -> str:
         text += f"; {name} {b['raw']:.4f} raw / {b['reweighted']:.4f} rw"
     if "estimate" in r:
         e = r["estimate"]
-        text += f"; estimate of {e['n']} draws: ESS/N {e['ess_fraction']:.3f}"
+        text += f"; {'annealed ' if e.get('annealed') else ''}estimate of {e['n']} draws: ESS/N {e['ess_fraction']:.3f}"
         for name, b in (e.get("basins") or {}).items():
             text += f", {name} {b['reweighted']:.4f} +- {b['reweighted_error']:.4f} rw ({b['raw']:.4f} raw)"
     return text + f" ({r['seconds']:.0f} s)"
