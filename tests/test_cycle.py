@@ -386,11 +386,9 @@ def test_stratum_population_term_gives_the_gradient_of_the_log_population():
     assert cg.mean.grad[1:].abs().max().item() < 0.1 and cg.log_std.grad[1:].abs().max().item() < 0.1
 
 
-def _two_torsion_chains(n: int, small: float, psi_small: float, seed: int) -> np.ndarray:
-    """n five-bead chains with two dihedrals (phi, psi) around (-1.3, 1.2) rad, a fraction ``small``
-    of them around (1.3, psi_small): alanine dipeptide's C7eq and a small alpha_L-like basin."""
-    from openmm_backmap.geometry import nerf
-
+def _chain_start(n: int, seed: int):
+    """The first three beads (a, b, c) of n toy chains (bonds 0.15 nm, angle 1.9 rad, with noise) and
+    the ``noisy(mean, sd)`` draws that place the rest, from one seeded generator."""
     gen = torch.Generator().manual_seed(seed)
 
     def noisy(mean, sd):
@@ -401,6 +399,15 @@ def _two_torsion_chains(n: int, small: float, psi_small: float, seed: int) -> np
     b = torch.stack([noisy(0.15, 0.003), zero, zero], 1)
     theta, r = noisy(1.9, 0.05), noisy(0.15, 0.003)
     c = b + torch.stack([-r * torch.cos(theta), r * torch.sin(theta), zero], 1)
+    return (a, b, c), noisy
+
+
+def _two_torsion_chains(n: int, small: float, psi_small: float, seed: int) -> np.ndarray:
+    """n five-bead chains with two dihedrals (phi, psi) around (-1.3, 1.2) rad, a fraction ``small``
+    of them around (1.3, psi_small): alanine dipeptide's C7eq and a small alpha_L-like basin."""
+    from openmm_backmap.geometry import nerf
+
+    (a, b, c), noisy = _chain_start(n, seed)
     in_small = torch.arange(n) < round(small * n)
     phi = torch.where(in_small, noisy(1.3, 0.3), noisy(-1.3, 0.3))
     psi = torch.where(in_small, noisy(psi_small, 0.3), noisy(1.2, 0.3))
@@ -686,16 +693,7 @@ def _torsion_data(spread: float, n: int = 3000, turned: float = 0.0) -> np.ndarr
     a fraction ``turned`` of them with the dihedral turned by 150 degrees (a second basin)."""
     from openmm_backmap.geometry import nerf
 
-    gen = torch.Generator().manual_seed(0)
-
-    def noisy(mean, sd):
-        return mean + sd * torch.randn(n, generator=gen, dtype=torch.float64)
-
-    zero = torch.zeros(n, dtype=torch.float64)
-    a = torch.zeros(n, 3, dtype=torch.float64)
-    b = torch.stack([noisy(0.15, 0.003), zero, zero], 1)
-    theta, r = noisy(1.9, 0.05), noisy(0.15, 0.003)
-    c = b + torch.stack([-r * torch.cos(theta), r * torch.sin(theta), zero], 1)
+    (a, b, c), noisy = _chain_start(n, 0)
     phi = noisy(-1.3, spread)
     phi[: round(turned * n)] += 5.0 * math.pi / 6.0
     d = nerf(c, b, a, noisy(0.15, 0.003), noisy(1.9, 0.05), phi)
