@@ -485,13 +485,14 @@ def test_stratified_cycle_keeps_the_exact_marginal():
         run_cycles(GaussianFamily(cg), backmap, reduced_energy, project, settings, log=lambda s: None)
 
 
-@pytest.mark.parametrize("resample_moves", [0, 5])
-def test_annealed_cycle_reaches_the_exact_marginal_with_better_weights(resample_moves):
+@pytest.mark.parametrize(("resample_moves", "in_basin"), [(0, False), (5, False), (5, True)])
+def test_annealed_cycle_reaches_the_exact_marginal_with_better_weights(resample_moves, in_basin):
     """With every pair annealed to exp(-u) (AIS, Cartesian moves) the cycle still has the exact
     marginal as its fixed point and reaches it from the wrong start; its weights are far more even
     than the plain importance weights of the same draws (a biased, too broad backmapper), and the
     raw populations stay those of the flow's own draws. The same with the resample-move step (the
-    first cycle's degenerate halves resampled within themselves and moved at exp(-u))."""
+    first cycle's degenerate halves resampled within themselves and moved at exp(-u), freely or kept
+    in their halves)."""
     torch.manual_seed(1)
     cg = GaussianCG(MU + 0.4, [0.6 * SA] * 3)
     backmap = Backmap(D + 0.05, 1.4)
@@ -509,6 +510,7 @@ def test_annealed_cycle_reaches_the_exact_marginal_with_better_weights(resample_
         anneal_leapfrog=5,
         anneal_step=0.1,
         resample_moves=resample_moves,
+        resample_in_basin=in_basin,
         estimate_samples=3000,
         estimate_anneal=True,
     )
@@ -875,6 +877,8 @@ def test_settings_refuse_nonsense():
         CycleSettings(stratify=1.0)
     with pytest.raises(ValueError, match="anneal_levels"):
         CycleSettings(resample_moves=5)
+    with pytest.raises(ValueError, match="resample_moves > 0"):
+        CycleSettings(resample_in_basin=True)
     with pytest.raises(ValueError, match="estimate_samples > 0 and anneal_levels > 0"):
         CycleSettings(estimate_samples=100, estimate_anneal=True)
 

@@ -153,11 +153,17 @@ class CycleSettings:
         0: the refit sees the annealed pairs with their AIS weights. M > 0: every basin whose pairs'
         Kish ESS is below :data:`RESAMPLE_BELOW` of their number is resampled by weight within the
         basin (:func:`resample_strata`: its total weight, the basin's population, is kept) and its
-        pairs then make M HMC moves that leave exp(-beta U_AA) restricted to the basin invariant
-        (:func:`~openmm_backmap.sampling.annealing.hmc_at_target`; a move out of the basin is
-        rejected), so that a basin whose weight sits on a few pairs hands the refit a spread of
-        pairs (a resample-move step; the record's statistics are those of the annealed pairs
-        before it).
+        pairs then make M HMC moves that leave exp(-beta U_AA) invariant
+        (:func:`~openmm_backmap.sampling.annealing.hmc_at_target`), so that a basin whose weight
+        sits on a few pairs hands the refit a spread of pairs (a resample-move step; the record's
+        statistics are those of the annealed pairs before it).
+    resample_in_basin
+        Keep every moved pair in its basin (a move out of it is rejected: the kernel leaves exp(-beta
+        U_AA) restricted to the basin invariant). A shallow basin then keeps its pairs (alpha_R of
+        alanine dipeptide in vacuum: free moves take all of them out within 20 moves), and the
+        stratified refit weighs its shape up. On alanine dipeptide that improved the plainly
+        reweighted alpha_R (+0.37 kT against +0.88) and worsened the flow's own (-0.96 against -0.12;
+        benchmarks/RESULTS.md), so it is off by default.
     check_steps, check_replicas
         Dynamics check of every refitted CG potential (0 steps: none; the check needs a ``check``
         callable in :func:`run_cycles`, which the ``cycle`` command supplies): ``check_replicas`` replicas of
@@ -202,6 +208,7 @@ class CycleSettings:
     stratify: float = 0.0
     stratify_draws: int = 2048
     resample_moves: int = 0
+    resample_in_basin: bool = False
     estimate_anneal: bool = False
 
     def __post_init__(self) -> None:
@@ -241,6 +248,11 @@ class CycleSettings:
             raise ValueError(
                 f"CycleSettings: stratify must be in [0, 1) and stratify_draws >= 1, got {self.stratify} and "
                 f"{self.stratify_draws}"
+            )
+        if self.resample_in_basin and not self.resample_moves:
+            raise ValueError(
+                "CycleSettings: resample_in_basin keeps the resample-move step's pairs in their basins, so "
+                "it needs resample_moves > 0"
             )
         if self.resample_moves < 0 or (self.resample_moves and not self.anneal_levels):
             raise ValueError(
@@ -1330,10 +1342,15 @@ def _resample_move(
         def basin(y: Tensor) -> Tensor:
             return torch.as_tensor(stratum_labels(observables(y.detach().cpu().double().numpy())))
 
-        # each pair stays in its basin: the moves leave exp(-u) restricted to it invariant, so that a shallow
-        # basin (alpha_R of alanine dipeptide in vacuum) keeps its pairs and its weight stays with them
+        # with resample_in_basin each pair stays in its basin: the moves leave exp(-u) restricted to it invariant
         after, stats = hmc_at_target(
-            start, lambda y: -reduced_energy(y), s.resample_moves, settings, generator, coordinates, basin
+            start,
+            lambda y: -reduced_energy(y),
+            s.resample_moves,
+            settings,
+            generator,
+            coordinates,
+            basin if s.resample_in_basin else None,
         )
         x_new[moved] = after.double().cpu().numpy()
         summary["acceptance"] = stats["acceptance"]

@@ -571,6 +571,12 @@ def add_arguments(p) -> None:
         "exp(-U_AA / kT) before the refit, so that a basin whose weight sits on a few pairs hands the refit a spread "
         f"of pairs (default {d.resample_moves}: none)",
     )
+    p.add_argument(
+        "--resample-in-basin",
+        action="store_true",
+        help="keep every pair of --resample-moves in its basin (moves out of it are rejected): a shallow basin keeps "
+        "its pairs and --stratify weighs its shape up",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
 
 
@@ -608,6 +614,7 @@ def run(args) -> int:
         stratify=args.stratify,
         stratify_draws=args.stratify_draws,
         resample_moves=args.resample_moves,
+        resample_in_basin=args.resample_in_basin,
         estimate_anneal=args.estimate_anneal,
     )
     if args.from_run:
