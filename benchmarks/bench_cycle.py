@@ -10,7 +10,8 @@ The cycle itself is the command line (``openmm-backmap cycle``); this script mea
   of its reconstructions', :func:`openmm_backmap.training.cycle.frame_weights`) and of the pairs;
 * ``estimate``: the AA estimate of (CG flow, backmapper) pairs, :func:`openmm_backmap.training.cycle.flow_estimate`
   (what ``cycle --estimate-samples`` adds to the last record): per basin the flow's own population and
-  the reweighted one with its error, and dF from the references, for N draws with K reconstructions;
+  the reweighted one with its error, and dF from the references, for N draws with K reconstructions,
+  or annealed (``--anneal-levels T --k 1``, what ``cycle --estimate-anneal`` does);
 * ``conditional``: where a backmapper is worse, per basin: at CG draws of a flow (a fraction of them
   with their rotatable dihedrals redrawn uniformly, so every basin has draws), K reconstructions
   each, the gap log mean_j w_j - mean_j log w_j (a lower bound on KL(q(x | X) || p(x | X)), the bias
@@ -393,12 +394,15 @@ def fibre_log_weights(bm, energy, X: torch.Tensor, k: int, chunk: int = 64) -> t
 def cmd_estimate(args) -> None:
     from openmm_backmap.io.backmap_model import load_model
     from openmm_backmap.io.checkpoints import cg_potential_from_file
+    from openmm_backmap.models.joint import JointCoordinates
     from openmm_backmap.openmm.energies import ReducedEnergy, aa_energy, load_system
-    from openmm_backmap.training.cycle import TemperedFlow, flow_estimate
+    from openmm_backmap.training.cycle import CycleSettings, TemperedFlow, flow_estimate, pair_annealer
     from openmm_backmap.training.cycle_files import basin_observable
 
     if len(args.pairs) % 2:
         raise SystemExit("--pairs takes CG potential and backmapper files in pairs")
+    if args.anneal_levels and args.k != 1:
+        raise SystemExit("--anneal-levels anneals one reconstruction per draw: give --k 1")
     torch.set_num_threads(1)
     result: dict = {"samples": args.samples, "k": args.k, "seed": args.seed, "reference": REFERENCE, "pairs": []}
     for cg_path, bm_path in zip(args.pairs[::2], args.pairs[1::2]):
@@ -410,8 +414,21 @@ def cmd_estimate(args) -> None:
         def backmap(X, k, module=bm.module):
             return module.sample(X.float(), k)
 
+        anneal = None
+        if args.anneal_levels:
+            family = TemperedFlow(cg)
+
+            def fibre_log_prob(x, X, module=bm.module):
+                return module.log_prob(x.float(), X.float())
+
+            settings = CycleSettings(anneal_levels=args.anneal_levels, seed=args.seed)
+            anneal = pair_annealer(
+                family.module, fibre_log_prob, energy, bm.mapping.project, settings, JointCoordinates(cg, bm.module)
+            )
         t0 = time.time()
-        est = flow_estimate(TemperedFlow(cg), backmap, energy, args.samples, args.k, basin_observable(bm.topology))
+        est = flow_estimate(
+            TemperedFlow(cg), backmap, energy, args.samples, args.k, basin_observable(bm.topology), anneal=anneal
+        )
         est["seconds"] = time.time() - t0
         for name, b in est["basins"].items():
             b["dF_raw_kT"] = delta_kT(b["raw"], REFERENCE[name])
@@ -641,6 +658,9 @@ def main() -> None:
     m.add_argument("--pairs", nargs="+", required=True, metavar="FILE", help="CG potential, backmapper (.pt), ...")
     m.add_argument("--samples", type=int, default=50000)
     m.add_argument("--k", type=int, default=8, help="reconstructions per draw")
+    m.add_argument(
+        "--anneal-levels", type=int, default=0, help="anneal every draw (--k 1) with the cycle's AIS of T levels"
+    )
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out", help="JSON")
     m.set_defaults(func=cmd_estimate)

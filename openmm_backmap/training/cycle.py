@@ -77,6 +77,7 @@ __all__ = [
     "evaluate_weights",
     "flow_estimate",
     "frame_weights",
+    "pair_annealer",
     "run_cycles",
     "resample_strata",
     "spread_torsions",
@@ -917,7 +918,8 @@ def stratify(
     for b in range(n_strata):
         wb = w[labels == b]
         pi[b] = wb.sum() / total
-        ess = float(wb.sum() ** 2 / np.sum(wb * wb)) if pi[b] > 0 else 0.0
+        with np.errstate(divide="ignore"):
+            ess = kish_ess(np.log(wb)) if pi[b] > 0 else 0.0
         c[b] = min(max(pi[b], floor), max_boost * pi[b]) if ess >= min_ess else pi[b]
         if pi[b] > 0:
             scale[labels == b] = c[b] / pi[b]
@@ -1263,15 +1265,7 @@ def run_cycles(
             family.module.eval()
             anneal = None
             if s.estimate_anneal:
-
-                def anneal(
-                    x: Tensor, finite: np.ndarray, start: int, final: MixtureProposal = proposal, seed: int = c + 1
-                ) -> tuple[np.ndarray, np.ndarray]:
-                    moved, lw, _ = _anneal_pairs(
-                        x, finite, final, fibre_log_prob, reduced_energy, project, s, seed + start, coordinates
-                    )
-                    return moved, lw
-
+                anneal = pair_annealer(proposal, fibre_log_prob, reduced_energy, project, s, coordinates, c + 1)
             record["estimate"] = flow_estimate(
                 family,
                 backmapper,
@@ -1355,6 +1349,29 @@ def _resample_move(
         x_new[moved] = after.double().cpu().numpy()
         summary["acceptance"] = stats["acceptance"]
     return x_new, new_lw, observables(x_new), summary
+
+
+def pair_annealer(
+    proposal: Any,
+    fibre_log_prob: Callable[[Tensor, Tensor], Tensor],
+    reduced_energy: Callable[[Tensor], Tensor],
+    project: Callable[[Any], Any],
+    settings: CycleSettings,
+    coordinates: Any,
+    seed: int = 0,
+) -> Callable[[Tensor, np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
+    """The ``anneal`` of :func:`flow_estimate`: ``anneal(x, finite, start)`` runs the cycle's AIS
+    (``settings.anneal()``) on pairs x drawn from ``proposal`` (anything with ``log_prob(X)``) with one
+    reconstruction each and returns the relaxed positions and their log-weights; ``start`` (the chunk's
+    first draw) offsets the seed, so that every chunk gets its own random numbers."""
+
+    def anneal(x: Tensor, finite: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+        moved, log_w, _ = _anneal_pairs(
+            x, finite, proposal, fibre_log_prob, reduced_energy, project, settings, seed + start, coordinates
+        )
+        return moved, log_w
+
+    return anneal
 
 
 def _anneal_pairs(
